@@ -1,0 +1,42 @@
+/**
+ * The contract every underlying device satisfies: files, kernel block devices (loop and others),
+ * RAM disks, other mapped devices. Small on purpose (random-access-storage style): a device takes
+ * bios and completes them; everything else is description.
+ */
+import type { Bio, BioSink } from "../bio.js";
+
+export interface BlockDevice extends BioSink {
+  /**
+   * How tables print this device (dm-reference §3.3): `major:minor` for block devices and mapped
+   * devices, the path for regular files, a descriptive name for RAM disks.
+   */
+  readonly tableName: string;
+  /** Name used in kernel-style messages ("loop0", "/tmp/x.img"): `<dev> too small for target`. */
+  readonly displayName: string;
+  /** Size in 512-byte sectors. May change (a resized file or a reloaded mapped device). */
+  readonly sizeSectors: number;
+  /** Logical block size in bytes (512 for files). */
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  /** Device number when the device has one (block devices, mapped devices). */
+  readonly devno?: { major: number; minor: number };
+  /** Whether discard/write-zeroes are supported natively (else the bio fails with EOPNOTSUPP). */
+  readonly supportsDiscard: boolean;
+  readonly supportsWriteZeroes: boolean;
+  /**
+   * Take a bio. The device completes it exactly once with `bio.complete(status)`, never
+   * synchronously re-entering the caller before `submit` returns is NOT guaranteed: callers must
+   * tolerate completion from inside `submit` (RAM disks complete synchronously).
+   */
+  submit(bio: Bio): void;
+  /** Release the underlying resource. Pending bios must have completed. */
+  close(): Promise<void>;
+}
+
+export type OpenMode = "r" | "rw";
+
+export interface OpenOptions {
+  mode: OpenMode;
+  /** Open with O_DIRECT where the backing store supports it (bounce-buffered for alignment). */
+  direct?: boolean;
+}
