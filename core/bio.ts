@@ -110,6 +110,11 @@ export class Bio {
     this.inFlight = true;
   }
 
+  /** Drop a bio that will never be issued or completed (a clone the core discards after map). */
+  abandon(): void {
+    this.inFlight = false;
+  }
+
   /**
    * Complete this bio. Completion is single-shot per submission: most historical dm bugs are
    * double completions, so a second completion throws instead of corrupting accounting.

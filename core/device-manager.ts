@@ -1,0 +1,183 @@
+/**
+ * Opens the devices tables name and shares them: each underlying device is opened once and
+ * reference counted across every table that uses it (dm_get_device / dm_put_device). A table opens
+ * read-only when it is read-only; asking for read-write later upgrades (new tables get a read-write
+ * handle; tables already holding the read-only one keep it until they are destroyed).
+ */
+import fs from "node:fs/promises";
+import type { BlockDevice, OpenMode } from "./devices/block-device.js";
+import { openBackingDevice } from "./devices/open-device.js";
+import { DmError } from "./errors.js";
+import { Mutex } from "./mutex.js";
+import type { DeviceLookup } from "./services.js";
+
+/** A device that is another mapped device, stacked in-process. */
+export interface StackableDevice extends BlockDevice {
+  /** Counts as an opener of that device (its open count; `remove` refuses while > 0). */
+  open(): void;
+  close(): Promise<void>;
+}
+
+/** Where backing devices come from: the file system by default, RAM disks in tests. */
+export interface BackingDevices {
+  /** A key equal for every spelling of one device (path, symlink, major:minor). */
+  identify(spec: string): Promise<string>;
+  open(spec: string, opts: { mode: OpenMode; direct?: boolean }): Promise<BlockDevice>;
+}
+
+/** Finds an in-process mapped device by `/dev/mapper/NAME` or `major:minor`. */
+export type MappedDeviceResolver = (spec: string) => StackableDevice | undefined;
+
+interface Entry {
+  key: string;
+  device: BlockDevice;
+  mode: OpenMode;
+  refs: number;
+  /** Handles replaced by a mode upgrade, closed with the entry. */
+  retired: BlockDevice[];
+  stacked: boolean;
+}
+
+export class DeviceManager {
+  private readonly entries = new Map<string, Entry>();
+  private readonly byDevice = new Map<BlockDevice, Entry>();
+  /** Serialises acquire/release so two tables opening one device concurrently share it. */
+  private readonly lock = new Mutex();
+
+  constructor(
+    private readonly backing: BackingDevices,
+    private readonly resolveMapped: MappedDeviceResolver = () => undefined,
+    private readonly direct = false,
+  ) {}
+
+  acquire(spec: string, mode: OpenMode): Promise<BlockDevice> {
+    return this.lock.run(() => this.acquireLocked(spec, mode));
+  }
+
+  private async acquireLocked(spec: string, mode: OpenMode): Promise<BlockDevice> {
+    const mapped = this.resolveMapped(spec);
+    if (mapped) return this.acquireStacked(mapped);
+    const key = await this.backing.identify(spec);
+    const existing = this.entries.get(key);
+    if (existing) {
+      existing.refs++;
+      if (mode === "rw" && existing.mode === "r") {
+        try {
+          const upgraded = await this.backing.open(spec, { mode: "rw", direct: this.direct });
+          existing.retired.push(existing.device);
+          this.byDevice.set(upgraded, existing);
+          existing.device = upgraded;
+          existing.mode = "rw";
+        } catch (err) {
+          existing.refs--;
+          throw err;
+        }
+      }
+      return existing.device;
+    }
+    const device = await this.backing.open(spec, { mode, direct: this.direct });
+    const entry: Entry = { key, device, mode, refs: 1, retired: [], stacked: false };
+    this.entries.set(key, entry);
+    this.byDevice.set(device, entry);
+    return device;
+  }
+
+  private acquireStacked(device: StackableDevice): BlockDevice {
+    const key = `md:${device.tableName}`;
+    let entry = this.entries.get(key);
+    if (!entry) {
+      entry = { key, device, mode: "rw", refs: 0, retired: [], stacked: true };
+      this.entries.set(key, entry);
+      this.byDevice.set(device, entry);
+    }
+    entry.refs++;
+    device.open();
+    return device;
+  }
+
+  release(device: BlockDevice): Promise<void> {
+    return this.lock.run(() => this.releaseLocked(device));
+  }
+
+  private async releaseLocked(device: BlockDevice): Promise<void> {
+    const entry = this.byDevice.get(device);
+    if (!entry) throw new Error(`release of a device this manager did not open: ${device.tableName}`);
+    entry.refs--;
+    if (entry.stacked) await (device as StackableDevice).close();
+    if (entry.refs > 0) return;
+    this.entries.delete(entry.key);
+    for (const d of [entry.device, ...entry.retired]) this.byDevice.delete(d);
+    if (!entry.stacked) {
+      for (const d of [entry.device, ...entry.retired]) await d.close();
+    }
+  }
+
+  /** Number of distinct devices currently open (tests check nothing leaks). */
+  get openCount(): number {
+    return this.entries.size;
+  }
+}
+
+/** Identity of a device regardless of how it was named: block devices by number, files by realpath. */
+export async function identifyBackingDevice(spec: string): Promise<string> {
+  if (/^\d+:\d+$/.test(spec)) return `blk:${spec}`;
+  let st;
+  try {
+    st = await fs.stat(spec);
+  } catch (err) {
+    throw Object.assign(new Error(`${spec}: ${(err as Error).message}`), { code: (err as NodeJS.ErrnoException).code });
+  }
+  if (st.isBlockDevice()) {
+    const rdev = st.rdev;
+    const major = ((rdev >> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+    const minor = (rdev & 0xff) | ((rdev >> 12) & ~0xff);
+    return `blk:${major}:${minor}`;
+  }
+  return `file:${await fs.realpath(spec)}`;
+}
+
+/**
+ * The DeviceLookup a table hands its targets: remembers what the table opened (for `deps`, in
+ * the kernel's order: most recently first-used first) and releases it all when the table dies.
+ */
+export class TableDevices implements DeviceLookup {
+  /** One reference per `get`; devices listed once each in `deps`. */
+  private readonly refs: BlockDevice[] = [];
+  readonly deps: BlockDevice[] = [];
+
+  constructor(
+    private readonly manager: DeviceManager,
+    private readonly readOnly: boolean,
+    private readonly self?: BlockDevice,
+  ) {}
+
+  async get(path: string, mode: OpenMode = "rw"): Promise<BlockDevice> {
+    const device = await this.manager.acquire(path, this.readOnly ? "r" : mode);
+    if (this.self && device === this.self) {
+      await this.manager.release(device);
+      throw Object.assign(new Error("a table cannot reference its own device"), { code: "EINVAL" });
+    }
+    this.refs.push(device);
+    if (!this.deps.includes(device)) this.deps.unshift(device);
+    return device;
+  }
+
+  async put(device: BlockDevice): Promise<void> {
+    const i = this.refs.lastIndexOf(device);
+    if (i < 0) throw new DmError("EINVAL", `put of a device this table did not get: ${device.tableName}`);
+    this.refs.splice(i, 1);
+    if (!this.refs.includes(device)) this.deps.splice(this.deps.indexOf(device), 1);
+    await this.manager.release(device);
+  }
+
+  async releaseAll(): Promise<void> {
+    while (this.refs.length > 0) await this.manager.release(this.refs.pop()!);
+    this.deps.length = 0;
+  }
+}
+
+/** Files and kernel block devices, as named in tables. */
+export const systemBackingDevices: BackingDevices = {
+  identify: identifyBackingDevice,
+  open: openBackingDevice,
+};

@@ -1,0 +1,235 @@
+/**
+ * FdDevice: the part of file and kernel-block-device backends that only needs a file descriptor:
+ * positional read/write, flush ordering (PREFLUSH/FUA), bounds and permission checks, O_DIRECT
+ * bounce buffering. Subclasses supply discard and write-zeroes (fallocate vs. block ioctls) and
+ * how the size is (re)read.
+ *
+ * Uses the callback fd API of node:fs rather than FileHandle promises: one libuv request per
+ * syscall, no promise/FileHandle allocation per bio.
+ */
+import fs from "node:fs";
+import { type Bio, BioFlags, type BioStatus, SECTOR_SIZE } from "../bio.js";
+import { bufferAddress } from "../ioctl.js";
+import type { BlockDevice } from "./block-device.js";
+
+/** Memory alignment used for O_DIRECT: covers every logical block size up to 4 KiB. */
+export const DIRECT_ALIGN = 4096;
+
+/** A Buffer of `bytes` bytes whose first byte is `align`-aligned in memory (not zeroed). */
+export function alignedBuffer(bytes: number, align = DIRECT_ALIGN): Buffer {
+  // allocUnsafeSlow: never a slice of Node's shared pool, so the slack really belongs to us.
+  const raw = Buffer.allocUnsafeSlow(bytes + align);
+  const skip = (align - Number(bufferAddress(raw) % BigInt(align))) % align;
+  return raw.subarray(skip, skip + bytes);
+}
+
+function isAligned(buf: Buffer, align = DIRECT_ALIGN): boolean {
+  return bufferAddress(buf) % BigInt(align) === 0n;
+}
+
+type Done = (err: NodeJS.ErrnoException | null) => void;
+
+const PASSTHROUGH = new Set<BioStatus>(["EIO", "EOPNOTSUPP", "ENOSPC", "EAGAIN", "EPERM", "EINVAL", "ENXIO"]);
+
+/** Map a syscall error to the bio status a submitter sees. */
+export function errorToStatus(err: unknown): BioStatus {
+  const code = (err as NodeJS.ErrnoException | null)?.code;
+  switch (code) {
+    case "ENOTSUP":
+      return "EOPNOTSUPP";
+    case "EDQUOT":
+      return "ENOSPC";
+    case "EROFS":
+    case "EACCES":
+    case "EBADF":
+      return "EPERM";
+    default:
+      return code && PASSTHROUGH.has(code as BioStatus) ? (code as BioStatus) : "EIO";
+  }
+}
+
+/** Read exactly `buf.length` bytes at `pos`; bytes past end-of-file read as zeros. */
+export function readFully(fd: number, buf: Buffer, pos: number, done: Done): void {
+  const step = (off: number): void => {
+    fs.read(fd, buf, off, buf.length - off, pos + off, (err, n) => {
+      if (err) return done(err);
+      if (n === 0) {
+        buf.fill(0, off);
+        return done(null);
+      }
+      if (off + n < buf.length) return step(off + n);
+      done(null);
+    });
+  };
+  if (buf.length === 0) return done(null);
+  step(0);
+}
+
+/** Write all of `buf` at `pos`, looping over short writes. */
+export function writeFully(fd: number, buf: Buffer, pos: number, done: Done): void {
+  const step = (off: number): void => {
+    fs.write(fd, buf, off, buf.length - off, pos + off, (err, n) => {
+      if (err) return done(err);
+      // A 0-byte write would loop forever; the kernel only does it on a broken device.
+      if (n === 0) return done(Object.assign(new Error("write made no progress"), { code: "EIO" }));
+      if (off + n < buf.length) return step(off + n);
+      done(null);
+    });
+  };
+  if (buf.length === 0) return done(null);
+  step(0);
+}
+
+export interface FdDeviceInit {
+  fd: number;
+  tableName: string;
+  displayName: string;
+  readOnly: boolean;
+  direct: boolean;
+  sizeSectors: number;
+  logicalBlockSize: number;
+  supportsDiscard: boolean;
+  supportsWriteZeroes: boolean;
+  devno?: { major: number; minor: number };
+}
+
+export abstract class FdDevice implements BlockDevice {
+  readonly tableName: string;
+  readonly displayName: string;
+  readonly readOnly: boolean;
+  readonly direct: boolean;
+  readonly logicalBlockSize: number;
+  readonly supportsDiscard: boolean;
+  readonly supportsWriteZeroes: boolean;
+  readonly devno?: { major: number; minor: number };
+  protected fd: number;
+  protected size: number;
+
+  protected constructor(init: FdDeviceInit) {
+    this.fd = init.fd;
+    this.tableName = init.tableName;
+    this.displayName = init.displayName;
+    this.readOnly = init.readOnly;
+    this.direct = init.direct;
+    this.size = init.sizeSectors;
+    this.logicalBlockSize = init.logicalBlockSize;
+    this.supportsDiscard = init.supportsDiscard;
+    this.supportsWriteZeroes = init.supportsWriteZeroes;
+    if (init.devno) this.devno = init.devno;
+  }
+
+  get sizeSectors(): number {
+    return this.size;
+  }
+
+  /** Re-read the size from the backing store (after it was resized); returns sectors. */
+  abstract refreshSize(): Promise<number>;
+  /** Deallocate a byte range (contents become zeros or undefined, as discard allows). */
+  protected abstract discardRange(offset: number, length: number): Promise<void>;
+  /** Zero a byte range; `noUnmap` (BioFlags.NOUNMAP) forbids deallocating it. */
+  protected abstract zeroRange(offset: number, length: number, noUnmap: boolean): Promise<void>;
+
+  submit(bio: Bio): void {
+    const status = this.check(bio);
+    if (status !== "ok") return bio.complete(status);
+    const pos = bio.sector * SECTOR_SIZE;
+    switch (bio.op) {
+      case "read":
+        return this.read(bio, pos);
+      case "flush":
+        return fs.fdatasync(this.fd, (err) => bio.complete(err ? errorToStatus(err) : "ok"));
+      case "write":
+        return this.ordered(bio, (done) => this.write(bio, pos, done));
+      case "discard":
+        return this.ordered(bio, (done) => settle(this.discardRange(pos, bio.bytes), done));
+      case "write-zeroes":
+        return this.ordered(bio, (done) =>
+          settle(this.zeroRange(pos, bio.bytes, (bio.flags & BioFlags.NOUNMAP) !== 0), done),
+        );
+    }
+  }
+
+  private check(bio: Bio): BioStatus {
+    if (this.fd < 0) return "ENXIO";
+    if (bio.op === "flush") return "ok";
+    if (!Number.isSafeInteger(bio.sector) || !Number.isSafeInteger(bio.sectors) || bio.sector < 0 || bio.sectors < 0) {
+      return "EINVAL";
+    }
+    if (this.readOnly && bio.op !== "read") return "EPERM";
+    if (bio.sector + bio.sectors > this.size) return "EIO";
+    if ((bio.op === "read" || bio.op === "write") && bio.data.length < bio.bytes) return "EINVAL";
+    if (bio.op === "discard" && !this.supportsDiscard) return "EOPNOTSUPP";
+    if (bio.op === "write-zeroes" && !this.supportsWriteZeroes) return "EOPNOTSUPP";
+    return "ok";
+  }
+
+  /** Run a modifying op between the PREFLUSH and FUA cache flushes it asks for. */
+  private ordered(bio: Bio, op: (done: Done) => void): void {
+    const fd = this.fd;
+    const finish: Done = (err) => {
+      if (err) return bio.complete(errorToStatus(err));
+      if (!bio.isFua) return bio.complete("ok");
+      fs.fdatasync(fd, (e) => bio.complete(e ? errorToStatus(e) : "ok"));
+    };
+    if (!bio.isPreflush) return op(finish);
+    fs.fdatasync(fd, (err) => (err ? bio.complete(errorToStatus(err)) : op(finish)));
+  }
+
+  private read(bio: Bio, pos: number): void {
+    const target = bio.data.subarray(0, bio.bytes);
+    const buf = this.direct && !isAligned(target) ? alignedBuffer(target.length) : target;
+    readFully(this.fd, buf, pos, (err) => {
+      if (err) return bio.complete(errorToStatus(err));
+      if (buf !== target) buf.copy(target);
+      bio.complete("ok");
+    });
+  }
+
+  private write(bio: Bio, pos: number, done: Done): void {
+    let buf = bio.data.subarray(0, bio.bytes);
+    if (this.direct && !isAligned(buf)) {
+      const bounce = alignedBuffer(buf.length);
+      buf.copy(bounce);
+      buf = bounce;
+    }
+    writeFully(this.fd, buf, pos, done);
+  }
+
+  /** Write-zeroes fallback for stores that cannot zero natively: write a reused zero buffer. */
+  protected writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const zeros = zeroBuffer();
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        if (done >= length) return resolve();
+        const n = Math.min(zeros.length, length - done);
+        writeFully(this.fd, zeros.subarray(0, n), offset + done, (err) => (err ? reject(err) : step(done + n)));
+      };
+      step(0);
+    });
+  }
+
+  async close(): Promise<void> {
+    const fd = this.fd;
+    if (fd < 0) return;
+    this.fd = -1;
+    await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  toString(): string {
+    return `${this.constructor.name}(${this.displayName})`;
+  }
+}
+
+function settle(p: Promise<void>, done: Done): void {
+  p.then(
+    () => done(null),
+    (err: NodeJS.ErrnoException) => done(err),
+  );
+}
+
+let zeros: Buffer | null = null;
+/** 1 MiB of zeros, aligned so O_DIRECT writes can use it as is. Never written to. */
+function zeroBuffer(): Buffer {
+  zeros ??= alignedBuffer(1 << 20).fill(0);
+  return zeros;
+}

@@ -1,0 +1,303 @@
+/**
+ * A mapped device: a name, an active (live) and an inactive table, suspend/resume that really
+ * quiesces I/O, an event counter, an open count (dm-reference §2.6, §4).
+ *
+ * Bios enter through `submit`. While the device is suspended (or has no live table) they wait on
+ * `deferred`, in order, and never fail; otherwise a `DmIo` maps them synchronously through the live
+ * table. Every state transition runs under one mutex, as the kernel's suspend_lock.
+ */
+import { type Bio, BioFlags } from "./bio.js";
+import type { BlockDevice } from "./devices/block-device.js";
+import type { DeviceManager, StackableDevice } from "./device-manager.js";
+import { DmIo, type DmIoOwner } from "./dm-io.js";
+import { DmError } from "./errors.js";
+import type { Logger } from "./logger.js";
+import { Mutex } from "./mutex.js";
+import type { TargetRegistry } from "./registry.js";
+import { Table } from "./table.js";
+import type { Target } from "./target.js";
+import type { TargetSpec } from "./table-text.js";
+
+/** The device-mapper major number udm reports for its devices. */
+export const DM_MAJOR = 253;
+
+export interface MappedDeviceEnv {
+  registry: TargetRegistry;
+  devices: DeviceManager;
+  logger: Logger;
+}
+
+export interface SuspendOptions {
+  /** Let targets push I/O back (REQUEUE) to be retried after resume instead of draining it. */
+  noflush?: boolean;
+}
+
+export class MappedDevice implements StackableDevice, DmIoOwner {
+  live: Table | null = null;
+  inactive: Table | null = null;
+  /** A new device is suspended until its first resume. */
+  suspended = true;
+  noflushSuspending = false;
+  readOnly = false;
+  eventNr = 0;
+  openCount = 0;
+  removed = false;
+
+  /** New bios wait here while blocked: the kernel's md->deferred. */
+  private deferred: Bio[] = [];
+  private blockIo = true;
+  /** DmIos in flight: what suspend waits for. */
+  private pending = 0;
+  private idleWaiters: (() => void)[] = [];
+  private eventWaiters: (() => void)[] = [];
+  private immutableType: string | undefined;
+  private readonly mutex = new Mutex();
+
+  readonly logicalBlockSize = 512;
+
+  constructor(
+    public name: string,
+    public uuid: string,
+    readonly minor: number,
+    private readonly env: MappedDeviceEnv,
+  ) {}
+
+  // ---- BlockDevice facet: how other tables (stacking) and clients see this device ----
+
+  get tableName(): string {
+    return `${DM_MAJOR}:${this.minor}`;
+  }
+  get displayName(): string {
+    return `dm-${this.minor}`;
+  }
+  get devno(): { major: number; minor: number } {
+    return { major: DM_MAJOR, minor: this.minor };
+  }
+  get sizeSectors(): number {
+    return this.live?.size ?? 0;
+  }
+  get supportsDiscard(): boolean {
+    return this.live?.supportsDiscard ?? false;
+  }
+  get supportsWriteZeroes(): boolean {
+    return this.live?.supportsWriteZeroes ?? false;
+  }
+
+  open(): void {
+    this.openCount++;
+  }
+
+  async close(): Promise<void> {
+    if (this.openCount > 0) this.openCount--;
+  }
+
+  // ---- I/O ----
+
+  /** Take a bio (already marked in flight by its submitter). */
+  submit(bio: Bio): void {
+    if (this.removed) {
+      bio.complete("ENXIO");
+      return;
+    }
+    const table = this.live;
+    if (this.blockIo || table === null) {
+      if (bio.flags & BioFlags.NOWAIT) bio.complete("EAGAIN");
+      else if (bio.flags & BioFlags.RAHEAD) bio.complete("EIO");
+      else this.deferred.push(bio);
+      return;
+    }
+    if (bio.op !== "flush" && bio.sector + bio.sectors > table.size) {
+      bio.complete("EIO");
+      return;
+    }
+    if (this.readOnly && bio.op !== "read" && !(bio.op === "flush")) {
+      bio.complete("EPERM");
+      return;
+    }
+    if (bio.sectors === 0 && bio.op !== "flush" && !bio.isPreflush) {
+      bio.complete("ok");
+      return;
+    }
+    this.pending++;
+    new DmIo(this, bio).process(table);
+  }
+
+  ioDone(_io: DmIo): void {
+    if (--this.pending === 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const wake of waiters) wake();
+    }
+  }
+
+  requeue(bio: Bio): void {
+    this.deferred.unshift(bio);
+  }
+
+  resubmit(bio: Bio): void {
+    this.submit(bio);
+  }
+
+  targetBug(target: Target<unknown>, message: string): void {
+    this.env.logger.error("target bug", { device: this.name, target: target.constructor.name, message });
+  }
+
+  /** Bios in flight inside the device (mapped, not yet completed). */
+  get inFlight(): number {
+    return this.pending;
+  }
+
+  /** Bios queued behind a suspend. */
+  get queued(): number {
+    return this.deferred.length;
+  }
+
+  private async waitIdle(): Promise<void> {
+    while (this.pending > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+  }
+
+  // ---- Events ----
+
+  bumpEvent(): void {
+    this.eventNr = (this.eventNr + 1) >>> 0;
+    const waiters = this.eventWaiters;
+    this.eventWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  /** Resolves with the current event number once it differs from `eventNr` (DM_DEV_WAIT). */
+  async waitEvent(eventNr: number): Promise<number> {
+    while (this.eventNr === eventNr && !this.removed) await new Promise<void>((r) => this.eventWaiters.push(r));
+    return this.eventNr;
+  }
+
+  // ---- Table lifecycle ----
+
+  /** DM_TABLE_LOAD: build and validate (constructors run now) into the inactive slot. */
+  load(specs: readonly TargetSpec[], opts: { readOnly?: boolean } = {}): Promise<void> {
+    return this.mutex.run(async () => {
+      this.assertPresent();
+      const table = await Table.build(specs, {
+        deviceName: this.name,
+        readOnly: opts.readOnly ?? false,
+        registry: this.env.registry,
+        devices: this.env.devices,
+        self: this,
+        immutableType: this.immutableType,
+      });
+      const old = this.inactive;
+      this.inactive = table;
+      await old?.destroy();
+    });
+  }
+
+  /** DM_TABLE_CLEAR. */
+  clear(): Promise<void> {
+    return this.mutex.run(async () => {
+      const old = this.inactive;
+      this.inactive = null;
+      await old?.destroy();
+    });
+  }
+
+  suspend(opts: SuspendOptions = {}): Promise<void> {
+    return this.mutex.run(() => this.suspendLocked(opts));
+  }
+
+  private async suspendLocked(opts: SuspendOptions): Promise<void> {
+    this.assertPresent();
+    if (this.suspended) return;
+    const targets = this.live?.targets ?? [];
+    if (opts.noflush) this.noflushSuspending = true;
+    for (const t of targets) await t.presuspend?.();
+    // From here new bios queue; then wait for everything already inside to finish.
+    this.blockIo = true;
+    await this.waitIdle();
+    this.suspended = true;
+    this.noflushSuspending = false;
+    for (const t of targets) await t.postsuspend?.();
+  }
+
+  /**
+   * DM_DEV_SUSPEND (resume): swap in the inactive table if there is one (suspending first), run
+   * preresume (which may veto: the device then stays suspended) and resume, release queued bios
+   * in order, and destroy the old table.
+   */
+  resume(opts: SuspendOptions = {}): Promise<void> {
+    return this.mutex.run(async () => {
+      this.assertPresent();
+      const incoming = this.inactive;
+      let old: Table | null = null;
+      if (incoming) {
+        if (!this.suspended) await this.suspendLocked(opts);
+        this.inactive = null;
+        old = this.live;
+        old?.bind(null);
+        this.live = incoming;
+        this.readOnly = incoming.readOnly;
+        incoming.bind(() => this.bumpEvent());
+        this.immutableType ??= incoming.immutableType(this.env.registry);
+      }
+      try {
+        if (this.suspended && this.live && this.live.size > 0) await this.resumeLocked(this.live);
+      } finally {
+        await old?.destroy();
+      }
+    });
+  }
+
+  private async resumeLocked(table: Table): Promise<void> {
+    for (const t of table.targets) {
+      try {
+        await t.preresume?.();
+      } catch (err) {
+        const type = table.specs[table.targets.indexOf(t)]!.type;
+        throw new DmError((err as { errno?: string }).errno ?? "EINVAL", `${type}: preresume failed, error = ${(err as Error).message}`);
+      }
+    }
+    for (const t of table.targets) await t.resume?.();
+    this.blockIo = false;
+    this.suspended = false;
+    const queued = this.deferred;
+    this.deferred = [];
+    for (const bio of queued) this.submit(bio);
+  }
+
+  /**
+   * Tear the device down (DM_DEV_REMOVE once the caller has checked the open count): targets are
+   * told to suspend, in-flight I/O drains, queued I/O fails, both tables are destroyed.
+   */
+  remove(): Promise<void> {
+    return this.mutex.run(async () => {
+      this.assertPresent();
+      const inactive = this.inactive;
+      this.inactive = null;
+      await inactive?.destroy();
+      const live = this.live;
+      if (live && !this.suspended) {
+        for (const t of live.targets) await t.presuspend?.();
+      }
+      this.blockIo = true;
+      await this.waitIdle();
+      if (live && !this.suspended) {
+        for (const t of live.targets) await t.postsuspend?.();
+      }
+      this.suspended = true;
+      this.removed = true;
+      for (const bio of this.deferred.splice(0)) bio.complete("EIO");
+      this.live = null;
+      live?.bind(null);
+      await live?.destroy();
+      this.bumpEvent();
+    });
+  }
+
+  private assertPresent(): void {
+    if (this.removed) throw new DmError("ENXIO", `${this.name}: device has been removed`);
+  }
+
+  /** Devices the live (or inactive) table opened, for `deps`. */
+  deps(inactive = false): readonly BlockDevice[] {
+    return (inactive ? this.inactive : this.live)?.deps ?? [];
+  }
+}

@@ -1,0 +1,45 @@
+/**
+ * Injection tokens for the core services a target may ask for. Explicit tokens (not
+ * `design:paramtypes`) so injection works the same under tsc, esbuild/vitest and plain JavaScript
+ * plugins, none of which can be relied on to emit decorator metadata.
+ */
+import type { BlockDevice, OpenMode } from "./devices/block-device.js";
+
+export const Services = {
+  /** `WorkQueues`: creates named ordered/concurrent work queues (ksnapd). */
+  WorkQueues: Symbol.for("udm.WorkQueues"),
+  /** `Copier`: sector-range copies between devices (kcopyd). */
+  Copier: Symbol.for("udm.Copier"),
+  /** `Logger`: structured log lines. */
+  Logger: Symbol.for("udm.Logger"),
+  /** `DeviceLookup`: opens the devices a table line names (dm_get_device); one per table. */
+  DeviceLookup: Symbol.for("udm.DeviceLookup"),
+  /** `Clock`: time source, replaceable in tests (flakey/delay intervals). */
+  Clock: Symbol.for("udm.Clock"),
+} as const;
+
+/** dm_get_device / dm_put_device for one table: devices are shared and reference counted. */
+export interface DeviceLookup {
+  /**
+   * Open `path` (a file, a block device node, `major:minor`, or `/dev/mapper/NAME` for another
+   * udm device). Mode "rw" is silently reduced to "r" for a read-only table. Rejects with an
+   * Error whose `code` is an errno name; targets turn that into their own message
+   * ("Device lookup failed").
+   */
+  get(path: string, mode?: OpenMode): Promise<BlockDevice>;
+  /** Release one reference taken by `get` (optional: the table releases the rest when destroyed). */
+  put(device: BlockDevice): Promise<void>;
+}
+
+export interface Clock {
+  now(): number;
+  setTimeout(fn: () => void, ms: number): { cancel(): void };
+}
+
+export const systemClock: Clock = {
+  now: () => Date.now(),
+  setTimeout(fn, ms) {
+    const t = setTimeout(fn, ms);
+    return { cancel: () => clearTimeout(t) };
+  },
+};

@@ -1,0 +1,42 @@
+/**
+ * udm as a library: `createDeviceMapper()` gives a DeviceMapper with the built-in targets and the
+ * core services (work queues, copier) registered. Everything a plugin author needs is re-exported.
+ */
+import "reflect-metadata";
+import { Copier } from "./core/copier.js";
+import { DeviceMapper, type DeviceMapperOptions } from "./core/device-mapper.js";
+import { Services } from "./core/services.js";
+import { WorkQueues } from "./core/work-queue.js";
+import { builtinTargets } from "./targets/index.js";
+
+export function createDeviceMapper(opts: DeviceMapperOptions = {}): DeviceMapper {
+  return new DeviceMapper({
+    ...opts,
+    targets: [...builtinTargets, ...(opts.targets ?? [])],
+    services: (container) => {
+      const logger = opts.logger;
+      container.register(Services.WorkQueues, { useValue: new WorkQueues({ logger }) });
+      container.register(Services.Copier, { useValue: new Copier({ logger }) });
+      opts.services?.(container);
+    },
+  });
+}
+
+export * from "./core/args.js";
+export * from "./core/bio.js";
+export * from "./core/copier.js";
+export * from "./core/device-manager.js";
+export * from "./core/device-mapper.js";
+export * from "./core/devices/block-device.js";
+export * from "./core/devices/file-device.js";
+export * from "./core/devices/memory-device.js";
+export * from "./core/dm-io.js";
+export * from "./core/errors.js";
+export * from "./core/logger.js";
+export * from "./core/mapped-device.js";
+export * from "./core/registry.js";
+export * from "./core/services.js";
+export * from "./core/table-text.js";
+export * from "./core/target.js";
+export * from "./core/work-queue.js";
+export { builtinTargets } from "./targets/index.js";
