@@ -98,7 +98,7 @@ class SubJob implements BioEndIo {
     /** Offset of this slice inside the job, in sectors. */
     private readonly offset: number,
     private readonly sectors: number,
-    /** Pooled buffer (copy) or the shared zero buffer (zero fallback), or null. */
+    /** Pooled read buffer for copies; null for zero jobs (they write the shared zero buffer). */
     private buffer: Buffer | null,
   ) {}
 
@@ -151,7 +151,7 @@ class SubJob implements BioEndIo {
   }
 
   private finish(): void {
-    if (this.buffer && this.job.source) this.copier.releaseBuffer(this.buffer);
+    if (this.buffer) this.copier.releaseBuffer(this.buffer);
     this.buffer = null;
     this.copier.subJobDone(this);
   }

@@ -133,18 +133,20 @@ export abstract class FdDevice implements BlockDevice {
     const status = this.check(bio);
     if (status !== "ok") return bio.complete(status);
     const pos = bio.sector * SECTOR_SIZE;
+    // Not bio.bytes: that shifts in 32 bits and wraps for discards of 4 GiB and more.
+    const bytes = bio.sectors * SECTOR_SIZE;
     switch (bio.op) {
       case "read":
-        return this.read(bio, pos);
+        return this.read(bio, pos, bytes);
       case "flush":
         return fs.fdatasync(this.fd, (err) => bio.complete(err ? errorToStatus(err) : "ok"));
       case "write":
-        return this.ordered(bio, (done) => this.write(bio, pos, done));
+        return this.ordered(bio, (done) => this.write(bio, pos, bytes, done));
       case "discard":
-        return this.ordered(bio, (done) => settle(this.discardRange(pos, bio.bytes), done));
+        return this.ordered(bio, (done) => settle(this.discardRange(pos, bytes), done));
       case "write-zeroes":
         return this.ordered(bio, (done) =>
-          settle(this.zeroRange(pos, bio.bytes, (bio.flags & BioFlags.NOUNMAP) !== 0), done),
+          settle(this.zeroRange(pos, bytes, (bio.flags & BioFlags.NOUNMAP) !== 0), done),
         );
     }
   }
@@ -157,7 +159,7 @@ export abstract class FdDevice implements BlockDevice {
     }
     if (this.readOnly && bio.op !== "read") return "EPERM";
     if (bio.sector + bio.sectors > this.size) return "EIO";
-    if ((bio.op === "read" || bio.op === "write") && bio.data.length < bio.bytes) return "EINVAL";
+    if ((bio.op === "read" || bio.op === "write") && bio.data.length < bio.sectors * SECTOR_SIZE) return "EINVAL";
     if (bio.op === "discard" && !this.supportsDiscard) return "EOPNOTSUPP";
     if (bio.op === "write-zeroes" && !this.supportsWriteZeroes) return "EOPNOTSUPP";
     return "ok";
@@ -175,8 +177,8 @@ export abstract class FdDevice implements BlockDevice {
     fs.fdatasync(fd, (err) => (err ? bio.complete(errorToStatus(err)) : op(finish)));
   }
 
-  private read(bio: Bio, pos: number): void {
-    const target = bio.data.subarray(0, bio.bytes);
+  private read(bio: Bio, pos: number, bytes: number): void {
+    const target = bio.data.subarray(0, bytes);
     const buf = this.direct && !isAligned(target) ? alignedBuffer(target.length) : target;
     readFully(this.fd, buf, pos, (err) => {
       if (err) return bio.complete(errorToStatus(err));
@@ -185,8 +187,8 @@ export abstract class FdDevice implements BlockDevice {
     });
   }
 
-  private write(bio: Bio, pos: number, done: Done): void {
-    let buf = bio.data.subarray(0, bio.bytes);
+  private write(bio: Bio, pos: number, bytes: number, done: Done): void {
+    let buf = bio.data.subarray(0, bytes);
     if (this.direct && !isAligned(buf)) {
       const bounce = alignedBuffer(buf.length);
       buf.copy(bounce);

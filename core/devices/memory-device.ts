@@ -63,15 +63,17 @@ export class MemoryDevice implements BlockDevice {
     if (this.readOnly && bio.op !== "read") return "EPERM";
     if (bio.sector < 0 || bio.sectors < 0 || bio.sector + bio.sectors > this.size) return "EIO";
     const pos = bio.sector * SECTOR_SIZE;
+    // Not bio.bytes: that shifts in 32 bits and wraps for discards of 4 GiB and more.
+    const bytes = bio.sectors * SECTOR_SIZE;
     switch (bio.op) {
       case "read":
       case "write":
-        if (bio.data.length < bio.bytes) return "EINVAL";
-        this.copy(bio.op, pos, bio.data.subarray(0, bio.bytes));
+        if (bio.data.length < bytes) return "EINVAL";
+        this.copy(bio.op, pos, bio.data.subarray(0, bytes));
         return "ok";
       case "discard":
       case "write-zeroes":
-        this.zero(pos, bio.bytes);
+        this.zero(pos, bytes);
         return "ok";
     }
   }

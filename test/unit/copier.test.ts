@@ -201,6 +201,17 @@ describe("CopierClient.zero", () => {
     expect(fancy.log.map((r) => r.op)).toEqual(["write-zeroes"]);
     expect(plain.readSync(0, 8)).toEqual(Buffer.alloc(8 * 512));
   });
+
+  it("falls back to zero buffers when an advertised write-zeroes is refused", async () => {
+    const dev = new ControlledDevice(64);
+    dev.writeSync(0, pattern(8));
+    dev.failNext((b) => b.op === "write-zeroes", "EOPNOTSUPP");
+    let mask = -1;
+    await new Promise<void>((resolve) => newCopier().client().zero([{ device: dev, sector: 0 }], 8, (_r, m) => { mask = m; resolve(); }));
+    expect(mask).toBe(0);
+    expect(dev.log.map((r) => `${r.op} ${r.status}`)).toEqual(["write-zeroes EOPNOTSUPP", "write ok"]);
+    expect(dev.readSync(0, 8)).toEqual(Buffer.alloc(8 * 512));
+  });
 });
 
 describe("prepareCallback / doCallback", () => {
