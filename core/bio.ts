@@ -88,7 +88,7 @@ export class Bio {
   }
 
   get bytes(): number {
-    return this.sectors << SECTOR_SHIFT;
+    return this.sectors * SECTOR_SIZE; // not <<: discards can exceed 2 GiB
   }
 
   /** True for writes that must survive a crash once completed. */

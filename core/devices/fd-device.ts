@@ -133,7 +133,7 @@ export abstract class FdDevice implements BlockDevice {
     const status = this.check(bio);
     if (status !== "ok") return bio.complete(status);
     const pos = bio.sector * SECTOR_SIZE;
-    // Not bio.bytes: that shifts in 32 bits and wraps for discards of 4 GiB and more.
+    // Not bio.bytes: `sectors << 9` overflows int32 (goes negative) from 2 GiB up.
     const bytes = bio.sectors * SECTOR_SIZE;
     switch (bio.op) {
       case "read":

@@ -63,7 +63,7 @@ export class MemoryDevice implements BlockDevice {
     if (this.readOnly && bio.op !== "read") return "EPERM";
     if (bio.sector < 0 || bio.sectors < 0 || bio.sector + bio.sectors > this.size) return "EIO";
     const pos = bio.sector * SECTOR_SIZE;
-    // Not bio.bytes: that shifts in 32 bits and wraps for discards of 4 GiB and more.
+    // Not bio.bytes: `sectors << 9` overflows int32 (goes negative) from 2 GiB up.
     const bytes = bio.sectors * SECTOR_SIZE;
     switch (bio.op) {
       case "read":

@@ -42,6 +42,14 @@ async function failsWith(dev: BlockDevice, bio: Bio): Promise<string> {
   return err!.status;
 }
 
+/** Buffer comparison that stays fast on megabytes (toEqual walks them generically). */
+function expectBytes(actual: Buffer, expected: Buffer): void {
+  if (actual.equals(expected)) return;
+  let i = 0;
+  while (i < Math.min(actual.length, expected.length) && actual[i] === expected[i]) i++;
+  expect.fail(`buffers differ (lengths ${actual.length}/${expected.length}) first at byte ${i}`);
+}
+
 function allocatedBytes(file: string): number {
   return fs.statSync(file).blocks * 512;
 }
@@ -91,10 +99,10 @@ describe("FileDevice", () => {
     const dev = await openFile(file, { mode: "rw" });
     const data = pattern(8192 + 512, 1);
     await submitAndWait(dev, writeBio(3, data));
-    expect(await read(dev, 3, data.length / 512)).toEqual(data);
-    expect(fs.readFileSync(file).subarray(3 * 512, 3 * 512 + data.length)).toEqual(data);
+    expectBytes(await read(dev, 3, data.length / 512), data);
+    expectBytes(fs.readFileSync(file).subarray(3 * 512, 3 * 512 + data.length), data);
     // Untouched sectors of a sparse file read as zeros.
-    expect(await read(dev, 0, 3)).toEqual(Buffer.alloc(3 * 512));
+    expectBytes(await read(dev, 0, 3), Buffer.alloc(3 * 512));
   });
 
   it("uses only the first sectors*512 bytes of a larger buffer", async () => {
@@ -103,8 +111,8 @@ describe("FileDevice", () => {
     await submitAndWait(dev, new Bio("write", 0, 2, big, 0, null));
     const back = Buffer.alloc(4096, 0xaa);
     await submitAndWait(dev, new Bio("read", 0, 2, back, 0, null));
-    expect(back.subarray(0, 1024)).toEqual(big.subarray(0, 1024));
-    expect(back.subarray(1024)).toEqual(Buffer.alloc(3072, 0xaa));
+    expectBytes(back.subarray(0, 1024), big.subarray(0, 1024));
+    expectBytes(back.subarray(1024), Buffer.alloc(3072, 0xaa));
   });
 
   it("flushes: flush op, PREFLUSH before the write, FUA after it", async () => {
@@ -157,8 +165,8 @@ describe("FileDevice", () => {
     await submitAndWait(dev, discardBio(2048, 4096)); // bytes 1 MiB .. 3 MiB
     expect(before - allocatedBytes(file)).toBeGreaterThanOrEqual(2 * MiB);
     expect(fs.statSync(file).size).toBe(4 * MiB); // KEEP_SIZE
-    expect(await read(dev, 2048, 4096)).toEqual(Buffer.alloc(2 * MiB));
-    expect(await read(dev, 0, 2048)).toEqual(pattern(4 * MiB, 8).subarray(0, MiB));
+    expectBytes(await read(dev, 2048, 4096), Buffer.alloc(2 * MiB));
+    expectBytes(await read(dev, 0, 2048), pattern(4 * MiB, 8).subarray(0, MiB));
   });
 
   it("write-zeroes punches by default and allocates with NOUNMAP", async () => {
@@ -170,13 +178,13 @@ describe("FileDevice", () => {
 
     await submitAndWait(dev, writeZeroesBio(0, 2048));
     expect(before - allocatedBytes(file)).toBeGreaterThanOrEqual(MiB);
-    expect(await read(dev, 0, 2048)).toEqual(Buffer.alloc(MiB));
+    expectBytes(await read(dev, 0, 2048), Buffer.alloc(MiB));
 
     const mid = allocatedBytes(file);
     await submitAndWait(dev, writeZeroesBio(2048, 2048, BioFlags.NOUNMAP));
     expect(allocatedBytes(file)).toBeGreaterThanOrEqual(mid); // nothing deallocated
-    expect(await read(dev, 2048, 2048)).toEqual(Buffer.alloc(MiB));
-    expect(await read(dev, 4096, 4096)).toEqual(data.subarray(2 * MiB));
+    expectBytes(await read(dev, 2048, 2048), Buffer.alloc(MiB));
+    expectBytes(await read(dev, 4096, 4096), data.subarray(2 * MiB));
   });
 
   it("write-zeroes falls back to writing zeros when fallocate says EOPNOTSUPP", async (ctx) => {
@@ -208,9 +216,9 @@ describe("FileDevice", () => {
       await submitAndWait(dev, writeBio(0, pattern(2 * MiB + 4096, 10)));
       await submitAndWait(dev, writeZeroesBio(1, (2 * MiB) / 512, BioFlags.NOUNMAP));
       const back = await read(dev, 0, (2 * MiB + 4096) / 512);
-      expect(back.subarray(512, 512 + 2 * MiB)).toEqual(Buffer.alloc(2 * MiB));
-      expect(back.subarray(0, 512)).toEqual(pattern(512, 10));
-      expect(back.subarray(512 + 2 * MiB)).toEqual(pattern(2 * MiB + 4096, 10).subarray(512 + 2 * MiB));
+      expectBytes(back.subarray(512, 512 + 2 * MiB), Buffer.alloc(2 * MiB));
+      expectBytes(back.subarray(0, 512), pattern(512, 10));
+      expectBytes(back.subarray(512 + 2 * MiB), pattern(2 * MiB + 4096, 10).subarray(512 + 2 * MiB));
     } finally {
       await Promise.all(opened.splice(0).map((d) => d.close()));
       fs.rmSync(dir, { recursive: true, force: true });
@@ -223,8 +231,8 @@ describe("FileDevice", () => {
     const dev = await openFile(file, { mode: "rw" });
     fs.truncateSync(file, 1000);
     const back = await read(dev, 0, 8);
-    expect(back.subarray(0, 1000)).toEqual(pattern(1000, 11));
-    expect(back.subarray(1000)).toEqual(Buffer.alloc(4096 - 1000));
+    expectBytes(back.subarray(0, 1000), pattern(1000, 11));
+    expectBytes(back.subarray(1000), Buffer.alloc(4096 - 1000));
     expect(await dev.refreshSize()).toBe(1);
     expect(dev.sizeSectors).toBe(1);
     expect(await failsWith(dev, readBio(0, Buffer.alloc(1024)))).toBe("EIO");
@@ -247,7 +255,7 @@ describe("FileDevice", () => {
     expect(await failsWith(dev, writeBio(0, pattern(512, 14)))).toBe("EPERM");
     expect(await failsWith(dev, discardBio(0, 8))).toBe("EPERM");
     expect(await failsWith(dev, writeZeroesBio(0, 8))).toBe("EPERM");
-    expect(await read(dev, 0, 2048)).toEqual(pattern(MiB, 13));
+    expectBytes(await read(dev, 0, 2048), pattern(MiB, 13));
     await submitAndWait(dev, flushBio());
   });
 
@@ -280,8 +288,8 @@ describe("FileDevice", () => {
     for (let i = 0; i < 512; i++) ops.push(submitAndWait(dev, discardBio(i * 8, 8)));
     for (let i = 512; i < 1024; i++) ops.push(submitAndWait(dev, writeBio(i * 8, pattern(4096, i))));
     await Promise.all(ops);
-    expect(await read(dev, 0, 512 * 8)).toEqual(Buffer.alloc(2 * MiB));
-    expect(await read(dev, 1000 * 8, 8)).toEqual(pattern(4096, 1000));
+    expectBytes(await read(dev, 0, 512 * 8), Buffer.alloc(2 * MiB));
+    expectBytes(await read(dev, 1000 * 8, 8), pattern(4096, 1000));
   });
 
   it("rejects opening something that is not a regular file", async () => {
@@ -341,19 +349,19 @@ describe("FileDevice with O_DIRECT", () => {
     data.copy(unaligned);
     expect(bufferAddress(unaligned) % 512n).not.toBe(0n);
     await submitAndWait(dev, writeBio(1, unaligned, BioFlags.FUA));
-    expect(fs.readFileSync(file).subarray(512, 512 + data.length)).toEqual(data);
+    expectBytes(fs.readFileSync(file).subarray(512, 512 + data.length), data);
 
     const back = Buffer.alloc(data.length + 3, 0xee).subarray(3);
     await submitAndWait(dev, readBio(1, back));
-    expect(back).toEqual(data);
+    expectBytes(back, data);
 
     // Aligned caller buffers skip the bounce.
     const aligned = alignedBuffer(4096);
     await submitAndWait(dev, readBio(1, aligned));
-    expect(aligned).toEqual(data.subarray(0, 4096));
+    expectBytes(aligned, data.subarray(0, 4096));
 
     await submitAndWait(dev, writeZeroesBio(1, 8, BioFlags.NOUNMAP));
-    expect(await read(dev, 1, 8)).toEqual(Buffer.alloc(4096));
+    expectBytes(await read(dev, 1, 8), Buffer.alloc(4096));
     await submitAndWait(dev, discardBio(8, 8));
   });
 
@@ -375,13 +383,13 @@ describe("FileDevice with O_DIRECT", () => {
 describe("MemoryDevice", () => {
   it("starts as zeros and round-trips across page boundaries", async () => {
     const dev = new MemoryDevice(64);
-    expect(await read(dev, 0, 64)).toEqual(Buffer.alloc(64 * 512));
+    expectBytes(await read(dev, 0, 64), Buffer.alloc(64 * 512));
     expect(dev.allocatedPages).toBe(0);
     const data = pattern(5 * 512, 20);
     await submitAndWait(dev, writeBio(6, data)); // bytes 3072..5632: pages 0 and 1
     expect(dev.allocatedPages).toBe(2);
-    expect(await read(dev, 6, 5)).toEqual(data);
-    expect(await read(dev, 0, 6)).toEqual(Buffer.alloc(6 * 512));
+    expectBytes(await read(dev, 6, 5), data);
+    expectBytes(await read(dev, 0, 6), Buffer.alloc(6 * 512));
   });
 
   it("completes bios synchronously", () => {
@@ -405,7 +413,7 @@ describe("MemoryDevice", () => {
     const expected = pattern(64 * 512, 22);
     expected.fill(0, 2048, 10240);
     expected.fill(0, 24 * 512, 32 * 512);
-    expect(await read(dev, 0, 64)).toEqual(expected);
+    expectBytes(await read(dev, 0, 64), expected);
   });
 
   it("discards huge mostly-empty ranges without walking them", async () => {
@@ -446,8 +454,8 @@ describe("MemoryDevice", () => {
     expect(dev.sizeSectors).toBe(10);
     dev.resize(32);
     const back = await read(dev, 0, 32);
-    expect(back.subarray(0, 10 * 512)).toEqual(pattern(10 * 512, 25));
-    expect(back.subarray(10 * 512)).toEqual(Buffer.alloc(22 * 512));
+    expectBytes(back.subarray(0, 10 * 512), pattern(10 * 512, 25));
+    expectBytes(back.subarray(10 * 512), Buffer.alloc(22 * 512));
   });
 });
 
