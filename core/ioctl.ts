@@ -319,3 +319,20 @@ export function loopClrFd(loopFd: number): void {
 export function bufferAddress(buf: Buffer): bigint {
   return koffi.address(buf);
 }
+
+// ---- socket peer credentials ----
+
+const SOL_SOCKET = 1;
+const SO_PEERCRED = 17;
+let getsockopt: Fn | null = null;
+
+/** getsockopt(SO_PEERCRED) on a connected unix socket: who is on the other end. */
+export function peerCredentials(fd: number): { pid: number; uid: number; gid: number } {
+  bind();
+  getsockopt ??= koffi.load("libc.so.6").func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]);
+  const ucred = Buffer.alloc(12); // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(12);
+  check(getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ucred, len) as number, "getsockopt", "SO_PEERCRED");
+  return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
+}

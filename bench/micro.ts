@@ -1,0 +1,275 @@
+/**
+ * Micro-benchmark workloads: the same fixed-size I/O pattern run against the data file through
+ * two engines, Node's fd I/O (fs.read / fs.write, what FileDevice itself uses) as the reference,
+ * and a udm `linear` device over that file through `DeviceHandle`. Both keep the same number of
+ * requests in flight, use the same buffers and alternate repetitions, so the ratio between them
+ * is udm's own overhead.
+ */
+import { randomFillSync } from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { alignedBuffer } from "../core/devices/fd-device.js";
+import { createDeviceMapper } from "../index.js";
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+
+export interface Workload {
+  name: string;
+  op: "read" | "write";
+  random: boolean;
+  blockSize: number;
+  /** Requests kept in flight. */
+  queueDepth: number;
+}
+
+export const WORKLOADS: readonly Workload[] = [
+  { name: "4 KiB random read", op: "read", random: true, blockSize: 4 * KiB, queueDepth: 16 },
+  { name: "4 KiB random write", op: "write", random: true, blockSize: 4 * KiB, queueDepth: 16 },
+  { name: "1 MiB sequential read", op: "read", random: false, blockSize: MiB, queueDepth: 4 },
+  { name: "1 MiB sequential write", op: "write", random: false, blockSize: MiB, queueDepth: 4 },
+];
+
+/** One side of the comparison: positional I/O of whole buffers on the data file. */
+export interface Engine {
+  readonly label: string;
+  read(buf: Buffer, pos: number): Promise<void>;
+  write(buf: Buffer, pos: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** The reference: one fs.read / fs.write per request on a plain fd. */
+export function referenceEngine(file: string, direct: boolean): Engine {
+  const fd = fs.openSync(file, fs.constants.O_RDWR | (direct ? fs.constants.O_DIRECT : 0));
+  const whole = (what: string, buf: Buffer, resolve: () => void, reject: (e: Error) => void) =>
+    (err: Error | null, n: number) => {
+      if (err) reject(err);
+      else if (n !== buf.length) reject(new Error(`short ${what}: ${n} of ${buf.length} bytes`));
+      else resolve();
+    };
+  return {
+    label: "reference",
+    read: (buf, pos) => new Promise((res, rej) => fs.read(fd, buf, 0, buf.length, pos, whole("read", buf, res, rej))),
+    write: (buf, pos) => new Promise((res, rej) => fs.write(fd, buf, 0, buf.length, pos, whole("write", buf, res, rej))),
+    close: async () => fs.closeSync(fd),
+  };
+}
+
+/** udm: `0 <sectors> linear <file> 0`, I/O through `dm.open()`. */
+export async function udmEngine(file: string, bytes: number, direct: boolean): Promise<Engine> {
+  const dm = createDeviceMapper({ direct });
+  await dm.create("bench", { table: `0 ${bytes / 512} linear ${file} 0` });
+  const handle = dm.open("bench");
+  return {
+    label: "udm",
+    read: (buf, pos) => handle.readInto(pos / 512, buf),
+    write: (buf, pos) => handle.write(pos / 512, buf),
+    close: async () => {
+      await handle.close();
+      await dm.close();
+    },
+  };
+}
+
+export interface Repetition {
+  ops: number;
+  seconds: number;
+  mibps: number;
+  iops: number;
+}
+
+/** Run `w` on `engine` for `ms` milliseconds with one buffer per request in flight. */
+export async function runRepetition(engine: Engine, w: Workload, fileBytes: number, ms: number, buffers: readonly Buffer[]): Promise<Repetition> {
+  const blocks = Math.floor(fileBytes / w.blockSize);
+  let cursor = 0;
+  let ops = 0;
+  const start = performance.now();
+  const deadline = start + ms;
+  const worker = async (buf: Buffer): Promise<void> => {
+    while (performance.now() < deadline) {
+      const block = w.random ? Math.floor(Math.random() * blocks) : cursor++ % blocks;
+      if (w.op === "read") await engine.read(buf, block * w.blockSize);
+      else await engine.write(buf, block * w.blockSize);
+      ops++;
+    }
+  };
+  await Promise.all(buffers.slice(0, w.queueDepth).map(worker));
+  const seconds = (performance.now() - start) / 1000;
+  return { ops, seconds, mibps: (ops * w.blockSize) / MiB / seconds, iops: ops / seconds };
+}
+
+/** (Re)create `file` with `bytes` random bytes, on disk (fsynced) and in the page cache. */
+export function fillFile(file: string, bytes: number): void {
+  const chunk = Buffer.allocUnsafe(Math.min(bytes, MiB));
+  const fd = fs.openSync(file, "w");
+  try {
+    for (let done = 0; done < bytes; done += chunk.length) {
+      fs.writeSync(fd, randomFillSync(chunk), 0, Math.min(chunk.length, bytes - done), done);
+    }
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function syncFile(file: string): void {
+  const fd = fs.openSync(file, "r+");
+  try {
+    fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export interface Filesystem {
+  type: string;
+  source: string;
+  mountPoint: string;
+}
+
+/** The mount holding `dir`, from /proc/self/mountinfo (longest matching mount point). */
+export function filesystemOf(dir: string): Filesystem {
+  const real = fs.realpathSync(dir);
+  const unescape = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+  let best: Filesystem = { type: "unknown", source: "unknown", mountPoint: "/" };
+  let bestLen = -1;
+  let lines: string[] = [];
+  try {
+    lines = fs.readFileSync("/proc/self/mountinfo", "utf8").split("\n");
+  } catch {
+    return best;
+  }
+  for (const line of lines) {
+    const [pre, post] = line.split(" - ");
+    if (!pre || !post) continue;
+    const mountPoint = unescape(pre.split(" ")[4] ?? "");
+    const [type = "unknown", source = "unknown"] = post.split(" ");
+    const inside = real === mountPoint || real.startsWith(mountPoint.endsWith("/") ? mountPoint : mountPoint + "/");
+    if (inside && mountPoint.length >= bestLen) {
+      best = { type, source: unescape(source), mountPoint };
+      bestLen = mountPoint.length;
+    }
+  }
+  return best;
+}
+
+const MEMORY_FS = new Set(["tmpfs", "ramfs"]);
+
+/**
+ * Where the data file goes: os.tmpdir() unless it is memory-backed (or too small), then the
+ * project's ./var, then /var/tmp.
+ */
+export function pickDataDir(bytes: number): string {
+  const candidates = [os.tmpdir(), path.join(import.meta.dirname, "..", "var"), "/var/tmp"];
+  for (const dir of candidates) {
+    try {
+      fs.mkdirSync(dir, { recursive: true });
+      const st = fs.statfsSync(dir);
+      if (!MEMORY_FS.has(filesystemOf(dir).type) && st.bavail * st.bsize > bytes * 1.1) return dir;
+    } catch {
+      // not usable: try the next one
+    }
+  }
+  return os.tmpdir();
+}
+
+export interface Side {
+  /** Medians over the repetitions. */
+  mibps: number;
+  iops: number;
+  reps: Repetition[];
+}
+
+export interface Row {
+  workload: Workload;
+  reference: Side;
+  udm: Side;
+  /** udm / reference, of the median MiB/s. */
+  ratio: number;
+  /** udm / reference of each repetition pair: how noisy the ratio is. */
+  pairRatios: number[];
+}
+
+export interface MicroOptions {
+  fileBytes: number;
+  /** Duration of one timed repetition. */
+  repMs: number;
+  repetitions: number;
+  direct: boolean;
+  /** Directory for the data file (default: pickDataDir). */
+  dir?: string;
+  workloads?: readonly Workload[];
+  /** Progress messages. */
+  log?: (message: string) => void;
+}
+
+export interface MicroResult {
+  dataDir: string;
+  filesystem: Filesystem;
+  fileBytes: number;
+  repMs: number;
+  repetitions: number;
+  direct: boolean;
+  rows: Row[];
+}
+
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+function side(reps: Repetition[]): Side {
+  return { mibps: median(reps.map((r) => r.mibps)), iops: median(reps.map((r) => r.iops)), reps };
+}
+
+/**
+ * Every workload on a freshly written file: an untimed warm-up of each engine, then
+ * `repetitions` timed pairs in ABBA order (reference first on even pairs, udm first on odd ones).
+ * After a write repetition the file is fdatasynced, untimed, so each repetition starts clean.
+ */
+export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult> {
+  const { fileBytes, repMs, repetitions, direct } = opts;
+  if (fileBytes < MiB || fileBytes % MiB !== 0) throw new Error("file size must be a whole number of MiB");
+  const log = opts.log ?? (() => undefined);
+  const dataDir = opts.dir ?? pickDataDir(fileBytes);
+  const workDir = fs.mkdtempSync(path.join(dataDir, "udm-bench-"));
+  const file = path.join(workDir, "data.bin");
+  const rows: Row[] = [];
+  try {
+    for (const w of opts.workloads ?? WORKLOADS) {
+      fillFile(file, fileBytes);
+      const buffers = Array.from({ length: w.queueDepth }, () => randomFillSync(alignedBuffer(w.blockSize)));
+      const engines = [referenceEngine(file, direct), await udmEngine(file, fileBytes, direct)] as const;
+      const reps: Repetition[][] = [[], []];
+      try {
+        const run = async (i: 0 | 1, ms: number) => {
+          const r = await runRepetition(engines[i], w, fileBytes, ms, buffers);
+          if (w.op === "write") syncFile(file);
+          return r;
+        };
+        await run(0, repMs / 4);
+        await run(1, repMs / 4);
+        for (let n = 0; n < repetitions; n++) {
+          for (const i of n % 2 === 0 ? ([0, 1] as const) : ([1, 0] as const)) reps[i]!.push(await run(i, repMs));
+          log(`${w.name}: repetition ${n + 1}/${repetitions}: reference ${reps[0]!.at(-1)!.mibps.toFixed(1)} MiB/s, udm ${reps[1]!.at(-1)!.mibps.toFixed(1)} MiB/s`);
+        }
+      } finally {
+        for (const e of engines) await e.close();
+      }
+      const reference = side(reps[0]!);
+      const udm = side(reps[1]!);
+      rows.push({
+        workload: w,
+        reference,
+        udm,
+        ratio: udm.mibps / reference.mibps,
+        pairRatios: udm.reps.map((r, i) => r.mibps / reference.reps[i]!.mibps),
+      });
+    }
+  } finally {
+    fs.rmSync(workDir, { recursive: true, force: true });
+  }
+  return { dataDir, filesystem: filesystemOf(dataDir), fileBytes, repMs, repetitions, direct, rows };
+}

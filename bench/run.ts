@@ -1,0 +1,159 @@
+/**
+ * `npm run bench [-- options]`: the micro-benchmark (bench/micro.ts) as a table on stdout.
+ *
+ *   --quick        CI smoke run: 8 MiB file, 0.2 s repetitions (whole run well under 15 s)
+ *   --direct       O_DIRECT on both sides (default: buffered I/O)
+ *   --json         print the results as JSON on stdout (the table then goes to stderr)
+ *   --size N       data file size, e.g. 64M, 1G (default 256M)
+ *   --seconds S    duration of one repetition (default 1.5)
+ *   --reps N       repetitions per side (default 5 on a full run, 3 on a quick one; at least 3)
+ *   --only TEXT    run only the workloads whose name contains TEXT (e.g. "random write")
+ *   --dir D        directory for the data file (default: os.tmpdir() unless it is tmpfs)
+ *
+ * A full run (no --quick and no size/duration/repetition/workload overrides) also records its table in
+ * bench/results.md, in the section for its mode (buffered or O_DIRECT).
+ */
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { pathToFileURL } from "node:url";
+import { parseArgs } from "node:util";
+import { KiB, MiB, type MicroResult, runMicroBenchmark, WORKLOADS } from "./micro.js";
+
+export const GOAL = 0.9;
+
+export interface Output {
+  stdout: (text: string) => void;
+  stderr: (text: string) => void;
+}
+
+const consoleOutput: Output = {
+  stdout: (t) => process.stdout.write(t + "\n"),
+  stderr: (t) => process.stderr.write(t + "\n"),
+};
+
+function parseSize(text: string): number {
+  const m = /^(\d+)\s*([KMG]?)(i?B)?$/i.exec(text.trim());
+  if (!m) throw new Error(`bad size: ${text}`);
+  const unit = { "": 1, K: KiB, M: MiB, G: 1024 * MiB }[m[2]!.toUpperCase() as "" | "K" | "M" | "G"];
+  return Number(m[1]) * unit;
+}
+
+const fmt = (x: number, digits = 1) => x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+const bytesText = (b: number) => (b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`);
+
+/** A Markdown table with padded columns: readable in a terminal and in results.md. */
+function markdownTable(header: string[], rows: string[][], rightAligned: Set<number>): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) =>
+    "| " + cells.map((c, i) => (rightAligned.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join(" | ") + " |";
+  const rule = "|" + widths.map((w, i) => (rightAligned.has(i) ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2))).join("|") + "|";
+  return [line(header), rule, ...rows.map(line)].join("\n");
+}
+
+export function resultTable(result: MicroResult): string {
+  const header = ["Workload", "QD", "ref MiB/s", "ref IOPS", "udm MiB/s", "udm IOPS", "udm/ref", "per-rep ratios", "goal", "result"];
+  const rows = result.rows.map((r) => [
+    r.workload.name,
+    String(r.workload.queueDepth),
+    fmt(r.reference.mibps),
+    fmt(r.reference.iops, 0),
+    fmt(r.udm.mibps),
+    fmt(r.udm.iops, 0),
+    r.ratio.toFixed(3),
+    r.pairRatios.map((x) => x.toFixed(2)).join(" "),
+    `>= ${GOAL}`,
+    r.ratio >= GOAL ? "PASS" : "MISS",
+  ]);
+  return markdownTable(header, rows, new Set([1, 2, 3, 4, 5, 6]));
+}
+
+function describeRun(result: MicroResult, quick: boolean, load: [before: number, after: number]): string[] {
+  const fsys = result.filesystem;
+  const cpus = os.cpus();
+  return [
+    `udm micro-benchmark (${quick ? "quick" : "full"} run), ${result.direct ? "O_DIRECT" : "buffered I/O (page cache)"} on both sides`,
+    `data file: ${bytesText(result.fileBytes)} of random bytes in ${result.dataDir}, on ${fsys.type} (${fsys.source}, mounted at ${fsys.mountPoint}); recreated before each workload`,
+    `each figure: median of ${result.repetitions} repetitions of ${result.repMs / 1000} s, reference and udm alternated (ABBA) after a warm-up`,
+    `reference: fs.read/fs.write on an fd; udm: linear table over the same file, DeviceHandle.readInto/write`,
+    `machine: ${cpus.length} × ${cpus[0]?.model.trim() ?? "unknown CPU"}, ${fmt(os.totalmem() / (1024 * MiB))} GiB RAM, ${os.type()} ${os.release()}; Node ${process.version}, UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}`,
+    `1-minute load average: ${fmt(load[0], 2)} before, ${fmt(load[1], 2)} after${Math.max(...load) > 0.5 ? " (other work on the machine: ratios are noisier)" : ""}`,
+  ];
+}
+
+/** Replace this mode's section of bench/results.md, keeping the other mode's. */
+function recordResults(file: string, result: MicroResult, description: string[], table: string): void {
+  const mode = result.direct ? "direct" : "buffered";
+  const begin = `<!-- ${mode}:begin -->`;
+  const end = `<!-- ${mode}:end -->`;
+  const section = [
+    begin,
+    `## ${result.direct ? "O_DIRECT" : "Buffered I/O"}`,
+    "",
+    `Run on ${new Date().toISOString()} by \`npm run bench${result.direct ? " -- --direct" : ""}\`.`,
+    "",
+    ...description.map((d) => `- ${d}`),
+    "",
+    table,
+    end,
+  ].join("\n");
+  let text = fs.existsSync(file) ? fs.readFileSync(file, "utf8") : "";
+  if (!text.startsWith("# ")) text = "# udm micro-benchmark results\n\nWritten by `npm run bench` (full runs only); goal: udm >= 0.9 × the reference.\n";
+  const at = text.indexOf(begin);
+  const stop = text.indexOf(end);
+  text = at >= 0 && stop > at ? text.slice(0, at) + section + text.slice(stop + end.length) : text.trimEnd() + "\n\n" + section + "\n";
+  fs.writeFileSync(file, text);
+}
+
+export async function main(argv: string[], out: Output = consoleOutput): Promise<MicroResult> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      quick: { type: "boolean", default: false },
+      direct: { type: "boolean", default: false },
+      json: { type: "boolean", default: false },
+      size: { type: "string" },
+      seconds: { type: "string" },
+      reps: { type: "string" },
+      dir: { type: "string" },
+      only: { type: "string" },
+    },
+  });
+  const quick = values.quick;
+  const fileBytes = values.size ? parseSize(values.size) : quick ? 8 * MiB : 256 * MiB;
+  const repMs = values.seconds ? Number(values.seconds) * 1000 : quick ? 200 : 1500;
+  const repetitions = values.reps ? Number(values.reps) : quick ? 3 : 5;
+  const only = values.only?.toLowerCase();
+  const workloads = only ? WORKLOADS.filter((w) => w.name.toLowerCase().includes(only)) : WORKLOADS;
+  if (workloads.length === 0) throw new Error(`--only ${values.only}: no such workload (${WORKLOADS.map((w) => w.name).join(", ")})`);
+  if (!(repMs > 0)) throw new Error("--seconds must be positive");
+  if (!Number.isInteger(repetitions) || repetitions < 3) throw new Error("--reps must be an integer >= 3");
+  // --json keeps stdout machine-readable: everything for humans goes to stderr.
+  const print = values.json ? out.stderr : out.stdout;
+
+  const loadBefore = os.loadavg()[0]!;
+  const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, dir: values.dir, workloads, log: out.stderr });
+  const description = describeRun(result, quick, [loadBefore, os.loadavg()[0]!]);
+  const table = resultTable(result);
+  print("");
+  for (const d of description) print(d);
+  print("");
+  print(table);
+  const misses = result.rows.filter((r) => r.ratio < GOAL).map((r) => r.workload.name);
+  print("");
+  print(misses.length === 0 ? `goal met: udm >= ${GOAL} × reference on every workload` : `goal missed (< ${GOAL} × reference) on: ${misses.join(", ")}`);
+  if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result }, null, 2));
+  if (!quick && !values.size && !values.seconds && !values.reps && !values.only) {
+    const file = path.join(import.meta.dirname, "results.md");
+    recordResults(file, result, description, table);
+    print(`recorded in ${path.relative(process.cwd(), file)}`);
+  }
+  return result;
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
+  main(process.argv.slice(2)).catch((err: unknown) => {
+    console.error(err instanceof Error ? (err.stack ?? err.message) : err);
+    process.exitCode = 1;
+  });
+}

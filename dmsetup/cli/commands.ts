@@ -1,0 +1,321 @@
+/**
+ * udmsetup's commands: each turns dmsetup arguments into control requests and prints dmsetup's
+ * output. Failures print what libdevmapper prints (`device-mapper: <op> ioctl on <name>  failed:
+ * <strerror>`), preceded by the kernel's reason, and exit 1 after `Command failed.`.
+ */
+import fs from "node:fs";
+import type { DeviceInfo, TableLine } from "../../core/device-mapper.js";
+import { DmError, strerror } from "../../core/errors.js";
+import { parseTableText, type TargetSpec } from "../../core/table-text.js";
+import type { ControlClient } from "../control/client.js";
+import type { Op, RequestMap } from "../control/protocol.js";
+import { formatConcise, parseConcise } from "./concise.js";
+import {
+  formatDeps,
+  formatInfoColumns,
+  formatInfoLong,
+  formatLs,
+  formatTableLines,
+  formatTargets,
+  formatTree,
+  formatVersion,
+  toJson,
+} from "./format.js";
+import { type CliOptions, UsageError } from "./options.js";
+
+export interface Io {
+  out(text: string): void;
+  err(text: string): void;
+  readStdin(): Promise<string>;
+}
+
+type Info = DeviceInfo & { nbdUri?: string; attached?: string };
+type Dep = { major: number; minor: number; name?: string } | { path: string };
+interface ListEntry {
+  name: string;
+  uuid: string;
+  major: number;
+  minor: number;
+  deps: Dep[];
+}
+
+/** A failed command: the messages are already printed. */
+export class CommandFailed extends Error {}
+
+export class Commands {
+  constructor(
+    private readonly client: ControlClient,
+    private readonly opts: CliOptions,
+    private readonly io: Io,
+  ) {}
+
+  /** Issue one request; on failure print libdevmapper's line for `ioctlName` and fail. */
+  private async call<O extends Op>(ioctlName: string, name: string, op: O, args: RequestMap[O]): Promise<unknown> {
+    try {
+      return await this.client.request(op, args);
+    } catch (err) {
+      const errno = err instanceof DmError ? err.errno : "EIO";
+      const reason = (err as Error).message;
+      if (reason && reason !== strerror(errno)) this.io.err(`${reason}\n`);
+      this.io.err(`device-mapper: ${ioctlName} ioctl on ${name} ${this.opts.uuid ?? ""} failed: ${strerror(errno)}\n`);
+      throw new CommandFailed(reason);
+    }
+  }
+
+  /** Names to operate on: the arguments, or every device (name order) when there are none. */
+  private async names(args: string[]): Promise<string[]> {
+    if (args.length > 0) return args;
+    return ((await this.client.request("list", {})) as ListEntry[]).map((d) => d.name);
+  }
+
+  /** info/table/status on a missing device: `Device does not exist.` and failure. */
+  private async infoOrMissing(name: string): Promise<Info | null> {
+    try {
+      return (await this.client.request("info", { name, inactive: this.opts.inactive })) as Info;
+    } catch (err) {
+      if (err instanceof DmError && err.errno === "ENXIO") return null;
+      throw err;
+    }
+  }
+
+  private async readTable(file: string | undefined): Promise<TargetSpec[]> {
+    if (this.opts.table !== undefined) return parseTableText(this.opts.table, "on command line");
+    if (file !== undefined) {
+      let text: string;
+      try {
+        text = fs.readFileSync(file, "utf8");
+      } catch (err) {
+        this.io.err(`Couldn't open '${file}' for reading\n`);
+        throw new CommandFailed((err as Error).message);
+      }
+      return parseTableText(text, file);
+    }
+    return parseTableText(await this.io.readStdin(), "on stdin");
+  }
+
+  async create(args: string[]): Promise<void> {
+    if (this.opts.concise) {
+      for (const dev of parseConcise(args.join(" ") || (await this.io.readStdin()))) {
+        await this.createOne(dev.name, dev.uuid || undefined, dev.readOnly, dev.table);
+      }
+      return;
+    }
+    const [name, file] = args;
+    if (!name) throw new UsageError("create: device name required");
+    const table = this.opts.notable ? undefined : await this.readTable(file);
+    await this.createOne(name, this.opts.uuid, this.opts.readonly, table);
+    if (this.opts.verbose) await this.info([name]);
+  }
+
+  /** DM_DEV_CREATE, DM_TABLE_LOAD, resume — and remove again if the load or resume fails. */
+  private async createOne(name: string, uuid: string | undefined, readOnly: boolean, table: TargetSpec[] | undefined): Promise<void> {
+    await this.call("create", name, "create", { name, uuid });
+    if (!table) return;
+    try {
+      await this.call("reload", name, "load", { name, table, readOnly });
+      await this.call("resume", name, "resume", { name });
+    } catch (err) {
+      await this.client.request("remove", { name, force: true }).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  async load(args: string[]): Promise<void> {
+    if (this.opts.notable) {
+      this.io.err("--notable only available when creating new device.\n");
+      throw new CommandFailed("notable");
+    }
+    const [name, file] = args;
+    if (!name) throw new UsageError("load: device name required");
+    await this.call("reload", name, "load", { name, table: await this.readTable(file), readOnly: this.opts.readonly });
+  }
+
+  async clear(args: string[]): Promise<void> {
+    for (const name of args) await this.call("clear", name, "clear", { name });
+  }
+
+  async suspend(args: string[]): Promise<void> {
+    for (const name of args) await this.call("suspend", name, "suspend", { name, noflush: this.opts.noflush });
+    if (this.opts.verbose) await this.info(args);
+  }
+
+  async resume(args: string[]): Promise<void> {
+    for (const name of args) await this.call("resume", name, "resume", { name, noflush: this.opts.noflush });
+    if (this.opts.verbose) await this.info(args);
+  }
+
+  async remove(args: string[]): Promise<void> {
+    if (args.length === 0) throw new UsageError("remove: device name required");
+    for (const name of args) {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await this.client.request("remove", { name, force: this.opts.force });
+          break;
+        } catch (err) {
+          // --retry: libdevmapper retries EBUSY 25 times, 200 ms apart.
+          if (this.opts.retry && err instanceof DmError && err.errno === "EBUSY" && attempt < 25) {
+            await new Promise((r) => setTimeout(r, 200));
+            continue;
+          }
+          await this.call("remove", name, "remove", { name, force: this.opts.force });
+        }
+      }
+    }
+  }
+
+  async removeAll(): Promise<void> {
+    const { left } = (await this.call("remove_all", "", "remove-all", { force: this.opts.force })) as { left: number };
+    if (left > 0) {
+      this.io.err(`Unable to remove ${left} device(s).\n`);
+      throw new CommandFailed("remove_all");
+    }
+  }
+
+  async rename(args: string[]): Promise<void> {
+    const [name, newName] = args;
+    if (!name) throw new UsageError("rename: device name required");
+    if (this.opts.setuuid !== undefined) {
+      await this.call("rename", name, "rename", { name, newUuid: this.opts.setuuid });
+    } else {
+      if (!newName) throw new UsageError("rename: new name required");
+      await this.call("rename", name, "rename", { name, newName });
+    }
+  }
+
+  async ls(): Promise<void> {
+    const list = (await this.call("names", "", "list", { target: this.opts.target })) as ListEntry[];
+    if (this.opts.json) return this.io.out(toJson(list));
+    if (this.opts.tree) {
+      return this.io.out(
+        formatTree(
+          list.map((d) => ({ name: d.name, major: d.major, minor: d.minor, deps: d.deps })),
+          { options: this.opts.options?.split(",") ?? [] },
+        ),
+      );
+    }
+    this.io.out(formatLs(list, { target: this.opts.target !== undefined, blkdevname: this.opts.options === "blkdevname" }));
+  }
+
+  async info(args: string[]): Promise<void> {
+    const names = await this.names(args);
+    if (names.length === 0) return this.io.out("No devices found\n");
+    const infos: Info[] = [];
+    for (const name of names) {
+      const info = await this.infoOrMissing(name);
+      if (!info) {
+        if (this.opts.columns) continue;
+        this.io.err("Device does not exist.\n");
+        throw new CommandFailed("no device");
+      }
+      infos.push(info);
+    }
+    if (this.opts.json) return this.io.out(toJson(args.length === 1 ? infos[0] : infos));
+    if (this.opts.columns) {
+      return this.io.out(
+        formatInfoColumns(infos, {
+          fields: this.opts.options?.split(","),
+          noHeadings: this.opts.noheadings,
+          separator: this.opts.separator,
+          sort: this.opts.sort?.split(","),
+          nameprefixes: this.opts.nameprefixes,
+          rows: this.opts.rows,
+        }),
+      );
+    }
+    for (const info of infos) {
+      this.io.out(formatInfoLong(info, { noOpenCount: this.opts.noopencount }));
+      // udm extension, after the dmsetup block so parsers of the block are unaffected.
+      if (args.length > 0 && info.nbdUri) this.io.out(`NBD URI:           ${info.nbdUri}\n${info.attached ? `Attached:          ${info.attached}\n` : ""}\n`);
+    }
+  }
+
+  async tableOrStatus(kind: "table" | "status", args: string[]): Promise<void> {
+    if (kind === "table" && this.opts.concise) return this.concise(args);
+    const names = await this.names(args);
+    if (names.length === 0) return this.io.out("No devices found\n");
+    const all: Record<string, TableLine[]> = {};
+    for (const name of names) {
+      if (!(await this.infoOrMissing(name))) {
+        this.io.err("Device does not exist.\n");
+        throw new CommandFailed("no device");
+      }
+      if (this.opts.verbose) await this.info([name]);
+      let lines = (await this.call(kind, name, kind, { name, inactive: this.opts.inactive, ...(kind === "status" ? { noflush: this.opts.noflush } : {}) })) as TableLine[];
+      if (this.opts.target) lines = lines.filter((l) => l.type === this.opts.target);
+      all[name] = lines;
+      if (!this.opts.json) this.io.out(formatTableLines(lines, names.length !== 1 || args.length !== 1 ? name : undefined));
+    }
+    if (this.opts.json) this.io.out(toJson(args.length === 1 ? all[args[0]!] : all));
+  }
+
+  private async concise(args: string[]): Promise<void> {
+    const names = await this.names(args);
+    const devices = [];
+    for (const name of names) {
+      const info = (await this.call("info", name, "info", { name })) as Info;
+      const table = (await this.call("table", name, "table", { name })) as TableLine[];
+      devices.push({ name, uuid: info.uuid, minor: info.minor, readOnly: info.readOnly, table });
+    }
+    this.io.out(formatConcise(devices) + "\n");
+  }
+
+  async message(args: string[]): Promise<void> {
+    const [name, sectorText, ...words] = args;
+    if (!name || sectorText === undefined || words.length === 0) throw new UsageError("message: NAME SECTOR MESSAGE required");
+    if (!/^\d+$/.test(sectorText)) {
+      this.io.err("Invalid sector.\n");
+      throw new CommandFailed("sector");
+    }
+    const { output } = (await this.call("message", name, "message", { name, sector: Number(sectorText), message: words.join(" ") })) as { output: string | null };
+    if (output) this.io.out(output.endsWith("\n") ? output : `${output}\n`);
+  }
+
+  async targets(): Promise<void> {
+    const list = (await this.call("versions", "", "targets", {})) as { name: string; version: number[] }[];
+    this.io.out(this.opts.json ? toJson(list) : formatTargets(list));
+  }
+
+  async deps(args: string[]): Promise<void> {
+    const names = await this.names(args);
+    if (names.length === 0) return this.io.out("No devices found\n");
+    for (const name of names) {
+      let deps: Dep[];
+      try {
+        deps = (await this.client.request("deps", { name, inactive: this.opts.inactive })) as Dep[];
+      } catch (err) {
+        if (err instanceof DmError && err.errno === "ENXIO") {
+          this.io.out("Device does not exist.\n");
+          continue;
+        }
+        throw err;
+      }
+      const format = (this.opts.options ?? "devno") as "devno" | "blkdevname" | "devname";
+      this.io.out(this.opts.json ? toJson(deps) : formatDeps(deps, { prefix: names.length !== 1 ? name : undefined, format }));
+    }
+  }
+
+  async wait(args: string[]): Promise<void> {
+    const [name, eventText] = args;
+    if (!name) throw new UsageError("wait: device name required");
+    const eventNr = eventText === undefined ? 0 : Number(eventText);
+    if (!Number.isSafeInteger(eventNr) || eventNr < 0) throw new UsageError(`wait: invalid event number '${eventText}'`);
+    await this.call("waitevent", name, "wait", { name, eventNr });
+    if (this.opts.verbose) await this.info([name]);
+  }
+
+  async version(): Promise<void> {
+    const v = (await this.call("version", "", "version", {})) as { driver: string; library: string };
+    this.io.out(formatVersion(v.library, v.driver));
+  }
+
+  async attach(args: string[]): Promise<void> {
+    const [name] = args;
+    if (!name) throw new UsageError("attach: device name required");
+    const { path } = (await this.call("attach", name, "attach", { name })) as { path: string };
+    this.io.out(`${path}\n`);
+  }
+
+  async detach(args: string[]): Promise<void> {
+    for (const name of args) await this.call("detach", name, "detach", { name, force: this.opts.force });
+  }
+}

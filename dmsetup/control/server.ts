@@ -1,0 +1,227 @@
+/**
+ * The daemon side of the control protocol: one request → one DeviceMapper operation → one
+ * response. A bad request gets an error response; it never takes the daemon down.
+ */
+import fs from "node:fs";
+import net from "node:net";
+import type { DeviceMapper, DeviceInfo } from "../../core/device-mapper.js";
+import { DmError } from "../../core/errors.js";
+import { peerCredentials } from "../../core/ioctl.js";
+import type { Logger } from "../../core/logger.js";
+import { type Request, type Response, LineSplitter, parseRequest, ProtocolError, PROTOCOL_VERSION } from "./protocol.js";
+
+export const DRIVER_VERSION = "4.48.0";
+export const LIBRARY_VERSION = "1.02.214-udm (2026-11-21)";
+
+/** What the daemon adds to the core: NBD URIs, attach/detach, forced disconnects. */
+export interface DaemonHooks {
+  nbdUri?(name: string): string | undefined;
+  /** Called before a device is removed (e.g. to end NBD connections on a forced remove). */
+  beforeRemove?(name: string, force: boolean): Promise<void>;
+  attach?(name: string): Promise<{ path: string }>;
+  detach?(name: string, force: boolean): Promise<void>;
+  attachedPath?(name: string): string | undefined;
+}
+
+export class ControlServer {
+  private readonly server: net.Server;
+  private readonly sockets = new Set<net.Socket>();
+
+  constructor(
+    private readonly dm: DeviceMapper,
+    private readonly logger: Logger,
+    private readonly hooks: DaemonHooks = {},
+    /** Peers allowed besides root: the daemon's own uid. */
+    private readonly allowedUid = process.getuid?.() ?? 0,
+  ) {
+    this.server = net.createServer((socket) => this.accept(socket));
+  }
+
+  listen(path: string): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen(path, () => {
+        this.server.off("error", reject);
+        fs.chmodSync(path, 0o600);
+        resolve();
+      });
+    });
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((r) => this.server.close(() => r()));
+  }
+
+  private accept(socket: net.Socket): void {
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    try {
+      const cred = peerCredentials(fd ?? -1);
+      if (cred.uid !== 0 && cred.uid !== this.allowedUid) {
+        this.logger.warn("control client refused", { uid: cred.uid, pid: cred.pid });
+        socket.end(JSON.stringify({ id: 0, ok: false, errno: "EACCES", message: "Permission denied: not the daemon's user or root" }) + "\n");
+        return;
+      }
+    } catch (err) {
+      this.logger.error("cannot read control client credentials", { error: (err as Error).message });
+      socket.destroy();
+      return;
+    }
+    this.sockets.add(socket);
+    const splitter = new LineSplitter();
+    socket.on("data", (chunk: Buffer) => {
+      let lines: string[];
+      try {
+        lines = splitter.push(chunk);
+      } catch (err) {
+        this.reply(socket, { id: 0, ok: false, errno: "EINVAL", message: (err as Error).message });
+        socket.end();
+        return;
+      }
+      for (const line of lines) if (line.trim() !== "") void this.handleLine(socket, line);
+    });
+    socket.on("error", () => undefined);
+    socket.on("close", () => this.sockets.delete(socket));
+  }
+
+  private async handleLine(socket: net.Socket, line: string): Promise<void> {
+    let id = 0;
+    try {
+      const req = parseRequest(line);
+      id = req.id;
+      const result = await this.execute(req);
+      this.reply(socket, { id, ok: true, result: result ?? null });
+    } catch (err) {
+      const errno = err instanceof DmError ? err.errno : err instanceof ProtocolError ? "EINVAL" : ((err as { code?: string }).code ?? "EIO");
+      if (err instanceof ProtocolError) id = err.id;
+      if (!(err instanceof DmError) && !(err instanceof ProtocolError)) {
+        this.logger.error("control request failed unexpectedly", { error: (err as Error).stack ?? String(err) });
+      }
+      this.reply(socket, { id, ok: false, errno, message: (err as Error).message });
+    }
+  }
+
+  private reply(socket: net.Socket, response: Response): void {
+    if (!socket.destroyed) socket.write(JSON.stringify(response) + "\n");
+  }
+
+  /** Run one request. Public for in-process use and tests. */
+  async execute(req: Request): Promise<unknown> {
+    const dm = this.dm;
+    const name = (req as { name?: string }).name as string;
+    this.logger.debug("control request", { op: req.op, name });
+    switch (req.op) {
+      case "version":
+        return { driver: DRIVER_VERSION, library: LIBRARY_VERSION, protocol: PROTOCOL_VERSION };
+      case "create": {
+        const r = req as Request<"create">;
+        await dm.create(r.name, { uuid: r.uuid, readOnly: r.readOnly, table: r.table });
+        this.logger.info("create", { device: r.name });
+        return this.info(r.name);
+      }
+      case "load": {
+        const r = req as Request<"load">;
+        await dm.load(r.name, r.table, { readOnly: r.readOnly });
+        return this.info(r.name);
+      }
+      case "clear":
+        await dm.clear(name);
+        return this.info(name);
+      case "suspend": {
+        const r = req as Request<"suspend">;
+        await dm.suspend(r.name, { noflush: r.noflush });
+        return this.info(r.name);
+      }
+      case "resume": {
+        const r = req as Request<"resume">;
+        await dm.resume(r.name, { noflush: r.noflush });
+        return this.info(r.name);
+      }
+      case "remove": {
+        const r = req as Request<"remove">;
+        dm.device(r.name);
+        await this.hooks.beforeRemove?.(r.name, r.force ?? false);
+        await dm.remove(r.name, { force: r.force });
+        this.logger.info("remove", { device: r.name });
+        return {};
+      }
+      case "remove-all": {
+        const r = req as Request<"remove-all">;
+        let left = 0;
+        for (const name of dm.list()) {
+          try {
+            await this.execute({ id: req.id, op: "remove", name, force: r.force } as Request);
+          } catch {
+            left++;
+          }
+        }
+        return { left };
+      }
+      case "rename": {
+        const r = req as Request<"rename">;
+        if (r.newUuid !== undefined) {
+          await dm.setUuid(r.name, r.newUuid);
+          return this.info(r.name);
+        }
+        if (r.newName === undefined) throw new DmError("EINVAL", "rename: newName or newUuid required");
+        await dm.rename(r.name, r.newName);
+        return this.info(r.newName);
+      }
+      case "list": {
+        const r = req as Request<"list">;
+        return dm
+          .list()
+          .filter((name) => !r.target || dm.table(name).some((l) => l.type === r.target))
+          .map((name) => {
+            const i = dm.info(name);
+            return { name, uuid: i.uuid, major: i.major, minor: i.minor, eventNr: i.eventNr, deps: this.deps(name) };
+          });
+      }
+      case "info":
+        return this.info(name, (req as Request<"info">).inactive);
+      case "table":
+        return dm.table(name, { inactive: (req as Request<"table">).inactive });
+      case "status": {
+        const r = req as Request<"status">;
+        return dm.status(r.name, { inactive: r.inactive, noflush: r.noflush });
+      }
+      case "message": {
+        const r = req as Request<"message">;
+        return { output: (await dm.message(r.name, r.sector, r.message)) ?? null };
+      }
+      case "targets":
+        return dm.targets().map((t) => ({ name: t.name, version: t.version }));
+      case "deps":
+        return this.deps(name, (req as Request<"deps">).inactive);
+      case "wait": {
+        const r = req as Request<"wait">;
+        await dm.waitEvent(r.name, r.eventNr);
+        return { info: this.info(r.name), status: dm.has(r.name) ? dm.status(r.name) : [] };
+      }
+      case "load-plugin":
+        return { targets: await dm.loadPlugin((req as Request<"load-plugin">).module) };
+      case "attach": {
+        if (!this.hooks.attach) throw new DmError("EOPNOTSUPP", "this daemon cannot attach devices");
+        return this.hooks.attach(name);
+      }
+      case "detach": {
+        if (!this.hooks.detach) throw new DmError("EOPNOTSUPP", "this daemon cannot detach devices");
+        await this.hooks.detach(name, (req as Request<"detach">).force ?? false);
+        return {};
+      }
+    }
+  }
+
+  private info(name: string, inactive?: boolean): DeviceInfo & { nbdUri?: string; attached?: string } {
+    const info = this.dm.info(name, { inactive });
+    return { ...info, nbdUri: this.hooks.nbdUri?.(name), attached: this.hooks.attachedPath?.(name) };
+  }
+
+  private deps(name: string, inactive?: boolean): ({ major: number; minor: number; name?: string } | { path: string })[] {
+    return this.dm.deps(name, { inactive }).map((d) => {
+      if (!d.devno) return { path: d.tableName };
+      const md = this.dm.list().find((n) => this.dm.info(n).minor === d.devno!.minor && d.devno!.major === this.dm.info(n).major);
+      return md ? { ...d.devno, name: md } : { ...d.devno };
+    });
+  }
+}

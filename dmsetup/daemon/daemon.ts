@@ -1,0 +1,111 @@
+/**
+ * udmd: holds the mapped devices and their backing devices, answers the control socket and
+ * exports every device over NBD. One process per run directory.
+ */
+import fs from "node:fs";
+import { createDeviceMapper } from "../../index.js";
+import type { DeviceMapper } from "../../core/device-mapper.js";
+import { DmError } from "../../core/errors.js";
+import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
+import { ControlServer, type DaemonHooks } from "../control/server.js";
+import { NbdServer } from "../nbd/server.js";
+import { acquireInstanceLock } from "./instance-lock.js";
+import { ensureRunDir, type RunPaths } from "./run-dir.js";
+
+export interface DaemonOptions {
+  paths: RunPaths;
+  plugins?: string[];
+  logLevel?: LogLevel;
+  /** `[HOST:]PORT` for an extra TCP NBD listener (default host 127.0.0.1). */
+  nbdListen?: string;
+  logStream?: { write(line: string): unknown };
+  /** Extra hooks (attach/detach) provided by the attach module. */
+  hooks?: (daemon: Daemon) => Partial<DaemonHooks>;
+}
+
+export class Daemon {
+  readonly dm: DeviceMapper;
+  readonly logger: JsonLineLogger;
+  private control!: ControlServer;
+  nbd!: NbdServer;
+  private unlock: (() => void) | null = null;
+  private stopping: Promise<void> | null = null;
+  tcpAddress: { host: string; port: number } | null = null;
+
+  constructor(readonly opts: DaemonOptions) {
+    this.logger = new JsonLineLogger(opts.logLevel ?? "info", opts.logStream ?? process.stderr, { component: "udmd" });
+    this.dm = createDeviceMapper({ logger: this.logger });
+  }
+
+  /** Load plugins, take the run directory, start listening. Fails without side effects left behind. */
+  async start(): Promise<void> {
+    const { paths } = this.opts;
+    // Plugins first: a daemon that cannot load one must not start half-configured.
+    for (const plugin of this.opts.plugins ?? []) {
+      const names = await this.dm.loadPlugin(plugin);
+      this.logger.info("plugin loaded", { plugin, targets: names });
+    }
+    ensureRunDir(paths.dir);
+    this.unlock = acquireInstanceLock(paths.pid, paths.dir, [paths.control, paths.nbd]);
+    try {
+      this.nbd = new NbdServer(
+        { list: () => this.dm.list(), get: (name) => (this.dm.has(name) ? this.dm.device(name) : undefined) },
+        { logger: this.logger },
+      );
+      await this.nbd.listenUnix(paths.nbd);
+      if (this.opts.nbdListen) this.tcpAddress = await this.nbd.listenTcp(parseListen(this.opts.nbdListen));
+      const hooks: DaemonHooks = {
+        nbdUri: (name) => this.nbdUri(name),
+        beforeRemove: async (name, force) => {
+          const md = this.dm.device(name);
+          const clients = this.nbd.connectionCount(name);
+          if (clients > 0 && !force) throw new DmError("EBUSY", `${name}: ${clients} NBD client(s) connected`);
+          if (force) await this.nbd.closeExport(name);
+          void md;
+        },
+        ...this.opts.hooks?.(this),
+      };
+      this.control = new ControlServer(this.dm, this.logger, hooks);
+      await this.control.listen(paths.control);
+    } catch (err) {
+      await this.nbd?.close().catch(() => undefined);
+      this.unlock();
+      this.unlock = null;
+      throw err;
+    }
+    this.logger.info("udmd started", { runDir: paths.dir, pid: process.pid, nbd: paths.nbd, tcp: this.tcpAddress });
+  }
+
+  nbdUri(name: string): string {
+    const q = `socket=${this.opts.paths.nbd}`;
+    return `nbd+unix:///${encodeURIComponent(name)}?${q}`;
+  }
+
+  /** Stop accepting, flush every device, remove them (closing backing files), release the run dir. */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      this.logger.info("udmd stopping");
+      await this.control?.close().catch(() => undefined);
+      await this.nbd?.close().catch(() => undefined);
+      for (const name of this.dm.list()) {
+        const md = this.dm.device(name);
+        if (md.live && !md.suspended) {
+          const h = this.dm.open(name);
+          await h.flush().catch((err) => this.logger.error("flush failed at shutdown", { device: name, error: String(err) }));
+          await h.close();
+        }
+      }
+      await this.dm.close();
+      for (const f of [this.opts.paths.control, this.opts.paths.nbd]) fs.rmSync(f, { force: true });
+      this.unlock?.();
+      this.logger.info("udmd stopped");
+    })();
+    return this.stopping;
+  }
+}
+
+function parseListen(spec: string): { host: string; port: number } {
+  const m = /^(?:(.*):)?(\d+)$/.exec(spec);
+  if (!m || Number(m[2]) > 65535) throw new Error(`--nbd-listen: expected [HOST:]PORT, got '${spec}'`);
+  return { host: m[1] || "127.0.0.1", port: Number(m[2]) };
+}

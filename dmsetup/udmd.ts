@@ -1,0 +1,113 @@
+#!/usr/bin/env node
+/**
+ * udmd: the udm daemon. `udmd [--run-dir DIR] [--plugin MODULE]... [--config FILE]
+ * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--demo [--state-dir DIR]]`
+ */
+import "reflect-metadata";
+import fs from "node:fs";
+import { parseArgs } from "node:util";
+import type { LogLevel } from "../core/logger.js";
+import { Daemon } from "./daemon/daemon.js";
+import { setUpDemo } from "./daemon/demo.js";
+import { AlreadyRunningError } from "./daemon/instance-lock.js";
+import { defaultRunDir, runPaths } from "./daemon/run-dir.js";
+
+const USAGE = `Usage: udmd [options]
+  --run-dir DIR          run directory (default $UDM_RUN_DIR, /run/udm as root, else $XDG_RUNTIME_DIR/udm)
+  --plugin MODULE        load a target plugin (file path or package name); repeatable
+  --config FILE          JSON config: {"plugins": [...], "logLevel": "info", "nbdListen": "127.0.0.1:10809"}
+  --log-level LEVEL      debug | info | warn | error (default info)
+  --nbd-listen [HOST:]PORT  also serve NBD over TCP (default host 127.0.0.1)
+  --demo                 create demo devices (demo-origin, demo-snap) over sparse files in --state-dir
+  --state-dir DIR        where the demo keeps its files (default ./var)
+  --foreground           accepted for compatibility: udmd always runs in the foreground
+`;
+
+interface Config {
+  plugins?: string[];
+  logLevel?: LogLevel;
+  nbdListen?: string;
+}
+
+export async function main(argv = process.argv.slice(2)): Promise<number> {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        "run-dir": { type: "string" },
+        plugin: { type: "string", multiple: true },
+        config: { type: "string" },
+        "log-level": { type: "string" },
+        "nbd-listen": { type: "string" },
+        demo: { type: "boolean" },
+        "state-dir": { type: "string" },
+        foreground: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
+      },
+    }));
+  } catch (err) {
+    process.stderr.write(`udmd: ${(err as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  let config: Config = {};
+  if (values.config) {
+    try {
+      config = JSON.parse(fs.readFileSync(values.config, "utf8")) as Config;
+    } catch (err) {
+      process.stderr.write(`udmd: config ${values.config}: ${(err as Error).message}\n`);
+      return 1;
+    }
+  }
+  const level = (values["log-level"] ?? config.logLevel ?? "info") as LogLevel;
+  if (!["debug", "info", "warn", "error"].includes(level)) {
+    process.stderr.write(`udmd: --log-level: expected debug, info, warn or error\n`);
+    return 2;
+  }
+  const daemon = new Daemon({
+    paths: runPaths(values["run-dir"] ?? defaultRunDir()),
+    plugins: [...(config.plugins ?? []), ...(values.plugin ?? [])],
+    logLevel: level,
+    nbdListen: values["nbd-listen"] ?? config.nbdListen,
+  });
+  try {
+    await daemon.start();
+  } catch (err) {
+    const msg = err instanceof AlreadyRunningError ? err.message : `cannot start: ${(err as Error).message}`;
+    process.stderr.write(`udmd: ${msg}\n`);
+    return 1;
+  }
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    daemon.logger.info("signal", { signal });
+    daemon.stop().then(
+      () => process.exit(0),
+      (err) => {
+        process.stderr.write(`udmd: shutdown failed: ${(err as Error).message}\n`);
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  process.on("SIGINT", () => stop("SIGINT"));
+  if (values.demo) {
+    try {
+      process.stdout.write(await setUpDemo(daemon, values["state-dir"] ?? "var"));
+    } catch (err) {
+      process.stderr.write(`udmd: demo setup failed: ${(err as Error).message}\n`);
+      await daemon.stop();
+      return 1;
+    }
+  }
+  return -1; // keep running
+}
+
+main().then((code) => {
+  if (code >= 0) process.exit(code);
+});

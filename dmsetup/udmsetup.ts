@@ -1,0 +1,120 @@
+#!/usr/bin/env node
+/**
+ * udmsetup: dmsetup's commands, arguments and output, against udmd.
+ */
+import "reflect-metadata";
+import { DmError, strerror } from "../core/errors.js";
+import { CommandFailed, Commands, type Io } from "./cli/commands.js";
+import { connectDaemon, NoDaemonError } from "./cli/connect.js";
+import { parseCommandLine, UsageError } from "./cli/options.js";
+import { defaultRunDir, runPaths } from "./daemon/run-dir.js";
+
+const USAGE = `Usage: udmsetup [--run-dir DIR] [--no-autostart] [--json] <command> [args]
+Commands (as dmsetup):
+  create NAME [TABLE_FILE] [--table TABLE] [-u UUID] [-r] [-n|--notable]
+  create --concise [SPEC]
+  load|reload NAME [TABLE_FILE] [--table TABLE] [-r]
+  clear NAME...
+  suspend [--noflush] NAME...
+  resume NAME...
+  remove [-f] [--retry] NAME...
+  remove_all [-f]
+  rename NAME NEWNAME | rename NAME --setuuid UUID
+  ls [--target TYPE] [--tree] [-o OPTIONS]
+  info [-c [-o FIELDS] [--noheadings] [--separator S]] [NAME...]
+  table [--target TYPE] [--concise] [--inactive] [NAME...]
+  status [--target TYPE] [--inactive] [NAME...]
+  message NAME SECTOR MESSAGE...
+  targets
+  deps [-o devno|blkdevname|devname] [NAME...]
+  wait NAME [EVENT_NR]
+  version
+udm extras:
+  attach NAME            expose NAME as a kernel block device (root), print its path
+  detach NAME            undo attach
+  daemon [--foreground]  run udmd (in the background unless --foreground)
+`;
+
+const io: Io = {
+  out: (t) => void process.stdout.write(t),
+  err: (t) => void process.stderr.write(t),
+  readStdin: async () => {
+    const chunks: Buffer[] = [];
+    for await (const c of process.stdin) chunks.push(c as Buffer);
+    return Buffer.concat(chunks).toString("utf8");
+  },
+};
+
+async function main(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseCommandLine(argv);
+  } catch (err) {
+    io.err(`${(err as Error).message}\n${USAGE}`);
+    return 1;
+  }
+  const { command, args, opts } = parsed;
+  if (opts.help || !command) {
+    (opts.help ? io.out : io.err)(USAGE);
+    return opts.help ? 0 : 1;
+  }
+  const paths = runPaths(opts.runDir ?? defaultRunDir());
+  if (command === "daemon") {
+    if (opts.foreground) {
+      const { fileURLToPath } = await import("node:url");
+      const { spawnSync } = await import("node:child_process");
+      const udmd = fileURLToPath(new URL("./udmd.js", import.meta.url));
+      return spawnSync(process.execPath, [udmd, "--run-dir", paths.dir, ...args], { stdio: "inherit" }).status ?? 1;
+    }
+    const { startDaemon } = await import("./cli/connect.js");
+    startDaemon(paths);
+    return 0;
+  }
+  let client;
+  try {
+    client = await connectDaemon(paths, { autostart: opts.autostart });
+  } catch (err) {
+    io.err(`${err instanceof NoDaemonError ? err.message : `cannot reach udmd: ${(err as Error).message}`}\nCommand failed.\n`);
+    return 1;
+  }
+  const cmds = new Commands(client, opts, io);
+  try {
+    switch (command) {
+      case "create": await cmds.create(args); break;
+      case "load": case "reload": await cmds.load(args); break;
+      case "clear": await cmds.clear(args); break;
+      case "suspend": await cmds.suspend(args); break;
+      case "resume": await cmds.resume(args); break;
+      case "remove": await cmds.remove(args); break;
+      case "remove_all": await cmds.removeAll(); break;
+      case "rename": await cmds.rename(args); break;
+      case "ls": await cmds.ls(); break;
+      case "info": await cmds.info(args); break;
+      case "table": await cmds.tableOrStatus("table", args); break;
+      case "status": await cmds.tableOrStatus("status", args); break;
+      case "message": await cmds.message(args); break;
+      case "targets": await cmds.targets(); break;
+      case "deps": await cmds.deps(args); break;
+      case "wait": await cmds.wait(args); break;
+      case "version": await cmds.version(); break;
+      case "attach": await cmds.attach(args); break;
+      case "detach": await cmds.detach(args); break;
+      default:
+        io.err("Unknown command.\n");
+        return 1;
+    }
+    return 0;
+  } catch (err) {
+    if (err instanceof UsageError) io.err(`${err.message}\n`);
+    else if (err instanceof DmError) io.err(`${err.message}\n`); // e.g. a table parse error
+    else if (!(err instanceof CommandFailed)) io.err(`${(err as Error).message ?? strerror("EIO")}\n`);
+    io.err("Command failed.\n");
+    return 1;
+  } finally {
+    client.close();
+  }
+}
+
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code;
+});
