@@ -77,6 +77,8 @@ export interface Repetition {
   seconds: number;
   mibps: number;
   iops: number;
+  /** Process CPU time (user + system, all threads) per operation, in microseconds. */
+  cpuUsPerOp: number;
 }
 
 /** Run `w` on `engine` for `ms` milliseconds with one buffer per request in flight. */
@@ -84,6 +86,7 @@ export async function runRepetition(engine: Engine, w: Workload, fileBytes: numb
   const blocks = Math.floor(fileBytes / w.blockSize);
   let cursor = 0;
   let ops = 0;
+  const cpuStart = process.cpuUsage();
   const start = performance.now();
   const deadline = start + ms;
   const worker = async (buf: Buffer): Promise<void> => {
@@ -96,7 +99,8 @@ export async function runRepetition(engine: Engine, w: Workload, fileBytes: numb
   };
   await Promise.all(buffers.slice(0, w.queueDepth).map(worker));
   const seconds = (performance.now() - start) / 1000;
-  return { ops, seconds, mibps: (ops * w.blockSize) / MiB / seconds, iops: ops / seconds };
+  const cpu = process.cpuUsage(cpuStart);
+  return { ops, seconds, mibps: (ops * w.blockSize) / MiB / seconds, iops: ops / seconds, cpuUsPerOp: (cpu.user + cpu.system) / ops };
 }
 
 /** (Re)create `file` with `bytes` random bytes, on disk (fsynced) and in the page cache. */
@@ -178,6 +182,7 @@ export interface Side {
   /** Medians over the repetitions. */
   mibps: number;
   iops: number;
+  cpuUsPerOp: number;
   reps: Repetition[];
 }
 
@@ -221,7 +226,8 @@ export function median(xs: readonly number[]): number {
 }
 
 function side(reps: Repetition[]): Side {
-  return { mibps: median(reps.map((r) => r.mibps)), iops: median(reps.map((r) => r.iops)), reps };
+  const med = (key: "mibps" | "iops" | "cpuUsPerOp") => median(reps.map((r) => r[key]));
+  return { mibps: med("mibps"), iops: med("iops"), cpuUsPerOp: med("cpuUsPerOp"), reps };
 }
 
 /**

@@ -68,6 +68,18 @@ export function resultTable(result: MicroResult): string {
   return markdownTable(header, rows, new Set([1, 2, 3, 4, 5, 6]));
 }
 
+/** Where the throughput goes: CPU time of the whole process (main thread + libuv pool) per op. */
+export function cpuTable(result: MicroResult): string {
+  const header = ["Workload", "ref CPU µs/op", "udm CPU µs/op", "udm extra µs/op"];
+  const rows = result.rows.map((r) => [
+    r.workload.name,
+    fmt(r.reference.cpuUsPerOp, 2),
+    fmt(r.udm.cpuUsPerOp, 2),
+    fmt(r.udm.cpuUsPerOp - r.reference.cpuUsPerOp, 2),
+  ]);
+  return markdownTable(header, rows, new Set([1, 2, 3]));
+}
+
 function describeRun(result: MicroResult, quick: boolean, load: [before: number, after: number]): string[] {
   const fsys = result.filesystem;
   const cpus = os.cpus();
@@ -134,7 +146,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   const loadBefore = os.loadavg()[0]!;
   const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, dir: values.dir, workloads, log: out.stderr });
   const description = describeRun(result, quick, [loadBefore, os.loadavg()[0]!]);
-  const table = resultTable(result);
+  const table = resultTable(result) + "\n\n" + cpuTable(result);
   print("");
   for (const d of description) print(d);
   print("");

@@ -13,3 +13,13 @@ describe("docs stay true to the code", () => {
     expect(doc).toContain("```js\n" + read("test/fixtures/plugins/io-stats.mjs") + "```");
   });
 });
+
+describe("docs/examples/library.ts", () => {
+  it("runs and prints what docs/library.md shows", async () => {
+    const { example } = await import("../../docs/examples/library.js");
+    const lines = (await example()).map((l) => l.replace(/\/\S*\/udm-example-[^/]+/g, "<dir>"));
+    const doc = read("docs/library.md");
+    const shown = /prints:\n\n```\n([\s\S]*?)```/.exec(doc)![1]!.trimEnd().split("\n");
+    expect(lines).toEqual(shown);
+  });
+});
