@@ -79,6 +79,8 @@ export interface Repetition {
   iops: number;
   /** Process CPU time (user + system, all threads) per operation, in microseconds. */
   cpuUsPerOp: number;
+  /** Time the main thread (event loop) was busy, per operation, in microseconds. */
+  mainUsPerOp: number;
 }
 
 /** Run `w` on `engine` for `ms` milliseconds with one buffer per request in flight. */
@@ -87,6 +89,7 @@ export async function runRepetition(engine: Engine, w: Workload, fileBytes: numb
   let cursor = 0;
   let ops = 0;
   const cpuStart = process.cpuUsage();
+  const eluStart = performance.eventLoopUtilization();
   const start = performance.now();
   const deadline = start + ms;
   const worker = async (buf: Buffer): Promise<void> => {
@@ -100,7 +103,15 @@ export async function runRepetition(engine: Engine, w: Workload, fileBytes: numb
   await Promise.all(buffers.slice(0, w.queueDepth).map(worker));
   const seconds = (performance.now() - start) / 1000;
   const cpu = process.cpuUsage(cpuStart);
-  return { ops, seconds, mibps: (ops * w.blockSize) / MiB / seconds, iops: ops / seconds, cpuUsPerOp: (cpu.user + cpu.system) / ops };
+  const elu = performance.eventLoopUtilization(eluStart);
+  return {
+    ops,
+    seconds,
+    mibps: (ops * w.blockSize) / MiB / seconds,
+    iops: ops / seconds,
+    cpuUsPerOp: (cpu.user + cpu.system) / ops,
+    mainUsPerOp: (elu.utilization * seconds * 1e6) / ops,
+  };
 }
 
 /** (Re)create `file` with `bytes` random bytes, on disk (fsynced) and in the page cache. */
@@ -183,6 +194,7 @@ export interface Side {
   mibps: number;
   iops: number;
   cpuUsPerOp: number;
+  mainUsPerOp: number;
   reps: Repetition[];
 }
 
@@ -226,8 +238,8 @@ export function median(xs: readonly number[]): number {
 }
 
 function side(reps: Repetition[]): Side {
-  const med = (key: "mibps" | "iops" | "cpuUsPerOp") => median(reps.map((r) => r[key]));
-  return { mibps: med("mibps"), iops: med("iops"), cpuUsPerOp: med("cpuUsPerOp"), reps };
+  const med = (key: Exclude<keyof Repetition, "ops" | "seconds">) => median(reps.map((r) => r[key]));
+  return { mibps: med("mibps"), iops: med("iops"), cpuUsPerOp: med("cpuUsPerOp"), mainUsPerOp: med("mainUsPerOp"), reps };
 }
 
 /**

@@ -18,7 +18,7 @@ import os from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
-import { KiB, MiB, type MicroResult, runMicroBenchmark, WORKLOADS } from "./micro.js";
+import { KiB, MiB, type MicroResult, runMicroBenchmark, type Side, WORKLOADS } from "./micro.js";
 
 export const GOAL = 0.9;
 
@@ -68,16 +68,24 @@ export function resultTable(result: MicroResult): string {
   return markdownTable(header, rows, new Set([1, 2, 3, 4, 5, 6]));
 }
 
-/** Where the throughput goes: CPU time of the whole process (main thread + libuv pool) per op. */
-export function cpuTable(result: MicroResult): string {
-  const header = ["Workload", "ref CPU µs/op", "udm CPU µs/op", "udm extra µs/op"];
+/**
+ * Where the time goes, per operation: busy time of the main thread (event-loop utilization: the
+ * JS side, incl. submitting to libuv) and CPU time of the whole process (main thread + libuv
+ * pool). When the main thread is near 100% busy, its µs/op bounds the IOPS.
+ */
+export function costTable(result: MicroResult): string {
+  const header = ["Workload", "ref main µs/op", "udm main µs/op", "ref main busy", "udm main busy", "ref CPU µs/op", "udm CPU µs/op"];
+  const busy = (s: Side) => `${fmt(100 * s.mainUsPerOp * s.iops / 1e6, 0)}%`;
   const rows = result.rows.map((r) => [
     r.workload.name,
+    fmt(r.reference.mainUsPerOp, 2),
+    fmt(r.udm.mainUsPerOp, 2),
+    busy(r.reference),
+    busy(r.udm),
     fmt(r.reference.cpuUsPerOp, 2),
     fmt(r.udm.cpuUsPerOp, 2),
-    fmt(r.udm.cpuUsPerOp - r.reference.cpuUsPerOp, 2),
   ]);
-  return markdownTable(header, rows, new Set([1, 2, 3]));
+  return markdownTable(header, rows, new Set([1, 2, 3, 4, 5, 6]));
 }
 
 function describeRun(result: MicroResult, quick: boolean, load: [before: number, after: number]): string[] {
@@ -146,7 +154,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   const loadBefore = os.loadavg()[0]!;
   const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, dir: values.dir, workloads, log: out.stderr });
   const description = describeRun(result, quick, [loadBefore, os.loadavg()[0]!]);
-  const table = resultTable(result) + "\n\n" + cpuTable(result);
+  const table = resultTable(result) + "\n\n" + costTable(result);
   print("");
   for (const d of description) print(d);
   print("");

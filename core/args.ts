@@ -6,32 +6,49 @@ import { TargetError } from "./target.js";
 
 export const UINT_MAX = 0xffff_ffff;
 
+/** `isspace` as the kernel's dm_split_args sees it, for the ASCII range (space, \t \n \v \f \r). */
+function isSpace(c: string): boolean {
+  return c === " " || (c >= "\t" && c <= "\r");
+}
+
 /**
  * dm_split_args: split on whitespace; a backslash quotes the next character (and is removed);
- * runs of whitespace collapse. Returns null where the kernel fails ("couldn't split parameters"):
- * a trailing lone backslash has nothing to quote.
+ * runs of whitespace collapse. A backslash with nothing after it quotes nothing and stays as a
+ * literal character (the kernel only fails to split when it cannot allocate the argv array, so
+ * this never fails).
  */
-export function splitArgs(params: string): string[] | null {
+export function splitArgs(params: string): string[] {
   const args: string[] = [];
-  let cur = "";
-  let inArg = false;
-  for (let i = 0; i < params.length; i++) {
-    const c = params[i]!;
-    if (c === "\\") {
-      if (i + 1 >= params.length) return null;
-      cur += params[++i];
-      inArg = true;
-    } else if (/\s/.test(c)) {
-      if (inArg) args.push(cur);
-      cur = "";
-      inArg = false;
-    } else {
+  let i = 0;
+  const n = params.length;
+  for (;;) {
+    while (i < n && isSpace(params[i]!)) i++;
+    if (i >= n) break;
+    let cur = "";
+    while (i < n) {
+      const c = params[i]!;
+      if (c === "\\" && i + 1 < n) {
+        cur += params[i + 1];
+        i += 2;
+        continue;
+      }
+      if (isSpace(c)) break;
       cur += c;
-      inArg = true;
+      i++;
     }
+    args.push(cur);
   }
-  if (inArg) args.push(cur);
   return args;
+}
+
+/**
+ * A failed dm_get_device, as a target's ctr reports it: the target's own message (`ti->error`,
+ * e.g. "Device lookup failed") with the lookup's errno (ENOENT for a missing path, EINVAL for the
+ * device itself, ...), which is what the ctr returns and the load ioctl fails with.
+ */
+export function deviceLookupError(message: string, err: unknown): TargetError {
+  const code = (err as { code?: unknown } | null)?.code;
+  return new TargetError(message, typeof code === "string" && /^E[A-Z0-9]+$/.test(code) ? code : "ENODEV");
 }
 
 /** Parse an unsigned decimal (`%llu` with nothing after it, no sign), or null. */

@@ -36,6 +36,12 @@ interface Entry {
   /** Handles replaced by a mode upgrade, closed with the entry. */
   retired: BlockDevice[];
   stacked: boolean;
+  /**
+   * Stacked devices: references per opener (a table). The lower mapped device is opened once per
+   * opener however many of its lines use it (dm_get_device shares one dm_dev per device within a
+   * table), and closed when that opener drops its last reference.
+   */
+  owners: Map<object, number>;
 }
 
 export class DeviceManager {
@@ -50,13 +56,17 @@ export class DeviceManager {
     private readonly direct = false,
   ) {}
 
-  acquire(spec: string, mode: OpenMode): Promise<BlockDevice> {
-    return this.lock.run(() => this.acquireLocked(spec, mode));
+  /**
+   * Take a reference on the device `spec` names. `owner` identifies the opener (a table): a stacked
+   * mapped device counts one open per owner; without an owner every acquire counts as an open.
+   */
+  acquire(spec: string, mode: OpenMode, owner?: object): Promise<BlockDevice> {
+    return this.lock.run(() => this.acquireLocked(spec, mode, owner));
   }
 
-  private async acquireLocked(spec: string, mode: OpenMode): Promise<BlockDevice> {
+  private async acquireLocked(spec: string, mode: OpenMode, owner?: object): Promise<BlockDevice> {
     const mapped = this.resolveMapped(spec);
-    if (mapped) return this.acquireStacked(mapped);
+    if (mapped) return this.acquireStacked(mapped, owner);
     const key = await this.backing.identify(spec);
     const existing = this.entries.get(key);
     if (existing) {
@@ -76,34 +86,44 @@ export class DeviceManager {
       return existing.device;
     }
     const device = await this.backing.open(spec, { mode, direct: this.direct });
-    const entry: Entry = { key, device, mode, refs: 1, retired: [], stacked: false };
+    const entry: Entry = { key, device, mode, refs: 1, retired: [], stacked: false, owners: new Map() };
     this.entries.set(key, entry);
     this.byDevice.set(device, entry);
     return device;
   }
 
-  private acquireStacked(device: StackableDevice): BlockDevice {
+  private acquireStacked(device: StackableDevice, owner?: object): BlockDevice {
     const key = `md:${device.tableName}`;
     let entry = this.entries.get(key);
     if (!entry) {
-      entry = { key, device, mode: "rw", refs: 0, retired: [], stacked: true };
+      entry = { key, device, mode: "rw", refs: 0, retired: [], stacked: true, owners: new Map() };
       this.entries.set(key, entry);
       this.byDevice.set(device, entry);
     }
     entry.refs++;
-    device.open();
+    const held = owner ? (entry.owners.get(owner) ?? 0) : 0;
+    if (owner) entry.owners.set(owner, held + 1);
+    if (held === 0) device.open();
     return device;
   }
 
-  release(device: BlockDevice): Promise<void> {
-    return this.lock.run(() => this.releaseLocked(device));
+  /** Drop a reference taken by `acquire` (with the same `owner`). */
+  release(device: BlockDevice, owner?: object): Promise<void> {
+    return this.lock.run(() => this.releaseLocked(device, owner));
   }
 
-  private async releaseLocked(device: BlockDevice): Promise<void> {
+  private async releaseLocked(device: BlockDevice, owner?: object): Promise<void> {
     const entry = this.byDevice.get(device);
     if (!entry) throw new Error(`release of a device this manager did not open: ${device.tableName}`);
     entry.refs--;
-    if (entry.stacked) await (device as StackableDevice).close();
+    if (entry.stacked) {
+      const held = owner ? (entry.owners.get(owner) ?? 0) : 0;
+      if (held > 1) entry.owners.set(owner!, held - 1);
+      else {
+        if (owner) entry.owners.delete(owner);
+        await (device as StackableDevice).close();
+      }
+    }
     if (entry.refs > 0) return;
     this.entries.delete(entry.key);
     for (const d of [entry.device, ...entry.retired]) this.byDevice.delete(d);
@@ -152,9 +172,9 @@ export class TableDevices implements DeviceLookup {
   ) {}
 
   async get(path: string, mode: OpenMode = "rw"): Promise<BlockDevice> {
-    const device = await this.manager.acquire(path, this.readOnly ? "r" : mode);
+    const device = await this.manager.acquire(path, this.readOnly ? "r" : mode, this);
     if (this.self && device === this.self) {
-      await this.manager.release(device);
+      await this.manager.release(device, this);
       throw Object.assign(new Error("a table cannot reference its own device"), { code: "EINVAL" });
     }
     this.refs.push(device);
@@ -167,11 +187,11 @@ export class TableDevices implements DeviceLookup {
     if (i < 0) throw new DmError("EINVAL", `put of a device this table did not get: ${device.tableName}`);
     this.refs.splice(i, 1);
     if (!this.refs.includes(device)) this.deps.splice(this.deps.indexOf(device), 1);
-    await this.manager.release(device);
+    await this.manager.release(device, this);
   }
 
   async releaseAll(): Promise<void> {
-    while (this.refs.length > 0) await this.manager.release(this.refs.pop()!);
+    while (this.refs.length > 0) await this.manager.release(this.refs.pop()!, this);
     this.deps.length = 0;
   }
 }

@@ -5,6 +5,7 @@
  */
 import "reflect-metadata";
 import { container as rootContainer, type DependencyContainer } from "tsyringe";
+import { splitArgs } from "./args.js";
 import { Bio, type BioOp, BioFlags, submitAndWait, SECTOR_SHIFT } from "./bio.js";
 import type { BlockDevice } from "./devices/block-device.js";
 import { type BackingDevices, DeviceManager, type StackableDevice, systemBackingDevices } from "./device-manager.js";
@@ -106,7 +107,7 @@ export class DeviceMapper {
   async create(name: string, opts: { uuid?: string; readOnly?: boolean; table?: TableInput } = {}): Promise<MappedDevice> {
     checkName(name);
     const uuid = opts.uuid ?? "";
-    if (uuid.length > 128) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    if (Buffer.byteLength(uuid) > 128) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
     if (this.byName.has(name)) throw new DmError("EBUSY", `Device ${name} already exists.`);
     if (uuid && [...this.byName.values()].some((md) => md.uuid === uuid)) {
       throw new DmError("EBUSY", `A device with uuid ${uuid} already exists.`);
@@ -138,19 +139,22 @@ export class DeviceMapper {
     return minor;
   }
 
-  load(name: string, table: TableInput, opts: { readOnly?: boolean } = {}): Promise<void> {
+  // Every operation that can fail is async: a missing device or bad table text rejects the
+  // returned promise rather than throwing synchronously.
+
+  async load(name: string, table: TableInput, opts: { readOnly?: boolean } = {}): Promise<void> {
     return this.device(name).load(toSpecs(table), opts);
   }
 
-  clear(name: string): Promise<void> {
+  async clear(name: string): Promise<void> {
     return this.device(name).clear();
   }
 
-  suspend(name: string, opts: SuspendOptions = {}): Promise<void> {
+  async suspend(name: string, opts: SuspendOptions = {}): Promise<void> {
     return this.device(name).suspend(opts);
   }
 
-  resume(name: string, opts: SuspendOptions = {}): Promise<void> {
+  async resume(name: string, opts: SuspendOptions = {}): Promise<void> {
     return this.device(name).resume(opts);
   }
 
@@ -182,24 +186,38 @@ export class DeviceMapper {
     return this.byName.size;
   }
 
+  /**
+   * DM_DEV_RENAME (dev_rename, dm_hash_rename): the new name is validated, then must be free,
+   * then the old device must exist. Waiters are woken by an event on the live table, if any.
+   */
   async rename(oldName: string, newName: string): Promise<void> {
-    const md = this.device(oldName);
     checkName(newName, "Invalid new mapped device name or uuid string supplied.");
     if (this.byName.has(newName)) {
       throw new DmError("EBUSY", `Unable to change name on mapped device ${oldName} to one that already exists: ${newName}`);
     }
+    const md = this.byName.get(oldName);
+    if (!md) throw new DmError("ENXIO", `Unable to rename non-existent device, ${oldName} to ${newName}`);
     this.byName.delete(oldName);
     md.name = newName;
     this.byName.set(newName, md);
-    md.bumpEvent();
+    md.live?.event();
   }
 
+  /** DM_DEV_RENAME with DM_UUID_FLAG: same order as rename; a UUID can only be set once. */
   async setUuid(name: string, uuid: string): Promise<void> {
-    const md = this.device(name);
-    if (md.uuid) throw new DmError("EINVAL", `Unable to change uuid of mapped device ${name} to ${uuid} because uuid is already set to ${md.uuid}`);
-    if (!uuid || uuid.length > 128) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
-    if ([...this.byName.values()].some((d) => d.uuid === uuid)) throw new DmError("EBUSY", `A device with uuid ${uuid} already exists.`);
+    if (!uuid || Buffer.byteLength(uuid) > 128) {
+      throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    }
+    if ([...this.byName.values()].some((d) => d.uuid === uuid)) {
+      throw new DmError("EBUSY", `Unable to change uuid on mapped device ${name} to one that already exists: ${uuid}`);
+    }
+    const md = this.byName.get(name);
+    if (!md) throw new DmError("ENXIO", `Unable to rename non-existent device, ${name} to uuid ${uuid}`);
+    if (md.uuid) {
+      throw new DmError("EINVAL", `Unable to change uuid of mapped device ${name} to ${uuid} because uuid is already set to ${md.uuid}`);
+    }
     md.uuid = uuid;
+    md.live?.event();
   }
 
   /** Names in ascending order, like DM_LIST_DEVICES. */
@@ -253,12 +271,21 @@ export class DeviceMapper {
     return this.table(name, opts).map((l) => formatTableLine(l.start, l.length, l.type, l.params) + "\n").join("");
   }
 
-  /** DM_TARGET_MSG, with the kernel's checks (dm-reference §2.8). */
+  /**
+   * DM_TARGET_MSG, with the kernel's checks (dm-reference §2.8): the message is split like table
+   * parameters (dm_split_args); words starting with `@` are for the core (message_for_md).
+   */
   async message(name: string, sector: number, message: string): Promise<string | undefined> {
     const md = this.device(name);
-    const args = message.split(/\s+/).filter((a) => a !== "");
+    const args = splitArgs(message);
     if (args.length === 0) throw new DmError("EINVAL", "Empty message received.");
     if (args[0]!.startsWith("@")) {
+      if (/^@cancel_deferred_remove$/i.test(args[0]!)) {
+        if (args.length !== 1) throw new DmError("EINVAL", "Invalid arguments for @cancel_deferred_remove");
+        // dm_cancel_deferred_remove: EBUSY only once removal has started (a removed device is no
+        // longer found); otherwise it clears the deferred-remove mark, of which udm has none.
+        return undefined;
+      }
       throw new DmError("EINVAL", `Unsupported message sent to DM core: ${args[0]}`);
     }
     const table = md.live;
@@ -278,7 +305,7 @@ export class DeviceMapper {
     return this.device(name).deps(opts.inactive);
   }
 
-  waitEvent(name: string, eventNr: number): Promise<number> {
+  async waitEvent(name: string, eventNr: number): Promise<number> {
     return this.device(name).waitEvent(eventNr);
   }
 

@@ -14,7 +14,7 @@ import { DmError } from "./errors.js";
 import type { Logger } from "./logger.js";
 import { Mutex } from "./mutex.js";
 import type { TargetRegistry } from "./registry.js";
-import { Table } from "./table.js";
+import { type QueueLimits, Table } from "./table.js";
 import type { Target } from "./target.js";
 import type { TargetSpec } from "./table-text.js";
 
@@ -50,10 +50,14 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
   private pending = 0;
   private idleWaiters: (() => void)[] = [];
   private eventWaiters: (() => void)[] = [];
+  /** The live table's immutable target type (md->immutable_target_type), reset at every swap. */
   private immutableType: string | undefined;
+  /**
+   * The device's queue limits: none until the first successful load sets the device up
+   * (dm_setup_md_queue), then those of the table bound at each swap.
+   */
+  private limits: QueueLimits | null = null;
   private readonly mutex = new Mutex();
-
-  readonly logicalBlockSize = 512;
 
   constructor(
     public name: string,
@@ -76,6 +80,10 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
   get sizeSectors(): number {
     return this.live?.size ?? 0;
   }
+  /** The logical block size of the devices underneath (512 before any table). */
+  get logicalBlockSize(): number {
+    return this.limits?.logicalBlockSize ?? 512;
+  }
   get supportsDiscard(): boolean {
     return this.live?.supportsDiscard ?? false;
   }
@@ -93,7 +101,13 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
 
   // ---- I/O ----
 
-  /** Take a bio (already marked in flight by its submitter). */
+  /**
+   * Take a bio (already marked in flight by its submitter). While the device is blocked (or has
+   * no live table) it is queued; otherwise it is checked against the live table (end of device,
+   * read-only, whether the op is supported at all: discard/write-zeroes need every target of the
+   * table to take them, §2.11) and mapped. (The kernel's block layer makes those checks before dm
+   * sees the bio, i.e. also for bios that then queue; udm checks queued bios when released.)
+   */
   submit(bio: Bio): void {
     if (this.removed) {
       bio.complete("ENXIO");
@@ -112,6 +126,10 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
     }
     if (this.readOnly && bio.op !== "read" && !(bio.op === "flush")) {
       bio.complete("EPERM");
+      return;
+    }
+    if ((bio.op === "discard" && !table.supportsDiscard) || (bio.op === "write-zeroes" && !table.supportsWriteZeroes)) {
+      bio.complete("EOPNOTSUPP");
       return;
     }
     if (bio.sectors === 0 && bio.op !== "flush" && !bio.isPreflush) {
@@ -173,7 +191,11 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
 
   // ---- Table lifecycle ----
 
-  /** DM_TABLE_LOAD: build and validate (constructors run now) into the inactive slot. */
+  /**
+   * DM_TABLE_LOAD: build and validate (constructors run now) into the inactive slot. The first
+   * table a device ever loads also sets up its queue limits, so its device areas are checked now;
+   * later tables are checked when they are swapped in at resume (table_load, dm_setup_md_queue).
+   */
   load(specs: readonly TargetSpec[], opts: { readOnly?: boolean } = {}): Promise<void> {
     return this.mutex.run(async () => {
       this.assertPresent();
@@ -185,6 +207,14 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
         self: this,
         immutableType: this.immutableType,
       });
+      if (this.limits === null) {
+        try {
+          this.limits = table.calculateQueueLimits();
+        } catch (err) {
+          await table.destroy();
+          throw err;
+        }
+      }
       const old = this.inactive;
       this.inactive = table;
       await old?.destroy();
@@ -222,6 +252,9 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
    * DM_DEV_SUSPEND (resume): swap in the inactive table if there is one (suspending first), run
    * preresume (which may veto: the device then stays suspended) and resume, release queued bios
    * in order, and destroy the old table.
+   *
+   * The swap computes the new table's queue limits, checking its device areas (dm_swap_table);
+   * if that fails the new table is destroyed and the device stays suspended with its old table.
    */
   resume(opts: SuspendOptions = {}): Promise<void> {
     return this.mutex.run(async () => {
@@ -229,14 +262,24 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
       const incoming = this.inactive;
       let old: Table | null = null;
       if (incoming) {
-        if (!this.suspended) await this.suspendLocked(opts);
         this.inactive = null;
+        let limits: QueueLimits;
+        try {
+          if (!this.suspended) await this.suspendLocked(opts);
+          // A table without data devices keeps the live table's limits.
+          limits = this.live && this.limits && incoming.hasNoDataDevices ? this.limits : incoming.calculateQueueLimits();
+        } catch (err) {
+          await incoming.destroy();
+          throw err;
+        }
         old = this.live;
         old?.bind(null);
         this.live = incoming;
+        this.limits = limits;
         this.readOnly = incoming.readOnly;
         incoming.bind(() => this.bumpEvent());
-        this.immutableType ??= incoming.immutableType(this.env.registry);
+        // __bind: md->immutable_target_type = dm_table_get_immutable_target_type(t).
+        this.immutableType = incoming.immutableTargetType;
       }
       try {
         if (this.suspended && this.live && this.live.size > 0) await this.resumeLocked(this.live);

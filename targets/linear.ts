@@ -2,7 +2,7 @@
  * linear: map a range onto a contiguous range of another device (dm-linear.c, dm-reference §7.1).
  * The model target: parse and check the arguments, open the device, remap in one line.
  */
-import { parseSector } from "../core/args.js";
+import { deviceLookupError, parseSector } from "../core/args.js";
 import type { Bio } from "../core/bio.js";
 import type { BlockDevice } from "../core/devices/block-device.js";
 import { target } from "../core/registry.js";
@@ -25,8 +25,8 @@ export class LinearTarget extends Target {
     this.start = start;
     try {
       this.device = await this.devices.get(args[0]!, this.table.readOnly ? "r" : "rw");
-    } catch {
-      throw new TargetError("Device lookup failed");
+    } catch (err) {
+      throw deviceLookupError("Device lookup failed", err);
     }
     this.numFlushBios = 1;
     this.numDiscardBios = 1;

@@ -1,8 +1,8 @@
 /**
  * striped: spread chunks round-robin over N devices (dm-stripe.c, dm-reference §7.2).
  */
-import { parseSector, parseUnsigned, UINT_MAX } from "../core/args.js";
-import type { Bio } from "../core/bio.js";
+import { deviceLookupError, parseSector, parseUnsigned, UINT_MAX } from "../core/args.js";
+import { type Bio, BioFlags } from "../core/bio.js";
 import type { BlockDevice } from "../core/devices/block-device.js";
 import { target } from "../core/registry.js";
 import { type DeviceLookup, Services } from "../core/services.js";
@@ -42,8 +42,9 @@ export class StripedTarget extends Target {
       let device: BlockDevice;
       try {
         device = await this.devices.get(args[2 + 2 * i]!, this.table.readOnly ? "r" : "rw");
-      } catch {
-        throw new TargetError("Couldn't parse stripe destination");
+      } catch (err) {
+        // stripe_ctr returns get_stripe's error, i.e. dm_get_device's errno.
+        throw deviceLookupError("Couldn't parse stripe destination", err);
       }
       this.stripes.push({ device, start, errors: 0 });
     }
@@ -99,14 +100,26 @@ export class StripedTarget extends Target {
     return MapResult.REMAPPED;
   }
 
+  /**
+   * stripe_end_io: an error (other than on readahead or EOPNOTSUPP) counts against every stripe
+   * on the device that failed (the kernel compares device names and does not stop at the first
+   * match); while a stripe is under DM_IO_ERROR_THRESHOLD errors a table event is scheduled. The
+   * kernel schedules one work item (trigger_event), so one completion raises at most one event.
+   */
   endIo(bio: Bio): EndIoResult {
     const status = bio.status;
-    if (status === "ok" || status === "EOPNOTSUPP" || status === "DM_REQUEUE") return EndIoResult.DONE;
-    const stripe = this.stripes.find((s) => s.device === bio.device);
-    if (stripe) {
+    if (status === "ok" || status === "DM_REQUEUE") return EndIoResult.DONE;
+    if (bio.flags & BioFlags.RAHEAD) return EndIoResult.DONE;
+    if (status === "EOPNOTSUPP") return EndIoResult.DONE;
+    const failed = bio.device;
+    const name = (failed as Partial<BlockDevice> | null)?.tableName;
+    let trigger = false;
+    for (const stripe of this.stripes) {
+      if (stripe.device !== failed && (name === undefined || stripe.device.tableName !== name)) continue;
       stripe.errors++;
-      if (stripe.errors < DM_IO_ERROR_THRESHOLD) this.table.event();
+      if (stripe.errors < DM_IO_ERROR_THRESHOLD) trigger = true;
     }
+    if (trigger) this.table.event();
     return EndIoResult.DONE;
   }
 

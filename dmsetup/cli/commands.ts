@@ -54,12 +54,17 @@ export class Commands {
     try {
       return await this.client.request(op, args);
     } catch (err) {
-      const errno = err instanceof DmError ? err.errno : "EIO";
-      const reason = (err as Error).message;
-      if (reason && reason !== strerror(errno)) this.io.err(`${reason}\n`);
-      this.io.err(`device-mapper: ${ioctlName} ioctl on ${name} ${this.opts.uuid ?? ""} failed: ${strerror(errno)}\n`);
-      throw new CommandFailed(reason);
+      throw this.failed(ioctlName, name, err);
     }
+  }
+
+  /** Print the kernel's reason and libdevmapper's ioctl failure line; return the error to throw. */
+  private failed(ioctlName: string, name: string, err: unknown): CommandFailed {
+    const errno = err instanceof DmError ? err.errno : "EIO";
+    const reason = (err as Error).message;
+    if (reason && reason !== strerror(errno)) this.io.err(`${reason}\n`);
+    this.io.err(`device-mapper: ${ioctlName} ioctl on ${name} ${this.opts.uuid ?? ""} failed: ${strerror(errno)}\n`);
+    return new CommandFailed(reason);
   }
 
   /** Names to operate on: the arguments, or every device (name order) when there are none. */
@@ -157,7 +162,7 @@ export class Commands {
             await new Promise((r) => setTimeout(r, 200));
             continue;
           }
-          await this.call("remove", name, "remove", { name, force: this.opts.force });
+          throw this.failed("remove", name, err);
         }
       }
     }
@@ -189,7 +194,7 @@ export class Commands {
       return this.io.out(
         formatTree(
           list.map((d) => ({ name: d.name, major: d.major, minor: d.minor, deps: d.deps })),
-          { options: this.opts.options?.split(",") ?? [] },
+          { options: this.opts.options ?? "", charset: utf8Locale() ? "utf" : "ascii" },
         ),
       );
     }
@@ -240,10 +245,11 @@ export class Commands {
         throw new CommandFailed("no device");
       }
       if (this.opts.verbose) await this.info([name]);
-      let lines = (await this.call(kind, name, kind, { name, inactive: this.opts.inactive, ...(kind === "status" ? { noflush: this.opts.noflush } : {}) })) as TableLine[];
-      if (this.opts.target) lines = lines.filter((l) => l.type === this.opts.target);
-      all[name] = lines;
-      if (!this.opts.json) this.io.out(formatTableLines(lines, names.length !== 1 || args.length !== 1 ? name : undefined));
+      const lines = (await this.call(kind, name, kind, { name, inactive: this.opts.inactive, ...(kind === "status" ? { noflush: this.opts.noflush } : {}) })) as TableLine[];
+      all[name] = this.opts.target ? lines.filter((l) => l.type === this.opts.target) : lines;
+      if (!this.opts.json) {
+        this.io.out(formatTableLines(lines, names.length !== 1 || args.length !== 1 ? name : undefined, { target: this.opts.target }));
+      }
     }
     if (this.opts.json) this.io.out(toJson(args.length === 1 ? all[args[0]!] : all));
   }
@@ -256,7 +262,7 @@ export class Commands {
       const table = (await this.call("table", name, "table", { name })) as TableLine[];
       devices.push({ name, uuid: info.uuid, minor: info.minor, readOnly: info.readOnly, table });
     }
-    this.io.out(formatConcise(devices) + "\n");
+    this.io.out(formatConcise(devices));
   }
 
   async message(args: string[]): Promise<void> {
@@ -318,4 +324,10 @@ export class Commands {
   async detach(args: string[]): Promise<void> {
     for (const name of args) await this.call("detach", name, "detach", { name, force: this.opts.force });
   }
+}
+
+/** dmsetup draws the tree with UTF-8 glyphs only when the locale's codeset is UTF-8. */
+function utf8Locale(): boolean {
+  const lang = process.env.LC_ALL || process.env.LC_CTYPE || process.env.LANG || "";
+  return /utf-?8/i.test(lang);
 }

@@ -215,6 +215,9 @@ describe("rename and set UUID (§4.6)", () => {
     await dm.create("a");
     await expectError(dm.setUuid("a", ""), "EINVAL", "Invalid new mapped device name or uuid string supplied.");
     await expectError(dm.setUuid("a", "u".repeat(129)), "EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    // The limit is in bytes (DM_UUID_LEN): 65 two-byte characters are 130 bytes.
+    await expectError(dm.setUuid("a", "é".repeat(65)), "EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    await expectError(dm.create("b", { uuid: "é".repeat(65) }), "EINVAL");
     expect(dm.info("a").uuid).toBe("");
   });
 
@@ -469,6 +472,8 @@ describe("target messages (§2.8)", () => {
 
   it("handles @cancel_deferred_remove in the core, with exactly one argument", async () => {
     await expect(dm.message("m", 0, "@cancel_deferred_remove")).resolves.toBeUndefined();
+    // message_for_md compares with strcasecmp.
+    await expect(dm.message("m", 0, " @Cancel_Deferred_Remove ")).resolves.toBeUndefined();
     await expectError(dm.message("m", 0, "@cancel_deferred_remove now"), "EINVAL", "Invalid arguments for @cancel_deferred_remove");
   });
 

@@ -357,6 +357,11 @@ describe("rule 2.8: splitting parameters (dm_split_args, §2.14)", () => {
     await dm.create("dev", { table: [{ start: 0, length: 10, type: "echo", params: "   " }] });
     expect(JSON.parse(dm.table("dev")[0]!.params)).toEqual([]);
   });
+
+  it("splits only at the C locale's white space (isspace), not at other Unicode spaces", async () => {
+    await dm.create("dev", { table: [{ start: 0, length: 10, type: "echo", params: "a\u2003b\vc\fd\re" }] });
+    expect(JSON.parse(dm.table("dev")[0]!.params)).toEqual(["a\u2003b", "c", "d", "e"]);
+  });
 });
 
 describe("rule 2.9: constructors", () => {
@@ -461,6 +466,38 @@ describe("device area checks", () => {
         message: "table line 1 (start sect 4 len 8) not aligned to h/w logical block size 4096",
       });
     });
+
+    it("rejects a table that ends off the grid, naming the line count and the last line", async () => {
+      // validate_hardware_logical_block_alignment runs off the end with sectors left over: its
+      // index is then the number of lines, its target the last one.
+      await expectCreateRejected("0 8 linear mem4k 0\n8 4 zero", {
+        message: "table line 2 (start sect 8 len 4) not aligned to h/w logical block size 4096",
+      });
+    });
+
+    it("gives a mapped device the logical block size of its table's devices", async () => {
+      await dm.create("lower", { table: "0 16 linear mem4k 0" });
+      expect(dm.device("lower").logicalBlockSize).toBe(4096);
+      const err = await rejection(dm.create("upper", { table: "0 8 linear /dev/mapper/lower 4" }));
+      expect({ message: err.message, errno: err.errno }).toEqual({
+        errno: "EINVAL",
+        message: "start=4 not aligned to h/w logical block size 4096 of dm-0",
+      });
+      await dm.create("upper", { table: "0 8 linear /dev/mapper/lower 8" });
+      expect(dm.info("upper").sizeSectors).toBe(8);
+    });
+  });
+
+  it("checks the first table a device loads at load time, even without a create table", async () => {
+    // dm_setup_md_queue computes the limits of the first table loaded into a new device.
+    await dm.create("dev");
+    const err = await rejection(dm.load("dev", "0 10 linear mem0 95"));
+    expect({ message: err.message, errno: err.errno }).toEqual({
+      errno: "EINVAL",
+      message: "mem0 too small for target: start=95, len=10, dev_size=100",
+    });
+    expect(dm.info("dev").inactivePresent).toBe(false);
+    expect(backing.openHandles).toBe(0);
   });
 });
 

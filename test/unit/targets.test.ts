@@ -235,6 +235,8 @@ describe("striped", () => {
     const h = dm.open("st");
     await expect(h.write(0, pattern(7, 512))).rejects.toMatchObject({ status: "EIO" });
     expect(dm.status("st")[0]!.params).toBe("2 mem0 mem0 1 DD");
+    // Both stripes schedule the same work item (trigger_event): one failed clone, one event.
+    expect(dm.info("st").eventNr).toBe(1);
     await h.close();
   });
 });

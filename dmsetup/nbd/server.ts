@@ -1,0 +1,182 @@
+/**
+ * NbdServer: exports devices over NBD on a unix socket (mode 0600) and optionally TCP.
+ *
+ * The server only accepts connections and keeps track of them; each NbdConnection runs its own
+ * handshake and transmission (connection.ts). Exports come from an ExportProvider consulted at
+ * handshake time, so devices created or removed later are seen by the next client;
+ * `closeExport(name)` ends the connections of an export that is going away (forced remove).
+ */
+import fs from "node:fs";
+import net from "node:net";
+import type { DeviceMapper } from "../../core/device-mapper.js";
+import { type Logger, MemoryLogger } from "../../core/logger.js";
+import { type ConnectionSettings, type ExportDevice, type ExportProvider, NbdConnection } from "./connection.js";
+import { MAX_PAYLOAD } from "./protocol.js";
+
+export type { ExportDevice, ExportProvider } from "./connection.js";
+
+export interface NbdServerOptions {
+  logger?: Logger;
+  /** Largest READ/WRITE in bytes, advertised as the maximum block size (default 32 MiB). */
+  maxPayload?: number;
+  /** Requests in flight per connection before it stops reading (default 128). */
+  maxInFlight?: number;
+  /** Payload bytes in flight per connection before it stops reading (default 64 MiB). */
+  maxInFlightBytes?: number;
+  /**
+   * How long closeExport/close let in-flight requests finish before dropping the connection
+   * (default 1 s). Bounded because a suspended device may hold requests indefinitely.
+   */
+  closeGraceMs?: number;
+}
+
+export class NbdServer {
+  private readonly settings: ConnectionSettings;
+  private readonly closeGraceMs: number;
+  private readonly listeners: net.Server[] = [];
+  private readonly connections = new Set<NbdConnection>();
+  /** Socket files we created, removed again by close() (never someone else's). */
+  private readonly socketFiles: string[] = [];
+  private nextId = 1;
+  private closing = false;
+
+  constructor(exports: ExportProvider, opts: NbdServerOptions = {}) {
+    const maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
+    if (maxPayload < 512 || maxPayload % 512 !== 0) throw new Error("maxPayload must be a positive multiple of 512");
+    this.closeGraceMs = opts.closeGraceMs ?? 1000;
+    this.settings = {
+      exports,
+      logger: opts.logger ?? new MemoryLogger(false),
+      maxPayload,
+      maxInFlight: opts.maxInFlight ?? 128,
+      maxInFlightBytes: opts.maxInFlightBytes ?? 64 * 1024 * 1024,
+      maxQueuedReplyBytes: 16 * 1024 * 1024,
+      lingerMs: 5000,
+    };
+  }
+
+  /** Listen on a unix socket, created with mode 0600. A stale socket file there is replaced. */
+  async listenUnix(path: string): Promise<void> {
+    this.assertOpen();
+    await removeStaleSocket(path);
+    const server = await listenOn(this.createServer(), (s, cb) => withPrivateUmask(() => s.listen(path, cb)));
+    this.socketFiles.push(path);
+    this.listeners.push(server);
+    fs.chmodSync(path, 0o600); // also covers a worker thread, where the umask cannot be changed
+    this.settings.logger.info("nbd server listening", { socket: path });
+  }
+
+  /** Also listen on TCP; port 0 picks a free port. Resolves with the bound address. */
+  async listenTcp(addr: { host?: string; port: number }): Promise<{ host: string; port: number }> {
+    this.assertOpen();
+    const server = await listenOn(this.createServer(), (s, cb) => s.listen(addr.port, addr.host ?? "127.0.0.1", cb));
+    this.listeners.push(server);
+    const bound = server.address() as net.AddressInfo;
+    this.settings.logger.info("nbd server listening", { host: bound.address, port: bound.port });
+    return { host: bound.address, port: bound.port };
+  }
+
+  /** Open connections, or those in transmission on export `name`. */
+  connectionCount(name?: string): number {
+    if (name === undefined) return this.connections.size;
+    return [...this.connections].filter((c) => c.exportName === name).length;
+  }
+
+  /**
+   * End every connection on export `name`: in-flight requests are answered (for at most
+   * closeGraceMs: a suspended device may hold them), new ones get ESHUTDOWN, then the socket
+   * closes and the device's open count drops. Safe to call before or after removing the device.
+   */
+  async closeExport(name: string): Promise<void> {
+    const victims = [...this.connections].filter((c) => c.exportName === name);
+    if (victims.length) this.settings.logger.info("nbd closing export", { export: name, connections: victims.length });
+    await Promise.all(victims.map((c) => c.shutdown(this.closeGraceMs)));
+  }
+
+  /** Stop listening and close every connection (gracefully, as closeExport). */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    const stopped = this.listeners.map((l) => new Promise<void>((r) => l.close(() => r())));
+    await Promise.all([...this.connections].map((c) => c.shutdown(this.closeGraceMs)));
+    await Promise.all(stopped);
+    for (const file of this.socketFiles) fs.rmSync(file, { force: true });
+    this.settings.logger.info("nbd server closed");
+  }
+
+  private createServer(): net.Server {
+    // allowHalfOpen: a client that shuts down its sending side still gets its replies.
+    return net.createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) return void socket.destroy();
+    if (socket.remoteFamily) socket.setNoDelay(true); // TCP only: replies must not wait for Nagle
+    const conn = new NbdConnection(socket, this.nextId++, this.settings);
+    this.connections.add(conn);
+    void conn.closed.then(() => this.connections.delete(conn));
+    this.settings.logger.debug("nbd client connected", { conn: conn.id, remote: socket.remoteAddress ?? "unix" });
+    conn.start();
+  }
+
+  private assertOpen(): void {
+    if (this.closing) throw new Error("NbdServer is closed");
+  }
+}
+
+/** An ExportProvider over a DeviceMapper: every mapped device, under its dm name. */
+export function deviceMapperExports(dm: Pick<DeviceMapper, "list" | "has" | "device">): ExportProvider {
+  return {
+    list: () => dm.list(),
+    get: (name): ExportDevice | undefined => (name !== "" && dm.has(name) ? dm.device(name) : undefined),
+  };
+}
+
+function listenOn(server: net.Server, start: (s: net.Server, cb: () => void) => void): Promise<net.Server> {
+  return new Promise((resolve, reject) => {
+    server.once("error", reject);
+    start(server, () => {
+      server.off("error", reject);
+      resolve(server);
+    });
+  });
+}
+
+/**
+ * Create the socket with mode 0600 from the start (bind happens synchronously inside listen), so
+ * there is no window in which another user could connect before the chmod.
+ */
+function withPrivateUmask(fn: () => void): void {
+  let old: number | null = null;
+  try {
+    old = process.umask(0o177);
+  } catch {
+    // Worker threads cannot change the umask; the chmod after listen still applies.
+  }
+  try {
+    fn();
+  } finally {
+    if (old !== null) process.umask(old);
+  }
+}
+
+/** A socket file nobody listens on is left over from a crash: remove it. Anything else stays. */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw Object.assign(new Error(`${path}: exists and is not a socket`), { code: "EEXIST" });
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(path);
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+  if (alive) throw Object.assign(new Error(`${path}: another server is listening there`), { code: "EADDRINUSE" });
+  fs.rmSync(path, { force: true });
+}
