@@ -54,6 +54,10 @@ export class ControlServer {
   }
 
   private accept(socket: net.Socket): void {
+    // Tracked from the start, refused ones included, so close() never waits on a connection.
+    this.sockets.add(socket);
+    socket.on("close", () => this.sockets.delete(socket));
+    socket.on("error", () => undefined);
     const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     try {
       const cred = peerCredentials(fd ?? -1);
@@ -67,7 +71,6 @@ export class ControlServer {
       socket.destroy();
       return;
     }
-    this.sockets.add(socket);
     const splitter = new LineSplitter();
     socket.on("data", (chunk: Buffer) => {
       let lines: string[];
@@ -80,8 +83,6 @@ export class ControlServer {
       }
       for (const line of lines) if (line.trim() !== "") void this.handleLine(socket, line);
     });
-    socket.on("error", () => undefined);
-    socket.on("close", () => this.sockets.delete(socket));
   }
 
   private async handleLine(socket: net.Socket, line: string): Promise<void> {
@@ -194,9 +195,12 @@ export class ControlServer {
       case "deps":
         return this.deps(name, (req as Request<"deps">).inactive);
       case "wait": {
+        // As DM_DEV_WAIT: the device is found by name once; it may be renamed while we wait.
         const r = req as Request<"wait">;
-        await dm.waitEvent(r.name, r.eventNr);
-        return { info: this.info(r.name), status: dm.has(r.name) ? dm.status(r.name) : [] };
+        const md = dm.device(r.name);
+        await md.waitEvent(r.eventNr);
+        if (md.removed) throw new DmError("ENXIO", `${r.name}: device was removed`);
+        return { info: this.info(md.name), status: dm.status(md.name) };
       }
       case "load-plugin":
         return { targets: await dm.loadPlugin((req as Request<"load-plugin">).module) };

@@ -12,73 +12,21 @@
  * the device or the checks reject gets an error reply and the connection goes on.
  */
 import type { Socket } from "node:net";
-import { Bio, type BioEndIo, BioFlags, type BioOp, type BioSink, type BioStatus, SECTOR_SIZE } from "../../core/bio.js";
+import { Bio, type BioEndIo, BioFlags, type BioOp, SECTOR_SIZE } from "../../core/bio.js";
 import type { Logger } from "../../core/logger.js";
+import { type ExportDevice, type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, exportSizeBytes, nbdErrorFor } from "./exports.js";
+import { Handshake } from "./handshake.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
+import { Cmd, CmdFlags, HandshakeFlags, NbdErrno, NbdProtocolError, type NbdRequest, commandName } from "./protocol.js";
 import {
-  ClientFlags,
-  Cmd,
-  CmdFlags,
-  type HandshakeMessage,
-  HandshakeFlags,
-  Info,
-  KNOWN_CLIENT_FLAGS,
-  NbdErrno,
-  NbdProtocolError,
-  type NbdRequest,
-  Opt,
-  Rep,
-  TransmissionFlags,
-  commandName,
-  optionName,
-} from "./protocol.js";
-import {
-  exportNameReply,
   greeting,
   readReplyPrefix,
-  repAck,
-  repError,
-  repInfoBlockSize,
-  repInfoExport,
-  repInfoString,
-  repServer,
   simpleReply,
   structuredError,
   structuredNone,
   writeOffsetDataHeader,
   writeSimpleReplyHeader,
 } from "./serializer.js";
-
-/** What the server needs from an exported device. A MappedDevice satisfies it as is. */
-export interface ExportDevice extends BioSink {
-  readonly sizeSectors: number;
-  readonly readOnly: boolean;
-  readonly supportsDiscard: boolean;
-  readonly supportsWriteZeroes: boolean;
-  /**
-   * Write-zeroes is known to be much cheaper than writing zeros (NBD_CMD_FLAG_FAST_ZERO may
-   * proceed). Absent or false: FAST_ZERO requests fail at once with ENOTSUP, as proto.md asks
-   * of a server that cannot tell in advance.
-   */
-  readonly fastZeroes?: boolean;
-  /** Called when a connection enters transmission on this device... */
-  open(): void;
-  /** ...and when that connection is gone. */
-  close(): void | Promise<void>;
-}
-
-/** Where exports come from; names are what clients put in NBD_OPT_GO / EXPORT_NAME. */
-export interface ExportProvider {
-  list(): string[];
-  get(name: string): ExportDevice | undefined;
-}
-
-/**
- * Block size constraints we advertise (NBD_INFO_BLOCK_SIZE): the core addresses 512-byte sectors,
- * so requests must be sector-aligned; unaligned ones get EINVAL (see README in this directory).
- */
-export const MIN_BLOCK_SIZE = SECTOR_SIZE;
-export const PREFERRED_BLOCK_SIZE = 4096;
 
 export interface ConnectionSettings {
   exports: ExportProvider;
@@ -106,12 +54,6 @@ class PendingRequest {
   ) {}
 }
 
-type Found = { name: string; device: ExportDevice };
-
-function uncork(socket: Socket): void {
-  socket.uncork();
-}
-
 export class NbdConnection implements BioEndIo {
   /** Canonical export name once in transmission. */
   exportName: string | null = null;
@@ -119,9 +61,9 @@ export class NbdConnection implements BioEndIo {
 
   private device: ExportDevice | null = null;
   private handshake: HandshakeParser | null = new HandshakeParser();
+  private readonly negotiation: Handshake;
   private requests: RequestParser | null = null;
   private structured = false;
-  private noZeroes = false;
   private inFlight = 0;
   private inFlightBytes = 0;
   /** No more messages will be taken (NBD_CMD_DISC, NBD_OPT_ABORT, protocol error). */
@@ -146,6 +88,7 @@ export class NbdConnection implements BioEndIo {
     private readonly settings: ConnectionSettings,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
+    this.negotiation = new Handshake(settings.exports, settings.maxPayload, (reply) => this.send(reply));
   }
 
   get inTransmission(): boolean {
@@ -229,7 +172,9 @@ export class NbdConnection implements BioEndIo {
   private takeHandshake(): boolean {
     const m = this.handshake?.next() ?? null;
     if (m === null) return false;
-    this.onHandshake(m);
+    const outcome = this.negotiation.handle(m);
+    if (outcome.next === "transmission") this.enterTransmission(outcome.found);
+    else if (outcome.next === "abort") this.stopped = true;
     return true;
   }
 
@@ -249,122 +194,15 @@ export class NbdConnection implements BioEndIo {
     this.socket.destroy(); // a hard disconnect: the stream can no longer be trusted
   }
 
-  // ---- handshake ----
-
-  private onHandshake(m: HandshakeMessage): void {
-    switch (m.kind) {
-      case "clientFlags":
-        if ((m.flags & ~KNOWN_CLIENT_FLAGS) !== 0) {
-          throw new NbdProtocolError(`unknown client flags 0x${m.flags.toString(16)}`);
-        }
-        this.noZeroes = (m.flags & ClientFlags.NO_ZEROES) !== 0;
-        return;
-      case "exportName": {
-        const found = this.resolve(m.name);
-        // EXPORT_NAME cannot be answered with an error: the spec says to drop the connection.
-        if (!found) throw new NbdProtocolError(`NBD_OPT_EXPORT_NAME: no export "${m.name}"`);
-        this.send(exportNameReply(this.sizeBytes(found.device), this.transmissionFlags(found.device), this.noZeroes));
-        this.enterTransmission(found);
-        return;
-      }
-      case "info":
-        return this.onInfo(m.option, m.name, m.requests);
-      case "option":
-        return this.onOption(m.option, m.data);
-      case "invalidOption":
-        if (m.option === Opt.EXPORT_NAME) throw new NbdProtocolError(m.reason);
-        this.send(repError(m.option, Rep.ERR_INVALID, m.reason));
-        return;
-      case "oversizeOption": {
-        if (m.option === Opt.EXPORT_NAME) throw new NbdProtocolError(`NBD_OPT_EXPORT_NAME of ${m.length} bytes`);
-        const known = m.option === Opt.INFO || m.option === Opt.GO || m.option === Opt.LIST || m.option === Opt.STRUCTURED_REPLY;
-        this.send(repError(m.option, known ? Rep.ERR_TOO_BIG : Rep.ERR_UNSUP, `${optionName(m.option)}: ${m.length}-byte option ignored`));
-        return;
-      }
-    }
-  }
-
-  /** NBD_OPT_INFO / NBD_OPT_GO: describe the export; GO then enters transmission. */
-  private onInfo(option: number, name: string, requests: number[]): void {
-    const found = this.resolve(name);
-    if (!found) {
-      const why = name === "" ? `no default export (there are ${this.settings.exports.list().length} exports)` : `no export named "${name}"`;
-      this.send(repError(option, Rep.ERR_UNKNOWN, why));
-      return;
-    }
-    const { device } = found;
-    this.send(repInfoExport(option, this.sizeBytes(device), this.transmissionFlags(device)));
-    // Sent even when not asked for (allowed): clients that understand it will then align.
-    this.send(repInfoBlockSize(option, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, this.settings.maxPayload));
-    if (requests.includes(Info.NAME)) this.send(repInfoString(option, Info.NAME, found.name));
-    this.send(repAck(option));
-    if (option === Opt.GO) this.enterTransmission(found);
-  }
-
-  private onOption(option: number, data: Buffer): void {
-    switch (option) {
-      case Opt.ABORT:
-        this.send(repAck(option));
-        this.stopped = true;
-        return;
-      case Opt.LIST:
-        if (data.length !== 0) return void this.send(repError(option, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data"));
-        for (const name of this.settings.exports.list()) this.send(repServer(option, name));
-        this.send(repAck(option));
-        return;
-      case Opt.STRUCTURED_REPLY:
-        if (data.length !== 0) return void this.send(repError(option, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"));
-        if (this.structured) return void this.send(repError(option, Rep.ERR_INVALID, "structured replies already negotiated"));
-        this.structured = true;
-        this.send(repAck(option));
-        return;
-      case Opt.STARTTLS:
-        this.send(repError(option, Rep.ERR_UNSUP, "TLS is not supported by this server"));
-        return;
-      default:
-        this.send(repError(option, Rep.ERR_UNSUP, `${optionName(option)} is not supported`));
-    }
-  }
-
-  /** The export for `name`; "" means the only export when there is exactly one. */
-  private resolve(name: string): Found | null {
-    const exports = this.settings.exports;
-    const direct = exports.get(name);
-    if (direct) return { name, device: direct };
-    if (name !== "") return null;
-    const all = exports.list();
-    if (all.length !== 1) return null;
-    const device = exports.get(all[0]!);
-    return device ? { name: all[0]!, device } : null;
-  }
-
-  private transmissionFlags(device: ExportDevice): number {
-    const T = TransmissionFlags;
-    // One device object serves every connection, and a flush reaches its backing files: the
-    // effects of FLUSH/FUA are visible to all connections, which is what CAN_MULTI_CONN promises.
-    let flags = T.HAS_FLAGS | T.SEND_FLUSH | T.SEND_FUA | T.CAN_MULTI_CONN | T.SEND_CACHE;
-    if (device.readOnly) flags |= T.READ_ONLY;
-    else {
-      if (device.supportsDiscard) flags |= T.SEND_TRIM;
-      if (device.supportsWriteZeroes) flags |= T.SEND_WRITE_ZEROES | T.SEND_FAST_ZERO;
-    }
-    // Reads are always one chunk, so "don't fragment" is free to honour.
-    if (this.structured) flags |= T.SEND_DF;
-    return flags;
-  }
-
-  private sizeBytes(device: ExportDevice): number {
-    return device.sizeSectors * SECTOR_SIZE;
-  }
-
-  private enterTransmission(found: Found): void {
+  private enterTransmission(found: FoundExport): void {
     found.device.open();
     this.device = found.device;
     this.exportName = found.name;
+    this.structured = this.negotiation.structured;
     this.requests = new RequestParser({ maxPayload: this.settings.maxPayload });
     this.requests.push(this.handshake!.takeRemaining());
     this.handshake = null;
-    this.log().info("nbd client attached", { structured: this.structured, sizeBytes: this.sizeBytes(found.device) });
+    this.log().info("nbd client attached", { structured: this.structured, sizeBytes: exportSizeBytes(found.device) });
   }
 
   // ---- transmission ----
@@ -428,28 +266,26 @@ export class NbdConnection implements BioEndIo {
 
   private flagsOk(r: NbdRequest, allowed: number): boolean {
     if ((r.flags & ~allowed) === 0) return true;
-    this.fail(r, NbdErrno.EINVAL, `${commandName(r.type)}: unsupported flags 0x${r.flags.toString(16)}`);
-    return false;
+    return this.reject(r, NbdErrno.EINVAL, `unsupported flags 0x${r.flags.toString(16)}`);
   }
 
   /** Length limit (payload commands), sector alignment, and the export's end. */
   private rangeOk(r: NbdRequest, pastEnd: number, carriesPayload: boolean): boolean {
-    const name = commandName(r.type);
     if (r.payloadDropped || (carriesPayload && r.length > this.settings.maxPayload)) {
-      return this.reject(r, NbdErrno.EINVAL, `${name}: length ${r.length} exceeds the maximum ${this.settings.maxPayload}`);
+      return this.reject(r, NbdErrno.EINVAL, `length ${r.length} exceeds the maximum ${this.settings.maxPayload}`);
     }
     if (r.offset % MIN_BLOCK_SIZE !== 0 || r.length % MIN_BLOCK_SIZE !== 0) {
-      return this.reject(r, NbdErrno.EINVAL, `${name}: offset ${r.offset} / length ${r.length} not aligned to ${MIN_BLOCK_SIZE} bytes`);
+      return this.reject(r, NbdErrno.EINVAL, `offset ${r.offset} / length ${r.length} not aligned to ${MIN_BLOCK_SIZE} bytes`);
     }
-    const size = this.sizeBytes(this.device!);
+    const size = exportSizeBytes(this.device!);
     if (r.offset + r.length > size) {
-      return this.reject(r, pastEnd, `${name}: ${r.offset}+${r.length} is past the end of the export (${size} bytes)`);
+      return this.reject(r, pastEnd, `${r.offset}+${r.length} is past the end of the export (${size} bytes)`);
     }
     return true;
   }
 
   private reject(r: NbdRequest, error: number, message: string): false {
-    this.fail(r, error, message);
+    this.fail(r, error, `${commandName(r.type)}: ${message}`);
     return false;
   }
 
@@ -465,7 +301,8 @@ export class NbdConnection implements BioEndIo {
     const p = bio.owner as PendingRequest;
     this.inFlight--;
     this.inFlightBytes -= p.cost;
-    if (bio.status === "ok") {
+    // TRIM is advisory: a target that cannot discard after all has still done what was asked.
+    if (bio.status === "ok" || (p.type === Cmd.TRIM && bio.status === "EOPNOTSUPP")) {
       if (p.reply) this.send(p.reply);
       else this.send(simpleReply(p.handle, 0));
     } else {
@@ -498,11 +335,12 @@ export class NbdConnection implements BioEndIo {
     const s = this.socket;
     if (s.destroyed || s.writableEnded) return; // completions after the client left
     if (!this.corked) {
+      // Everything sent in this tick leaves in one writev when the tick ends.
       this.corked = true;
       s.cork();
       process.nextTick(() => {
         this.corked = false;
-        uncork(s);
+        s.uncork();
       });
     }
     s.write(buf);
@@ -541,24 +379,5 @@ export class NbdConnection implements BioEndIo {
       warn: (msg, f) => logger.warn(msg, { ...fields, ...f }),
       error: (msg, f) => logger.error(msg, { ...fields, ...f }),
     };
-  }
-}
-
-/** Bio status → NBD error value (the protocol's fixed set, not host errno numbers). */
-export function nbdErrorFor(status: BioStatus): number {
-  switch (status) {
-    case "EPERM":
-      return NbdErrno.EPERM;
-    case "ENOSPC":
-      return NbdErrno.ENOSPC;
-    case "EINVAL":
-      return NbdErrno.EINVAL;
-    case "EOPNOTSUPP":
-      return NbdErrno.ENOTSUP;
-    case "ENXIO":
-      // The device was removed under us: ESHUTDOWN makes the client disconnect cleanly.
-      return NbdErrno.ESHUTDOWN;
-    default:
-      return NbdErrno.EIO;
   }
 }

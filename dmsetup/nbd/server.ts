@@ -8,12 +8,12 @@
  */
 import fs from "node:fs";
 import net from "node:net";
-import type { DeviceMapper } from "../../core/device-mapper.js";
 import { type Logger, MemoryLogger } from "../../core/logger.js";
-import { type ConnectionSettings, type ExportDevice, type ExportProvider, NbdConnection } from "./connection.js";
+import { type ConnectionSettings, NbdConnection } from "./connection.js";
+import type { ExportProvider } from "./exports.js";
 import { MAX_PAYLOAD } from "./protocol.js";
 
-export type { ExportDevice, ExportProvider } from "./connection.js";
+export { deviceMapperExports, type ExportDevice, type ExportProvider } from "./exports.js";
 
 export interface NbdServerOptions {
   logger?: Logger;
@@ -122,14 +122,6 @@ export class NbdServer {
   private assertOpen(): void {
     if (this.closing) throw new Error("NbdServer is closed");
   }
-}
-
-/** An ExportProvider over a DeviceMapper: every mapped device, under its dm name. */
-export function deviceMapperExports(dm: Pick<DeviceMapper, "list" | "has" | "device">): ExportProvider {
-  return {
-    list: () => dm.list(),
-    get: (name): ExportDevice | undefined => (name !== "" && dm.has(name) ? dm.device(name) : undefined),
-  };
 }
 
 function listenOn(server: net.Server, start: (s: net.Server, cb: () => void) => void): Promise<net.Server> {

@@ -1,6 +1,6 @@
 /** The NBD serializer against byte-exact fixtures, and the bio status → NBD error mapping. */
 import { describe, expect, it } from "vitest";
-import { nbdErrorFor } from "../../dmsetup/nbd/connection.js";
+import { nbdErrorFor } from "../../dmsetup/nbd/exports.js";
 import { Info, NbdErrno, Rep } from "../../dmsetup/nbd/protocol.js";
 import {
   exportNameReply,

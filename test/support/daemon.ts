@@ -1,0 +1,80 @@
+/**
+ * Run the built udmd and udmsetup (dist/) the way users do, in a private run directory.
+ * `npm test` builds dist/ before the tests run.
+ */
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+
+const root = path.resolve(__dirname, "../..");
+export const UDMD = path.join(root, "dist/dmsetup/udmd.js");
+export const UDMSETUP = path.join(root, "dist/dmsetup/udmsetup.js");
+
+export interface RunningDaemon {
+  dir: string;
+  proc: ChildProcess;
+  stderr: () => string;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+export function tempDir(prefix = "udm-test-"): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+/** Resolves once the control socket accepts connections (or rejects if the daemon exits). */
+export async function startDaemon(dir: string, args: string[] = []): Promise<RunningDaemon> {
+  const proc = spawn(process.execPath, [UDMD, "--run-dir", dir, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  let err = "";
+  let out = "";
+  proc.stderr!.on("data", (d) => (err += d));
+  proc.stdout!.on("data", (d) => (out += d));
+  const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  // The daemon logs "udmd started" once both sockets listen: wait for that line, not a delay.
+  await new Promise<void>((resolve, reject) => {
+    const onData = () => {
+      if (err.includes('"udmd started"')) {
+        proc.stderr!.off("data", onData);
+        resolve();
+      }
+    };
+    proc.stderr!.on("data", onData);
+    void exited.then((code) => reject(new Error(`udmd exited with ${code}: ${err}${out}`)));
+  });
+  return {
+    dir,
+    proc,
+    stderr: () => err,
+    stop: async (signal = "SIGTERM") => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function udmsetup(dir: string, args: string[], stdin?: string, env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
+  return new Promise((resolve) => {
+    const child = execFile(
+      process.execPath,
+      [UDMSETUP, "--run-dir", dir, "--no-autostart", ...args],
+      { env: { ...process.env, LANG: "C.UTF-8", ...env } },
+      (error, stdout, stderr) => resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+    if (stdin !== undefined) child.stdin!.end(stdin);
+    else child.stdin!.end();
+  });
+}
+
+export function connectUnix(p: string): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.createConnection(p, () => resolve(s));
+    s.once("error", reject);
+  });
+}
