@@ -360,7 +360,7 @@ export class NbdConnection implements BioEndIo {
     this.ending = true;
     const device = this.device;
     this.device = null;
-    this.log().info("nbd client detached", { ...this.stats, inFlight: this.inFlight });
+    this.log().info("nbd client disconnected", { ...this.stats, inFlight: this.inFlight });
     if (device) {
       // Requests still in flight complete into bioDone, whose replies are then dropped.
       void Promise.resolve()
