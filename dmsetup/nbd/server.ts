@@ -136,7 +136,9 @@ function listenOn(server: net.Server, start: (s: net.Server, cb: () => void) => 
 
 /**
  * Create the socket with mode 0600 from the start (bind happens synchronously inside listen), so
- * there is no window in which another user could connect before the chmod.
+ * there is no window in which another user could connect before the chmod. The umask is
+ * process-wide: a file the thread pool creates in that instant would also come out private,
+ * which errs on the safe side.
  */
 function withPrivateUmask(fn: () => void): void {
   let old: number | null = null;

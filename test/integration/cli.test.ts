@@ -17,7 +17,10 @@ let files: string;
 beforeEach(async () => {
   dir = tempDir();
   files = tempDir("udm-files-");
-  for (const f of ["a.img", "b.img"]) fs.truncateSync(fs.openSync(path.join(files, f), "w") && path.join(files, f), 1024 * 1024);
+  for (const f of ["a.img", "b.img"]) {
+    fs.writeFileSync(path.join(files, f), "");
+    fs.truncateSync(path.join(files, f), 1024 * 1024);
+  }
   daemon = await startDaemon(dir);
 });
 

@@ -57,6 +57,17 @@ describe("handshake", () => {
     expect(fs.existsSync(sock)).toBe(false);
   });
 
+  it("refuses a socket path another server listens on, or that is not a socket", async () => {
+    const second = new NbdServer(deviceMapperExports(dm));
+    await expect(second.listenUnix(sock)).rejects.toThrow(/another server is listening/);
+    const file = path.join(dir, "plain");
+    fs.writeFileSync(file, "keep me");
+    await expect(second.listenUnix(file)).rejects.toThrow(/not a socket/);
+    await second.close();
+    expect(fs.readFileSync(file, "utf8")).toBe("keep me");
+    expect(fs.existsSync(sock)).toBe(true); // the first server's socket is untouched
+  });
+
   it("NBD_OPT_GO reports size, flags and block sizes; the connection counts as an opener", async () => {
     backing.memory("mem0", 4096);
     await dm.create("disk", { table: "0 2048 linear mem0 0" });
@@ -83,11 +94,24 @@ describe("handshake", () => {
     await expect(connect("missing")).rejects.toThrow(/0x80000006/);
   });
 
-  it("answers an unknown option with ERR_UNSUP and the connection goes on to GO", async () => {
+  it("answers unknown, malformed and oversize options with errors and the connection goes on to GO", async () => {
     backing.memory("mem0", 4096);
     await dm.create("disk", { table: "0 1024 linear mem0 0" });
-    const c = await connect("disk", { before: [{ option: 0x1234, data: Buffer.from("junk") }] });
-    expect(c.optionReplies).toContainEqual({ option: 0x1234, type: Rep.ERR_UNSUP });
+    const c = await connect("disk", {
+      before: [
+        { option: 0x1234, data: Buffer.from("junk") },
+        { option: Opt.GO, data: Buffer.from("00000009646973", "hex") }, // name overruns the payload
+        { option: Opt.GO, data: Buffer.alloc(9000) }, // over the 8 KiB option limit
+        { option: Opt.STARTTLS, data: Buffer.alloc(0) },
+      ],
+    });
+    expect(c.optionReplies).toEqual([
+      { option: 0x1234, type: Rep.ERR_UNSUP },
+      { option: Opt.GO, type: Rep.ERR_INVALID },
+      { option: Opt.GO, type: Rep.ERR_TOO_BIG },
+      { option: Opt.STARTTLS, type: Rep.ERR_UNSUP },
+      { option: Opt.STRUCTURED_REPLY, type: Rep.ACK },
+    ]);
     expect((await c.write(0, pattern(1, 4096))).error).toBe(0);
   });
 
@@ -222,6 +246,31 @@ describe("transmission", () => {
     const reads = await Promise.all(late);
     reads.forEach((r, i) => expect(r.data!.equals(pattern(10 + i, 8 * KiB))).toBe(true));
     expect((await extra).error).toBe(0);
+  });
+});
+
+describe("flow control", () => {
+  it("stops reading requests at maxInFlight and takes the rest as earlier ones complete", async () => {
+    const limited = new NbdServer(deviceMapperExports(dm), { maxInFlight: 4 });
+    const limitedSock = path.join(dir, "limited.sock");
+    await limited.listenUnix(limitedSock);
+    try {
+      backing.memory("mem0", 4096);
+      await dm.create("disk", { table: "0 4096 linear mem0 0" });
+      const c = await WireClient.connect(limitedSock, "disk");
+      clients.push(c);
+      await dm.suspend("disk");
+      const replies = Array.from({ length: 20 }, (_, i) => c.write(i * 4096, pattern(i, 4096)));
+      await vi.waitFor(() => expect(dm.device("disk").queued).toBe(4));
+      await new Promise((r) => setTimeout(r, 50));
+      expect(dm.device("disk").queued).toBe(4); // the other 16 wait in the socket, not in memory
+      await dm.resume("disk");
+      expect((await Promise.all(replies)).every((r) => r.error === 0)).toBe(true);
+      const back = await c.read(0, 20 * 4096);
+      expect(back.data!.equals(Buffer.concat(Array.from({ length: 20 }, (_, i) => pattern(i, 4096))))).toBe(true);
+    } finally {
+      await limited.close();
+    }
   });
 });
 
