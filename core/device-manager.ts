@@ -73,10 +73,14 @@ export class DeviceManager {
       existing.refs++;
       if (mode === "rw" && existing.mode === "r") {
         try {
-          const upgraded = await this.backing.open(spec, { mode: "rw", direct: this.direct });
-          existing.retired.push(existing.device);
-          this.byDevice.set(upgraded, existing);
-          existing.device = upgraded;
+          if (existing.device.upgradeToReadWrite) {
+            await existing.device.upgradeToReadWrite();
+          } else {
+            const upgraded = await this.backing.open(spec, { mode: "rw", direct: this.direct });
+            existing.retired.push(existing.device);
+            this.byDevice.set(upgraded, existing);
+            existing.device = upgraded;
+          }
           existing.mode = "rw";
         } catch (err) {
           existing.refs--;

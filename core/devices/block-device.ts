@@ -29,6 +29,11 @@ export interface BlockDevice extends BioSink {
    * tolerate completion from inside `submit` (RAM disks complete synchronously).
    */
   submit(bio: Bio): void;
+  /**
+   * Make a read-only device writable without changing its identity (the device manager shares
+   * one object per underlying device; targets key on it). Absent: the device is opened anew.
+   */
+  upgradeToReadWrite?(): Promise<void>;
   /** Release the underlying resource. Pending bios must have completed. */
   close(): Promise<void>;
 }

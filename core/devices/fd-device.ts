@@ -82,6 +82,8 @@ export function writeFully(fd: number, buf: Buffer, pos: number, done: Done): vo
 
 export interface FdDeviceInit {
   fd: number;
+  /** Path the fd was opened from: a read-only device reopens it read-write on upgrade. */
+  path: string;
   tableName: string;
   displayName: string;
   readOnly: boolean;
@@ -96,7 +98,7 @@ export interface FdDeviceInit {
 export abstract class FdDevice implements BlockDevice {
   readonly tableName: string;
   readonly displayName: string;
-  readonly readOnly: boolean;
+  readOnly: boolean;
   readonly direct: boolean;
   readonly logicalBlockSize: number;
   readonly supportsDiscard: boolean;
@@ -104,9 +106,13 @@ export abstract class FdDevice implements BlockDevice {
   readonly devno?: { major: number; minor: number };
   protected fd: number;
   protected size: number;
+  private readonly path: string;
+  /** fds replaced by an upgrade: bios already issued on them may still run; closed with the device. */
+  private readonly retiredFds: number[] = [];
 
   protected constructor(init: FdDeviceInit) {
     this.fd = init.fd;
+    this.path = init.path;
     this.tableName = init.tableName;
     this.displayName = init.displayName;
     this.readOnly = init.readOnly;
@@ -210,11 +216,25 @@ export abstract class FdDevice implements BlockDevice {
     });
   }
 
+  /**
+   * Become writable in place (a table asked for read-write after another opened the device
+   * read-only). The object stays the same, so everything keyed by device identity still matches.
+   */
+  async upgradeToReadWrite(): Promise<void> {
+    if (!this.readOnly) return;
+    const flags = fs.constants.O_RDWR | (this.direct ? fs.constants.O_DIRECT : 0);
+    const fd = await new Promise<number>((resolve, reject) => fs.open(this.path, flags, (err, f) => (err ? reject(err) : resolve(f))));
+    this.retiredFds.push(this.fd);
+    this.fd = fd;
+    this.readOnly = false;
+  }
+
   async close(): Promise<void> {
-    const fd = this.fd;
-    if (fd < 0) return;
+    const fds = [this.fd, ...this.retiredFds.splice(0)].filter((fd) => fd >= 0);
     this.fd = -1;
-    await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+    for (const fd of fds) {
+      await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+    }
   }
 
   toString(): string {

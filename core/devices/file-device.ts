@@ -60,6 +60,7 @@ export class FileDevice extends FdDevice {
   private constructor(fd: number, abs: string, opts: OpenOptions, sizeSectors: number) {
     super({
       fd,
+      path: abs,
       tableName: abs,
       displayName: abs,
       readOnly: opts.mode !== "rw",

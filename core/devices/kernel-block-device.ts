@@ -59,16 +59,17 @@ export class KernelBlockDevice extends FdDevice {
       }
       const devno = decodeDevno(st.rdev);
       const name = (await kernelDevName(devno)) ?? path.basename(fs.realpathSync(abs));
-      return new KernelBlockDevice(fd, name, devno, opts, await queueDiscards(devno));
+      return new KernelBlockDevice(fd, abs, name, devno, opts, await queueDiscards(devno));
     } catch (err) {
       fs.closeSync(fd);
       throw err;
     }
   }
 
-  private constructor(fd: number, name: string, devno: Devno, opts: OpenOptions, discards: boolean) {
+  private constructor(fd: number, node: string, name: string, devno: Devno, opts: OpenOptions, discards: boolean) {
     super({
       fd,
+      path: node,
       tableName: `${devno.major}:${devno.minor}`,
       displayName: name,
       readOnly: opts.mode !== "rw",

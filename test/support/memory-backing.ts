@@ -46,6 +46,7 @@ class KeepOpen implements BlockDevice {
   get supportsDiscard() { return this.inner.supportsDiscard; }
   get supportsWriteZeroes() { return this.inner.supportsWriteZeroes; }
   submit(bio: Parameters<BlockDevice["submit"]>[0]): void { this.inner.submit(bio); }
+  async upgradeToReadWrite(): Promise<void> { await this.inner.upgradeToReadWrite?.(); }
   async close(): Promise<void> {}
 }
 

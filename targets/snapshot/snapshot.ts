@@ -1,0 +1,432 @@
+/**
+ * snapshot: `snapshot <origin> <cow> <P|PO|N> <chunk_size> [<#features> <feature>...]`
+ * (snapshot-design §3, §7, §8; dm-reference §7.6).
+ *
+ * Reads of chunks not yet copied go to the origin (tracked until they complete); everything else
+ * goes to the COW device. A write to an un-copied chunk allocates a pending exception, copies the
+ * origin chunk (or writes a whole-chunk bio in its place), commits the exception in allocation
+ * order, and only then is released to the COW device.
+ *
+ * Node has no locks to drop: every lookup-then-allocate below runs synchronously inside `map`, so
+ * the kernel's "re-check after re-locking" races (R5) cannot happen by construction.
+ */
+import { Bio, BioFlags } from "../../core/bio.js";
+import type { CopierClient, Copier } from "../../core/copier.js";
+import type { BlockDevice } from "../../core/devices/block-device.js";
+import type { Logger } from "../../core/logger.js";
+import { target } from "../../core/registry.js";
+import { type DeviceLookup, Services } from "../../core/services.js";
+import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
+import { ExceptionTable } from "./exception-table.js";
+import { originOf, type Origin, type OriginSnapshot } from "./origin-registry.js";
+import { InOrderGate, PendingException } from "./pending.js";
+import { createExceptionStore, type ExceptionStore } from "./store.js";
+import { type TrackContext, TrackedChunks } from "./tracked-chunks.js";
+
+/** Chunks being copied per snapshot above which new writes wait (snapshot_cow_threshold). */
+export const cowThrottle = { threshold: 2048 };
+
+@target({ name: "snapshot", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+export class SnapshotTarget extends Target<TrackContext> implements OriginSnapshot {
+  origin!: BlockDevice;
+  cow!: BlockDevice;
+  store!: ExceptionStore;
+  readonly isMerge: boolean = false;
+  valid = true;
+  active = false;
+  overflowed = false;
+  mergeFailed = false;
+  discardZeroesCow = false;
+  discardPassdownOrigin = false;
+
+  complete!: ExceptionTable;
+  readonly pending = new Map<number, PendingException>();
+  readonly tracked = new TrackedChunks();
+  private readonly gate = new InOrderGate();
+  private sequence = 0;
+  /** Pending exceptions alive; dtr waits for zero (R2, R14). */
+  private alive = 0;
+  private aliveWaiters: (() => void)[] = [];
+  /** Copies in progress, for COW throttling (§7.7). */
+  inProgress = 0;
+  private readonly throttled: (() => void)[] = [];
+  private copierClient!: CopierClient;
+  private originEntry!: Origin<SnapshotTarget>;
+
+  constructor(
+    private readonly devices: DeviceLookup,
+    private readonly copier: Copier,
+    private readonly logger: Logger,
+  ) {
+    super();
+  }
+
+  get chunkSize(): number {
+    return this.store.chunkSize;
+  }
+
+  async ctr(args: string[]): Promise<void> {
+    if (args.length < 4) throw new TargetError("requires 4 or more arguments");
+    const [originPath, cowPath] = args as [string, string];
+    // The snapshot only reads the origin; writes to it go through snapshot-origin.
+    try {
+      this.origin = await this.devices.get(originPath, "r");
+    } catch (err) {
+      throw new TargetError("Cannot get origin device", (err as { code?: string }).code ?? "EINVAL");
+    }
+    try {
+      this.cow = await this.devices.get(cowPath, this.table.readOnly ? "r" : "rw");
+    } catch (err) {
+      throw new TargetError("Cannot get COW device", (err as { code?: string }).code ?? "EINVAL");
+    }
+    if (this.cow === this.origin) throw new TargetError("COW device cannot be the same as origin device");
+    let used: number;
+    try {
+      ({ store: this.store, argsUsed: used } = createExceptionStore(args.slice(2), this.cow, { logger: this.logger }));
+    } catch (err) {
+      this.logger.error("snapshot: exception store", { error: (err as Error).message });
+      throw new TargetError("Couldn't create exception store", (err as { errno?: string }).errno ?? "EINVAL");
+    }
+    this.parseFeatures(args.slice(2 + used));
+    this.complete = new ExceptionTable({ cowChunks: Math.floor(this.cow.sizeSectors / Math.max(1, this.store.chunkSize || 32)) });
+    let state: "valid" | "invalid";
+    try {
+      state = await this.store.readMetadata((oldChunk, newChunk) => this.complete.insert(oldChunk, newChunk));
+    } catch (err) {
+      this.logger.error("snapshot: reading metadata", { error: (err as Error).message });
+      throw new TargetError("Failed to read snapshot metadata", (err as { errno?: string }).errno ?? "EINVAL");
+    }
+    if (state === "invalid") {
+      this.valid = false;
+      this.logger.warn("Snapshot is marked invalid.");
+    }
+    if (!this.store.chunkSize) throw new TargetError("Chunk size not set");
+    this.maxIoLen = this.store.chunkSize;
+    this.numFlushBios = 1;
+    if (this.discardZeroesCow) this.numDiscardBios = this.discardPassdownOrigin ? 2 : 1;
+    this.copierClient = this.copier.client(`snapshot ${this.table.deviceName}`);
+    this.originEntry = originOf<SnapshotTarget>(this.origin, true)!;
+    this.originEntry.add(this);
+  }
+
+  private parseFeatures(rest: string[]): void {
+    if (rest.length === 0) return;
+    const n = rest[0]!;
+    if (!/^\d+$/.test(n) || Number(n) > 2 || Number(n) > rest.length - 1) throw new TargetError("Invalid number of feature arguments");
+    for (const f of rest.slice(1, 1 + Number(n))) {
+      if (f === "discard_zeroes_cow") this.discardZeroesCow = true;
+      else if (f === "discard_passdown_origin") this.discardPassdownOrigin = true;
+      else throw new TargetError("Unsupported feature arguments");
+    }
+    if (this.discardPassdownOrigin && !this.discardZeroesCow) {
+      throw new TargetError("discard_passdown_origin feature depends on discard_zeroes_cow");
+    }
+  }
+
+  resume(): void {
+    this.active = true;
+    this.originEntry.sort();
+  }
+
+  async dtr(): Promise<void> {
+    this.originEntry?.remove(this);
+    while (this.alive > 0) await new Promise<void>((r) => this.aliveWaiters.push(r));
+    await this.copierClient?.destroy();
+    await this.store?.drain();
+    await this.complete?.clear();
+  }
+
+  newMapContext(): TrackContext {
+    return { chunk: -1 };
+  }
+
+  // ---- I/O to the snapshot device (§7.1) ----
+
+  map(bio: Bio, ctx: TrackContext): MapResult {
+    if (bio.op === "flush") {
+      bio.device = this.cow;
+      return MapResult.REMAPPED;
+    }
+    if (!this.valid) return MapResult.KILL;
+    if (bio.op !== "read" && this.inProgress > cowThrottle.threshold) {
+      // Too many copies in flight: park the write and map it again when one finishes.
+      this.throttled.push(() => this.remapLater(bio, ctx));
+      return MapResult.SUBMITTED;
+    }
+    return this.mapChunk(bio, ctx);
+  }
+
+  private remapLater(bio: Bio, ctx: TrackContext): void {
+    const r = this.map(bio, ctx);
+    if (r === MapResult.REMAPPED) bio.device!.submit(bio);
+    else if (r === MapResult.KILL) bio.complete("EIO");
+  }
+
+  private mapChunk(bio: Bio, ctx: TrackContext): MapResult {
+    if (this.overflowed && bio.op !== "read") return MapResult.KILL;
+    const cs = this.store.chunkSize;
+    const offset = bio.sector - this.begin;
+    const chunk = Math.floor(offset / cs);
+    if (bio.op === "discard" && bio.targetBioNr === 1) {
+      // discard_passdown_origin: straight to the origin device (no COW), tracked like a read.
+      bio.device = this.origin;
+      bio.sector = offset;
+      this.trackBio(chunk, ctx);
+      return MapResult.REMAPPED;
+    }
+    const copied = this.complete.lookup(chunk);
+    if (copied >= 0) return this.mapToCow(bio, copied, offset, cs);
+    if (bio.op === "discard") {
+      bio.complete("ok"); // never copy for a discard
+      return MapResult.SUBMITTED;
+    }
+    if (bio.op === "read") {
+      bio.device = this.origin;
+      bio.sector = offset;
+      this.trackBio(chunk, ctx);
+      return MapResult.REMAPPED;
+    }
+    const pe = this.findOrAllocatePending(chunk, true);
+    if (!pe) return MapResult.KILL;
+    bio.device = this.cow;
+    bio.sector = pe.newChunk * cs + (offset % cs);
+    if (!pe.started && bio.sectors === cs && bio.op === "write") {
+      pe.started = true;
+      this.startFullBio(pe, bio);
+      return MapResult.SUBMITTED;
+    }
+    pe.snapshotBios.push(bio);
+    if (!pe.started) {
+      pe.started = true;
+      this.startCopy([{ snap: this, pe }]);
+    }
+    return MapResult.SUBMITTED;
+  }
+
+  private mapToCow(bio: Bio, newChunk: number, offset: number, cs: number): MapResult {
+    const sector = newChunk * cs + (offset % cs);
+    if (bio.op === "discard" && bio.sectors === cs && offset % cs === 0) {
+      // discard_zeroes_cow: the chunk reads as zeros from now on; the exception stays.
+      this.inProgress++;
+      this.copierClient.zero([{ device: this.cow, sector }], cs, (_r, w) => {
+        this.copyFinished();
+        bio.complete(w ? "EIO" : "ok");
+      });
+      return MapResult.SUBMITTED;
+    }
+    bio.device = this.cow;
+    bio.sector = sector;
+    return MapResult.REMAPPED;
+  }
+
+  private trackBio(chunk: number, ctx: TrackContext): void {
+    this.tracked.track(chunk);
+    ctx.chunk = chunk;
+  }
+
+  endIo(_bio: Bio, ctx: TrackContext): EndIoResult {
+    if (ctx.chunk >= 0) {
+      this.tracked.untrack(ctx.chunk);
+      ctx.chunk = -1;
+    }
+    return EndIoResult.DONE;
+  }
+
+  // ---- pending exceptions ----
+
+  /**
+   * The pending exception for `chunk`, allocating one if there is neither a pending nor a
+   * complete exception. Returns null when the chunk is already copied (origin path) or the COW
+   * device is full (then the snapshot overflows or is invalidated).
+   */
+  findOrAllocatePending(chunk: number, snapshotWrite: boolean): PendingException | null {
+    const existing = this.pending.get(chunk);
+    if (existing) return existing;
+    if (!snapshotWrite && this.complete.lookup(chunk) >= 0) return null;
+    const newChunk = this.store.prepareException();
+    if (newChunk === null) {
+      if (snapshotWrite && this.store.userspaceSupportsOverflow) {
+        if (!this.overflowed) this.logger.error("Snapshot overflowed: Unable to allocate exception.");
+        this.overflowed = true;
+      } else {
+        this.invalidate("ENOMEM");
+      }
+      return null;
+    }
+    const pe = new PendingException(chunk, newChunk, this.sequence++);
+    this.pending.set(chunk, pe);
+    this.alive++;
+    return pe;
+  }
+
+  /** Copy the origin chunk of each exception; exceptions of one chunk size share one origin read. */
+  startCopy(jobs: { snap: SnapshotTarget; pe: PendingException }[]): void {
+    const byChunk = new Map<string, { snap: SnapshotTarget; pe: PendingException }[]>();
+    for (const job of jobs) {
+      const cs = job.snap.chunkSize;
+      const key = `${cs}:${job.pe.oldChunk}`;
+      const group = byChunk.get(key);
+      if (group) group.push(job);
+      else byChunk.set(key, [job]);
+    }
+    for (const group of byChunk.values()) {
+      const { snap, pe } = group[0]!;
+      const cs = snap.chunkSize;
+      const start = pe.oldChunk * cs;
+      // The last chunk of the origin may be short.
+      const sectors = Math.min(cs, this.origin.sizeSectors - start);
+      for (const j of group) j.snap.inProgress++;
+      snap.copierClient.copy(
+        { device: this.origin, sector: start, sectors },
+        group.map((j) => ({ device: j.snap.cow, sector: j.pe.newChunk * cs })),
+        (readErr, writeErrMask) => {
+          group.forEach((j, i) => {
+            j.snap.copyFinished();
+            j.snap.copyDone(j.pe, readErr || (writeErrMask & (1 << i)) !== 0);
+          });
+        },
+      );
+    }
+  }
+
+  /** A whole-chunk snapshot write replaces the copy; its completion takes the copy's path (R18). */
+  private startFullBio(pe: PendingException, bio: Bio): void {
+    pe.fullBio = bio;
+    this.inProgress++;
+    const handle = this.copierClient.prepareCallback((_r, writeErr) => {
+      this.copyFinished();
+      this.copyDone(pe, writeErr !== 0);
+    });
+    const write = new Bio("write", bio.sector, bio.sectors, bio.data, bio.flags & ~BioFlags.PREFLUSH, {
+      bioDone: (w) => this.copierClient.doCallback(handle, false, w.status === "ok" ? 0 : 1),
+    });
+    write.submitTo(this.cow);
+  }
+
+  private copyFinished(): void {
+    this.inProgress--;
+    if (this.inProgress <= cowThrottle.threshold && this.throttled.length > 0) {
+      for (const retry of this.throttled.splice(0)) retry();
+    }
+    if (this.inProgress <= cowThrottle.threshold && this.originEntry.throttled.length > 0) {
+      for (const bio of this.originEntry.throttled.splice(0)) originRetry(this.originEntry, bio, true);
+    }
+  }
+
+  /** Copy callback: through the in-order gate to the store (R11). */
+  copyDone(pe: PendingException, error: boolean): void {
+    pe.copyError = error;
+    this.gate.copied(pe, (p) =>
+      this.store.commitException(p.oldChunk, p.newChunk, !p.copyError, (ok) => void this.pendingComplete(p, ok)),
+    );
+  }
+
+  /**
+   * The exception is durable (or failed). Insert it as complete first, so new snapshot reads go
+   * to the COW device, then wait for reads still tracked on the origin chunk, then remove the
+   * pending entry, releasing the writers that waited on it (R4, R17).
+   */
+  private async pendingComplete(pe: PendingException, success: boolean): Promise<void> {
+    let error = false;
+    if (!success) {
+      this.invalidate("EIO");
+      error = true;
+    } else if (!this.valid) {
+      error = true;
+    } else {
+      this.complete.insert(pe.oldChunk, pe.newChunk);
+      if (this.tracked.isTracked(pe.oldChunk)) await this.tracked.whenUntracked(pe.oldChunk);
+    }
+    this.pending.delete(pe.oldChunk);
+    const full = pe.fullBio;
+    const snapshotBios = pe.snapshotBios.splice(0);
+    const originBios = pe.originBios.splice(0);
+    if (error) {
+      full?.complete("EIO");
+      for (const b of snapshotBios) b.complete("EIO");
+    } else {
+      full?.complete("ok");
+      for (const b of snapshotBios) b.device!.submit(b);
+    }
+    // Origin writes are retried, never failed: an invalid snapshot no longer holds them back.
+    for (const b of originBios) originRetry(this.originEntry, b, false);
+    if (--this.alive === 0) for (const w of this.aliveWaiters.splice(0)) w();
+  }
+
+  invalidate(reason: "EIO" | "ENOMEM"): void {
+    if (!this.valid) return;
+    this.logger.error(
+      reason === "EIO" ? "Invalidating snapshot: Error reading/writing." : "Invalidating snapshot: Unable to allocate exception.",
+      { device: this.table.deviceName },
+    );
+    this.valid = false;
+    this.store.dropSnapshot().catch((err) => this.logger.warn("write header failed", { error: String(err) }));
+    this.table.event();
+  }
+
+  status(type: StatusType): string {
+    if (type === "table") {
+      let s = `${this.origin.tableName} ${this.cow.tableName}${this.store.statusTable()}`;
+      if (this.discardZeroesCow) s += this.discardPassdownOrigin ? " 2 discard_zeroes_cow discard_passdown_origin" : " 1 discard_zeroes_cow";
+      return s;
+    }
+    if (!this.valid) return "Invalid";
+    if (this.mergeFailed) return "Merge failed";
+    if (this.overflowed) return "Overflow";
+    const u = this.store.usage();
+    return `${u.allocated}/${u.total} ${u.metadata}`;
+  }
+
+  iterateDevices(fn: DeviceAreaCallback): boolean {
+    return fn(this.origin, 0, this.len) === true;
+  }
+}
+
+/**
+ * The origin write path (`__origin_write`, §7.3): for every active, valid snapshot of the origin
+ * (largest chunk first) make sure the chunk under `sector` is preserved. The bio waits on the
+ * first pending exception that needs it and is retried when that completes. Returns REMAPPED
+ * when nothing needs copying, SUBMITTED when the bio was queued.
+ */
+export function originWrite(origin: Origin<SnapshotTarget>, sector: number, bio: Bio | null): MapResult {
+  let r: MapResult = MapResult.REMAPPED;
+  let waitOn: { snap: SnapshotTarget; pe: PendingException } | null = null;
+  const startNow: { snap: SnapshotTarget; pe: PendingException }[] = [];
+  for (const snap of origin.snapshots) {
+    if (snap.isMerge || !snap.valid || !snap.active || sector >= snap.len) continue;
+    const chunk = Math.floor(sector / snap.chunkSize);
+    const pe = snap.findOrAllocatePending(chunk, false);
+    if (!pe) continue;
+    r = MapResult.SUBMITTED;
+    if (bio) {
+      pe.originBios.push(bio);
+      bio = null;
+      if (!pe.started) {
+        pe.started = true;
+        waitOn = { snap, pe };
+      }
+    } else if (!pe.started) {
+      pe.started = true;
+      startNow.push({ snap, pe });
+    }
+  }
+  // The copy the bio waits on starts last, giving the others a head start (as the kernel does);
+  // copies of equal chunk size share one origin read.
+  const jobs = waitOn ? [...startNow, waitOn] : startNow;
+  if (jobs.length > 0) jobs[0]!.snap.startCopy(jobs);
+  return r;
+}
+
+/** Origin writes: wait out COW throttling (limit), then originWrite; submit if nothing to copy. */
+export function originRetry(origin: Origin<SnapshotTarget>, bio: Bio, limit: boolean): void {
+  const r = originMapWrite(origin, bio, limit);
+  if (r === MapResult.REMAPPED) bio.device!.submit(bio);
+}
+
+export function originMapWrite(origin: Origin<SnapshotTarget>, bio: Bio, limit: boolean): MapResult {
+  if (limit && origin.snapshots.some((s) => s.inProgress > cowThrottle.threshold)) {
+    origin.throttled.push(bio);
+    return MapResult.SUBMITTED;
+  }
+  return originWrite(origin, bio.sector, bio);
+}
