@@ -22,9 +22,13 @@ export async function setUpDemo(daemon: Daemon, stateDir: string): Promise<strin
   sparseFile(cow, GiB / 4);
   const dm = daemon.dm;
   const sectors = GiB / 512;
-  // Until the snapshot target lands, demo-snap is a plain linear device over the COW file.
-  await dm.create("demo-origin", { table: `0 ${sectors} linear ${origin} 0` });
-  await dm.create("demo-snap", { table: `0 ${sectors / 4} linear ${cow} 0` });
+  // The documented sequence: origin device first, then suspend it while the snapshot is created.
+  // A fresh COW file reads as zeros, which the persistent store takes as a new store; an existing
+  // one (from an earlier run) is reloaded with its exceptions.
+  await dm.create("demo-origin", { table: `0 ${sectors} snapshot-origin ${origin}` });
+  await dm.suspend("demo-origin");
+  await dm.create("demo-snap", { table: `0 ${sectors} snapshot ${origin} ${cow} P 8` });
+  await dm.resume("demo-origin");
   const run = daemon.opts.paths.dir;
   const env = `UDM_RUN_DIR=${run}`;
   const uri = (n: string) => daemon.nbdUri(n);
@@ -36,8 +40,10 @@ Try, in another shell:
   ${env} npx udmsetup ls
   ${env} npx udmsetup table demo-origin
   ${env} npx udmsetup info demo-origin
+  ${env} npx udmsetup status demo-snap        # <allocated>/<total> <metadata> sectors
   nbdinfo --list '${uri("demo-origin")}'
   qemu-io -f raw '${uri("demo-origin")}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'
+  qemu-io -f raw -r '${uri("demo-snap")}' -c 'read -P 0 0 1M'      # the snapshot still reads the old data
   nbdcopy '${uri("demo-origin")}' - | head -c 16 | od -An -tx1
   qemu-img info '${uri("demo-origin")}'
 `;
