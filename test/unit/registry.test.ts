@@ -12,6 +12,8 @@ describe("target registry", () => {
   it("lists targets newest first with their versions, like dmsetup targets", () => {
     const { dm } = testMapper();
     expect(dm.targets().map((t) => `${t.name} v${t.version.join(".")}`)).toEqual([
+      "snapshot v1.16.0",
+      "snapshot-origin v1.9.0",
       "linear v1.5.0",
       "striped v1.6.0",
       "zero v1.2.0",
