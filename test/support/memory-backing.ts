@@ -5,6 +5,7 @@
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { BackingDevices } from "../../core/device-manager.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
+import { DeviceWrapper } from "./device-wrapper.js";
 import { createDeviceMapper } from "../../index.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 
@@ -35,19 +36,8 @@ export class NamedBacking implements BackingDevices {
 }
 
 /** Tests keep using a device after the tables that used it are gone: closing is a no-op. */
-class KeepOpen implements BlockDevice {
-  constructor(readonly inner: BlockDevice) {}
-  get tableName() { return this.inner.tableName; }
-  get displayName() { return this.inner.displayName; }
-  get sizeSectors() { return this.inner.sizeSectors; }
-  get logicalBlockSize() { return this.inner.logicalBlockSize; }
-  get readOnly() { return this.inner.readOnly; }
-  get devno() { return this.inner.devno; }
-  get supportsDiscard() { return this.inner.supportsDiscard; }
-  get supportsWriteZeroes() { return this.inner.supportsWriteZeroes; }
-  submit(bio: Parameters<BlockDevice["submit"]>[0]): void { this.inner.submit(bio); }
-  async upgradeToReadWrite(): Promise<void> { await this.inner.upgradeToReadWrite?.(); }
-  async close(): Promise<void> {}
+class KeepOpen extends DeviceWrapper {
+  override async close(): Promise<void> {}
 }
 
 export function testMapper(): { dm: DeviceMapper; backing: NamedBacking } {

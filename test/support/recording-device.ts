@@ -11,22 +11,10 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
+import { DeviceWrapper } from "./device-wrapper.js";
 import { NamedBacking } from "./memory-backing.js";
 
-/** Forwards everything to `inner`; subclasses override what they need. */
-export class DeviceWrapper implements BlockDevice {
-  constructor(readonly inner: BlockDevice) {}
-  get tableName() { return this.inner.tableName; }
-  get displayName() { return this.inner.displayName; }
-  get sizeSectors() { return this.inner.sizeSectors; }
-  get logicalBlockSize() { return this.inner.logicalBlockSize; }
-  get readOnly() { return this.inner.readOnly; }
-  get devno() { return this.inner.devno; }
-  get supportsDiscard() { return this.inner.supportsDiscard; }
-  get supportsWriteZeroes() { return this.inner.supportsWriteZeroes; }
-  submit(bio: Bio): void { this.inner.submit(bio); }
-  close(): Promise<void> { return this.inner.close(); }
-}
+export { DeviceWrapper };
 
 /** One bio as a backing device received it. */
 export interface IoRecord {
