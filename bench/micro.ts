@@ -2,8 +2,12 @@
  * Micro-benchmark workloads: the same fixed-size I/O pattern run against the data file through
  * two engines, Node's fd I/O (fs.read / fs.write, what FileDevice itself uses) as the reference,
  * and a udm `linear` device over that file through `DeviceHandle`. Both keep the same number of
- * requests in flight, use the same buffers and alternate repetitions, so the ratio between them
- * is udm's own overhead.
+ * requests in flight and alternate repetitions, so the ratio between them is udm's own overhead.
+ *
+ * Each engine runs in a process of its own by default (engine-host.ts): in one process the two
+ * share JIT feedback (the harness's call sites turn polymorphic), heap and libuv pool, which
+ * skewed in-process runs against udm. `inProcess` runs both here instead. Engine processes load the TypeScript through bench/tsc-loader.mjs (tsc's emit,
+ * as `npm run build` ships it) unless `loader: "tsx"` is asked for.
  */
 import { randomFillSync } from "node:crypto";
 import fs from "node:fs";
@@ -11,6 +15,7 @@ import os from "node:os";
 import path from "node:path";
 import { alignedBuffer } from "../core/devices/fd-device.js";
 import { createDeviceMapper } from "../index.js";
+import { childHost, type Loader } from "./engine-host.js";
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -81,6 +86,8 @@ export interface Repetition {
   cpuUsPerOp: number;
   /** Time the main thread (event loop) was busy, per operation, in microseconds. */
   mainUsPerOp: number;
+  /** Fraction of the repetition the main thread was busy (event-loop utilization). */
+  mainBusy: number;
 }
 
 /** Run `w` on `engine` for `ms` milliseconds with one buffer per request in flight. */
@@ -110,7 +117,52 @@ export async function runRepetition(engine: Engine, w: Workload, fileBytes: numb
     mibps: (ops * w.blockSize) / MiB / seconds,
     iops: ops / seconds,
     cpuUsPerOp: (cpu.user + cpu.system) / ops,
-    mainUsPerOp: (elu.utilization * seconds * 1e6) / ops,
+    mainUsPerOp: (elu.active * 1000) / ops,
+    mainBusy: elu.utilization,
+  };
+}
+
+export type EngineKind = "reference" | "udm";
+
+/** One engine on one workload (JSON: it travels to engine processes). */
+export interface EngineSpec {
+  kind: EngineKind;
+  file: string;
+  fileBytes: number;
+  direct: boolean;
+  workload: Workload;
+}
+
+/** Where an engine runs: this process (localHost) or one of its own (childHost). */
+export interface EngineHost {
+  open(spec: EngineSpec): Promise<void>;
+  run(ms: number): Promise<Repetition>;
+  close(): Promise<void>;
+  exit(): Promise<void>;
+}
+
+/** Engines in this process, each with one (random-filled) buffer per request in flight. */
+export function localHost(): EngineHost {
+  let current: { engine: Engine; spec: EngineSpec; buffers: Buffer[] } | null = null;
+  const close = async () => {
+    const c = current;
+    current = null;
+    await c?.engine.close();
+  };
+  return {
+    async open(spec) {
+      await close();
+      const { file, fileBytes, direct, workload: w } = spec;
+      const engine = spec.kind === "udm" ? await udmEngine(file, fileBytes, direct) : referenceEngine(file, direct);
+      const buffers = Array.from({ length: w.queueDepth }, () => randomFillSync(alignedBuffer(w.blockSize)));
+      current = { engine, spec, buffers };
+    },
+    run(ms) {
+      if (!current) throw new Error("no engine open");
+      return runRepetition(current.engine, current.spec.workload, current.spec.fileBytes, ms, current.buffers);
+    },
+    close,
+    exit: close,
   };
 }
 
@@ -195,6 +247,7 @@ export interface Side {
   iops: number;
   cpuUsPerOp: number;
   mainUsPerOp: number;
+  mainBusy: number;
   reps: Repetition[];
 }
 
@@ -217,6 +270,12 @@ export interface MicroOptions {
   /** Directory for the data file (default: pickDataDir). */
   dir?: string;
   workloads?: readonly Workload[];
+  /** Untimed run of each engine before the timed ones (default: max(repMs / 4, 250 ms)). */
+  warmupMs?: number;
+  /** Run both engines in this process instead of one child process each. */
+  inProcess?: boolean;
+  /** How engine processes load the TypeScript (default tsc). */
+  loader?: Loader;
   /** Progress messages. */
   log?: (message: string) => void;
 }
@@ -228,8 +287,12 @@ export interface MicroResult {
   repMs: number;
   repetitions: number;
   direct: boolean;
+  inProcess: boolean;
+  loader: Loader | "this process's";
   rows: Row[];
 }
+
+const KINDS = ["reference", "udm"] as const;
 
 export function median(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -239,13 +302,14 @@ export function median(xs: readonly number[]): number {
 
 function side(reps: Repetition[]): Side {
   const med = (key: Exclude<keyof Repetition, "ops" | "seconds">) => median(reps.map((r) => r[key]));
-  return { mibps: med("mibps"), iops: med("iops"), cpuUsPerOp: med("cpuUsPerOp"), mainUsPerOp: med("mainUsPerOp"), reps };
+  return { mibps: med("mibps"), iops: med("iops"), cpuUsPerOp: med("cpuUsPerOp"), mainUsPerOp: med("mainUsPerOp"), mainBusy: med("mainBusy"), reps };
 }
 
 /**
  * Every workload on a freshly written file: an untimed warm-up of each engine, then
- * `repetitions` timed pairs in ABBA order (reference first on even pairs, udm first on odd ones).
- * After a write repetition the file is fdatasynced, untimed, so each repetition starts clean.
+ * `repetitions` timed pairs in ABBA order (reference first on even pairs, udm first on odd ones);
+ * only one engine does I/O at a time. After a write repetition the file is fdatasynced, untimed,
+ * so each repetition starts with a clean page cache.
  */
 export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult> {
   const { fileBytes, repMs, repetitions, direct } = opts;
@@ -255,26 +319,30 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
   const workDir = fs.mkdtempSync(path.join(dataDir, "udm-bench-"));
   const file = path.join(workDir, "data.bin");
   const rows: Row[] = [];
+  const loader = opts.loader ?? "tsc";
+  const started = await Promise.allSettled(KINDS.map((kind) => (opts.inProcess ? localHost() : childHost(kind, loader))));
+  const hosts = started.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
   try {
+    for (const s of started) if (s.status === "rejected") throw s.reason;
     for (const w of opts.workloads ?? WORKLOADS) {
       fillFile(file, fileBytes);
-      const buffers = Array.from({ length: w.queueDepth }, () => randomFillSync(alignedBuffer(w.blockSize)));
-      const engines = [referenceEngine(file, direct), await udmEngine(file, fileBytes, direct)] as const;
       const reps: Repetition[][] = [[], []];
+      for (const [i, host] of hosts.entries()) await host.open({ kind: KINDS[i]!, file, fileBytes, direct, workload: w });
       try {
         const run = async (i: 0 | 1, ms: number) => {
-          const r = await runRepetition(engines[i], w, fileBytes, ms, buffers);
+          const r = await hosts[i]!.run(ms);
           if (w.op === "write") syncFile(file);
           return r;
         };
-        await run(0, repMs / 4);
-        await run(1, repMs / 4);
+        const warmupMs = opts.warmupMs ?? Math.max(repMs / 4, 250);
+        await run(0, warmupMs);
+        await run(1, warmupMs);
         for (let n = 0; n < repetitions; n++) {
           for (const i of n % 2 === 0 ? ([0, 1] as const) : ([1, 0] as const)) reps[i]!.push(await run(i, repMs));
           log(`${w.name}: repetition ${n + 1}/${repetitions}: reference ${reps[0]!.at(-1)!.mibps.toFixed(1)} MiB/s, udm ${reps[1]!.at(-1)!.mibps.toFixed(1)} MiB/s`);
         }
       } finally {
-        for (const e of engines) await e.close();
+        for (const host of hosts) await host.close().catch((err: unknown) => log(`closing an engine failed: ${String(err)}`));
       }
       const reference = side(reps[0]!);
       const udm = side(reps[1]!);
@@ -287,7 +355,8 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
       });
     }
   } finally {
+    for (const host of hosts) await host.exit().catch((err: unknown) => log(`stopping an engine failed: ${String(err)}`));
     fs.rmSync(workDir, { recursive: true, force: true });
   }
-  return { dataDir, filesystem: filesystemOf(dataDir), fileBytes, repMs, repetitions, direct, rows };
+  return { dataDir, filesystem: filesystemOf(dataDir), fileBytes, repMs, repetitions, direct, inProcess: opts.inProcess ?? false, loader: opts.inProcess ? "this process's" : loader, rows };
 }
