@@ -39,8 +39,8 @@ export const WORKLOADS: readonly Workload[] = [
 /** One side of the comparison: positional I/O of whole buffers on the data file. */
 export interface Engine {
   readonly label: string;
-  read(buf: Buffer, pos: number): Promise<void>;
-  write(buf: Buffer, pos: number): Promise<void>;
+  read(buf: Buffer, pos: number): Promise<unknown>;
+  write(buf: Buffer, pos: number): Promise<unknown>;
   close(): Promise<void>;
 }
 

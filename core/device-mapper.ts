@@ -346,14 +346,15 @@ export class DeviceHandle {
   }
 
   /** Read into `buf` (its length must be a multiple of 512). */
-  async readInto(sector: number, buf: Buffer, flags = 0): Promise<void> {
-    await this.io("read", sector, buf.length >> SECTOR_SHIFT, buf, flags);
+  readInto(sector: number, buf: Buffer, flags = 0): Promise<Bio> {
+    return this.io("read", sector, buf.length >> SECTOR_SHIFT, buf, flags);
   }
 
-  async write(sector: number, data: Buffer, opts: { fua?: boolean; preflush?: boolean } = {}): Promise<void> {
-    if (data.length % 512 !== 0) throw new DmError("EINVAL", "write length must be a multiple of 512 bytes");
+  /** Resolves with the completed bio (no extra async step: this is the hot path of library I/O). */
+  write(sector: number, data: Buffer, opts: { fua?: boolean; preflush?: boolean } = {}): Promise<Bio> {
+    if (data.length % 512 !== 0) return Promise.reject(new DmError("EINVAL", "write length must be a multiple of 512 bytes"));
     const flags = (opts.fua ? BioFlags.FUA : 0) | (opts.preflush ? BioFlags.PREFLUSH : 0);
-    await this.io("write", sector, data.length >> SECTOR_SHIFT, data, flags);
+    return this.io("write", sector, data.length >> SECTOR_SHIFT, data, flags);
   }
 
   async flush(): Promise<void> {
@@ -374,7 +375,7 @@ export class DeviceHandle {
   }
 
   private io(op: BioOp, sector: number, sectors: number, data: Buffer | null, flags: number): Promise<Bio> {
-    if (this.closed) throw new DmError("EBADF", "device handle is closed");
+    if (this.closed) return Promise.reject(new DmError("EBADF", "device handle is closed"));
     return submitAndWait(this.device, new Bio(op, sector, sectors, data, flags, null));
   }
 

@@ -81,7 +81,8 @@ export class DmIo implements BioEndIo {
       let len = Math.min(target.len - offset, end - sector);
       if (target.maxIoLen > 0) len = Math.min(len, target.maxIoLen - (offset % target.maxIoLen));
       const from = (sector - bio.sector) << SECTOR_SHIFT;
-      const data = bio.data.subarray(from, from + (len << SECTOR_SHIFT));
+      // The common case (one clone covers the whole bio) shares the buffer without a view.
+      const data = len === bio.sectors ? bio.data : bio.data.subarray(from, from + (len << SECTOR_SHIFT));
       // A target may accept only part of the clone (acceptPartialBio); the rest is mapped next.
       sector += this.mapClone(target, bio.op, sector, len, data, bio.flags & ~BioFlags.PREFLUSH, 0);
     }
