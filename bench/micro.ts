@@ -55,8 +55,8 @@ export function referenceEngine(file: string, direct: boolean): Engine {
     };
   return {
     label: "reference",
-    read: (buf, pos) => new Promise((res, rej) => fs.read(fd, buf, 0, buf.length, pos, whole("read", buf, res, rej))),
-    write: (buf, pos) => new Promise((res, rej) => fs.write(fd, buf, 0, buf.length, pos, whole("write", buf, res, rej))),
+    read: (buf, pos) => new Promise<void>((res, rej) => fs.read(fd, buf, 0, buf.length, pos, whole("read", buf, res, rej))),
+    write: (buf, pos) => new Promise<void>((res, rej) => fs.write(fd, buf, 0, buf.length, pos, whole("write", buf, res, rej))),
     close: async () => fs.closeSync(fd),
   };
 }

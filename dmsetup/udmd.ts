@@ -1,10 +1,11 @@
 #!/usr/bin/env node
 /**
  * udmd: the udm daemon. `udmd [--run-dir DIR] [--plugin MODULE]... [--config FILE]
- * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--demo [--state-dir DIR]]`
+ * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]`
  */
 import "reflect-metadata";
 import fs from "node:fs";
+import path from "node:path";
 import { parseArgs } from "node:util";
 import type { LogLevel } from "../core/logger.js";
 import { Daemon } from "./daemon/daemon.js";
@@ -18,6 +19,9 @@ const USAGE = `Usage: udmd [options]
   --config FILE          JSON config: {"plugins": [...], "logLevel": "info", "nbdListen": "127.0.0.1:10809"}
   --log-level LEVEL      debug | info | warn | error (default info)
   --nbd-listen [HOST:]PORT  also serve NBD over TCP (default host 127.0.0.1)
+  --auto-attach          attach every device as a kernel block device when it is activated,
+                         detach it on remove (also $UDM_AUTO_ATTACH=1)
+  --dev-dir DIR          where attach makes NAME symlinks (default $UDM_DEV_DIR, else /dev/udm)
   --demo                 create demo devices (demo-origin, demo-snap) over sparse files in --state-dir
   --state-dir DIR        where the demo keeps its files (default ./var)
   --foreground           accepted for compatibility: udmd always runs in the foreground
@@ -40,6 +44,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         config: { type: "string" },
         "log-level": { type: "string" },
         "nbd-listen": { type: "string" },
+        "auto-attach": { type: "boolean" },
+        "dev-dir": { type: "string" },
         demo: { type: "boolean" },
         "state-dir": { type: "string" },
         foreground: { type: "boolean" },
@@ -73,6 +79,8 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     plugins: [...(config.plugins ?? []), ...(values.plugin ?? [])],
     logLevel: level,
     nbdListen: values["nbd-listen"] ?? config.nbdListen,
+    autoAttach: values["auto-attach"] ?? process.env.UDM_AUTO_ATTACH === "1",
+    devDir: path.resolve(values["dev-dir"] ?? (process.env.UDM_DEV_DIR || "/dev/udm")),
   });
   try {
     await daemon.start();

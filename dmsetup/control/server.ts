@@ -21,6 +21,8 @@ export interface DaemonHooks {
   attach?(name: string): Promise<{ path: string }>;
   detach?(name: string, force: boolean): Promise<void>;
   attachedPath?(name: string): string | undefined;
+  /** Called after a create with a table and after every resume: the device has a live table. */
+  activated?(name: string): Promise<void>;
 }
 
 export class ControlServer {
@@ -118,6 +120,7 @@ export class ControlServer {
         const r = req as Request<"create">;
         await dm.create(r.name, { uuid: r.uuid, readOnly: r.readOnly, table: r.table });
         this.logger.info("create", { device: r.name });
+        if (r.table) await this.hooks.activated?.(r.name);
         return this.info(r.name);
       }
       case "load": {
@@ -136,6 +139,7 @@ export class ControlServer {
       case "resume": {
         const r = req as Request<"resume">;
         await dm.resume(r.name, { noflush: r.noflush });
+        await this.hooks.activated?.(r.name);
         return this.info(r.name);
       }
       case "remove": {

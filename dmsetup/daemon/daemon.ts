@@ -7,6 +7,7 @@ import { createDeviceMapper } from "../../index.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { DmError } from "../../core/errors.js";
 import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
+import { Attacher } from "../attach/attacher.js";
 import { ControlServer, type DaemonHooks } from "../control/server.js";
 import { NbdServer } from "../nbd/server.js";
 import { acquireInstanceLock } from "./instance-lock.js";
@@ -19,6 +20,10 @@ export interface DaemonOptions {
   /** `[HOST:]PORT` for an extra TCP NBD listener (default host 127.0.0.1). */
   nbdListen?: string;
   logStream?: { write(line: string): unknown };
+  /** Where `attach` puts its NAME → kernel device symlinks (default /dev/udm). */
+  devDir?: string;
+  /** Attach every device when it gets a live table; detach it on remove. */
+  autoAttach?: boolean;
   /** Extra hooks (attach/detach) provided by the attach module. */
   hooks?: (daemon: Daemon) => Partial<DaemonHooks>;
 }
@@ -28,6 +33,7 @@ export class Daemon {
   readonly logger: JsonLineLogger;
   private control!: ControlServer;
   nbd!: NbdServer;
+  attacher!: Attacher;
   private unlock: (() => void) | null = null;
   private stopping: Promise<void> | null = null;
   tcpAddress: { host: string; port: number } | null = null;
@@ -54,9 +60,21 @@ export class Daemon {
       );
       await this.nbd.listenUnix(paths.nbd);
       if (this.opts.nbdListen) this.tcpAddress = await this.nbd.listenTcp(parseListen(this.opts.nbdListen));
+      this.attacher = new Attacher({
+        dm: this.dm,
+        logger: this.logger,
+        runDir: paths.dir,
+        nbdSocket: paths.nbd,
+        nbdUri: (name) => this.nbdUri(name),
+        nbdConnections: (name) => this.nbd.connectionCount(name),
+        devDir: this.opts.devDir ?? "/dev/udm",
+        auto: this.opts.autoAttach ?? false,
+      });
       const hooks: DaemonHooks = {
         nbdUri: (name) => this.nbdUri(name),
+        ...this.attacher.hooks(),
         beforeRemove: async (name, force) => {
+          await this.attacher.beforeRemove(name, force);
           const md = this.dm.device(name);
           const clients = this.nbd.connectionCount(name);
           if (clients > 0 && !force) throw new DmError("EBUSY", `${name}: ${clients} NBD client(s) connected`);
@@ -86,6 +104,7 @@ export class Daemon {
     this.stopping ??= (async () => {
       this.logger.info("udmd stopping");
       await this.control?.close().catch(() => undefined);
+      await this.attacher?.detachAll(); // while the NBD server still serves their last writes
       await this.nbd?.close().catch(() => undefined);
       for (const name of this.dm.list()) {
         const md = this.dm.device(name);

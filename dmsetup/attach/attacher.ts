@@ -1,0 +1,220 @@
+/**
+ * `udmsetup attach NAME`: expose a mapped device as a kernel block device for mkfs and mount.
+ *
+ * With the kernel's nbd module (/dev/nbd0 exists) a /dev/nbdN is connected to the device's NBD
+ * export (kernel-nbd.ts). Otherwise the export becomes a file through nbdfuse and a loop device
+ * is bound to that file (nbdfuse.ts, core/devices/loop-device.ts). Either way `$devDir/NAME`
+ * (default /dev/udm/NAME) is a symlink to the kernel device, so that with devDir=/dev/mapper on a
+ * machine without kernel device-mapper, scripts written for dmsetup find their devices.
+ *
+ * With `auto`, every device is attached when it gets a live table (create, resume) and detached
+ * on remove. Detaching refuses with EBUSY while the kernel device is mounted or held (dmsetup's
+ * "Device or resource busy"), unless forced: then the kernel finishes lazily when it is let go.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import type { DeviceMapper } from "../../core/device-mapper.js";
+import { createLoopDevice, loopDeviceUnavailableReason } from "../../core/devices/loop-device.js";
+import { DmError, STRERROR } from "../../core/errors.js";
+import type { Logger } from "../../core/logger.js";
+import type { MappedDevice } from "../../core/mapped-device.js";
+import { Mutex } from "../../core/mutex.js";
+import type { DaemonHooks } from "../control/server.js";
+import { connectKernelNbd, kernelNbdAvailable } from "./kernel-nbd.js";
+import { mountNbdfuse } from "./nbdfuse.js";
+
+export interface AttacherOptions {
+  dm: DeviceMapper;
+  logger: Logger;
+  /** The daemon's run directory: nbdfuse mounts live in `fuse/NAME/` there. */
+  runDir: string;
+  /** The daemon's NBD unix socket (kernel nbd connects to it). */
+  nbdSocket: string;
+  nbdUri(name: string): string;
+  /** NBD connections open on an export: detach waits for its own to be gone. */
+  nbdConnections(name: string): number;
+  /** Where the NAME → device symlinks go, e.g. /dev/udm or /dev/mapper. */
+  devDir: string;
+  /** Attach on activation, detach on remove. */
+  auto: boolean;
+}
+
+interface Attachment {
+  /** The kernel device: /dev/loopN or /dev/nbdN. */
+  path: string;
+  /** The symlink in devDir. */
+  link: string;
+  /** Undo the kernel side; `force`: lazily, even while it is in use. */
+  teardown(force: boolean): Promise<void>;
+}
+
+export class Attacher {
+  /** By device object rather than name, so a renamed device can still be detached. */
+  private readonly attached = new Map<MappedDevice, Attachment>();
+  private readonly mutex = new Mutex();
+
+  constructor(private readonly opts: AttacherOptions) {}
+
+  /** The hooks the control server calls. */
+  hooks(): Pick<DaemonHooks, "attach" | "detach" | "attachedPath" | "activated"> {
+    return {
+      attach: (name) => this.attach(name),
+      detach: (name, force) => this.detach(name, force),
+      attachedPath: (name) => this.attachedPath(name),
+      activated: async (name) => {
+        if (!this.opts.auto || this.attachedPath(name)) return;
+        // As udev: a failure to make the node does not fail the create; it is logged.
+        await this.attach(name).catch((err: Error) => this.opts.logger.error("auto-attach failed", { device: name, error: err.message }));
+      },
+    };
+  }
+
+  attachedPath(name: string): string | undefined {
+    return this.opts.dm.has(name) ? this.attached.get(this.opts.dm.device(name))?.path : undefined;
+  }
+
+  /** Attach `name` (or return where it already is). */
+  attach(name: string): Promise<{ path: string }> {
+    return this.mutex.run(async () => {
+      const md = this.opts.dm.device(name);
+      const existing = this.attached.get(md);
+      if (existing) return { path: existing.path };
+      if (!md.live || md.sizeSectors === 0) throw new DmError("EINVAL", `${name}: no live table to attach`);
+      const dev = await asDmError(kernelNbdAvailable() ? this.viaKernelNbd(name) : this.viaNbdfuse(name, md.readOnly));
+      const link = path.join(this.opts.devDir, name);
+      try {
+        this.makeLink(link, dev.path);
+      } catch (err) {
+        await dev.teardown(true);
+        throw err;
+      }
+      this.attached.set(md, { ...dev, link });
+      this.opts.logger.info("attached", { device: name, path: dev.path, link });
+      return { path: dev.path };
+    });
+  }
+
+  /** Undo attach. EBUSY while the kernel device is mounted or held, unless `force`. */
+  detach(name: string, force = false): Promise<void> {
+    return this.mutex.run(async () => {
+      const md = this.opts.dm.device(name);
+      const a = this.attached.get(md);
+      if (!a) throw new DmError("EINVAL", `${name}: not attached`);
+      const busy = await busyReason(a.path);
+      if (busy && !force) throw new DmError("EBUSY", `${name}: ${a.path} ${busy}`);
+      if (busy) this.opts.logger.warn("forced detach of a busy device: finishing lazily", { device: name, path: a.path, busy });
+      removeLink(a.link, a.path);
+      await asDmError(a.teardown(force));
+      this.attached.delete(md);
+      // So that a `remove` right after finds the export free (and the device closed).
+      for (let i = 0; i < 100 && this.opts.nbdConnections(md.name) > 0; i++) await sleep(20);
+      this.opts.logger.info("detached", { device: md.name, path: a.path });
+    });
+  }
+
+  /**
+   * Before a remove: refuse while attached, unless forced or in auto mode (where remove undoes
+   * what create did); then detach (which still refuses while busy, unless forced).
+   */
+  async beforeRemove(name: string, force: boolean): Promise<void> {
+    const attachedAt = this.attachedPath(name);
+    if (!attachedAt) return;
+    if (!force && !this.opts.auto) throw new DmError("EBUSY", `${name}: attached as ${attachedAt} (detach it first)`);
+    await this.detach(name, force);
+  }
+
+  /** At daemon shutdown: detach everything, lazily where busy. */
+  async detachAll(): Promise<void> {
+    for (const md of [...this.attached.keys()]) {
+      await this.detach(md.name, true).catch((err: Error) => this.opts.logger.error("detach failed", { device: md.name, error: err.message }));
+    }
+  }
+
+  private async viaNbdfuse(name: string, readOnly: boolean): Promise<Omit<Attachment, "link">> {
+    const unavailable = loopDeviceUnavailableReason();
+    if (unavailable) throw new DmError(process.getuid?.() === 0 ? "ENODEV" : "EPERM", `cannot attach ${name}: ${unavailable}`);
+    const fuseRoot = path.join(this.opts.runDir, "fuse");
+    const removeFuseRoot = () => fs.rmdirSync(fuseRoot); // only once empty: others may be mounted there
+    let fuse, loop;
+    try {
+      fuse = await mountNbdfuse(path.join(fuseRoot, name), name, this.opts.nbdUri(name), {
+        readOnly,
+        onUnexpectedExit: (message) => this.opts.logger.error("nbdfuse exited", { device: name, message }),
+      });
+      loop = await createLoopDevice(fuse.file, { readOnly });
+    } catch (err) {
+      await fuse?.unmount({ lazy: true });
+      tryQuietly(removeFuseRoot);
+      throw err;
+    }
+    return {
+      path: loop.path,
+      teardown: async (force) => {
+        await loop.detach();
+        await fuse.unmount({ lazy: force });
+        tryQuietly(removeFuseRoot);
+      },
+    };
+  }
+
+  private async viaKernelNbd(name: string): Promise<Omit<Attachment, "link">> {
+    const nbd = await connectKernelNbd(this.opts.nbdSocket, name);
+    return { path: nbd.path, teardown: () => nbd.disconnect() };
+  }
+
+  private makeLink(link: string, target: string): void {
+    if (fs.mkdirSync(this.opts.devDir, { recursive: true, mode: 0o755 }) !== undefined) fs.chmodSync(this.opts.devDir, 0o755);
+    const old = fs.lstatSync(link, { throwIfNoEntry: false });
+    if (old && !old.isSymbolicLink()) throw new DmError("EEXIST", `${link} exists and is not a symlink`);
+    if (old) {
+      this.opts.logger.warn("replacing a stale symlink", { link, was: fs.readlinkSync(link) });
+      fs.unlinkSync(link);
+    }
+    fs.symlinkSync(target, link);
+  }
+}
+
+/** Why the kernel device `dev` cannot be detached now, or null. */
+async function busyReason(dev: string): Promise<string | null> {
+  for (const line of fs.readFileSync("/proc/mounts", "utf8").split("\n")) {
+    const [source, target] = line.split(" ");
+    if (source === dev) return `is mounted on ${target!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)))}`;
+  }
+  // Mounts (also in other mount namespaces), swap, dm/md holders and O_EXCL openers claim the
+  // device exclusively: an exclusive open then fails with EBUSY.
+  try {
+    await (await fs.promises.open(dev, fs.constants.O_RDONLY | fs.constants.O_EXCL)).close();
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "EBUSY") return "is in use (mounted or held open exclusively)";
+  }
+  return null;
+}
+
+function removeLink(link: string, target: string): void {
+  try {
+    if (fs.readlinkSync(link) === target) fs.unlinkSync(link);
+  } catch {
+    // Already gone, or replaced by someone else: leave it.
+  }
+}
+
+/** Errors from syscalls and tools as DmErrors, so the CLI prints them as dmsetup would. */
+async function asDmError<T>(p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (err) {
+    if (err instanceof DmError) throw err;
+    const code = (err as { code?: unknown }).code;
+    throw new DmError(typeof code === "string" && code in STRERROR ? code : "EIO", (err as Error).message);
+  }
+}
+
+function tryQuietly(fn: () => void): void {
+  try {
+    fn();
+  } catch {
+    // best effort
+  }
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -1,0 +1,252 @@
+/**
+ * `udmsetup attach` / `detach` and `udmd --auto-attach` against a real udmd: a linear device over
+ * a sparse file becomes a kernel block device (here nbdfuse + a loop device; /dev/nbdN where the
+ * kernel has nbd), gets an ext4 filesystem and a mount, and the filesystem is then checked in the
+ * backing file. Needs root, /dev/fuse, nbdfuse and e2fsprogs; otherwise skipped with a printed
+ * reason, unless UDM_REQUIRE_ROOT_TESTS=1 makes that a failure.
+ *
+ * Cleanup runs whatever happened: mounts, the daemon (which detaches), then any nbdfuse, FUSE
+ * mount or loop device a broken daemon left behind; afterEach then checks that none is left.
+ */
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { type RunningDaemon, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+
+const MiB = 1024 * 1024;
+const TOOLS = ["nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount", "losetup"];
+
+function which(tool: string): string | undefined {
+  const dirs = [...(process.env.PATH ?? "").split(path.delimiter), "/usr/sbin", "/sbin"];
+  return dirs.map((d) => path.join(d, tool)).find((p) => {
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      return true;
+    } catch {
+      return false;
+    }
+  });
+}
+
+function unavailableReason(): string | null {
+  if (process.platform !== "linux") return `needs Linux (this is ${process.platform})`;
+  if (process.getuid?.() !== 0) return "needs root";
+  for (const dev of ["/dev/loop-control", "/dev/fuse"]) if (!fs.existsSync(dev)) return `${dev} is missing`;
+  const missing = TOOLS.filter((t) => !which(t));
+  if (missing.length) return `${missing.join(", ")} not installed (Debian: libnbd-bin, fuse3, e2fsprogs, mount)`;
+  return null;
+}
+
+const skipReason = unavailableReason();
+const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
+if (skipReason) console.warn(`attach tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${skipReason}`);
+it.runIf(skipReason !== null && required)("attach tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
+  throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but attach tests cannot run: ${skipReason}`);
+});
+
+/** Run a system tool; its output, or a failure with its stderr. */
+function sh(tool: string, ...args: string[]): string {
+  try {
+    return execFileSync(which(tool) ?? tool, args, { encoding: "utf8", timeout: 60_000, stdio: ["ignore", "pipe", "pipe"] });
+  } catch (err) {
+    const e = err as { status?: number; stderr?: string };
+    throw new Error(`${tool} ${args.join(" ")} exited ${e.status}: ${e.stderr ?? ""}`);
+  }
+}
+
+const devicePattern = fs.existsSync("/dev/nbd0") ? /^\/dev\/nbd\d+$/ : /^\/dev\/loop\d+$/;
+
+describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
+  let runDir: string;
+  let devDir: string;
+  let files: string;
+  let mnt: string;
+  let img: string;
+  let name: string;
+  let daemon: RunningDaemon | undefined;
+  const savedEnv = { UDM_DEV_DIR: process.env.UDM_DEV_DIR, UDM_AUTO_ATTACH: process.env.UDM_AUTO_ATTACH };
+  let serial = 0;
+
+  const run = (...args: string[]) => udmsetup(runDir, args);
+
+  beforeEach(() => {
+    runDir = tempDir("udm-attach-run-");
+    devDir = path.join(tempDir("udm-attach-dev-"), "udm"); // created by the daemon
+    files = tempDir("udm-attach-files-");
+    mnt = path.join(files, "mnt");
+    fs.mkdirSync(mnt);
+    img = path.join(files, "disk.img");
+    fs.writeFileSync(img, "");
+    fs.truncateSync(img, 64 * MiB);
+    name = `udmatt${process.pid}x${serial++}`; // unique: leftovers are recognisable by name
+  });
+
+  afterEach(async () => {
+    const ours = (p: string) => [runDir, files].some((d) => p === d || p.startsWith(d + "/"));
+    // 1. The test's mount, while the daemon still serves its last writes.
+    if (mountTargets().includes(mnt)) quietly(() => sh("umount", mnt)) || quietly(() => sh("umount", "-l", mnt));
+    // 2. The daemon detaches everything on SIGTERM. If it hangs (e.g. in a FUSE request), kill
+    //    its nbdfuse first: that aborts the FUSE connection and lets it exit.
+    let cleanExit = false;
+    if (daemon) {
+      const alive = daemon.proc.exitCode === null && daemon.proc.signalCode === null;
+      let timer: NodeJS.Timeout | undefined;
+      const timeout = new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), 20_000)));
+      const code = await Promise.race([daemon.stop("SIGTERM"), timeout]);
+      clearTimeout(timer);
+      if (code === "timeout") {
+        for (const pid of nbdfusePids(runDir)) quietly(() => process.kill(pid, "SIGKILL"));
+        await daemon.stop("SIGKILL");
+      }
+      cleanExit = alive && code === 0;
+      daemon = undefined;
+    }
+    // 3. What a broken daemon left behind: its nbdfuse, FUSE mounts, loop devices on them.
+    for (const pid of nbdfusePids(runDir)) quietly(() => process.kill(pid, "SIGKILL"));
+    for (const target of mountTargets().filter(ours)) quietly(() => sh("umount", "-l", target));
+    for (const loop of loopsBackedBy(name)) quietly(() => sh("losetup", "-d", loop));
+    for (const [key, value] of Object.entries(savedEnv)) {
+      if (value === undefined) delete process.env[key];
+      else process.env[key] = value;
+    }
+
+    const leftovers = {
+      nbdfuse: nbdfusePids(runDir),
+      mounts: mountTargets().filter(ours),
+      loops: loopsBackedBy(name),
+      // A daemon that stopped normally has cleaned its run directory (a killed one cannot).
+      runDir: cleanExit ? fs.readdirSync(runDir) : [],
+    };
+    for (const d of [runDir, path.dirname(devDir), files]) fs.rmSync(d, { recursive: true, force: true });
+    expect(leftovers).toEqual({ nbdfuse: [], mounts: [], loops: [], runDir: [] });
+  }, 60_000);
+
+  it("attach prints a device for mkfs and mount; detach refuses while mounted; the data lands in the backing file", async () => {
+    process.env.UDM_DEV_DIR = devDir;
+    daemon = await startDaemon(runDir);
+    expect(await run("create", name, "--table", `0 ${(64 * MiB) / 512} linear ${img} 0`)).toMatchObject({ code: 0 });
+
+    const attached = await run("attach", name);
+    expect(attached).toMatchObject({ code: 0, stderr: "" });
+    const dev = attached.stdout.trim();
+    expect(dev).toMatch(devicePattern);
+    const link = path.join(devDir, name);
+    expect(fs.readlinkSync(link)).toBe(dev);
+    expect(fs.statSync(devDir).mode & 0o777).toBe(0o755);
+    expect((await run("info", name)).stdout).toContain(`Attached:          ${dev}\n`);
+    expect((await run("attach", name)).stdout).toBe(`${dev}\n`); // again: same device
+
+    sh("mkfs.ext4", "-q", link);
+    sh("mount", link, mnt);
+    const text = "written through udm\n";
+    const blob = Buffer.alloc(3 * MiB + 512);
+    for (let i = 0; i < blob.length; i++) blob[i] = (i * 31 + (i >> 9)) & 0xff;
+    fs.writeFileSync(path.join(mnt, "hello.txt"), text);
+    fs.writeFileSync(path.join(mnt, "blob.bin"), blob);
+    sh("sync");
+
+    const busy = await run("detach", name);
+    expect(busy.code).toBe(1);
+    expect(busy.stderr).toContain(`is mounted on ${mnt}`);
+    expect(busy.stderr).toContain(`device-mapper: detach ioctl on ${name}  failed: Device or resource busy\n`);
+    expect(fs.readlinkSync(link)).toBe(dev);
+
+    sh("umount", mnt);
+    expect(await run("detach", name)).toEqual({ code: 0, stdout: "", stderr: "" });
+    expect(fs.existsSync(link)).toBe(false);
+    expect((await run("info", name)).stdout).not.toContain("Attached:");
+    expect(loopsBackedBy(name)).toEqual([]);
+    expect(fs.readdirSync(runDir).sort()).toEqual(["control", "nbd.sock", "udmd.pid"]); // fuse/ is gone
+    expect(await run("remove", name)).toMatchObject({ code: 0 });
+
+    // The filesystem, read from the backing file without udm.
+    sh("e2fsck", "-fn", img);
+    expect(sh("debugfs", "-R", "cat /hello.txt", img)).toBe(text);
+    const dumped = path.join(files, "blob.out");
+    sh("debugfs", "-R", `dump /blob.bin ${dumped}`, img);
+    expect(fs.readFileSync(dumped).equals(blob)).toBe(true);
+  }, 60_000);
+
+  it("remove refuses while attached, and remove --force detaches first", async () => {
+    daemon = await startDaemon(runDir, ["--dev-dir", devDir]);
+    await run("create", name, "--table", `0 2048 linear ${img} 0`);
+    const dev = (await run("attach", name)).stdout.trim();
+    expect(dev).toMatch(devicePattern);
+    const refused = await run("remove", name);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain(`${name}: attached as ${dev} (detach it first)\n`);
+    expect(await run("remove", "--force", name)).toMatchObject({ code: 0 });
+    expect(fs.existsSync(path.join(devDir, name))).toBe(false);
+    expect(loopsBackedBy(name)).toEqual([]);
+    expect((await run("ls")).stdout).toBe("No devices found\n");
+  });
+
+  it.each([
+    ["udmd --auto-attach", ["--auto-attach"], {}],
+    ["UDM_AUTO_ATTACH=1", [], { UDM_AUTO_ATTACH: "1" }],
+  ])("%s: create attaches, remove detaches", async (_label, args, env) => {
+    Object.assign(process.env, env, { UDM_DEV_DIR: devDir });
+    daemon = await startDaemon(runDir, args);
+    const link = path.join(devDir, name);
+    expect(await run("create", name, "--table", `0 2048 linear ${img} 0`)).toMatchObject({ code: 0 });
+    expect(fs.readlinkSync(link)).toMatch(devicePattern);
+    expect(fs.statSync(link).isBlockDevice()).toBe(true);
+    expect(fs.readFileSync(`/sys/block/${path.basename(fs.readlinkSync(link))}/size`, "utf8")).toBe("2048\n");
+    expect(await run("remove", name)).toEqual({ code: 0, stdout: "", stderr: "" });
+    expect(fs.existsSync(link)).toBe(false);
+    expect(loopsBackedBy(name)).toEqual([]);
+  });
+});
+
+/** Mount targets from /proc/mounts. */
+function mountTargets(): string[] {
+  return fs
+    .readFileSync("/proc/mounts", "utf8")
+    .split("\n")
+    .filter(Boolean)
+    .map((l) => l.split(" ")[1]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))));
+}
+
+/** nbdfuse processes whose command line mentions `runDir`. */
+function nbdfusePids(runDir: string): number[] {
+  const pids: number[] = [];
+  for (const pid of fs.readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
+    try {
+      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+      if (path.basename(argv[0]!) === "nbdfuse" && argv.some((a) => a.includes(runDir))) pids.push(Number(pid));
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return pids;
+}
+
+/**
+ * Loop devices bound to our nbdfuse file. The kernel reports a FUSE file's path relative to its
+ * mount: `/NAME`, unique to this test by construction.
+ */
+function loopsBackedBy(name: string): string[] {
+  return fs
+    .readdirSync("/sys/block")
+    .filter((d) => d.startsWith("loop"))
+    .filter((d) => {
+      try {
+        const backing = fs.readFileSync(`/sys/block/${d}/loop/backing_file`, "utf8").trim();
+        return backing === `/${name}` || backing.endsWith(`/mnt/${name}`);
+      } catch {
+        return false; // not bound
+      }
+    })
+    .map((d) => `/dev/${d}`);
+}
+
+/** Run a cleanup step; false if it failed (the next one still runs). */
+function quietly(fn: () => unknown): boolean {
+  try {
+    fn();
+    return true;
+  } catch {
+    return false;
+  }
+}
