@@ -41,7 +41,7 @@ function unavailableReason(): string | null {
 const skipReason = unavailableReason();
 const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
 if (skipReason) console.warn(`attach tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${skipReason}`);
-it.runIf(skipReason !== null && required)("attach tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
+if (skipReason !== null && required) it("attach tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
   throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but attach tests cannot run: ${skipReason}`);
 });
 

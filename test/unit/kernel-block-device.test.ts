@@ -26,7 +26,7 @@ if (skipReason) {
   console.warn(`kernel-block-device tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${skipReason}`);
 }
 
-it.runIf(skipReason !== null && required)("root-only tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
+if (skipReason !== null && required) it("root-only tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
   throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but kernel-block-device tests cannot run: ${skipReason}`);
 });
 
