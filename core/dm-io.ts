@@ -62,7 +62,9 @@ export class DmIo implements BioEndIo {
     const end = bio.sector + bio.sectors;
     for (let sector = bio.sector; sector < end; ) {
       const target = table.targets[table.findTarget(sector)]!;
-      const len = Math.min(end, target.begin + target.len) - sector;
+      let len = Math.min(end, target.begin + target.len) - sector;
+      const max = target.maxDiscardSectors;
+      if (max > 0) len = Math.min(len, max - ((sector - target.begin) % max));
       const n = bio.op === "discard" ? target.numDiscardBios : target.numWriteZeroesBios;
       if (n === 0) this.setError("EOPNOTSUPP");
       for (let i = 0; i < n; i++) this.mapClone(target, bio.op, sector, len, null, bio.flags, i);

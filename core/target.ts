@@ -88,6 +88,11 @@ export abstract class Target<Context = void> {
   numWriteZeroesBios = 0;
   /** Split reads/writes so none crosses a multiple of this many sectors (0: no limit). */
   maxIoLen = 0;
+  /**
+   * Split discards and write-zeroes the same way (the kernel's max_discard_sectors from
+   * io_hints; snapshot sets its chunk size). 0: no limit.
+   */
+  maxDiscardSectors = 0;
 
   /** Parse the table line's arguments, open devices. Throw TargetError with the kernel's string. */
   abstract ctr(args: string[]): void | Promise<void>;
