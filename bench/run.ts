@@ -12,6 +12,8 @@
  *   --in-process   run both engines in this process (default: one child process per engine)
  *   --loader L     how engine processes load udm's TypeScript: tsc (default: tsc's emit, what
  *                  `npm run build` ships) or tsx (esbuild with keepNames, as `npm test` runs it)
+ *   --no-snapshot  skip the snapshot benchmarks (bench/snapshot.ts), which otherwise run after the
+ *                  micro-benchmark (not with --only); a full run records them in results.md too
  *
  * Profile with `node --import tsx --cpu-prof --cpu-prof-dir=DIR bench/run.ts --only ...`: each
  * engine process writes its own DIR/bench-<engine>-*.cpuprofile (summarise them with
@@ -26,6 +28,9 @@ import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { KiB, MiB, median, type MicroResult, type Row, runMicroBenchmark, type Side, WORKLOADS } from "./micro.js";
+import {
+  describeSnapshotRun, FULL_OPTIONS, QUICK_OPTIONS, recordSnapshotResults, runSnapshotBenchmark, type SnapshotBenchResult, snapshotRows, snapshotTable,
+} from "./snapshot.js";
 
 export const GOAL = 0.9;
 
@@ -141,10 +146,12 @@ function recordResults(file: string, result: MicroResult, description: string[],
   fs.writeFileSync(file, text);
 }
 
-export async function main(argv: string[], out: Output = consoleOutput): Promise<MicroResult> {
+export async function main(argv: string[], out: Output = consoleOutput): Promise<MicroResult & { snapshot?: SnapshotBenchResult }> {
   const { values } = parseArgs({
     args: argv,
+    allowNegative: true,
     options: {
+      snapshot: { type: "boolean", default: true },
       quick: { type: "boolean", default: false },
       direct: { type: "boolean", default: false },
       json: { type: "boolean", default: false },
@@ -184,13 +191,31 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   print("");
   print(misses.length === 0 ? `goal met: udm >= ${GOAL} × reference on every workload` : `goal missed (< ${GOAL} × reference) on: ${misses.join(", ")}`);
   if (unsure.length > 0) print(`too noisy to call: ${unsure.join(", ")}`);
-  if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result }, null, 2));
+  // The snapshot benchmarks (bench/snapshot.ts), unless --no-snapshot or --only picks micro workloads.
+  let snapshot: SnapshotBenchResult | undefined;
+  if (values.snapshot && !values.only) {
+    snapshot = await runSnapshotBenchmark({ ...(quick ? QUICK_OPTIONS : FULL_OPTIONS), dir: values.dir, log: out.stderr });
+    const snapDescription = describeSnapshotRun(snapshot, quick);
+    const snapTable = snapshotTable(snapshot);
+    print("");
+    for (const d of snapDescription) print(d);
+    print("");
+    print(snapTable);
+    const snapMisses = snapshotRows(snapshot).filter((r) => r.result === "MISS").map((r) => r.measure);
+    print("");
+    print(snapMisses.length === 0 ? "snapshot goals met" : `snapshot goals missed: ${snapMisses.join("; ")}`);
+    if (!quick && !values.dir) {
+      const file = path.join(import.meta.dirname, "results.md");
+      recordSnapshotResults(file, snapshot, snapDescription, snapTable, "npm run bench");
+    }
+  }
+  if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result, snapshot }, null, 2));
   if (!quick && !values.size && !values.seconds && !values.reps && !values.only && !values["in-process"] && loader === "tsc") {
     const file = path.join(import.meta.dirname, "results.md");
     recordResults(file, result, description, table);
     print(`recorded in ${path.relative(process.cwd(), file)}`);
   }
-  return result;
+  return { ...result, snapshot };
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
