@@ -35,7 +35,7 @@ const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
 if (missing.length) {
   console.warn(`snapshot CLI tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${missing.join(", ")} not on PATH (Debian: libnbd-bin, qemu-utils)`);
 }
-it.runIf(missing.length > 0 && required)("real NBD clients must be installed (UDM_REQUIRE_ROOT_TESTS=1)", () => {
+if (missing.length > 0 && required) it("real NBD clients must be installed (UDM_REQUIRE_ROOT_TESTS=1)", () => {
   throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but ${missing.join(", ")} not on PATH`);
 });
 
