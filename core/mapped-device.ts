@@ -46,6 +46,8 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
   /** New bios wait here while blocked: the kernel's md->deferred. */
   private deferred: Bio[] = [];
   private blockIo = true;
+  /** Nesting count of internal suspends (snapshot handover quiescing this origin). */
+  private internalSuspends = 0;
   /** DmIos in flight: what suspend waits for. */
   private pending = 0;
   private idleWaiters: (() => void)[] = [];
@@ -206,6 +208,7 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
         devices: this.env.devices,
         self: this,
         immutableType: this.immutableType,
+        owner: this,
       });
       if (this.limits === null) {
         try {
@@ -299,11 +302,29 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
       }
     }
     for (const t of table.targets) await t.resume?.();
-    this.blockIo = false;
     this.suspended = false;
+    if (this.internalSuspends === 0) this.releaseDeferred();
+  }
+
+  private releaseDeferred(): void {
+    this.blockIo = false;
     const queued = this.deferred;
     this.deferred = [];
     for (const bio of queued) this.submit(bio);
+  }
+
+  /** dm_internal_suspend_fast: block new bios and drain in-flight ones; no target hooks, no lock. */
+  async internalSuspend(): Promise<void> {
+    this.internalSuspends++;
+    this.blockIo = true;
+    await this.waitIdle();
+  }
+
+  /** dm_internal_resume_fast: the last internal resume of a device not suspended by the user releases its I/O. */
+  internalResume(): void {
+    if (this.internalSuspends === 0) throw new Error(`${this.name}: internal resume without internal suspend`);
+    if (--this.internalSuspends > 0 || this.suspended || this.removed) return;
+    this.releaseDeferred();
   }
 
   /**

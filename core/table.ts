@@ -9,7 +9,7 @@ import { type DeviceManager, TableDevices } from "./device-manager.js";
 import { DmError } from "./errors.js";
 import type { TargetRegistry } from "./registry.js";
 import { Services } from "./services.js";
-import { type Target, TargetError, TargetFeatures, type TableContext } from "./target.js";
+import { type Target, TargetError, TargetFeatures, type TableContext, type TableOwner } from "./target.js";
 import type { TargetSpec } from "./table-text.js";
 
 export interface TableBuildOptions {
@@ -24,6 +24,8 @@ export interface TableBuildOptions {
    * the new table must have the same immutable type or contain a wildcard target.
    */
   immutableType?: string;
+  /** The device the table belongs to (suspend state, internal suspend). */
+  owner?: TableOwner;
 }
 
 /** What a table's queue limits amount to in udm (dm_calculate_queue_limits). */
@@ -51,7 +53,20 @@ export class Table implements TableContext {
     readonly readOnly: boolean,
     readonly specs: readonly TargetSpec[],
     private readonly lookup: TableDevices,
+    private readonly owner: TableOwner | undefined,
   ) {}
+
+  get suspended(): boolean {
+    return this.owner?.suspended ?? true;
+  }
+
+  internalSuspend(): Promise<void> {
+    return this.owner ? this.owner.internalSuspend() : Promise.resolve();
+  }
+
+  internalResume(): void {
+    this.owner?.internalResume();
+  }
 
   /**
    * DM_TABLE_LOAD's table work: add every line in order (dm_table_add_target), then the load's
@@ -62,7 +77,7 @@ export class Table implements TableContext {
   static async build(specs: readonly TargetSpec[], opts: TableBuildOptions): Promise<Table> {
     if (specs.length === 0) throw new DmError("EINVAL", "no targets specified");
     const lookup = new TableDevices(opts.devices, opts.readOnly, opts.self);
-    const table = new Table(opts.deviceName, opts.readOnly, specs, lookup);
+    const table = new Table(opts.deviceName, opts.readOnly, specs, lookup, opts.owner);
     const scope = opts.registry.container.createChildContainer();
     scope.register(Services.DeviceLookup, { useValue: lookup });
     try {

@@ -71,6 +71,22 @@ export interface TableContext {
   readonly readOnly: boolean;
   /** Signal a target event (dm_table_event): bumps the device's event counter if the table is live. */
   event(): void;
+  /** Whether the device this table belongs to is suspended (dm_suspended). */
+  readonly suspended: boolean;
+  /**
+   * Block new I/O on this table's device and wait for its in-flight I/O, without running any
+   * target hooks (dm_internal_suspend_fast). Nests; undo with `internalResume`. Used by snapshot
+   * handover to quiesce the origin device around the exception-store swap.
+   */
+  internalSuspend(): Promise<void>;
+  internalResume(): void;
+}
+
+/** What a table needs from the device it belongs to. */
+export interface TableOwner {
+  readonly suspended: boolean;
+  internalSuspend(): Promise<void>;
+  internalResume(): void;
 }
 
 export abstract class Target<Context = void> {

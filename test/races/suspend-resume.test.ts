@@ -172,3 +172,32 @@ describe("noflush suspend and REQUEUE", () => {
     expect(t.done.get(bio)).toBe("EIO");
   });
 });
+
+describe("internal suspend (used by snapshot handover)", () => {
+  it("drains in-flight I/O, holds new I/O, nests with a user suspend, and releases on the last resume", async () => {
+    const { dm, a, md } = await setup();
+    const t = new Tracker();
+    a.hold();
+    const inflight = t.write(md, 0, 40);
+    await a.waitForHeld(1);
+    let drained = false;
+    const internal = md.live!.internalSuspend().then(() => (drained = true));
+    await settle();
+    expect(drained).toBe(false);
+    const queued = t.write(md, 8, 41);
+    expect(md.queued).toBe(1);
+    a.releaseAll();
+    await internal;
+    expect(t.done.get(inflight)).toBe("ok");
+    // A user suspend/resume cycle in between must not release I/O held by the internal suspend.
+    await dm.suspend("md");
+    await dm.resume("md");
+    expect(md.queued).toBe(1);
+    expect(md.live!.suspended).toBe(false);
+    md.live!.internalResume();
+    await a.waitForHeld(1);
+    a.releaseAll();
+    expect(t.done.get(queued)).toBe("ok");
+    expect(() => md.live!.internalResume()).toThrow(/internal resume without internal suspend/);
+  });
+});
