@@ -5,7 +5,14 @@ import { SnapshotOriginTarget } from "./snapshot/origin.js";
 import { SnapshotTarget } from "./snapshot/snapshot.js";
 import { StripedTarget } from "./striped.js";
 import { ZeroTarget } from "./zero.js";
+import { DelayTarget } from "./delay.js";
+import { DustTarget } from "./dust.js";
+import { FlakeyTarget } from "./flakey.js";
 
+export { DelayTarget, DustTarget, FlakeyTarget };
 export { ErrorTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget, StripedTarget, ZeroTarget };
 
-export const builtinTargets = [ErrorTarget, ZeroTarget, StripedTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget];
+import { LogWritesTarget } from "./log-writes/target.js";
+export { LogWritesTarget };
+
+export const builtinTargets = [ErrorTarget, ZeroTarget, StripedTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget, FlakeyTarget, DelayTarget, DustTarget, LogWritesTarget];

@@ -12,6 +12,10 @@ describe("target registry", () => {
   it("lists targets newest first with their versions, like dmsetup targets", () => {
     const { dm } = testMapper();
     expect(dm.targets().map((t) => `${t.name} v${t.version.join(".")}`)).toEqual([
+      "log-writes v1.1.0",
+      "dust v1.0.0",
+      "delay v1.5.0",
+      "flakey v1.5.0",
       "snapshot v1.16.0",
       "snapshot-origin v1.9.0",
       "linear v1.5.0",
