@@ -11,7 +11,7 @@
  * the kernel's "re-check after re-locking" races (R5) cannot happen by construction.
  */
 import { Bio, BioFlags } from "../../core/bio.js";
-import type { CopierClient, Copier } from "../../core/copier.js";
+import { type CopierClient, type Copier, MAX_COPY_DESTS } from "../../core/copier.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { Logger } from "../../core/logger.js";
 import { target } from "../../core/registry.js";
@@ -224,10 +224,14 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     ctx.chunk = chunk;
   }
 
-  endIo(_bio: Bio, ctx: TrackContext): EndIoResult {
+  endIo(bio: Bio, ctx: TrackContext): EndIoResult {
     if (ctx.chunk >= 0) {
       this.tracked.untrack(ctx.chunk);
       ctx.chunk = -1;
+      // Origin writes wait for reads like this one only while the snapshot is valid: once it is
+      // invalid (a failed copy or commit, or a full COW on an origin write) they go straight to the
+      // origin and may have overwritten the chunk under this read. Never hand out that data.
+      if (!this.valid && bio.op === "read") bio.status = "EIO";
     }
     return EndIoResult.DONE;
   }
@@ -259,12 +263,16 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     return pe;
   }
 
-  /** Copy the origin chunk of each exception; exceptions of one chunk size share one origin read. */
+  /**
+   * Copy the origin chunk of each exception; exceptions of one chunk size share one origin read,
+   * up to the copier's limit of destinations per job (more snapshots than that take several jobs).
+   */
   startCopy(jobs: { snap: SnapshotTarget; pe: PendingException }[]): void {
     const byChunk = new Map<string, { snap: SnapshotTarget; pe: PendingException }[]>();
     for (const job of jobs) {
       const cs = job.snap.chunkSize;
-      const key = `${cs}:${job.pe.oldChunk}`;
+      let key = `${cs}:${job.pe.oldChunk}`;
+      for (let slice = 1; (byChunk.get(key)?.length ?? 0) >= MAX_COPY_DESTS; slice++) key = `${cs}:${job.pe.oldChunk}:${slice}`;
       const group = byChunk.get(key);
       if (group) group.push(job);
       else byChunk.set(key, [job]);
