@@ -14,6 +14,7 @@ import { Bio, BioFlags } from "../../core/bio.js";
 import { type CopierClient, type Copier, MAX_COPY_DESTS } from "../../core/copier.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { Logger } from "../../core/logger.js";
+import { ArgReader } from "../../core/args.js";
 import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
@@ -67,6 +68,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
 
   async ctr(args: string[]): Promise<void> {
     if (args.length < 4) throw new TargetError("requires 4 or more arguments");
+    // Feature arguments follow the first four and are checked before any device is opened.
+    this.parseFeatures(args.slice(4));
     const [originPath, cowPath] = args as [string, string];
     // The snapshot only reads the origin; writes to it go through snapshot-origin.
     try {
@@ -74,20 +77,31 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     } catch (err) {
       throw new TargetError("Cannot get origin device", (err as { code?: string }).code ?? "EINVAL");
     }
+    // Compare identities before asking for write access, so a refused table never upgrades the
+    // shared origin handle (the kernel compares device numbers before opening the COW).
+    let probe: BlockDevice;
+    try {
+      probe = await this.devices.get(cowPath, "r");
+    } catch (err) {
+      throw new TargetError("Cannot get COW device", (err as { code?: string }).code ?? "EINVAL");
+    }
+    if (probe === this.origin) throw new TargetError("COW device cannot be the same as origin device");
     try {
       this.cow = await this.devices.get(cowPath, this.table.readOnly ? "r" : "rw");
     } catch (err) {
       throw new TargetError("Cannot get COW device", (err as { code?: string }).code ?? "EINVAL");
+    } finally {
+      await this.devices.put(probe);
     }
-    if (this.cow === this.origin) throw new TargetError("COW device cannot be the same as origin device");
-    let used: number;
     try {
-      ({ store: this.store, argsUsed: used } = createExceptionStore(args.slice(2), this.cow, { logger: this.logger }));
+      ({ store: this.store } = createExceptionStore(args.slice(2, 4), this.cow, {
+        logger: this.logger,
+        originLogicalBlockSize: this.origin.logicalBlockSize,
+      }));
     } catch (err) {
       this.logger.error("snapshot: exception store", { error: (err as Error).message });
       throw new TargetError("Couldn't create exception store", (err as { errno?: string }).errno ?? "EINVAL");
     }
-    this.parseFeatures(args.slice(2 + used));
     this.complete = new ExceptionTable({ cowChunks: Math.floor(this.cow.sizeSectors / Math.max(1, this.store.chunkSize || 32)) });
     let state: "valid" | "invalid";
     try {
@@ -102,6 +116,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     }
     if (!this.store.chunkSize) throw new TargetError("Chunk size not set");
     this.maxIoLen = this.store.chunkSize;
+    // A discard never spans chunks (the kernel's io_hints: max_discard_sectors = chunk size).
+    this.maxDiscardSectors = this.store.chunkSize;
     this.numFlushBios = 1;
     if (this.discardZeroesCow) this.numDiscardBios = this.discardPassdownOrigin ? 2 : 1;
     this.copierClient = this.copier.client(`snapshot ${this.table.deviceName}`);
@@ -111,12 +127,13 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
 
   private parseFeatures(rest: string[]): void {
     if (rest.length === 0) return;
-    const n = rest[0]!;
-    if (!/^\d+$/.test(n) || Number(n) > 2 || Number(n) > rest.length - 1) throw new TargetError("Invalid number of feature arguments");
-    for (const f of rest.slice(1, 1 + Number(n))) {
+    const reader = new ArgReader(rest);
+    const n = reader.readArgGroup({ min: 0, max: 2, error: "Invalid number of feature arguments" });
+    for (let i = 0; i < n; i++) {
+      const f = reader.shift()!.toLowerCase();
       if (f === "discard_zeroes_cow") this.discardZeroesCow = true;
       else if (f === "discard_passdown_origin") this.discardPassdownOrigin = true;
-      else throw new TargetError("Unsupported feature arguments");
+      else throw new TargetError("Unrecognised feature requested");
     }
     if (this.discardPassdownOrigin && !this.discardZeroesCow) {
       throw new TargetError("discard_passdown_origin feature depends on discard_zeroes_cow");

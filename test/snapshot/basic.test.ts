@@ -68,7 +68,7 @@ describe("snapshot basics", () => {
     expect(await err("0 100 snapshot o c N 0")).toBe("snapshot: Chunk size not set");
     expect(await err("0 100 snapshot o c P 6")).toBe("snapshot: Couldn't create exception store");
     expect(await err("0 100 snapshot o c X 8")).toBe("snapshot: Couldn't create exception store");
-    expect(await err("0 100 snapshot o c P 8 1 bogus")).toBe("snapshot: Unsupported feature arguments");
+    expect(await err("0 100 snapshot o c P 8 1 bogus")).toBe("snapshot: Unrecognised feature requested");
     expect(await err("0 100 snapshot o c P 8 1 discard_passdown_origin")).toBe(
       "snapshot: discard_passdown_origin feature depends on discard_zeroes_cow",
     );

@@ -646,10 +646,9 @@ describe("flush and discard (§11)", () => {
     expect((await s.snap.read(10 * CS, 2 * CS)).equals(s.before.subarray(bytes(10 * CS), bytes(12 * CS)))).toBe(true);
   });
 
-  // Known bug (reported; `it.fails` until fixed): core/dm-io.ts sendDuplicated does not cut
-  // discards at the snapshot's chunk size, and SnapshotTarget.mapToCow remaps a multi-chunk
-  // discard to one COW range, zeroing whatever COW chunks follow the first one.
-  it.fails("discard_zeroes_cow: a discard spanning several chunks treats each chunk on its own and never touches other exceptions' COW chunks", async () => {
+  // Guards the split of discards at the snapshot's chunk size (Target.maxDiscardSectors): without
+  // it one multi-chunk discard was remapped to a single COW range, zeroing unrelated chunks.
+  it("discard_zeroes_cow: a discard spanning several chunks treats each chunk on its own and never touches other exceptions' COW chunks", async () => {
     // The kernel never hands the snapshot a discard crossing a chunk: snapshot_io_hints sets
     // max_discard_sectors = discard_granularity = chunk size, so the block layer splits first.
     const s = await stack({ features: " 1 discard_zeroes_cow" });
@@ -736,26 +735,24 @@ describe("table and status text", () => {
     expect(w.dm.list()).toEqual([]);
   });
 
-  // Known deviation (reported; `it.fails` until fixed): SnapshotTarget.ctr calls
-  // createExceptionStore without `originLogicalBlockSize`, so only the COW's block size is checked.
-  it.fails("the chunk size must be a multiple of the origin's logical block size too", async () => {
+  // The kernel checks the chunk size against both devices' logical block sizes.
+  it("the chunk size must be a multiple of the origin's logical block size too", async () => {
     const w = world();
     w.backing.add("o4k", new MemoryDevice(2048, { tableName: "o4k", displayName: "o4k", logicalBlockSize: 4096 }));
     w.controlled("c", 2048);
     expect(await ctrError(w, "0 2048 snapshot o4k c P 4")).toBe("snapshot: Couldn't create exception store");
   });
 
-  // Known deviations in targets/snapshot/snapshot.ts parseFeatures (reported; `it.fails` until fixed).
   // The kernel (parse_snapshot_features) says "Unrecognised feature requested", compares names with
   // strcasecmp, and parses the features before it looks up either device (dm-reference §7.6 order).
-  it.fails("an unknown feature is 'Unrecognised feature requested'", async () => {
+  it("an unknown feature is 'Unrecognised feature requested'", async () => {
     const w = world();
     w.controlled("o", 256);
     w.controlled("c", 256);
     expect(await ctrError(w, "0 256 snapshot o c P 8 1 bogus")).toBe("snapshot: Unrecognised feature requested");
   });
 
-  it.fails("feature names match case-insensitively", async () => {
+  it("feature names match case-insensitively", async () => {
     const w = world();
     w.controlled("o", 256);
     w.controlled("c", 256);
@@ -763,7 +760,7 @@ describe("table and status text", () => {
     expect(w.dm.tableText("s")).toBe("0 256 snapshot o c P 8 1 discard_zeroes_cow\n");
   });
 
-  it.fails("features are checked before the devices are looked up", async () => {
+  it("features are checked before the devices are looked up", async () => {
     const w = world();
     w.controlled("c", 256);
     expect(await ctrError(w, "0 256 snapshot nosuch c P 8 1 discard_passdown_origin")).toBe(
