@@ -7,6 +7,7 @@
  */
 import type { Bio } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
+import type { TableContext } from "../../core/target.js";
 
 /** What the origin path needs from a snapshot. */
 export interface OriginSnapshot {
@@ -22,6 +23,11 @@ export class Origin<S extends OriginSnapshot = OriginSnapshot> {
   readonly snapshots: S[] = [];
   /** Origin writes parked by COW throttling, retried when copies finish (§7.7). */
   readonly throttled: Bio[] = [];
+  /**
+   * The table of the snapshot-origin target serving this origin, registered at its resume and
+   * dropped at its postsuspend (`_dm_origins`): handover suspends that device internally.
+   */
+  originTable: TableContext | null = null;
 
   constructor(readonly device: BlockDevice) {}
 

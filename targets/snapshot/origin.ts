@@ -39,6 +39,15 @@ export class SnapshotOriginTarget extends Target {
 
   resume(): void {
     this.splitBoundary = this.origin.minChunkSize() || NO_SPLIT;
+    this.origin.originTable = this.table;
+  }
+
+  postsuspend(): void {
+    if (this.origin.originTable === this.table) this.origin.originTable = null;
+  }
+
+  dtr(): void {
+    if (this.origin.originTable === this.table) this.origin.originTable = null;
   }
 
   map(bio: Bio): MapResult {

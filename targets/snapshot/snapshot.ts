@@ -52,6 +52,9 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   inProgress = 0;
   private readonly throttled: (() => void)[] = [];
   private copierClient!: CopierClient;
+  /** Handover: the active snapshot whose store this (inactive) one takes at resume, and back. */
+  handoverSource: SnapshotTarget | null = null;
+  handoverDestination: SnapshotTarget | null = null;
   private originEntry!: Origin<SnapshotTarget>;
 
   constructor(
@@ -103,6 +106,23 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       throw new TargetError("Couldn't create exception store", (err as { errno?: string }).errno ?? "EINVAL");
     }
     this.complete = new ExceptionTable({ cowChunks: Math.floor(this.cow.sizeSectors / Math.max(1, this.store.chunkSize || 32)) });
+    this.originEntry = originOf<SnapshotTarget>(this.origin, true)!;
+    // Handover (§10.2): a new table on a COW device an active snapshot already owns becomes the
+    // destination of that snapshot's exception store; it does not read the metadata itself.
+    const sharing = this.originEntry.snapshots.filter((s) => s.cow === this.cow);
+    const source = sharing.find((s) => s.active);
+    if (sharing.length >= 2 || sharing.some((s) => !s.active)) {
+      throw new TargetError("Snapshot cow pairing for exception table handover failed");
+    }
+    this.numFlushBios = 1;
+    if (this.discardZeroesCow) this.numDiscardBios = this.discardPassdownOrigin ? 2 : 1;
+    this.copierClient = this.copier.client(`snapshot ${this.table.deviceName}`);
+    if (source) {
+      this.handoverSource = source;
+      source.handoverDestination = this;
+      this.originEntry.add(this);
+      return;
+    }
     let state: "valid" | "invalid";
     try {
       state = await this.store.readMetadata((oldChunk, newChunk) => this.complete.insert(oldChunk, newChunk));
@@ -115,14 +135,14 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       this.logger.warn("Snapshot is marked invalid.");
     }
     if (!this.store.chunkSize) throw new TargetError("Chunk size not set");
+    this.setChunkLimits();
+    this.originEntry.add(this);
+  }
+
+  private setChunkLimits(): void {
     this.maxIoLen = this.store.chunkSize;
     // A discard never spans chunks (the kernel's io_hints: max_discard_sectors = chunk size).
     this.maxDiscardSectors = this.store.chunkSize;
-    this.numFlushBios = 1;
-    if (this.discardZeroesCow) this.numDiscardBios = this.discardPassdownOrigin ? 2 : 1;
-    this.copierClient = this.copier.client(`snapshot ${this.table.deviceName}`);
-    this.originEntry = originOf<SnapshotTarget>(this.origin, true)!;
-    this.originEntry.add(this);
   }
 
   private parseFeatures(rest: string[]): void {
@@ -140,12 +160,57 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     }
   }
 
-  resume(): void {
+  preresume(): void {
+    const dest = this.handoverDestination;
+    if (dest) throw new TargetError("Unable to resume snapshot source until handover completes.");
+    const src = this.handoverSource;
+    if (src && !src.table.suspended) throw new TargetError("Unable to perform snapshot handover until source is suspended.");
+  }
+
+  async resume(): Promise<void> {
+    const src = this.handoverSource;
+    if (src) {
+      // Quiesce the origin device so no pending exception of the source completes into the store
+      // while it changes owner (R12): origin writes drain, copies finish, commits land.
+      const originTable = this.originEntry.originTable;
+      if (originTable) await originTable.internalSuspend();
+      try {
+        this.takeOverExceptions(src);
+      } finally {
+        originTable?.internalResume();
+      }
+    }
     this.active = true;
     this.originEntry.sort();
   }
 
+  /** __handover_exceptions: the store and the complete table move; the source becomes invalid. */
+  private takeOverExceptions(src: SnapshotTarget): void {
+    if (src.pending.size > 0) throw new Error(`snapshot handover with ${src.pending.size} pending exceptions`);
+    const overflowPreference = this.store.userspaceSupportsOverflow;
+    [this.store, src.store] = [src.store, this.store];
+    [this.complete, src.complete] = [src.complete, this.complete];
+    // The destination keeps its own table's PO/P choice for the store it now owns.
+    (this.store as { userspaceSupportsOverflow: boolean }).userspaceSupportsOverflow = overflowPreference;
+    this.valid = src.valid;
+    this.overflowed = src.overflowed;
+    this.setChunkLimits();
+    src.valid = false;
+    src.handoverDestination = null;
+    this.handoverSource = null;
+  }
+
   async dtr(): Promise<void> {
+    if (this.handoverDestination) {
+      this.logger.warn("Cancelling snapshot handover.", { device: this.table.deviceName });
+      this.handoverDestination.valid = false;
+      this.handoverDestination.handoverSource = null;
+      this.handoverDestination = null;
+    }
+    if (this.handoverSource) {
+      this.handoverSource.handoverDestination = null;
+      this.handoverSource = null;
+    }
     this.originEntry?.remove(this);
     while (this.alive > 0) await new Promise<void>((r) => this.aliveWaiters.push(r));
     await this.copierClient?.destroy();

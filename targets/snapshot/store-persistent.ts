@@ -83,7 +83,7 @@ export class PersistentStore implements ExceptionStore {
   /** Merge-path and load-path area I/O in flight (for drain). */
   private readonly directIo = new Set<Promise<unknown>>();
 
-  constructor(params: StoreParams, readonly userspaceSupportsOverflow: boolean) {
+  constructor(params: StoreParams, public userspaceSupportsOverflow: boolean) {
     this.cow = params.cow;
     this.chunkSize = params.chunkSize;
     this.blockSizes = params.blockSizes;
