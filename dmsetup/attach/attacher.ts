@@ -31,8 +31,8 @@ export interface AttacherOptions {
   /** The daemon's NBD unix socket (kernel nbd connects to it). */
   nbdSocket: string;
   nbdUri(name: string): string;
-  /** NBD connections open on an export: detach waits for its own to be gone. */
-  nbdConnections(name: string): number;
+  /** Resolves once the export's NBD connections (our own nbdfuse's) have closed. */
+  nbdExportIdle(name: string): Promise<boolean>;
   /** Where the NAME → device symlinks go, e.g. /dev/udm or /dev/mapper. */
   devDir: string;
   /** Attach on activation, detach on remove. */
@@ -107,7 +107,7 @@ export class Attacher {
       await asDmError(a.teardown(force));
       this.attached.delete(md);
       // So that a `remove` right after finds the export free (and the device closed).
-      for (let i = 0; i < 100 && this.opts.nbdConnections(md.name) > 0; i++) await sleep(20);
+      await this.opts.nbdExportIdle(md.name);
       this.opts.logger.info("detached", { device: md.name, path: a.path });
     });
   }
@@ -217,4 +217,3 @@ function tryQuietly(fn: () => void): void {
   }
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -66,7 +66,7 @@ export class Daemon {
         runDir: paths.dir,
         nbdSocket: paths.nbd,
         nbdUri: (name) => this.nbdUri(name),
-        nbdConnections: (name) => this.nbd.connectionCount(name),
+        nbdExportIdle: (name) => this.nbd.exportIdle(name),
         devDir: this.opts.devDir ?? "/dev/udm",
         auto: this.opts.autoAttach ?? false,
       });

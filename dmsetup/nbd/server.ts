@@ -83,6 +83,21 @@ export class NbdServer {
   }
 
   /**
+   * Resolves true once every connection now open on export `name` has closed, or false after
+   * `timeoutMs` (a client that does not let go must not block its caller forever).
+   */
+  async exportIdle(name: string, timeoutMs = 2000): Promise<boolean> {
+    const open = [...this.connections].filter((c) => c.exportName === name);
+    if (open.length === 0) return true;
+    let timer: NodeJS.Timeout | undefined;
+    const gaveUp = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), timeoutMs)));
+    const closed = Promise.all(open.map((c) => c.closed)).then(() => true);
+    const result = await Promise.race([closed, gaveUp]);
+    clearTimeout(timer);
+    return result;
+  }
+
+  /**
    * End every connection on export `name`: in-flight requests are answered (for at most
    * closeGraceMs: a suspended device may hold them), new ones get ESHUTDOWN, then the socket
    * closes and the device's open count drops. Safe to call before or after removing the device.
