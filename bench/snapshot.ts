@@ -17,6 +17,13 @@
  *    (bench/exception-table.ts) and a whole snapshot loaded from a COW file holding 10^6.
  * 4. Time to reactivate (construct) a persistent snapshot whose COW file holds 10^6 exceptions
  *    (made directly in the kernel format with cowImageChunks). Target ≤ 1 s.
+ * 5. Merge throughput (`snapshot-merge`, MiB/s of merged data, from the resume that starts it to
+ *    the event that ends it) next to a plain copy of the same size in the same run: the same
+ *    copier copying the same bytes from the COW file onto the origin file in one job, then one
+ *    fdatasync. Two layouts: every chunk of the origin written through the snapshot with 64 KiB
+ *    writes (consecutive records: batches of up to 256 chunks = 1 MiB, one origin flush and one
+ *    metadata write each), and a smaller origin written with 4 KiB writes in a random order (one
+ *    chunk per batch: the worst case, two flushes per 4 KiB). No goal: a report.
  *
  * Memory figures are taken after full GCs (gc is exposed at run time if node was started without
  * --expose-gc).
@@ -27,11 +34,12 @@ import path from "node:path";
 import { pathToFileURL } from "node:url";
 import v8 from "node:v8";
 import vm from "node:vm";
-import { type Bio, BioFlags } from "../core/bio.js";
+import { type Bio, BioFlags, flushBio, submitAndWait } from "../core/bio.js";
 import type { BackingDevices } from "../core/device-manager.js";
 import { systemBackingDevices } from "../core/device-manager.js";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
 import type { BlockDevice, OpenMode } from "../core/devices/block-device.js";
+import { Copier } from "../core/copier.js";
 import { createDeviceMapper } from "../index.js";
 import { cowImageChunks } from "../targets/snapshot/cow-image.js";
 import { type Filesystem, filesystemOf, median, MiB, pickDataDir } from "./micro.js";
@@ -64,6 +72,12 @@ export interface SnapshotBenchOptions {
   exceptions: number;
   /** Repetitions of the reactivation (median reported). */
   reactivations: number;
+  /** Origin size merged with consecutive records (default: originBytes). */
+  mergeBytes?: number;
+  /** Origin size merged with scattered records, one chunk per batch (default: originBytes / 16, at least 1 MiB). */
+  mergeScatteredBytes?: number;
+  /** Repetitions of each merge layout (default 1; median reported). */
+  mergeRepetitions?: number;
   /** Directory for the files (default: pickDataDir). */
   dir?: string;
   log?: (message: string) => void;
@@ -76,6 +90,9 @@ export const FULL_OPTIONS: SnapshotBenchOptions = {
   flushOriginBytes: 16 * MiB,
   exceptions: 1_000_000,
   reactivations: 3,
+  mergeBytes: 64 * MiB,
+  mergeScatteredBytes: 4 * MiB,
+  mergeRepetitions: 3,
 };
 
 export const QUICK_OPTIONS: SnapshotBenchOptions = {
@@ -85,6 +102,9 @@ export const QUICK_OPTIONS: SnapshotBenchOptions = {
   flushOriginBytes: 4 * MiB,
   exceptions: 1_000_000,
   reactivations: 1,
+  mergeBytes: 16 * MiB,
+  mergeScatteredBytes: 1 * MiB,
+  mergeRepetitions: 1,
 };
 
 export interface PassResult {
@@ -116,6 +136,23 @@ export interface SnapshotBenchResult {
   reactivateSeconds: number;
   removeSeconds: number;
   cowBytes: number;
+  merge: MergeResult[];
+}
+
+export interface MergeResult {
+  layout: "runs" | "scattered";
+  /** Bytes of merged data (= exceptions × chunk size). */
+  bytes: number;
+  exceptions: number;
+  /** Merge batches (copies, each with an origin flush and a metadata write). */
+  batches: number;
+  /** Medians over the repetitions. */
+  mergeSeconds: number;
+  mergeMibps: number;
+  copySeconds: number;
+  copyMibps: number;
+  /** Per repetition: plain copy time / merge time. */
+  ratios: number[];
 }
 
 // ---- GC and memory ----
@@ -426,6 +463,104 @@ async function reactivation(dir: string, opts: SnapshotBenchOptions, gc: Gc, log
   return { reactivateSeconds: median(times), removeSeconds: median(removes), snapshotBytesPerException: median(perException), cowBytes: img.cowBytes };
 }
 
+// ---- merge ----
+
+/** A plain copy: `bytes` from `srcFile` at `srcSector` onto `destFile` at sector 0 with the copier, then one flush. */
+async function plainCopy(srcFile: string, srcSector: number, destFile: string, bytes: number): Promise<number> {
+  const src = await systemBackingDevices.open(srcFile, { mode: "r" });
+  const dest = await systemBackingDevices.open(destFile, { mode: "rw" });
+  const client = new Copier().client("bench plain copy");
+  try {
+    const t0 = performance.now();
+    await new Promise<void>((resolve, reject) => {
+      client.copy({ device: src, sector: srcSector, sectors: bytes / 512 }, [{ device: dest, sector: 0 }], (readErr, writeErr) =>
+        readErr || writeErr ? reject(new Error("plain copy failed")) : resolve(),
+      );
+    });
+    await submitAndWait(dest, flushBio());
+    return (performance.now() - t0) / 1000;
+  } finally {
+    await client.destroy();
+    await src.close();
+    await dest.close();
+  }
+}
+
+/**
+ * One merge of `layout`: a fresh snapshot of a random origin of `bytes`, every chunk written
+ * through the snapshot (64 KiB writes in order for "runs", 4 KiB in a random order for
+ * "scattered"), files synced; then the plain copy of the same bytes, then the merge (load the
+ * snapshot-merge table on the origin's device, suspend the snapshot, resume; until the event).
+ */
+async function mergeOnce(dir: string, bytes: number, layout: MergeResult["layout"], seed: number) {
+  const origin = path.join(dir, "origin-merge.img");
+  const cow = path.join(dir, "cow-merge.img");
+  fillRandom(origin, bytes);
+  const chunks = bytes / CHUNK_BYTES;
+  sparseFile(cow, cowBytesFor(chunks));
+  const sectors = bytes / 512;
+  const dm = createDeviceMapper();
+  try {
+    await dm.create("base", { table: `0 ${sectors} snapshot-origin ${origin}` });
+    await dm.suspend("base");
+    await dm.create("snap", { table: `0 ${sectors} snapshot ${origin} ${cow} P ${CS}` });
+    await dm.resume("base");
+    const snap = dm.open("snap");
+    if (layout === "runs") await writePass(snap, permutation(bytes / (64 * 1024), 1).sort(), 64 * 1024, 16);
+    else await writePass(snap, permutation(chunks, seed), CHUNK_BYTES, 16);
+    await snap.close();
+    syncFiles([origin, cow]);
+    const copySeconds = await plainCopy(cow, 2 * CS, origin, bytes);
+    const md = dm.device("base");
+    await dm.load("base", `0 ${sectors} snapshot-merge ${origin} ${cow} P ${CS}`);
+    await dm.suspend("snap");
+    const from = md.eventNr;
+    const t0 = performance.now();
+    await dm.resume("base");
+    await md.waitEvent(from);
+    const mergeSeconds = (performance.now() - t0) / 1000;
+    const status = dm.status("base")[0]!.params;
+    const m = /^(\d+)\/\d+ (\d+)$/.exec(status);
+    if (!m || m[1] !== m[2]) throw new Error(`merge did not finish: status '${status}'`);
+    const batches = (md.live!.targets[0] as unknown as { mergedBatches: number }).mergedBatches;
+    return { copySeconds, mergeSeconds, batches, exceptions: chunks };
+  } finally {
+    await dm.close();
+    fs.rmSync(origin, { force: true });
+    fs.rmSync(cow, { force: true });
+  }
+}
+
+export async function mergeThroughput(dir: string, opts: SnapshotBenchOptions, log: (m: string) => void): Promise<MergeResult[]> {
+  const layouts: [MergeResult["layout"], number][] = [
+    ["runs", opts.mergeBytes ?? opts.originBytes],
+    ["scattered", opts.mergeScatteredBytes ?? Math.max(MiB, opts.originBytes / 16)],
+  ];
+  const results: MergeResult[] = [];
+  for (const [layout, bytes] of layouts) {
+    const reps: Awaited<ReturnType<typeof mergeOnce>>[] = [];
+    for (let rep = 0; rep < Math.max(1, opts.mergeRepetitions ?? 1); rep++) {
+      const r = await mergeOnce(dir, bytes, layout, 11 + rep);
+      reps.push(r);
+      log(`snapshot bench: merge (${layout}), repetition ${rep + 1}: ${(bytes / MiB / r.mergeSeconds).toFixed(1)} MiB/s in ${r.batches} batches; plain copy ${(bytes / MiB / r.copySeconds).toFixed(1)} MiB/s`);
+    }
+    const mergeSeconds = median(reps.map((r) => r.mergeSeconds));
+    const copySeconds = median(reps.map((r) => r.copySeconds));
+    results.push({
+      layout,
+      bytes,
+      exceptions: reps[0]!.exceptions,
+      batches: reps[0]!.batches,
+      mergeSeconds,
+      mergeMibps: bytes / MiB / mergeSeconds,
+      copySeconds,
+      copyMibps: bytes / MiB / copySeconds,
+      ratios: reps.map((r) => r.copySeconds / r.mergeSeconds),
+    });
+  }
+  return results;
+}
+
 export async function runSnapshotBenchmark(opts: SnapshotBenchOptions): Promise<SnapshotBenchResult> {
   const log = opts.log ?? (() => undefined);
   const gc = ensureGc();
@@ -439,7 +574,9 @@ export async function runSnapshotBenchmark(opts: SnapshotBenchOptions): Promise<
     const { benchExceptionTable } = await import("./exception-table.js");
     const table = await benchExceptionTable(opts.exceptions);
     const react = await reactivation(dir, opts, gc, log);
+    const merge = await mergeThroughput(dir, opts, log);
     return {
+      merge,
       dataDir,
       filesystem: filesystemOf(dataDir),
       options: opts,
@@ -513,6 +650,15 @@ export function snapshotRows(r: SnapshotBenchResult): SnapshotRow[] {
     goal: `<= ${g.reactivateSeconds} s`,
     result: verdict(r.reactivateSeconds <= g.reactivateSeconds),
   });
+  for (const m of r.merge) {
+    const what = m.layout === "runs" ? "64 KiB snapshot writes in order" : "4 KiB snapshot writes in a random order";
+    rows.push({
+      measure: `merge ${fmt(m.bytes / MiB, 0)} MiB (${m.exceptions.toLocaleString("en-US")} exceptions from ${what}; ${m.batches.toLocaleString("en-US")} batches) vs a plain copy of the same size`,
+      value: `${fmt(m.mergeMibps)} MiB/s vs ${fmt(m.copyMibps)} MiB/s (${fmt(median(m.ratios), median(m.ratios) < 0.1 ? 4 : 2)}×; ${fmt((1000 * m.mergeSeconds) / m.batches, 2)} ms per batch)`,
+      goal: "",
+      result: "",
+    });
+  }
   return rows;
 }
 
@@ -534,6 +680,7 @@ export function describeSnapshotRun(r: SnapshotBenchResult, quick: boolean): str
     `throughput: ${o.originBytes / MiB} MiB origin of random bytes; the first pass writes every chunk once in a random order, the second (rewrite) every chunk ${o.rewriteRounds} times; MiB/s: median of ${o.repetitions} repetition(s); ratios: median of the per-repetition ratios (each repetition runs all three configurations back to back, order rotated); files fdatasynced between passes (untimed)`,
     `metadata flushes: first-write pass over a fresh snapshot of a ${o.flushOriginBytes / MiB} MiB origin; PREFLUSH|FUA writes counted on the COW device`,
     `memory and reactivation: ${o.exceptions.toLocaleString("en-US")} exceptions with scattered origin chunks; resident = heapUsed + arrayBuffers after full GCs; reactivation median of ${o.reactivations}, COW file in the page cache`,
+    `merge: MiB/s of merged data from the resume of the snapshot-merge table to its completion event (each batch: copy, origin fdatasync, metadata write with PREFLUSH+FUA); plain copy: the same bytes from the COW file onto the origin file in one copier job, then one fdatasync; median of ${Math.max(1, o.mergeRepetitions ?? 1)} repetition(s), ratio = plain-copy time / merge time`,
   ];
 }
 

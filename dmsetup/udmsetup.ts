@@ -32,12 +32,15 @@ Commands (as dmsetup):
 udm extras:
   attach NAME            expose NAME as a kernel block device (root), print its path
   detach NAME            undo attach
+  merge ORIGIN SNAPSHOT  merge SNAPSHOT back into ORIGIN (snapshot-merge), with progress;
+                         ORIGIN ends as snapshot-origin
   daemon [--foreground]  run udmd (in the background unless --foreground)
 `;
 
 const io: Io = {
   out: (t) => void process.stdout.write(t),
   err: (t) => void process.stderr.write(t),
+  tty: process.stdout.isTTY === true,
   readStdin: async () => {
     const chunks: Buffer[] = [];
     for await (const c of process.stdin) chunks.push(c as Buffer);
@@ -99,6 +102,7 @@ async function main(argv: string[]): Promise<number> {
       case "version": await cmds.version(); break;
       case "attach": await cmds.attach(args); break;
       case "detach": await cmds.detach(args); break;
+      case "merge": await cmds.merge(args); break;
       default:
         io.err("Unknown command.\n");
         return 1;

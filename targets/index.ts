@@ -3,6 +3,7 @@ import { ErrorTarget } from "./error.js";
 import { LinearTarget } from "./linear.js";
 import { SnapshotOriginTarget } from "./snapshot/origin.js";
 import { SnapshotTarget } from "./snapshot/snapshot.js";
+import { SnapshotMergeTarget } from "./snapshot/merge.js";
 import { StripedTarget } from "./striped.js";
 import { ZeroTarget } from "./zero.js";
 import { DelayTarget } from "./delay.js";
@@ -10,9 +11,9 @@ import { DustTarget } from "./dust.js";
 import { FlakeyTarget } from "./flakey.js";
 
 export { DelayTarget, DustTarget, FlakeyTarget };
-export { ErrorTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget, StripedTarget, ZeroTarget };
+export { ErrorTarget, LinearTarget, SnapshotMergeTarget, SnapshotOriginTarget, SnapshotTarget, StripedTarget, ZeroTarget };
 
 import { LogWritesTarget } from "./log-writes/target.js";
 export { LogWritesTarget };
 
-export const builtinTargets = [ErrorTarget, ZeroTarget, StripedTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget, FlakeyTarget, DelayTarget, DustTarget, LogWritesTarget];
+export const builtinTargets = [ErrorTarget, ZeroTarget, StripedTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget, SnapshotMergeTarget, FlakeyTarget, DelayTarget, DustTarget, LogWritesTarget];

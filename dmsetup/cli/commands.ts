@@ -27,6 +27,8 @@ export interface Io {
   out(text: string): void;
   err(text: string): void;
   readStdin(): Promise<string>;
+  /** stdout is a terminal: `merge` draws a progress bar instead of printing lines. */
+  tty?: boolean;
 }
 
 type Info = DeviceInfo & { nbdUri?: string; attached?: string };
@@ -307,6 +309,126 @@ export class Commands {
     if (!Number.isSafeInteger(eventNr) || eventNr < 0) throw new UsageError(`wait: invalid event number '${eventText}'`);
     await this.call("waitevent", name, "wait", { name, eventNr });
     if (this.opts.verbose) await this.info([name]);
+  }
+
+  /**
+   * `merge ORIGIN SNAPSHOT` (udm extra): what `lvconvert --merge` does with an active origin. Load
+   * `snapshot-merge` (the snapshot's own arguments) on ORIGIN, suspend SNAPSHOT, resume ORIGIN (the
+   * merge takes over the snapshot's store and starts), remove the old snapshot device, follow the
+   * merge through ORIGIN's status (allocated counts down to metadata) and events, then reload
+   * ORIGIN as `snapshot-origin` and print its table.
+   */
+  async merge(args: string[]): Promise<void> {
+    const [origin, snapshot] = args;
+    if (!origin || !snapshot || args.length > 2) throw new UsageError("merge: ORIGIN and SNAPSHOT device names required");
+    const fail = (message: string): CommandFailed => {
+      this.io.err(`${message}\n`);
+      return new CommandFailed(message);
+    };
+    const originLines = (await this.call("table", origin, "table", { name: origin })) as TableLine[];
+    const snapLines = (await this.call("table", snapshot, "table", { name: snapshot })) as TableLine[];
+    const o = originLines[0];
+    const sn = snapLines[0];
+    if (originLines.length !== 1 || o!.type !== "snapshot-origin") throw fail(`${origin}: not a snapshot-origin device`);
+    if (snapLines.length !== 1 || sn!.type !== "snapshot") throw fail(`${snapshot}: not a snapshot device`);
+    const [realDev, , store, chunkText] = sn!.params.split(/\s+/);
+    if (realDev !== o!.params.trim() || sn!.length !== o!.length) throw fail(`${snapshot} is not a snapshot of ${origin}`);
+    if (!store?.toUpperCase().startsWith("P")) throw fail(`${snapshot}: only persistent snapshots (P, PO) can be merged`);
+    const snapStatus = ((await this.call("status", snapshot, "status", { name: snapshot })) as TableLine[])[0]!.params;
+    if (snapStatus === "Invalid") throw fail(`Unable to merge invalidated snapshot ${snapshot}.`);
+    const chunk = Number(chunkText) || 1;
+    /** Records not merged yet, from a status line: (allocated − metadata) / chunk size. */
+    const recordsLeft = (params: string): number | null => {
+      const m = /^(\d+)\/\d+ (\d+)$/.exec(params);
+      return m ? Math.max(0, (Number(m[1]) - Number(m[2])) / chunk) : null;
+    };
+
+    // Hand over and start: load, suspend the snapshot (the handover source), resume the origin.
+    await this.call("reload", origin, "load", { name: origin, table: [{ start: 0, length: o!.length, type: "snapshot-merge", params: sn!.params }] });
+    let eventNr: number;
+    try {
+      eventNr = ((await this.call("info", origin, "info", { name: origin })) as Info).eventNr;
+      await this.call("suspend", snapshot, "suspend", { name: snapshot });
+    } catch (err) {
+      await this.client.request("clear", { name: origin }).catch(() => undefined);
+      throw err;
+    }
+    try {
+      await this.call("resume", origin, "resume", { name: origin });
+    } catch (err) {
+      // The merge table may be live but suspended: put the origin back as it was.
+      await this.client.request("load", { name: origin, table: [o!] }).catch(() => undefined);
+      await this.client.request("resume", { name: origin }).catch(() => undefined);
+      await this.client.request("resume", { name: snapshot }).catch(() => undefined);
+      throw err;
+    }
+    // The old snapshot device gave its store away and fails all I/O: remove it, as LVM does.
+    await this.client.request("remove", { name: snapshot }).catch((err: unknown) => {
+      this.io.err(`${snapshot}: not removed (${(err as Error).message}); it fails all I/O now, remove it once it is closed\n`);
+    });
+
+    // Follow the merge: status after every event, and at least every so often for the progress.
+    const status = async () => ((await this.call("status", origin, "status", { name: origin })) as TableLine[])[0]!.params;
+    let waiter: Promise<unknown> | null = null;
+    const nextEvent = () => {
+      waiter ??= this.client.request("wait", { name: origin, eventNr }).then(
+        (r) => {
+          eventNr = (r as { info: Info }).info.eventNr;
+          waiter = null;
+        },
+        () => undefined,
+      );
+      return waiter;
+    };
+    const interval = this.io.tty ? 100 : 1000;
+    let total = recordsLeft(snapStatus) ?? -1;
+    let shown = "";
+    const show = (left: number) => {
+      const done = total > 0 ? (total - left) / total : 1;
+      const pct = Math.floor(done * 100);
+      if (this.io.tty) {
+        const width = 30;
+        const filled = Math.round(done * width);
+        this.io.out(`\r${origin}: merging [${"#".repeat(filled)}${"-".repeat(width - filled)}] ${String(pct).padStart(3)}% (${total - left}/${total} chunks)`);
+        return;
+      }
+      const line = `${origin}: ${pct}% merged (${left} of ${total} chunks left)`;
+      if (line !== shown) this.io.out(`${line}\n`);
+      shown = line;
+    };
+    const startEvent = eventNr;
+    for (let first = true; ; first = false) {
+      const s = await status();
+      const left = recordsLeft(s);
+      if (s === "Overflow") {
+        // A PO snapshot that overflowed keeps saying so: no numbers to follow, only the merge's
+        // event (any failure would show as `Merge failed` instead).
+        if (first && !this.io.tty) this.io.out(`${origin}: merging ${snapshot} (status Overflow: no progress to show)\n`);
+        if (eventNr !== startEvent) break;
+        await nextEvent();
+        continue;
+      }
+      if (left === null) {
+        if (this.io.tty && !first) this.io.out("\n");
+        throw fail(`${origin}: merge of ${snapshot} stopped: status '${s}' (see the daemon's log); ${origin} keeps its snapshot-merge table`);
+      }
+      if (first) {
+        if (total < left) total = left;
+        if (!this.io.tty) this.io.out(`${origin}: merging ${snapshot} (${total} chunks)\n`);
+      }
+      show(left);
+      if (left === 0) break;
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([nextEvent(), new Promise<void>((resolve) => (timer = setTimeout(resolve, interval)))]);
+      clearTimeout(timer);
+    }
+    if (this.io.tty) this.io.out(total >= 0 ? "\n" : "");
+    else this.io.out(`${origin}: merge complete\n`);
+
+    // Back to a plain origin, and show it.
+    await this.call("reload", origin, "load", { name: origin, table: [o!] });
+    await this.call("resume", origin, "resume", { name: origin });
+    this.io.out(formatTableLines((await this.call("table", origin, "table", { name: origin })) as TableLine[]));
   }
 
   async version(): Promise<void> {

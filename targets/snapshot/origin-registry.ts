@@ -55,6 +55,31 @@ export class Origin<S extends OriginSnapshot = OriginSnapshot> {
 
 const origins = new WeakMap<BlockDevice, Origin<any>>();
 
+/**
+ * `_pending_exceptions_done_count`: goes up every time any pending exception of any snapshot
+ * finishes (successfully or not). A merge that triggered copies in other snapshots before a batch
+ * (R9) waits for it to change and then looks again, as the kernel does.
+ */
+let exceptionsDone = 0;
+let exceptionsDoneWaiters: (() => void)[] = [];
+
+export function pendingExceptionDone(): void {
+  exceptionsDone++;
+  const wake = exceptionsDoneWaiters;
+  exceptionsDoneWaiters = [];
+  for (const w of wake) w();
+}
+
+export function pendingExceptionsDoneCount(): number {
+  return exceptionsDone;
+}
+
+/** Resolves once the done count differs from `seen` (at once if it already does). */
+export function whenPendingExceptionDone(seen: number): Promise<void> {
+  if (exceptionsDone !== seen) return Promise.resolve();
+  return new Promise((resolve) => exceptionsDoneWaiters.push(resolve));
+}
+
 export function originOf<S extends OriginSnapshot>(device: BlockDevice, create = false): Origin<S> | undefined {
   let o = origins.get(device);
   if (!o && create) {

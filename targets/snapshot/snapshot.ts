@@ -12,14 +12,14 @@
  */
 import { Bio, BioFlags } from "../../core/bio.js";
 import { type CopierClient, type Copier, MAX_COPY_DESTS } from "../../core/copier.js";
-import type { BlockDevice } from "../../core/devices/block-device.js";
+import type { BlockDevice, OpenMode } from "../../core/devices/block-device.js";
 import type { Logger } from "../../core/logger.js";
 import { ArgReader } from "../../core/args.js";
 import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
 import { ExceptionTable } from "./exception-table.js";
-import { originOf, type Origin, type OriginSnapshot } from "./origin-registry.js";
+import { originOf, type Origin, type OriginSnapshot, pendingExceptionDone } from "./origin-registry.js";
 import { InOrderGate, PendingException } from "./pending.js";
 import { createExceptionStore, type ExceptionStore } from "./store.js";
 import { type TrackContext, TrackedChunks } from "./tracked-chunks.js";
@@ -51,16 +51,16 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   /** Copies in progress, for COW throttling (§7.7). */
   inProgress = 0;
   private readonly throttled: (() => void)[] = [];
-  private copierClient!: CopierClient;
+  protected copierClient!: CopierClient;
   /** Handover: the active snapshot whose store this (inactive) one takes at resume, and back. */
   handoverSource: SnapshotTarget | null = null;
   handoverDestination: SnapshotTarget | null = null;
-  private originEntry!: Origin<SnapshotTarget>;
+  protected originEntry!: Origin<SnapshotTarget>;
 
   constructor(
     private readonly devices: DeviceLookup,
     private readonly copier: Copier,
-    private readonly logger: Logger,
+    protected readonly logger: Logger,
   ) {
     super();
   }
@@ -76,7 +76,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     const [originPath, cowPath] = args as [string, string];
     // The snapshot only reads the origin; writes to it go through snapshot-origin.
     try {
-      this.origin = await this.devices.get(originPath, "r");
+      this.origin = await this.devices.get(originPath, this.originMode());
     } catch (err) {
       throw new TargetError("Cannot get origin device", (err as { code?: string }).code ?? "EINVAL");
     }
@@ -114,6 +114,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     if (sharing.length >= 2 || sharing.some((s) => !s.active)) {
       throw new TargetError("Snapshot cow pairing for exception table handover failed");
     }
+    this.checkHandover(source ?? null);
     this.numFlushBios = 1;
     if (this.discardZeroesCow) this.numDiscardBios = this.discardPassdownOrigin ? 2 : 1;
     this.copierClient = this.copier.client(`snapshot ${this.table.deviceName}`);
@@ -139,7 +140,19 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     this.originEntry.add(this);
   }
 
-  private setChunkLimits(): void {
+  /** How the origin is opened: read-only here (writes to it go through snapshot-origin). */
+  protected originMode(): OpenMode {
+    return "r";
+  }
+
+  /**
+   * Extra conditions on the table's role, checked once the handover pairing is known and before the
+   * snapshot registers with its origin: `source` is the active snapshot whose store this table
+   * takes over at resume, or null. A plain snapshot has none; snapshot-merge adds its own.
+   */
+  protected checkHandover(_source: SnapshotTarget | null): void {}
+
+  protected setChunkLimits(): void {
     this.maxIoLen = this.store.chunkSize;
     // A discard never spans chunks (the kernel's io_hints: max_discard_sectors = chunk size).
     this.maxDiscardSectors = this.store.chunkSize;
@@ -171,18 +184,48 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     const src = this.handoverSource;
     if (src) {
       // Quiesce the origin device so no pending exception of the source completes into the store
-      // while it changes owner (R12): origin writes drain, copies finish, commits land.
-      const originTable = this.originEntry.originTable;
+      // while it changes owner (R12): origin writes drain, copies finish, commits land. When the
+      // origin's device is a snapshot-merge rather than a snapshot-origin, it is the merging
+      // snapshot's device, and its merge is stopped across the swap as well (R13).
+      let originTable = this.originEntry.originTable;
+      let merging: SnapshotTarget | null = null;
+      if (!originTable) {
+        merging = this.originEntry.snapshots.find((s) => s.isMerge && s !== this) ?? null;
+        originTable = merging?.table ?? null;
+      }
+      if (originTable && originTable.deviceName === this.table.deviceName) {
+        originTable = null;
+        merging = null;
+      }
+      let restartMerge = false;
       if (originTable) await originTable.internalSuspend();
       try {
+        if (merging?.mergeRunning) {
+          restartMerge = true;
+          await merging.stopMerge();
+        }
         this.takeOverExceptions(src);
       } finally {
+        if (restartMerge) merging!.startMerge();
         originTable?.internalResume();
       }
     }
     this.active = true;
     this.originEntry.sort();
   }
+
+  // ---- merge control (snapshot-merge overrides these; a plain snapshot never merges) ----
+
+  /** A merge loop is running (RUNNING_MERGE). */
+  get mergeRunning(): boolean {
+    return false;
+  }
+
+  /** stop_merge: ask the merge to stop after its current batch and wait until it has. */
+  async stopMerge(): Promise<void> {}
+
+  /** start_merge: start the merge loop unless it runs already. */
+  startMerge(): void {}
 
   /** __handover_exceptions: the store and the complete table move; the source becomes invalid. */
   private takeOverExceptions(src: SnapshotTarget): void {
@@ -438,6 +481,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       full?.complete("ok");
       for (const b of snapshotBios) b.device!.submit(b);
     }
+    // A merge waiting for other snapshots to preserve its next batch looks again (R9).
+    pendingExceptionDone();
     // Origin writes are retried, never failed: an invalid snapshot no longer holds them back.
     for (const b of originBios) originRetry(this.originEntry, b, false);
     if (--this.alive === 0) for (const w of this.aliveWaiters.splice(0)) w();

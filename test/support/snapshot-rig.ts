@@ -46,6 +46,8 @@ export interface RigOptions {
   snaps: SnapSpec[];
   /** Seed of the origin's initial contents. */
   seed?: number;
+  /** Options of the origin's ControlledDevice (e.g. a volatile write cache). */
+  originOptions?: ControlledDeviceOptions;
 }
 
 export interface Rig {
@@ -76,7 +78,7 @@ export async function snapshotRig(opts: RigOptions): Promise<Rig> {
   const dm = createDeviceMapper({ backing, logger });
   registerProbe(dm);
   const size = opts.originSectors;
-  const origin = backing.add("origin", new ControlledDevice(size, { name: "origin" }));
+  const origin = backing.add("origin", new ControlledDevice(size, { name: "origin", ...opts.originOptions }));
   const initial = pattern(opts.seed ?? 1, size * SECTOR_SIZE);
   origin.writeSync(0, initial);
   const cows: Record<string, ControlledDevice> = {};

@@ -16,6 +16,7 @@ describe("target registry", () => {
       "dust v1.0.0",
       "delay v1.5.0",
       "flakey v1.5.0",
+      "snapshot-merge v1.5.0",
       "snapshot v1.16.0",
       "snapshot-origin v1.9.0",
       "linear v1.5.0",
