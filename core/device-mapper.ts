@@ -395,6 +395,8 @@ function checkName(name: string, emptyMessage = "name not supplied when creating
   if (!name) throw new DmError("EINVAL", emptyMessage);
   if (Buffer.byteLength(name) > 127) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
   if (name.includes("/")) throw new DmError("EINVAL", "device name cannot contain '/'");
+  // Kernel names are C strings: a NUL would silently cut the name (and no NBD client could name it).
+  if (name.includes("\0")) throw new DmError("EINVAL", "device name cannot contain a NUL character");
   if (name === "control" || name === "." || name === "..") {
     throw new DmError("EINVAL", 'device name cannot be "control", ".", or ".."');
   }

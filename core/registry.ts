@@ -8,6 +8,7 @@ import { createRequire } from "node:module";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { inject, injectable, type DependencyContainer, type InjectionToken } from "tsyringe";
+import { DmError } from "./errors.js";
 import type { Target, TargetClass, TargetTypeInfo, TargetVersion } from "./target.js";
 
 const TARGET_INFO = Symbol.for("udm.targetInfo");
@@ -101,11 +102,12 @@ export class TargetRegistry {
    * exports, or none of them if any fails. Returns the names registered.
    */
   async loadPlugin(spec: string, baseDir = process.cwd()): Promise<string[]> {
+    if (spec.trim() === "") throw new DmError("EINVAL", "plugin: empty module name");
     let mod: Record<string, unknown>;
     try {
       mod = (await import(resolvePluginSpecifier(spec, baseDir))) as Record<string, unknown>;
     } catch (err) {
-      throw new Error(`plugin ${spec}: cannot load: ${(err as Error).message}`, { cause: err });
+      throw new DmError("ENOENT", `plugin ${spec}: cannot load: ${(err as Error).message}`, { cause: err });
     }
     const classes = Object.values(mod).filter((v): v is TargetClass => targetInfoOf(v) !== undefined);
     const before = new Set(this.types.map((t) => t.info.name));
@@ -114,10 +116,10 @@ export class TargetRegistry {
       if (typeof mod.register === "function") await (mod.register as (r: TargetRegistry) => unknown)(this);
     } catch (err) {
       for (const t of this.list()) if (!before.has(t.name)) this.unregister(t.name);
-      throw new Error(`plugin ${spec}: ${(err as Error).message}`, { cause: err });
+      throw new DmError("EINVAL", `plugin ${spec}: ${(err as Error).message}`, { cause: err });
     }
     const added = this.list().filter((t) => !before.has(t.name)).map((t) => t.name);
-    if (added.length === 0) throw new Error(`plugin ${spec}: exports no targets`);
+    if (added.length === 0) throw new DmError("EINVAL", `plugin ${spec}: exports no targets`);
     return added;
   }
 }

@@ -100,6 +100,8 @@ export class Table implements TableContext {
       throw new DmError("EINVAL", `target type ${this.specs[0]!.type} must appear alone in table`);
     }
     if (spec.length === 0) throw new DmError("EINVAL", "zero-length target");
+    // The kernel refuses ends past LLONG_MAX >> 9; sectors here are exact only up to 2^53.
+    if (spec.start + spec.length > Number.MAX_SAFE_INTEGER) throw new DmError("EINVAL", "too large device");
     const entry = opts.registry.get(spec.type);
     if (!entry) throw new DmError("EINVAL", `${spec.type}: unknown target type`);
     const fail = (msg: string, errno = "EINVAL") => new DmError(errno, `${spec.type}: ${msg}`);

@@ -102,7 +102,9 @@ export function parseRequest(line: string): Request {
   const id = req.id;
   if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0) throw new ProtocolError("request id must be a non-negative integer");
   const op = req.op;
-  if (typeof op !== "string" || !Object.hasOwn(FIELDS, op)) throw new ProtocolError(`unknown operation: ${String(op)}`, id);
+  if (op === undefined) throw new ProtocolError("request has no 'op' field", id);
+  if (typeof op !== "string") throw new ProtocolError("request 'op' must be a string", id);
+  if (!Object.hasOwn(FIELDS, op)) throw new ProtocolError(`unknown operation: ${op}`, id);
   const fields = FIELDS[op as Op];
   for (const key of Object.keys(req)) {
     if (key !== "id" && key !== "op" && !fields.some(([f]) => f === key)) throw new ProtocolError(`${op}: unexpected field '${key}'`, id);

@@ -191,7 +191,9 @@ export class NbdConnection implements BioEndIo {
     if (err instanceof NbdProtocolError) this.log().warn("nbd protocol error, closing connection", { error: message });
     else this.log().error("nbd connection failed", { error: message, stack: (err as Error)?.stack });
     this.stopped = true;
-    this.socket.destroy(); // a hard disconnect: the stream can no longer be trusted
+    // Nothing more is read (the stream can no longer be trusted), but the replies already queued
+    // for earlier messages (corked in this tick) still go out before the close.
+    this.endGracefully();
   }
 
   private enterTransmission(found: FoundExport): void {

@@ -187,6 +187,17 @@ export interface RequestParserOptions {
   maxPayload?: number;
 }
 
+/**
+ * A 64-bit byte offset as a number: exact below 2^53, and sector-aligned offsets stay exact up to
+ * 2^62 (past the end of the largest export, 2^53 - 1 sectors). An unaligned offset above 2^53
+ * would be rounded, possibly onto a sector boundary, and then served at the wrong place; it
+ * becomes +Infinity instead, which is unaligned and past the end of anything.
+ */
+function byteOffset(hi: number, lo: number): number {
+  const offset = hi * 0x1_0000_0000 + lo;
+  return Number.isSafeInteger(offset) || lo % 512 === 0 ? offset : Number.POSITIVE_INFINITY;
+}
+
 /** Transmission-phase requests: magic, flags, type, handle, offset, length, [WRITE payload]. */
 export class RequestParser extends IncrementalParser<NbdRequest> {
   private readonly maxPayload: number;
@@ -245,7 +256,7 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
       flags: b.readUInt16BE(at + 4),
       type: b.readUInt16BE(at + 6),
       handle: b.readBigUInt64BE(at + 8),
-      offset: b.readUInt32BE(at + 16) * 0x1_0000_0000 + b.readUInt32BE(at + 20),
+      offset: byteOffset(b.readUInt32BE(at + 16), b.readUInt32BE(at + 20)),
       length: b.readUInt32BE(at + 24),
       data: null,
       payloadDropped: false,

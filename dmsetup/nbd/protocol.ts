@@ -221,8 +221,9 @@ export interface NbdRequest {
   /** Opaque 64-bit cookie echoed in the reply. */
   handle: bigint;
   /**
-   * Byte offset. Exact up to 2^53; beyond that it is rounded, which is harmless because such an
-   * offset is past the end of any export and only ever answered with an error.
+   * Byte offset. Exact up to 2^53; beyond that, sector-aligned offsets are still exact (up to
+   * 2^62, past the end of any export) and unaligned ones are +Infinity (parser.ts), so an offset
+   * that was rounded is only ever answered with an error.
    */
   offset: number;
   length: number;

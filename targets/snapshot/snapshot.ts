@@ -205,6 +205,10 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
           await merging.stopMerge();
         }
         this.takeOverExceptions(src);
+        // Active before the origin's held writes are released: the source is invalid now, so a
+        // write released before this would skip both snapshots and overwrite uncopied chunks.
+        this.active = true;
+        this.originEntry.sort();
       } finally {
         if (restartMerge) merging!.startMerge();
         originTable?.internalResume();

@@ -108,3 +108,28 @@ describe("snapshot reload (handover)", () => {
     expect(dest.handoverSource).toBeNull();
   });
 });
+
+describe("handover under origin writes", () => {
+  it("origin writes held by the internal suspend are copied into the destination, never past it", async () => {
+    const { dm, io, base, snaps, initial, table, cows } = await rig();
+    const cow = cows.s!;
+    await dm.load("s", table);
+    await dm.suspend("s");
+    // An origin write in flight makes the handover's internal suspend hold the next ones.
+    cow.hold((bio) => bio.op === "write");
+    const first = io.write(base, 0, pattern(7, CS * 512));
+    await cow.waitForHeld(1);
+    const resuming = dm.resume("s");
+    await settleAll();
+    const held = [1, 2, 3].map((c) => io.write(base, c * CS, pattern(10 + c, CS * 512))); // queued behind the suspend
+    cow.stopHolding(cow.hold(() => false));
+    for (let i = 0; i < 50 && (first.completions === 0 || held.some((h) => h.completions === 0)); i++) {
+      for (const h of cow.held()) h.release();
+      await settleAll(1);
+    }
+    await resuming;
+    await Promise.all(held.map((h) => h.promise));
+    const snap = await io.read(snaps.s!, 0, 4 * CS).promise;
+    expect(snap.data.equals(initial.subarray(0, 4 * CS * 512))).toBe(true);
+  });
+});
