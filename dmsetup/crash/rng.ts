@@ -1,0 +1,61 @@
+/** A small seeded PRNG (sfc32): the same seed gives the same workload and the same crash points. */
+export class Rng {
+  private a = 0x9e3779b9;
+  private b = 0x243f6a88;
+  private c = 0xb7e15162;
+  private d: number;
+
+  constructor(readonly seed: number) {
+    this.d = seed >>> 0;
+    for (let i = 0; i < 15; i++) this.u32();
+  }
+
+  u32(): number {
+    const t = (((this.a + this.b) | 0) + this.d) | 0;
+    this.d = (this.d + 1) | 0;
+    this.a = this.b ^ (this.b >>> 9);
+    this.b = (this.c + (this.c << 3)) | 0;
+    this.c = (this.c << 21) | (this.c >>> 11);
+    this.c = (this.c + t) | 0;
+    return t >>> 0;
+  }
+
+  /** [0, 1) */
+  float(): number {
+    return this.u32() / 0x1_0000_0000;
+  }
+
+  /** An integer in [0, n). */
+  int(n: number): number {
+    return Math.floor(this.float() * n);
+  }
+
+  /** An integer in [lo, hi]. */
+  range(lo: number, hi: number): number {
+    return lo + this.int(hi - lo + 1);
+  }
+
+  chance(p: number): boolean {
+    return this.float() < p;
+  }
+
+  pick<T>(items: readonly T[]): T {
+    return items[this.int(items.length)]!;
+  }
+
+  /** Pick by weight; entries with weight 0 are never picked. */
+  weighted<T>(items: readonly (readonly [T, number])[]): T {
+    const total = items.reduce((n, [, w]) => n + w, 0);
+    let r = this.float() * total;
+    for (const [item, w] of items) {
+      if (r < w) return item;
+      r -= w;
+    }
+    return items.findLast(([, w]) => w > 0)![0];
+  }
+
+  /** An independent generator derived from this one. */
+  fork(): Rng {
+    return new Rng(this.u32());
+  }
+}
