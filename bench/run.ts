@@ -14,20 +14,33 @@
  *                  `npm run build` ships) or tsx (esbuild with keepNames, as `npm test` runs it)
  *   --no-snapshot  skip the snapshot benchmarks (bench/snapshot.ts), which otherwise run after the
  *                  micro-benchmark (not with --only); a full run records them in results.md too
+ *   --matrix       run only the benchmark matrix (bench/matrix.ts: udm over NBD against nbdkit,
+ *                  qemu-nbd and the raw file, driven by fio; several minutes in full). --quick runs
+ *                  a tiny matrix after the micro and snapshot benchmarks (--no-matrix skips it);
+ *                  with --matrix, --size / --seconds / --reps / --dir / --only apply to the matrix
+ *   --configs LIST matrix configurations to run (comma-separated ids or parts of ids, e.g.
+ *                  udm-linear,nbdkit-file; default all)
+ *   --profile DIR  matrix: start udmd under node --cpu-prof, profiles in DIR (bench/profile-top.ts)
+ *   --no-build     matrix: do not rebuild dist/ when it is older than the sources
  *
  * Profile with `node --import tsx --cpu-prof --cpu-prof-dir=DIR bench/run.ts --only ...`: each
  * engine process writes its own DIR/bench-<engine>-*.cpuprofile (summarise them with
  * bench/profile-top.ts).
  *
  * A full run (default size, duration, repetitions, workloads and engine processes) also records
- * its tables in bench/results.md, in the section for its mode (buffered or O_DIRECT).
+ * its tables in bench/results.md, in the section for its mode (buffered or O_DIRECT); a full
+ * `--matrix` run (default options, all configurations) records the Matrix section.
  */
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
-import { KiB, MiB, median, type MicroResult, type Row, runMicroBenchmark, type Side, WORKLOADS } from "./micro.js";
+import { bytesText, fmt, markdownTable, parseSize } from "./format.js";
+import {
+  describeMatrixRun, ensureBuilt, FULL_MATRIX, type MatrixOptions, type MatrixResult, matrixReport, matrixUnavailableReason, matrixVerdict, QUICK_MATRIX, recordMatrixResults, runMatrix,
+} from "./matrix.js";
+import { median, type MicroResult, MiB, type Row, runMicroBenchmark, type Side, WORKLOADS } from "./micro.js";
 import {
   describeSnapshotRun, FULL_OPTIONS, QUICK_OPTIONS, recordSnapshotResults, runSnapshotBenchmark, type SnapshotBenchResult, snapshotRows, snapshotTable,
 } from "./snapshot.js";
@@ -43,25 +56,6 @@ const consoleOutput: Output = {
   stdout: (t) => process.stdout.write(t + "\n"),
   stderr: (t) => process.stderr.write(t + "\n"),
 };
-
-function parseSize(text: string): number {
-  const m = /^(\d+)\s*([KMG]?)(i?B)?$/i.exec(text.trim());
-  if (!m) throw new Error(`bad size: ${text}`);
-  const unit = { "": 1, K: KiB, M: MiB, G: 1024 * MiB }[m[2]!.toUpperCase() as "" | "K" | "M" | "G"];
-  return Number(m[1]) * unit;
-}
-
-const fmt = (x: number, digits = 1) => x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
-const bytesText = (b: number) => (b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`);
-
-/** A Markdown table with padded columns: readable in a terminal and in results.md. */
-function markdownTable(header: string[], rows: string[][], rightAligned: Set<number>): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const line = (cells: string[]) =>
-    "| " + cells.map((c, i) => (rightAligned.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join(" | ") + " |";
-  const rule = "|" + widths.map((w, i) => (rightAligned.has(i) ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2))).join("|") + "|";
-  return [line(header), rule, ...rows.map(line)].join("\n");
-}
 
 /** PASS/MISS on the ratio of the medians; `*` when the median per-pair ratio says otherwise. */
 function verdict(r: Row): string {
@@ -146,12 +140,22 @@ function recordResults(file: string, result: MicroResult, description: string[],
   fs.writeFileSync(file, text);
 }
 
-export async function main(argv: string[], out: Output = consoleOutput): Promise<MicroResult & { snapshot?: SnapshotBenchResult }> {
+export interface BenchResult {
+  micro?: MicroResult;
+  snapshot?: SnapshotBenchResult;
+  matrix?: MatrixResult;
+  /** Why the matrix did not run (tools missing) in a --quick run. */
+  matrixSkipped?: string;
+}
+
+export async function main(argv: string[], out: Output = consoleOutput): Promise<BenchResult> {
   const { values } = parseArgs({
     args: argv,
     allowNegative: true,
     options: {
       snapshot: { type: "boolean", default: true },
+      matrix: { type: "boolean" },
+      build: { type: "boolean", default: true },
       quick: { type: "boolean", default: false },
       direct: { type: "boolean", default: false },
       json: { type: "boolean", default: false },
@@ -160,23 +164,70 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       reps: { type: "string" },
       dir: { type: "string" },
       only: { type: "string" },
+      configs: { type: "string" },
+      profile: { type: "string" },
       "in-process": { type: "boolean", default: false },
       loader: { type: "string", default: "tsc" },
     },
   });
   const quick = values.quick;
+  // --json keeps stdout machine-readable: everything for humans goes to stderr.
+  const print = values.json ? out.stderr : out.stdout;
+  const reps = values.reps ? Number(values.reps) : undefined;
+  if (reps !== undefined && (!Number.isInteger(reps) || reps < 3)) throw new Error("--reps must be an integer >= 3");
+  if (values.seconds && !(Number(values.seconds) > 0)) throw new Error("--seconds must be positive");
+
+  /** The matrix with this run's options; `only` applies to it when it runs alone. */
+  const matrix = async (alone: boolean): Promise<MatrixResult> => {
+    const defaults = quick ? QUICK_MATRIX : FULL_MATRIX;
+    const opts: MatrixOptions = {
+      ...defaults,
+      fileBytes: values.size ? parseSize(values.size) : defaults.fileBytes,
+      runtimeMs: values.seconds ? Number(values.seconds) * 1000 : defaults.runtimeMs,
+      warmupMs: values.seconds ? Math.min(defaults.warmupMs, Number(values.seconds) * 500) : defaults.warmupMs,
+      repetitions: reps ?? defaults.repetitions,
+      dir: values.dir,
+      configs: values.configs?.split(",").map((c) => c.trim()).filter(Boolean),
+      only: alone ? values.only : undefined,
+      profileDir: values.profile,
+      log: out.stderr,
+    };
+    if (values.build) ensureBuilt(out.stderr);
+    const result = await runMatrix(opts);
+    const description = describeMatrixRun(result, quick);
+    const report = matrixReport(result);
+    print("");
+    for (const d of description) print(d);
+    print("");
+    print(report);
+    print("");
+    print(matrixVerdict(result));
+    const defaultRun = !quick && !values.size && !values.seconds && !values.reps && !values.only && !values.configs && !values.profile && !values.dir;
+    if (alone && defaultRun) {
+      const file = path.join(import.meta.dirname, "results.md");
+      recordMatrixResults(file, result, description, report, "npm run bench -- --matrix");
+      print(`recorded in ${path.relative(process.cwd(), file)}`);
+    }
+    if (values.profile) print(`udmd CPU profiles in ${values.profile} (summarise: node --import tsx bench/profile-top.ts FILE)`);
+    return result;
+  };
+
+  if (values.matrix) {
+    const reason = matrixUnavailableReason();
+    if (reason) throw new Error(`the matrix cannot run here: ${reason}`);
+    const result = await matrix(true);
+    if (values.json) out.stdout(JSON.stringify(result, null, 2));
+    return { matrix: result };
+  }
+
   const fileBytes = values.size ? parseSize(values.size) : quick ? 8 * MiB : 256 * MiB;
   const repMs = values.seconds ? Number(values.seconds) * 1000 : quick ? 200 : 1500;
-  const repetitions = values.reps ? Number(values.reps) : quick ? 3 : 5;
+  const repetitions = reps ?? (quick ? 3 : 5);
   const only = values.only?.toLowerCase();
   const workloads = only ? WORKLOADS.filter((w) => w.name.toLowerCase().includes(only)) : WORKLOADS;
   if (workloads.length === 0) throw new Error(`--only ${values.only}: no such workload (${WORKLOADS.map((w) => w.name).join(", ")})`);
-  if (!(repMs > 0)) throw new Error("--seconds must be positive");
   const loader = values.loader;
   if (loader !== "tsc" && loader !== "tsx") throw new Error("--loader must be tsc or tsx");
-  if (!Number.isInteger(repetitions) || repetitions < 3) throw new Error("--reps must be an integer >= 3");
-  // --json keeps stdout machine-readable: everything for humans goes to stderr.
-  const print = values.json ? out.stderr : out.stdout;
 
   const loadBefore = os.loadavg()[0]!;
   const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, dir: values.dir, workloads, inProcess: values["in-process"], loader, log: out.stderr });
@@ -209,13 +260,21 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       recordSnapshotResults(file, snapshot, snapDescription, snapTable, "npm run bench");
     }
   }
-  if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result, snapshot }, null, 2));
+  // The smoke run includes a tiny matrix (the full one is `--matrix`: it takes minutes).
+  let matrixResult: MatrixResult | undefined;
+  let matrixSkipped: string | undefined;
+  if (quick && values.matrix !== false && !values.only) {
+    matrixSkipped = matrixUnavailableReason() ?? undefined;
+    if (matrixSkipped) print(`\nmatrix skipped: ${matrixSkipped}`);
+    else matrixResult = await matrix(false);
+  }
+  if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result, snapshot, matrix: matrixResult }, null, 2));
   if (!quick && !values.size && !values.seconds && !values.reps && !values.only && !values["in-process"] && loader === "tsc") {
     const file = path.join(import.meta.dirname, "results.md");
     recordResults(file, result, description, table);
     print(`recorded in ${path.relative(process.cwd(), file)}`);
   }
-  return { ...result, snapshot };
+  return { micro: result, snapshot, matrix: matrixResult, matrixSkipped };
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {

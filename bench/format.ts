@@ -1,0 +1,40 @@
+/** Text helpers shared by the benchmark reports (bench/run.ts, bench/matrix.ts). */
+import fs from "node:fs";
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+export const GiB = 1024 * MiB;
+
+/** "64M", "1G", "512K", "1GiB", "4096" → bytes. */
+export function parseSize(text: string): number {
+  const m = /^(\d+)\s*([KMG]?)(i?B)?$/i.exec(text.trim());
+  if (!m) throw new Error(`bad size: ${text}`);
+  const unit = { "": 1, K: KiB, M: MiB, G: GiB }[m[2]!.toUpperCase() as "" | "K" | "M" | "G"];
+  return Number(m[1]) * unit;
+}
+
+export const fmt = (x: number, digits = 1) => x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+
+export const bytesText = (b: number) => (b >= GiB && b % GiB === 0 ? `${b / GiB} GiB` : b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`);
+
+/** A Markdown table with padded columns: readable in a terminal and in results.md. */
+export function markdownTable(header: string[], rows: string[][], rightAligned: Set<number>): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) =>
+    "| " + cells.map((c, i) => (rightAligned.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join(" | ") + " |";
+  const rule = "|" + widths.map((w, i) => (rightAligned.has(i) ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2))).join("|") + "|";
+  return [line(header), rule, ...rows.map(line)].join("\n");
+}
+
+/** Replace the text between `<!-- key:begin -->` and `<!-- key:end -->` in `file` (append if absent). */
+export function replaceSection(file: string, key: string, body: string, fallbackHeader: string): void {
+  const begin = `<!-- ${key}:begin -->`;
+  const end = `<!-- ${key}:end -->`;
+  const section = `${begin}\n${body}\n${end}`;
+  let text = fs.existsSync(file) ? fs.readFileSync(file, "utf8") : "";
+  if (!text.startsWith("# ")) text = fallbackHeader + text;
+  const at = text.indexOf(begin);
+  const stop = text.indexOf(end);
+  text = at >= 0 && stop > at ? text.slice(0, at) + section + text.slice(stop + end.length) : text.trimEnd() + "\n\n" + section + "\n";
+  fs.writeFileSync(file, text);
+}

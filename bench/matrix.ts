@@ -1,0 +1,652 @@
+/**
+ * The benchmark matrix (udm issue 8): udm's daemon over NBD against nbdkit, qemu-nbd and the raw
+ * file, with one client (fio) and the same job options for every NBD server, all on this machine
+ * in one run. `npm run bench -- --matrix` runs it in full and records it in bench/results.md;
+ * `npm run bench -- --quick` includes a tiny run of it as a smoke test.
+ *
+ * Configurations (each on a freshly written data file of random bytes):
+ *   raw file, buffered (fio psync) and O_DIRECT (fio libaio): no server, the baselines;
+ *   nbdkit file plugin (default threads, --threads 4); qemu-nbd serving the raw file;
+ *   nbdkit with the cow filter; qemu-nbd serving a qcow2 overlay over the raw file (4 KiB and
+ *   64 KiB clusters); udm linear; udm snapshot-origin with one persistent snapshot (chunk 8 and
+ *   128 sectors) and with three (chunk 8).
+ * Workloads: 1 MiB sequential read / write (QD 4), 4 KiB random read / write (QD 16), time-based;
+ * for the copy-on-write configurations (and udm linear, the reference for rewrites) also "first
+ * write" (one pass of 4 KiB random writes at QD 16 over every block of a fresh snapshot / overlay:
+ * every chunk is copied) and "rewrite" (the same pass again: nothing left to copy).
+ *
+ * Server CPU: utime + stime of the server process (/proc/PID/stat) before and after each job.
+ *
+ * Profiling udmd: `npm run bench -- --matrix --configs udm-linear --only "random read" --profile
+ * var/prof` starts it with `node --cpu-prof`; summarise with `node --import tsx
+ * bench/profile-top.ts var/prof/udmd-*.cpuprofile`.
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { type FioJob, type FioResult, type FioTarget, runFio } from "./fio.js";
+import { bytesText, fmt, GiB, KiB, markdownTable, MiB, replaceSection } from "./format.js";
+import { type Filesystem, filesystemOf, fillFile, median, pickDataDir } from "./micro.js";
+import { cpuSeconds, ROOT, type Server, startNbdkit, startQemuNbd, startUdmd, syncFile, syncOpenFiles, toolVersion, UDMD, type Udmd } from "./servers.js";
+
+// ---- workloads ----
+
+export type WorkloadKey = "seqread" | "seqwrite" | "randread" | "randwrite" | "firstwrite" | "rewrite";
+
+export interface MatrixWorkload {
+  key: WorkloadKey;
+  name: string;
+  rw: FioJob["rw"];
+  blockSize: number;
+  iodepth: number;
+  /** How the throughput is shown. */
+  unit: "MiB/s" | "IOPS";
+  /** One pass over the whole device (first write, rewrite) rather than a time-based run. */
+  pass: boolean;
+}
+
+export const MATRIX_WORKLOADS: readonly MatrixWorkload[] = [
+  { key: "seqread", name: "1 MiB sequential read", rw: "read", blockSize: MiB, iodepth: 4, unit: "MiB/s", pass: false },
+  { key: "seqwrite", name: "1 MiB sequential write", rw: "write", blockSize: MiB, iodepth: 4, unit: "MiB/s", pass: false },
+  { key: "randread", name: "4 KiB random read", rw: "randread", blockSize: 4 * KiB, iodepth: 16, unit: "IOPS", pass: false },
+  { key: "randwrite", name: "4 KiB random write", rw: "randwrite", blockSize: 4 * KiB, iodepth: 16, unit: "IOPS", pass: false },
+  { key: "firstwrite", name: "first write", rw: "randwrite", blockSize: 4 * KiB, iodepth: 16, unit: "MiB/s", pass: true },
+  { key: "rewrite", name: "rewrite", rw: "randwrite", blockSize: 4 * KiB, iodepth: 16, unit: "MiB/s", pass: true },
+];
+
+const STANDARD: readonly WorkloadKey[] = ["seqread", "seqwrite", "randread", "randwrite"];
+const workload = (key: WorkloadKey) => MATRIX_WORKLOADS.find((w) => w.key === key)!;
+
+// ---- configurations ----
+
+/** What fio talks to right now, and the server process doing the work (null for the raw file). */
+interface Running {
+  target: FioTarget;
+  server: Server | null;
+}
+
+interface ConfigContext {
+  dir: string;
+  data: string;
+  fileBytes: number;
+  profileDir?: string;
+  profileName: string;
+}
+
+interface ConfigInstance {
+  running(): Running;
+  /** A fresh snapshot / overlay for a first-write pass (a no-op where there is none). */
+  fresh(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface MatrixConfig {
+  id: string;
+  label: string;
+  /** Runs the first-write / rewrite passes, each repetition on a fresh snapshot / overlay. */
+  passes: boolean;
+  /** The configuration whose work per server core this one is set against. */
+  perCoreRef?: string;
+  open(ctx: ConfigContext): Promise<ConfigInstance>;
+}
+
+function fixed(r: Running, close: () => Promise<void> = async () => undefined): ConfigInstance {
+  return { running: () => r, fresh: async () => undefined, close };
+}
+
+function raw(direct: boolean): (ctx: ConfigContext) => Promise<ConfigInstance> {
+  return async (ctx) => fixed({ target: { engine: direct ? "libaio" : "psync", file: ctx.data, direct }, server: null });
+}
+
+function nbdkitFile(extra: string[]): (ctx: ConfigContext) => Promise<ConfigInstance> {
+  return async (ctx) => {
+    const server = await startNbdkit(path.join(ctx.dir, "nbdkit.sock"), [...extra, "file", ctx.data]);
+    return fixed({ target: { engine: "nbd", uri: server.uri() }, server }, server.stop);
+  };
+}
+
+/** A server restarted for every fresh overlay (nbdkit's cow filter, qemu-nbd on a new qcow2). */
+function restarting(start: (ctx: ConfigContext) => Promise<Server>): (ctx: ConfigContext) => Promise<ConfigInstance> {
+  return async (ctx) => {
+    let server: Server | null = null;
+    const fresh = async () => {
+      await server?.stop();
+      server = null;
+      server = await start(ctx);
+    };
+    await fresh();
+    return {
+      running: () => ({ target: { engine: "nbd", uri: server!.uri() }, server }),
+      fresh,
+      close: async () => server?.stop(),
+    };
+  };
+}
+
+function qcow2(clusterBytes: number) {
+  return restarting(async (ctx) => {
+    const overlay = path.join(ctx.dir, "overlay.qcow2");
+    fs.rmSync(overlay, { force: true });
+    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-b", ctx.data, "-F", "raw", "-o", `cluster_size=${clusterBytes}`, overlay]);
+    return startQemuNbd(path.join(ctx.dir, "qemu.sock"), ["-f", "qcow2", overlay]);
+  });
+}
+
+const SECTOR = 512;
+
+/** COW bytes that can never overflow for `chunks` chunks of `chunkBytes` (docs/snapshot.md, Sizing). */
+function cowBytesFor(chunks: number, chunkBytes: number): number {
+  const perArea = chunkBytes / 16;
+  return (1 + Math.ceil((chunks + 1) / perArea) + chunks) * chunkBytes;
+}
+
+async function udmd(ctx: ConfigContext): Promise<Udmd> {
+  return startUdmd(path.join(ctx.dir, "udm-run"), { profileDir: ctx.profileDir, profileName: ctx.profileName });
+}
+
+function udmLinear(): (ctx: ConfigContext) => Promise<ConfigInstance> {
+  return async (ctx) => {
+    const d = await udmd(ctx);
+    try {
+      await d.control.request("create", { name: "vol", table: [{ start: 0, length: ctx.fileBytes / SECTOR, type: "linear", params: `${ctx.data} 0` }] });
+    } catch (err) {
+      await d.stop();
+      throw err;
+    }
+    return fixed({ target: { engine: "nbd", uri: d.uri("vol") }, server: d }, d.stop);
+  };
+}
+
+/**
+ * snapshot-origin "base" over the data file with `count` persistent snapshots of `chunkSectors`,
+ * taken the documented way (suspend, create, resume) on zeroed COW files; fresh() replaces them.
+ */
+function udmSnapshots(count: number, chunkSectors: number, store: "P" | "N" = "P"): (ctx: ConfigContext) => Promise<ConfigInstance> {
+  return async (ctx) => {
+    const d = await udmd(ctx);
+    const sectors = ctx.fileBytes / SECTOR;
+    const chunkBytes = chunkSectors * SECTOR;
+    const cows = Array.from({ length: count }, (_, i) => path.join(ctx.dir, `cow${i}.img`));
+    let live = 0;
+    const fresh = async () => {
+      for (let i = 0; i < live; i++) await d.control.request("remove", { name: `snap${i}` });
+      live = 0;
+      for (const cow of cows) {
+        fs.rmSync(cow, { force: true });
+        fs.writeFileSync(cow, "");
+        fs.truncateSync(cow, cowBytesFor(ctx.fileBytes / chunkBytes, chunkBytes));
+      }
+      await d.control.request("suspend", { name: "base" });
+      try {
+        for (const [i, cow] of cows.entries()) {
+          await d.control.request("create", { name: `snap${i}`, table: [{ start: 0, length: sectors, type: "snapshot", params: `${ctx.data} ${cow} ${store} ${chunkSectors}` }] });
+          live++;
+        }
+      } finally {
+        await d.control.request("resume", { name: "base" });
+      }
+    };
+    try {
+      await d.control.request("create", { name: "base", table: [{ start: 0, length: sectors, type: "snapshot-origin", params: ctx.data }] });
+      await fresh();
+    } catch (err) {
+      await d.stop();
+      throw err;
+    }
+    return {
+      running: () => ({ target: { engine: "nbd", uri: d.uri("base") }, server: d }),
+      fresh,
+      close: async () => {
+        await d.stop();
+        for (const cow of cows) fs.rmSync(cow, { force: true });
+      },
+    };
+  };
+}
+
+export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
+  { id: "raw-buffered", label: "raw file, buffered (psync)", passes: false, open: raw(false) },
+  { id: "raw-direct", label: "raw file, O_DIRECT (libaio)", passes: false, open: raw(true) },
+  { id: "nbdkit-file", label: "nbdkit file", passes: false, open: nbdkitFile([]) },
+  { id: "nbdkit-file-t4", label: "nbdkit file --threads 4", passes: false, perCoreRef: "nbdkit-file", open: nbdkitFile(["--threads", "4"]) },
+  { id: "qemu-raw", label: "qemu-nbd raw", passes: false, perCoreRef: "nbdkit-file", open: restarting((ctx) => startQemuNbd(path.join(ctx.dir, "qemu.sock"), ["-f", "raw", ctx.data])) },
+  {
+    id: "nbdkit-cow",
+    label: "nbdkit cow filter (64 KiB blocks)",
+    passes: true,
+    // The overlay is a temporary file: put it next to the data file (TMPDIR), not on tmpfs.
+    open: restarting((ctx) => startNbdkit(path.join(ctx.dir, "nbdkit.sock"), ["--filter=cow", "file", ctx.data], { TMPDIR: ctx.dir })),
+  },
+  { id: "qcow2-4k", label: "qemu-nbd qcow2 overlay, 4 KiB clusters", passes: true, perCoreRef: "nbdkit-cow", open: qcow2(4 * KiB) },
+  { id: "qcow2-64k", label: "qemu-nbd qcow2 overlay, 64 KiB clusters", passes: true, perCoreRef: "nbdkit-cow", open: qcow2(64 * KiB) },
+  { id: "udm-linear", label: "udm linear", passes: true, perCoreRef: "nbdkit-file", open: udmLinear() },
+  { id: "udm-snap-4k", label: "udm snapshot-origin, 1 snapshot, chunk 8 (4 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(1, 8) },
+  { id: "udm-snap-64k", label: "udm snapshot-origin, 1 snapshot, chunk 128 (64 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(1, 128) },
+  { id: "udm-snap3-4k", label: "udm snapshot-origin, 3 snapshots, chunk 8 (4 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(3, 8) },
+  // Not one of issue 8's configurations: what the persistent store's durability costs. A transient
+  // (N) store keeps its exceptions in memory only, like nbdkit's cow overlay (a temporary file).
+  { id: "udm-snap-4k-transient", label: "udm snapshot-origin, 1 transient (N) snapshot, chunk 8 (4 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(1, 8, "N") },
+];
+
+// ---- results ----
+
+export interface MatrixRep extends FioResult {
+  /** Server CPU seconds (user + system) during the job; null without a server. */
+  serverCpu: number | null;
+}
+
+export interface Figure {
+  /** Medians over the repetitions. */
+  mibps: number;
+  iops: number;
+  /** Server CPU seconds per GiB moved. */
+  cpuPerGiB: number | null;
+  /** MiB/s (or IOPS, for the random workloads) per 100% of one server core. */
+  perCore: number | null;
+  /** fio's own CPU, percent of one core. */
+  clientCpu: number;
+  reps: MatrixRep[];
+}
+
+export interface ConfigResult {
+  id: string;
+  label: string;
+  perCoreRef?: string;
+  figures: Partial<Record<WorkloadKey, Figure>>;
+  /** 1-minute load average before and after this configuration. */
+  load: [number, number];
+  seconds: number;
+}
+
+export interface TargetRow {
+  target: string;
+  /** The ratio (of medians), and its range over the repetitions (worst / best pairing). */
+  ratio: number;
+  low: number;
+  high: number;
+  goal: string;
+  pass: boolean;
+}
+
+export interface MatrixOptions {
+  fileBytes: number;
+  /** Duration of one time-based repetition. */
+  runtimeMs: number;
+  /** Untimed run before the repetitions of each workload (0: none). */
+  warmupMs: number;
+  repetitions: number;
+  /** Directory for the data file, overlays and sockets (default: pickDataDir). */
+  dir?: string;
+  /** Configuration ids to run (default all): exact ids or substrings of ids. */
+  configs?: string[];
+  /** Workload filter: substring of the workload name (e.g. "random read", "first write"). */
+  only?: string;
+  /** Start udmd with node --cpu-prof, writing its profiles here. */
+  profileDir?: string;
+  /**
+   * Configurations run at the same time (default 1). Only for smoke runs: concurrent
+   * configurations compete for the machine, so their figures are not comparable.
+   */
+  concurrency?: number;
+  log?: (message: string) => void;
+}
+
+export const FULL_MATRIX: MatrixOptions = { fileBytes: GiB, runtimeMs: 2000, warmupMs: 1000, repetitions: 3 };
+/** The smoke run: every configuration and workload, tiny, several configurations at a time (fio spends ~0.5 s starting and stopping). */
+export const QUICK_MATRIX: MatrixOptions = { fileBytes: 8 * MiB, runtimeMs: 100, warmupMs: 0, repetitions: 3, concurrency: 6 };
+
+export interface MatrixResult {
+  date: string;
+  dataDir: string;
+  filesystem: Filesystem;
+  options: Omit<MatrixOptions, "log">;
+  machine: { cpus: number; cpuModel: string; memoryBytes: number; kernel: string };
+  versions: { node: string; fio: string; nbdkit: string; qemu: string };
+  load: [number, number];
+  /** The libuv settings udmd inherited from this process's environment. */
+  udmdEnv: string;
+  configs: ConfigResult[];
+  targets: TargetRow[];
+  seconds: number;
+}
+
+// ---- availability and build ----
+
+const DEBIAN: Record<string, string> = { fio: "fio", nbdkit: "nbdkit", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils" };
+
+function runs(cmd: string, args: string[]): boolean {
+  const r = spawnSync(cmd, args, { stdio: "ignore", timeout: 10_000 });
+  return r.status === 0;
+}
+
+/** Why the matrix cannot run here (missing tools or build), or null. */
+export function matrixUnavailableReason(): string | null {
+  if (process.platform !== "linux") return `needs Linux (/proc/PID/stat), this is ${process.platform}`;
+  const missing: string[] = [];
+  if (!runs("fio", ["--version"])) missing.push("fio");
+  if (!runs("nbdkit", ["--version"])) missing.push("nbdkit");
+  for (const t of ["qemu-nbd", "qemu-img"]) if (!runs(t, ["--version"])) missing.push(t);
+  if (missing.length) return `${missing.join(", ")} not installed (Debian: apt-get install ${[...new Set(missing.map((t) => DEBIAN[t]))].join(" ")})`;
+  if (!runs("fio", ["--enghelp=nbd"])) return "this fio has no nbd ioengine (Debian's fio has it)";
+  if (!runs("fio", ["--enghelp=libaio"])) return "this fio has no libaio ioengine";
+  if (!runs("nbdkit", ["--filter=cow", "file", "--version"])) return "nbdkit's file plugin or cow filter is missing (Debian: nbdkit)";
+  if (!fs.existsSync(UDMD)) return `${path.relative(process.cwd(), UDMD)} is missing (npx tsc -p tsconfig.build.json)`;
+  return null;
+}
+
+function newestSource(dir: string): number {
+  let newest = 0;
+  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (e.isFile() && e.name.endsWith(".ts")) newest = Math.max(newest, fs.statSync(path.join(e.parentPath, e.name)).mtimeMs);
+  }
+  return newest;
+}
+
+/** Build dist/ (tsc -p tsconfig.build.json) when udmd.js is missing or older than the sources. */
+export function ensureBuilt(log: (m: string) => void): void {
+  const built = fs.existsSync(UDMD) ? fs.statSync(UDMD).mtimeMs : 0;
+  const sources = Math.max(fs.statSync(path.join(ROOT, "index.ts")).mtimeMs, ...["core", "targets", "dmsetup"].map((d) => newestSource(path.join(ROOT, d))));
+  if (built >= sources) return;
+  log(built ? "dist/ is older than the sources: building (tsc -p tsconfig.build.json)" : "building dist/ (tsc -p tsconfig.build.json)");
+  const tsc = path.join(ROOT, "node_modules/typescript/bin/tsc");
+  const r = spawnSync(process.execPath, [tsc, "-p", "tsconfig.build.json"], { cwd: ROOT, encoding: "utf8" });
+  if (r.status !== 0) {
+    if (!built) throw new Error(`build failed:\n${r.stdout}${r.stderr}`);
+    log(`build failed, benchmarking the existing dist/:\n${r.stdout}${r.stderr}`);
+  }
+}
+
+// ---- the run ----
+
+function summarise(w: MatrixWorkload, reps: MatrixRep[]): Figure {
+  const cpu = reps.filter((r) => r.serverCpu !== null);
+  const perCore = cpu.filter((r) => r.serverCpu! > 0).map((r) => (w.unit === "IOPS" ? r.ios : r.bytes / MiB) / r.serverCpu!);
+  return {
+    mibps: median(reps.map((r) => r.mibps)),
+    iops: median(reps.map((r) => r.iops)),
+    cpuPerGiB: cpu.length ? median(cpu.map((r) => r.serverCpu! / (r.bytes / GiB))) : null,
+    perCore: perCore.length ? median(perCore) : null,
+    clientCpu: median(reps.map((r) => r.clientCpu)),
+    reps,
+  };
+}
+
+function selected(opts: MatrixOptions): { configs: MatrixConfig[]; workloads: MatrixWorkload[] } {
+  // Each wanted name picks the configuration with that id, or else every id containing it.
+  const picks = (want: string) => (MATRIX_CONFIGS.some((c) => c.id === want) ? (c: MatrixConfig) => c.id === want : (c: MatrixConfig) => c.id.includes(want));
+  const configs = opts.configs?.length ? MATRIX_CONFIGS.filter((c) => opts.configs!.some((want) => picks(want)(c))) : [...MATRIX_CONFIGS];
+  if (configs.length === 0) throw new Error(`no configuration matches ${opts.configs!.join(", ")} (${MATRIX_CONFIGS.map((c) => c.id).join(", ")})`);
+  const only = opts.only?.toLowerCase();
+  const workloads = only ? MATRIX_WORKLOADS.filter((w) => w.name.toLowerCase().includes(only) || w.key === only) : [...MATRIX_WORKLOADS];
+  if (workloads.length === 0) throw new Error(`no workload matches ${opts.only} (${MATRIX_WORKLOADS.map((w) => w.name).join(", ")})`);
+  return { configs, workloads };
+}
+
+/** One configuration, in its own directory `dir`, on a data file written for it. */
+async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir: string, opts: MatrixOptions): Promise<ConfigResult> {
+  const log = opts.log ?? (() => undefined);
+  const { fileBytes, repetitions } = opts;
+  const t0 = performance.now();
+  const load0 = os.loadavg()[0]!;
+  const data = path.join(dir, "data.bin");
+  const scratch = path.join(dir, "fio.json");
+  log(`matrix: ${config.label}: writing ${bytesText(fileBytes)} of random bytes`);
+  fillFile(data, fileBytes);
+  const figures: ConfigResult["figures"] = {};
+  const inst = await config.open({ dir, data, fileBytes, profileDir: opts.profileDir, profileName: `udmd-${config.id}-${Date.now()}.cpuprofile` });
+  try {
+    const measure = async (w: MatrixWorkload, runtimeMs: number | undefined, label = w.name): Promise<MatrixRep> => {
+      const { target, server } = inst.running();
+      const cpu0 = server ? cpuSeconds(server.pid) : 0;
+      let r: FioResult;
+      try {
+        r = await runFio(target, { name: w.key, rw: w.rw, blockSize: w.blockSize, iodepth: w.iodepth, runtimeMs }, scratch);
+      } catch (err) {
+        throw new Error(`${config.label}, ${label}: ${(err as Error).message}${server ? `\n${server.name} stderr: ${server.stderr().slice(-4000)}` : ""}`);
+      }
+      const serverCpu = server ? cpuSeconds(server.pid) - cpu0 : null;
+      if (w.rw.endsWith("write")) {
+        // Untimed: every repetition starts without dirty pages from the previous one.
+        syncFile(data);
+        if (server) syncOpenFiles(server.pid);
+      }
+      return { ...r, serverCpu };
+    };
+    const pass = workloads.filter((w) => w.pass);
+    if (config.passes && pass.length) {
+      if (opts.warmupMs > 0) {
+        await inst.fresh();
+        await measure(workload("randwrite"), opts.warmupMs, "warm-up");
+      }
+      const reps: Record<string, MatrixRep[]> = { firstwrite: [], rewrite: [] };
+      for (let n = 0; n < repetitions; n++) {
+        await inst.fresh();
+        // A rewrite-only selection still needs the first pass (it makes the copies).
+        const first = await measure(workload("firstwrite"), undefined);
+        const again = await measure(workload("rewrite"), undefined);
+        reps.firstwrite!.push(first);
+        reps.rewrite!.push(again);
+        log(`matrix: ${config.label}: first write ${fmt(first.mibps)} MiB/s, rewrite ${fmt(again.mibps)} MiB/s (repetition ${n + 1}/${repetitions})`);
+      }
+      for (const w of pass) figures[w.key] = summarise(w, reps[w.key]!);
+    }
+    for (const w of workloads.filter((x) => !x.pass)) {
+      if (opts.warmupMs > 0) await measure(w, opts.warmupMs, `${w.name} warm-up`);
+      const reps: MatrixRep[] = [];
+      for (let n = 0; n < repetitions; n++) reps.push(await measure(w, opts.runtimeMs));
+      const f = (figures[w.key] = summarise(w, reps));
+      log(`matrix: ${config.label}: ${w.name}: ${reps.map((r) => (w.unit === "IOPS" ? fmt(r.iops, 0) : fmt(r.mibps))).join(" ")} ${w.unit}${f.cpuPerGiB !== null ? `, server CPU ${fmt(f.cpuPerGiB, 2)} s/GiB` : ""}`);
+    }
+  } finally {
+    await inst.close();
+  }
+  return { id: config.id, label: config.label, perCoreRef: config.perCoreRef, figures, load: [load0, os.loadavg()[0]!], seconds: (performance.now() - t0) / 1000 };
+}
+
+export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
+  const { fileBytes, repetitions } = opts;
+  if (fileBytes < MiB || fileBytes % MiB !== 0) throw new Error("the data file size must be a whole number of MiB");
+  if (!Number.isInteger(repetitions) || repetitions < 3) throw new Error("repetitions must be an integer >= 3");
+  const concurrency = opts.concurrency ?? 1;
+  const { configs, workloads } = selected(opts);
+  // Room for the data file, three COW files as big as it, and an overlay (per configuration running).
+  const dataDir = opts.dir ?? pickDataDir(fileBytes * 5 * concurrency);
+  const dir = fs.mkdtempSync(path.join(dataDir, "udm-matrix-"));
+  if (opts.profileDir) fs.mkdirSync(opts.profileDir, { recursive: true });
+  const started = performance.now();
+  const loadBefore = os.loadavg()[0]!;
+  const results: ConfigResult[] = new Array(configs.length);
+  try {
+    let next = 0;
+    const worker = async () => {
+      while (next < configs.length) {
+        const i = next++;
+        const sub = path.join(dir, configs[i]!.id);
+        fs.mkdirSync(sub);
+        try {
+          results[i] = await runConfig(configs[i]!, workloads, sub, opts);
+        } finally {
+          fs.rmSync(sub, { recursive: true, force: true });
+        }
+      }
+    };
+    const settled = await Promise.allSettled(Array.from({ length: Math.min(concurrency, configs.length) }, worker));
+    for (const s of settled) if (s.status === "rejected") throw s.reason;
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  const cpus = os.cpus();
+  const { log: _log, ...options } = opts;
+  return {
+    date: new Date().toISOString(),
+    dataDir,
+    filesystem: filesystemOf(dataDir),
+    options,
+    machine: { cpus: cpus.length, cpuModel: cpus[0]?.model.trim() ?? "unknown CPU", memoryBytes: os.totalmem(), kernel: `${os.type()} ${os.release()}` },
+    versions: {
+      node: process.version,
+      fio: toolVersion("fio"),
+      nbdkit: toolVersion("nbdkit"),
+      qemu: toolVersion("qemu-nbd").replace(/^qemu-nbd /, ""),
+    },
+    load: [loadBefore, os.loadavg()[0]!],
+    udmdEnv: `UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}`,
+    configs: results,
+    targets: matrixTargets(results),
+    seconds: (performance.now() - started) / 1000,
+  };
+}
+
+// ---- targets ----
+
+export const MATRIX_GOALS = {
+  /** udm linear / the better nbdkit file configuration, every standard workload. */
+  linearVsNbdkit: 1.2,
+  /** udm linear / raw O_DIRECT, every standard workload. */
+  linearVsDirect: 1.0,
+  /** udm snapshot (chunk 8) first write / nbdkit cow filter. */
+  firstWriteVsNbdkitCow: 2.0,
+  /** udm snapshot (chunk 8) first write / qemu-nbd qcow2 with 4 KiB clusters. */
+  firstWriteVsQcow2: 1.5,
+  /** udm snapshot rewrite / udm linear rewrite. */
+  rewriteVsLinear: 0.9,
+  /** first-write time, three snapshots / one. */
+  threeVsOne: 1.7,
+};
+
+function value(f: Figure | undefined, w: MatrixWorkload): number | undefined {
+  return f ? (w.unit === "IOPS" ? f.iops : f.mibps) : undefined;
+}
+
+function repValues(f: Figure, w: MatrixWorkload): number[] {
+  return f.reps.map((r) => (w.unit === "IOPS" ? r.iops : r.mibps));
+}
+
+export function matrixTargets(results: ConfigResult[]): TargetRow[] {
+  const by = (id: string) => results.find((r) => r.id === id);
+  const rows: TargetRow[] = [];
+  const g = MATRIX_GOALS;
+  /** a / b ≥ goal (or, with atMost, ≤ goal), on figures of workload key. */
+  const compare = (target: string, a: Figure | undefined, b: Figure | undefined, w: MatrixWorkload, goal: number, atMost = false) => {
+    if (!a || !b) return;
+    const ratio = value(a, w)! / value(b, w)!;
+    const av = repValues(a, w);
+    const bv = repValues(b, w);
+    const low = Math.min(...av) / Math.max(...bv);
+    const high = Math.max(...av) / Math.min(...bv);
+    rows.push({ target, ratio, low, high, goal: `${atMost ? "<=" : ">="} ${goal}×`, pass: atMost ? ratio <= goal : ratio >= goal });
+  };
+  const linear = by("udm-linear");
+  for (const key of STANDARD) {
+    const w = workload(key);
+    const candidates = [by("nbdkit-file"), by("nbdkit-file-t4")].filter((c) => c?.figures[key]);
+    const best = candidates.sort((x, y) => value(y!.figures[key], w)! - value(x!.figures[key], w)!)[0];
+    if (best) compare(`udm linear / ${best.label} (the better nbdkit file), ${w.name}`, linear?.figures[key], best.figures[key], w, g.linearVsNbdkit);
+  }
+  for (const key of STANDARD) {
+    const w = workload(key);
+    compare(`udm linear / raw O_DIRECT, ${w.name}`, linear?.figures[key], by("raw-direct")?.figures[key], w, g.linearVsDirect);
+  }
+  const fw = workload("firstwrite");
+  const snap = by("udm-snap-4k");
+  compare("udm 1 snapshot (chunk 8) / nbdkit cow filter, first write", snap?.figures.firstwrite, by("nbdkit-cow")?.figures.firstwrite, fw, g.firstWriteVsNbdkitCow);
+  compare("udm 1 snapshot (chunk 8) / qemu-nbd qcow2 4 KiB clusters, first write", snap?.figures.firstwrite, by("qcow2-4k")?.figures.firstwrite, fw, g.firstWriteVsQcow2);
+  for (const id of ["udm-snap-4k", "udm-snap-64k", "udm-snap3-4k"]) {
+    const c = by(id);
+    if (c) compare(`${c.label.replace("udm snapshot-origin, ", "udm ")} / udm linear, rewrite`, c.figures.rewrite, linear?.figures.rewrite, workload("rewrite"), g.rewriteVsLinear);
+  }
+  // Time of the first-write pass, three snapshots / one: the inverse of the MiB/s ratio.
+  compare("first-write time, udm 3 snapshots / 1 snapshot (chunk 8)", snap?.figures.firstwrite, by("udm-snap3-4k")?.figures.firstwrite, fw, g.threeVsOne, true);
+  return rows;
+}
+
+// ---- report ----
+
+const dash = "—";
+
+function cell(f: Figure | undefined, w: MatrixWorkload): string {
+  if (!f) return dash;
+  return w.unit === "IOPS" ? fmt(f.iops, 0) : fmt(f.mibps);
+}
+
+export function matrixThroughputTable(r: MatrixResult): string {
+  const ws = MATRIX_WORKLOADS;
+  const header = ["Configuration", ...ws.map((w) => `${w.name} ${w.unit}`), "load avg"];
+  const rows = r.configs.map((c) => [c.label, ...ws.map((w) => cell(c.figures[w.key], w)), `${fmt(c.load[0], 1)}–${fmt(c.load[1], 1)}`]);
+  return markdownTable(header, rows, new Set(ws.map((_, i) => i + 1)));
+}
+
+export function matrixCpuTable(r: MatrixResult): string {
+  const ws = MATRIX_WORKLOADS;
+  const servers = r.configs.filter((c) => Object.values(c.figures).some((f) => f?.cpuPerGiB !== null));
+  const header = ["Server CPU s per GiB moved", ...ws.map((w) => w.name)];
+  const rows = servers.map((c) => [c.label, ...ws.map((w) => {
+    const f = c.figures[w.key];
+    return f?.cpuPerGiB != null ? fmt(f.cpuPerGiB, 2) : dash;
+  })]);
+  return markdownTable(header, rows, new Set(ws.map((_, i) => i + 1)));
+}
+
+export function matrixPerCoreTable(r: MatrixResult): string {
+  const ws = MATRIX_WORKLOADS;
+  const by = (id: string) => r.configs.find((c) => c.id === id);
+  const servers = r.configs.filter((c) => Object.values(c.figures).some((f) => f?.perCore != null));
+  const header = ["Work per server core (× its nbdkit)", ...ws.map((w) => `${w.name} ${w.unit}/core`)];
+  const rows = servers.map((c) => [c.perCoreRef && by(c.perCoreRef) ? `${c.label} (vs ${by(c.perCoreRef)!.label})` : c.label, ...ws.map((w) => {
+    const f = c.figures[w.key];
+    if (f?.perCore == null) return dash;
+    const ref = c.perCoreRef ? by(c.perCoreRef)?.figures[w.key]?.perCore : null;
+    const text = fmt(f.perCore, 0);
+    return ref ? `${text} (${(f.perCore / ref).toFixed(2)}×)` : text;
+  })]);
+  return markdownTable(header, rows, new Set(ws.map((_, i) => i + 1)));
+}
+
+export function matrixTargetTable(r: MatrixResult): string {
+  const rows = r.targets.map((t) => [t.target, `${t.ratio.toFixed(2)}× (${t.low.toFixed(2)}–${t.high.toFixed(2)})`, t.goal, t.pass ? "PASS" : "MISS"]);
+  return markdownTable(["Target (ratio of medians, this run)", "ratio (rep range)", "goal", "result"], rows, new Set());
+}
+
+export function describeMatrixRun(r: MatrixResult, quick: boolean): string[] {
+  const o = r.options;
+  const m = r.machine;
+  const fsys = r.filesystem;
+  const loads = r.configs.flatMap((c) => c.load);
+  return [
+    `udm benchmark matrix (${quick ? "quick" : "full"} run, ${fmt(r.seconds / 60, 1)} min): every configuration on this machine in one run; each figure the median of ${o.repetitions} repetitions; ratios only between figures of this run${(o.concurrency ?? 1) > 1 ? `; ${o.concurrency} configurations at a time (a smoke run: the figures are not comparable)` : ", one configuration at a time"}`,
+    `machine: ${m.cpus} × ${m.cpuModel}, ${fmt(m.memoryBytes / GiB)} GiB RAM, ${m.kernel}; Node ${r.versions.node}; ${r.versions.fio}; ${r.versions.nbdkit}; qemu-nbd ${r.versions.qemu}`,
+    `1-minute load average: ${fmt(r.load[0], 2)} at the start, ${fmt(r.load[1], 2)} at the end, ${fmt(Math.min(...loads), 2)}–${fmt(Math.max(...loads), 2)} across configurations${Math.max(...loads) > 0.5 * m.cpus ? ` (a shared, busy machine: fio, the server and other work compete for ${m.cpus} cores; figures are noisy)` : ""}`,
+    `data file: ${bytesText(o.fileBytes)} of random bytes in ${r.dataDir}, on ${fsys.type} (${fsys.source}, mounted at ${fsys.mountPoint}), recreated before each configuration; after every write job the data file and every file the server has open are fdatasynced (untimed)`,
+    `client: fio, one job; NBD servers through fio's nbd ioengine (libnbd) on a unix socket, the same job options for every server; raw baselines: fio psync (buffered; synchronous, so one request at a time) and libaio with O_DIRECT`,
+    `workloads: 1 MiB sequential read / write at QD 4 and 4 KiB random read / write at QD 16, time-based, ${o.runtimeMs / 1000} s per repetition${o.warmupMs ? ` after a ${o.warmupMs / 1000} s untimed warm-up` : ""}; first write: one pass of 4 KiB random writes at QD 16 over every 4 KiB block of the device in a random order (fio's random map), on a fresh snapshot / overlay each repetition (with 64 KiB chunks / clusters / blocks one write in 16 copies a chunk); rewrite: the same pass again; the COW configurations run the other workloads after these passes (every chunk copied)`,
+    `servers: nbdkit file plugin (default: 16 threads; and --threads 4); nbdkit --filter=cow file (its default 64 KiB blocks, overlay in the data directory); qemu-nbd --persistent with its default cache (writeback) and aio (threads), on the raw file or on a qcow2 overlay (qemu-img create -f qcow2 -b data -F raw -o cluster_size=4096|65536, recreated each repetition); udmd from dist/ (node ${r.versions.node}, ${r.udmdEnv}), tables "linear" and "snapshot-origin" + persistent snapshots ("snapshot ... P 8|128", zeroed COW files, taken with suspend / create / resume)`,
+    `server CPU: utime + stime of the server process (all threads) from /proc/PID/stat before and after each job; work per core: MiB (or I/Os) moved per CPU second of the server, i.e. MiB/s (IOPS) per 100% of one core, set against nbdkit file (default threads) or, for the COW configurations, nbdkit's cow filter`,
+    `in-process figures of the same engines (no NBD, no fio): sections "Buffered I/O", "O_DIRECT" and "Snapshots" of bench/results.md (bench/micro.ts, bench/snapshot.ts)`,
+  ];
+}
+
+export function matrixReport(r: MatrixResult): string {
+  return [
+    "Throughput:",
+    "",
+    matrixThroughputTable(r),
+    "",
+    matrixCpuTable(r),
+    "",
+    matrixPerCoreTable(r),
+    "",
+    matrixTargetTable(r),
+  ].join("\n");
+}
+
+export function matrixVerdict(r: MatrixResult): string {
+  const misses = r.targets.filter((t) => !t.pass);
+  return misses.length === 0 ? `matrix targets met (${r.targets.length})` : `matrix targets missed (${misses.length} of ${r.targets.length}): ${misses.map((t) => t.target).join("; ")}`;
+}
+
+/** Replace the Matrix section of results.md (other sections are kept). */
+export function recordMatrixResults(file: string, r: MatrixResult, description: string[], report: string, command: string): void {
+  const body = ["## Matrix (udm over NBD vs nbdkit, qemu-nbd and the raw file)", "", `Run on ${r.date} by \`${command}\`.`, "", ...description.map((d) => `- ${d}`), "", report, "", matrixVerdict(r)].join("\n");
+  replaceSection(file, "matrix", body, "# udm benchmark results\n\n");
+}
