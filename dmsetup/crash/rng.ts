@@ -54,6 +54,19 @@ export class Rng {
     return items.findLast(([, w]) => w > 0)![0];
   }
 
+  /** A random 64-bit value. */
+  u64(): bigint {
+    return (BigInt(this.u32()) << 32n) | BigInt(this.u32());
+  }
+
+  bytes(n: number): Buffer {
+    const b = Buffer.allocUnsafe(n);
+    let i = 0;
+    for (; i + 4 <= n; i += 4) b.writeUInt32LE(this.u32(), i);
+    for (; i < n; i++) b[i] = this.u32() & 0xff;
+    return b;
+  }
+
   /** An independent generator derived from this one. */
   fork(): Rng {
     return new Rng(this.u32());

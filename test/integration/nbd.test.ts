@@ -7,6 +7,7 @@ import { execFile } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { missingTools } from "../support/tools.js";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
@@ -17,25 +18,7 @@ const MiB = 1024 * 1024;
 const TOOLS = ["nbdinfo", "nbdcopy", "qemu-io"] as const;
 type Tool = (typeof TOOLS)[number];
 
-function onPath(tool: string): boolean {
-  return (process.env.PATH ?? "").split(path.delimiter).some((dir) => {
-    try {
-      fs.accessSync(path.join(dir, tool), fs.constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  });
-}
-
-const missing = TOOLS.filter((t) => !onPath(t));
-const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
-if (missing.length) {
-  console.warn(`NBD client tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${missing.join(", ")} not on PATH (Debian: libnbd-bin, qemu-utils)`);
-}
-if (missing.length > 0 && required) it("real NBD clients must be installed (UDM_REQUIRE_ROOT_TESTS=1)", () => {
-  throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but ${missing.join(", ")} not on PATH`);
-});
+const missing = missingTools("NBD client tests", TOOLS);
 const needs = (...tools: Tool[]) => tools.some((t) => missing.includes(t));
 
 interface Run {

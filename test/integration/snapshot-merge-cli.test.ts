@@ -19,29 +19,12 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { type RunningDaemon, startDaemon, tempDir, UDMSETUP, udmsetup } from "../support/daemon.js";
 import { pattern } from "../support/memory-backing.js";
+import { missingTools, onPath } from "../support/tools.js";
 
 const MiB = 1024 * 1024;
 const TOOLS = ["qemu-io", "nbdcopy"] as const;
 
-function onPath(tool: string): boolean {
-  return (process.env.PATH ?? "").split(path.delimiter).some((d) => {
-    try {
-      fs.accessSync(path.join(d, tool), fs.constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  });
-}
-
-const missing = TOOLS.filter((t) => !onPath(t));
-const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
-if (missing.length) {
-  console.warn(`snapshot-merge CLI tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${missing.join(", ")} not on PATH (Debian: libnbd-bin, qemu-utils)`);
-}
-if (missing.length > 0 && required) it("real NBD clients must be installed (UDM_REQUIRE_ROOT_TESTS=1)", () => {
-  throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but ${missing.join(", ")} not on PATH`);
-});
+const missing = missingTools("snapshot-merge CLI tests", TOOLS);
 const haveScript = onPath("script");
 
 function run(file: string, args: string[]): Promise<string> {
