@@ -9,7 +9,8 @@
  *   nbdkit file plugin (default threads, --threads 4); qemu-nbd serving the raw file;
  *   nbdkit with the cow filter; qemu-nbd serving a qcow2 overlay over the raw file (4 KiB and
  *   64 KiB clusters); udm linear; udm snapshot-origin with one persistent snapshot (chunk 8 and
- *   128 sectors) and with three (chunk 8).
+ *   128 sectors) and with three (chunk 8); and, not one of issue 8's, udm with one transient (N)
+ *   snapshot: what the persistent store's durability costs (nbdkit's cow overlay is never flushed).
  * Workloads: 1 MiB sequential read / write (QD 4), 4 KiB random read / write (QD 16), time-based;
  * for the copy-on-write configurations (and udm linear, the reference for rewrites) also "first
  * write" (one pass of 4 KiB random writes at QD 16 over every block of a fresh snapshot / overlay:
@@ -620,7 +621,7 @@ export function describeMatrixRun(r: MatrixResult, quick: boolean): string[] {
     `data file: ${bytesText(o.fileBytes)} of random bytes in ${r.dataDir}, on ${fsys.type} (${fsys.source}, mounted at ${fsys.mountPoint}), recreated before each configuration; after every write job the data file and every file the server has open are fdatasynced (untimed)`,
     `client: fio, one job; NBD servers through fio's nbd ioengine (libnbd) on a unix socket, the same job options for every server; raw baselines: fio psync (buffered; synchronous, so one request at a time) and libaio with O_DIRECT`,
     `workloads: 1 MiB sequential read / write at QD 4 and 4 KiB random read / write at QD 16, time-based, ${o.runtimeMs / 1000} s per repetition${o.warmupMs ? ` after a ${o.warmupMs / 1000} s untimed warm-up` : ""}; first write: one pass of 4 KiB random writes at QD 16 over every 4 KiB block of the device in a random order (fio's random map), on a fresh snapshot / overlay each repetition (with 64 KiB chunks / clusters / blocks one write in 16 copies a chunk); rewrite: the same pass again; the COW configurations run the other workloads after these passes (every chunk copied)`,
-    `servers: nbdkit file plugin (default: 16 threads; and --threads 4); nbdkit --filter=cow file (its default 64 KiB blocks, overlay in the data directory); qemu-nbd --persistent with its default cache (writeback) and aio (threads), on the raw file or on a qcow2 overlay (qemu-img create -f qcow2 -b data -F raw -o cluster_size=4096|65536, recreated each repetition); udmd from dist/ (node ${r.versions.node}, ${r.udmdEnv}), tables "linear" and "snapshot-origin" + persistent snapshots ("snapshot ... P 8|128", zeroed COW files, taken with suspend / create / resume)`,
+    `servers: nbdkit file plugin (default: 16 threads; and --threads 4); nbdkit --filter=cow file (its default 64 KiB blocks, overlay in the data directory); qemu-nbd --persistent with its default cache (writeback) and aio (threads), on the raw file or on a qcow2 overlay (qemu-img create -f qcow2 -b data -F raw -o cluster_size=4096|65536, recreated each repetition); udmd from dist/ (node ${r.versions.node}, ${r.udmdEnv}), tables "linear" and "snapshot-origin" + persistent snapshots ("snapshot ... P 8|128", zeroed COW files, taken with suspend / create / resume; one transient "N 8" row for reference)`,
     `server CPU: utime + stime of the server process (all threads) from /proc/PID/stat before and after each job; work per core: MiB (or I/Os) moved per CPU second of the server, i.e. MiB/s (IOPS) per 100% of one core, set against nbdkit file (default threads) or, for the COW configurations, nbdkit's cow filter`,
     `in-process figures of the same engines (no NBD, no fio): sections "Buffered I/O", "O_DIRECT" and "Snapshots" of bench/results.md (bench/micro.ts, bench/snapshot.ts)`,
   ];

@@ -1,7 +1,8 @@
 /**
  * `npm run bench [-- options]`: the micro-benchmark (bench/micro.ts) as a table on stdout.
  *
- *   --quick        CI smoke run: 8 MiB file, 0.2 s repetitions (whole run well under 15 s)
+ *   --quick        CI smoke run: 8 MiB file, 0.2 s repetitions, then the quick snapshot
+ *                  benchmarks and a tiny matrix (under a minute in all; the matrix alone ~25 s)
  *   --direct       O_DIRECT on both sides (default: buffered I/O)
  *   --json         print the results as JSON on stdout (the table then goes to stderr)
  *   --size N       data file size, e.g. 64M, 1G (default 256M)
@@ -15,7 +16,7 @@
  *   --no-snapshot  skip the snapshot benchmarks (bench/snapshot.ts), which otherwise run after the
  *                  micro-benchmark (not with --only); a full run records them in results.md too
  *   --matrix       run only the benchmark matrix (bench/matrix.ts: udm over NBD against nbdkit,
- *                  qemu-nbd and the raw file, driven by fio; several minutes in full). --quick runs
+ *                  qemu-nbd and the raw file, driven by fio; ~20 minutes in full). --quick runs
  *                  a tiny matrix after the micro and snapshot benchmarks (--no-matrix skips it);
  *                  with --matrix, --size / --seconds / --reps / --dir / --only apply to the matrix
  *   --configs LIST matrix configurations to run (comma-separated ids or parts of ids, e.g.
