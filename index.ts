@@ -40,3 +40,4 @@ export * from "./core/table-text.js";
 export * from "./core/target.js";
 export * from "./core/work-queue.js";
 export { builtinTargets } from "./targets/index.js";
+export * from "./core/devices/device-wrapper.js";

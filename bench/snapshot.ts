@@ -40,6 +40,7 @@ import { systemBackingDevices } from "../core/device-manager.js";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
 import type { BlockDevice, OpenMode } from "../core/devices/block-device.js";
 import { Copier } from "../core/copier.js";
+import { DeviceWrapper } from "../core/devices/device-wrapper.js";
 import { createDeviceMapper } from "../index.js";
 import { cowImageChunks } from "../targets/snapshot/cow-image.js";
 import { type Filesystem, filesystemOf, median, MiB, pickDataDir } from "./micro.js";
@@ -185,26 +186,11 @@ async function resident(gc: Gc): Promise<number> {
 
 // ---- a COW device wrapper that counts metadata writes ----
 
-class CountingDevice implements BlockDevice {
+class CountingDevice extends DeviceWrapper {
   metaWrites = 0;
-  constructor(readonly inner: BlockDevice) {}
-  get tableName() { return this.inner.tableName; }
-  get displayName() { return this.inner.displayName; }
-  get sizeSectors() { return this.inner.sizeSectors; }
-  get logicalBlockSize() { return this.inner.logicalBlockSize; }
-  get readOnly() { return this.inner.readOnly; }
-  get devno() { return this.inner.devno; }
-  get supportsDiscard() { return this.inner.supportsDiscard; }
-  get supportsWriteZeroes() { return this.inner.supportsWriteZeroes; }
-  submit(bio: Bio): void {
+  override submit(bio: Bio): void {
     if (bio.op === "write" && (bio.flags & META) === META) this.metaWrites++;
     this.inner.submit(bio);
-  }
-  async upgradeToReadWrite(): Promise<void> {
-    await this.inner.upgradeToReadWrite?.();
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }
 

@@ -5,7 +5,7 @@
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { BackingDevices } from "../../core/device-manager.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
-import { DeviceWrapper } from "./device-wrapper.js";
+import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
 import { createDeviceMapper } from "../../index.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 

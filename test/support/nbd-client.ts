@@ -10,6 +10,7 @@
 import net from "node:net";
 import { expect } from "vitest";
 import { Cmd, Opt, Rep } from "../../dmsetup/nbd/protocol.js";
+import { ByteQueue } from "./byte-queue.js";
 
 export interface ConnectOptions {
   structured?: boolean;
@@ -38,8 +39,7 @@ interface Pending {
 
 /** Reads exact byte counts from a socket; rejects when the peer closes first. */
 export class ByteReader {
-  private chunks: Buffer[] = [];
-  private length = 0;
+  private readonly queue = new ByteQueue();
   private waiter: (() => void) | null = null;
   private ended = false;
   readonly closed: Promise<void>;
@@ -47,8 +47,7 @@ export class ByteReader {
   constructor(readonly socket: net.Socket) {
     this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
     socket.on("data", (c: Buffer) => {
-      this.chunks.push(c);
-      this.length += c.length;
+      this.queue.push(c);
       this.waiter?.();
     });
     socket.on("close", () => {
@@ -59,35 +58,12 @@ export class ByteReader {
   }
 
   async read(n: number): Promise<Buffer> {
-    while (this.length < n) {
-      if (this.ended) throw new Error(`connection closed (wanted ${n} bytes, have ${this.length})`);
+    while (this.queue.length < n) {
+      if (this.ended) throw new Error(`connection closed (wanted ${n} bytes, have ${this.queue.length})`);
       await new Promise<void>((r) => (this.waiter = r));
       this.waiter = null;
     }
-    this.length -= n;
-    const first = this.chunks[0]!;
-    if (first.length >= n) {
-      // The common case (and the cheap one: no copy).
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      return first.subarray(0, n);
-    }
-    // Gather just the chunks that hold these n bytes, so a large backlog is not copied per read.
-    const parts: Buffer[] = [];
-    let need = n;
-    while (need > 0) {
-      const c = this.chunks[0]!;
-      if (c.length <= need) {
-        parts.push(c);
-        this.chunks.shift();
-        need -= c.length;
-      } else {
-        parts.push(c.subarray(0, need));
-        this.chunks[0] = c.subarray(need);
-        need = 0;
-      }
-    }
-    return Buffer.concat(parts, n);
+    return this.queue.take(n);
   }
 }
 

@@ -11,7 +11,7 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
-import { DeviceWrapper } from "./device-wrapper.js";
+import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
 import { NamedBacking } from "./memory-backing.js";
 
 export { DeviceWrapper };

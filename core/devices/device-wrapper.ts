@@ -1,5 +1,6 @@
-import type { Bio } from "../../core/bio.js";
-import type { BlockDevice } from "../../core/devices/block-device.js";
+/** A BlockDevice that forwards to another: subclass it to observe or alter I/O (tests, benchmarks, plugins). */
+import type { Bio } from "../bio.js";
+import type { BlockDevice } from "./block-device.js";
 
 /** Forwards everything to `inner`; subclasses override what they need. */
 export class DeviceWrapper implements BlockDevice {
