@@ -11,6 +11,7 @@ import fs from "node:fs";
 import { type Bio, BioFlags, type BioStatus, SECTOR_SIZE } from "../bio.js";
 import { bufferAddress } from "../ioctl.js";
 import type { BlockDevice } from "./block-device.js";
+import { inlineReadsEnabled, readCached } from "./inline-io.js";
 
 /** Memory alignment used for O_DIRECT: covers every logical block size up to 4 KiB. */
 export const DIRECT_ALIGN = 4096;
@@ -28,6 +29,13 @@ function isAligned(buf: Buffer, align = DIRECT_ALIGN): boolean {
 }
 
 type Done = (err: NodeJS.ErrnoException | null) => void;
+
+const EOPNOTSUPP_ERRNO = 95;
+/**
+ * Larger reads go to the pool even when cached: copying them is real work, and on the pool it
+ * runs beside the event loop (1 MiB reads over NBD: ~1,840 MiB/s inline vs ~2,240 pooled).
+ */
+const INLINE_READ_MAX = 64 * 1024;
 
 const PASSTHROUGH = new Set<BioStatus>(["EIO", "EOPNOTSUPP", "ENOSPC", "EAGAIN", "EPERM", "EINVAL", "ENXIO"]);
 
@@ -109,6 +117,8 @@ export abstract class FdDevice implements BlockDevice {
   private readonly path: string;
   /** fds replaced by an upgrade: bios already issued on them may still run; closed with the device. */
   private readonly retiredFds: number[] = [];
+  /** Page-cache hits are read in the calling thread (buffered fds only; see inline-io.ts). */
+  private inlineReads: boolean;
 
   protected constructor(init: FdDeviceInit) {
     this.fd = init.fd;
@@ -122,6 +132,8 @@ export abstract class FdDevice implements BlockDevice {
     this.supportsDiscard = init.supportsDiscard;
     this.supportsWriteZeroes = init.supportsWriteZeroes;
     if (init.devno) this.devno = init.devno;
+    // An O_DIRECT read always waits for the device: never inline.
+    this.inlineReads = !init.direct && inlineReadsEnabled();
   }
 
   get sizeSectors(): number {
@@ -185,6 +197,18 @@ export abstract class FdDevice implements BlockDevice {
 
   private read(bio: Bio, pos: number, bytes: number): void {
     const target = bio.data.subarray(0, bytes);
+    if (this.inlineReads && bytes <= INLINE_READ_MAX) {
+      const n = readCached(this.fd, target, pos);
+      if (n === bytes) return bio.complete("ok");
+      if (n > 0) return this.readRest(bio, target.subarray(n), pos + n);
+      if (n === -EOPNOTSUPP_ERRNO) this.inlineReads = false; // this file system has no RWF_NOWAIT reads
+      // Other errors: the pool repeats the read and reports them.
+    }
+    this.readRest(bio, target, pos);
+  }
+
+  /** Through the pool: whatever was not in the page cache (or all of it). */
+  private readRest(bio: Bio, target: Buffer, pos: number): void {
     const buf = this.direct && !isAligned(target) ? alignedBuffer(target.length) : target;
     readFully(this.fd, buf, pos, (err) => {
       if (err) return bio.complete(errorToStatus(err));

@@ -6,7 +6,7 @@
  * Flow control: requests are only taken from the parser while the connection has room (in-flight
  * count and bytes, and the reply backlog in the socket are bounded); otherwise the socket is
  * paused and the rest stays in the parser/kernel buffers until completions free room. Replies
- * written in the same tick are corked together so many small completions leave in one writev.
+ * written in the same event-loop turn are corked together so many small completions leave in one writev.
  *
  * Failure scope: anything wrong with this client's bytes closes this connection only; a request
  * the device or the checks reject gets an error reply and the connection goes on.
@@ -14,6 +14,7 @@
 import type { Socket } from "node:net";
 import { Bio, type BioEndIo, BioFlags, type BioOp, SECTOR_SIZE } from "../../core/bio.js";
 import type { Logger } from "../../core/logger.js";
+import type { BufferPool } from "./buffer-pool.js";
 import { type ExportDevice, type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, exportSizeBytes, nbdErrorFor } from "./exports.js";
 import { Handshake } from "./handshake.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
@@ -41,6 +42,8 @@ export interface ConnectionSettings {
   maxQueuedReplyBytes: number;
   /** After a graceful end, how long to wait for the client before destroying the socket. */
   lingerMs: number;
+  /** Large READ reply and WRITE payload buffers, shared by the server's connections. */
+  buffers: BufferPool;
 }
 
 /** Per-request state the completion needs; rides on `bio.owner`. */
@@ -48,9 +51,11 @@ class PendingRequest {
   constructor(
     readonly handle: bigint,
     readonly type: number,
-    /** Prebuilt READ reply (header + data the bio filled), null for other commands. */
+    /** Prebuilt READ reply (header + data the bio filled), from the pool; null for other commands. */
     readonly reply: Buffer | null,
     readonly cost: number,
+    /** WRITE payload from the pool, returned when the bio completes. */
+    readonly payload: Buffer | null,
   ) {}
 }
 
@@ -77,6 +82,8 @@ export class NbdConnection implements BioEndIo {
   private ending = false;
   private warnedTruncated = false;
   private corked = false;
+  /** WRITE payloads the parser assembled in pool buffers, until a bio or a rejection takes them. */
+  private readonly pooledPayloads = new WeakSet<Buffer>();
   private pumping = false;
   private timers: NodeJS.Timeout[] = [];
   private resolveClosed!: () => void;
@@ -201,7 +208,13 @@ export class NbdConnection implements BioEndIo {
     this.device = found.device;
     this.exportName = found.name;
     this.structured = this.negotiation.structured;
-    this.requests = new RequestParser({ maxPayload: this.settings.maxPayload });
+    const buffers = this.settings.buffers;
+    const allocPayload = (n: number): Buffer => {
+      const buf = buffers.take(n);
+      this.pooledPayloads.add(buf);
+      return buf;
+    };
+    this.requests = new RequestParser({ maxPayload: this.settings.maxPayload, allocPayload });
     this.requests.push(this.handshake!.takeRemaining());
     this.handshake = null;
     this.log().info("nbd client attached", { structured: this.structured, sizeBytes: exportSizeBytes(found.device) });
@@ -210,6 +223,12 @@ export class NbdConnection implements BioEndIo {
   // ---- transmission ----
 
   private onRequest(r: NbdRequest): void {
+    this.handleRequest(r);
+    // A pooled WRITE payload that did not become a bio (rejected, or the connection is ending).
+    if (r.data && this.pooledPayloads.delete(r.data)) this.settings.buffers.give(r.data);
+  }
+
+  private handleRequest(r: NbdRequest): void {
     if (r.type === Cmd.DISC) {
       // Answer everything in flight, then close (settle/bioDone end the socket when idle).
       this.stopped = true;
@@ -244,7 +263,7 @@ export class NbdConnection implements BioEndIo {
     if (r.length === 0) return this.succeed(r);
     // One allocation for reply header + data: the device reads straight into the reply.
     const prefix = readReplyPrefix(this.structured);
-    const reply = Buffer.allocUnsafe(prefix + r.length);
+    const reply = this.settings.buffers.take(prefix + r.length);
     if (this.structured) writeOffsetDataHeader(reply, r.handle, r.offset, r.length);
     else writeSimpleReplyHeader(reply, r.handle, 0);
     this.submit(r, "read", reply.subarray(prefix), 0, reply, reply.length);
@@ -293,7 +312,9 @@ export class NbdConnection implements BioEndIo {
 
   private submit(r: NbdRequest, op: BioOp, data: Buffer | null, flags: number, reply: Buffer | null, cost: number): void {
     const bio = new Bio(op, r.offset / SECTOR_SIZE, r.length / SECTOR_SIZE, data, flags, this);
-    bio.owner = new PendingRequest(r.handle, r.type, reply, cost);
+    // A pooled payload now belongs to the bio; bioDone returns it.
+    const payload = data && this.pooledPayloads.delete(data) ? data : null;
+    bio.owner = new PendingRequest(r.handle, r.type, reply, cost, payload);
     this.inFlight++;
     this.inFlightBytes += cost;
     bio.submitTo(this.device!); // may complete synchronously (RAM disks): bioDone copes
@@ -303,11 +324,14 @@ export class NbdConnection implements BioEndIo {
     const p = bio.owner as PendingRequest;
     this.inFlight--;
     this.inFlightBytes -= p.cost;
+    // A completed bio no longer refers to its data (the bio contract), so the payload is free.
+    if (p.payload) this.settings.buffers.give(p.payload);
     // TRIM is advisory: a target that cannot discard after all has still done what was asked.
     if (bio.status === "ok" || (p.type === Cmd.TRIM && bio.status === "EOPNOTSUPP")) {
-      if (p.reply) this.send(p.reply);
+      if (p.reply) this.send(p.reply, true);
       else this.send(simpleReply(p.handle, 0));
     } else {
+      if (p.reply) this.settings.buffers.give(p.reply);
       this.replyError(p.handle, nbdErrorFor(bio.status), `${commandName(p.type)} failed: ${bio.status}`);
       this.log().debug("nbd request failed", { command: commandName(p.type), status: bio.status, sector: bio.sector });
     }
@@ -333,20 +357,30 @@ export class NbdConnection implements BioEndIo {
 
   // ---- output and teardown ----
 
-  private send(buf: Buffer): void {
+  /** Queue a message; `pooled`: `buf` goes back to the buffer pool once the socket is done with it. */
+  private send(buf: Buffer, pooled = false): void {
     const s = this.socket;
-    if (s.destroyed || s.writableEnded) return; // completions after the client left
+    if (s.destroyed || s.writableEnded) {
+      // Completions after the client left.
+      if (pooled) this.settings.buffers.give(buf);
+      return;
+    }
     if (!this.corked) {
-      // Everything sent in this tick leaves in one writev when the tick ends.
+      // Everything sent in this turn of the event loop leaves in one writev at its end (the check
+      // phase, after every completion the poll phase delivered): not per tick, because the pool
+      // delivers completions one callback at a time and a nextTick runs after each of them.
       this.corked = true;
       s.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        s.uncork();
-      });
+      setImmediate(this.uncork);
     }
-    s.write(buf);
+    if (pooled) s.write(buf, () => this.settings.buffers.give(buf));
+    else s.write(buf);
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   /** Flush queued replies, then close; destroy anyway if the client stops reading. */
   private endGracefully(): void {

@@ -185,6 +185,8 @@ function decodeString(bytes: Buffer): string | { error: string } {
 export interface RequestParserOptions {
   /** Largest WRITE payload accepted (default MAX_PAYLOAD); longer ones are skipped and flagged. */
   maxPayload?: number;
+  /** Where a payload that spans socket reads is assembled (default Buffer.allocUnsafe). */
+  allocPayload?: (bytes: number) => Buffer;
 }
 
 /**
@@ -201,6 +203,7 @@ function byteOffset(hi: number, lo: number): number {
 /** Transmission-phase requests: magic, flags, type, handle, offset, length, [WRITE payload]. */
 export class RequestParser extends IncrementalParser<NbdRequest> {
   private readonly maxPayload: number;
+  private readonly allocPayload: (bytes: number) => Buffer;
   /** A WRITE whose payload is still arriving. */
   private pending: NbdRequest | null = null;
   /** Payload buffer of `pending` and how much of it is filled (null while skipping). */
@@ -210,6 +213,7 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
   constructor(opts: RequestParserOptions = {}) {
     super();
     this.maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
+    this.allocPayload = opts.allocPayload ?? Buffer.allocUnsafe;
   }
 
   protected get inPayload(): boolean {
@@ -236,7 +240,7 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
         return request;
       } else {
         this.pending = request;
-        this.payload = Buffer.allocUnsafe(request.length);
+        this.payload = this.allocPayload(request.length);
         this.filled = 0;
       }
     }

@@ -9,6 +9,7 @@
 import fs from "node:fs";
 import net from "node:net";
 import { type Logger, MemoryLogger } from "../../core/logger.js";
+import { BufferPool } from "./buffer-pool.js";
 import { type ConnectionSettings, NbdConnection } from "./connection.js";
 import type { ExportProvider } from "./exports.js";
 import { MAX_PAYLOAD } from "./protocol.js";
@@ -52,6 +53,7 @@ export class NbdServer {
       maxInFlightBytes: opts.maxInFlightBytes ?? 64 * 1024 * 1024,
       maxQueuedReplyBytes: 16 * 1024 * 1024,
       lingerMs: 5000,
+      buffers: new BufferPool(),
     };
   }
 

@@ -15,9 +15,11 @@ import {
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { alignedBuffer } from "../../core/devices/fd-device.js";
 import { FileDevice } from "../../core/devices/file-device.js";
+import { readCached, setInlineReads } from "../../core/devices/inline-io.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, blkGetSize64, bufferAddress, fallocate } from "../../core/ioctl.js";
+import koffi from "koffi";
 
 const MiB = 1 << 20;
 
@@ -294,6 +296,65 @@ describe("FileDevice", () => {
 
   it("rejects opening something that is not a regular file", async () => {
     await expect(FileDevice.open(tmp, { mode: "r" })).rejects.toMatchObject({ code: expect.any(String) });
+  });
+});
+
+/** Drop a file's clean pages from the page cache (POSIX_FADV_DONTNEED), so reads must go to disk. */
+function evictFromPageCache(file: string): void {
+  const fadvise = koffi.load("libc.so.6").func("posix_fadvise", "int", ["int", "int64_t", "int64_t", "int"]);
+  const fd = fs.openSync(file, "r");
+  try {
+    fs.fdatasyncSync(fd);
+    expect(fadvise(fd, 0, 0, 4 /* POSIX_FADV_DONTNEED */)).toBe(0);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+describe("FileDevice inline page-cache reads", () => {
+  afterEach(() => setInlineReads(null));
+
+  it("readCached reads cached bytes into a view at any offset, and nothing that is not cached", () => {
+    const file = sparseFile(64 * 1024);
+    const data = pattern(64 * 1024, 9);
+    fs.writeFileSync(file, data);
+    const fd = fs.openSync(file, "r");
+    try {
+      const outer = Buffer.alloc(8192 + 14, 0xee);
+      const view = outer.subarray(7, 7 + 8192);
+      expect(readCached(fd, view, 4096)).toBe(8192);
+      expectBytes(view, data.subarray(4096, 4096 + 8192));
+      expectBytes(outer.subarray(0, 7), Buffer.alloc(7, 0xee));
+      expectBytes(outer.subarray(7 + 8192), Buffer.alloc(7, 0xee));
+      // At the end of the file: a short count, never more than is there.
+      expect(readCached(fd, Buffer.alloc(8192), 60 * 1024)).toBe(4096);
+
+      evictFromPageCache(file);
+      // Nothing cached: RWF_NOWAIT answers EAGAIN (0 here) instead of waiting for the disk.
+      expect(readCached(fd, Buffer.alloc(4096), 32 * 1024)).toBe(0);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it.each([true, false])("reads the same bytes whether cached or not (inline reads %s)", async (inline) => {
+    setInlineReads(inline);
+    const file = sparseFile(MiB);
+    const data = pattern(MiB, 10);
+    fs.writeFileSync(file, data);
+    const dev = await openFile(file, { mode: "rw" });
+    // Cached: straight after writing.
+    expectBytes(await read(dev, 5, 300), data.subarray(5 * 512, 305 * 512));
+    // Partly cached: the first half is read again into the page cache, the rest is not.
+    evictFromPageCache(file);
+    const fd = fs.openSync(file, "r");
+    fs.readSync(fd, Buffer.alloc(256 * 1024), 0, 256 * 1024, 0);
+    fs.closeSync(fd);
+    expectBytes(await read(dev, 0, 2048), data);
+    // Writes through the device are seen by later inline reads.
+    const fresh = pattern(4096, 11);
+    await submitAndWait(dev, writeBio(100, fresh));
+    expectBytes(await read(dev, 100, 8), fresh);
   });
 });
 
