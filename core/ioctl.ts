@@ -336,3 +336,16 @@ export function peerCredentials(fd: number): { pid: number; uid: number; gid: nu
   check(getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ucred, len) as number, "getsockopt", "SO_PEERCRED");
   return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
 }
+
+// ---- file descriptors ----
+
+const F_DUPFD_CLOEXEC = 1030;
+let fcntlInt: Fn | null = null;
+
+/** A new descriptor for the same open file (close-on-exec), as fcntl(F_DUPFD_CLOEXEC). */
+export function dupFd(fd: number): number {
+  bind();
+  // fcntl is variadic; like ioctl above, a fixed int prototype is safe on x86_64.
+  fcntlInt ??= koffi.load("libc.so.6").func("fcntl", "int", ["int", "int", "int"]);
+  return check(fcntlInt(fd, F_DUPFD_CLOEXEC, 0) as number, "fcntl", "F_DUPFD_CLOEXEC");
+}

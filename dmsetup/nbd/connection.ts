@@ -15,6 +15,7 @@ import type { Socket } from "node:net";
 import { Bio, type BioEndIo, BioFlags, type BioOp, SECTOR_SIZE } from "../../core/bio.js";
 import type { Logger } from "../../core/logger.js";
 import type { BufferPool } from "./buffer-pool.js";
+import type { ReceiveBuffer } from "./receive-buffer.js";
 import { type ExportDevice, type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, exportSizeBytes, nbdErrorFor } from "./exports.js";
 import { Handshake } from "./handshake.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
@@ -93,6 +94,8 @@ export class NbdConnection implements BioEndIo {
     private readonly socket: Socket,
     readonly id: number,
     private readonly settings: ConnectionSettings,
+    /** The socket's onread memory, when the server created it that way (else 'data' events). */
+    private readonly receive: ReceiveBuffer | null = null,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
     this.negotiation = new Handshake(settings.exports, settings.maxPayload, (reply) => this.send(reply));
@@ -104,11 +107,13 @@ export class NbdConnection implements BioEndIo {
 
   start(): void {
     const s = this.socket;
-    s.on("data", (chunk: Buffer) => {
+    const received = (chunk: Buffer): void => {
       (this.requests ?? this.handshake)?.push(chunk);
       this.starved = false;
       this.pump();
-    });
+    };
+    if (this.receive) this.receive.sink = { received, directSpace: () => this.requests?.payloadSpace() ?? null };
+    else s.on("data", received);
     s.on("end", () => {
       this.eof = true;
       this.pump();

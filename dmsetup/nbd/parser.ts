@@ -267,11 +267,23 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
     };
   }
 
+  /**
+   * The unfilled part of the pending WRITE payload when nothing else is buffered: the socket may
+   * read straight into it (ReceiveBuffer), and `push`ing that view then costs no copy.
+   */
+  payloadSpace(): Buffer | null {
+    if (this.payload === null || this.available > 0) return null;
+    return this.payload.subarray(this.filled);
+  }
+
   /** Copy (or skip) whatever part of the pending WRITE payload is available. */
   private continuePayload(request: NbdRequest): NbdRequest | null {
     const want = request.length - this.filled;
     const n = Math.min(want, this.available);
-    if (this.payload) this.buffer.copy(this.payload, this.filled, this.offset, this.offset + n);
+    const p = this.payload;
+    // Bytes the socket read into the payload in place (payloadSpace) are already where they belong.
+    const inPlace = p !== null && this.buffer.buffer === p.buffer && this.buffer.byteOffset + this.offset === p.byteOffset + this.filled;
+    if (p && !inPlace) this.buffer.copy(p, this.filled, this.offset, this.offset + n);
     this.offset += n;
     this.filled += n;
     if (this.filled < request.length) return null;

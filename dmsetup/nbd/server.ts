@@ -9,10 +9,12 @@
 import fs from "node:fs";
 import net from "node:net";
 import { type Logger, MemoryLogger } from "../../core/logger.js";
+import { dupFd } from "../../core/ioctl.js";
 import { BufferPool } from "./buffer-pool.js";
 import { type ConnectionSettings, NbdConnection } from "./connection.js";
 import type { ExportProvider } from "./exports.js";
 import { MAX_PAYLOAD } from "./protocol.js";
+import { ReceiveBuffer } from "./receive-buffer.js";
 
 export { deviceMapperExports, type ExportDevice, type ExportProvider } from "./exports.js";
 
@@ -123,13 +125,15 @@ export class NbdServer {
 
   private createServer(): net.Server {
     // allowHalfOpen: a client that shuts down its sending side still gets its replies.
-    return net.createServer({ allowHalfOpen: true }, (socket) => this.accept(socket));
+    // pauseOnConnect: nothing is read before accept() has decided how the socket reads.
+    return net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket));
   }
 
-  private accept(socket: net.Socket): void {
-    if (this.closing) return void socket.destroy();
+  private accept(accepted: net.Socket): void {
+    if (this.closing) return void accepted.destroy();
+    const { socket, receive } = withReceiveBuffer(accepted);
     if (socket.remoteFamily) socket.setNoDelay(true); // TCP only: replies must not wait for Nagle
-    const conn = new NbdConnection(socket, this.nextId++, this.settings);
+    const conn = new NbdConnection(socket, this.nextId++, this.settings, receive);
     this.connections.add(conn);
     void conn.closed.then(() => this.connections.delete(conn));
     this.settings.logger.debug("nbd client connected", { conn: conn.id, remote: socket.remoteAddress ?? "unix" });
@@ -138,6 +142,36 @@ export class NbdServer {
 
   private assertOpen(): void {
     if (this.closing) throw new Error("NbdServer is closed");
+  }
+}
+
+/**
+ * Re-open an accepted connection as a socket that reads into a ReceiveBuffer. net.Server cannot
+ * be asked for `onread` sockets, so the connection's descriptor is duplicated into a new
+ * net.Socket that has it, and the accepted one (which has not read anything: pauseOnConnect) is
+ * closed; the connection lives on in the duplicate. Where that is not possible the accepted
+ * socket is used as it is, with Node's own read buffers.
+ */
+function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive: ReceiveBuffer | null } {
+  const fd = (accepted as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  let dup = -1;
+  try {
+    if (typeof fd !== "number" || fd < 0) throw new Error("no descriptor");
+    dup = dupFd(fd);
+    const receive = new ReceiveBuffer();
+    const socket = new net.Socket({
+      fd: dup,
+      readable: true,
+      writable: true,
+      allowHalfOpen: true,
+      onread: { buffer: receive.nextBuffer, callback: receive.onRead },
+    });
+    accepted.destroy();
+    return { socket, receive };
+  } catch {
+    if (dup >= 0) fs.closeSync(dup);
+    accepted.resume();
+    return { socket: accepted, receive: null };
   }
 }
 

@@ -190,6 +190,25 @@ describe("transmission", () => {
     await h.close();
   });
 
+  it("large writes that arrive in pieces land intact, with small requests pipelined behind them", async () => {
+    // Payloads spanning many socket reads are received in place (ReceiveBuffer + payloadSpace);
+    // what decides the pieces here is the client's write sizes and the scheduler, and whatever
+    // they are, every byte must end up where it was sent.
+    backing.memory("mem0", 8192);
+    await dm.create("disk", { table: "0 8192 linear mem0 0" });
+    const c = await connect("disk");
+    const big = [pattern(1, 3 * MiB), pattern(2, 512 * KiB + 512)];
+    const small = Array.from({ length: 8 }, (_, i) => pattern(10 + i, 4 * KiB));
+    const replies = [
+      c.write(0, big[0]!),
+      ...small.map((d, i) => c.write(3 * MiB + i * 4 * KiB, d)),
+      c.write(3 * MiB + 32 * KiB, big[1]!),
+    ];
+    expect((await Promise.all(replies)).map((r) => r.error)).toEqual(replies.map(() => 0));
+    const back = await c.read(0, 3 * MiB + 32 * KiB + big[1]!.length);
+    expect(back.data!.equals(Buffer.concat([big[0]!, ...small, big[1]!]))).toBe(true);
+  });
+
   it("trim, write-zeroes (NO_HOLE), cache and zero-length requests", async () => {
     const mem = backing.memory("mem0", 4096);
     await dm.create("disk", { table: "0 4096 linear mem0 0" });

@@ -195,6 +195,36 @@ describe("RequestParser", () => {
     expect(p.midMessage).toBe(true);
   });
 
+  it("offers the unfilled payload for in-place reads, and takes bytes written there without a copy", () => {
+    const allocated: Buffer[] = [];
+    const p = new RequestParser({ allocPayload: (n) => allocated[allocated.push(Buffer.alloc(n)) - 1]! });
+    const payload = Buffer.from(Array.from({ length: 10_000 }, (_, i) => (i * 7) & 0xff));
+    const header = hex("25609513 0000 0001 0000000000000007 0000000000000000 00002710");
+    expect(p.payloadSpace()).toBeNull(); // nothing pending
+    p.push(Buffer.concat([header, payload.subarray(0, 100)]));
+    expect(p.next()).toBeNull();
+    const space = p.payloadSpace()!;
+    expect(space.length).toBe(9_900);
+    expect(space.buffer).toBe(allocated[0]!.buffer);
+    expect(space.byteOffset).toBe(allocated[0]!.byteOffset + 100);
+    // "The socket" reads 5,000 bytes into it.
+    payload.copy(space, 0, 100, 5_100);
+    p.push(space.subarray(0, 5_000));
+    expect(p.next()).toBeNull();
+    const rest = p.payloadSpace()!;
+    expect(rest.length).toBe(4_900);
+    expect(rest.byteOffset).toBe(space.byteOffset + 5_000);
+    // The rest arrives in ordinary memory together with the next request's first bytes: copied,
+    // and while those bytes are buffered there is no in-place space to offer.
+    p.push(Buffer.concat([payload.subarray(5_100), hex("2560")]));
+    const write = p.next()!;
+    expect(write).toMatchObject({ type: Cmd.WRITE, handle: 7n, length: 10_000 });
+    expect(write.data).toBe(allocated[0]);
+    expect(write.data!.equals(payload)).toBe(true);
+    expect(p.payloadSpace()).toBeNull();
+    expect(allocated).toHaveLength(1);
+  });
+
   it("parses any stream of requests however it is chunked (property)", () => {
     const request = fc.record({
       flags: fc.integer({ min: 0, max: 0xffff }),
