@@ -132,6 +132,7 @@ interface Libc {
   ioctlLoopConfig: Fn;
   ioctlLoopInfo: Fn;
   fallocate: Fn;
+  pwritev2: Fn;
   strerror: Fn;
 }
 
@@ -155,6 +156,7 @@ function bind(): Libc {
     ioctlLoopConfig: lib.func("ioctl", "int", ["int", "unsigned long", koffi.pointer(LoopConfig)]),
     ioctlLoopInfo: lib.func("ioctl", "int", ["int", "unsigned long", koffi.pointer(LoopInfo64)]),
     fallocate: lib.func("fallocate", "int", ["int", "int", "int64_t", "int64_t"]),
+    pwritev2: lib.func("pwritev2", "int64_t", ["int", "void *", "int", "int64_t", "int"]),
     // Only called on the main thread, so strerror's static buffer is not shared.
     strerror: lib.func("strerror", "str", ["int"]),
   };
@@ -348,4 +350,23 @@ export function dupFd(fd: number): number {
   // fcntl is variadic; like ioctl above, a fixed int prototype is safe on x86_64.
   fcntlInt ??= koffi.load("libc.so.6").func("fcntl", "int", ["int", "int", "int"]);
   return check(fcntlInt(fd, F_DUPFD_CLOEXEC, 0) as number, "fcntl", "F_DUPFD_CLOEXEC");
+}
+
+// ---- writes with per-call flags ----
+
+export const RWF_DSYNC = 0x02;
+
+/**
+ * pwritev2(fd, [buf], pos, flags) on a worker thread; resolves with the bytes written. With
+ * RWF_DSYNC the data (and what is needed to read it back) is durable when it resolves: a FUA
+ * write, without the fdatasync that would also flush every other dirty page of the file.
+ */
+export async function pwriteFlagsAsync(fd: number, buf: Buffer, pos: number, flags: number): Promise<number> {
+  const iovec = Buffer.alloc(16); // one per call: it must stay untouched while the worker runs
+  iovec.writeBigUInt64LE(koffi.address(buf), 0);
+  iovec.writeBigUInt64LE(BigInt(buf.length), 8);
+  // `buf` stays referenced by this frame until the call resolves, so its memory cannot move or go.
+  const n = await callAsync(bind().pwritev2, [fd, iovec, 1, pos, flags], "pwritev2", `flags=${flags}`);
+  void buf.length;
+  return Number(n);
 }

@@ -9,7 +9,7 @@
  */
 import fs from "node:fs";
 import { type Bio, BioFlags, type BioStatus, SECTOR_SIZE } from "../bio.js";
-import { bufferAddress } from "../ioctl.js";
+import { RWF_DSYNC, bufferAddress, pwriteFlagsAsync } from "../ioctl.js";
 import type { BlockDevice } from "./block-device.js";
 import { inlineReadsEnabled, readCached } from "./inline-io.js";
 
@@ -88,6 +88,25 @@ export function writeFully(fd: number, buf: Buffer, pos: number, done: Done): vo
   step(0);
 }
 
+/** writeFully with every write durable on return (pwritev2 RWF_DSYNC). */
+function writeFullyDsync(fd: number, buf: Buffer, pos: number, done: Done): void {
+  const step = (off: number): void => {
+    pwriteFlagsAsync(fd, buf.subarray(off), pos + off, RWF_DSYNC).then(
+      (n) => {
+        if (n === 0) return done(Object.assign(new Error("write made no progress"), { code: "EIO" }));
+        if (off + n < buf.length) return step(off + n);
+        done(null);
+      },
+      (err: NodeJS.ErrnoException) => done(err),
+    );
+  };
+  if (buf.length === 0) return done(null);
+  step(0);
+}
+
+/** FUA writes as RWF_DSYNC writes (Linux x86_64, where the koffi bindings work); else write + fdatasync. */
+const dsyncWrites = process.platform === "linux" && process.arch === "x64";
+
 export interface FdDeviceInit {
   fd: number;
   /** Path the fd was opened from: a read-only device reopens it read-write on upgrade. */
@@ -159,6 +178,8 @@ export abstract class FdDevice implements BlockDevice {
       case "flush":
         return fs.fdatasync(this.fd, (err) => bio.complete(err ? errorToStatus(err) : "ok"));
       case "write":
+        // FUA: the write itself is made durable (RWF_DSYNC) instead of a write then an fdatasync.
+        if (bio.isFua && dsyncWrites) return this.ordered(bio, (done) => this.write(bio, pos, bytes, done, true), true);
         return this.ordered(bio, (done) => this.write(bio, pos, bytes, done));
       case "discard":
         return this.ordered(bio, (done) => settle(this.discardRange(pos, bytes), done));
@@ -183,12 +204,15 @@ export abstract class FdDevice implements BlockDevice {
     return "ok";
   }
 
-  /** Run a modifying op between the PREFLUSH and FUA cache flushes it asks for. */
-  private ordered(bio: Bio, op: (done: Done) => void): void {
+  /**
+   * Run a modifying op between the PREFLUSH and FUA cache flushes it asks for (`durable`: the op
+   * itself already made its data durable, so FUA needs no flush after it).
+   */
+  private ordered(bio: Bio, op: (done: Done) => void, durable = false): void {
     const fd = this.fd;
     const finish: Done = (err) => {
       if (err) return bio.complete(errorToStatus(err));
-      if (!bio.isFua) return bio.complete("ok");
+      if (!bio.isFua || durable) return bio.complete("ok");
       fs.fdatasync(fd, (e) => bio.complete(e ? errorToStatus(e) : "ok"));
     };
     if (!bio.isPreflush) return op(finish);
@@ -217,14 +241,15 @@ export abstract class FdDevice implements BlockDevice {
     });
   }
 
-  private write(bio: Bio, pos: number, bytes: number, done: Done): void {
+  private write(bio: Bio, pos: number, bytes: number, done: Done, dsync = false): void {
     let buf = bio.data.subarray(0, bytes);
     if (this.direct && !isAligned(buf)) {
       const bounce = alignedBuffer(buf.length);
       buf.copy(bounce);
       buf = bounce;
     }
-    writeFully(this.fd, buf, pos, done);
+    if (dsync) writeFullyDsync(this.fd, buf, pos, done);
+    else writeFully(this.fd, buf, pos, done);
   }
 
   /** Write-zeroes fallback for stores that cannot zero natively: write a reused zero buffer. */
