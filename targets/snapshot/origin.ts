@@ -10,7 +10,7 @@ import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { type DeviceAreaCallback, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
 import { type Origin, originOf } from "./origin-registry.js";
-import { originMapWrite, type SnapshotTarget } from "./snapshot.js";
+import { originMapWrite, originRangeSettled, type SnapshotTarget } from "./snapshot.js";
 
 /** Split boundary with no snapshots: effectively none, but still a power of two (R21). */
 const NO_SPLIT = 2 ** 40;
@@ -55,7 +55,11 @@ export class SnapshotOriginTarget extends Target {
     if (bio.sectors > 0) bio.sector -= this.begin;
     if (bio.op !== "write") return MapResult.REMAPPED;
     const within = bio.sector % this.splitBoundary;
-    if (within + bio.sectors > this.splitBoundary) acceptPartialBio(bio, this.splitBoundary - within);
+    if (within + bio.sectors > this.splitBoundary) {
+      // Spanning chunks: whole if no snapshot needs a copy anywhere in it, else one chunk at a time.
+      if (originRangeSettled(this.origin, bio.sector, bio.sectors)) return MapResult.REMAPPED;
+      acceptPartialBio(bio, this.splitBoundary - within);
+    }
     return originMapWrite(this.origin, bio, true);
   }
 

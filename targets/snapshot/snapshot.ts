@@ -556,6 +556,26 @@ export function originWrite(origin: Origin<SnapshotTarget>, sector: number, bio:
   return r;
 }
 
+/**
+ * True when a write of `sectors` at origin sector `sector` has nothing to copy in any snapshot:
+ * for each one originWrite would consider, every chunk the range touches already has a completed
+ * exception and none is pending. Such a write may go to the origin whole, however many chunks it
+ * spans: splitting it at chunk boundaries (the kernel's max_io_len) only pays off when a chunk
+ * needs its copy first, and a 1 MiB write cut into 4 KiB pieces costs 256 device writes.
+ */
+export function originRangeSettled(origin: Origin<SnapshotTarget>, sector: number, sectors: number): boolean {
+  const end = sector + sectors;
+  for (const snap of origin.snapshots) {
+    if (snap.isMerge || !snap.valid || !snap.active || sector >= snap.len) continue;
+    const cs = snap.chunkSize;
+    const last = Math.floor((Math.min(end, snap.len) - 1) / cs);
+    for (let chunk = Math.floor(sector / cs); chunk <= last; chunk++) {
+      if (snap.pending.has(chunk) || snap.complete.lookup(chunk) < 0) return false;
+    }
+  }
+  return true;
+}
+
 /** Origin writes: wait out COW throttling (limit), then originWrite; submit if nothing to copy. */
 export function originRetry(origin: Origin<SnapshotTarget>, bio: Bio, limit: boolean): void {
   const r = originMapWrite(origin, bio, limit);

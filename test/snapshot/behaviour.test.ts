@@ -476,6 +476,18 @@ describe("origins without snapshots and huge tables (R21, R22)", () => {
     origin.log.length = 0;
     await base.write(CS - 2, pattern(4, bytes(4)));
     expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, 2], [CS, 2]]);
+    // …while a chunk in the range still needs its copy; once both chunks have their exceptions,
+    // the same write goes whole (nothing to copy anywhere in it).
+    origin.log.length = 0;
+    await base.write(CS - 2, pattern(5, bytes(4)));
+    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, 4]]);
+    // A range with one chunk not yet copied is cut again, and the snapshot keeps that chunk's old data.
+    origin.log.length = 0;
+    await base.write(CS - 2, pattern(6, bytes(CS + 4)));
+    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, 2], [CS, CS], [2 * CS, 2]]);
+    const snap = w.open("snap");
+    expect((await snap.read(2 * CS, 2)).equals(big.subarray(bytes(2 * CS), bytes(2 * CS + 2)))).toBe(true);
+    await snap.close();
     // …and once the last snapshot is gone (origin resumed), not at all.
     await w.dm.remove("snap");
     await w.dm.suspend("base");

@@ -1,0 +1,83 @@
+/**
+ * The NBD server's memory for large messages: BufferPool (reused reply/payload buffers) and
+ * ReceiveBuffer (where socket reads land). Both are about not allocating per request; what must
+ * hold is ownership: a buffer is never handed to two users, and received bytes are never
+ * overwritten while a message may still refer to them.
+ */
+import { describe, expect, it } from "vitest";
+import { BufferPool } from "../../dmsetup/nbd/buffer-pool.js";
+import { ReceiveBuffer } from "../../dmsetup/nbd/receive-buffer.js";
+
+const KiB = 1024;
+
+describe("BufferPool", () => {
+  it("hands a returned buffer out again for the same size, and only once", () => {
+    const pool = new BufferPool(64 * KiB, 1024 * KiB);
+    const a = pool.take(128 * KiB);
+    expect(a.length).toBe(128 * KiB);
+    pool.give(a);
+    expect(pool.retainedBytes).toBe(128 * KiB);
+    expect(pool.take(256 * KiB)).not.toBe(a); // another size: a new buffer
+    expect(pool.take(128 * KiB)).toBe(a);
+    expect(pool.take(128 * KiB)).not.toBe(a); // taken already: never shared
+    expect(pool.retainedBytes).toBe(0);
+  });
+
+  it("keeps neither small buffers, nor views, nor more than its limit", () => {
+    const pool = new BufferPool(64 * KiB, 256 * KiB);
+    const small = pool.take(4 * KiB);
+    pool.give(small);
+    expect(pool.retainedBytes).toBe(0);
+    const big = pool.take(128 * KiB);
+    pool.give(big.subarray(0, 64 * KiB)); // a view of someone's buffer is not the pool's to keep
+    expect(pool.retainedBytes).toBe(0);
+    const bufs = [pool.take(128 * KiB), pool.take(128 * KiB), pool.take(128 * KiB)];
+    for (const b of bufs) pool.give(b);
+    expect(pool.retainedBytes).toBe(256 * KiB);
+  });
+});
+
+describe("ReceiveBuffer", () => {
+  /** Simulate the socket: fill what nextBuffer offers with `n` bytes of `fill`, deliver them. */
+  function read(rb: ReceiveBuffer, n: number, fill: number): Buffer {
+    const target = rb.nextBuffer();
+    expect(target.length).toBeGreaterThanOrEqual(n);
+    target.fill(fill, 0, n);
+    rb.onRead(n, target);
+    return target;
+  }
+
+  it("reads one after another into an arena and never writes over bytes already delivered", () => {
+    const rb = new ReceiveBuffer();
+    const chunks: Buffer[] = [];
+    rb.sink = { received: (c) => chunks.push(c), directSpace: () => null };
+    for (let i = 0; i < 40; i++) read(rb, 20 * KiB + i, i + 1);
+    expect(chunks).toHaveLength(40);
+    chunks.forEach((c, i) => {
+      expect(c.length).toBe(20 * KiB + i);
+      expect(c.every((b) => b === i + 1)).toBe(true); // untouched by the 39 reads after it
+    });
+    // Consecutive reads share an arena until less than 64 KiB is left, then a new one starts.
+    expect(chunks[1]!.buffer).toBe(chunks[0]!.buffer);
+    expect(chunks[1]!.byteOffset).toBe(chunks[0]!.byteOffset + chunks[0]!.length);
+    expect(new Set(chunks.map((c) => c.buffer)).size).toBeGreaterThan(1);
+  });
+
+  it("reads straight into the space the receiver offers, without using the arena", () => {
+    const rb = new ReceiveBuffer();
+    const payload = Buffer.alloc(100 * KiB);
+    let offered: Buffer | null = null;
+    const chunks: Buffer[] = [];
+    rb.sink = { received: (c) => chunks.push(c), directSpace: () => offered };
+    const first = read(rb, 1000, 7); // into the arena (nothing offered yet)
+    offered = payload.subarray(1000);
+    const second = read(rb, 50 * KiB, 8);
+    expect(second.buffer).toBe(payload.buffer);
+    expect(chunks[1]!.byteOffset).toBe(payload.byteOffset + 1000);
+    expect(payload.subarray(1000, 1000 + 50 * KiB).every((b) => b === 8)).toBe(true);
+    offered = null;
+    const third = read(rb, 10, 9); // back to the arena, right after the first read
+    expect(third.buffer).toBe(first.buffer);
+    expect(chunks[2]!.byteOffset).toBe(chunks[0]!.byteOffset + 1000);
+  });
+});
