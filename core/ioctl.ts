@@ -370,3 +370,23 @@ export async function pwriteFlagsAsync(fd: number, buf: Buffer, pos: number, fla
   void buf.length;
   return Number(n);
 }
+
+const SO_SNDBUF = 7;
+let setsockopt: Fn | null = null;
+
+/**
+ * Ask for a socket send buffer of `bytes` (SO_SNDBUF; the kernel doubles the value for its own
+ * bookkeeping and caps it at net.core.wmem_max). Returns the size the kernel granted.
+ */
+export function setSendBuffer(fd: number, bytes: number): number {
+  bind();
+  setsockopt ??= koffi.load("libc.so.6").func("setsockopt", "int", ["int", "int", "int", "void *", "uint32_t"]);
+  getsockopt ??= koffi.load("libc.so.6").func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]);
+  const value = Buffer.alloc(4);
+  value.writeInt32LE(bytes);
+  check(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, value, 4) as number, "setsockopt", "SO_SNDBUF");
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(4);
+  check(getsockopt(fd, SOL_SOCKET, SO_SNDBUF, value, len) as number, "getsockopt", "SO_SNDBUF");
+  return value.readInt32LE(0);
+}

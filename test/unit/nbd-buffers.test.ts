@@ -4,7 +4,12 @@
  * hold is ownership: a buffer is never handed to two users, and received bytes are never
  * overwritten while a message may still refer to them.
  */
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { setSendBuffer } from "../../core/ioctl.js";
 import { BufferPool } from "../../dmsetup/nbd/buffer-pool.js";
 import { ReceiveBuffer } from "../../dmsetup/nbd/receive-buffer.js";
 
@@ -79,5 +84,31 @@ describe("ReceiveBuffer", () => {
     const third = read(rb, 10, 9); // back to the arena, right after the first read
     expect(third.buffer).toBe(first.buffer);
     expect(chunks[2]!.byteOffset).toBe(chunks[0]!.byteOffset + 1000);
+  });
+});
+
+describe("setSendBuffer", () => {
+  it("widens a socket's send buffer up to net.core.wmem_max, and names the error on a non-socket", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "udm-sndbuf-"));
+    const server = net.createServer();
+    await new Promise<void>((r) => server.listen(path.join(dir, "s"), r));
+    const client = net.connect(path.join(dir, "s"));
+    try {
+      await new Promise((r) => client.once("connect", r));
+      const fd = (client as unknown as { _handle: { fd: number } })._handle.fd;
+      const wmemMax = Number(fs.readFileSync("/proc/sys/net/core/wmem_max", "utf8"));
+      // The kernel stores twice the (capped) request: half of it is its own bookkeeping.
+      expect(setSendBuffer(fd, 1 << 20)).toBe(2 * Math.min(1 << 20, wmemMax));
+      const file = fs.openSync(path.join(dir, "plain"), "w");
+      try {
+        expect(() => setSendBuffer(file, 1 << 20)).toThrow(/setsockopt SO_SNDBUF: ENOTSOCK/);
+      } finally {
+        fs.closeSync(file);
+      }
+    } finally {
+      client.destroy();
+      await new Promise((r) => server.close(r));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
