@@ -131,7 +131,8 @@ export class NbdServer {
 
   private accept(accepted: net.Socket): void {
     if (this.closing) return void accepted.destroy();
-    const { socket, receive } = withReceiveBuffer(accepted);
+    const { socket, receive, fallback } = withReceiveBuffer(accepted);
+    if (fallback) this.settings.logger.warn("nbd: connection reads into Node's own buffers (slower)", { reason: fallback });
     if (socket.remoteFamily) socket.setNoDelay(true); // TCP only: replies must not wait for Nagle
     const conn = new NbdConnection(socket, this.nextId++, this.settings, receive);
     this.connections.add(conn);
@@ -152,11 +153,11 @@ export class NbdServer {
  * closed; the connection lives on in the duplicate. Where that is not possible the accepted
  * socket is used as it is, with Node's own read buffers.
  */
-function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive: ReceiveBuffer | null } {
+function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive: ReceiveBuffer | null; fallback?: string } {
   const fd = (accepted as unknown as { _handle?: { fd?: number } })._handle?.fd;
   let dup = -1;
   try {
-    if (typeof fd !== "number" || fd < 0) throw new Error("no descriptor");
+    if (typeof fd !== "number" || fd < 0) throw new Error("the accepted socket exposes no descriptor");
     dup = dupFd(fd);
     widenSendBuffer(dup);
     const receive = new ReceiveBuffer();
@@ -169,10 +170,10 @@ function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive:
     });
     accepted.destroy();
     return { socket, receive };
-  } catch {
+  } catch (err) {
     if (dup >= 0) fs.closeSync(dup);
     accepted.resume();
-    return { socket: accepted, receive: null };
+    return { socket: accepted, receive: null, fallback: (err as Error).message };
   }
 }
 

@@ -207,6 +207,8 @@ describe("transmission", () => {
     expect((await Promise.all(replies)).map((r) => r.error)).toEqual(replies.map(() => 0));
     const back = await c.read(0, 3 * MiB + 32 * KiB + big[1]!.length);
     expect(back.data!.equals(Buffer.concat([big[0]!, ...small, big[1]!]))).toBe(true);
+    // The connection really reads through a ReceiveBuffer (the server says when it cannot).
+    expect(logger.records.filter((r) => r.msg.includes("Node's own buffers"))).toEqual([]);
   });
 
   it("trim, write-zeroes (NO_HOLE), cache and zero-length requests", async () => {

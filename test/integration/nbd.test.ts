@@ -91,12 +91,16 @@ describe("real NBD clients", () => {
     expect(out.structured).toBe(true);
   });
 
-  it.skipIf(needs("nbdinfo"))("serves over TCP too, and the default export is the only device", async () => {
+  it.skipIf(needs("nbdinfo", "qemu-io"))("serves over TCP too, and the default export is the only device", async () => {
     backing.memory("mem0", 4096);
     await dm.create("solo", { table: "0 4096 linear mem0 0" });
     const { host, port } = await server.listenTcp({ host: "127.0.0.1", port: 0 });
     expect(await ok("nbdinfo", ["--size", `nbd://${host}:${port}/solo`])).toBe(`${2 * MiB}\n`);
     expect(await ok("nbdinfo", ["--size", uri("")])).toBe(`${2 * MiB}\n`);
+    // Data over TCP: the connection is re-opened on a duplicated descriptor like a unix one.
+    const out = await ok("qemu-io", ["-f", "raw", `nbd://${host}:${port}/solo`, "-c", "write -P 0x3c 4096 1M", "-c", "read -P 0x3c 4096 1M"]);
+    expect(out).toMatch(/read 1048576\/1048576 bytes/);
+    expect((await readMem("mem0", 8, MiB)).equals(Buffer.alloc(MiB, 0x3c))).toBe(true);
   });
 
   it.skipIf(needs("qemu-io"))("qemu-io writes a pattern and the backing RAM disk holds it", async () => {
