@@ -366,7 +366,13 @@ export async function pwriteFlagsAsync(fd: number, buf: Buffer, pos: number, fla
   iovec.writeBigUInt64LE(koffi.address(buf), 0);
   iovec.writeBigUInt64LE(BigInt(buf.length), 8);
   // `buf` stays referenced by this frame until the call resolves, so its memory cannot move or go.
-  const n = await callAsync(bind().pwritev2, [fd, iovec, 1, pos, flags], "pwritev2", `flags=${flags}`);
+  let pwritev2: Fn;
+  try {
+    pwritev2 = bind().pwritev2;
+  } catch (err) {
+    throw Object.assign(new Error(`pwritev2 is not available: ${(err as Error).message}`), { code: "ENOSYS" });
+  }
+  const n = await callAsync(pwritev2, [fd, iovec, 1, pos, flags], "pwritev2", `flags=${flags}`);
   void buf.length;
   return Number(n);
 }

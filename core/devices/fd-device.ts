@@ -104,8 +104,8 @@ function writeFullyDsync(fd: number, buf: Buffer, pos: number, done: Done): void
   step(0);
 }
 
-/** FUA writes as RWF_DSYNC writes (Linux x86_64, where the koffi bindings work); else write + fdatasync. */
-const dsyncWrites = process.platform === "linux" && process.arch === "x64";
+/** Errors meaning "no RWF_DSYNC writes here" rather than a failed write. */
+const DSYNC_UNSUPPORTED = new Set(["ENOSYS", "EOPNOTSUPP", "ENOTSUP"]);
 
 export interface FdDeviceInit {
   fd: number;
@@ -138,6 +138,8 @@ export abstract class FdDevice implements BlockDevice {
   private readonly retiredFds: number[] = [];
   /** Page-cache hits are read in the calling thread (buffered fds only; see inline-io.ts). */
   private inlineReads: boolean;
+  /** FUA writes as pwritev2(RWF_DSYNC) (Linux x86_64, where the koffi bindings work); else write + fdatasync. */
+  private dsyncWrites = process.platform === "linux" && process.arch === "x64";
 
   protected constructor(init: FdDeviceInit) {
     this.fd = init.fd;
@@ -179,7 +181,7 @@ export abstract class FdDevice implements BlockDevice {
         return fs.fdatasync(this.fd, (err) => bio.complete(err ? errorToStatus(err) : "ok"));
       case "write":
         // FUA: the write itself is made durable (RWF_DSYNC) instead of a write then an fdatasync.
-        if (bio.isFua && dsyncWrites) return this.ordered(bio, (done) => this.write(bio, pos, bytes, done, true), true);
+        if (bio.isFua && this.dsyncWrites) return this.ordered(bio, (done) => this.write(bio, pos, bytes, done, true), true);
         return this.ordered(bio, (done) => this.write(bio, pos, bytes, done));
       case "discard":
         return this.ordered(bio, (done) => settle(this.discardRange(pos, bytes), done));
@@ -222,7 +224,12 @@ export abstract class FdDevice implements BlockDevice {
   private read(bio: Bio, pos: number, bytes: number): void {
     const target = bio.data.subarray(0, bytes);
     if (this.inlineReads && bytes <= INLINE_READ_MAX) {
-      const n = readCached(this.fd, target, pos);
+      let n: number;
+      try {
+        n = readCached(this.fd, target, pos);
+      } catch {
+        n = -EOPNOTSUPP_ERRNO; // the binding itself failed (no preadv2 in this libc): stop trying
+      }
       if (n === bytes) return bio.complete("ok");
       if (n > 0) return this.readRest(bio, target.subarray(n), pos + n);
       if (n === -EOPNOTSUPP_ERRNO) this.inlineReads = false; // this file system has no RWF_NOWAIT reads
@@ -248,8 +255,14 @@ export abstract class FdDevice implements BlockDevice {
       buf.copy(bounce);
       buf = bounce;
     }
-    if (dsync) writeFullyDsync(this.fd, buf, pos, done);
-    else writeFully(this.fd, buf, pos, done);
+    if (!dsync) return writeFully(this.fd, buf, pos, done);
+    const fd = this.fd;
+    writeFullyDsync(fd, buf, pos, (err) => {
+      if (!err || !DSYNC_UNSUPPORTED.has(err.code ?? "")) return done(err);
+      // No pwritev2 / RWF_DSYNC here (old kernel or libc): write, then fdatasync, from now on.
+      this.dsyncWrites = false;
+      writeFully(fd, buf, pos, (e) => (e ? done(e) : fs.fdatasync(fd, done)));
+    });
   }
 
   /** Write-zeroes fallback for stores that cannot zero natively: write a reused zero buffer. */

@@ -37,8 +37,14 @@ export class BufferPool {
   /** Return a buffer obtained from `take` (smaller ones are ignored). */
   give(buf: Buffer): void {
     const size = buf.length;
-    if (size < this.minSize || this.retained + size > this.maxRetained) return;
+    if (size < this.minSize || size > this.maxRetained) return;
     if (buf.byteOffset !== 0 || buf.buffer.byteLength !== size) return; // not one of ours
+    if (this.retained + size > this.maxRetained) {
+      // Full, probably of sizes nobody asks for any more (buffers are kept by exact size): start
+      // over with this one, the size in use now.
+      this.free.clear();
+      this.retained = 0;
+    }
     let list = this.free.get(size);
     if (!list) this.free.set(size, (list = []));
     list.push(buf);

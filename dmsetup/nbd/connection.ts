@@ -204,7 +204,7 @@ export class NbdConnection implements BioEndIo {
     else this.log().error("nbd connection failed", { error: message, stack: (err as Error)?.stack });
     this.stopped = true;
     // Nothing more is read (the stream can no longer be trusted), but the replies already queued
-    // for earlier messages (corked in this tick) still go out before the close.
+    // for earlier messages (corked in this event-loop turn) still go out before the close.
     this.endGracefully();
   }
 

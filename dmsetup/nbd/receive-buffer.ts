@@ -19,7 +19,7 @@ const ARENA_BYTES = 256 * 1024;
 const MIN_READ_SPACE = 64 * 1024;
 
 export interface ReceiveSink {
-  /** Bytes just received (a view of memory from `readSpace` or an arena). */
+  /** Bytes just received (a view of memory from `directSpace` or an arena). */
   received(chunk: Buffer): void;
   /** Where the next bytes should go when the receiver can take them in place, else null. */
   directSpace(): Buffer | null;
@@ -32,7 +32,11 @@ export class ReceiveBuffer {
   private current: Buffer | null = null;
   sink: ReceiveSink | null = null;
 
-  /** For `net.Socket`'s onread.buffer: the memory for the next read. */
+  /**
+   * For `net.Socket`'s onread.buffer: the memory for the next read. Node asks right after the
+   * previous read was delivered, not when the next one happens; that is enough because what the
+   * receiver offers (the parser's state) only changes when bytes are pushed, i.e. on a read.
+   */
   readonly nextBuffer = (): Buffer => {
     const direct = this.sink?.directSpace() ?? null;
     if (direct && direct.length > 0) return (this.current = direct);

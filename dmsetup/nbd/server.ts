@@ -159,7 +159,8 @@ function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive:
   try {
     if (typeof fd !== "number" || fd < 0) throw new Error("the accepted socket exposes no descriptor");
     dup = dupFd(fd);
-    widenSendBuffer(dup);
+    // Unix sockets only: on TCP a fixed SO_SNDBUF would turn off the kernel's autotuning.
+    if (!accepted.remoteFamily) widenSendBuffer(dup);
     const receive = new ReceiveBuffer();
     const socket = new net.Socket({
       fd: dup,
@@ -178,7 +179,7 @@ function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive:
 }
 
 /**
- * A READ reply of 1 MiB does not fit the default socket send buffer (208 KiB), so it used to
+ * A READ reply of 1 MiB does not fit a unix socket's default send buffer (208 KiB), so it used to
  * leave in several writes, each after a wait for the client to drain the socket; with room for a
  * whole reply it is one write. 1 MiB reads from a zero target: 3.2–3.5 → 4.4–4.7 GB/s. The kernel
  * caps the size at net.core.wmem_max; failing to widen it only costs speed.

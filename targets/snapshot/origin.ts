@@ -10,7 +10,7 @@ import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { type DeviceAreaCallback, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
 import { type Origin, originOf } from "./origin-registry.js";
-import { originMapWrite, originRangeSettled, type SnapshotTarget } from "./snapshot.js";
+import { originMapWrite, originSettledSectors, type SnapshotTarget } from "./snapshot.js";
 
 /** Split boundary with no snapshots: effectively none, but still a power of two (R21). */
 const NO_SPLIT = 2 ** 40;
@@ -56,8 +56,16 @@ export class SnapshotOriginTarget extends Target {
     if (bio.op !== "write") return MapResult.REMAPPED;
     const within = bio.sector % this.splitBoundary;
     if (within + bio.sectors > this.splitBoundary) {
-      // Spanning chunks: whole if no snapshot needs a copy anywhere in it, else one chunk at a time.
-      if (originRangeSettled(this.origin, bio.sector, bio.sectors)) return MapResult.REMAPPED;
+      // Spanning chunks: the part no snapshot needs a copy in goes as one piece (the core maps
+      // the rest again); a chunk that needs its copy goes alone, through originWrite.
+      const settled = originSettledSectors(this.origin, bio.sector, bio.sectors);
+      if (settled === bio.sectors) return MapResult.REMAPPED;
+      // Chunk sizes are power-of-two multiples of splitBoundary, so a settled prefix ends on
+      // a split boundary past this one: it is never shorter than the first piece.
+      if (settled > 0) {
+        acceptPartialBio(bio, settled);
+        return MapResult.REMAPPED;
+      }
       acceptPartialBio(bio, this.splitBoundary - within);
     }
     return originMapWrite(this.origin, bio, true);

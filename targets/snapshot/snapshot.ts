@@ -557,26 +557,36 @@ export function originWrite(origin: Origin<SnapshotTarget>, sector: number, bio:
 }
 
 /**
- * True when a write of `sectors` at origin sector `sector` has nothing to copy in any snapshot:
- * for each one originWrite would consider, every chunk the range touches already has a completed
- * exception and none is pending. Such a write may go to the origin whole, however many chunks it
- * spans: splitting it at chunk boundaries (the kernel's max_io_len) only pays off when a chunk
- * needs its copy first, and a 1 MiB write cut into 4 KiB pieces costs 256 device writes.
+ * How many sectors of a write of `sectors` at origin sector `sector`, from its start, have
+ * nothing to copy in any snapshot: for each snapshot originWrite would consider, every chunk they
+ * touch already has a completed exception and none is pending. That part may go to the origin in
+ * one piece, however many chunks it spans: splitting at chunk boundaries (the kernel's
+ * max_io_len) only pays off where a chunk needs its copy first, and a 1 MiB write cut into 4 KiB
+ * pieces costs 256 device writes. Stops at the first chunk that needs a copy (so a long write
+ * is scanned once, piece by piece, not again from its start for every chunk).
  */
-export function originRangeSettled(origin: Origin<SnapshotTarget>, sector: number, sectors: number): boolean {
-  const end = sector + sectors;
+export function originSettledSectors(origin: Origin<SnapshotTarget>, sector: number, sectors: number): number {
+  let settled = sectors;
   for (const snap of origin.snapshots) {
     if (snap.isMerge || !snap.valid || !snap.active || sector >= snap.len) continue;
     const cs = snap.chunkSize;
-    const last = Math.floor((Math.min(end, snap.len) - 1) / cs);
-    for (let chunk = Math.floor(sector / cs); chunk <= last; chunk++) {
-      if (snap.pending.has(chunk) || snap.complete.lookup(chunk) < 0) return false;
+    const end = Math.min(sector + settled, snap.len);
+    for (let chunk = Math.floor(sector / cs); chunk * cs < end; chunk++) {
+      if (snap.pending.has(chunk) || snap.complete.lookup(chunk) < 0) {
+        settled = Math.max(0, chunk * cs - sector);
+        break;
+      }
     }
+    if (settled === 0) return 0;
   }
-  return true;
+  return settled;
 }
 
-/** Origin writes: wait out COW throttling (limit), then originWrite; submit if nothing to copy. */
+/**
+ * Origin writes: wait out COW throttling (limit), then originWrite; submit if nothing to copy.
+ * (snapshot-origin sends a settled multi-chunk write straight to the device, unthrottled: it
+ * starts no copy.)
+ */
 export function originRetry(origin: Origin<SnapshotTarget>, bio: Bio, limit: boolean): void {
   const r = originMapWrite(origin, bio, limit);
   if (r === MapResult.REMAPPED) bio.device!.submit(bio);

@@ -481,12 +481,21 @@ describe("origins without snapshots and huge tables (R21, R22)", () => {
     origin.log.length = 0;
     await base.write(CS - 2, pattern(5, bytes(4)));
     expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, 4]]);
-    // A range with one chunk not yet copied is cut again, and the snapshot keeps that chunk's old data.
+    // A range ending in a chunk not yet copied: the settled part goes in one piece, the chunk that
+    // needs its copy alone, and the snapshot keeps that chunk's old data.
     origin.log.length = 0;
     await base.write(CS - 2, pattern(6, bytes(CS + 4)));
-    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, 2], [CS, CS], [2 * CS, 2]]);
+    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, CS + 2], [2 * CS, 2]]);
+    // An uncopied chunk first (chunk 3; 4–6 copied): it goes alone, then the settled rest in one piece.
+    await base.write(4 * CS, pattern(7, bytes(3 * CS)));
+    origin.log.length = 0;
+    await base.write(3 * CS, pattern(8, bytes(4 * CS)));
+    // (Log order is completion order: the settled piece finishes while chunk 3 is still copied.)
+    const pieces = origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors]);
+    expect(pieces.sort((a, b) => a[0]! - b[0]!)).toEqual([[3 * CS, CS], [4 * CS, 3 * CS]]);
     const snap = w.open("snap");
     expect((await snap.read(2 * CS, 2)).equals(big.subarray(bytes(2 * CS), bytes(2 * CS + 2)))).toBe(true);
+    expect((await snap.read(3 * CS, 4 * CS)).equals(big.subarray(bytes(3 * CS), bytes(7 * CS)))).toBe(true);
     await snap.close();
     // …and once the last snapshot is gone (origin resumed), not at all.
     await w.dm.remove("snap");

@@ -28,7 +28,7 @@ describe("BufferPool", () => {
     expect(pool.retainedBytes).toBe(0);
   });
 
-  it("keeps neither small buffers, nor views, nor more than its limit", () => {
+  it("keeps neither small buffers, nor views, nor more than its limit (starting over when full)", () => {
     const pool = new BufferPool(64 * KiB, 256 * KiB);
     const small = pool.take(4 * KiB);
     pool.give(small);
@@ -36,9 +36,17 @@ describe("BufferPool", () => {
     const big = pool.take(128 * KiB);
     pool.give(big.subarray(0, 64 * KiB)); // a view of someone's buffer is not the pool's to keep
     expect(pool.retainedBytes).toBe(0);
-    const bufs = [pool.take(128 * KiB), pool.take(128 * KiB), pool.take(128 * KiB)];
-    for (const b of bufs) pool.give(b);
+    pool.give(pool.take(512 * KiB)); // larger than the whole limit
+    expect(pool.retainedBytes).toBe(0);
+    const bufs = [pool.take(128 * KiB), pool.take(128 * KiB), pool.take(192 * KiB)];
+    pool.give(bufs[0]!);
+    pool.give(bufs[1]!);
     expect(pool.retainedBytes).toBe(256 * KiB);
+    // Full: the sizes kept so far are dropped for the one returned now (the size in use).
+    pool.give(bufs[2]!);
+    expect(pool.retainedBytes).toBe(192 * KiB);
+    expect(pool.take(192 * KiB)).toBe(bufs[2]);
+    expect([bufs[0], bufs[1]]).not.toContain(pool.take(128 * KiB));
   });
 });
 
