@@ -73,35 +73,35 @@ export function readFully(fd: number, buf: Buffer, pos: number, done: Done): voi
   step(0);
 }
 
-/** Write all of `buf` at `pos`, looping over short writes. */
-export function writeFully(fd: number, buf: Buffer, pos: number, done: Done): void {
+type Wrote = (err: NodeJS.ErrnoException | null, written: number) => void;
+
+/** Write `length` bytes by calling `writeFrom(offset, cb)` until all are written (short writes loop). */
+function writeLoop(length: number, writeFrom: (offset: number, cb: Wrote) => void, done: Done): void {
   const step = (off: number): void => {
-    fs.write(fd, buf, off, buf.length - off, pos + off, (err, n) => {
+    writeFrom(off, (err, n) => {
       if (err) return done(err);
       // A 0-byte write would loop forever; the kernel only does it on a broken device.
       if (n === 0) return done(Object.assign(new Error("write made no progress"), { code: "EIO" }));
-      if (off + n < buf.length) return step(off + n);
+      if (off + n < length) return step(off + n);
       done(null);
     });
   };
-  if (buf.length === 0) return done(null);
+  if (length === 0) return done(null);
   step(0);
+}
+
+/** Write all of `buf` at `pos`, looping over short writes. */
+export function writeFully(fd: number, buf: Buffer, pos: number, done: Done): void {
+  writeLoop(buf.length, (off, cb) => fs.write(fd, buf, off, buf.length - off, pos + off, cb), done);
 }
 
 /** writeFully with every write durable on return (pwritev2 RWF_DSYNC). */
 function writeFullyDsync(fd: number, buf: Buffer, pos: number, done: Done): void {
-  const step = (off: number): void => {
-    pwriteFlagsAsync(fd, buf.subarray(off), pos + off, RWF_DSYNC).then(
-      (n) => {
-        if (n === 0) return done(Object.assign(new Error("write made no progress"), { code: "EIO" }));
-        if (off + n < buf.length) return step(off + n);
-        done(null);
-      },
-      (err: NodeJS.ErrnoException) => done(err),
-    );
-  };
-  if (buf.length === 0) return done(null);
-  step(0);
+  writeLoop(
+    buf.length,
+    (off, cb) => void pwriteFlagsAsync(fd, buf.subarray(off), pos + off, RWF_DSYNC).then((n) => cb(null, n), (err: NodeJS.ErrnoException) => cb(err, 0)),
+    done,
+  );
 }
 
 /** Errors meaning "no RWF_DSYNC writes here" rather than a failed write. */

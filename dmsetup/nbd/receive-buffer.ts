@@ -28,8 +28,6 @@ export interface ReceiveSink {
 export class ReceiveBuffer {
   private arena: Buffer = Buffer.allocUnsafeSlow(ARENA_BYTES);
   private used = 0;
-  /** The region handed out for the current read. */
-  private current: Buffer | null = null;
   sink: ReceiveSink | null = null;
 
   /**
@@ -39,18 +37,19 @@ export class ReceiveBuffer {
    */
   readonly nextBuffer = (): Buffer => {
     const direct = this.sink?.directSpace() ?? null;
-    if (direct && direct.length > 0) return (this.current = direct);
+    if (direct && direct.length > 0) return direct;
     if (ARENA_BYTES - this.used < MIN_READ_SPACE) {
       this.arena = Buffer.allocUnsafeSlow(ARENA_BYTES);
       this.used = 0;
     }
-    return (this.current = this.arena.subarray(this.used));
+    return this.arena.subarray(this.used);
   };
 
   /** For `net.Socket`'s onread.callback: `n` bytes arrived in `buf` (the last `nextBuffer`). */
   readonly onRead = (n: number, buf: Buffer): boolean => {
-    if (buf === this.current && buf.buffer === this.arena.buffer) this.used += n;
-    this.current = null;
+    // The arena's free tail is the only part of it ever handed out, so a read into the arena's
+    // memory filled the next `n` bytes of it.
+    if (buf.buffer === this.arena.buffer) this.used += n;
     this.sink?.received(buf.subarray(0, n));
     return true; // flow control is the connection's (socket.pause/resume)
   };
