@@ -6,7 +6,8 @@
  * - `TrackingBacking` is a `NamedBacking` that counts the handles the core opens and closes, so a
  *   test can assert that a rejected table left nothing open.
  */
-import type { Bio, BioOp, BioStatus } from "../../core/bio.js";
+import { expect } from "vitest";
+import { type Bio, type BioOp, type BioStatus, readBio, submitAndWait } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
@@ -96,4 +97,19 @@ export async function rejection(p: Promise<unknown>): Promise<{ message: string;
     },
     (err: { message: string; errno?: string; status?: string }) => err,
   );
+}
+
+/** A table line's ctr must fail with exactly this message (and errno), leaving nothing created or open. */
+export async function expectCtrError(dm: DeviceMapper, backing: TrackingBacking, line: string, message: string, errno = "EINVAL"): Promise<void> {
+  const err = await rejection(dm.create("dev", { table: line }));
+  expect({ message: err.message, errno: err.errno }).toEqual({ message, errno });
+  expect(dm.list()).toEqual([]);
+  expect(backing.openHandles).toBe(0);
+}
+
+/** Read `sectors` at `sector` straight from a backing device (not through the mapped device). */
+export async function readDevice(dev: BlockDevice, sector: number, sectors: number): Promise<Buffer> {
+  const buf = Buffer.alloc(sectors * 512);
+  await submitAndWait(dev, readBio(sector, buf));
+  return buf;
 }

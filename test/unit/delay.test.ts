@@ -9,7 +9,7 @@ import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
 import { FakeClock, settle } from "../support/fake-clock.js";
 import { pattern } from "../support/memory-backing.js";
-import { type IoRecord, type RecordingDevice, rejection, TrackingBacking } from "../support/recording-device.js";
+import { type IoRecord, type RecordingDevice, TrackingBacking, expectCtrError as expectCtrErrorIn } from "../support/recording-device.js";
 
 let clock: FakeClock;
 let backing: TrackingBacking;
@@ -26,12 +26,8 @@ beforeEach(() => {
   mem = [0, 1, 2].map((i) => backing.recorded(`mem${i}`, 1000, { log }));
 });
 
-async function expectCtrError(line: string, message: string, errno = "EINVAL"): Promise<void> {
-  const err = await rejection(dm.create("dev", { table: line }));
-  expect({ message: err.message, errno: err.errno }).toEqual({ message, errno });
-  expect(dm.list()).toEqual([]);
-  expect(backing.openHandles).toBe(0);
-}
+/** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
+const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
 
 /** A promise plus whether it has settled yet (checked after `settle()`). */
 function track<T>(p: Promise<T>): { done: () => boolean; p: Promise<T> } {

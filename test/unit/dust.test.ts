@@ -5,12 +5,12 @@
  * then heal it, quiet mode silences the log.
  */
 import { beforeEach, describe, expect, it } from "vitest";
-import { readBio, submitAndWait, writeBio } from "../../core/bio.js";
+import { submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { createDeviceMapper } from "../../index.js";
 import { pattern } from "../support/memory-backing.js";
-import { type RecordingDevice, rejection, TrackingBacking } from "../support/recording-device.js";
+import { type RecordingDevice, rejection, TrackingBacking, expectCtrError as expectCtrErrorIn, readDevice } from "../support/recording-device.js";
 
 let backing: TrackingBacking;
 let logger: MemoryLogger;
@@ -24,12 +24,8 @@ beforeEach(() => {
   mem0 = backing.recorded("mem0", 1000);
 });
 
-async function expectCtrError(line: string, message: string, errno = "EINVAL"): Promise<void> {
-  const err = await rejection(dm.create("dev", { table: line }));
-  expect({ message: err.message, errno: err.errno }).toEqual({ message, errno });
-  expect(dm.list()).toEqual([]);
-  expect(backing.openHandles).toBe(0);
-}
+/** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
+const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
 
 /** 4 KiB blocks (8 sectors) over mem0 (1000 sectors, so blocks 0..125 are addressable). */
 async function dust(params = "mem0 0 4096", len = 200): Promise<DeviceHandle> {
@@ -181,11 +177,7 @@ describe("dust messages", () => {
 });
 
 describe("dust bad blocks", () => {
-  async function readDisk(sector: number, sectors: number): Promise<Buffer> {
-    const buf = Buffer.alloc(sectors * 512);
-    await submitAndWait(mem0, readBio(sector, buf));
-    return buf;
-  }
+  const readDisk = (sector: number, sectors: number) => readDevice(mem0, sector, sectors);
 
   it("passes everything in bypass mode; once enabled, reads of a bad block fail with EIO", async () => {
     const h = await dust();

@@ -4,13 +4,13 @@
  * by a FakeClock (intervals are whole seconds counted from the table load).
  */
 import { beforeEach, describe, expect, it } from "vitest";
-import { BioFlags, readBio, submitAndWait, writeBio } from "../../core/bio.js";
+import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
 import type { FlakeyTarget } from "../../targets/flakey.js";
 import { FakeClock, settle } from "../support/fake-clock.js";
 import { pattern } from "../support/memory-backing.js";
-import { type RecordingDevice, rejection, TrackingBacking } from "../support/recording-device.js";
+import { type RecordingDevice, TrackingBacking, expectCtrError as expectCtrErrorIn, readDevice } from "../support/recording-device.js";
 
 let clock: FakeClock;
 let backing: TrackingBacking;
@@ -24,18 +24,10 @@ beforeEach(() => {
   mem0 = backing.recorded("mem0", 1000);
 });
 
-async function expectCtrError(line: string, message: string, errno = "EINVAL"): Promise<void> {
-  const err = await rejection(dm.create("dev", { table: line }));
-  expect({ message: err.message, errno: err.errno }).toEqual({ message, errno });
-  expect(dm.list()).toEqual([]);
-  expect(backing.openHandles).toBe(0);
-}
+/** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
+const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
 
-async function readDisk(sector: number, sectors: number): Promise<Buffer> {
-  const buf = Buffer.alloc(sectors * 512);
-  await submitAndWait(mem0, readBio(sector, buf));
-  return buf;
-}
+const readDisk = (sector: number, sectors: number) => readDevice(mem0, sector, sectors);
 
 async function writeDisk(sector: number, data: Buffer): Promise<void> {
   await submitAndWait(mem0, writeBio(sector, data));

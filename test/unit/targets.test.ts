@@ -4,12 +4,12 @@
  * flush/discard fan-out (§2.11) and splitting at target and chunk boundaries (§2.12).
  */
 import { beforeEach, describe, expect, it } from "vitest";
-import { BioFlags, readBio, submitAndWait, writeBio } from "../../core/bio.js";
+import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { pattern } from "../support/memory-backing.js";
-import { type IoRecord, type RecordingDevice, rejection, trackingMapper, type TrackingBacking } from "../support/recording-device.js";
+import { type IoRecord, type RecordingDevice, trackingMapper, type TrackingBacking, expectCtrError as expectCtrErrorIn, readDevice } from "../support/recording-device.js";
 
 let dm: DeviceMapper;
 let backing: TrackingBacking;
@@ -24,18 +24,7 @@ beforeEach(() => {
 });
 
 /** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
-async function expectCtrError(line: string, message: string, errno = "EINVAL"): Promise<void> {
-  const err = await rejection(dm.create("dev", { table: line }));
-  expect({ message: err.message, errno: err.errno }).toEqual({ message, errno });
-  expect(dm.list()).toEqual([]);
-  expect(backing.openHandles).toBe(0);
-}
-
-async function readDirect(dev: BlockDevice, sector: number, sectors: number): Promise<Buffer> {
-  const buf = Buffer.alloc(sectors * 512);
-  await submitAndWait(dev, readBio(sector, buf));
-  return buf;
-}
+const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
 
 async function writeDirect(dev: BlockDevice, sector: number, data: Buffer): Promise<void> {
   await submitAndWait(dev, writeBio(sector, data));
@@ -88,7 +77,7 @@ describe("linear", () => {
     const h = dm.open("lin");
     const data = pattern(1, 10 * 512);
     await h.write(5, data);
-    expect((await readDirect(mem[0]!, 55, 10)).equals(data)).toBe(true);
+    expect((await readDevice(mem[0]!, 55, 10)).equals(data)).toBe(true);
     await writeDirect(mem[0]!, 140, pattern(2, 512));
     expect((await h.read(90, 1)).equals(pattern(2, 512))).toBe(true);
     await h.close();
@@ -150,7 +139,7 @@ describe("striped", () => {
     for (let c = 0; c < 12; c++) {
       const stripe = c % 3;
       const row = Math.floor(c / 3);
-      const onDisk = await readDirect(mem[stripe]!, offsets[stripe]! + row * 4, 4);
+      const onDisk = await readDevice(mem[stripe]!, offsets[stripe]! + row * 4, 4);
       expect(onDisk.equals(data.subarray(c * 4 * 512, (c + 1) * 4 * 512)), `chunk ${c}`).toBe(true);
     }
     expect((await h.read(0, 48)).equals(data)).toBe(true);
@@ -162,7 +151,7 @@ describe("striped", () => {
     const h = dm.open("st");
     for (let s = 0; s < 12; s++) await h.write(s, Buffer.alloc(512, s + 1));
     // Chunks of 3: [0,3)→mem0@0 [3,6)→mem1@100 [6,9)→mem0@3 [9,12)→mem1@103.
-    const firstByte = async (dev: RecordingDevice, sector: number) => (await readDirect(dev, sector, 1))[0];
+    const firstByte = async (dev: RecordingDevice, sector: number) => (await readDevice(dev, sector, 1))[0];
     expect(await Promise.all([0, 1, 2, 3, 4, 5].map((s) => firstByte(mem[0]!, s)))).toEqual([1, 2, 3, 7, 8, 9]);
     expect(await Promise.all([100, 101, 102, 103, 104, 105].map((s) => firstByte(mem[1]!, s)))).toEqual([4, 5, 6, 10, 11, 12]);
     await h.close();
@@ -194,7 +183,7 @@ describe("striped", () => {
       // A write over chunks 0..3 fails as a whole; its two stripe-1 clones are two errors.
       await expect(h.write(0, pattern(6, 32 * 512))).rejects.toMatchObject({ status: "EIO" });
       expect(dm.info("st").eventNr).toBe(3);
-      expect((await readDirect(mem[0]!, 0, 8)).equals(pattern(6, 32 * 512).subarray(0, 8 * 512))).toBe(true);
+      expect((await readDevice(mem[0]!, 0, 8)).equals(pattern(6, 32 * 512).subarray(0, 8 * 512))).toBe(true);
       await h.close();
     });
 
@@ -433,10 +422,10 @@ describe("splitting reads and writes (§2.12)", () => {
     expect(ios(mem[1]!)).toEqual(["write@0+8", "write@8+4"]);
     expect(ios(mem[2]!)).toEqual(["write@0+8"]);
     const piece = (from: number, sectors: number) => data.subarray(from * 512, (from + sectors) * 512);
-    expect((await readDirect(mem[0]!, 28, 4)).equals(piece(0, 4))).toBe(true);
-    expect((await readDirect(mem[1]!, 0, 8)).equals(piece(4, 8))).toBe(true);
-    expect((await readDirect(mem[2]!, 0, 8)).equals(piece(12, 8))).toBe(true);
-    expect((await readDirect(mem[1]!, 8, 4)).equals(piece(20, 4))).toBe(true);
+    expect((await readDevice(mem[0]!, 28, 4)).equals(piece(0, 4))).toBe(true);
+    expect((await readDevice(mem[1]!, 0, 8)).equals(piece(4, 8))).toBe(true);
+    expect((await readDevice(mem[2]!, 0, 8)).equals(piece(12, 8))).toBe(true);
+    expect((await readDevice(mem[1]!, 8, 4)).equals(piece(20, 4))).toBe(true);
     expect((await h.read(28, 24)).equals(data)).toBe(true);
     await h.close();
   });
