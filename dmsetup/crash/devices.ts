@@ -15,6 +15,7 @@
  */
 import { Bio, type BioEndIo, SECTOR_SIZE } from "../../core/bio.js";
 import type { BlockDevice, OpenMode } from "../../core/devices/block-device.js";
+import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
 import type { BackingDevices } from "../../core/device-manager.js";
 
 export class CrashClock {
@@ -53,24 +54,18 @@ export interface Jitter {
  * behaves like a device that completes I/O out of order, and the data lands when the bio
  * completes, so the device's content always follows completion order.
  */
-export class RecordingDevice implements BlockDevice {
+export class RecordingDevice extends DeviceWrapper {
   readonly completions: Completion[] = [];
 
   constructor(
-    readonly inner: BlockDevice,
+    inner: BlockDevice,
     private readonly clock: CrashClock,
     private readonly jitter: Jitter | null = null,
-  ) {}
+  ) {
+    super(inner);
+  }
 
-  get tableName() { return this.inner.tableName; }
-  get displayName() { return this.inner.displayName; }
-  get sizeSectors() { return this.inner.sizeSectors; }
-  get logicalBlockSize() { return this.inner.logicalBlockSize; }
-  get readOnly() { return this.inner.readOnly; }
-  get supportsDiscard() { return this.inner.supportsDiscard; }
-  get supportsWriteZeroes() { return this.inner.supportsWriteZeroes; }
-
-  submit(bio: Bio): void {
+  override submit(bio: Bio): void {
     const submitted = bio.op === "read" ? 0 : this.clock.tick();
     const j = this.jitter;
     if (j && j.chance(j.probability)) {
@@ -103,7 +98,8 @@ export class RecordingDevice implements BlockDevice {
     this.inner.submit(bio);
   }
 
-  async close(): Promise<void> {}
+  /** The runner owns the RAM disks underneath: closing the recorder leaves them as they are. */
+  override async close(): Promise<void> {}
 }
 
 /**
@@ -193,15 +189,7 @@ export class NamedDevices implements BackingDevices {
   }
 }
 
-class KeepOpen implements BlockDevice {
-  constructor(private readonly inner: BlockDevice) {}
-  get tableName() { return this.inner.tableName; }
-  get displayName() { return this.inner.displayName; }
-  get sizeSectors() { return this.inner.sizeSectors; }
-  get logicalBlockSize() { return this.inner.logicalBlockSize; }
-  get readOnly() { return this.inner.readOnly; }
-  get supportsDiscard() { return this.inner.supportsDiscard; }
-  get supportsWriteZeroes() { return this.inner.supportsWriteZeroes; }
-  submit(bio: Bio): void { this.inner.submit(bio); }
-  async close(): Promise<void> {}
+/** A table's handle on a runner device: closing it leaves the device to the runner. */
+class KeepOpen extends DeviceWrapper {
+  override async close(): Promise<void> {}
 }
