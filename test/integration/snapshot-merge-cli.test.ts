@@ -18,6 +18,7 @@ import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { type RunningDaemon, startDaemon, tempDir, UDMSETUP, udmsetup } from "../support/daemon.js";
+import { cli } from "../support/udmd-tools.js";
 import { pattern } from "../support/memory-backing.js";
 import { missingTools, onPath } from "../support/tools.js";
 
@@ -60,13 +61,8 @@ afterEach(async () => {
   fs.rmSync(files, { recursive: true, force: true });
 });
 
-/** udmsetup, expecting success with nothing on stderr; returns stdout. */
-async function ok(...args: string[]): Promise<string> {
-  const r = await udmsetup(dir, args);
-  expect(r.stderr, `udmsetup ${args.join(" ")}`).toBe("");
-  expect(r.code, `udmsetup ${args.join(" ")}`).toBe(0);
-  return r.stdout;
-}
+/** udmsetup on this test's daemon, expecting success with nothing on stderr; returns stdout. */
+const ok = (...args: string[]) => cli(dir, ...args);
 
 const uri = (name: string) => `nbd+unix:///${name}?socket=${dir}/nbd.sock`;
 
