@@ -12,7 +12,7 @@
  * locally (see the report of the change that added this file).
  */
 import { describe, expect, it } from "vitest";
-import { type Bio, BioFlags, SECTOR_SIZE } from "../../core/bio.js";
+import { type Bio, SECTOR_SIZE } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { SnapshotMergeTarget } from "../../targets/snapshot/merge.js";
@@ -20,20 +20,11 @@ import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 import { testMapper } from "../support/memory-backing.js";
 import {
-  IDLE, type IoRec, type Rig, chunkOf, cowSectorsFor, engineState, pattern, settleAll, snapshotRig, writesOf,
+  IDLE, type IoRec, type Rig, chunkOf, cowSectorsFor, engineState, pattern, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
 } from "../support/snapshot-rig.js";
 
 const CS = 8;
 const CHUNK = CS * SECTOR_SIZE;
-const dataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) === 0;
-const metadataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) !== 0;
-
-function expectDone(recs: IoRec[], status = "ok"): void {
-  for (const rec of recs) {
-    expect(rec.completions, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(1);
-    expect(rec.status, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(status);
-  }
-}
 
 /** `<allocated>/<total> <metadata>` as numbers. */
 function usage(dm: DeviceMapper, name: string): { allocated: number; total: number; metadata: number } {

@@ -6,25 +6,16 @@
  * crash can be taken at any point. No sleeps; `settleAll()` only lets promise chains run.
  */
 import { describe, expect, it } from "vitest";
-import { type Bio, BioFlags, SECTOR_SIZE } from "../../core/bio.js";
+import { SECTOR_SIZE } from "../../core/bio.js";
 import { areaLocation, exceptionsPerArea, isMetadataChunk, skipMetadata } from "../../targets/snapshot/cow-format.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 import { testMapper } from "../support/memory-backing.js";
 import {
-  IDLE, type IoRec, chunkOf, cowSectorsFor, engineState, pattern, settleAll, snapshotRig, writesOf,
+  IDLE, type IoRec, chunkOf, cowSectorsFor, engineState, pattern, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
 } from "../support/snapshot-rig.js";
 
-const dataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) === 0;
-const metadataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) !== 0;
-
-function expectDone(recs: IoRec[], status = "ok"): void {
-  for (const rec of recs) {
-    expect(rec.completions, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(1);
-    expect(rec.status, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(status);
-  }
-}
 
 /**
  * R11: N copies complete in reverse allocation order; crash at every point; reload.

@@ -5,25 +5,16 @@
  * chains run.
  */
 import { describe, expect, it } from "vitest";
-import { type Bio, BioFlags, SECTOR_SIZE } from "../../core/bio.js";
+import { type Bio, SECTOR_SIZE } from "../../core/bio.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import {
-  IDLE, type IoRec, chunkOf, engineState, pattern, sectorsOf, settleAll, snapshotRig, writesOf,
+  IDLE, type IoRec, chunkOf, engineState, pattern, sectorsOf, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
 } from "../support/snapshot-rig.js";
 
 const KiB4 = 4096;
-const dataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) === 0;
-const metadataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) !== 0;
 /** Snapshot reads routed to the origin are 1 sector in these tests; copies read whole chunks. */
 const snapshotRead = (b: Bio) => b.op === "read" && b.sectors === 1;
-
-function expectDone(recs: IoRec[], status = "ok"): void {
-  for (const rec of recs) {
-    expect(rec.completions, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(1);
-    expect(rec.status, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(status);
-  }
-}
 
 /**
  * R4 + R17: a snapshot read of an un-copied chunk is sent to the origin and held there; an origin

@@ -8,21 +8,18 @@
  * with that mechanism switched off locally (see the report of the change that added this file).
  */
 import { describe, expect, it } from "vitest";
-import { BioFlags, SECTOR_SIZE } from "../../core/bio.js";
-import type { Bio } from "../../core/bio.js";
+import { SECTOR_SIZE } from "../../core/bio.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { PendingException } from "../../targets/snapshot/pending.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { probeOf } from "../support/snapshot-probe.js";
 import {
-  IDLE, type IoRec, type Rig, chunkOf, engineState, pattern, sectorsOf, settleAll, snapshotRig, writesOf,
+  IDLE, type IoRec, type Rig, chunkOf, engineState, pattern, sectorsOf, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
 } from "../support/snapshot-rig.js";
 
 const KiB4 = 4096;
 
 /** A plain data write (a copy's or a full-chunk write's COW write; metadata writes carry FUA). */
-const dataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) === 0;
-const metadataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) !== 0;
 
 /** Allocated COW chunks from the status line ("<allocated>/<total> <metadata>", sectors). */
 function allocatedChunks(r: Rig, name: string, cs: number): number {
@@ -38,13 +35,6 @@ async function readDev(r: Rig, name: string, sector: number, sectors: number): P
   const done = await rec.promise;
   expect(done.status).toBe("ok");
   return done.data;
-}
-
-function expectDone(recs: IoRec[], status = "ok"): void {
-  for (const rec of recs) {
-    expect(rec.completions, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(1);
-    expect(rec.status, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(status);
-  }
 }
 
 function overlay(base: Buffer, at: number, data: Buffer): Buffer {

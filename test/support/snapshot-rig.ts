@@ -8,7 +8,8 @@
  * release the device I/O it turns into, and inspect each bio's completion (status, data, how many
  * times it completed) at any moment. Nothing here sleeps; `settle()` only lets promise chains run.
  */
-import { Bio, type BioEndIo, type BioOp, type BioStatus, SECTOR_SIZE } from "../../core/bio.js";
+import { expect } from "vitest";
+import { Bio, type BioEndIo, BioFlags, type BioOp, type BioStatus, SECTOR_SIZE } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { MappedDevice } from "../../core/mapped-device.js";
 import type { Target } from "../../core/target.js";
@@ -195,4 +196,17 @@ export const IDLE = { pending: 0, alive: 0, tracked: 0, gateHeld: 0, inProgress:
 /** Writes on a device's log (completed), as "sector+sectors", optionally after a log index. */
 export function writesOf(dev: ControlledDevice, from = 0): string[] {
   return dev.log.slice(from).filter((r) => r.op === "write").map((r) => `${r.sector}+${r.sectors}`);
+}
+
+/** A COW data write (copy or snapshot write): no FUA. */
+export const dataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) === 0;
+/** A metadata commit (the store's PREFLUSH|FUA area write, or a FUA header write). */
+export const metadataWrite = (b: Bio) => b.op === "write" && (b.flags & BioFlags.FUA) !== 0;
+
+/** Every bio in `recs` completed exactly once, with `status`. */
+export function expectDone(recs: IoRec[], status = "ok"): void {
+  for (const rec of recs) {
+    expect(rec.completions, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(1);
+    expect(rec.status, `bio #${rec.id} ${rec.op} ${rec.device}@${rec.sector}`).toBe(status);
+  }
 }
