@@ -27,6 +27,7 @@ export * from "./core/bio.js";
 export * from "./core/copier.js";
 export * from "./core/device-manager.js";
 export * from "./core/device-mapper.js";
+export * from "./core/file-ranges.js";
 export * from "./core/devices/block-device.js";
 export * from "./core/devices/file-device.js";
 export * from "./core/devices/memory-device.js";

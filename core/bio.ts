@@ -7,6 +7,8 @@
  * bio itself (the random-access-storage "request object" style).
  */
 
+import type { FileRangeRead } from "./file-ranges.js";
+
 export const SECTOR_SHIFT = 9;
 export const SECTOR_SIZE = 1 << SECTOR_SHIFT;
 
@@ -72,6 +74,12 @@ export class Bio {
   mapContext: unknown = undefined;
   /** Index of this duplicate among a flush/discard fan-out (kernel: dm_bio_get_target_bio_nr). */
   targetBioNr = 0;
+  /**
+   * Reads only: the submitter takes file ranges instead of bytes where the bottom device can give
+   * them (zero-copy, core/file-ranges.ts). The core keeps it only on clones of targets that
+   * declare `zeroCopyReads`; whatever no file device took is in `data` as usual.
+   */
+  fileRanges: FileRangeRead | null = null;
   /** Private to whoever set `endIo`: lets one completion object tell its bios apart. */
   owner: unknown = undefined;
   private inFlight = false;

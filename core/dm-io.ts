@@ -86,7 +86,9 @@ export class DmIo implements BioEndIo {
       // The common case (one clone covers the whole bio) shares the buffer without a view.
       const data = len === bio.sectors ? bio.data : bio.data.subarray(from, from + (len << SECTOR_SHIFT));
       // A target may accept only part of the clone (acceptPartialBio); the rest is mapped next.
-      sector += this.mapClone(target, bio.op, sector, len, data, bio.flags & ~BioFlags.PREFLUSH, 0);
+      // Zero-copy reads only through targets that promise to leave read data alone.
+      const ranges = target.zeroCopyReads ? bio.fileRanges : null;
+      sector += this.mapClone(target, bio.op, sector, len, data, bio.flags & ~BioFlags.PREFLUSH, 0, ranges);
     }
   }
 
@@ -99,8 +101,10 @@ export class DmIo implements BioEndIo {
     data: Buffer | null,
     flags: number,
     targetBioNr: number,
+    fileRanges: Bio["fileRanges"] = null,
   ): number {
     const clone = new Bio(op, sector, sectors, data, flags, this);
+    clone.fileRanges = fileRanges;
     clone.owner = target;
     clone.targetBioNr = targetBioNr;
     if (target.newMapContext) clone.mapContext = target.newMapContext();
@@ -163,6 +167,8 @@ export class DmIo implements BioEndIo {
     const status = this.status;
     this.owner.ioDone(this);
     if (status === "DM_REQUEUE") {
+      // Mapped again later, perhaps through another table: no range of this attempt may stay.
+      bio.fileRanges?.release();
       if (this.owner.noflushSuspending) this.owner.requeue(bio);
       else bio.complete("EIO");
     } else if (this.flushStage && status === "ok") {

@@ -109,6 +109,14 @@ export abstract class Target<Context = void> {
    * io_hints; snapshot sets its chunk size). 0: no limit.
    */
   maxDiscardSectors = 0;
+  /**
+   * Set by a target whose `map` only remaps reads (it never reads, fills or changes a read's data,
+   * and neither does its `endIo`): its read clones may then be answered with file ranges that the
+   * submitter sends without copying (core/file-ranges.ts). The data is then taken from the page
+   * cache when it is sent, not when the clone completes, so a target that must hand out data as
+   * it was at completion (snapshot reads of a chunk an origin write may overwrite) leaves it off.
+   */
+  zeroCopyReads = false;
 
   /** Parse the table line's arguments, open devices. Throw TargetError with the kernel's string. */
   abstract ctr(args: string[]): void | Promise<void>;

@@ -16,6 +16,7 @@ export class LinearTarget extends Target {
 
   constructor(private readonly devices: DeviceLookup) {
     super();
+    this.zeroCopyReads = true; // reads are only remapped
   }
 
   async ctr(args: string[]): Promise<void> {

@@ -24,6 +24,7 @@ export class StripedTarget extends Target {
 
   constructor(private readonly devices: DeviceLookup) {
     super();
+    this.zeroCopyReads = true; // reads are only remapped
   }
 
   async ctr(args: string[]): Promise<void> {

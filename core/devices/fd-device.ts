@@ -223,6 +223,9 @@ export abstract class FdDevice implements BlockDevice {
 
   private read(bio: Bio, pos: number, bytes: number): void {
     const target = bio.data.subarray(0, bytes);
+    // Zero-copy: the submitter sends this range from the file itself. Not for O_DIRECT
+    // descriptors, whose reads bypass the page cache that sendfile would go through.
+    if (bio.fileRanges && !this.direct && bio.fileRanges.take(target, this.fd, pos)) return bio.complete("ok");
     if (this.inlineReads && bytes <= INLINE_READ_MAX) {
       let n: number;
       try {

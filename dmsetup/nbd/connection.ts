@@ -14,8 +14,11 @@
 import type { Socket } from "node:net";
 import { Bio, type BioEndIo, BioFlags, type BioOp, SECTOR_SIZE } from "../../core/bio.js";
 import type { Logger } from "../../core/logger.js";
+import { FileRangeRead } from "../../core/file-ranges.js";
+import { dupFd } from "../../core/ioctl.js";
 import type { BufferPool } from "./buffer-pool.js";
 import type { ReceiveBuffer } from "./receive-buffer.js";
+import { ReplyWriter } from "./reply-writer.js";
 import { type ExportDevice, type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, exportSizeBytes, nbdErrorFor } from "./exports.js";
 import { Handshake } from "./handshake.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
@@ -46,6 +49,12 @@ export interface ConnectionSettings {
   /** Large READ reply and WRITE payload buffers, shared by the server's connections. */
   buffers: BufferPool;
 }
+
+/**
+ * Reads from this size up may be answered with file ranges (sendfile) instead of a copy; so may
+ * each piece of them a file device serves. Below it, one sendfile costs more than the copy.
+ */
+const ZERO_COPY_MIN = 128 * 1024;
 
 /** Per-request state the completion needs; rides on `bio.owner`. */
 class PendingRequest {
@@ -82,7 +91,7 @@ export class NbdConnection implements BioEndIo {
   private shuttingDown = false;
   private ending = false;
   private warnedTruncated = false;
-  private corked = false;
+  private readonly out: ReplyWriter;
   /** WRITE payloads the parser assembled in pool buffers, until a bio or a rejection takes them. */
   private readonly pooledPayloads = new WeakSet<Buffer>();
   private pumping = false;
@@ -98,6 +107,13 @@ export class NbdConnection implements BioEndIo {
     private readonly receive: ReceiveBuffer | null = null,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
+    this.out = new ReplyWriter(socket, settings.buffers, {
+      failed: (err) => {
+        this.log().error("nbd: sending file data failed, closing connection", { error: err.message });
+        this.socket.destroy();
+      },
+      drained: () => this.pump(),
+    });
     this.negotiation = new Handshake(settings.exports, settings.maxPayload, (reply) => this.send(reply));
   }
 
@@ -166,7 +182,7 @@ export class NbdConnection implements BioEndIo {
     return (
       this.inFlight < this.settings.maxInFlight &&
       this.inFlightBytes < this.settings.maxInFlightBytes &&
-      this.socket.writableLength <= this.settings.maxQueuedReplyBytes
+      this.out.queuedBytes <= this.settings.maxQueuedReplyBytes
     );
   }
 
@@ -271,7 +287,10 @@ export class NbdConnection implements BioEndIo {
     const reply = this.settings.buffers.take(prefix + r.length);
     if (this.structured) writeOffsetDataHeader(reply, r.handle, r.offset, r.length);
     else writeSimpleReplyHeader(reply, r.handle, 0);
-    this.submit(r, "read", reply.subarray(prefix), 0, reply, reply.length);
+    const data = reply.subarray(prefix);
+    // Large reads may come back as file ranges, sent without copying (reply-writer.ts).
+    const ranges = this.out.zeroCopy && r.length >= ZERO_COPY_MIN ? new FileRangeRead(data, ZERO_COPY_MIN, dupFd) : null;
+    this.submit(r, "read", data, 0, reply, reply.length, ranges);
   }
 
   /** WRITE, TRIM, WRITE_ZEROES: flags, limits, permission and range, then the bio. */
@@ -315,8 +334,17 @@ export class NbdConnection implements BioEndIo {
     return false;
   }
 
-  private submit(r: NbdRequest, op: BioOp, data: Buffer | null, flags: number, reply: Buffer | null, cost: number): void {
+  private submit(
+    r: NbdRequest,
+    op: BioOp,
+    data: Buffer | null,
+    flags: number,
+    reply: Buffer | null,
+    cost: number,
+    ranges: FileRangeRead | null = null,
+  ): void {
     const bio = new Bio(op, r.offset / SECTOR_SIZE, r.length / SECTOR_SIZE, data, flags, this);
+    bio.fileRanges = ranges;
     // A pooled payload now belongs to the bio; bioDone returns it.
     const payload = data && this.pooledPayloads.delete(data) ? data : null;
     bio.owner = new PendingRequest(r.handle, r.type, reply, cost, payload);
@@ -332,10 +360,13 @@ export class NbdConnection implements BioEndIo {
     // A completed bio no longer refers to its data (the bio contract), so the payload is free.
     if (p.payload) this.settings.buffers.give(p.payload);
     // TRIM is advisory: a target that cannot discard after all has still done what was asked.
+    const ranges = bio.fileRanges;
     if (bio.status === "ok" || (p.type === Cmd.TRIM && bio.status === "EOPNOTSUPP")) {
-      if (p.reply) this.send(p.reply, true);
+      if (ranges && ranges.ranges.length > 0) this.out.writeRanges(p.reply!, readReplyPrefix(this.structured), ranges);
+      else if (p.reply) this.send(p.reply, true);
       else this.send(simpleReply(p.handle, 0));
     } else {
+      ranges?.release();
       if (p.reply) this.settings.buffers.give(p.reply);
       this.replyError(p.handle, nbdErrorFor(bio.status), `${commandName(p.type)} failed: ${bio.status}`);
       this.log().debug("nbd request failed", { command: commandName(p.type), status: bio.status, sector: bio.sector });
@@ -364,34 +395,14 @@ export class NbdConnection implements BioEndIo {
 
   /** Queue a message; `pooled`: `buf` goes back to the buffer pool once the socket is done with it. */
   private send(buf: Buffer, pooled = false): void {
-    const s = this.socket;
-    if (s.destroyed || s.writableEnded) {
-      // Completions after the client left.
-      if (pooled) this.settings.buffers.give(buf);
-      return;
-    }
-    if (!this.corked) {
-      // Everything sent in this turn of the event loop leaves in one writev at its end (the check
-      // phase, after every completion the poll phase delivered): not per tick, because the pool
-      // delivers completions one callback at a time and a nextTick runs after each of them.
-      this.corked = true;
-      s.cork();
-      setImmediate(this.uncork);
-    }
-    if (pooled) s.write(buf, () => this.settings.buffers.give(buf));
-    else s.write(buf);
+    this.out.write(buf, pooled);
   }
-
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket.uncork();
-  };
 
   /** Flush queued replies, then close; destroy anyway if the client stops reading. */
   private endGracefully(): void {
     if (this.ending || this.socket.destroyed) return;
     this.ending = true;
-    this.socket.end(() => this.socket.destroy());
+    this.out.end(() => this.socket.destroy());
     this.timers.push(setTimeout(() => this.socket.destroy(), this.settings.lingerMs).unref());
   }
 
@@ -399,9 +410,10 @@ export class NbdConnection implements BioEndIo {
     for (const t of this.timers) clearTimeout(t);
     this.stopped = true;
     this.ending = true;
+    this.out.close();
     const device = this.device;
     this.device = null;
-    this.log().info("nbd client disconnected", { ...this.stats, inFlight: this.inFlight });
+    this.log().info("nbd client disconnected", { ...this.stats, zeroCopyBytes: this.out.zeroCopyBytes, inFlight: this.inFlight });
     if (device) {
       // Requests still in flight complete into bioDone, whose replies are then dropped.
       void Promise.resolve()

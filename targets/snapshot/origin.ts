@@ -24,6 +24,7 @@ export class SnapshotOriginTarget extends Target {
 
   constructor(private readonly devices: DeviceLookup) {
     super();
+    this.zeroCopyReads = true; // origin reads are only remapped: a snapshot reading the origin goes through the snapshot target, which copies
   }
 
   async ctr(args: string[]): Promise<void> {

@@ -1,0 +1,241 @@
+/**
+ * The outgoing side of one NBD connection: replies in the order they are completed, corked per
+ * event-loop turn, and READ replies whose data lies in files sent with sendfile(2) (zero-copy,
+ * core/file-ranges.ts) instead of through a buffer.
+ *
+ * A reply with file ranges is sent piece by piece: the header (and any buffer part before a
+ * range) is written through the socket and waited for, then the range goes by sendfile on a
+ * duplicate of the socket's descriptor. Meanwhile every later reply is held back, in order, so
+ * nothing can land in the middle of it; they follow when it is done.
+ *
+ * The duplicate descriptor keeps the socket open while a sendfile or poll is running on a worker
+ * thread; it is closed as soon as the connection closes and that call returns, so a closed
+ * connection's descriptor number can never be reused under a send.
+ */
+import type { Socket } from "node:net";
+import fs from "node:fs";
+import type { FileRangeRead, FileRange } from "../../core/file-ranges.js";
+import { dupFd, pollWritableAsync, sendFileAsync } from "../../core/ioctl.js";
+import type { BufferPool } from "./buffer-pool.js";
+
+/** How long one wait for room in the socket lasts before the connection's state is checked again. */
+const POLL_MS = 200;
+
+interface HeldBuffer {
+  buf: Buffer;
+  pooled: boolean;
+}
+interface HeldRanges {
+  reply: Buffer;
+  prefix: number;
+  ranges: FileRangeRead;
+}
+type Held = HeldBuffer | HeldRanges;
+
+export interface ReplyWriterEvents {
+  /** Sending file data failed: the reply is cut short, so the connection must close. */
+  failed(err: Error): void;
+  /** A reply with file ranges has gone out and the held replies after it are written. */
+  drained(): void;
+}
+
+/** Zero-copy sends are on unless UDM_ZERO_COPY=0 (Linux x86_64 only: the bindings are koffi's). */
+export function zeroCopyEnabled(): boolean {
+  return process.env.UDM_ZERO_COPY !== "0" && process.platform === "linux" && process.arch === "x64";
+}
+
+export class ReplyWriter {
+  /** File ranges can be sent on this socket (it exposes its descriptor and zero-copy is on). */
+  readonly zeroCopy: boolean;
+  private corked = false;
+  /** A reply with file ranges is going out: everything else waits in `held`. */
+  private sending = false;
+  private held: Held[] = [];
+  private heldBytes = 0;
+  private sendFd = -1;
+  private closed = false;
+  private endWanted: (() => void) | null = null;
+  /** Bytes sent by sendfile, for the connection's statistics. */
+  zeroCopyBytes = 0;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly buffers: BufferPool,
+    private readonly events: ReplyWriterEvents,
+  ) {
+    this.zeroCopy = zeroCopyEnabled() && typeof socketFd(socket) === "number";
+  }
+
+  /** Reply bytes not yet handed to the kernel (the flow-control measure). */
+  get queuedBytes(): number {
+    return this.socket.writableLength + this.heldBytes;
+  }
+
+  /** Queue a message; `pooled`: `buf` goes back to the buffer pool once the socket is done with it. */
+  write(buf: Buffer, pooled = false): void {
+    if (this.closed || this.socket.destroyed || this.socket.writableEnded) {
+      // Completions after the client left.
+      if (pooled) this.buffers.give(buf);
+      return;
+    }
+    if (this.sending) {
+      this.held.push({ buf, pooled });
+      this.heldBytes += buf.length;
+      return;
+    }
+    this.writeNow(buf, pooled);
+  }
+
+  /**
+   * A READ reply: `reply` (pooled) holds the header in its first `prefix` bytes and, after it, the
+   * data the file devices did not give as ranges.
+   */
+  writeRanges(reply: Buffer, prefix: number, ranges: FileRangeRead): void {
+    if (this.closed || this.socket.destroyed || this.socket.writableEnded) return this.drop({ reply, prefix, ranges });
+    if (this.sending) {
+      this.held.push({ reply, prefix, ranges });
+      this.heldBytes += reply.length;
+      return;
+    }
+    this.start({ reply, prefix, ranges });
+  }
+
+  /** End the socket once everything queued is out. */
+  end(cb: () => void): void {
+    if (this.sending) this.endWanted = cb;
+    else this.socket.end(cb);
+  }
+
+  /** The socket closed: drop what is held; the duplicate descriptor goes when no call uses it. */
+  close(): void {
+    this.closed = true;
+    for (const h of this.held.splice(0)) this.drop(h);
+    this.heldBytes = 0;
+    if (!this.sending) this.closeSendFd();
+  }
+
+  private writeNow(buf: Buffer, pooled: boolean): void {
+    const s = this.socket;
+    if (!this.corked) {
+      // Everything sent in this turn of the event loop leaves in one writev at its end (the check
+      // phase, after every completion the poll phase delivered): not per tick, because the pool
+      // delivers completions one callback at a time and a nextTick runs after each of them.
+      this.corked = true;
+      s.cork();
+      setImmediate(this.uncork);
+    }
+    if (pooled) s.write(buf, () => this.buffers.give(buf));
+    else s.write(buf);
+  }
+
+  private readonly uncork = (): void => {
+    if (!this.corked) return;
+    this.corked = false;
+    this.socket.uncork();
+  };
+
+  private start(item: HeldRanges): void {
+    this.sending = true;
+    this.send(item).then(
+      () => this.finish(item, null),
+      (err: Error) => this.finish(item, err),
+    );
+  }
+
+  private async send(item: HeldRanges): Promise<void> {
+    if (this.sendFd < 0) this.sendFd = dupFd(socketFd(this.socket)!);
+    let pending: Buffer[] = [item.reply.subarray(0, item.prefix)];
+    for (const segment of item.ranges.segments()) {
+      if (Buffer.isBuffer(segment)) {
+        pending.push(segment);
+        continue;
+      }
+      await this.flush(pending);
+      pending = [];
+      await this.sendRange(segment);
+    }
+    // Waited for too: these are slices of the reply, which goes back to the pool after.
+    if (pending.some((buf) => buf.length > 0)) await this.flush(pending);
+  }
+
+  /** Write `bufs` and wait until the socket has handed them (and everything before) to the kernel. */
+  private flush(bufs: Buffer[]): Promise<void> {
+    if (bufs.length === 0) return Promise.resolve(); // two ranges in a row: the first is out already
+    return new Promise((resolve, reject) => {
+      const s = this.socket;
+      const last = bufs.length - 1;
+      bufs.forEach((buf, i) => {
+        if (i < last) s.write(buf);
+        else s.write(buf, (err) => (err ? reject(err) : resolve()));
+      });
+      this.uncork();
+    });
+  }
+
+  private async sendRange(range: FileRange): Promise<void> {
+    let position = range.position;
+    let left = range.length;
+    while (left > 0) {
+      if (this.closed) throw new Error("connection closed");
+      let n: number;
+      try {
+        n = await sendFileAsync(this.sendFd, range.fd, position, left);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EAGAIN") throw err;
+        await pollWritableAsync(this.sendFd, POLL_MS); // the client has not read yet
+        continue;
+      }
+      if (n === 0) throw new Error(`the file ended ${left} bytes before the end of the read`);
+      position += n;
+      left -= n;
+      this.zeroCopyBytes += n;
+    }
+  }
+
+  private finish(item: HeldRanges, err: Error | null): void {
+    this.sending = false;
+    this.drop(item);
+    if (this.closed) return this.closeSendFd();
+    if (err) {
+      this.events.failed(err);
+      return;
+    }
+    while (!this.sending && this.held.length > 0) {
+      const next = this.held.shift()!;
+      if ("ranges" in next) {
+        this.heldBytes -= next.reply.length;
+        this.start(next);
+      } else {
+        this.heldBytes -= next.buf.length;
+        this.writeNow(next.buf, next.pooled);
+      }
+    }
+    if (!this.sending && this.endWanted) {
+      const cb = this.endWanted;
+      this.endWanted = null;
+      this.socket.end(cb);
+    }
+    this.events.drained();
+  }
+
+  private drop(h: Held): void {
+    if ("ranges" in h) {
+      h.ranges.release();
+      this.buffers.give(h.reply);
+    } else if (h.pooled) {
+      this.buffers.give(h.buf);
+    }
+  }
+
+  private closeSendFd(): void {
+    if (this.sendFd < 0) return;
+    fs.close(this.sendFd, () => {});
+    this.sendFd = -1;
+  }
+}
+
+/** The socket's descriptor (net.Socket keeps it on its private handle). */
+function socketFd(socket: Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === "number" && fd >= 0 ? fd : undefined;
+}
