@@ -167,8 +167,9 @@ export class DmIo implements BioEndIo {
     const status = this.status;
     this.owner.ioDone(this);
     if (status === "DM_REQUEUE") {
-      // Mapped again later, perhaps through another table: no range of this attempt may stay.
-      bio.fileRanges?.release();
+      // Mapped again later, perhaps through another table: no range this bio took may stay
+      // (in a stacked device, the rest of the outer read keeps its own).
+      bio.fileRanges?.release(bio.data);
       if (this.owner.noflushSuspending) this.owner.requeue(bio);
       else bio.complete("EIO");
     } else if (this.flushStage && status === "ok") {

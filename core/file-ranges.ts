@@ -83,15 +83,26 @@ export class FileRangeRead {
     return out;
   }
 
-  /** Close every range's descriptor and forget them (a requeued bio is mapped afresh). */
-  release(): void {
+  /**
+   * Close the descriptors of the ranges and forget them: all of them (the submitter, done), or
+   * only those inside `within`, a view of `base` (a bio requeued in a stacked device is mapped
+   * afresh, while the other parts of the read keep the ranges they took).
+   */
+  release(within?: Buffer): void {
+    const from = within ? within.byteOffset - this.base.byteOffset : 0;
+    const to = within ? from + within.length : this.base.length;
+    const keep: FileRange[] = [];
     for (const r of this.list) {
+      if (r.offset < from || r.offset >= to) {
+        keep.push(r);
+        continue;
+      }
       try {
         fs.closeSync(r.fd);
       } catch {
         // already closed: nothing to give back
       }
     }
-    this.list = [];
+    this.list = keep;
   }
 }

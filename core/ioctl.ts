@@ -380,13 +380,11 @@ export async function pwriteFlagsAsync(fd: number, buf: Buffer, pos: number, fla
 // ---- sending file data ----
 
 let sendfileFn: Fn | null = null;
-let pollFn: Fn | null = null;
-const POLLOUT = 4;
 
 /**
  * sendfile(outFd, inFd, &position, count) on a worker thread: resolves with the bytes sent (0 at
- * the end of the file). `outFd` may be non-blocking: then it rejects with EAGAIN (code) when the
- * socket has no room; wait with `pollWritableAsync` and call again.
+ * the end of the file). On a non-blocking socket it rejects with code EAGAIN when the socket has
+ * no room: the caller decides how to wait (never on a worker thread: they serve every device).
  */
 export async function sendFileAsync(outFd: number, inFd: number, position: number, count: number): Promise<number> {
   bind();
@@ -395,17 +393,6 @@ export async function sendFileAsync(outFd: number, inFd: number, position: numbe
   offset.writeBigInt64LE(BigInt(position));
   const n = await callAsync(sendfileFn, [outFd, inFd, offset, count], "sendfile", `${count} bytes at ${position}`);
   return Number(n);
-}
-
-/** poll(fd, POLLOUT, timeoutMs) on a worker thread: true when the descriptor can take more data. */
-export async function pollWritableAsync(fd: number, timeoutMs: number): Promise<boolean> {
-  bind();
-  pollFn ??= koffi.load("libc.so.6").func("poll", "int", ["void *", "uint64_t", "int"]);
-  const pollfd = Buffer.alloc(8); // struct pollfd { int fd; short events; short revents; }
-  pollfd.writeInt32LE(fd, 0);
-  pollfd.writeInt16LE(POLLOUT, 4);
-  const ready = await callAsync(pollFn, [pollfd, 1, timeoutMs], "poll", "POLLOUT");
-  return ready > 0;
 }
 
 const SO_SNDBUF = 7;

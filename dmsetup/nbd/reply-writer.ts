@@ -8,18 +8,23 @@
  * duplicate of the socket's descriptor. Meanwhile every later reply is held back, in order, so
  * nothing can land in the middle of it; they follow when it is done.
  *
- * The duplicate descriptor keeps the socket open while a sendfile or poll is running on a worker
- * thread; it is closed as soon as the connection closes and that call returns, so a closed
- * connection's descriptor number can never be reused under a send.
+ * sendfile never waits on a worker thread for the client: the socket is non-blocking, and when it
+ * is full (EAGAIN), or sendfile cannot go on (end of file, a file system without splice), the
+ * rest of the range is read into the reply buffer (where it belongs anyway) and written through
+ * the socket, whose writability the event loop watches. A slow client thus costs no thread of
+ * libuv's pool, which every file device shares; past the end of the file it reads zeros, as the
+ * copying path does.
+ *
+ * The duplicate descriptor keeps the socket open while a sendfile is running on a worker thread;
+ * it is closed as soon as the connection closes and that call returns, so a closed connection's
+ * descriptor number can never be reused under a send.
  */
 import type { Socket } from "node:net";
 import fs from "node:fs";
 import type { FileRangeRead, FileRange } from "../../core/file-ranges.js";
-import { dupFd, pollWritableAsync, sendFileAsync } from "../../core/ioctl.js";
+import { readFully } from "../../core/devices/fd-device.js";
+import { dupFd, sendFileAsync } from "../../core/ioctl.js";
 import type { BufferPool } from "./buffer-pool.js";
-
-/** How long one wait for room in the socket lasts before the connection's state is checked again. */
-const POLL_MS = 200;
 
 interface HeldBuffer {
   buf: Buffer;
@@ -50,6 +55,8 @@ export class ReplyWriter {
   private corked = false;
   /** A reply with file ranges is going out: everything else waits in `held`. */
   private sending = false;
+  /** Size of the reply being sent (counted as queued until it is out). */
+  private sendingBytes = 0;
   private held: Held[] = [];
   private heldBytes = 0;
   private sendFd = -1;
@@ -68,7 +75,7 @@ export class ReplyWriter {
 
   /** Reply bytes not yet handed to the kernel (the flow-control measure). */
   get queuedBytes(): number {
-    return this.socket.writableLength + this.heldBytes;
+    return this.socket.writableLength + this.heldBytes + this.sendingBytes;
   }
 
   /** Queue a message; `pooled`: `buf` goes back to the buffer pool once the socket is done with it. */
@@ -136,6 +143,7 @@ export class ReplyWriter {
 
   private start(item: HeldRanges): void {
     this.sending = true;
+    this.sendingBytes = item.reply.length;
     this.send(item).then(
       () => this.finish(item, null),
       (err: Error) => this.finish(item, err),
@@ -152,7 +160,9 @@ export class ReplyWriter {
       }
       await this.flush(pending);
       pending = [];
-      await this.sendRange(segment);
+      const sent = await this.sendRange(segment);
+      // The rest of the range, if sendfile stopped short, through the buffer.
+      if (sent < segment.length) pending.push(await this.readRest(item, segment, sent));
     }
     // Waited for too: these are slices of the reply, which goes back to the pool after.
     if (pending.some((buf) => buf.length > 0)) await this.flush(pending);
@@ -172,32 +182,48 @@ export class ReplyWriter {
     });
   }
 
-  private async sendRange(range: FileRange): Promise<void> {
-    let position = range.position;
-    let left = range.length;
-    while (left > 0) {
-      if (this.closed) throw new Error("connection closed");
+  /** sendfile as much of `range` as goes without waiting; returns the bytes sent. */
+  private async sendRange(range: FileRange): Promise<number> {
+    let sent = 0;
+    while (sent < range.length) {
+      if (this.gone) throw new ConnectionGone();
       let n: number;
       try {
-        n = await sendFileAsync(this.sendFd, range.fd, position, left);
+        n = await sendFileAsync(this.sendFd, range.fd, range.position + sent, range.length - sent);
       } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== "EAGAIN") throw err;
-        await pollWritableAsync(this.sendFd, POLL_MS); // the client has not read yet
-        continue;
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === "EPIPE" || code === "ECONNRESET") throw new ConnectionGone();
+        // EAGAIN: the socket is full. EINVAL/ENOSYS/EOPNOTSUPP: this file cannot be spliced.
+        if (code === "EAGAIN" || code === "EINVAL" || code === "ENOSYS" || code === "EOPNOTSUPP") return sent;
+        throw err;
       }
-      if (n === 0) throw new Error(`the file ended ${left} bytes before the end of the read`);
-      position += n;
-      left -= n;
+      if (n === 0) return sent; // end of file: the copy reads zeros from here
+      sent += n;
       this.zeroCopyBytes += n;
     }
+    return sent;
+  }
+
+  /** Read the part of `range` from `sent` on into its place in the reply buffer. */
+  private readRest(item: HeldRanges, range: FileRange, sent: number): Promise<Buffer> {
+    const at = item.prefix + range.offset + sent;
+    const target = item.reply.subarray(at, item.prefix + range.offset + range.length);
+    return new Promise((resolve, reject) => readFully(range.fd, target, range.position + sent, (err) => (err ? reject(err) : resolve(target))));
+  }
+
+  /** The client left or the socket was destroyed: nothing more can be sent. */
+  private get gone(): boolean {
+    return this.closed || this.socket.destroyed;
   }
 
   private finish(item: HeldRanges, err: Error | null): void {
     this.sending = false;
+    this.sendingBytes = 0;
     this.drop(item);
     if (this.closed) return this.closeSendFd();
-    if (err) {
-      this.events.failed(err);
+    if (err || this.socket.destroyed) {
+      if (err && !(err instanceof ConnectionGone)) this.events.failed(err);
+      else this.socket.destroy();
       return;
     }
     while (!this.sending && this.held.length > 0) {
@@ -231,6 +257,12 @@ export class ReplyWriter {
     if (this.sendFd < 0) return;
     fs.close(this.sendFd, () => {});
     this.sendFd = -1;
+  }
+}
+
+class ConnectionGone extends Error {
+  constructor() {
+    super("the connection closed during a reply");
   }
 }
 

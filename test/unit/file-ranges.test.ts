@@ -135,4 +135,24 @@ describe.skipIf(!linuxX64)("zero-copy reads through a mapped device", () => {
     ranges.release();
     await dm.close();
   });
+
+  it("a requeue inside a stacked device releases only that part's ranges; the rest of the outer read keeps its own", async () => {
+    const { dm } = await setup();
+    dm.registry.register(ParkReadsTarget);
+    await dm.create("inner", { table: "0 256 park-reads" });
+    await dm.create("outer", { table: "0 256 linear f 0\n256 256 linear /dev/mapper/inner 0" });
+    const { ranges, done } = read(dm.device("outer"), 512);
+    expect(ranges.ranges.map((x) => x.offset)).toEqual([0]); // the first half; the second is parked
+    await dm.load("inner", "0 256 linear f 256");
+    await dm.resume("inner", { noflush: true });
+    await expect.poll(() => done.status).toBe("ok");
+    // Releasing every range here would leave the first half neither sent from the file nor read.
+    expect(ranges.ranges.map((x) => [x.offset, x.length, x.position]).sort((a, b) => a[0]! - b[0]!)).toEqual([
+      [0, 128 * KiB, 0],
+      [128 * KiB, 128 * KiB, 128 * KiB],
+    ]);
+    ranges.release();
+    expect(ranges.ranges).toHaveLength(0);
+    await dm.close();
+  });
 });
