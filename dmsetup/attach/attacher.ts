@@ -94,6 +94,25 @@ export class Attacher {
     });
   }
 
+  /** The device is now `newName`: its symlink follows (the kernel device stays the same). */
+  renamed(oldName: string, newName: string): Promise<void> {
+    return this.mutex.run(async () => {
+      const a = this.opts.dm.has(newName) ? this.attached.get(this.opts.dm.device(newName)) : undefined;
+      if (!a) return;
+      const link = path.join(this.opts.devDir, newName);
+      try {
+        this.makeLink(link, a.path);
+      } catch (err) {
+        // As udev: the rename itself has happened; a symlink that cannot follow is logged.
+        this.opts.logger.error("attached device renamed, but its symlink could not follow", { device: newName, link, error: (err as Error).message });
+        return;
+      }
+      removeLink(a.link, a.path);
+      a.link = link;
+      this.opts.logger.info("attached device renamed", { from: oldName, device: newName, path: a.path, link });
+    });
+  }
+
   /** Undo attach. EBUSY while the kernel device is mounted or held, unless `force`. */
   detach(name: string, force = false): Promise<void> {
     return this.mutex.run(async () => {

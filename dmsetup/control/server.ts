@@ -23,6 +23,8 @@ export interface DaemonHooks {
   attachedPath?(name: string): string | undefined;
   /** Called after a create with a table and after every resume: the device has a live table. */
   activated?(name: string): Promise<void>;
+  /** Called after a rename: what is keyed by the device's name (exports, symlinks) follows it. */
+  renamed?(oldName: string, newName: string): Promise<void>;
 }
 
 export class ControlServer {
@@ -170,6 +172,7 @@ export class ControlServer {
         }
         if (r.newName === undefined) throw new DmError("EINVAL", "rename: newName or newUuid required");
         await dm.rename(r.name, r.newName);
+        await this.hooks.renamed?.(r.name, r.newName);
         return this.info(r.newName);
       }
       case "list": {

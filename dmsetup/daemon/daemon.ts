@@ -81,6 +81,11 @@ export class Daemon {
           if (force) await this.nbd.closeExport(name);
           void md;
         },
+        renamed: async (oldName, newName) => {
+          // Before the attacher: detach waits for the export's connections by its new name.
+          this.nbd.renameExport(oldName, newName);
+          await this.attacher.renamed(oldName, newName);
+        },
         ...this.opts.hooks?.(this),
       };
       this.control = new ControlServer(this.dm, this.logger, hooks);

@@ -87,6 +87,14 @@ export class NbdServer {
   }
 
   /**
+   * A device was renamed: its open connections now count as the export's new name (for
+   * connectionCount, exportIdle, closeExport), as the kernel keeps a renamed device's openers.
+   */
+  renameExport(oldName: string, newName: string): void {
+    for (const c of this.connections) if (c.exportName === oldName) c.exportName = newName;
+  }
+
+  /**
    * Resolves true once every connection now open on export `name` has closed, or false after
    * `timeoutMs` (a client that does not let go must not block its caller forever).
    */

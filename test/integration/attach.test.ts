@@ -122,6 +122,22 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     expect(leftovers).toEqual({ nbdfuse: [], mounts: [], loops: [], runDir: [] });
   }, 60_000);
 
+  it("rename moves the symlink to the new name; detach and remove work under it", async () => {
+    process.env.UDM_DEV_DIR = devDir;
+    daemon = await startDaemon(runDir);
+    expect(await run("create", name, "--table", `0 ${(64 * MiB) / 512} linear ${img} 0`)).toMatchObject({ code: 0 });
+    const dev = (await run("attach", name)).stdout.trim();
+    const renamed = `${name}r`;
+    expect(await run("rename", name, renamed)).toMatchObject({ code: 0 });
+    expect(fs.readlinkSync(path.join(devDir, renamed))).toBe(dev);
+    expect(fs.existsSync(path.join(devDir, name))).toBe(false);
+    expect((await run("info", renamed)).stdout).toContain(`Attached:          ${dev}\n`);
+    expect(await run("remove", renamed)).toMatchObject({ code: 1, stderr: expect.stringContaining("attached") });
+    expect(await run("detach", renamed)).toMatchObject({ code: 0, stderr: "" });
+    expect(fs.existsSync(path.join(devDir, renamed))).toBe(false);
+    expect(await run("remove", renamed)).toMatchObject({ code: 0 });
+  });
+
   it("attach prints a device for mkfs and mount; detach refuses while mounted; the data lands in the backing file", async () => {
     process.env.UDM_DEV_DIR = devDir;
     daemon = await startDaemon(runDir);

@@ -8,6 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ControlClient } from "../../dmsetup/control/client.js";
+import { WireClient } from "../support/nbd-client.js";
 import { type RunningDaemon, startDaemon, tempDir, udmsetup, UDMD } from "../support/daemon.js";
 
 let dir: string;
@@ -120,6 +121,17 @@ describe("udmsetup output formats", () => {
     client.close();
     expect((await run("info", "-c", "--noheadings", "-o", "name,events")).stdout).toBe("e:1\n");
     expect(await run("wait", "e", "0")).toEqual({ code: 0, stdout: "", stderr: "" }); // 1 != 0: returns at once
+  });
+
+  it("an NBD client of a renamed device still counts: remove refuses until it leaves, --force ends it", async () => {
+    await run("create", "d", "--table", "0 64 zero");
+    const client = await WireClient.connect(path.join(dir, "nbd.sock"), "d");
+    expect((await run("rename", "d", "e")).code).toBe(0);
+    expect(await run("remove", "e")).toMatchObject({ code: 1, stderr: expect.stringContaining("e: 1 NBD client(s) connected") });
+    expect((await client.read(0, 4096)).error).toBe(0); // still served, under its new name
+    expect((await run("remove", "--force", "e")).code).toBe(0);
+    await client.closedByServer();
+    expect((await run("ls")).stdout).toBe("No devices found\n");
   });
 
   it("table --concise and create --concise round-trip", async () => {
