@@ -112,6 +112,11 @@ export class Bio {
     return this.op !== "read";
   }
 
+  /** Issued and not completed yet. */
+  get isInFlight(): boolean {
+    return this.inFlight;
+  }
+
   /** Mark the bio as issued to a device; completing it clears the mark. */
   markInFlight(): void {
     if (this.inFlight) throw new Error(`bio ${describeBio(this)} submitted twice without completing`);

@@ -110,7 +110,19 @@ export class DmIo implements BioEndIo {
     if (target.newMapContext) clone.mapContext = target.newMapContext();
     this.ioCount++;
     clone.markInFlight();
-    const r = target.map(clone, clone.mapContext);
+    let r: MapResult;
+    try {
+      r = target.map(clone, clone.mapContext);
+    } catch (err) {
+      // A plugin's bug must cost this I/O, not the device: an escaped exception would leave the
+      // io counted in flight forever (a suspend would never finish) and unwind the submitter.
+      this.owner.targetBug(target, `map threw: ${(err as Error)?.message ?? String(err)}`);
+      if (clone.isInFlight) {
+        clone.abandon();
+        this.dec("EIO");
+      }
+      return sectors;
+    }
     const accepted = clone.sectors;
     switch (r) {
       case MapResult.REMAPPED:
@@ -143,7 +155,13 @@ export class DmIo implements BioEndIo {
   bioDone(clone: Bio): void {
     const target = clone.owner as Target<unknown>;
     if (target.endIo) {
-      const r = target.endIo(clone, clone.mapContext);
+      let r: EndIoResult;
+      try {
+        r = target.endIo(clone, clone.mapContext);
+      } catch (err) {
+        this.owner.targetBug(target, `endIo threw: ${(err as Error)?.message ?? String(err)}`);
+        return this.dec("EIO");
+      }
       if (r === EndIoResult.INCOMPLETE) return;
       if (r === EndIoResult.REQUEUE) clone.status = "DM_REQUEUE";
     }

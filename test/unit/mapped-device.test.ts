@@ -1,7 +1,13 @@
 import { describe, expect, it } from "vitest";
-import { readBio, submitAndWait } from "../../core/bio.js";
+import { type Bio, readBio, submitAndWait } from "../../core/bio.js";
+import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { DmError } from "../../core/errors.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { MemoryLogger } from "../../core/logger.js";
+import { target } from "../../core/registry.js";
+import { type DeviceLookup, Services } from "../../core/services.js";
+import { EndIoResult, MapResult, Target } from "../../core/target.js";
+import { createDeviceMapper } from "../../index.js";
+import { NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
 
 describe("mapped device I/O through linear/striped/zero/error", () => {
   it("linear remaps with the offset", async () => {
@@ -50,5 +56,48 @@ describe("mapped device I/O through linear/striped/zero/error", () => {
       () => expect.unreachable(),
       (e: DmError) => expect(e.message).toBe("linear: Device lookup failed"),
     );
+  });
+});
+
+/** A plugin with bugs: map throws on writes, endIo throws on reads. */
+@target({ name: "buggy", version: [1, 0, 0], inject: [Services.DeviceLookup] })
+class BuggyTarget extends Target {
+  private device!: BlockDevice;
+  constructor(private readonly devices: DeviceLookup) {
+    super();
+  }
+  async ctr(args: string[]): Promise<void> {
+    this.device = await this.devices.get(args[0]!, "rw");
+  }
+  map(bio: Bio): MapResult {
+    if (bio.op === "write") throw new Error("unexpected write");
+    bio.device = this.device;
+    return MapResult.REMAPPED;
+  }
+  endIo(): EndIoResult {
+    throw new Error("cannot finish");
+  }
+}
+
+describe("a target whose map or endIo throws", () => {
+  it("fails that I/O with EIO, logs a target bug, and leaves the device able to suspend and go", async () => {
+    const logger = new MemoryLogger();
+    const backing = new NamedBacking();
+    backing.memory("mem0", 64);
+    const dm = createDeviceMapper({ backing, logger });
+    dm.registry.register(BuggyTarget);
+    await dm.create("b", { table: "0 64 buggy mem0" });
+    const h = dm.open("b");
+    await expect(h.write(0, pattern(1, 4096))).rejects.toMatchObject({ status: "EIO" });
+    await expect(h.read(0, 8)).rejects.toMatchObject({ status: "EIO" });
+    expect(logger.records.filter((r) => r.msg === "target bug").map((r) => (r.fields as { message: string }).message)).toEqual([
+      "map threw: unexpected write",
+      "endIo threw: cannot finish",
+    ]);
+    expect(dm.device("b").inFlight).toBe(0);
+    await h.close();
+    await dm.suspend("b"); // would wait forever for an io the exception left counted
+    await dm.remove("b");
+    await dm.close();
   });
 });
