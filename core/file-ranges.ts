@@ -25,6 +25,19 @@ export interface FileRange {
   readonly position: number;
 }
 
+/**
+ * Descriptors all FileRangeReads of this process may hold at once. Each range holds one until it
+ * is sent; past this many, reads are copied instead, so that many connections with many large
+ * reads in flight cannot use up the descriptor limit (accept and open would then fail).
+ */
+export const MAX_OPEN_RANGES = 256;
+let openRanges = 0;
+
+/** Range descriptors held right now, process-wide (for tests and diagnostics). */
+export function openRangeCount(): number {
+  return openRanges;
+}
+
 /** A buffer slice or a file range, in the order they make up the read. */
 export type ReadSegment = Buffer | FileRange;
 
@@ -59,12 +72,14 @@ export class FileRangeRead {
     const offset = data.byteOffset - this.base.byteOffset;
     if (offset < 0 || offset + data.length > this.base.length) return false;
     if (this.list.some((r) => offset < r.offset + r.length && r.offset < offset + data.length)) return false;
+    if (openRanges >= MAX_OPEN_RANGES) return false;
     let copy: number;
     try {
       copy = this.dup(fd);
     } catch {
       return false; // EMFILE and the like: copying is slower but works
     }
+    openRanges++;
     this.list.push({ offset, length: data.length, fd: copy, position });
     return true;
   }
@@ -97,6 +112,7 @@ export class FileRangeRead {
         keep.push(r);
         continue;
       }
+      openRanges--;
       try {
         fs.closeSync(r.fd);
       } catch {

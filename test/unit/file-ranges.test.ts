@@ -9,7 +9,7 @@ import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Bio, type BioEndIo, MapResult, Target, target } from "../../index.js";
 import { FileDevice } from "../../core/devices/file-device.js";
-import { FileRangeRead } from "../../core/file-ranges.js";
+import { FileRangeRead, MAX_OPEN_RANGES, openRangeCount } from "../../core/file-ranges.js";
 import { dupFd } from "../../core/ioctl.js";
 import { pattern, testMapper } from "../support/memory-backing.js";
 
@@ -55,6 +55,23 @@ describe.skipIf(!linuxX64)("FileRangeRead", () => {
     r.release();
     expect(r.ranges).toHaveLength(0);
     expect(dups.some(isOpen)).toBe(false);
+  });
+});
+
+describe.skipIf(!linuxX64)("FileRangeRead descriptor budget", () => {
+  it("holds at most MAX_OPEN_RANGES descriptors process-wide; past that, pieces are copied", () => {
+    const fd = fs.openSync(path.join(dir, "f"), "w+");
+    const reads = Array.from({ length: MAX_OPEN_RANGES + 8 }, () => new FileRangeRead(Buffer.alloc(4096), 4096, dupFd));
+    const before = openRangeCount();
+    const taken = reads.map((r) => r.take(r.base, fd, 0));
+    expect(taken.filter(Boolean)).toHaveLength(MAX_OPEN_RANGES - before);
+    expect(openRangeCount()).toBe(MAX_OPEN_RANGES);
+    reads[0]!.release();
+    expect(openRangeCount()).toBe(MAX_OPEN_RANGES - 1);
+    expect(reads.at(-1)!.take(reads.at(-1)!.base, fd, 0)).toBe(true); // room again
+    for (const r of reads) r.release();
+    expect(openRangeCount()).toBe(before);
+    fs.closeSync(fd);
   });
 });
 
