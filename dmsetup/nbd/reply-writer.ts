@@ -25,6 +25,7 @@ import type { FileRangeRead, FileRange } from "../../core/file-ranges.js";
 import { readFully } from "../../core/devices/fd-device.js";
 import { dupFd, sendFileAsync } from "../../core/ioctl.js";
 import type { BufferPool } from "./buffer-pool.js";
+import { socketFd } from "./socket-fd.js";
 
 interface HeldBuffer {
   buf: Buffer;
@@ -70,7 +71,7 @@ export class ReplyWriter {
     private readonly buffers: BufferPool,
     private readonly events: ReplyWriterEvents,
   ) {
-    this.zeroCopy = zeroCopyEnabled() && typeof socketFd(socket) === "number";
+    this.zeroCopy = zeroCopyEnabled() && socketFd(socket) !== undefined;
   }
 
   /** Reply bytes not yet handed to the kernel (the flow-control measure). */
@@ -264,10 +265,4 @@ class ConnectionGone extends Error {
   constructor() {
     super("the connection closed during a reply");
   }
-}
-
-/** The socket's descriptor (net.Socket keeps it on its private handle). */
-function socketFd(socket: Socket): number | undefined {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  return typeof fd === "number" && fd >= 0 ? fd : undefined;
 }

@@ -10,6 +10,7 @@ import fs from "node:fs";
 import net from "node:net";
 import { type Logger, MemoryLogger } from "../../core/logger.js";
 import { dupFd, setSendBuffer } from "../../core/ioctl.js";
+import { socketFd } from "./socket-fd.js";
 import { BufferPool } from "./buffer-pool.js";
 import { type ConnectionSettings, NbdConnection } from "./connection.js";
 import type { ExportProvider } from "./exports.js";
@@ -162,10 +163,10 @@ export class NbdServer {
  * socket is used as it is, with Node's own read buffers.
  */
 function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive: ReceiveBuffer | null; fallback?: string } {
-  const fd = (accepted as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const fd = socketFd(accepted);
   let dup = -1;
   try {
-    if (typeof fd !== "number" || fd < 0) throw new Error("the accepted socket exposes no descriptor");
+    if (fd === undefined) throw new Error("the accepted socket exposes no descriptor");
     dup = dupFd(fd);
     // Unix sockets only: on TCP a fixed SO_SNDBUF would turn off the kernel's autotuning.
     if (!accepted.remoteFamily) widenSendBuffer(dup);
