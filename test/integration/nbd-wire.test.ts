@@ -4,51 +4,37 @@
  * simple and structured replies, and bad input that must only ever hurt its own connection.
  */
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { FileDevice } from "../../core/devices/file-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
-import { MemoryLogger } from "../../core/logger.js";
+import type { MemoryLogger } from "../../core/logger.js";
 import { NbdServer, deviceMapperExports } from "../../dmsetup/nbd/server.js";
 import { Cmd, CmdFlags, NbdErrno, Opt, Rep, TransmissionFlags } from "../../dmsetup/nbd/protocol.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 import { type ConnectOptions, RawConnection, WireClient, optionRequest, requestHeader, u32 } from "../support/nbd-client.js";
-import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { type NamedBacking, pattern } from "../support/memory-backing.js";
+import { type WireServer, startWireServer, stopWireServer } from "../support/wire-server.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
+let wire: WireServer;
 let dir: string;
 let sock: string;
 let dm: DeviceMapper;
 let backing: NamedBacking;
 let server: NbdServer;
 let logger: MemoryLogger;
-const clients: WireClient[] = [];
 
 beforeEach(async () => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), "udm-nbd-wire-"));
-  sock = path.join(dir, "nbd.sock");
-  ({ dm, backing } = testMapper());
-  logger = new MemoryLogger();
-  server = new NbdServer(deviceMapperExports(dm), { logger, closeGraceMs: 500 });
-  await server.listenUnix(sock);
+  wire = await startWireServer("udm-nbd-wire-");
+  ({ dir, sock, dm, backing, server, logger } = wire);
 });
 
-afterEach(async () => {
-  for (const c of clients.splice(0)) c.destroy();
-  await server.close();
-  await dm.close();
-  for (const dev of backing.devices.values()) await dev.close();
-  fs.rmSync(dir, { recursive: true, force: true });
-});
+afterEach(() => stopWireServer(wire));
 
-async function connect(name: string, opts: ConnectOptions = {}): Promise<WireClient> {
-  const c = await WireClient.connect(sock, name, opts);
-  clients.push(c);
-  return c;
-}
+const connect = (name: string, opts: ConnectOptions = {}): Promise<WireClient> => wire.connect(name, opts);
 
 describe("handshake", () => {
   it("creates the socket with mode 0600 and removes it on close", async () => {
@@ -279,7 +265,7 @@ describe("flow control", () => {
       backing.memory("mem0", 4096);
       await dm.create("disk", { table: "0 4096 linear mem0 0" });
       const c = await WireClient.connect(limitedSock, "disk");
-      clients.push(c);
+      wire.clients.push(c);
       await dm.suspend("disk");
       const replies = Array.from({ length: 20 }, (_, i) => c.write(i * 4096, pattern(i, 4096)));
       await vi.waitFor(() => expect(dm.device("disk").queued).toBe(4));

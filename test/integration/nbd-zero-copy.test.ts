@@ -5,51 +5,34 @@
  * they took.
  */
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { submitAndWait, writeBio } from "../../core/bio.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
-import { MemoryLogger } from "../../core/logger.js";
-import { NbdServer, deviceMapperExports } from "../../dmsetup/nbd/server.js";
+import type { MemoryLogger } from "../../core/logger.js";
 import { requestHeader, WireClient } from "../support/nbd-client.js";
-import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { type NamedBacking, pattern } from "../support/memory-backing.js";
+import { type WireServer, startWireServer, stopWireServer } from "../support/wire-server.js";
 import { Cmd } from "../../dmsetup/nbd/protocol.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
+let wire: WireServer;
 let dir: string;
-let sock: string;
 let dm: DeviceMapper;
 let backing: NamedBacking;
-let server: NbdServer;
 let logger: MemoryLogger;
-const clients: WireClient[] = [];
 
 beforeEach(async () => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), "udm-nbd-zc-"));
-  sock = path.join(dir, "nbd.sock");
-  ({ dm, backing } = testMapper());
-  logger = new MemoryLogger();
-  server = new NbdServer(deviceMapperExports(dm), { logger, closeGraceMs: 500 });
-  await server.listenUnix(sock);
+  wire = await startWireServer("udm-nbd-zc-");
+  ({ dir, dm, backing, logger } = wire);
 });
 
-afterEach(async () => {
-  for (const c of clients.splice(0)) c.destroy();
-  await server.close();
-  await dm.close();
-  for (const dev of backing.devices.values()) await dev.close();
-  fs.rmSync(dir, { recursive: true, force: true });
-});
+afterEach(() => stopWireServer(wire));
 
-async function connect(name: string, structured = true): Promise<WireClient> {
-  const c = await WireClient.connect(sock, name, { structured });
-  clients.push(c);
-  return c;
-}
+const connect = (name: string, structured = true): Promise<WireClient> => wire.connect(name, { structured });
 
 /** A file of `bytes` pattern bytes, opened as backing device `name`. */
 async function fileBacking(name: string, bytes: number, seed: number): Promise<Buffer> {

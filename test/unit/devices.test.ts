@@ -18,6 +18,7 @@ import { FileDevice } from "../../core/devices/file-device.js";
 import { readCached, setInlineReads } from "../../core/devices/inline-io.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
+import { traceFsWrites } from "../support/fs-trace.js";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, blkGetSize64, bufferAddress, fallocate } from "../../core/ioctl.js";
 import koffi from "koffi";
 
@@ -124,11 +125,7 @@ describe("FileDevice", () => {
       order.push("sync");
       cb(null);
     }) as typeof fs.fdatasync);
-    const realWrite = fs.write;
-    vi.spyOn(fs, "write").mockImplementation(((...args: unknown[]) => {
-      order.push("write");
-      return (realWrite as (...a: unknown[]) => void)(...args);
-    }) as typeof fs.write);
+    traceFsWrites(order);
 
     await submitAndWait(dev, flushBio());
     expect(order).toEqual(["sync"]);

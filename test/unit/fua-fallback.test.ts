@@ -10,6 +10,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { pwriteFlagsAsync } from "../../core/ioctl.js";
+import { traceFsWrites } from "../support/fs-trace.js";
 import { pattern } from "../support/memory-backing.js";
 
 vi.mock("../../core/ioctl.js", async (importOriginal) => {
@@ -43,11 +44,7 @@ describe.skipIf(process.platform !== "linux" || process.arch !== "x64")("FUA wit
       order.push("sync");
       realSync(fd, cb);
     }) as typeof fs.fdatasync);
-    const realWrite = fs.write;
-    vi.spyOn(fs, "write").mockImplementation(((...args: unknown[]) => {
-      order.push("write");
-      return (realWrite as (...a: unknown[]) => void)(...args);
-    }) as typeof fs.write);
+    traceFsWrites(order);
 
     await submitAndWait(dev, writeBio(0, pattern(1, 4096), BioFlags.FUA));
     expect(order).toEqual(["write", "sync"]);
