@@ -128,7 +128,13 @@ export class NbdConnection implements BioEndIo {
       this.starved = false;
       this.pump();
     };
-    if (this.receive) this.receive.sink = { received, directSpace: () => this.requests?.payloadSpace() ?? null };
+    if (this.receive) {
+      this.receive.sink = {
+        received,
+        directSpace: () => this.requests?.payloadSpace() ?? null,
+        headerBytes: () => this.requests?.headerSpace() ?? 0,
+      };
+    }
     else s.on("data", received);
     s.on("end", () => {
       this.eof = true;

@@ -30,6 +30,8 @@ import {
 } from "./protocol.js";
 
 const EMPTY = Buffer.alloc(0);
+/** From this payload size up, the read after a WRITE takes only the next header (headerSpace). */
+const LARGE_PAYLOAD = 64 * 1024;
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
 /** Buffered input with a read position; subclasses consume it one message at a time. */
@@ -209,6 +211,8 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
   /** Payload buffer of `pending` and how much of it is filled (null while skipping). */
   private payload: Buffer | null = null;
   private filled = 0;
+  /** Payload length of the last message (0 for anything but a WRITE). */
+  private lastPayload = 0;
 
   constructor(opts: RequestParserOptions = {}) {
     super();
@@ -224,6 +228,7 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
     if (this.pending === null) {
       if (this.available < REQUEST_HEADER_LENGTH) return null;
       const request = this.readHeader();
+      this.lastPayload = request.type === Cmd.WRITE ? request.length : 0;
       if (request.type !== Cmd.WRITE || request.length === 0) {
         if (request.type === Cmd.WRITE) request.data = EMPTY;
         return request;
@@ -274,6 +279,17 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
   payloadSpace(): Buffer | null {
     if (this.payload === null || this.available > 0) return null;
     return this.payload.subarray(this.filled);
+  }
+
+  /**
+   * How many bytes the next read should be limited to: a request header's, right after a large
+   * WRITE when nothing else is buffered. A client streaming large writes most likely sends
+   * another, and reading only its header lets the payload then land in place (payloadSpace)
+   * instead of partly in an arena, whence it would be copied (and the arena soon dropped).
+   * 0: no limit.
+   */
+  headerSpace(): number {
+    return this.pending === null && this.available === 0 && this.lastPayload >= LARGE_PAYLOAD ? REQUEST_HEADER_LENGTH : 0;
   }
 
   /** Copy (or skip) whatever part of the pending WRITE payload is available. */

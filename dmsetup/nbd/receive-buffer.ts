@@ -8,6 +8,8 @@
  * null plugin takes (bench/results.md). Here:
  *   - while a WRITE payload is being received and nothing else is buffered, the next read goes
  *     straight into the unfilled part of that payload: no copy, nothing to collect;
+ *   - right after a large WRITE, with nothing else buffered, the next read takes only a request
+ *     header (the parser's headerSpace), so that the next large payload also lands in place;
  *   - otherwise reads fill an arena of ARENA_BYTES, one after another, so one allocation serves
  *     many reads. Parsed messages keep views of the arena (a small WRITE's payload is such a view),
  *     which is why a region is never read into twice: the arena is dropped, not reused, and the
@@ -23,6 +25,8 @@ export interface ReceiveSink {
   received(chunk: Buffer): void;
   /** Where the next bytes should go when the receiver can take them in place, else null. */
   directSpace(): Buffer | null;
+  /** Read at most this many bytes next (just a message header), or 0 for no limit. */
+  headerBytes?(): number;
 }
 
 export class ReceiveBuffer {
@@ -42,7 +46,8 @@ export class ReceiveBuffer {
       this.arena = Buffer.allocUnsafeSlow(ARENA_BYTES);
       this.used = 0;
     }
-    return this.arena.subarray(this.used);
+    const limit = this.sink?.headerBytes?.() ?? 0;
+    return limit > 0 ? this.arena.subarray(this.used, this.used + limit) : this.arena.subarray(this.used);
   };
 
   /** For `net.Socket`'s onread.callback: `n` bytes arrived in `buf` (the last `nextBuffer`). */

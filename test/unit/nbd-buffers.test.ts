@@ -93,6 +93,23 @@ describe("ReceiveBuffer", () => {
     expect(third.buffer).toBe(first.buffer);
     expect(chunks[2]!.byteOffset).toBe(chunks[0]!.byteOffset + 1000);
   });
+
+  it("offers only a header's worth of arena when the receiver asks for it, then all of it again", () => {
+    const rb = new ReceiveBuffer();
+    let limit = 28;
+    const chunks: Buffer[] = [];
+    rb.sink = { received: (c) => chunks.push(c), directSpace: () => null, headerBytes: () => limit };
+    const header = rb.nextBuffer();
+    expect(header.length).toBe(28);
+    header.fill(1);
+    rb.onRead(28, header);
+    limit = 0;
+    const next = read(rb, 100, 2);
+    expect(next.length).toBeGreaterThan(64 * KiB); // the rest of the arena
+    expect(next.buffer).toBe(header.buffer);
+    expect(chunks[1]!.byteOffset).toBe(chunks[0]!.byteOffset + 28); // after the header, not over it
+    expect(chunks[0]!.every((b) => b === 1)).toBe(true);
+  });
 });
 
 describe("setSendBuffer", () => {

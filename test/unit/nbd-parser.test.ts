@@ -225,6 +225,28 @@ describe("RequestParser", () => {
     expect(allocated).toHaveLength(1);
   });
 
+  it("after a large WRITE with nothing buffered, asks for just the next header; otherwise for no limit", () => {
+    const p = new RequestParser({ maxPayload: 1 << 20 });
+    const write = (handle: number, length: number) =>
+      Buffer.concat([hex(`25609513 0000 0001 ${handle.toString(16).padStart(16, "0")} 0000000000000000 ${length.toString(16).padStart(8, "0")}`), Buffer.alloc(length, handle)]);
+    const read = hex("25609513 0000 0000 0000000000000009 0000000000000000 00001000");
+    expect(p.headerSpace()).toBe(0); // nothing seen yet
+    p.push(write(1, 64 * 1024));
+    expect(p.next()).toMatchObject({ type: Cmd.WRITE, length: 64 * 1024 });
+    expect(p.headerSpace()).toBe(28); // a client streaming large writes sends another
+    p.push(Buffer.concat([write(2, 128 * 1024), read]));
+    expect(p.next()).toMatchObject({ handle: 2n });
+    expect(p.headerSpace()).toBe(0); // the READ is still buffered
+    expect(p.next()).toMatchObject({ type: Cmd.READ });
+    expect(p.headerSpace()).toBe(0); // the last message was no large WRITE
+    p.push(write(3, 4096));
+    expect(p.next()).toMatchObject({ handle: 3n });
+    expect(p.headerSpace()).toBe(0); // a small one
+    p.push(write(4, 256 * 1024).subarray(0, 1000));
+    expect(p.next()).toBeNull();
+    expect(p.headerSpace()).toBe(0); // mid-payload: payloadSpace is what to offer
+  });
+
   it("parses any stream of requests however it is chunked (property)", () => {
     const request = fc.record({
       flags: fc.integer({ min: 0, max: 0xffff }),
