@@ -133,6 +133,10 @@ interface Libc {
   ioctlLoopInfo: Fn;
   fallocate: Fn;
   pwritev2: Fn;
+  fcntlInt: Fn;
+  getsockopt: Fn;
+  setsockopt: Fn;
+  sendfile: Fn;
   strerror: Fn;
 }
 
@@ -157,6 +161,11 @@ function bind(): Libc {
     ioctlLoopInfo: lib.func("ioctl", "int", ["int", "unsigned long", koffi.pointer(LoopInfo64)]),
     fallocate: lib.func("fallocate", "int", ["int", "int", "int64_t", "int64_t"]),
     pwritev2: lib.func("pwritev2", "int64_t", ["int", "void *", "int", "int64_t", "int"]),
+    // fcntl is variadic; like ioctl above, a fixed int prototype is safe on x86_64.
+    fcntlInt: lib.func("fcntl", "int", ["int", "int", "int"]),
+    getsockopt: lib.func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]),
+    setsockopt: lib.func("setsockopt", "int", ["int", "int", "int", "void *", "uint32_t"]),
+    sendfile: lib.func("sendfile", "int64_t", ["int", "int", "void *", "size_t"]),
     // Only called on the main thread, so strerror's static buffer is not shared.
     strerror: lib.func("strerror", "str", ["int"]),
   };
@@ -326,12 +335,10 @@ export function bufferAddress(buf: Buffer): bigint {
 
 const SOL_SOCKET = 1;
 const SO_PEERCRED = 17;
-let getsockopt: Fn | null = null;
 
 /** getsockopt(SO_PEERCRED) on a connected unix socket: who is on the other end. */
 export function peerCredentials(fd: number): { pid: number; uid: number; gid: number } {
-  bind();
-  getsockopt ??= koffi.load("libc.so.6").func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]);
+  const { getsockopt } = bind();
   const ucred = Buffer.alloc(12); // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
   const len = Buffer.alloc(4);
   len.writeUInt32LE(12);
@@ -342,14 +349,10 @@ export function peerCredentials(fd: number): { pid: number; uid: number; gid: nu
 // ---- file descriptors ----
 
 const F_DUPFD_CLOEXEC = 1030;
-let fcntlInt: Fn | null = null;
 
 /** A new descriptor for the same open file (close-on-exec), as fcntl(F_DUPFD_CLOEXEC). */
 export function dupFd(fd: number): number {
-  bind();
-  // fcntl is variadic; like ioctl above, a fixed int prototype is safe on x86_64.
-  fcntlInt ??= koffi.load("libc.so.6").func("fcntl", "int", ["int", "int", "int"]);
-  return check(fcntlInt(fd, F_DUPFD_CLOEXEC, 0) as number, "fcntl", "F_DUPFD_CLOEXEC");
+  return check(bind().fcntlInt(fd, F_DUPFD_CLOEXEC, 0) as number, "fcntl", "F_DUPFD_CLOEXEC");
 }
 
 // ---- writes with per-call flags ----
@@ -379,33 +382,27 @@ export async function pwriteFlagsAsync(fd: number, buf: Buffer, pos: number, fla
 
 // ---- sending file data ----
 
-let sendfileFn: Fn | null = null;
-
 /**
  * sendfile(outFd, inFd, &position, count) on a worker thread: resolves with the bytes sent (0 at
  * the end of the file). On a non-blocking socket it rejects with code EAGAIN when the socket has
  * no room: the caller decides how to wait (never on a worker thread: they serve every device).
  */
 export async function sendFileAsync(outFd: number, inFd: number, position: number, count: number): Promise<number> {
-  bind();
-  sendfileFn ??= koffi.load("libc.so.6").func("sendfile", "int64_t", ["int", "int", "void *", "size_t"]);
+  const { sendfile } = bind();
   const offset = Buffer.alloc(8); // one per call: the worker updates it
   offset.writeBigInt64LE(BigInt(position));
-  const n = await callAsync(sendfileFn, [outFd, inFd, offset, count], "sendfile", `${count} bytes at ${position}`);
+  const n = await callAsync(sendfile, [outFd, inFd, offset, count], "sendfile", `${count} bytes at ${position}`);
   return Number(n);
 }
 
 const SO_SNDBUF = 7;
-let setsockopt: Fn | null = null;
 
 /**
  * Ask for a socket send buffer of `bytes` (SO_SNDBUF; the kernel doubles the value for its own
  * bookkeeping and caps it at net.core.wmem_max). Returns the size the kernel granted.
  */
 export function setSendBuffer(fd: number, bytes: number): number {
-  bind();
-  setsockopt ??= koffi.load("libc.so.6").func("setsockopt", "int", ["int", "int", "int", "void *", "uint32_t"]);
-  getsockopt ??= koffi.load("libc.so.6").func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]);
+  const { getsockopt, setsockopt } = bind();
   const value = Buffer.alloc(4);
   value.writeInt32LE(bytes);
   check(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, value, 4) as number, "setsockopt", "SO_SNDBUF");

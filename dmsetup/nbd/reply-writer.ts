@@ -54,10 +54,8 @@ export class ReplyWriter {
   /** File ranges can be sent on this socket (it exposes its descriptor and zero-copy is on). */
   readonly zeroCopy: boolean;
   private corked = false;
-  /** A reply with file ranges is going out: everything else waits in `held`. */
-  private sending = false;
-  /** Size of the reply being sent (counted as queued until it is out). */
-  private sendingBytes = 0;
+  /** The reply with file ranges going out now: everything else waits in `held`. */
+  private sending: HeldRanges | null = null;
   private held: Held[] = [];
   private heldBytes = 0;
   private sendFd = -1;
@@ -76,22 +74,13 @@ export class ReplyWriter {
 
   /** Reply bytes not yet handed to the kernel (the flow-control measure). */
   get queuedBytes(): number {
-    return this.socket.writableLength + this.heldBytes + this.sendingBytes;
+    // The reply being sent counts until it is out.
+    return this.socket.writableLength + this.heldBytes + (this.sending?.reply.length ?? 0);
   }
 
   /** Queue a message; `pooled`: `buf` goes back to the buffer pool once the socket is done with it. */
   write(buf: Buffer, pooled = false): void {
-    if (this.closed || this.socket.destroyed || this.socket.writableEnded) {
-      // Completions after the client left.
-      if (pooled) this.buffers.give(buf);
-      return;
-    }
-    if (this.sending) {
-      this.held.push({ buf, pooled });
-      this.heldBytes += buf.length;
-      return;
-    }
-    this.writeNow(buf, pooled);
+    this.enqueue({ buf, pooled });
   }
 
   /**
@@ -99,13 +88,23 @@ export class ReplyWriter {
    * data the file devices did not give as ranges.
    */
   writeRanges(reply: Buffer, prefix: number, ranges: FileRangeRead): void {
-    if (this.closed || this.socket.destroyed || this.socket.writableEnded) return this.drop({ reply, prefix, ranges });
+    this.enqueue({ reply, prefix, ranges });
+  }
+
+  private enqueue(item: Held): void {
+    // Completions after the client left: only their buffers and descriptors to give back.
+    if (this.closed || this.socket.destroyed || this.socket.writableEnded) return this.drop(item);
     if (this.sending) {
-      this.held.push({ reply, prefix, ranges });
-      this.heldBytes += reply.length;
+      this.held.push(item);
+      this.heldBytes += heldSize(item);
       return;
     }
-    this.start({ reply, prefix, ranges });
+    this.dispatch(item);
+  }
+
+  private dispatch(item: Held): void {
+    if ("ranges" in item) this.start(item);
+    else this.writeNow(item.buf, item.pooled);
   }
 
   /** End the socket once everything queued is out. */
@@ -143,8 +142,7 @@ export class ReplyWriter {
   };
 
   private start(item: HeldRanges): void {
-    this.sending = true;
-    this.sendingBytes = item.reply.length;
+    this.sending = item;
     this.send(item).then(
       () => this.finish(item, null),
       (err: Error) => this.finish(item, err),
@@ -218,8 +216,7 @@ export class ReplyWriter {
   }
 
   private finish(item: HeldRanges, err: Error | null): void {
-    this.sending = false;
-    this.sendingBytes = 0;
+    this.sending = null;
     this.drop(item);
     if (this.closed) return this.closeSendFd();
     if (err || this.socket.destroyed) {
@@ -229,13 +226,8 @@ export class ReplyWriter {
     }
     while (!this.sending && this.held.length > 0) {
       const next = this.held.shift()!;
-      if ("ranges" in next) {
-        this.heldBytes -= next.reply.length;
-        this.start(next);
-      } else {
-        this.heldBytes -= next.buf.length;
-        this.writeNow(next.buf, next.pooled);
-      }
+      this.heldBytes -= heldSize(next);
+      this.dispatch(next);
     }
     if (!this.sending && this.endWanted) {
       const cb = this.endWanted;
@@ -259,6 +251,10 @@ export class ReplyWriter {
     fs.close(this.sendFd, () => {});
     this.sendFd = -1;
   }
+}
+
+function heldSize(h: Held): number {
+  return "ranges" in h ? h.reply.length : h.buf.length;
 }
 
 class ConnectionGone extends Error {
