@@ -12,6 +12,7 @@ import { type Bio, BioFlags, type BioStatus, SECTOR_SIZE } from "../bio.js";
 import { RWF_DSYNC, bufferAddress, pwriteFlagsAsync } from "../ioctl.js";
 import type { BlockDevice } from "./block-device.js";
 import { inlineReadsEnabled, readCached } from "./inline-io.js";
+import { PLUG_WRITE_MAX, WritePlug } from "./write-plug.js";
 
 /** Memory alignment used for O_DIRECT: covers every logical block size up to 4 KiB. */
 export const DIRECT_ALIGN = 4096;
@@ -140,6 +141,8 @@ export abstract class FdDevice implements BlockDevice {
   private inlineReads: boolean;
   /** FUA writes as pwritev2(RWF_DSYNC) (Linux x86_64, where the koffi bindings work); else write + fdatasync. */
   private dsyncWrites = process.platform === "linux" && process.arch === "x64";
+  /** Small buffered writes of one event-loop turn, merged where they touch (write-plug.ts). */
+  private readonly plug: WritePlug | null;
 
   protected constructor(init: FdDeviceInit) {
     this.fd = init.fd;
@@ -155,6 +158,12 @@ export abstract class FdDevice implements BlockDevice {
     if (init.devno) this.devno = init.devno;
     // An O_DIRECT read always waits for the device: never inline.
     this.inlineReads = !init.direct && inlineReadsEnabled();
+    this.plug = !init.direct && writePlugEnabled() ? new WritePlug(writeFully) : null;
+  }
+
+  /** Held writes issued as one pool job each or merged (tests and statistics). */
+  get plugStats(): { jobs: number; merged: number } | null {
+    return this.plug ? { jobs: this.plug.jobs, merged: this.plug.merged } : null;
   }
 
   get sizeSectors(): number {
@@ -258,7 +267,10 @@ export abstract class FdDevice implements BlockDevice {
       buf.copy(bounce);
       buf = bounce;
     }
-    if (!dsync) return writeFully(this.fd, buf, pos, done);
+    if (!dsync) {
+      if (this.plug && bytes <= PLUG_WRITE_MAX) return this.plug.add(this.fd, buf, pos, done);
+      return writeFully(this.fd, buf, pos, done);
+    }
     const fd = this.fd;
     writeFullyDsync(fd, buf, pos, (err) => {
       if (!err || !DSYNC_UNSUPPORTED.has(err.code ?? "")) return done(err);
@@ -295,6 +307,8 @@ export abstract class FdDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {
+    // Nothing may reach a descriptor number after it was closed (and perhaps reused).
+    this.plug?.unplug();
     const fds = [this.fd, ...this.retiredFds.splice(0)].filter((fd) => fd >= 0);
     this.fd = -1;
     for (const fd of fds) {
@@ -305,6 +319,11 @@ export abstract class FdDevice implements BlockDevice {
   toString(): string {
     return `${this.constructor.name}(${this.displayName})`;
   }
+}
+
+/** `UDM_WRITE_PLUG=0` turns write merging off (for A/B measurements). */
+function writePlugEnabled(): boolean {
+  return process.env.UDM_WRITE_PLUG !== "0";
 }
 
 function settle(p: Promise<void>, done: Done): void {
