@@ -255,14 +255,17 @@ export interface ConfigResult {
   label: string;
   perCoreRef?: string;
   figures: Partial<Record<WorkloadKey, Figure>>;
-  /** 1-minute load average before and after this configuration. */
+  /** Lowest and highest 1-minute load average at the start and end of this configuration's rounds. */
   load: [number, number];
   seconds: number;
 }
 
 export interface TargetRow {
   target: string;
-  /** The ratio (of medians), and its range over the repetitions (worst / best pairing). */
+  /**
+   * The ratio (of medians), and the lowest and highest ratio of one round (repetition n of both
+   * configurations, which ran within minutes of each other).
+   */
   ratio: number;
   low: number;
   high: number;
@@ -384,10 +387,14 @@ function selected(opts: MatrixOptions): { configs: MatrixConfig[]; workloads: Ma
   return { configs, workloads };
 }
 
-/** One configuration, in its own directory `dir`, on a data file written for it. */
-async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir: string, opts: MatrixOptions): Promise<ConfigResult> {
+/**
+ * One round of one configuration (one repetition of every workload), in its own directory `dir`,
+ * on a data file written for it.
+ */
+async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir: string, opts: MatrixOptions, round: number): Promise<ConfigResult> {
   const log = opts.log ?? (() => undefined);
-  const { fileBytes, repetitions } = opts;
+  const { fileBytes } = opts;
+  const of = `round ${round + 1}/${opts.repetitions}`;
   const t0 = performance.now();
   const load0 = os.loadavg()[0]!;
   const data = path.join(dir, "data.bin");
@@ -421,28 +428,36 @@ async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir:
         await measure(workload("randwrite"), opts.warmupMs, "warm-up");
       }
       const reps: Record<string, MatrixRep[]> = { firstwrite: [], rewrite: [] };
-      for (let n = 0; n < repetitions; n++) {
-        await inst.fresh();
-        // A rewrite-only selection still needs the first pass (it makes the copies).
-        const first = await measure(workload("firstwrite"), undefined);
-        const again = await measure(workload("rewrite"), undefined);
-        reps.firstwrite!.push(first);
-        reps.rewrite!.push(again);
-        log(`matrix: ${config.label}: first write ${fmt(first.mibps)} MiB/s, rewrite ${fmt(again.mibps)} MiB/s (repetition ${n + 1}/${repetitions})`);
-      }
+      await inst.fresh();
+      // A rewrite-only selection still needs the first pass (it makes the copies).
+      const first = await measure(workload("firstwrite"), undefined);
+      const again = await measure(workload("rewrite"), undefined);
+      reps.firstwrite!.push(first);
+      reps.rewrite!.push(again);
+      log(`matrix: ${config.label}: first write ${fmt(first.mibps)} MiB/s, rewrite ${fmt(again.mibps)} MiB/s (${of})`);
       for (const w of pass) figures[w.key] = summarise(w, reps[w.key]!);
     }
     for (const w of workloads.filter((x) => !x.pass)) {
       if (opts.warmupMs > 0) await measure(w, opts.warmupMs, `${w.name} warm-up`);
-      const reps: MatrixRep[] = [];
-      for (let n = 0; n < repetitions; n++) reps.push(await measure(w, opts.runtimeMs));
-      const f = (figures[w.key] = summarise(w, reps));
-      log(`matrix: ${config.label}: ${w.name}: ${reps.map((r) => (w.unit === "IOPS" ? fmt(r.iops, 0) : fmt(r.mibps))).join(" ")} ${w.unit}${f.cpuPerGiB !== null ? `, server CPU ${fmt(f.cpuPerGiB, 2)} s/GiB` : ""}`);
+      const r = await measure(w, opts.runtimeMs);
+      const f = (figures[w.key] = summarise(w, [r]));
+      log(`matrix: ${config.label}: ${w.name}: ${w.unit === "IOPS" ? fmt(r.iops, 0) : fmt(r.mibps)} ${w.unit}${f.cpuPerGiB !== null ? `, server CPU ${fmt(f.cpuPerGiB, 2)} s/GiB` : ""} (${of})`);
     }
   } finally {
     await inst.close();
   }
   return { id: config.id, label: config.label, perCoreRef: config.perCoreRef, figures, load: [load0, os.loadavg()[0]!], seconds: (performance.now() - t0) / 1000 };
+}
+
+/** The rounds of one configuration as one result: every figure over all their repetitions. */
+function mergeRounds(rounds: ConfigResult[]): ConfigResult {
+  const first = rounds[0]!;
+  const figures: ConfigResult["figures"] = {};
+  for (const key of Object.keys(first.figures) as WorkloadKey[]) {
+    figures[key] = summarise(workload(key), rounds.flatMap((r) => r.figures[key]?.reps ?? []));
+  }
+  const loads = rounds.flatMap((r) => r.load);
+  return { ...first, figures, load: [Math.min(...loads), Math.max(...loads)], seconds: rounds.reduce((t, r) => t + r.seconds, 0) };
 }
 
 export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
@@ -457,23 +472,28 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
   if (opts.profileDir) fs.mkdirSync(opts.profileDir, { recursive: true });
   const started = performance.now();
   const loadBefore = os.loadavg()[0]!;
-  const results: ConfigResult[] = new Array(configs.length);
+  // Repetitions run in rounds: every configuration once per round, so that a burst of other work
+  // on the shared machine (minutes long) lands in one round of several configurations rather than
+  // in every repetition of one, and round n of two configurations can be compared directly.
+  const rounds: ConfigResult[][] = configs.map(() => []);
   try {
-    let next = 0;
-    const worker = async () => {
-      while (next < configs.length) {
-        const i = next++;
-        const sub = path.join(dir, configs[i]!.id);
-        fs.mkdirSync(sub);
-        try {
-          results[i] = await runConfig(configs[i]!, workloads, sub, opts);
-        } finally {
-          fs.rmSync(sub, { recursive: true, force: true });
+    for (let round = 0; round < repetitions; round++) {
+      let next = 0;
+      const worker = async () => {
+        while (next < configs.length) {
+          const i = next++;
+          const sub = path.join(dir, `${configs[i]!.id}-${round}`);
+          fs.mkdirSync(sub);
+          try {
+            rounds[i]!.push(await runConfig(configs[i]!, workloads, sub, opts, round));
+          } finally {
+            fs.rmSync(sub, { recursive: true, force: true });
+          }
         }
-      }
-    };
-    const settled = await Promise.allSettled(Array.from({ length: Math.min(concurrency, configs.length) }, worker));
-    for (const s of settled) if (s.status === "rejected") throw s.reason;
+      };
+      const settled = await Promise.allSettled(Array.from({ length: Math.min(concurrency, configs.length) }, worker));
+      for (const s of settled) if (s.status === "rejected") throw s.reason;
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -493,8 +513,8 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
     },
     load: [loadBefore, os.loadavg()[0]!],
     udmdEnv: `UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}`,
-    configs: results,
-    targets: matrixTargets(results),
+    configs: rounds.map(mergeRounds),
+    targets: matrixTargets(rounds.map(mergeRounds)),
     seconds: (performance.now() - started) / 1000,
   };
 }
@@ -534,8 +554,9 @@ export function matrixTargets(results: ConfigResult[]): TargetRow[] {
     const ratio = value(a, w)! / value(b, w)!;
     const av = repValues(a, w);
     const bv = repValues(b, w);
-    const low = Math.min(...av) / Math.max(...bv);
-    const high = Math.max(...av) / Math.min(...bv);
+    const perRound = av.map((x, i) => x / bv[i]!).filter((x) => Number.isFinite(x));
+    const low = Math.min(...perRound);
+    const high = Math.max(...perRound);
     rows.push({ target, ratio, low, high, goal: `${atMost ? "<=" : ">="} ${goal}×`, pass: atMost ? ratio <= goal : ratio >= goal });
   };
   const linear = by("udm-linear");
@@ -615,7 +636,7 @@ export function describeMatrixRun(r: MatrixResult, quick: boolean): string[] {
   const fsys = r.filesystem;
   const loads = r.configs.flatMap((c) => c.load);
   return [
-    `udm benchmark matrix (${quick ? "quick" : "full"} run, ${fmt(r.seconds / 60, 1)} min): every configuration on this machine in one run; each figure the median of ${o.repetitions} repetitions; ratios only between figures of this run${(o.concurrency ?? 1) > 1 ? `; ${o.concurrency} configurations at a time (a smoke run: the figures are not comparable)` : ", one configuration at a time"}`,
+    `udm benchmark matrix (${quick ? "quick" : "full"} run, ${fmt(r.seconds / 60, 1)} min): every configuration on this machine in one run; each figure the median of ${o.repetitions} repetitions, run in ${o.repetitions} rounds (every configuration once per round, in table order); ratios only between figures of this run, their range ("rep range") the lowest and highest ratio within one round; "load avg": lowest and highest 1-minute load average at the start and end of the configuration's rounds${(o.concurrency ?? 1) > 1 ? `; ${o.concurrency} configurations at a time (a smoke run: the figures are not comparable)` : ", one configuration at a time"}`,
     `machine: ${m.cpus} × ${m.cpuModel}, ${fmt(m.memoryBytes / GiB)} GiB RAM, ${m.kernel}; Node ${r.versions.node}; ${r.versions.fio}; ${r.versions.nbdkit}; qemu-nbd ${r.versions.qemu}`,
     `1-minute load average: ${fmt(r.load[0], 2)} at the start, ${fmt(r.load[1], 2)} at the end, ${fmt(Math.min(...loads), 2)}–${fmt(Math.max(...loads), 2)} across configurations${Math.max(...loads) > 0.5 * m.cpus ? ` (a shared, busy machine: fio, the server and other work compete for ${m.cpus} cores; figures are noisy)` : ""}`,
     `data file: ${bytesText(o.fileBytes)} of random bytes in ${r.dataDir}, on ${fsys.type} (${fsys.source}, mounted at ${fsys.mountPoint}), recreated before each configuration; after every write job the data file and every file the server has open are fdatasynced (untimed)`,
