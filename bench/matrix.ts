@@ -16,6 +16,10 @@
  * write" (one pass of 4 KiB random writes at QD 16 over every block of a fresh snapshot / overlay:
  * every chunk is copied) and "rewrite" (the same pass again: nothing left to copy).
  *
+ * Repetitions run in rounds: every configuration once per round (server started, data file
+ * written, one repetition of each workload, server stopped), so the ratios of round n compare
+ * figures taken minutes apart, not a quarter of an hour.
+ *
  * Server CPU: utime + stime of the server process (/proc/PID/stat) before and after each job.
  *
  * Profiling udmd: `npm run bench -- --matrix --configs udm-linear --only "random read" --profile
