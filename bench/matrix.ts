@@ -501,6 +501,7 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+  const results = rounds.map(mergeRounds);
   const cpus = os.cpus();
   const { log: _log, ...options } = opts;
   return {
@@ -517,8 +518,8 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
     },
     load: [loadBefore, os.loadavg()[0]!],
     udmdEnv: `UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}`,
-    configs: rounds.map(mergeRounds),
-    targets: matrixTargets(rounds.map(mergeRounds)),
+    configs: results,
+    targets: matrixTargets(results),
     seconds: (performance.now() - started) / 1000,
   };
 }

@@ -96,6 +96,19 @@ export function writeFully(fd: number, buf: Buffer, pos: number, done: Done): vo
   writeLoop(buf.length, (off, cb) => fs.write(fd, buf, off, buf.length - off, pos + off, cb), done);
 }
 
+/** pwritev all of `bufs`, back to back from `pos`, looping over short writes. */
+export function writevFully(fd: number, bufs: Buffer[], pos: number, done: Done): void {
+  const length = bufs.reduce((n, b) => n + b.length, 0);
+  writeLoop(length, (off, cb) => fs.writev(fd, buffersFrom(bufs, off), pos + off, cb), done);
+}
+
+/** `bufs` without their first `skip` bytes. */
+function buffersFrom(bufs: Buffer[], skip: number): Buffer[] {
+  let i = 0;
+  while (i < bufs.length && skip >= bufs[i]!.length) skip -= bufs[i++]!.length;
+  return i < bufs.length && skip > 0 ? [bufs[i]!.subarray(skip), ...bufs.slice(i + 1)] : bufs.slice(i);
+}
+
 /** writeFully with every write durable on return (pwritev2 RWF_DSYNC). */
 function writeFullyDsync(fd: number, buf: Buffer, pos: number, done: Done): void {
   writeLoop(
@@ -158,7 +171,7 @@ export abstract class FdDevice implements BlockDevice {
     if (init.devno) this.devno = init.devno;
     // An O_DIRECT read always waits for the device: never inline.
     this.inlineReads = !init.direct && inlineReadsEnabled();
-    this.plug = !init.direct && writePlugEnabled() ? new WritePlug(writeFully) : null;
+    this.plug = !init.direct && writePlugEnabled() ? new WritePlug(writeFully, writevFully) : null;
   }
 
   /** Held writes issued as one pool job each or merged (tests and statistics). */

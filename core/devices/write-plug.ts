@@ -14,8 +14,6 @@
  * file, and a flush only covers writes completed before it was issued. A held write has not
  * completed, so no flush has to wait for it.
  */
-import fs from "node:fs";
-
 type Done = (err: NodeJS.ErrnoException | null) => void;
 
 /** Writes up to this size are held for merging; larger ones gain nothing from it. */
@@ -42,6 +40,8 @@ export class WritePlug {
   constructor(
     /** Writes one buffer fully (looping over short writes); used for a run of one. */
     private readonly writeOne: (fd: number, buf: Buffer, pos: number, done: Done) => void,
+    /** Writes buffers back to back from `pos` in one call, looping over short writes. */
+    private readonly writeMany: (fd: number, bufs: Buffer[], pos: number, done: Done) => void,
   ) {}
 
   /** Hold a write until the end of this turn. */
@@ -85,7 +85,7 @@ export class WritePlug {
     if (end - start === 1) return this.writeOne(first.fd, first.buf, first.pos, first.done);
     const run = held.slice(start, end);
     this.merged += run.length;
-    writevFully(
+    this.writeMany(
       first.fd,
       run.map((w) => w.buf),
       first.pos,
@@ -95,18 +95,4 @@ export class WritePlug {
       },
     );
   }
-}
-
-/** pwritev all of `bufs` at `pos`, continuing after short writes. */
-export function writevFully(fd: number, bufs: Buffer[], pos: number, done: Done): void {
-  fs.writev(fd, bufs, pos, (err, written) => {
-    if (err) return done(err);
-    if (written === 0) return done(Object.assign(new Error("write made no progress"), { code: "EIO" }));
-    let skip = written;
-    let i = 0;
-    while (i < bufs.length && skip >= bufs[i]!.length) skip -= bufs[i++]!.length;
-    if (i === bufs.length) return done(null);
-    const rest = [bufs[i]!.subarray(skip), ...bufs.slice(i + 1)];
-    writevFully(fd, rest, pos + written, done);
-  });
 }
