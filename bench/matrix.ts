@@ -431,15 +431,12 @@ async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir:
         await inst.fresh();
         await measure(workload("randwrite"), opts.warmupMs, "warm-up");
       }
-      const reps: Record<string, MatrixRep[]> = { firstwrite: [], rewrite: [] };
       await inst.fresh();
       // A rewrite-only selection still needs the first pass (it makes the copies).
       const first = await measure(workload("firstwrite"), undefined);
       const again = await measure(workload("rewrite"), undefined);
-      reps.firstwrite!.push(first);
-      reps.rewrite!.push(again);
       log(`matrix: ${config.label}: first write ${fmt(first.mibps)} MiB/s, rewrite ${fmt(again.mibps)} MiB/s (${of})`);
-      for (const w of pass) figures[w.key] = summarise(w, reps[w.key]!);
+      for (const w of pass) figures[w.key] = summarise(w, [w.key === "firstwrite" ? first : again]);
     }
     for (const w of workloads.filter((x) => !x.pass)) {
       if (opts.warmupMs > 0) await measure(w, opts.warmupMs, `${w.name} warm-up`);

@@ -58,7 +58,6 @@ export class WritePlug {
     const held = this.held;
     if (held.length === 0) return;
     this.held = [];
-    if (held.length === 1) return this.issue(held, 0, 1);
     // By file and position (stable: same-place writes stay in submission order, though the pool
     // runs separate jobs in any order, as it always did).
     held.sort((a, b) => a.fd - b.fd || a.pos - b.pos);
