@@ -25,7 +25,7 @@ export function createDeviceMapper(opts: DeviceMapperOptions = {}): DeviceMapper
 export * from "./core/args.js";
 export * from "./core/bio.js";
 export * from "./core/copier.js";
-export * from "./core/device-manager.js";
+export * from "./core/devices/shared-devices.js";
 export * from "./core/device-mapper.js";
 export * from "./core/file-ranges.js";
 export * from "./core/devices/block-device.js";

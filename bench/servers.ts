@@ -1,6 +1,6 @@
 /**
  * The NBD servers of the benchmark matrix (bench/matrix.ts) as child processes of this one:
- * nbdkit, qemu-nbd and the built udmd (dist/dmsetup/udmd.js), each on a unix socket, plus what the
+ * nbdkit, qemu-nbd and the built udmd (dist/dmsetup/bin/udmd.js), each on a unix socket, plus what the
  * matrix reads about them: CPU time from /proc/PID/stat and the files they have open.
  *
  * Every process started here is stopped by its own handle (its pid), never by name.
@@ -12,7 +12,7 @@ import path from "node:path";
 import { ControlClient } from "../dmsetup/control/client.js";
 
 export const ROOT = path.join(import.meta.dirname, "..");
-export const UDMD = path.join(ROOT, "dist/dmsetup/udmd.js");
+export const UDMD = path.join(ROOT, "dist/dmsetup/bin/udmd.js");
 
 /** Clock ticks per second of /proc/PID/stat's utime and stime. */
 export const CLK_TCK = (() => {

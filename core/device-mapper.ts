@@ -8,7 +8,7 @@ import { container as rootContainer, type DependencyContainer } from "tsyringe";
 import { splitArgs } from "./args.js";
 import { Bio, type BioOp, BioFlags, submitAndWait, SECTOR_SHIFT } from "./bio.js";
 import type { BlockDevice } from "./devices/block-device.js";
-import { type BackingDevices, DeviceManager, type StackableDevice, systemBackingDevices } from "./device-manager.js";
+import { type BackingDevices, SharedDevices, type StackableDevice, systemBackingDevices } from "./devices/shared-devices.js";
 import { DmError } from "./errors.js";
 import { type Logger, MemoryLogger } from "./logger.js";
 import { DM_MAJOR, MappedDevice, type SuspendOptions } from "./mapped-device.js";
@@ -60,7 +60,7 @@ export class DeviceMapper {
   readonly registry: TargetRegistry;
   readonly container: DependencyContainer;
   readonly logger: Logger;
-  private readonly devices: DeviceManager;
+  private readonly devices: SharedDevices;
   private readonly byName = new Map<string, MappedDevice>();
 
   constructor(opts: DeviceMapperOptions = {}) {
@@ -72,7 +72,7 @@ export class DeviceMapper {
     this.registry = new TargetRegistry(this.container);
     this.container.register(TargetRegistry, { useValue: this.registry });
     for (const cls of opts.targets ?? []) this.registry.register(cls);
-    this.devices = new DeviceManager(opts.backing ?? systemBackingDevices, (spec) => this.resolveMapped(spec), opts.direct);
+    this.devices = new SharedDevices(opts.backing ?? systemBackingDevices, (spec) => this.resolveMapped(spec), opts.direct);
   }
 
   // ---- device lookup ----

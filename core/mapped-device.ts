@@ -8,7 +8,7 @@
  */
 import { type Bio, BioFlags } from "./bio.js";
 import type { BlockDevice } from "./devices/block-device.js";
-import type { DeviceManager, StackableDevice } from "./device-manager.js";
+import type { SharedDevices, StackableDevice } from "./devices/shared-devices.js";
 import { DmIo, type DmIoOwner } from "./dm-io.js";
 import { DmError } from "./errors.js";
 import type { Logger } from "./logger.js";
@@ -23,7 +23,7 @@ export const DM_MAJOR = 253;
 
 export interface MappedDeviceEnv {
   registry: TargetRegistry;
-  devices: DeviceManager;
+  devices: SharedDevices;
   logger: Logger;
 }
 

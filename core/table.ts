@@ -5,7 +5,7 @@
 import type { DependencyContainer } from "tsyringe";
 import { splitArgs } from "./args.js";
 import type { BlockDevice } from "./devices/block-device.js";
-import { type DeviceManager, TableDevices } from "./device-manager.js";
+import { type SharedDevices, TableDevices } from "./devices/shared-devices.js";
 import { DmError } from "./errors.js";
 import type { TargetRegistry } from "./registry.js";
 import { Services } from "./services.js";
@@ -16,7 +16,7 @@ export interface TableBuildOptions {
   deviceName: string;
   readOnly: boolean;
   registry: TargetRegistry;
-  devices: DeviceManager;
+  devices: SharedDevices;
   /** The mapped device itself: a table may not reference it. */
   self?: BlockDevice;
   /**

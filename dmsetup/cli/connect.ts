@@ -27,7 +27,7 @@ export async function connectDaemon(paths: RunPaths, opts: { autostart: boolean 
 export function startDaemon(paths: RunPaths): void {
   ensureRunDir(paths.dir);
   const log = fs.openSync(paths.log, "a", 0o600);
-  const udmd = fileURLToPath(new URL("../udmd.js", import.meta.url));
+  const udmd = fileURLToPath(new URL("../bin/udmd.js", import.meta.url));
   const child = spawn(process.execPath, [udmd, "--run-dir", paths.dir], {
     detached: true,
     stdio: ["ignore", log, log],

@@ -9,7 +9,7 @@ import { DmError } from "../../core/errors.js";
 import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
 import { Attacher } from "../attach/attacher.js";
 import { ControlServer, type DaemonHooks } from "../control/server.js";
-import { NbdServer } from "../nbd/server.js";
+import { NbdServer } from "../../nbd/server.js";
 import { acquireInstanceLock } from "./instance-lock.js";
 import { ensureRunDir, type RunPaths } from "./run-dir.js";
 

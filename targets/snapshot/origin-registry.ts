@@ -1,7 +1,7 @@
 /**
  * Which snapshots belong to which origin (snapshot-design §1). Snapshot and snapshot-origin
  * targets find each other through the identity of the origin device they both open: the
- * DeviceManager shares one device object per underlying device, so that object is the key. The
+ * SharedDevices shares one device object per underlying device, so that object is the key. The
  * list is kept sorted by chunk size, largest first: an origin write waits on the pending exception
  * of the largest-chunk snapshot, which covers every smaller chunk it overlaps (race R3).
  */

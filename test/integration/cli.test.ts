@@ -174,7 +174,7 @@ describe("udmd lifecycle", () => {
     const r = await udmsetup(dir, ["ls"], undefined, {});
     expect(r.code).toBe(0);
     const asNobody = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
-      const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/dmsetup/udmsetup.js"), "--run-dir", dir, "--no-autostart", "ls"], {
+      const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/dmsetup/bin/udmsetup.js"), "--run-dir", dir, "--no-autostart", "ls"], {
         uid: 65534,
         gid: 65534,
       });

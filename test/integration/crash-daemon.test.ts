@@ -14,7 +14,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CmdFlags } from "../../dmsetup/nbd/protocol.js";
+import { CmdFlags } from "../../nbd/protocol.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { WriteHistory } from "../support/crash-model.js";
 import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";

@@ -1,5 +1,5 @@
 /**
- * The crash-consistency runner (dmsetup/crash/runner.ts, `npm run crash`): a seeded workload on a
+ * The crash-consistency runner (test/crash/runner.ts, `npm run crash`): a seeded workload on a
  * snapshot stack whose devices are recorded with log-writes, then every flush/FUA point and random
  * points in between replayed onto fresh RAM disks, reactivated and checked against the model
  * (snapshot-design §4.10). Runs in-process on RAM disks: no root, no build needed.
@@ -24,7 +24,7 @@ import { type Bio, BioFlags } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { target } from "../../core/registry.js";
 import { Services } from "../../core/services.js";
-import { leakProblems, runCrashHarness, type CrashRunReport } from "../../dmsetup/crash/runner.js";
+import { leakProblems, runCrashHarness, type CrashRunReport } from "../crash/runner.js";
 import { cowImageChunks, readCowImage } from "../../targets/snapshot/cow-image.js";
 import { writeRecord } from "../../targets/snapshot/cow-format.js";
 import { SnapshotMergeTarget } from "../../targets/snapshot/merge.js";
@@ -171,7 +171,7 @@ describe("crash-consistency runner", () => {
   });
 
   it("npm run crash: prints the seed and the summary line, exit status 0", { timeout: 60_000 }, () => {
-    const r = spawnSync(process.execPath, ["--import", "tsx", "dmsetup/crash/cli.ts", "--ops", "20", "--seed", "7", "-q"], {
+    const r = spawnSync(process.execPath, ["--import", "tsx", "test/crash/cli.ts", "--ops", "20", "--seed", "7", "-q"], {
       cwd: ROOT,
       encoding: "utf8",
     });
@@ -179,7 +179,7 @@ describe("crash-consistency runner", () => {
     expect(r.stdout).toMatch(/^seed 7 \(repeat with --seed 7 --ops 20\)\n/);
     expect(r.stdout).toMatch(/\ncrash points checked: \d+, failures: 0\n$/);
     expect(r.status).toBe(0);
-    const bad = spawnSync(process.execPath, ["--import", "tsx", "dmsetup/crash/cli.ts", "--ops", "x"], { cwd: ROOT, encoding: "utf8" });
+    const bad = spawnSync(process.execPath, ["--import", "tsx", "test/crash/cli.ts", "--ops", "x"], { cwd: ROOT, encoding: "utf8" });
     expect(bad.status).toBe(2);
     expect(bad.stderr).toMatch(/--ops: expected a non-negative integer/);
   });

@@ -15,7 +15,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
-import { Cmd, NbdErrno, Opt, Rep } from "../../dmsetup/nbd/protocol.js";
+import { Cmd, NbdErrno, Opt, Rep } from "../../nbd/protocol.js";
 import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
 import { RawConnection, WireClient, optionRequest, u16, u32 } from "../support/nbd-client.js";
 import { type FuzzConfig, type FuzzExport, FuzzStats, planSession, runSession } from "../support/nbd-fuzz.js";
@@ -176,7 +176,7 @@ describe("NBD fuzzing", () => {
   });
 });
 
-// Found by the fuzzer above (seeds 1 and 12345 before the fixes) and fixed in dmsetup/nbd/.
+// Found by the fuzzer above (seeds 1 and 12345 before the fixes) and fixed in nbd/.
 describe("NBD bugs the fuzzer found", () => {
   it("an unaligned offset above 2^53 bytes is refused, not rounded onto a sector boundary (parser.ts)", async () => {
     const c = await WireClient.connect(path.join(dir, "nbd.sock"), "fz-zero");

@@ -1,5 +1,5 @@
 /**
- * Zero-copy READ replies (core/file-ranges.ts, dmsetup/nbd/reply-writer.ts): large reads of
+ * Zero-copy READ replies (core/file-ranges.ts, nbd/reply-writer.ts): large reads of
  * file-backed devices leave by sendfile(2) from the page cache. Every test checks the bytes the
  * client receives, and the connection's zeroCopyBytes (logged at disconnect) to know which path
  * they took.
@@ -14,7 +14,7 @@ import type { MemoryLogger } from "../../core/logger.js";
 import { requestHeader, WireClient } from "../support/nbd-client.js";
 import { type NamedBacking, pattern } from "../support/memory-backing.js";
 import { type WireServer, startWireServer, stopWireServer } from "../support/wire-server.js";
-import { Cmd } from "../../dmsetup/nbd/protocol.js";
+import { Cmd } from "../../nbd/protocol.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -12,7 +12,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { FileDevice } from "../../core/devices/file-device.js";
-import { NbdServer, deviceMapperExports } from "../../dmsetup/nbd/server.js";
+import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
 import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
 
 const MiB = 1024 * 1024;

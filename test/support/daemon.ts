@@ -9,8 +9,8 @@ import os from "node:os";
 import path from "node:path";
 
 const root = path.resolve(__dirname, "../..");
-export const UDMD = path.join(root, "dist/dmsetup/udmd.js");
-export const UDMSETUP = path.join(root, "dist/dmsetup/udmsetup.js");
+export const UDMD = path.join(root, "dist/dmsetup/bin/udmd.js");
+export const UDMSETUP = path.join(root, "dist/dmsetup/bin/udmsetup.js");
 
 export interface RunningDaemon {
   dir: string;

@@ -3,7 +3,7 @@
  * instead of a path, e.g. `0 100 linear mem0 0`.
  */
 import type { BlockDevice } from "../../core/devices/block-device.js";
-import type { BackingDevices } from "../../core/device-manager.js";
+import type { BackingDevices } from "../../core/devices/shared-devices.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
 import { createDeviceMapper } from "../../index.js";

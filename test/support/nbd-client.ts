@@ -9,7 +9,7 @@
  */
 import net from "node:net";
 import { expect } from "vitest";
-import { Cmd, Opt, Rep } from "../../dmsetup/nbd/protocol.js";
+import { Cmd, Opt, Rep } from "../../nbd/protocol.js";
 import { ByteQueue } from "./byte-queue.js";
 
 export interface ConnectOptions {

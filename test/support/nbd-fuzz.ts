@@ -20,7 +20,7 @@
  *   a fatal option, ABORT or NBD_CMD_DISC).
  */
 import net from "node:net";
-import { Cmd, CmdFlags, MAX_OPTION_LENGTH, MAX_PAYLOAD, NbdErrno, Opt, Rep, TransmissionFlags } from "../../dmsetup/nbd/protocol.js";
+import { Cmd, CmdFlags, MAX_OPTION_LENGTH, MAX_PAYLOAD, NbdErrno, Opt, Rep, TransmissionFlags } from "../../nbd/protocol.js";
 import { ByteQueue } from "./byte-queue.js";
 import { optionRequest, u16, u32 } from "./nbd-client.js";
 import { Rng } from "./rng.js";

@@ -5,7 +5,7 @@
 import crypto from "node:crypto";
 
 // One generator for the package (the crash runner) and the tests.
-export { Rng } from "../../dmsetup/crash/rng.js";
+export { Rng } from "../crash/rng.js";
 
 /**
  * The seed for a test: `$<envName>` when set (decimal or 0x hex), else a fresh random one. The

@@ -9,7 +9,7 @@
  * flight per block, so the model is exact at every completion: a read of an own block (no write
  * to it in flight) or of a block that nobody writes through this device must equal the model.
  */
-import { CmdFlags } from "../../dmsetup/nbd/protocol.js";
+import { CmdFlags } from "../../nbd/protocol.js";
 import type { WireClient } from "./nbd-client.js";
 import type { Rng } from "./rng.js";
 

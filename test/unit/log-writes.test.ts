@@ -14,7 +14,7 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
-import { main as replayLogMain } from "../../dmsetup/replay-log.js";
+import { main as replayLogMain } from "../../dmsetup/bin/replay-log.js";
 import {
   LOG_DISCARD_FLAG,
   LOG_FLUSH_FLAG,
@@ -598,8 +598,8 @@ describe("udm-replay-log", () => {
     expect(await cli("--log", logFile, "--start-mark", "zzz")).toEqual({ code: 1, out: "", err: "Couldn't find starting mark\n" });
   });
 
-  it("runs as the built bin (dist/dmsetup/replay-log.js)", async () => {
-    const bin = path.resolve(__dirname, "../../dist/dmsetup/replay-log.js");
+  it("runs as the built bin (dist/dmsetup/bin/replay-log.js)", async () => {
+    const bin = path.resolve(__dirname, "../../dist/dmsetup/bin/replay-log.js");
     // `npm test` builds dist/ first.
     expect(fs.existsSync(bin), "dist/ missing: run `npm run build` (npm test does)").toBe(true);
     const { logFile, atMark } = await fileLog();

@@ -10,8 +10,8 @@ import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { setSendBuffer } from "../../core/ioctl.js";
-import { BufferPool } from "../../dmsetup/nbd/buffer-pool.js";
-import { ReceiveBuffer } from "../../dmsetup/nbd/receive-buffer.js";
+import { BufferPool } from "../../nbd/buffer-pool.js";
+import { ReceiveBuffer } from "../../nbd/receive-buffer.js";
 
 const KiB = 1024;
 

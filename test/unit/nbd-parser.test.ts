@@ -4,8 +4,8 @@
  */
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { HandshakeParser, RequestParser } from "../../dmsetup/nbd/parser.js";
-import { Cmd, type HandshakeMessage, NbdProtocolError, type NbdRequest, Opt } from "../../dmsetup/nbd/protocol.js";
+import { HandshakeParser, RequestParser } from "../../nbd/parser.js";
+import { Cmd, type HandshakeMessage, NbdProtocolError, type NbdRequest, Opt } from "../../nbd/protocol.js";
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ""), "hex");
 const IHAVEOPT = "49484156454f5054";

@@ -1,7 +1,7 @@
 /** The NBD serializer against byte-exact fixtures, and the bio status → NBD error mapping. */
 import { describe, expect, it } from "vitest";
-import { nbdErrorFor } from "../../dmsetup/nbd/exports.js";
-import { Info, NbdErrno, Rep } from "../../dmsetup/nbd/protocol.js";
+import { nbdErrorFor } from "../../nbd/exports.js";
+import { Info, NbdErrno, Rep } from "../../nbd/protocol.js";
 import {
   exportNameReply,
   greeting,
@@ -17,7 +17,7 @@ import {
   structuredNone,
   writeOffsetDataHeader,
   writeSimpleReplyHeader,
-} from "../../dmsetup/nbd/serializer.js";
+} from "../../nbd/serializer.js";
 
 const hex = (b: Buffer) => b.toString("hex");
 const bytes = (s: string) => s.replace(/\s+/g, "");

@@ -10,8 +10,8 @@ import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { FileRangeRead } from "../../core/file-ranges.js";
 import { dupFd } from "../../core/ioctl.js";
-import { BufferPool } from "../../dmsetup/nbd/buffer-pool.js";
-import { ReplyWriter } from "../../dmsetup/nbd/reply-writer.js";
+import { BufferPool } from "../../nbd/buffer-pool.js";
+import { ReplyWriter } from "../../nbd/reply-writer.js";
 import { pattern } from "../support/memory-backing.js";
 
 const MiB = 1024 * 1024;

@@ -5,11 +5,11 @@
  * handle; tables already holding the read-only one keep it until they are destroyed).
  */
 import fs from "node:fs/promises";
-import type { BlockDevice, OpenMode } from "./devices/block-device.js";
-import { openBackingDevice } from "./devices/open-device.js";
-import { DmError } from "./errors.js";
-import { Mutex } from "./mutex.js";
-import type { DeviceLookup } from "./services.js";
+import type { BlockDevice, OpenMode } from "./block-device.js";
+import { openBackingDevice } from "./open-device.js";
+import { DmError } from "../errors.js";
+import { Mutex } from "../mutex.js";
+import type { DeviceLookup } from "../services.js";
 
 /** A device that is another mapped device, stacked in-process. */
 export interface StackableDevice extends BlockDevice {
@@ -44,7 +44,7 @@ interface Entry {
   owners: Map<object, number>;
 }
 
-export class DeviceManager {
+export class SharedDevices {
   private readonly entries = new Map<string, Entry>();
   private readonly byDevice = new Map<BlockDevice, Entry>();
   /** Serialises acquire/release so two tables opening one device concurrently share it. */
@@ -170,7 +170,7 @@ export class TableDevices implements DeviceLookup {
   readonly deps: BlockDevice[] = [];
 
   constructor(
-    private readonly manager: DeviceManager,
+    private readonly manager: SharedDevices,
     private readonly readOnly: boolean,
     private readonly self?: BlockDevice,
   ) {}

@@ -7,11 +7,11 @@ import "reflect-metadata";
 import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import type { LogLevel } from "../core/logger.js";
-import { Daemon } from "./daemon/daemon.js";
-import { setUpDemo } from "./daemon/demo.js";
-import { AlreadyRunningError } from "./daemon/instance-lock.js";
-import { defaultRunDir, runPaths } from "./daemon/run-dir.js";
+import type { LogLevel } from "../../core/logger.js";
+import { Daemon } from "../daemon/daemon.js";
+import { setUpDemo } from "../daemon/demo.js";
+import { AlreadyRunningError } from "../daemon/instance-lock.js";
+import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 
 const USAGE = `Usage: udmd [options]
   --run-dir DIR          run directory (default $UDM_RUN_DIR, /run/udm as root, else $XDG_RUNTIME_DIR/udm)

@@ -8,8 +8,8 @@
  */
 import fs from "node:fs";
 import net from "node:net";
-import { type Logger, MemoryLogger } from "../../core/logger.js";
-import { dupFd, setSendBuffer } from "../../core/ioctl.js";
+import { type Logger, MemoryLogger } from "../core/logger.js";
+import { dupFd, setSendBuffer } from "../core/ioctl.js";
 import { socketFd } from "./socket-fd.js";
 import { BufferPool } from "./buffer-pool.js";
 import { type ConnectionSettings, NbdConnection } from "./connection.js";

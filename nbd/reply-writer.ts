@@ -21,9 +21,9 @@
  */
 import type { Socket } from "node:net";
 import fs from "node:fs";
-import type { FileRangeRead, FileRange } from "../../core/file-ranges.js";
-import { readFully } from "../../core/devices/fd-device.js";
-import { dupFd, sendFileAsync } from "../../core/ioctl.js";
+import type { FileRangeRead, FileRange } from "../core/file-ranges.js";
+import { readFully } from "../core/devices/fd-device.js";
+import { dupFd, sendFileAsync } from "../core/ioctl.js";
 import type { BufferPool } from "./buffer-pool.js";
 import { socketFd } from "./socket-fd.js";
 

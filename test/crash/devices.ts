@@ -16,7 +16,7 @@
 import { Bio, type BioEndIo, SECTOR_SIZE } from "../../core/bio.js";
 import type { BlockDevice, OpenMode } from "../../core/devices/block-device.js";
 import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
-import type { BackingDevices } from "../../core/device-manager.js";
+import type { BackingDevices } from "../../core/devices/shared-devices.js";
 
 export class CrashClock {
   now = 0;

@@ -2,8 +2,8 @@
  * What an export is to the NBD server: the device contract, where exports come from, how a
  * device's capabilities become transmission flags, and how bio statuses become NBD errors.
  */
-import { type BioSink, type BioStatus, SECTOR_SIZE } from "../../core/bio.js";
-import type { DeviceMapper } from "../../core/device-mapper.js";
+import { type BioSink, type BioStatus, SECTOR_SIZE } from "../core/bio.js";
+import type { DeviceMapper } from "../core/device-mapper.js";
 import { NbdErrno, TransmissionFlags } from "./protocol.js";
 
 /** What the server needs from an exported device. A MappedDevice satisfies it as is. */

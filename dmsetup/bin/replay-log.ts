@@ -15,10 +15,10 @@ import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import { fileURLToPath } from "node:url";
-import type { BlockDevice } from "../core/devices/block-device.js";
-import { openBackingDevice } from "../core/devices/open-device.js";
-import { LOG_FLUSH_FLAG, LOG_FUA_FLAG, LOG_MARK_FLAG, WRITE_LOG_VERSION, type LogEntry } from "../targets/log-writes/format.js";
-import { EntryReplayer, LogReader, deviceLogSource, shouldStop, syncDevice } from "../targets/log-writes/replay.js";
+import type { BlockDevice } from "../../core/devices/block-device.js";
+import { openBackingDevice } from "../../core/devices/open-device.js";
+import { LOG_FLUSH_FLAG, LOG_FUA_FLAG, LOG_MARK_FLAG, WRITE_LOG_VERSION, type LogEntry } from "../../targets/log-writes/format.js";
+import { EntryReplayer, LogReader, deviceLogSource, shouldStop, syncDevice } from "../../targets/log-writes/replay.js";
 
 export interface ReplayLogIo {
   out(text: string): void;

@@ -3,11 +3,11 @@
  * udmsetup: dmsetup's commands, arguments and output, against udmd.
  */
 import "reflect-metadata";
-import { DmError, strerror } from "../core/errors.js";
-import { CommandFailed, Commands, type Io } from "./cli/commands.js";
-import { connectDaemon, NoDaemonError } from "./cli/connect.js";
-import { parseCommandLine, UsageError } from "./cli/options.js";
-import { defaultRunDir, runPaths } from "./daemon/run-dir.js";
+import { DmError, strerror } from "../../core/errors.js";
+import { CommandFailed, Commands, type Io } from "../cli/commands.js";
+import { connectDaemon, NoDaemonError } from "../cli/connect.js";
+import { parseCommandLine, UsageError } from "../cli/options.js";
+import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 
 const USAGE = `Usage: udmsetup [--run-dir DIR] [--no-autostart] [--json] <command> [args]
 Commands (as dmsetup):
@@ -69,7 +69,7 @@ async function main(argv: string[]): Promise<number> {
       const udmd = fileURLToPath(new URL("./udmd.js", import.meta.url));
       return spawnSync(process.execPath, [udmd, "--run-dir", paths.dir, ...args], { stdio: "inherit" }).status ?? 1;
     }
-    const { startDaemon } = await import("./cli/connect.js");
+    const { startDaemon } = await import("../cli/connect.js");
     startDaemon(paths);
     return 0;
   }
