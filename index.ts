@@ -8,8 +8,15 @@ import { DeviceMapper, type DeviceMapperOptions } from "./core/device-mapper.js"
 import { Services } from "./core/services.js";
 import { WorkQueues } from "./core/work-queue.js";
 import { builtinTargets } from "./targets/index.js";
+import { defaultSnapshotParams, type SnapshotParams, SnapshotParamsToken } from "./targets/snapshot/params.js";
 
-export function createDeviceMapper(opts: DeviceMapperOptions = {}): DeviceMapper {
+export interface CreateDeviceMapperOptions extends DeviceMapperOptions {
+  /** The snapshot targets' module parameters (default: the kernel's). */
+  snapshot?: Partial<SnapshotParams>;
+}
+
+export function createDeviceMapper(opts: CreateDeviceMapperOptions = {}): DeviceMapper {
+  const snapshotParams: SnapshotParams = { ...defaultSnapshotParams, ...opts.snapshot };
   return new DeviceMapper({
     ...opts,
     targets: [...builtinTargets, ...(opts.targets ?? [])],
@@ -17,6 +24,7 @@ export function createDeviceMapper(opts: DeviceMapperOptions = {}): DeviceMapper
       const logger = opts.logger;
       container.register(Services.WorkQueues, { useValue: new WorkQueues({ logger }) });
       container.register(Services.Copier, { useValue: new Copier({ logger }) });
+      container.register(SnapshotParamsToken, { useValue: snapshotParams });
       opts.services?.(container);
     },
   });
@@ -41,4 +49,5 @@ export * from "./core/table-text.js";
 export * from "./core/target.js";
 export * from "./core/work-queue.js";
 export { builtinTargets } from "./targets/index.js";
+export type { SnapshotParams } from "./targets/snapshot/params.js";
 export * from "./core/devices/device-wrapper.js";

@@ -38,10 +38,17 @@ import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { MapResult, TargetError } from "../../core/target.js";
 import { pendingExceptionsDoneCount, whenPendingExceptionDone } from "./origin-registry.js";
-import { originMapWrite, originWrite, SnapshotTarget } from "./snapshot.js";
+import { originMapWrite, originWrite } from "./origin-write.js";
+import type { SnapshotParams } from "./params.js";
+import { SnapshotParamsToken } from "./params.js";
+import { SnapshotTarget } from "./snapshot.js";
 import type { TrackContext } from "./tracked-chunks.js";
 
-@target({ name: "snapshot-merge", version: [1, 5, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "snapshot-merge",
+  version: [1, 5, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger, SnapshotParamsToken],
+})
 export class SnapshotMergeTarget extends SnapshotTarget {
   override readonly isMerge: boolean = true;
 
@@ -57,8 +64,8 @@ export class SnapshotMergeTarget extends SnapshotTarget {
   /** Batches merged by this table (progress, tests). */
   mergedBatches = 0;
 
-  constructor(devices: DeviceLookup, copier: Copier, logger: Logger) {
-    super(devices, copier, logger);
+  constructor(devices: DeviceLookup, copier: Copier, logger: Logger, params: SnapshotParams) {
+    super(devices, copier, logger, params);
   }
 
   override async ctr(args: string[]): Promise<void> {

@@ -10,7 +10,8 @@ import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { type DeviceAreaCallback, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
 import { type Origin, originOf } from "./origin-registry.js";
-import { originMapWrite, originSettledSectors, type SnapshotTarget } from "./snapshot.js";
+import { originMapWrite, originSettledSectors } from "./origin-write.js";
+import type { SnapshotTarget } from "./snapshot.js";
 
 /** Split boundary with no snapshots: effectively none, but still a power of two (R21). */
 const NO_SPLIT = 2 ** 40;

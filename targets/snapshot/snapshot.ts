@@ -20,14 +20,17 @@ import { type DeviceLookup, Services } from "../../core/services.js";
 import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
 import { ExceptionTable } from "./exception-table.js";
 import { originOf, type Origin, type OriginSnapshot, pendingExceptionDone } from "./origin-registry.js";
+import { originRetry } from "./origin-write.js";
+import { type SnapshotParams, SnapshotParamsToken } from "./params.js";
 import { InOrderGate, PendingException } from "./pending.js";
 import { createExceptionStore, type ExceptionStore } from "./store.js";
 import { type TrackContext, TrackedChunks } from "./tracked-chunks.js";
 
-/** Chunks being copied per snapshot above which new writes wait (snapshot_cow_threshold). */
-export const cowThrottle = { threshold: 2048 };
-
-@target({ name: "snapshot", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "snapshot",
+  version: [1, 16, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger, SnapshotParamsToken],
+})
 export class SnapshotTarget extends Target<TrackContext> implements OriginSnapshot {
   origin!: BlockDevice;
   cow!: BlockDevice;
@@ -61,8 +64,14 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     private readonly devices: DeviceLookup,
     private readonly copier: Copier,
     protected readonly logger: Logger,
+    private readonly params: SnapshotParams,
   ) {
     super();
+  }
+
+  /** More copies in progress than the COW threshold allows: new writes wait (dm-snap.c: wait_for_in_progress). */
+  get copyThrottled(): boolean {
+    return this.inProgress > this.params.cowThreshold;
   }
 
   get chunkSize(): number {
@@ -277,7 +286,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       return MapResult.REMAPPED;
     }
     if (!this.valid) return MapResult.KILL;
-    if (bio.op !== "read" && this.inProgress > cowThrottle.threshold) {
+    if (bio.op !== "read" && this.copyThrottled) {
       // Too many copies in flight: park the write and map it again when one finishes.
       this.throttled.push(() => this.remapLater(bio, ctx));
       return MapResult.SUBMITTED;
@@ -442,10 +451,10 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
 
   private copyFinished(): void {
     this.inProgress--;
-    if (this.inProgress <= cowThrottle.threshold && this.throttled.length > 0) {
+    if (!this.copyThrottled && this.throttled.length > 0) {
       for (const retry of this.throttled.splice(0)) retry();
     }
-    if (this.inProgress <= cowThrottle.threshold && this.originEntry.throttled.length > 0) {
+    if (!this.copyThrottled && this.originEntry.throttled.length > 0) {
       for (const bio of this.originEntry.throttled.splice(0)) originRetry(this.originEntry, bio, true);
     }
   }
@@ -519,83 +528,4 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.origin, 0, this.len) === true;
   }
-}
-
-/**
- * The origin write path (`__origin_write`, §7.3): for every active, valid snapshot of the origin
- * (largest chunk first) make sure the chunk under `sector` is preserved. The bio waits on the
- * first pending exception that needs it and is retried when that completes. Returns REMAPPED
- * when nothing needs copying, SUBMITTED when the bio was queued.
- */
-export function originWrite(origin: Origin<SnapshotTarget>, sector: number, bio: Bio | null): MapResult {
-  let r: MapResult = MapResult.REMAPPED;
-  let waitOn: { snap: SnapshotTarget; pe: PendingException } | null = null;
-  const startNow: { snap: SnapshotTarget; pe: PendingException }[] = [];
-  for (const snap of origin.snapshots) {
-    if (snap.isMerge || !snap.valid || !snap.active || sector >= snap.len) continue;
-    const chunk = Math.floor(sector / snap.chunkSize);
-    const pe = snap.findOrAllocatePending(chunk, false);
-    if (!pe) continue;
-    r = MapResult.SUBMITTED;
-    if (bio) {
-      pe.originBios.push(bio);
-      bio = null;
-      if (!pe.started) {
-        pe.started = true;
-        waitOn = { snap, pe };
-      }
-    } else if (!pe.started) {
-      pe.started = true;
-      startNow.push({ snap, pe });
-    }
-  }
-  // The copy the bio waits on starts last, giving the others a head start (as the kernel does);
-  // copies of equal chunk size share one origin read.
-  const jobs = waitOn ? [...startNow, waitOn] : startNow;
-  if (jobs.length > 0) jobs[0]!.snap.startCopy(jobs);
-  return r;
-}
-
-/**
- * How many sectors of a write of `sectors` at origin sector `sector`, from its start, have
- * nothing to copy in any snapshot: for each snapshot originWrite would consider, every chunk they
- * touch already has a completed exception and none is pending. That part may go to the origin in
- * one piece, however many chunks it spans: splitting at chunk boundaries (the kernel's
- * max_io_len) only pays off where a chunk needs its copy first, and a 1 MiB write cut into 4 KiB
- * pieces costs 256 device writes. Stops at the first chunk that needs a copy (so a long write
- * is scanned once, piece by piece, not again from its start for every chunk).
- */
-export function originSettledSectors(origin: Origin<SnapshotTarget>, sector: number, sectors: number): number {
-  let settled = sectors;
-  for (const snap of origin.snapshots) {
-    if (snap.isMerge || !snap.valid || !snap.active || sector >= snap.len) continue;
-    const cs = snap.chunkSize;
-    const end = Math.min(sector + settled, snap.len);
-    for (let chunk = Math.floor(sector / cs); chunk * cs < end; chunk++) {
-      if (snap.pending.has(chunk) || snap.complete.lookup(chunk) < 0) {
-        settled = Math.max(0, chunk * cs - sector);
-        break;
-      }
-    }
-    if (settled === 0) return 0;
-  }
-  return settled;
-}
-
-/**
- * Origin writes: wait out COW throttling (limit), then originWrite; submit if nothing to copy.
- * (snapshot-origin sends a settled multi-chunk write straight to the device, unthrottled: it
- * starts no copy.)
- */
-export function originRetry(origin: Origin<SnapshotTarget>, bio: Bio, limit: boolean): void {
-  const r = originMapWrite(origin, bio, limit);
-  if (r === MapResult.REMAPPED) bio.device!.submit(bio);
-}
-
-export function originMapWrite(origin: Origin<SnapshotTarget>, bio: Bio, limit: boolean): MapResult {
-  if (limit && origin.snapshots.some((s) => s.inProgress > cowThrottle.threshold)) {
-    origin.throttled.push(bio);
-    return MapResult.SUBMITTED;
-  }
-  return originWrite(origin, bio.sector, bio);
 }

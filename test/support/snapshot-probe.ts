@@ -18,6 +18,7 @@ import type { Copier } from "../../core/copier.js";
 import type { Logger } from "../../core/logger.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
+import { type SnapshotParams, SnapshotParamsToken } from "../../targets/snapshot/params.js";
 
 export class Probe {
   /** Every access as "get x" / "set x", with a running index. */
@@ -56,10 +57,14 @@ export function probeOf(t: unknown): Probe {
   return p;
 }
 
-@target({ name: "snapshot-probe", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "snapshot-probe",
+  version: [1, 16, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger, SnapshotParamsToken],
+})
 export class ProbeSnapshot extends SnapshotTarget {
-  constructor(devices: DeviceLookup, copier: Copier, logger: Logger) {
-    super(devices, copier, logger);
+  constructor(devices: DeviceLookup, copier: Copier, logger: Logger, params: SnapshotParams) {
+    super(devices, copier, logger, params);
     const probe = new Probe();
     const proxy = new Proxy(this, {
       get(t, prop, receiver) {

@@ -49,6 +49,8 @@ export interface RigOptions {
   seed?: number;
   /** Options of the origin's ControlledDevice (e.g. a volatile write cache). */
   originOptions?: ControlledDeviceOptions;
+  /** The snapshot targets' COW threshold (copies in flight per snapshot before writes wait). */
+  cowThreshold?: number;
 }
 
 export interface Rig {
@@ -76,7 +78,7 @@ export function cowSectorsFor(cs: number, chunks: number): number {
 export async function snapshotRig(opts: RigOptions): Promise<Rig> {
   const backing = new NamedBacking();
   const logger = new MemoryLogger();
-  const dm = createDeviceMapper({ backing, logger });
+  const dm = createDeviceMapper({ backing, logger, snapshot: { cowThreshold: opts.cowThreshold } });
   registerProbe(dm);
   const size = opts.originSectors;
   const origin = backing.add("origin", new ControlledDevice(size, { name: "origin", ...opts.originOptions }));

@@ -16,7 +16,7 @@ import { createDeviceMapper } from "../../index.js";
 import { areaLocation, exceptionsPerArea } from "../../targets/snapshot/cow-format.js";
 import { cowImageChunks, readCowImage } from "../../targets/snapshot/cow-image.js";
 import { ExceptionTable } from "../../targets/snapshot/exception-table.js";
-import { type SnapshotTarget, cowThrottle } from "../../targets/snapshot/snapshot.js";
+import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { type BioPredicate, ControlledDevice } from "../support/controlled-device.js";
 import { NamedBacking, pattern } from "../support/memory-backing.js";
 
@@ -67,10 +67,10 @@ interface World {
 
 const worlds: World[] = [];
 
-function world(): World {
+function world(opts: { cowThreshold?: number } = {}): World {
   const backing = new NamedBacking();
   const logger = new MemoryLogger();
-  const dm = createDeviceMapper({ backing, logger });
+  const dm = createDeviceMapper({ backing, logger, snapshot: { cowThreshold: opts.cowThreshold } });
   const w: World = {
     dm,
     backing,
@@ -124,9 +124,18 @@ interface Stack extends World {
   before: Buffer;
 }
 
-async function stack(opts: { originSectors?: number; cowSectors?: number; store?: string; cs?: number; features?: string } = {}): Promise<Stack> {
+interface StackOptions {
+  originSectors?: number;
+  cowSectors?: number;
+  store?: string;
+  cs?: number;
+  features?: string;
+  cowThreshold?: number;
+}
+
+async function stack(opts: StackOptions = {}): Promise<Stack> {
   const { originSectors = 2048, cowSectors = 4096, store = "P", cs = CS, features = "" } = opts;
-  const w = world();
+  const w = world({ cowThreshold: opts.cowThreshold });
   const origin = w.controlled("origin", originSectors);
   const cow = w.controlled("cow", cowSectors);
   const before = pattern(1, bytes(originSectors));
@@ -423,14 +432,8 @@ describe("origin registry (R6)", () => {
 // ---------------------------------------------------------------------------------------------
 
 describe("COW throttling (R16)", () => {
-  const saved = cowThrottle.threshold;
-  afterEach(() => {
-    cowThrottle.threshold = saved;
-  });
-
   it("R16: with threshold 2, stalled copies, queued origin and snapshot writes and a snapshot ctr in between, everything completes", async () => {
-    cowThrottle.threshold = 2;
-    const s = await stack();
+    const s = await stack({ cowThreshold: 2 });
     const held = s.cow.hold(isCopyWrite);
     const writes = Array.from({ length: 12 }, (_, c) => s.base.write(c * CS + 1, pattern(50 + c, 512)));
     const snapWrites = [s.snap.write(40 * CS + 2, pattern(70, 512)), s.snap.write(41 * CS, pattern(71, bytes(CS)))];
