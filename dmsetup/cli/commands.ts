@@ -10,17 +10,13 @@ import { parseTableText, type TargetSpec } from "../../core/table-text.js";
 import type { ControlClient } from "../control/client.js";
 import type { Op, RequestMap } from "../control/protocol.js";
 import { formatConcise, parseConcise } from "./concise.js";
-import {
-  formatDeps,
-  formatInfoColumns,
-  formatInfoLong,
-  formatLs,
-  formatTableLines,
-  formatTargets,
-  formatTree,
-  formatVersion,
-  toJson,
-} from "./format.js";
+import { formatDeps } from "./format/deps.js";
+import { formatInfoLong } from "./format/info.js";
+import { formatLs } from "./format/ls.js";
+import { formatInfoColumns } from "./format/report.js";
+import { formatTableLines, formatTargets, formatVersion } from "./format/table.js";
+import { toJson } from "./format/text.js";
+import { formatTree } from "./format/tree.js";
 import { type CliOptions, UsageError } from "./options.js";
 
 export interface Io {

@@ -4,19 +4,14 @@
  */
 import { describe, expect, it } from "vitest";
 import type { DeviceInfo } from "../../core/device-mapper.js";
-import {
-  formatDeps,
-  formatInfoColumns,
-  formatInfoLong,
-  formatLs,
-  formatTableLines,
-  formatTargets,
-  formatTree,
-  formatVersion,
-  parseTreeOptions,
-  toJson,
-  type GraphDevice,
-} from "../../dmsetup/cli/format.js";
+import type { GraphDevice } from "../../dmsetup/cli/format/dep-tree.js";
+import { formatDeps } from "../../dmsetup/cli/format/deps.js";
+import { formatInfoLong } from "../../dmsetup/cli/format/info.js";
+import { formatLs } from "../../dmsetup/cli/format/ls.js";
+import { formatInfoColumns } from "../../dmsetup/cli/format/report.js";
+import { formatTableLines, formatTargets, formatVersion } from "../../dmsetup/cli/format/table.js";
+import { toJson } from "../../dmsetup/cli/format/text.js";
+import { formatTree, parseTreeOptions } from "../../dmsetup/cli/format/tree.js";
 
 const info = (over: Partial<DeviceInfo> = {}): DeviceInfo => ({
   name: "vg-lv",

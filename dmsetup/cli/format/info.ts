@@ -1,0 +1,31 @@
+/** `dmsetup info` (the long form). */
+import type { DeviceInfo } from "../../../core/device-mapper.js";
+
+/** The kernel's default read-ahead for a new block device, in sectors. */
+export const DEFAULT_READ_AHEAD = 256;
+
+export interface InfoLongOptions {
+  noOpenCount?: boolean;
+  /** Sectors; null omits the line (libdm could not read it). Default 256. */
+  readAhead?: number | null;
+}
+
+/** `dmsetup info`: one block per device, labels padded to column 19, always a blank line after. */
+export function formatInfoLong(info: DeviceInfo & { deferredRemove?: boolean }, opts: InfoLongOptions = {}): string {
+  const readAhead = opts.readAhead === undefined ? DEFAULT_READ_AHEAD : opts.readAhead;
+  const tables = [info.livePresent && "LIVE", info.inactivePresent && "INACTIVE"].filter(Boolean).join(" & ");
+  let s = `Name:              ${info.name}\n`;
+  s += `State:             ${info.suspended ? "SUSPENDED" : "ACTIVE"}`;
+  s += `${info.readOnly ? " (READ-ONLY)" : ""}${info.deferredRemove ? " (DEFERRED REMOVE)" : ""}\n`;
+  if (readAhead !== null) s += `Read Ahead:        ${readAhead}\n`;
+  s += `Tables present:    ${tables || "None"}\n`;
+  if (!opts.noOpenCount) s += `Open count:        ${info.openCount}\n`;
+  s += `Event number:      ${info.eventNr}\n`;
+  s += `Major, minor:      ${info.major}, ${info.minor}\n`;
+  // The kernel's target_count: the live table's (0 without one), or the inactive one's with
+  // --inactive; DeviceInfo.targetCount already is that. libdm reports -1 for "unknown".
+  if (info.targetCount >= 0) s += `Number of targets: ${info.targetCount}\n`;
+  // Not aligned with the other labels: dmsetup prints "UUID: %s".
+  if (info.uuid) s += `UUID: ${info.uuid}\n`;
+  return `${s}\n`;
+}
