@@ -31,25 +31,9 @@ export const BLKSSZGET = _IO(0x12, 104);
 export const BLKDISCARD = _IO(0x12, 119);
 /** _IO(0x12, 127) = 0x127f: zero a byte range (u64[2] in), never unmapping. */
 export const BLKZEROOUT = _IO(0x12, 127);
-/** 0x4C00: bind the loop device to the file descriptor passed as the argument. */
-export const LOOP_SET_FD = 0x4c00;
-/** 0x4C01: unbind (or, while others hold it open, mark for autoclear). */
-export const LOOP_CLR_FD = 0x4c01;
-/** 0x4C04: set struct loop_info64 (flags, name) after LOOP_SET_FD. */
-export const LOOP_SET_STATUS64 = 0x4c04;
-/** 0x4C0A (Linux 5.8+): LOOP_SET_FD + LOOP_SET_STATUS64 in one atomic step. */
-export const LOOP_CONFIGURE = 0x4c0a;
-/** 0x4C82, on /dev/loop-control: returns the number of a free loop device (allocating one). */
-export const LOOP_CTL_GET_FREE = 0x4c82;
-
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
-
-export const LO_FLAGS_READ_ONLY = 1;
-export const LO_FLAGS_AUTOCLEAR = 4;
-export const LO_FLAGS_PARTSCAN = 8;
-export const LO_FLAGS_DIRECT_IO = 16;
 
 // ---- errors ----
 
@@ -99,38 +83,11 @@ export function lastErrno(): number {
 
 // ---- libc binding ----
 
-/** struct loop_info64 (linux/loop.h), 232 bytes. */
-const LoopInfo64 = koffi.struct({
-  lo_device: "uint64_t",
-  lo_inode: "uint64_t",
-  lo_rdevice: "uint64_t",
-  lo_offset: "uint64_t",
-  lo_sizelimit: "uint64_t",
-  lo_number: "uint32_t",
-  lo_encrypt_type: "uint32_t",
-  lo_encrypt_key_size: "uint32_t",
-  lo_flags: "uint32_t",
-  lo_file_name: koffi.array("uint8_t", 64),
-  lo_crypt_name: koffi.array("uint8_t", 64),
-  lo_encrypt_key: koffi.array("uint8_t", 32),
-  lo_init: koffi.array("uint64_t", 2),
-});
-
-/** struct loop_config (linux/loop.h), 304 bytes. */
-const LoopConfig = koffi.struct({
-  fd: "uint32_t",
-  block_size: "uint32_t",
-  info: LoopInfo64,
-  __reserved: koffi.array("uint64_t", 8),
-});
-
 type Fn = ReturnType<ReturnType<typeof koffi.load>["func"]>;
 
-interface Libc {
+export interface Libc {
   ioctlPtr: Fn;
   ioctlInt: Fn;
-  ioctlLoopConfig: Fn;
-  ioctlLoopInfo: Fn;
   fallocate: Fn;
   pwritev2: Fn;
   fcntlInt: Fn;
@@ -142,13 +99,14 @@ interface Libc {
 
 let libc: Libc | null = null;
 
+export function libcTable(): Libc {
+  return bind();
+}
+
 function bind(): Libc {
   if (libc) return libc;
   if (process.platform !== "linux" || process.arch !== "x64") {
     throw new Error(`udm syscall bindings support Linux x86_64 only (this is ${process.platform}/${process.arch})`);
-  }
-  if (koffi.sizeof(LoopInfo64) !== 232 || koffi.sizeof(LoopConfig) !== 304) {
-    throw new Error("udm: unexpected struct loop_info64/loop_config layout");
   }
   const lib = koffi.load("libc.so.6");
   // ioctl is variadic, but koffi cannot call variadic functions asynchronously. On x86_64 a fixed
@@ -157,8 +115,6 @@ function bind(): Libc {
   libc = {
     ioctlPtr: lib.func("ioctl", "int", ["int", "unsigned long", "void *"]),
     ioctlInt: lib.func("ioctl", "int", ["int", "unsigned long", "unsigned long"]),
-    ioctlLoopConfig: lib.func("ioctl", "int", ["int", "unsigned long", koffi.pointer(LoopConfig)]),
-    ioctlLoopInfo: lib.func("ioctl", "int", ["int", "unsigned long", koffi.pointer(LoopInfo64)]),
     fallocate: lib.func("fallocate", "int", ["int", "int", "int64_t", "int64_t"]),
     pwritev2: lib.func("pwritev2", "int64_t", ["int", "void *", "int", "int64_t", "int"]),
     // fcntl is variadic; like ioctl above, a fixed int prototype is safe on x86_64.
@@ -172,7 +128,7 @@ function bind(): Libc {
   return libc;
 }
 
-function check(ret: number, syscall: string, what?: string): number {
+export function check(ret: number, syscall: string, what?: string): number {
   if (ret < 0) throw new SyscallError(syscall, lastErrno(), what);
   return ret;
 }
@@ -182,7 +138,7 @@ const MAX_ASYNC = 64;
 let asyncRunning = 0;
 const asyncQueue: (() => void)[] = [];
 
-function callAsync(fn: Fn, args: unknown[], syscall: string, what: string): Promise<number> {
+export function callAsync(fn: Fn, args: unknown[], syscall: string, what: string): Promise<number> {
   return new Promise((resolve, reject) => {
     const start = () => {
       asyncRunning++;
@@ -253,75 +209,6 @@ export function fallocate(fd: number, mode: number, offset: number, length: numb
 
 export async function fallocateAsync(fd: number, mode: number, offset: number, length: number): Promise<void> {
   await callAsync(bind().fallocate, [fd, mode, offset, length], "fallocate", `mode=${mode}`);
-}
-
-// ---- loop devices ----
-
-export interface LoopInfo {
-  /** LO_FLAGS_* bits. */
-  flags?: number;
-  /** Recorded for `losetup -l` display; truncated to 63 bytes. */
-  fileName?: string;
-  /** Byte offset into the backing file. */
-  offset?: number;
-  /** Size limit in bytes, 0 = whole file. */
-  sizeLimit?: number;
-}
-
-function loopInfo64(info: LoopInfo): Record<string, unknown> {
-  const name = new Uint8Array(64);
-  name.set(Buffer.from(info.fileName ?? "").subarray(0, 63));
-  return {
-    lo_device: 0,
-    lo_inode: 0,
-    lo_rdevice: 0,
-    lo_offset: info.offset ?? 0,
-    lo_sizelimit: info.sizeLimit ?? 0,
-    lo_number: 0,
-    lo_encrypt_type: 0,
-    lo_encrypt_key_size: 0,
-    lo_flags: info.flags ?? 0,
-    lo_file_name: Array.from(name),
-    lo_crypt_name: new Array(64).fill(0),
-    lo_encrypt_key: new Array(32).fill(0),
-    lo_init: [0, 0],
-  };
-}
-
-/** On an fd of /dev/loop-control: the number N of a free /dev/loopN. */
-export function loopCtlGetFree(controlFd: number): number {
-  return check(bind().ioctlInt(controlFd, LOOP_CTL_GET_FREE, 0), "ioctl", "LOOP_CTL_GET_FREE");
-}
-
-/**
- * Bind loop device `loopFd` to backing file `backingFd`. Uses LOOP_CONFIGURE; kernels before 5.8
- * reject it with EINVAL, and then LOOP_SET_FD + LOOP_SET_STATUS64 does the same in two steps.
- */
-export function loopConfigure(loopFd: number, backingFd: number, info: LoopInfo = {}, blockSize = 0): void {
-  const config = { fd: backingFd, block_size: blockSize, info: loopInfo64(info), __reserved: new Array(8).fill(0) };
-  if (bind().ioctlLoopConfig(loopFd, LOOP_CONFIGURE, config) === 0) return;
-  const errnum = lastErrno();
-  if (errnum !== koffi.os.errno.EINVAL && errnum !== koffi.os.errno.ENOTTY) {
-    throw new SyscallError("ioctl", errnum, "LOOP_CONFIGURE");
-  }
-  if (blockSize !== 0) throw new SyscallError("ioctl", errnum, "LOOP_CONFIGURE (block size needs Linux 5.8+)");
-  loopSetFdLegacy(loopFd, backingFd, info);
-}
-
-/** The pre-5.8 two-step bind. Not atomic: the device briefly exists with default status. */
-export function loopSetFdLegacy(loopFd: number, backingFd: number, info: LoopInfo = {}): void {
-  const lc = bind();
-  check(lc.ioctlInt(loopFd, LOOP_SET_FD, backingFd), "ioctl", "LOOP_SET_FD");
-  if (lc.ioctlLoopInfo(loopFd, LOOP_SET_STATUS64, loopInfo64(info)) !== 0) {
-    const err = new SyscallError("ioctl", lastErrno(), "LOOP_SET_STATUS64");
-    lc.ioctlInt(loopFd, LOOP_CLR_FD, 0);
-    throw err;
-  }
-}
-
-/** Unbind a loop device (deferred by the kernel until the last opener closes it). */
-export function loopClrFd(loopFd: number): void {
-  check(bind().ioctlInt(loopFd, LOOP_CLR_FD, 0), "ioctl", "LOOP_CLR_FD");
 }
 
 // ---- memory ----

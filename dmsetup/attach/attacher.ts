@@ -3,7 +3,7 @@
  *
  * With the kernel's nbd module (/dev/nbd0 exists) a /dev/nbdN is connected to the device's NBD
  * export (kernel-nbd.ts). Otherwise the export becomes a file through nbdfuse and a loop device
- * is bound to that file (nbdfuse.ts, core/devices/loop-device.ts). Either way `$devDir/NAME`
+ * is bound to that file (nbdfuse.ts, loop-device.ts). Either way `$devDir/NAME`
  * (default /dev/udm/NAME) is a symlink to the kernel device, so that with devDir=/dev/mapper on a
  * machine without kernel device-mapper, scripts written for dmsetup find their devices.
  *
@@ -14,13 +14,13 @@
 import fs from "node:fs";
 import path from "node:path";
 import type { DeviceMapper } from "../../core/device-mapper.js";
-import { createLoopDevice, loopDeviceUnavailableReason } from "../../core/devices/loop-device.js";
 import { DmError, STRERROR } from "../../core/errors.js";
 import type { Logger } from "../../core/logger.js";
 import type { MappedDevice } from "../../core/mapped-device.js";
 import { Mutex } from "../../core/mutex.js";
 import type { DaemonHooks } from "../control/server.js";
 import { connectKernelNbd, kernelNbdAvailable } from "./kernel-nbd.js";
+import { createLoopDevice, loopDeviceUnavailableReason } from "./loop-device.js";
 import { mountNbdfuse } from "./nbdfuse.js";
 
 export interface AttacherOptions {

@@ -14,19 +14,16 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import koffi from "koffi";
+import { type Devno, decodeDevno } from "../../core/devices/kernel-block-device.js";
 import {
   LO_FLAGS_AUTOCLEAR,
   LO_FLAGS_READ_ONLY,
-  LOOP_CLR_FD,
-  LOOP_CONFIGURE,
-  lastErrno,
   loopClrFd,
+  loopClrFdAsync,
+  loopConfigure,
   loopCtlGetFree,
   loopSetFdLegacy,
-  SyscallError,
-} from "../ioctl.js";
-import { type Devno, decodeDevno } from "./kernel-block-device.js";
+} from "./loop-ioctl.js";
 
 export const LOOP_CONTROL = "/dev/loop-control";
 
@@ -100,7 +97,7 @@ export async function createLoopDevice(file: string, opts: LoopOptions = {}): Pr
       try {
         const flags = LO_FLAGS_AUTOCLEAR | (opts.readOnly ? LO_FLAGS_READ_ONLY : 0);
         if (opts.legacy) loopSetFdLegacy(fd, backing.fd, { flags, fileName: abs });
-        else await loopConfigureAsync(fd, backing.fd, flags, abs, opts.blockSize ?? 0);
+        else await loopConfigure(fd, backing.fd, { flags, fileName: abs }, opts.blockSize ?? 0);
       } catch (err) {
         fs.closeSync(fd);
         if ((err as NodeJS.ErrnoException).code === "EBUSY" && attempt < 10) continue;
@@ -122,41 +119,6 @@ async function detachFd(fd: number, writable: boolean): Promise<void> {
   // rundown, the kernel fails its I/O.
   if (writable) await new Promise<void>((resolve) => fs.fsync(fd, () => resolve()));
   attached.delete(fd);
-  await ioctlAsync(fd, LOOP_CLR_FD, null, "LOOP_CLR_FD").catch(() => undefined); // ENXIO: already unbound
+  await loopClrFdAsync(fd).catch(() => undefined); // ENXIO: already unbound
   await new Promise<void>((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-// ---- the loop ioctls on the thread pool ----
-
-let ioctlPtr: ReturnType<ReturnType<typeof koffi.load>["func"]> | null = null;
-
-function ioctlAsync(fd: number, request: number, arg: Buffer | null, name: string): Promise<void> {
-  ioctlPtr ??= koffi.load("libc.so.6").func("ioctl", "int", ["int", "unsigned long", "void *"]);
-  return new Promise((resolve, reject) => {
-    ioctlPtr!.async(fd, request, arg, (err: unknown, ret: number) => {
-      if (err) reject(err);
-      else if (ret < 0) reject(new SyscallError("ioctl", lastErrno(), name));
-      else resolve();
-    });
-  });
-}
-
-/**
- * LOOP_CONFIGURE with a struct loop_config (304 bytes: fd, block_size, struct loop_info64 at 8
- * with lo_flags at +52 and lo_file_name at +56). Before Linux 5.8 (EINVAL/ENOTTY) the two-step
- * legacy bind does the same.
- */
-async function loopConfigureAsync(loopFd: number, backingFd: number, flags: number, fileName: string, blockSize: number): Promise<void> {
-  const config = Buffer.alloc(304);
-  config.writeUInt32LE(backingFd, 0);
-  config.writeUInt32LE(blockSize, 4);
-  config.writeUInt32LE(flags, 8 + 52);
-  Buffer.from(fileName).subarray(0, 63).copy(config, 8 + 56);
-  try {
-    await ioctlAsync(loopFd, LOOP_CONFIGURE, config, "LOOP_CONFIGURE");
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if ((code !== "EINVAL" && code !== "ENOTTY") || blockSize !== 0) throw err;
-    loopSetFdLegacy(loopFd, backingFd, { flags, fileName });
-  }
 }

@@ -1,6 +1,6 @@
 /**
  * Loop devices and sparse backing files for tests that need real kernel block devices (root).
- * The loop-device helper itself lives in the package (core/devices/loop-device.ts); this module
+ * The loop-device helper itself lives in the package (dmsetup/attach/loop-device.ts); this module
  * re-exports it and adds sparse files that an exit handler removes if a test leaks them.
  */
 import fs from "node:fs";
@@ -13,7 +13,7 @@ export {
   type LoopDevice,
   loopDeviceUnavailableReason,
   type LoopOptions,
-} from "../../core/devices/loop-device.js";
+} from "../../dmsetup/attach/loop-device.js";
 
 const tempDirs = new Set<string>();
 let exitHookInstalled = false;
