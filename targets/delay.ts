@@ -1,6 +1,6 @@
 /**
  * delay: hold bios for a fixed time before passing them on, optionally to different devices per
- * direction (dm-delay.c, dm-reference §7.9).
+ * direction (dm-delay.c; docs/targets.md).
  *
  * `<dev> <offset> <delay> [<write_dev> <write_offset> <write_delay> [<flush_dev> <flush_offset>
  * <flush_delay>]]`, offsets in sectors, delays in milliseconds of the injected Clock. With 3

@@ -1,6 +1,6 @@
 /**
  * dust: a linear mapping whose listed "bad" blocks fail reads, emulating a disk that reports read
- * medium errors (dm-dust.c, dm-reference §7.11).
+ * medium errors (dm-dust.c).
  *
  * `<dev> <offset> <blksz>`, blksz in bytes (a power of two, at least 512, at most the target length
  * and 1 GiB). Bad blocks are numbered in blksz units of the underlying device (remapped sector /

@@ -1,5 +1,5 @@
 /**
- * error: every read and write fails with EIO (dm-target.c io_err, §7.4). It is the wildcard
+ * error: every read and write fails with EIO (dm-target.c: io_err_map). It is the wildcard
  * target: `remove --force` and `wipe_table` swap it in for any table, even an immutable one.
  */
 import { deviceLookupError, parseSector } from "../core/args.js";

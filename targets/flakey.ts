@@ -1,5 +1,5 @@
 /**
- * flakey: a linear mapping that is periodically unreliable (dm-flakey.c, dm-reference §7.8).
+ * flakey: a linear mapping that is periodically unreliable (dm-flakey.c; docs/targets.md).
  *
  * `<dev> <offset> <up interval> <down interval> [<#feature args> [<arg>]*]`, intervals in seconds
  * of the injected Clock, counted from construction. During an up interval the target is linear.

@@ -1,5 +1,5 @@
 /**
- * linear: map a range onto a contiguous range of another device (dm-linear.c, dm-reference §7.1).
+ * linear: map a range onto a contiguous range of another device (dm-linear.c).
  * The model target: parse and check the arguments, open the device, remap in one line.
  */
 import { deviceLookupError, parseSector } from "../core/args.js";

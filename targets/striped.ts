@@ -1,5 +1,5 @@
 /**
- * striped: spread chunks round-robin over N devices (dm-stripe.c, dm-reference §7.2).
+ * striped: spread chunks round-robin over N devices (dm-stripe.c).
  */
 import { deviceLookupError, parseSector, parseUnsigned, UINT_MAX } from "../core/args.js";
 import { type Bio, BioFlags } from "../core/bio.js";

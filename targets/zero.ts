@@ -1,5 +1,5 @@
 /**
- * zero: reads return zeros, writes and discards succeed and are dropped (dm-zero.c, §7.3).
+ * zero: reads return zeros, writes and discards succeed and are dropped (dm-zero.c).
  */
 import type { Bio } from "../core/bio.js";
 import { BioFlags } from "../core/bio.js";

@@ -1,5 +1,5 @@
 /**
- * dmsetup's concise device format (dm-reference §6.3), used by `create --concise` and
+ * dmsetup's concise device format (lvm2 libdm/libdm-common.c and dmsetup.c: `--concise`), used by `create --concise` and
  * `table --concise`:
  *
  *   <name>,<uuid>,<minor>,<flags>,<table line>[,<table line>...][;<next device>...]

@@ -1,14 +1,14 @@
 /**
  * The control protocol between udmsetup and udmd: the userspace equivalent of the dm ioctls
- * (dm-reference §5.4). One JSON object per line in each direction over a unix socket:
+ * (include/uapi/linux/dm-ioctl.h). One JSON object per line in each direction over a unix socket:
  *
  *   request:  {"id": 7, "op": "load", "name": "vol", "table": [{"start":0,"length":8,"type":"zero","params":""}]}
  *   response: {"id": 7, "ok": true, "result": {...}}
  *          or {"id": 7, "ok": false, "errno": "EINVAL", "message": "linear: Invalid argument count"}
  *
  * `errno` is what the ioctl would return; `message` is the reason the kernel would log. Requests
- * on one connection may be pipelined; responses carry the request's id. docs/control-protocol.md
- * documents every operation.
+ * on one connection may be pipelined; responses carry the request's id. docs/cli.md ("The control
+ * protocol") lists the operations; `RequestMap` below is their exact shape.
  */
 import type { TargetSpec } from "../../core/table-text.js";
 

@@ -1,28 +1,11 @@
 /**
- * log-writes: `log-writes <dev> <log_dev>` (dm-log-writes.c 1.1.0, dm-reference §7.10).
+ * log-writes: `log-writes <dev> <log_dev>` (dm-log-writes.c 1.1.0).
  *
- * Maps every bio to <dev> unchanged and logs each write (with a copy of its data), flush, FUA
- * write, discard and `mark <name>` message onto <log_dev> in the format of ./format.ts, so that
- * replaying the log up to any entry reproduces what was *durable* on <dev> at that point:
- *
- * - a completed ordinary write (or discard) waits on the "unflushed" list;
- * - an empty flush takes over the unflushed list when it is mapped, and when it completes those
- *   writes and then the flush entry are logged: writes completed after the flush was mapped wait
- *   for the next flush (`W1,W2,W3,C3,C2,Wflush,C1,Cflush` logs W3,W2,flush and W1 later);
- * - a FUA write is logged as soon as it completes;
- * - a mark is logged when the message arrives (ahead of writes still waiting for a flush).
- *
- * As in the kernel a bio's completion status is not looked at (a failed write is logged too),
- * reads pass through, the data is copied at map time, and the sector is passed to <dev> and logged
- * without subtracting the line's start (the kernel target assumes it starts at sector 0).
- *
- * The log is written by one ordered work queue (the kernel's log-write kthread): entry i goes to
- * the next free log sectors, and after every FUA or MARK entry the super block is rewritten with
- * the current nr_entries (after the entries it counts have reached the log device: a little
- * stricter than the kernel, which only waits for the super's own write). dtr logs the remaining
- * unflushed writes and a final `dm-log-writes-end` mark. Running out of log space (an entry that
- * would reach the log device's last sector) or a failed log write disables logging for good;
- * data I/O carries on and the status line says `logging_disabled`.
+ * Maps every bio to <dev> unchanged and logs writes, flushes, FUA writes, discards and marks onto
+ * <log_dev> (format.ts) so that a replay up to any entry gives what was durable on <dev> then. The
+ * ordering rules (which writes a flush entry covers, when the super block is rewritten) are in
+ * docs/targets.md, "log-writes"; the log is written by one ordered work queue (the kernel's
+ * log-write kthread).
  */
 import { deviceLookupError } from "../../core/args.js";
 import { Bio, BioError, SECTOR_SHIFT, submitAndWait } from "../../core/bio.js";

@@ -1,5 +1,5 @@
 /**
- * The persistent snapshot's on-disk format (snapshot-design §4), byte-compatible with the kernel's
+ * The persistent snapshot's on-disk format (dm-snap-persistent.c: `struct disk_header`, `struct disk_exception`), byte-compatible with the kernel's
  * dm-snap-persistent: a header chunk, then metadata areas of 16-byte little-endian records at
  * chunks 1 + k·(E+1), each followed by the E data chunks it describes. Pure helpers, no I/O: the
  * store and the COW image reader share them.

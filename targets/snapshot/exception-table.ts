@@ -1,45 +1,11 @@
 /**
  * The complete-exception table of one snapshot: origin chunk (old) → COW chunk (new).
- * snapshot-design §2 (tables, run compression, sizing, B2), §9.1/§4.9 (merge removes run ends), R5, R22.
+ * (dm-snap.c: dm_exception_table_init, dm_insert_exception, dm_consecutive_chunk_count; races R5,
+ * R22 and bug B2 in docs/snapshot.md).
  *
- * The kernel keeps a chained hash of 32+ byte `dm_exception` objects and compresses runs (old and
- * new both consecutive, never crossing a 256-chunk-aligned boundary of old) into one entry with an
- * 8-bit count. A JS object per exception would cost far more than that, so this table stores
- * everything in one typed array and compresses runs with an equivalent, lookup-friendly scheme:
- *
- * **Aligned blocks.** The mapping is stored as blocks: a block of level j (0 ≤ j ≤ 8) covers the
- * 2^j old chunks [s, s + 2^j) with s aligned to 2^j, mapped to the new chunks [n, n + 2^j) (n need
- * not be aligned). Two sibling blocks (the halves of one aligned 2^(j+1) range) whose new ranges
- * are consecutive are always merged into their parent, so the representation is canonical: a block
- * exists iff its whole range is mapped consecutively and its parent's is not. Level 8 is the top,
- * so, as in the kernel, nothing ever spans a 256-aligned boundary. A sequential run of 256 aligned
- * chunks is one entry; any run of length L costs at most 2·log2(L) entries; random exceptions cost
- * one entry each.
- *
- * Why blocks and not the kernel's (start, count) runs: to find the run holding chunk c the kernel
- * scans every run of c's 256-chunk group (all in one bucket). With aligned blocks the only candidate
- * starts for c are c with its low j bits cleared, one exact hash probe per level, and only levels
- * that hold a block at all are probed, so a lookup costs ≤ 9 probes whatever the density, and 1
- * for purely random or purely sequential tables.
- *
- * **Runs, as seen from outside** (remove's middle check, forEach) are the maximal runs inside a
- * 256-chunk group: maximal sets of consecutive old chunks with consecutive new chunks. The kernel's
- * runs depend on insertion order (filling the gap between two runs extends only one of them), ours
- * do not. Every kernel run lies inside one of ours, so removal errors are a superset of the
- * kernel's; they coincide in the real merge order (§4.9: merge always removes the chunk with the
- * highest remaining new chunk, which cannot be inside a run since that run would need a higher one).
- *
- * **Hash table.** Open addressing with linear probing and Robin Hood ordering (misses stop early
- * even at high load), backward-shift deletion (no tombstones), load factor ≤ 0.85, growth ×1.5 and
- * non-power-of-two capacities (the home slot is `hash · capacity / 2^32`). Keys and values are
- * interleaved in one array, so a hit reads one cache line. A slot is 8 bytes (Uint32Array) while
- * every old chunk is < 2^31 and every new chunk < 2^32; beyond that the table switches once to
- * Float64Array slots (16 bytes) and then takes any old chunk < 2^52 and any new chunk ≤ 2^53 − 1.
- * Between growths the load is 0.57–0.85, i.e. 9.4–14.1 bytes per random exception (narrow slots).
- *
- * **Key encoding.** Block (s, j) is stored under K = 2s + 2^j: the lowest set bit of K is the level,
- * K is never 0 (0 marks an empty slot, so fresh zeroed arrays need no fill), and K ≤ 2^32 − 1 iff
- * every chunk of the block is < 2^31.
+ * Stored as aligned blocks in one open-addressing hash table over a typed array, not as the
+ * kernel's chained hash of runs; docs/snapshot.md ("The exception table") explains the layout
+ * and why.
  */
 
 /** Highest block level: 2^8 = 256 chunks, the kernel's DM_CHUNK_CONSECUTIVE_BITS. */
@@ -199,7 +165,7 @@ export class ExceptionTable {
   }
 
   /**
-   * Drop the exception of one chunk after it was merged back into the origin (§9.1 step 8). Only
+   * Drop the exception of one chunk after it was merged back into the origin (step 4 of a merge batch, docs/snapshot.md "The merge loop"). Only
    * the first or last chunk of a run may go; anything else means the in-memory table and the
    * on-disk order disagree, reported with the kernel's wording. An unmapped chunk is the kernel's
    * "on disk but not in memory" corruption.

@@ -1,34 +1,10 @@
 /**
  * snapshot-merge: `snapshot-merge <origin> <cow> <P|PO> <chunk_size> [<#features> <feature>...]`
- * (snapshot-design §9, §10.2; dm-reference §7.7).
+ * (dm-snap.c: snapshot_merge_next_chunks, merge_callback; docs/snapshot.md).
  *
- * The table goes on the origin's device in place of snapshot-origin. At its first resume it takes
- * over the store of the snapshot still using that COW device (handover, §10.2), or, when none is
- * active (reactivation, e.g. after a crash), reads the metadata itself. From then on the device
- * reads as the snapshot, and a background loop copies the snapshot's chunks back onto the origin,
- * one batch at a time, newest record first (§9.1):
- *
- *  1. `prepareMerge`: the last record and how many consecutive ones precede it (one batch);
- *  2. every other snapshot of the origin preserves the batch's origin chunks first, and the merge
- *     waits until none of them has a pending exception left for the range (R9);
- *  3. the batch's chunks become the merging range: writes to any of them are held (R10); writes
- *     already sent to their COW copies (tracked) are waited for;
- *  4. copy COW → origin, then flush the origin, and only then commit the store's shortened record
- *     list (R20), drop the chunks from the exception table, and release the held writes to the
- *     origin.
- *
- * I/O to the device (`snapshot_merge_map`): chunks that still have an exception are read from and
- * written to the COW device, except writes inside the merging range, which are held; every other
- * chunk is the origin's, and writes to it make the *other* snapshots preserve it as any origin
- * write does. The merging snapshot itself never allocates an exception (origin writes skip it).
- *
- * Failures (read/write error of a batch, origin flush error, metadata write error, a corrupt
- * table) stop the merge with status `Merge failed` and fail the held writes; everything else keeps
- * working, and the records on disk still describe every chunk not yet merged.
- *
- * udm addition: the table raises an event (`udmsetup wait`) whenever the merge loop ends other than
- * by a suspend (finished, failed, or the snapshot is invalid); the kernel leaves userspace to poll
- * the status.
+ * The table replaces snapshot-origin on the origin's device and copies the snapshot's chunks back
+ * onto the origin in batches, newest record first; docs/snapshot.md ("The merge loop") gives the
+ * steps of a batch (numbered there and below), the I/O rules and the failure behaviour.
  */
 import { type Bio, flushBio, submitAndWait } from "../../core/bio.js";
 import type { Copier } from "../../core/copier.js";
@@ -249,7 +225,7 @@ export class SnapshotMergeTarget extends SnapshotTarget {
     return mustWait;
   }
 
-  // ---- I/O to the merging device (§9.2) ----
+  // ---- I/O to the merging device (dm-snap.c: snapshot_merge_map) ----
 
   override map(bio: Bio, ctx: TrackContext): MapResult {
     if (bio.op === "flush") {
@@ -278,7 +254,7 @@ export class SnapshotMergeTarget extends SnapshotTarget {
         bio.device = this.cow;
         bio.sector = copied * cs + (offset % cs);
         if (write) {
-          // A later batch covering this chunk waits for the write (§9.1 step 6).
+          // A later batch covering this chunk waits for the write (step 3 of a batch: tracked writes).
           this.tracked.track(chunk);
           ctx.chunk = chunk;
         }

@@ -1,5 +1,5 @@
 /**
- * Which snapshots belong to which origin (snapshot-design §1). Snapshot and snapshot-origin
+ * Which snapshots belong to which origin (dm-snap.c: `_origins`, `__lookup_origin`). Snapshot and snapshot-origin
  * targets find each other through the identity of the origin device they both open: the
  * SharedDevices shares one device object per underlying device, so that object is the key. The
  * list is kept sorted by chunk size, largest first: an origin write waits on the pending exception
@@ -21,7 +21,7 @@ export interface OriginSnapshot {
 
 export class Origin<S extends OriginSnapshot = OriginSnapshot> {
   readonly snapshots: S[] = [];
-  /** Origin writes parked by COW throttling, retried when copies finish (§7.7). */
+  /** Origin writes parked by COW throttling, retried when copies finish (dm-snap.c: wait_for_in_progress). */
   readonly throttled: Bio[] = [];
   /**
    * The table of the snapshot-origin target serving this origin, registered at its resume and

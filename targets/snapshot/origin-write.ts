@@ -10,7 +10,7 @@ import type { PendingException } from "./pending.js";
 import type { SnapshotTarget } from "./snapshot.js";
 
 /**
- * The origin write path (`__origin_write`, §7.3): for every active, valid snapshot of the origin
+ * The origin write path (dm-snap.c: __origin_write): for every active, valid snapshot of the origin
  * (largest chunk first) make sure the chunk under `sector` is preserved. The bio waits on the
  * first pending exception that needs it and is retried when that completes. Returns REMAPPED
  * when nothing needs copying, SUBMITTED when the bio was queued.

@@ -1,5 +1,5 @@
 /**
- * snapshot-origin: `snapshot-origin <origin_dev>` (snapshot-design §7.3, dm-reference §7.5).
+ * snapshot-origin: `snapshot-origin <origin_dev>` (dm-snap.c: origin_ctr, origin_map).
  * Reads and flushes go straight to the origin; a write first makes every snapshot of the origin
  * preserve the chunk it overwrites, and waits until they have.
  */

@@ -1,5 +1,5 @@
 /**
- * Pending exceptions (snapshot-design §7.4, §7.5): an origin chunk whose COW slot is allocated but
+ * Pending exceptions (dm-snap.c: `struct dm_snap_pending_exception`, pending_complete): an origin chunk whose COW slot is allocated but
  * whose copy and metadata commit have not finished. Writers that need the chunk preserved queue on
  * it: snapshot writes (`snapshotBios`, sent to the COW device once the copy is complete) and
  * origin writes (`originBios`, retried through the origin path once the exception is complete).

@@ -1,6 +1,6 @@
 /**
  * snapshot: `snapshot <origin> <cow> <P|PO|N> <chunk_size> [<#features> <feature>...]`
- * (snapshot-design §3, §7, §8; dm-reference §7.6).
+ * (dm-snap.c: snapshot_ctr, snapshot_map; docs/snapshot.md).
  *
  * Reads of chunks not yet copied go to the origin (tracked until they complete); everything else
  * goes to the COW device. A write to an un-copied chunk allocates a pending exception, copies the
@@ -51,7 +51,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   /** Pending exceptions alive; dtr waits for zero (R2, R14). */
   private alive = 0;
   private aliveWaiters: (() => void)[] = [];
-  /** Copies in progress, for COW throttling (§7.7). */
+  /** Copies in progress, for COW throttling (dm-snap.c: wait_for_in_progress). */
   inProgress = 0;
   private readonly throttled: (() => void)[] = [];
   protected copierClient!: CopierClient;
@@ -116,7 +116,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     }
     this.complete = new ExceptionTable({ cowChunks: Math.floor(this.cow.sizeSectors / Math.max(1, this.store.chunkSize || 32)) });
     this.originEntry = originOf<SnapshotTarget>(this.origin, true)!;
-    // Handover (§10.2): a new table on a COW device an active snapshot already owns becomes the
+    // Handover (dm-snap.c: __find_snapshots_sharing_cow, snapshot_preresume): a new table on a COW device an active snapshot already owns becomes the
     // destination of that snapshot's exception store; it does not read the metadata itself.
     const sharing = this.originEntry.snapshots.filter((s) => s.cow === this.cow);
     const source = sharing.find((s) => s.active);
@@ -278,7 +278,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     return { chunk: -1 };
   }
 
-  // ---- I/O to the snapshot device (§7.1) ----
+  // ---- I/O to the snapshot device (dm-snap.c: snapshot_map) ----
 
   map(bio: Bio, ctx: TrackContext): MapResult {
     if (bio.op === "flush") {

@@ -1,26 +1,10 @@
 /**
- * The persistent exception store ("P"/"PO", snapshot-design §4, dm-snap-persistent.c), writing
+ * The persistent exception store ("P"/"PO", dm-snap-persistent.c), writing
  * the kernel's on-disk format (cow-format.ts) so COW images are interchangeable with the kernel's.
  *
- * Commit protocol (§4.6) in Node terms. `commitException` is synchronous and only updates the
- * in-memory area and the batch; metadata writes are done by one async "commit writer" loop, one
- * job at a time, each job = (optionally) zero the next area, then write an area chunk with
- * PREFLUSH|FUA, then run the job's callbacks in commit order with the store's validity:
- *
- * - batching: a write is requested only when no prepared exception is still uncommitted
- *   (pendingCount == 0) or the area is full, exactly as the kernel;
- * - a full area is sealed at once (its buffer becomes the job; the store moves on to a fresh
- *   in-memory area), so the zero-next-then-write pair is never mixed with later records;
- * - while a write is in flight, further requests only mark the open area "write wanted": the next
- *   job snapshots the area when it starts and takes every callback committed so far, so all the
- *   commits that arrived during one write are acknowledged by a single following write + flush.
- *
- * Callbacks therefore never run inside `commitException`, always after the write that records
- * them, in commit order. Any metadata write error clears `valid`; from then on nothing more is
- * written and every callback reports failure (also when a caller commits with valid=false, R15).
- *
- * Header I/O (read at load, write at creation and `dropSnapshot`) runs on the store's own ordered
- * queue ("ksnaphd") from a separate header buffer, never behind the commit writer (R7, R8).
+ * Metadata is written by one async commit writer, one area write (PREFLUSH|FUA) at a time, and
+ * commit callbacks run after the write that records them, in commit order; docs/snapshot.md
+ * ("The persistent store's commit protocol") states the rules.
  */
 import { BioFlags } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
@@ -253,7 +237,7 @@ export class PersistentStore implements ExceptionStore {
     this.logger.warn("persistent snapshot: metadata write failed", { cow: this.cow.displayName, error: (err as Error).message });
   }
 
-  // ---- merge (§4.9) ----
+  // ---- merge (dm-snap-persistent.c: persistent_prepare_merge, persistent_commit_merge) ----
 
   async prepareMerge(): Promise<{ count: number; oldChunk: number; newChunk: number } | 0> {
     this.assertLoaded();

@@ -1,5 +1,5 @@
 /**
- * The transient exception store ("N", snapshot-design §5, dm-snap-transient.c): no metadata at
+ * The transient exception store ("N", dm-snap-transient.c): no metadata at
  * all. Data chunks are handed out from chunk 0 of the COW device; everything is forgotten when
  * the table goes. A chunk size of 0 stays 0, and the snapshot ctr then fails "Chunk size not set"
  * (bug B5).

@@ -1,5 +1,5 @@
 /**
- * The snapshot target's exception store interface (snapshot-design §3) and its constructor
+ * The snapshot target's exception store interface (dm-exception-store.h: `struct dm_exception_store_type`) and its constructor
  * (`dm_exception_store_create`): `<P|PO|N> <chunk_size>`.
  */
 import type { BlockDevice } from "../../core/devices/block-device.js";

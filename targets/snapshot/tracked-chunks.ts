@@ -1,5 +1,5 @@
 /**
- * Tracked chunks (snapshot-design §7.2): snapshot reads of un-copied chunks go to the origin, and
+ * Tracked chunks (dm-snap.c: track_chunk, __check_for_conflicting_io): snapshot reads of un-copied chunks go to the origin, and
  * an origin write to that chunk must not overwrite it until those reads have completed. Each such
  * read is counted per chunk from `map` to `endIo` (its per-bio map context remembers the chunk);
  * `whenUntracked` lets the exception-completion path wait for the count to drop to zero. The
