@@ -15,7 +15,7 @@ import type { Socket } from "node:net";
 import { Bio, type BioEndIo, BioFlags, type BioOp, SECTOR_SIZE } from "../core/bio.js";
 import type { Logger } from "../core/logger.js";
 import { FileRangeRead } from "../core/file-ranges.js";
-import { dupFd } from "../core/ioctl.js";
+import { dupFd } from "../core/sys/file.js";
 import type { BufferPool } from "./buffer-pool.js";
 import type { ReceiveBuffer } from "./receive-buffer.js";
 import { ReplyWriter } from "./reply-writer.js";

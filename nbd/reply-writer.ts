@@ -23,9 +23,9 @@ import type { Socket } from "node:net";
 import fs from "node:fs";
 import type { FileRangeRead, FileRange } from "../core/file-ranges.js";
 import { readFully } from "../core/devices/fd-device.js";
-import { dupFd, sendFileAsync } from "../core/ioctl.js";
+import { dupFd, sendFileAsync } from "../core/sys/file.js";
 import type { BufferPool } from "./buffer-pool.js";
-import { socketFd } from "./socket-fd.js";
+import { socketFd } from "../core/sys/socket.js";
 
 interface HeldBuffer {
   buf: Buffer;

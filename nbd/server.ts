@@ -9,8 +9,8 @@
 import fs from "node:fs";
 import net from "node:net";
 import { type Logger, MemoryLogger } from "../core/logger.js";
-import { dupFd, setSendBuffer } from "../core/ioctl.js";
-import { socketFd } from "./socket-fd.js";
+import { dupFd } from "../core/sys/file.js";
+import { setSendBuffer, socketFd } from "../core/sys/socket.js";
 import { BufferPool } from "./buffer-pool.js";
 import { type ConnectionSettings, NbdConnection } from "./connection.js";
 import type { ExportProvider } from "./exports.js";

@@ -9,7 +9,7 @@
  */
 import fs from "node:fs";
 import { type Bio, BioFlags, type BioStatus, SECTOR_SIZE } from "../bio.js";
-import { RWF_DSYNC, bufferAddress, pwriteFlagsAsync } from "../ioctl.js";
+import { RWF_DSYNC, bufferAddress, pwriteFlagsAsync } from "../sys/file.js";
 import type { BlockDevice } from "./block-device.js";
 import { inlineReadsEnabled, readCached } from "./inline-io.js";
 import { PLUG_WRITE_MAX, WritePlug } from "./write-plug.js";

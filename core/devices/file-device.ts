@@ -5,7 +5,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { SECTOR_SIZE } from "../bio.js";
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocateAsync } from "../ioctl.js";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocateAsync } from "../sys/file.js";
 import type { OpenOptions } from "./block-device.js";
 import { FdDevice } from "./fd-device.js";
 

@@ -16,15 +16,9 @@
  *
  * `UDM_INLINE_IO=0` in the environment turns inline reads off (every read goes to the pool).
  */
-import koffi from "koffi";
+import { RWF_NOWAIT, preadFlags } from "../sys/file.js";
 
-const RWF_NOWAIT = 0x08;
 const EAGAIN = 11;
-
-type Fn = ReturnType<ReturnType<typeof koffi.load>["func"]>;
-let preadv2: Fn | null = null;
-/** One iovec, reused: calls are synchronous and each isolate has its own module instance. */
-const iovec = Buffer.alloc(16);
 
 let enabled: boolean | null = null;
 
@@ -45,11 +39,6 @@ export function setInlineReads(on: boolean | null): void {
  * error other than EAGAIN. Never waits for the disk.
  */
 export function readCached(fd: number, buf: Buffer, pos: number): number {
-  preadv2 ??= koffi.load("libc.so.6").func("preadv2", "int64_t", ["int", "void *", "int", "int64_t", "int"]);
-  iovec.writeBigUInt64LE(koffi.address(buf), 0);
-  iovec.writeBigUInt64LE(BigInt(buf.length), 8);
-  const n = Number(preadv2(fd, iovec, 1, pos, RWF_NOWAIT));
-  if (n >= 0) return n;
-  const errnum = koffi.errno();
-  return errnum === EAGAIN ? 0 : -errnum;
+  const n = preadFlags(fd, buf, pos, RWF_NOWAIT);
+  return n === -EAGAIN ? 0 : n;
 }

@@ -6,7 +6,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { SECTOR_SIZE } from "../bio.js";
-import { blkDiscardAsync, blkGetSize64, blkSszGet, blkZeroOutAsync } from "../ioctl.js";
+import { blkDiscardAsync, blkGetSize64, blkSszGet, blkZeroOutAsync } from "../sys/block.js";
 import type { OpenOptions } from "./block-device.js";
 import { FdDevice } from "./fd-device.js";
 import { openBacking } from "./file-device.js";

@@ -18,6 +18,7 @@ import fs from "node:fs";
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
 import koffi from "koffi";
 import { DmError } from "../../core/errors.js";
+import { callAsync, libc } from "../../core/sys/libc.js";
 
 // linux/nbd.h: _IO(0xab, n)
 const NBD_SET_SOCK = 0xab00;
@@ -55,25 +56,7 @@ interface WorkerArgs {
 
 type WorkerMessage = { type: "connected" } | { type: "error"; code?: string; message: string };
 
-// ---- libc (bound per thread) ----
-
-type Fn = ReturnType<ReturnType<typeof koffi.load>["func"]>;
-let libc: { ioctl: Fn; socket: Fn; connect: Fn; read: Fn; write: Fn; close: Fn } | null = null;
-
-function bind(): NonNullable<typeof libc> {
-  if (libc) return libc;
-  const lib = koffi.load("libc.so.6");
-  libc = {
-    // Variadic ioctl with a fixed prototype: fine on x86_64 (see core/ioctl.ts).
-    ioctl: lib.func("ioctl", "int", ["int", "unsigned long", "unsigned long"]),
-    socket: lib.func("socket", "int", ["int", "int", "int"]),
-    connect: lib.func("connect", "int", ["int", "void *", "uint32_t"]),
-    read: lib.func("read", "long", ["int", "void *", "size_t"]),
-    write: lib.func("write", "long", ["int", "void *", "size_t"]),
-    close: lib.func("close", "int", ["int"]),
-  };
-  return libc;
-}
+// ---- libc calls (core/sys/libc.ts binds libc once per thread, the worker's included) ----
 
 function sysError(what: string): Error {
   const errnum = koffi.errno();
@@ -82,7 +65,7 @@ function sysError(what: string): Error {
 }
 
 function ioctl(fd: number, request: number, arg: number, name: string): number {
-  const ret = bind().ioctl(fd, request, arg) as number;
+  const ret = libc().ioctlInt(fd, request, arg) as number;
   if (ret < 0) throw sysError(`ioctl ${name}`);
   return ret;
 }
@@ -90,7 +73,7 @@ function ioctl(fd: number, request: number, arg: number, name: string): number {
 // ---- the worker: connect, handshake, configure, NBD_DO_IT ----
 
 function connectUnix(socketPath: string): number {
-  const c = bind();
+  const c = libc();
   const addr = Buffer.alloc(110); // struct sockaddr_un
   addr.writeUInt16LE(1, 0); // AF_UNIX
   if (Buffer.byteLength(socketPath) > 107) throw new Error(`${socketPath}: socket path too long`);
@@ -108,7 +91,7 @@ function connectUnix(socketPath: string): number {
 function readExact(fd: number, length: number): Buffer {
   const buf = Buffer.alloc(length);
   for (let done = 0; done < length; ) {
-    const n = Number(bind().read(fd, buf.subarray(done), length - done));
+    const n = Number(libc().read(fd, buf.subarray(done), length - done));
     if (n < 0 && koffi.errno() === koffi.os.errno.EINTR) continue;
     if (n < 0) throw sysError("read");
     if (n === 0) throw new Error("the NBD server closed the connection during the handshake (unknown export?)");
@@ -119,7 +102,7 @@ function readExact(fd: number, length: number): Buffer {
 
 function writeAll(fd: number, buf: Buffer): void {
   for (let done = 0; done < buf.length; ) {
-    const n = Number(bind().write(fd, buf.subarray(done), buf.length - done));
+    const n = Number(libc().write(fd, buf.subarray(done), buf.length - done));
     if (n < 0 && koffi.errno() === koffi.os.errno.EINTR) continue;
     if (n < 0) throw sysError("write");
     done += n;
@@ -165,16 +148,16 @@ function runWorker({ socketPath, exportName, device }: WorkerArgs): void {
     post({ type: "connected" });
     // Blocks until NBD_DISCONNECT (or the connection dies). An error after a requested disconnect
     // is normal, so it is not reported.
-    bind().ioctl(nbd, NBD_DO_IT, 0);
+    libc().ioctlInt(nbd, NBD_DO_IT, 0);
   } catch (err) {
     post({ type: "error", code: (err as { code?: string }).code, message: (err as Error).message });
   } finally {
     if (claimed) {
-      bind().ioctl(nbd, NBD_CLEAR_QUE, 0);
-      bind().ioctl(nbd, NBD_CLEAR_SOCK, 0);
+      libc().ioctlInt(nbd, NBD_CLEAR_QUE, 0);
+      libc().ioctlInt(nbd, NBD_CLEAR_SOCK, 0);
     }
     if (nbd >= 0) fs.closeSync(nbd);
-    if (sock >= 0) bind().close(sock);
+    if (sock >= 0) libc().close(sock);
   }
 }
 
@@ -204,7 +187,7 @@ function installExitHook(): void {
     for (const device of connected) {
       try {
         const fd = fs.openSync(device, fs.constants.O_RDWR);
-        bind().ioctl(fd, NBD_DISCONNECT, 0);
+        libc().ioctlInt(fd, NBD_DISCONNECT, 0);
         fs.closeSync(fd);
       } catch {
         // Best effort.
@@ -254,7 +237,7 @@ async function disconnect(device: string, exited: Promise<void>): Promise<void> 
   const fh = await fs.promises.open(device, fs.constants.O_RDWR);
   try {
     await fh.sync().catch(() => undefined);
-    await new Promise<void>((resolve) => bind().ioctl.async(fh.fd, NBD_DISCONNECT, 0, () => resolve()));
+    await callAsync(libc().ioctlInt, [fh.fd, NBD_DISCONNECT, 0], "ioctl", "NBD_DISCONNECT").catch(() => undefined);
   } finally {
     await fh.close();
   }

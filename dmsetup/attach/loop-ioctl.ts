@@ -3,7 +3,8 @@
  * unbind. The structs are declared with koffi and packed with `koffi.encode`.
  */
 import koffi, { type TypeObject } from "koffi";
-import { SyscallError, callAsync, check, lastErrno, libcTable as libc } from "../../core/ioctl.js";
+import { SyscallError } from "../../core/sys/errors.js";
+import { callAsync, check, lastErrno, libc } from "../../core/sys/libc.js";
 
 /** Bind the loop device to the file descriptor passed as the argument. */
 const LOOP_SET_FD = 0x4c00;

@@ -6,7 +6,7 @@ import fs from "node:fs";
 import net from "node:net";
 import type { DeviceMapper, DeviceInfo } from "../../core/device-mapper.js";
 import { DmError } from "../../core/errors.js";
-import { peerCredentials } from "../../core/ioctl.js";
+import { peerCredentials, socketFd } from "../../core/sys/socket.js";
 import type { Logger } from "../../core/logger.js";
 import { type Request, type Response, LineSplitter, parseRequest, ProtocolError, PROTOCOL_VERSION } from "./protocol.js";
 
@@ -62,9 +62,8 @@ export class ControlServer {
     this.sockets.add(socket);
     socket.on("close", () => this.sockets.delete(socket));
     socket.on("error", () => undefined);
-    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     try {
-      const cred = peerCredentials(fd ?? -1);
+      const cred = peerCredentials(socketFd(socket) ?? -1);
       if (cred.uid !== 0 && cred.uid !== this.allowedUid) {
         this.logger.warn("control client refused", { uid: cred.uid, pid: cred.pid });
         socket.end(JSON.stringify({ id: 0, ok: false, errno: "EACCES", message: "Permission denied: not the daemon's user or root" }) + "\n");

@@ -19,8 +19,9 @@ import { readCached, setInlineReads } from "../../core/devices/inline-io.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
 import { traceFsWrites } from "../support/fs-trace.js";
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, blkGetSize64, bufferAddress, fallocate } from "../../core/ioctl.js";
-import koffi from "koffi";
+import { blkGetSize64 } from "../../core/sys/block.js";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE, bufferAddress, fallocate } from "../../core/sys/file.js";
+import { libcFunction } from "../../core/sys/libc.js";
 
 const MiB = 1 << 20;
 
@@ -302,7 +303,7 @@ describe("FileDevice", () => {
 
 /** Drop a file's clean pages from the page cache (POSIX_FADV_DONTNEED), so reads must go to disk. */
 function evictFromPageCache(file: string): void {
-  const fadvise = koffi.load("libc.so.6").func("posix_fadvise", "int", ["int", "int64_t", "int64_t", "int"]);
+  const fadvise = libcFunction("posix_fadvise", "int", ["int", "int64_t", "int64_t", "int"]);
   const fd = fs.openSync(file, "r");
   try {
     fs.fdatasyncSync(fd);

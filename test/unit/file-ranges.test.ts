@@ -10,7 +10,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Bio, type BioEndIo, MapResult, Target, target } from "../../index.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { FileRangeRead, MAX_OPEN_RANGES, openRangeCount } from "../../core/file-ranges.js";
-import { dupFd } from "../../core/ioctl.js";
+import { dupFd } from "../../core/sys/file.js";
 import { pattern, testMapper } from "../support/memory-backing.js";
 
 const KiB = 1024;

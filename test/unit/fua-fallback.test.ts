@@ -9,12 +9,12 @@ import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
 import { FileDevice } from "../../core/devices/file-device.js";
-import { pwriteFlagsAsync } from "../../core/ioctl.js";
+import { pwriteFlagsAsync } from "../../core/sys/file.js";
 import { traceFsWrites } from "../support/fs-trace.js";
 import { pattern } from "../support/memory-backing.js";
 
-vi.mock("../../core/ioctl.js", async (importOriginal) => {
-  const real = await importOriginal<typeof import("../../core/ioctl.js")>();
+vi.mock("../../core/sys/file.js", async (importOriginal) => {
+  const real = await importOriginal<typeof import("../../core/sys/file.js")>();
   return {
     ...real,
     pwriteFlagsAsync: vi.fn(async () => {

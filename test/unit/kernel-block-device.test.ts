@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { BioFlags, discardBio, readBio, submitAndWait, writeBio, writeZeroesBio } from "../../core/bio.js";
 import { KernelBlockDevice } from "../../core/devices/kernel-block-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
-import { blkGetSize64, blkSszGet } from "../../core/ioctl.js";
+import { blkGetSize64, blkSszGet } from "../../core/sys/block.js";
 import {
   type LoopDevice,
   type LoopOptions,

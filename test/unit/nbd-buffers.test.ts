@@ -9,7 +9,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { setSendBuffer } from "../../core/ioctl.js";
+import { setSendBuffer } from "../../core/sys/socket.js";
 import { BufferPool } from "../../nbd/buffer-pool.js";
 import { ReceiveBuffer } from "../../nbd/receive-buffer.js";
 

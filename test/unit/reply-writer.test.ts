@@ -9,7 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { FileRangeRead } from "../../core/file-ranges.js";
-import { dupFd } from "../../core/ioctl.js";
+import { dupFd } from "../../core/sys/file.js";
 import { BufferPool } from "../../nbd/buffer-pool.js";
 import { ReplyWriter } from "../../nbd/reply-writer.js";
 import { pattern } from "../support/memory-backing.js";
