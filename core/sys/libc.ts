@@ -64,7 +64,7 @@ export function libc(): Libc {
     read: lib.func("read", "long", ["int", "void *", "size_t"]),
     write: lib.func("write", "long", ["int", "void *", "size_t"]),
     close: lib.func("close", "int", ["int"]),
-    // Only called on the main thread, so strerror's static buffer is not shared.
+    // Known errnos get static strings; only unknown ones use a buffer (thread-local since glibc 2.32).
     strerror: lib.func("strerror", "str", ["int"]),
   };
   return table;

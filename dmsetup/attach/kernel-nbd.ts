@@ -16,9 +16,9 @@
  */
 import fs from "node:fs";
 import { Worker, isMainThread, parentPort, workerData } from "node:worker_threads";
-import koffi from "koffi";
 import { DmError } from "../../core/errors.js";
-import { callAsync, libc } from "../../core/sys/libc.js";
+import { SyscallError } from "../../core/sys/errors.js";
+import { callAsync, check, lastErrno, libc } from "../../core/sys/libc.js";
 
 // linux/nbd.h: _IO(0xab, n)
 const NBD_SET_SOCK = 0xab00;
@@ -58,16 +58,10 @@ type WorkerMessage = { type: "connected" } | { type: "error"; code?: string; mes
 
 // ---- libc calls (core/sys/libc.ts binds libc once per thread, the worker's included) ----
 
-function sysError(what: string): Error {
-  const errnum = koffi.errno();
-  const code = Object.entries(koffi.os.errno).find(([, v]) => v === errnum)?.[0] ?? `E${errnum}`;
-  return Object.assign(new Error(`${what}: ${code}`), { code });
-}
+const EINTR = 4;
 
 function ioctl(fd: number, request: number, arg: number, name: string): number {
-  const ret = libc().ioctlInt(fd, request, arg) as number;
-  if (ret < 0) throw sysError(`ioctl ${name}`);
-  return ret;
+  return check(libc().ioctlInt(fd, request, arg) as number, "ioctl", name);
 }
 
 // ---- the worker: connect, handshake, configure, NBD_DO_IT ----
@@ -79,9 +73,9 @@ function connectUnix(socketPath: string): number {
   if (Buffer.byteLength(socketPath) > 107) throw new Error(`${socketPath}: socket path too long`);
   addr.write(socketPath, 2);
   const fd = c.socket(1, 1 | 0o2000000, 0) as number; // AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC
-  if (fd < 0) throw sysError("socket");
+  check(fd, "socket");
   if ((c.connect(fd, addr, addr.length) as number) < 0) {
-    const err = sysError(`connect ${socketPath}`);
+    const err = new SyscallError("connect", lastErrno(), socketPath);
     c.close(fd);
     throw err;
   }
@@ -92,8 +86,8 @@ function readExact(fd: number, length: number): Buffer {
   const buf = Buffer.alloc(length);
   for (let done = 0; done < length; ) {
     const n = Number(libc().read(fd, buf.subarray(done), length - done));
-    if (n < 0 && koffi.errno() === koffi.os.errno.EINTR) continue;
-    if (n < 0) throw sysError("read");
+    if (n < 0 && lastErrno() === EINTR) continue;
+    check(n, "read");
     if (n === 0) throw new Error("the NBD server closed the connection during the handshake (unknown export?)");
     done += n;
   }
@@ -103,8 +97,8 @@ function readExact(fd: number, length: number): Buffer {
 function writeAll(fd: number, buf: Buffer): void {
   for (let done = 0; done < buf.length; ) {
     const n = Number(libc().write(fd, buf.subarray(done), buf.length - done));
-    if (n < 0 && koffi.errno() === koffi.os.errno.EINTR) continue;
-    if (n < 0) throw sysError("write");
+    if (n < 0 && lastErrno() === EINTR) continue;
+    check(n, "write");
     done += n;
   }
 }

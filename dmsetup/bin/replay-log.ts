@@ -13,10 +13,10 @@
  */
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
-import os from "node:os";
 import { fileURLToPath } from "node:url";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
+import { errnoNumber } from "../../core/sys/errors.js";
 import { LOG_FLUSH_FLAG, LOG_FUA_FLAG, LOG_MARK_FLAG, WRITE_LOG_VERSION, type LogEntry } from "../../targets/log-writes/format.js";
 import { EntryReplayer, LogReader, deviceLogSource, shouldStop, syncDevice } from "../../targets/log-writes/replay.js";
 
@@ -174,7 +174,7 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
 
 function errnoOf(err: unknown): number {
   const code = (err as NodeJS.ErrnoException).code;
-  const n = code ? (os.constants.errno as Record<string, number>)[code] : undefined;
+  const n = code ? errnoNumber(code) : undefined;
   return n ?? 5; // EIO
 }
 
