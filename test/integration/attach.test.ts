@@ -8,52 +8,18 @@
  * Cleanup runs whatever happened: mounts, the daemon (which detaches), then any nbdfuse, FUSE
  * mount or loop device a broken daemon left behind; afterEach then checks that none is left.
  */
-import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { type RunningDaemon, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+import { rootUnavailableReason, skipOrFail } from "../support/requirements.js";
+import { boundLoops, isUnder, killQuietly, mounts, pidsOf } from "../support/system-state.js";
+import { sh, tool } from "../support/tools.js";
 
 const MiB = 1024 * 1024;
-const TOOLS = ["nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount", "losetup"];
-
-function which(tool: string): string | undefined {
-  const dirs = [...(process.env.PATH ?? "").split(path.delimiter), "/usr/sbin", "/sbin"];
-  return dirs.map((d) => path.join(d, tool)).find((p) => {
-    try {
-      fs.accessSync(p, fs.constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  });
-}
-
-function unavailableReason(): string | null {
-  if (process.platform !== "linux") return `needs Linux (this is ${process.platform})`;
-  if (process.getuid?.() !== 0) return "needs root";
-  for (const dev of ["/dev/loop-control", "/dev/fuse"]) if (!fs.existsSync(dev)) return `${dev} is missing`;
-  const missing = TOOLS.filter((t) => !which(t));
-  if (missing.length) return `${missing.join(", ")} not installed (Debian: libnbd-bin, fuse3, e2fsprogs, mount)`;
-  return null;
-}
-
-const skipReason = unavailableReason();
-const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
-if (skipReason) console.warn(`attach tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${skipReason}`);
-if (skipReason !== null && required) it("attach tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
-  throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but attach tests cannot run: ${skipReason}`);
-});
-
-/** Run a system tool; its output, or a failure with its stderr. */
-function sh(tool: string, ...args: string[]): string {
-  try {
-    return execFileSync(which(tool) ?? tool, args, { encoding: "utf8", timeout: 60_000, stdio: ["ignore", "pipe", "pipe"] });
-  } catch (err) {
-    const e = err as { status?: number; stderr?: string };
-    throw new Error(`${tool} ${args.join(" ")} exited ${e.status}: ${e.stderr ?? ""}`);
-  }
-}
+const SUITE = "attach tests";
+const skipReason = rootUnavailableReason(["mkfs.ext4", "e2fsck", "debugfs"]);
+skipOrFail(SUITE, skipReason);
 
 const devicePattern = fs.existsSync("/dev/nbd0") ? /^\/dev\/nbd\d+$/ : /^\/dev\/loop\d+$/;
 
@@ -83,9 +49,9 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
   });
 
   afterEach(async () => {
-    const ours = (p: string) => [runDir, files].some((d) => p === d || p.startsWith(d + "/"));
+    const ours = (p: string) => [runDir, files].some((d) => isUnder(p, d));
     // 1. The test's mount, while the daemon still serves its last writes.
-    if (mountTargets().includes(mnt)) quietly(() => sh("umount", mnt)) || quietly(() => sh("umount", "-l", mnt));
+    if (mountTargets().includes(mnt) && (await tool("umount", [mnt])).code !== 0) await tool("umount", ["-l", mnt]);
     // 2. The daemon detaches everything on SIGTERM. If it hangs (e.g. in a FUSE request), kill
     //    its nbdfuse first: that aborts the FUSE connection and lets it exit.
     let cleanExit = false;
@@ -96,23 +62,23 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
       const code = await Promise.race([daemon.stop("SIGTERM"), timeout]);
       clearTimeout(timer);
       if (code === "timeout") {
-        for (const pid of nbdfusePids(runDir)) quietly(() => process.kill(pid, "SIGKILL"));
+        for (const pid of pidsOf("nbdfuse", runDir)) killQuietly(pid);
         await daemon.stop("SIGKILL");
       }
       cleanExit = alive && code === 0;
       daemon = undefined;
     }
     // 3. What a broken daemon left behind: its nbdfuse, FUSE mounts, loop devices on them.
-    for (const pid of nbdfusePids(runDir)) quietly(() => process.kill(pid, "SIGKILL"));
-    for (const target of mountTargets().filter(ours)) quietly(() => sh("umount", "-l", target));
-    for (const loop of loopsBackedBy(name)) quietly(() => sh("losetup", "-d", loop));
+    for (const pid of pidsOf("nbdfuse", runDir)) killQuietly(pid);
+    for (const target of mountTargets().filter(ours)) await tool("umount", ["-l", target]);
+    for (const loop of loopsBackedBy(name)) await tool("losetup", ["-d", loop]);
     for (const [key, value] of Object.entries(savedEnv)) {
       if (value === undefined) delete process.env[key];
       else process.env[key] = value;
     }
 
     const leftovers = {
-      nbdfuse: nbdfusePids(runDir),
+      nbdfuse: pidsOf("nbdfuse", runDir),
       mounts: mountTargets().filter(ours),
       loops: loopsBackedBy(name),
       // A daemon that stopped normally has cleaned its run directory (a killed one cannot).
@@ -153,14 +119,14 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     expect((await run("info", name)).stdout).toContain(`Attached:          ${dev}\n`);
     expect((await run("attach", name)).stdout).toBe(`${dev}\n`); // again: same device
 
-    sh("mkfs.ext4", "-q", link);
-    sh("mount", link, mnt);
+    await sh("mkfs.ext4", "-q", link);
+    await sh("mount", link, mnt);
     const text = "written through udm\n";
     const blob = Buffer.alloc(3 * MiB + 512);
     for (let i = 0; i < blob.length; i++) blob[i] = (i * 31 + (i >> 9)) & 0xff;
     fs.writeFileSync(path.join(mnt, "hello.txt"), text);
     fs.writeFileSync(path.join(mnt, "blob.bin"), blob);
-    sh("sync");
+    await sh("sync");
 
     const busy = await run("detach", name);
     expect(busy.code).toBe(1);
@@ -168,7 +134,7 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     expect(busy.stderr).toContain(`device-mapper: detach ioctl on ${name}  failed: Device or resource busy\n`);
     expect(fs.readlinkSync(link)).toBe(dev);
 
-    sh("umount", mnt);
+    await sh("umount", mnt);
     expect(await run("detach", name)).toEqual({ code: 0, stdout: "", stderr: "" });
     expect(fs.existsSync(link)).toBe(false);
     expect((await run("info", name)).stdout).not.toContain("Attached:");
@@ -177,10 +143,10 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     expect(await run("remove", name)).toMatchObject({ code: 0 });
 
     // The filesystem, read from the backing file without udm.
-    sh("e2fsck", "-fn", img);
-    expect(sh("debugfs", "-R", "cat /hello.txt", img)).toBe(text);
+    await sh("e2fsck", "-fn", img);
+    expect(await sh("debugfs", "-R", "cat /hello.txt", img)).toBe(text);
     const dumped = path.join(files, "blob.out");
-    sh("debugfs", "-R", `dump /blob.bin ${dumped}`, img);
+    await sh("debugfs", "-R", `dump /blob.bin ${dumped}`, img);
     expect(fs.readFileSync(dumped).equals(blob)).toBe(true);
   }, 60_000);
 
@@ -215,27 +181,9 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
   });
 });
 
-/** Mount targets from /proc/mounts. */
+/** Mount targets. */
 function mountTargets(): string[] {
-  return fs
-    .readFileSync("/proc/mounts", "utf8")
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => l.split(" ")[1]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))));
-}
-
-/** nbdfuse processes whose command line mentions `runDir`. */
-function nbdfusePids(runDir: string): number[] {
-  const pids: number[] = [];
-  for (const pid of fs.readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
-    try {
-      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
-      if (path.basename(argv[0]!) === "nbdfuse" && argv.some((a) => a.includes(runDir))) pids.push(Number(pid));
-    } catch {
-      // exited meanwhile
-    }
-  }
-  return pids;
+  return mounts().map((m) => m.target);
 }
 
 /**
@@ -243,26 +191,7 @@ function nbdfusePids(runDir: string): number[] {
  * mount: `/NAME`, unique to this test by construction.
  */
 function loopsBackedBy(name: string): string[] {
-  return fs
-    .readdirSync("/sys/block")
-    .filter((d) => d.startsWith("loop"))
-    .filter((d) => {
-      try {
-        const backing = fs.readFileSync(`/sys/block/${d}/loop/backing_file`, "utf8").trim();
-        return backing === `/${name}` || backing.endsWith(`/mnt/${name}`);
-      } catch {
-        return false; // not bound
-      }
-    })
-    .map((d) => `/dev/${d}`);
-}
-
-/** Run a cleanup step; false if it failed (the next one still runs). */
-function quietly(fn: () => unknown): boolean {
-  try {
-    fn();
-    return true;
-  } catch {
-    return false;
-  }
+  return boundLoops()
+    .filter(({ backing }) => backing === `/${name}` || backing.endsWith(`/mnt/${name}`))
+    .map(({ dev }) => dev);
 }

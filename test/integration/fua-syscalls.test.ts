@@ -9,9 +9,9 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { missingTools } from "../support/tools.js";
+import { missingTools } from "../support/requirements.js";
 
-const missing = missingTools("FUA syscall test", ["strace"], "Debian: strace");
+const missing = missingTools("FUA syscall test", ["strace"]);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "udm-fua-"));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 

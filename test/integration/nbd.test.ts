@@ -3,17 +3,17 @@
  * tool is missing are skipped with a printed reason, unless UDM_REQUIRE_ROOT_TESTS=1 makes that a
  * failure. The tools run asynchronously: the server lives in this same process.
  */
-import { execFile } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { missingTools } from "../support/tools.js";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
 import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { missingTools } from "../support/requirements.js";
+import { sh, tool } from "../support/tools.js";
 
 const MiB = 1024 * 1024;
 const TOOLS = ["nbdinfo", "nbdcopy", "qemu-io"] as const;
@@ -21,27 +21,6 @@ type Tool = (typeof TOOLS)[number];
 
 const missing = missingTools("NBD client tests", TOOLS);
 const needs = (...tools: Tool[]) => tools.some((t) => missing.includes(t));
-
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function run(tool: Tool, args: string[]): Promise<Run> {
-  return new Promise((resolve) => {
-    execFile(tool, args, { timeout: 60_000, maxBuffer: 16 * MiB }, (err, stdout, stderr) => {
-      const code = err ? (typeof err.code === "number" ? err.code : -1) : 0;
-      resolve({ code, stdout, stderr });
-    });
-  });
-}
-
-async function ok(tool: Tool, args: string[]): Promise<string> {
-  const r = await run(tool, args);
-  if (r.code !== 0) expect.fail(`${tool} ${args.join(" ")} exited ${r.code}: ${r.stderr}`);
-  return r.stdout;
-}
 
 let dir: string;
 let sock: string;
@@ -79,7 +58,7 @@ describe("real NBD clients", () => {
     await dm.create("small", { table: "0 2048 linear mem0 0" });
     await dm.create("big", { table: "0 40960 linear mem0 2048" });
     await dm.create("ro", { table: "0 8 zero", readOnly: true });
-    const out = JSON.parse(await ok("nbdinfo", ["--json", "--list", uri("")]));
+    const out = JSON.parse(await sh("nbdinfo", "--json", "--list", uri("")));
     const exports = Object.fromEntries(
       (out.exports as { "export-name": string; "export-size": number; is_read_only: boolean }[]).map((e) => [e["export-name"], e]),
     );
@@ -96,10 +75,10 @@ describe("real NBD clients", () => {
     backing.memory("mem0", 4096);
     await dm.create("solo", { table: "0 4096 linear mem0 0" });
     const { host, port } = await server.listenTcp({ host: "127.0.0.1", port: 0 });
-    expect(await ok("nbdinfo", ["--size", `nbd://${host}:${port}/solo`])).toBe(`${2 * MiB}\n`);
-    expect(await ok("nbdinfo", ["--size", uri("")])).toBe(`${2 * MiB}\n`);
+    expect(await sh("nbdinfo", "--size", `nbd://${host}:${port}/solo`)).toBe(`${2 * MiB}\n`);
+    expect(await sh("nbdinfo", "--size", uri(""))).toBe(`${2 * MiB}\n`);
     // Data over TCP: the connection is re-opened on a duplicated descriptor like a unix one.
-    const out = await ok("qemu-io", ["-f", "raw", `nbd://${host}:${port}/solo`, "-c", "write -P 0x3c 4096 1M", "-c", "read -P 0x3c 4096 1M"]);
+    const out = await sh("qemu-io", "-f", "raw", `nbd://${host}:${port}/solo`, "-c", "write -P 0x3c 4096 1M", "-c", "read -P 0x3c 4096 1M");
     expect(out).toMatch(/read 1048576\/1048576 bytes/);
     expect((await readMem("mem0", 8, MiB)).equals(Buffer.alloc(MiB, 0x3c))).toBe(true);
   });
@@ -107,13 +86,13 @@ describe("real NBD clients", () => {
   it.skipIf(needs("qemu-io"))("qemu-io writes a pattern and the backing RAM disk holds it", async () => {
     backing.memory("mem0", 8192);
     await dm.create("disk", { table: "0 4096 linear mem0 1024" });
-    const out = await ok("qemu-io", ["-f", "raw", uri("disk"), "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M"]);
+    const out = await sh("qemu-io", "-f", "raw", uri("disk"), "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M");
     expect(out).toMatch(/wrote 1048576\/1048576 bytes/);
     expect((await readMem("mem0", 1024, MiB)).equals(Buffer.alloc(MiB, 0xab))).toBe(true);
     expect((await readMem("mem0", 1023, 512)).equals(Buffer.alloc(512))).toBe(true); // before the mapping
     expect((await readMem("mem0", 1024 + 2048, 512)).equals(Buffer.alloc(512))).toBe(true); // after the 1M
     // Unaligned I/O: qemu honours the advertised 512-byte minimum with its own read-modify-write.
-    await ok("qemu-io", ["-f", "raw", uri("disk"), "-c", "write -P 0x5a 1000 100", "-c", "read -P 0x5a 1000 100"]);
+    await sh("qemu-io", "-f", "raw", uri("disk"), "-c", "write -P 0x5a 1000 100", "-c", "read -P 0x5a 1000 100");
     const sectors = await readMem("mem0", 1024 + 1, 1024); // export bytes 512..1535
     expect(sectors.subarray(1000 - 512, 1100 - 512).equals(Buffer.alloc(100, 0x5a))).toBe(true);
     expect(sectors[1100 - 512]).toBe(0xab);
@@ -125,7 +104,7 @@ describe("real NBD clients", () => {
     await writeMem("mem0", 0, Buffer.concat([pattern(1, 1 * MiB), data, pattern(2, 3 * MiB)]));
     await dm.create("disk", { table: "0 8192 linear mem0 2048" });
     const out = path.join(dir, "out.img");
-    await ok("nbdcopy", [uri("disk"), out]);
+    await sh("nbdcopy", uri("disk"), out);
     expect(fs.readFileSync(out).equals(data)).toBe(true);
   });
 
@@ -144,7 +123,7 @@ describe("real NBD clients", () => {
     const { host, port } = await server.listenTcp({ host: "127.0.0.1", port: 0 });
     for (const source of [uri("disk"), `nbd://${host}:${port}/disk`]) {
       const out = path.join(dir, "out.img");
-      await ok("nbdcopy", ["--connections=4", "--request-size=1048576", source, out]);
+      await sh("nbdcopy", "--connections=4", "--request-size=1048576", source, out);
       expect(fs.readFileSync(out).equals(expected)).toBe(true);
       fs.rmSync(out);
     }
@@ -156,7 +135,7 @@ describe("real NBD clients", () => {
     const src = path.join(dir, "src.img");
     const data = pattern(7, 16 * MiB);
     fs.writeFileSync(src, data);
-    await ok("nbdcopy", ["--connections=4", "--request-size=262144", src, uri("disk")]);
+    await sh("nbdcopy", "--connections=4", "--request-size=262144", src, uri("disk"));
     expect((await readMem("mem0", 0, 16 * MiB)).equals(data)).toBe(true);
   });
 
@@ -164,10 +143,10 @@ describe("real NBD clients", () => {
     backing.memory("mem0", 4096);
     await writeMem("mem0", 0, Buffer.alloc(4096, 0x11));
     await dm.create("ro", { table: "0 4096 linear mem0 0", readOnly: true });
-    const w = await run("qemu-io", ["-f", "raw", uri("ro"), "-c", "write -P 0xab 0 4k"]);
+    const w = await tool("qemu-io", ["-f", "raw", uri("ro"), "-c", "write -P 0xab 0 4k"]);
     expect(w.code).not.toBe(0);
     expect(w.stderr).toMatch(/read-only|Permission denied|Operation not permitted/i);
-    await ok("qemu-io", ["-r", "-f", "raw", uri("ro"), "-c", "read -P 0x11 0 4k"]);
+    await sh("qemu-io", "-r", "-f", "raw", uri("ro"), "-c", "read -P 0x11 0 4k");
     expect((await readMem("mem0", 0, 4096)).equals(Buffer.alloc(4096, 0x11))).toBe(true);
   });
 
@@ -175,7 +154,7 @@ describe("real NBD clients", () => {
     backing.memory("mem0", 4096);
     await dm.create("disk", { table: "0 4096 linear mem0 0" });
     await dm.suspend("disk");
-    const io = ok("qemu-io", ["-f", "raw", uri("disk"), "-c", "write -P 0x77 0 64k", "-c", "read -P 0x77 0 64k"]);
+    const io = sh("qemu-io", "-f", "raw", uri("disk"), "-c", "write -P 0x77 0 64k", "-c", "read -P 0x77 0 64k");
     await vi.waitFor(() => expect(dm.device("disk").queued).toBeGreaterThan(0), { timeout: 20_000 });
     await dm.resume("disk");
     expect(await io).toMatch(/read 65536\/65536 bytes/);

@@ -2,18 +2,14 @@
  * A reload (suspend, load, resume through udmsetup) while real NBD clients stream verified writes
  * and reads through udmd: no client error, no lost write.
  */
-import { execFile } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { promisify } from "node:util";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { type RunningDaemon, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+import { missingTools } from "../support/requirements.js";
+import { toolOk } from "../support/tools.js";
 
-const haveQemuIo = (process.env.PATH ?? "").split(":").some((d) => fs.existsSync(path.join(d, "qemu-io")));
-if (!haveQemuIo) {
-  console.warn("reload-under-io: skipped: qemu-io not installed (apt-get install qemu-utils)");
-  if (process.env.UDM_REQUIRE_ROOT_TESTS === "1") throw new Error("qemu-io is required when UDM_REQUIRE_ROOT_TESTS=1");
-}
+const missing = missingTools("reload-under-io", ["qemu-io"]);
 
 let dir: string;
 let files: string;
@@ -31,7 +27,7 @@ afterEach(async () => {
   fs.rmSync(files, { recursive: true, force: true });
 });
 
-describe.skipIf(!haveQemuIo)("reload under NBD load", () => {
+describe.skipIf(missing.length > 0)("reload under NBD load", () => {
   it("clients see no error and every write lands while the table is swapped repeatedly", async () => {
     const disk = path.join(files, "disk.img");
     fs.writeFileSync(disk, "");
@@ -46,7 +42,7 @@ describe.skipIf(!haveQemuIo)("reload under NBD load", () => {
       const at = (i: number) => c * 4 * 1048576 + i * 4096;
       for (let i = 0; i < 128; i++) cmds.push("-c", `write -P ${(c * 128 + i) % 251} ${at(i)} 4k`);
       for (let i = 0; i < 128; i++) cmds.push("-c", `read -P ${(c * 128 + i) % 251} ${at(i)} 4k`);
-      return promisify(execFile)("qemu-io", ["-f", "raw", uri, ...cmds]);
+      return toolOk("qemu-io", ["-f", "raw", uri, ...cmds]);
     });
     let reloads = 0;
     const reloading = (async () => {

@@ -8,29 +8,19 @@
  * Tests whose tool is missing are skipped with a printed reason, unless UDM_REQUIRE_ROOT_TESTS=1
  * makes that a failure (as in nbd.test.ts).
  */
-import { execFile } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
 import { cli } from "../support/udmd-tools.js";
 import { pattern } from "../support/memory-backing.js";
-import { missingTools } from "../support/tools.js";
+import { missingTools } from "../support/requirements.js";
+import { sh } from "../support/tools.js";
 
 const MiB = 1024 * 1024;
 const TOOLS = ["qemu-io", "nbdcopy"] as const;
-type Tool = (typeof TOOLS)[number];
 
 const missing = missingTools("snapshot CLI tests", TOOLS);
-
-function tool(name: Tool, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(name, args, { timeout: 60_000, maxBuffer: 16 * MiB }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${name} ${args.join(" ")} failed: ${err.message}\n${stderr}`));
-      else resolve(stdout);
-    });
-  });
-}
 
 let dir: string;
 let files: string;
@@ -75,24 +65,24 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     expect(await ok("status", "snap")).toBe("0 16384 snapshot 16/8192 16\n");
 
     // 64 KiB over NBD at the start of the origin: 16 chunks copied first.
-    expect(await tool("qemu-io", ["-f", "raw", uri("base"), "-c", "write -P 0xab 0 64k"])).toMatch(/wrote 65536\/65536 bytes/);
+    expect(await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0xab 0 64k")).toMatch(/wrote 65536\/65536 bytes/);
     expect(await ok("status", "snap")).toBe(`0 16384 snapshot ${(2 + 16) * 8}/8192 16\n`);
     expect(fs.readFileSync(originFile).subarray(0, 65536).every((b) => b === 0xab)).toBe(true);
 
     // The snapshot still reads the old data: a range with qemu-io's pattern check, everything with nbdcopy.
-    expect(await tool("qemu-io", ["-r", "-f", "raw", uri("snap"), "-c", "read -P 0x11 0 64k"])).toMatch(/read 65536\/65536 bytes/);
+    expect(await sh("qemu-io", "-r", "-f", "raw", uri("snap"), "-c", "read -P 0x11 0 64k")).toMatch(/read 65536\/65536 bytes/);
     const copy = path.join(files, "snap.img");
-    await tool("nbdcopy", [uri("snap"), copy]);
+    await sh("nbdcopy", uri("snap"), copy);
     expect(fs.readFileSync(copy).equals(originData)).toBe(true);
     // Rewriting chunks the snapshot already has copies nothing more.
-    await tool("qemu-io", ["-f", "raw", uri("base"), "-c", "write -P 0x5a 0 64k"]);
+    await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0x5a 0 64k");
     expect(await ok("status", "snap")).toBe(`0 16384 snapshot ${(2 + 16) * 8}/8192 16\n`);
-    await tool("qemu-io", ["-f", "raw", uri("base"), "-c", "write -P 0x5a 1M 64k"]);
-    await tool("nbdcopy", [uri("snap"), copy]);
+    await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0x5a 1M 64k");
+    await sh("nbdcopy", uri("snap"), copy);
     expect(fs.readFileSync(copy).equals(originData)).toBe(true);
 
     // A write to the snapshot goes to the COW file and leaves the origin alone.
-    const out = await tool("qemu-io", ["-f", "raw", uri("snap"), "-c", "write -P 0xcd 2M 8k", "-c", "read -P 0xcd 2M 8k"]);
+    const out = await sh("qemu-io", "-f", "raw", uri("snap"), "-c", "write -P 0xcd 2M 8k", "-c", "read -P 0xcd 2M 8k");
     expect(out).toMatch(/read 8192\/8192 bytes/);
     expect(fs.readFileSync(originFile).subarray(2 * MiB, 2 * MiB + 8192).equals(originData.subarray(2 * MiB, 2 * MiB + 8192))).toBe(true);
     const allocated = (2 + 16 + 16 + 2) * 8;
@@ -116,7 +106,7 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     await ok("resume", "base");
     expect(await ok("table", "snap")).toBe(`0 16384 snapshot ${originFile} ${cowFile} P 8\n`);
     expect(await ok("status", "snap")).toBe(`0 16384 snapshot ${allocated}/8192 16\n`);
-    await tool("nbdcopy", [uri("snap"), copy]);
+    await sh("nbdcopy", uri("snap"), copy);
     const expected = Buffer.from(originData);
     expected.fill(0xcd, 2 * MiB, 2 * MiB + 8192);
     expect(fs.readFileSync(copy).equals(expected)).toBe(true);
@@ -131,7 +121,7 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     await ok("suspend", "base");
     await ok("create", "snap", "--table", `0 8192 snapshot ${originFile} ${cowFile} P 8`);
     await ok("resume", "base");
-    const out = await tool("qemu-io", ["-f", "raw", uri("base"), "-c", "write -P 0x33 0 256k", "-c", "read -P 0x33 0 256k"]);
+    const out = await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0x33 0 256k", "-c", "read -P 0x33 0 256k");
     expect(out).toMatch(/read 262144\/262144 bytes/);
     expect(await ok("status", "snap")).toBe("0 8192 snapshot Invalid\n");
     expect(await ok("info", "snap")).toMatch(/^Event number: +1$/m); // the invalidation raised an event

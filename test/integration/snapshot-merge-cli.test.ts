@@ -12,7 +12,6 @@
  * Tests whose tool is missing are skipped with a printed reason, unless UDM_REQUIRE_ROOT_TESTS=1
  * makes that a failure (as in snapshot-cli.test.ts).
  */
-import { execFile } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
@@ -20,22 +19,14 @@ import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { type RunningDaemon, startDaemon, tempDir, UDMSETUP, udmsetup } from "../support/daemon.js";
 import { cli } from "../support/udmd-tools.js";
 import { pattern } from "../support/memory-backing.js";
-import { missingTools, onPath } from "../support/tools.js";
+import { missingTools } from "../support/requirements.js";
+import { sh, which } from "../support/tools.js";
 
 const MiB = 1024 * 1024;
 const TOOLS = ["qemu-io", "nbdcopy"] as const;
 
 const missing = missingTools("snapshot-merge CLI tests", TOOLS);
-const haveScript = onPath("script");
-
-function run(file: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(file, args, { timeout: 60_000, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${file} ${args.join(" ")} failed: ${err.message}\n${stderr}`));
-      else resolve(stdout);
-    });
-  });
-}
+const haveScript = which("script") !== undefined;
 
 let dir: string;
 let files: string;
@@ -76,11 +67,11 @@ async function snapshotWithChanges(): Promise<Buffer> {
   await ok("suspend", "base");
   await ok("create", "snap", "--table", `0 ${SECTORS} snapshot ${originFile} ${cowFile} P 8`);
   await ok("resume", "base");
-  await run("qemu-io", ["-f", "raw", uri("base"), "-c", "write -P 0xab 0 1M"]);
-  await run("qemu-io", ["-f", "raw", uri("snap"), "-c", "write -P 0xcd 2M 512k"]);
+  await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0xab 0 1M");
+  await sh("qemu-io", "-f", "raw", uri("snap"), "-c", "write -P 0xcd 2M 512k");
   expect(await ok("status", "snap")).toBe(`0 ${SECTORS} snapshot ${(2 + 384 + 1) * 8}/8192 ${3 * 8}\n`);
   const copy = path.join(files, "snap-view.img");
-  await run("nbdcopy", [uri("snap"), copy]);
+  await sh("nbdcopy", uri("snap"), copy);
   const view = fs.readFileSync(copy);
   fs.rmSync(copy);
   const want = Buffer.concat([Buffer.alloc(MiB, 0x11), pattern(21, 7 * MiB)]);
@@ -102,7 +93,7 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     expect(await ok("table", "base")).toBe(`0 ${SECTORS} snapshot-origin ${originFile}\n`);
     expect(fs.readFileSync(originFile).equals(view)).toBe(true);
     const copy = path.join(files, "base.img");
-    await run("nbdcopy", [uri("base"), copy]);
+    await sh("nbdcopy", uri("base"), copy);
     expect(fs.readFileSync(copy).equals(view)).toBe(true);
     // Every record was merged and cleared on disk; the header stays valid.
     const img = await readCowImage(fs.readFileSync(cowFile));
@@ -124,7 +115,7 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     await ok("resume", "base");
     await ok("remove", "snap");
     const copy = path.join(files, "base.img");
-    await run("nbdcopy", [uri("base"), copy]);
+    await sh("nbdcopy", uri("base"), copy);
     expect(fs.readFileSync(copy).equals(view)).toBe(true);
   });
 
@@ -150,7 +141,7 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     const view = await snapshotWithChanges();
     // script(1) runs udmsetup on a pseudo-terminal.
     const cmd = [process.execPath, UDMSETUP, "--run-dir", dir, "--no-autostart", "merge", "base", "snap"].map((a) => `'${a}'`).join(" ");
-    const out = (await run("script", ["-qec", cmd, "/dev/null"])).replace(/\r\n/g, "\n");
+    const out = (await sh("script", "-qec", cmd, "/dev/null")).replace(/\r\n/g, "\n");
     expect(out).toMatch(/^\rbase: merging \[[#-]{30}\] +\d+% \(\d+\/384 chunks\)/);
     expect(out).toContain(`\rbase: merging [${"#".repeat(30)}] 100% (384/384 chunks)\n0 ${SECTORS} snapshot-origin ${originFile}\n`);
     expect(out).not.toContain("merge complete");

@@ -14,11 +14,15 @@ import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
 import type { LoopDevice } from "../support/loop-device.js";
-import { announceSkip, MiB, readAt, rootUnavailableReason, SECTOR, sh, tool, useRootEnv } from "../support/root-env.js";
+import { readAt } from "../support/device-data.js";
+import { rootUnavailableReason, skipOrFail } from "../support/requirements.js";
+import { useRootEnv } from "../support/root-env.js";
+import { sh, tool } from "../support/tools.js";
+import { MiB, SECTOR } from "../support/units.js";
 
 const SUITE = "root linear/striped tests";
 const skipReason = rootUnavailableReason(["nbdcopy", "fio"]);
-announceSkip(SUITE, skipReason);
+skipOrFail(SUITE, skipReason);
 
 interface Leg {
   loop: LoopDevice;

@@ -18,28 +18,18 @@
  * the reason printed, unless UDM_REQUIRE_ROOT_TESTS=1 makes that a failure.
  */
 import { describe, expect, it } from "vitest";
-import {
-  announceSkip,
-  changeTree,
-  digestDevice,
-  EXT4,
-  expectClean,
-  expectCleanSnapshot,
-  type FsKind,
-  hashTree,
-  MiB,
-  rootUnavailableReason,
-  sh,
-  snapshotUsage,
-  takeLiveSnapshot,
-  treeHashes,
-  useRootEnv,
-  XFS,
-} from "../support/root-env.js";
+import { digestDevice } from "../support/device-data.js";
+import { changeTree, hashTree, treeHashes } from "../support/file-tree.js";
+import { EXT4, expectClean, type FsKind, XFS } from "../support/filesystems.js";
+import { expectCleanSnapshot, snapshotUsage, takeLiveSnapshot } from "../support/live-snapshot.js";
+import { rootUnavailableReason, skipOrFail } from "../support/requirements.js";
+import { useRootEnv } from "../support/root-env.js";
+import { sh } from "../support/tools.js";
+import { MiB } from "../support/units.js";
 
 const SUITE = "root live-snapshot tests";
 const skipReason = rootUnavailableReason([...EXT4.tools, "fio"]);
-announceSkip(SUITE, skipReason);
+skipOrFail(SUITE, skipReason);
 // XFS is optional (CI installs no xfsprogs): its absence is a printed skip, never a failure.
 const xfsSkipReason = skipReason ?? rootUnavailableReason(XFS.tools);
 if (skipReason === null && xfsSkipReason !== null) console.warn(`XFS snapshot test skipped: ${xfsSkipReason}`);

@@ -17,29 +17,18 @@
  */
 import fs from "node:fs";
 import { describe, expect, it, type TestContext } from "vitest";
-import {
-  announceSkip,
-  changeTree,
-  EXT4,
-  expectClean,
-  hashTree,
-  MiB,
-  patternBytes,
-  readAt,
-  SECTOR,
-  rootUnavailableReason,
-  sh,
-  snapshotTable,
-  snapshotUsage,
-  takeLiveSnapshot,
-  tool,
-  treeHashes,
-  useRootEnv,
-} from "../support/root-env.js";
+import { patternBytes, readAt } from "../support/device-data.js";
+import { changeTree, hashTree, treeHashes } from "../support/file-tree.js";
+import { EXT4, expectClean } from "../support/filesystems.js";
+import { snapshotTable, snapshotUsage, takeLiveSnapshot } from "../support/live-snapshot.js";
+import { rootUnavailableReason, skipOrFail } from "../support/requirements.js";
+import { useRootEnv } from "../support/root-env.js";
+import { sh, tool } from "../support/tools.js";
+import { MiB, SECTOR } from "../support/units.js";
 
 const SUITE = "root snapshot persistence tests";
 const skipReason = rootUnavailableReason([...EXT4.tools, "debugfs", "nbdcopy", "fio"]);
-announceSkip(SUITE, skipReason);
+skipOrFail(SUITE, skipReason);
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

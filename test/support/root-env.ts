@@ -1,7 +1,9 @@
 /**
- * Shared support for the root-run integration tests in test/root/: real loop devices over sparse
- * files, the built udmd and udmsetup (dist/), `udmsetup attach`, filesystems, mounts, fsfreeze,
- * fio and NBD clients.
+ * The per-file environment of the root-run tests in test/root/: real loop devices over sparse
+ * files, the built udmd and udmsetup (dist/), `udmsetup attach`, mounts and fsfreeze, with a
+ * cleanup that cannot hang. Their other support: requirements.ts (skip or fail), tools.ts
+ * (running tools), system-state.ts (mounts, loops, processes), filesystems.ts, file-tree.ts,
+ * device-data.ts, fio.ts and live-snapshot.ts.
  *
  * `useRootEnv(label)` (called inside the suite's `describe`) gives a `RootEnv` that records every
  * resource a test makes: child processes, loop devices, mounts, frozen filesystems, the daemon,
@@ -17,303 +19,18 @@
  * prefix unique to this process, and every path lives under one base directory, so leftovers
  * are recognisable and nothing outside the file is touched.
  */
-import { type ChildProcess, execFile, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { afterAll, afterEach, beforeAll, beforeEach, expect, it } from "vitest";
-import { type RunningDaemon, startDaemon, udmsetup, type CliResult } from "./daemon.js";
+import { afterAll, afterEach, beforeAll, beforeEach, expect } from "vitest";
+import { type CliResult, type RunningDaemon, startDaemon, udmsetup } from "./daemon.js";
 import { createLoopDevice, type LoopDevice, type LoopOptions } from "./loop-device.js";
-
-export const KiB = 1024;
-export const MiB = 1024 * KiB;
-export const SECTOR = 512;
-
-export const REQUIRED = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
-
-// ---------------------------------------------------------------------------------------------
-// Availability and skip rules
-
-/** Absolute path of `tool` on PATH (or /usr/sbin, /sbin), or undefined. */
-export function which(tool: string): string | undefined {
-  const dirs = [...(process.env.PATH ?? "").split(path.delimiter), "/usr/sbin", "/sbin", "/usr/bin", "/bin"];
-  return dirs
-    .filter(Boolean)
-    .map((d) => path.join(d, tool))
-    .find((p) => {
-      try {
-        fs.accessSync(p, fs.constants.X_OK);
-        return fs.statSync(p).isFile();
-      } catch {
-        return false;
-      }
-    });
-}
-
-/** The tools every root test uses (attach needs nbdfuse + fusermount3, checks need losetup). */
-export const BASE_TOOLS = ["nbdfuse", "fusermount3", "mount", "umount", "losetup"];
-
-const DEBIAN_PACKAGES: Record<string, string> = {
-  nbdfuse: "libnbd-bin",
-  nbdcopy: "libnbd-bin",
-  fusermount3: "fuse3",
-  "mkfs.ext4": "e2fsprogs",
-  e2fsck: "e2fsprogs",
-  debugfs: "e2fsprogs",
-  fsfreeze: "util-linux",
-  losetup: "util-linux",
-  mount: "mount",
-  umount: "mount",
-  fio: "fio",
-  "mkfs.xfs": "xfsprogs",
-  xfs_repair: "xfsprogs",
-};
-
-/** Why the root tests needing `tools` cannot run here, or null if they can. */
-export function rootUnavailableReason(tools: readonly string[]): string | null {
-  if (process.platform !== "linux") return `needs Linux (this is ${process.platform})`;
-  if (process.getuid?.() !== 0) return "needs root (loop devices, mounts, FUSE)";
-  for (const dev of ["/dev/loop-control", "/dev/fuse"]) if (!fs.existsSync(dev)) return `${dev} is missing`;
-  const missing = [...new Set([...BASE_TOOLS, ...tools])].filter((t) => !which(t));
-  if (missing.length) {
-    const pkgs = [...new Set(missing.map((t) => DEBIAN_PACKAGES[t] ?? t))];
-    return `${missing.join(", ")} not installed (Debian: apt-get install ${pkgs.join(" ")})`;
-  }
-  return null;
-}
-
-/**
- * Print why `suite` is skipped. With UDM_REQUIRE_ROOT_TESTS=1 the skip is a failure: a test that
- * fails with the reason is registered (only then, so a normal run shows no extra test).
- */
-export function announceSkip(suite: string, reason: string | null): void {
-  if (reason === null) return;
-  console.warn(`${suite} ${REQUIRED ? "REQUIRED but cannot run" : "skipped"}: ${reason}`);
-  if (REQUIRED) {
-    it(`${suite} must run (UDM_REQUIRE_ROOT_TESTS=1)`, () => {
-      throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but ${suite} cannot run: ${reason}`);
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Running tools
-
-export interface ToolResult {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Children started by `tool()` and not yet exited: a cleanup kills them. */
-const children = new Set<ChildProcess>();
-
-/**
- * Run a system tool; resolves whatever its exit status (see `sh` for "must succeed"). After
- * `timeoutMs` it is killed, and the promise resolves (code null) even if the process cannot die
- * yet: a tool stuck in uninterruptible I/O on a hung device must not hang the caller too.
- */
-export function tool(name: string, args: string[], opts: { timeoutMs?: number; input?: string } = {}): Promise<ToolResult> {
-  return new Promise((resolve) => {
-    let settled = false;
-    let timedOut = false;
-    const finish = (r: ToolResult) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      resolve(r);
-    };
-    const child = execFile(
-      which(name) ?? name,
-      args,
-      { encoding: "utf8", maxBuffer: 64 * MiB, env: { ...process.env, LANG: "C" } },
-      (err, stdout, stderr) => {
-        children.delete(child);
-        const e = err as (Error & { code?: number | string; signal?: NodeJS.Signals }) | null;
-        const code = e ? (typeof e.code === "number" ? e.code : null) : 0;
-        const note = timedOut ? `\n(killed after ${opts.timeoutMs ?? 60_000} ms)` : e && code === null && !e.signal ? e.message : "";
-        finish({ code, signal: e?.signal ?? null, stdout, stderr: stderr + note });
-      },
-    );
-    children.add(child);
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill("SIGKILL");
-      // Still not gone after a second: in D state. Give up waiting; the cleanup kills it again.
-      setTimeout(() => finish({ code: null, signal: "SIGKILL", stdout: "", stderr: `${name} ${args.join(" ")}: killed after ${opts.timeoutMs ?? 60_000} ms, not exited (stuck in I/O)` }), 1_000).unref();
-    }, opts.timeoutMs ?? 60_000);
-    child.stdin?.on("error", () => undefined); // EPIPE when it was killed or never reads
-    child.stdin?.end(opts.input ?? "");
-  });
-}
-
-/** Run a system tool that must succeed; returns its stdout. */
-export async function sh(name: string, ...args: string[]): Promise<string> {
-  const r = await tool(name, args);
-  if (r.code !== 0) {
-    throw new Error(`${name} ${args.join(" ")} failed (${r.signal ? `signal ${r.signal}` : `exit ${r.code}`}):\n${r.stderr}${r.stdout}`);
-  }
-  return r.stdout;
-}
-
-// ---------------------------------------------------------------------------------------------
-// System state: mounts, loop devices, processes
-
-function unescapeMount(s: string): string {
-  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-}
-
-/** [source, target] of every mount, from /proc/self/mounts. */
-export function mounts(): { source: string; target: string }[] {
-  return fs
-    .readFileSync("/proc/self/mounts", "utf8")
-    .split("\n")
-    .filter(Boolean)
-    .map((l) => {
-      const [source, target] = l.split(" ");
-      return { source: unescapeMount(source!), target: unescapeMount(target!) };
-    });
-}
-
-/** Bound loop devices and their backing files (as sysfs reports them). */
-export function boundLoops(): { dev: string; backing: string }[] {
-  const out: { dev: string; backing: string }[] = [];
-  for (const d of fs.readdirSync("/sys/block").filter((n) => n.startsWith("loop"))) {
-    try {
-      out.push({ dev: `/dev/${d}`, backing: fs.readFileSync(`/sys/block/${d}/loop/backing_file`, "utf8").trim() });
-    } catch {
-      // not bound
-    }
-  }
-  return out;
-}
-
-/** Processes whose executable basename is `exe` and whose command line mentions `needle`. */
-export function pidsOf(exe: string, needle: string): number[] {
-  const pids: number[] = [];
-  for (const pid of fs.readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
-    if (Number(pid) === process.pid) continue;
-    try {
-      const argv = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
-      if (argv.some((a) => path.basename(a) === exe) && argv.some((a) => a.includes(needle))) pids.push(Number(pid));
-    } catch {
-      // exited meanwhile
-    }
-  }
-  return pids;
-}
-
-function isUnder(p: string, dir: string): boolean {
-  return p === dir || p.startsWith(dir + "/");
-}
-
-function killQuietly(pid: number, signal: NodeJS.Signals = "SIGKILL"): void {
-  try {
-    process.kill(pid, signal);
-  } catch {
-    // gone
-  }
-}
+import { boundLoops, isUnder, killQuietly, mounts, pidsOf, unescapeMount } from "./system-state.js";
+import { killRunningTools, runningTools, sh, tool, which } from "./tools.js";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-// ---------------------------------------------------------------------------------------------
-// Files with known contents
-
-/** `bytes` of deterministic pseudo-random data for `key` (AES-CTR keystream). */
-export function patternBytes(key: string, bytes: number): Buffer {
-  const k = crypto.createHash("sha256").update(key).digest();
-  const cipher = crypto.createCipheriv("aes-256-ctr", k, Buffer.alloc(16));
-  return Buffer.concat([cipher.update(Buffer.alloc(bytes)), cipher.final()]);
-}
-
-export const sha256 = (b: Buffer) => crypto.createHash("sha256").update(b).digest("hex");
-
-/** A directory tree: relative path → contents. Directories are implied by the paths. */
-export type Tree = Map<string, Buffer>;
-
-/**
- * A tree of `count` files in nested directories, sizes from 0 bytes to `maxBytes`, including the
- * awkward ones (1, 4095, 4096, 4097 bytes), contents derived from `seed`.
- */
-export function makeTree(seed: string, count: number, maxBytes: number): Tree {
-  const fixed = [0, 1, 511, 4095, 4096, 4097, 65536 + 17];
-  const tree: Tree = new Map();
-  for (let i = 0; i < count; i++) {
-    const dir = i % 5 === 0 ? "" : `d${i % 3}/${i % 2 ? "sub/" : ""}`;
-    const size = i < fixed.length ? fixed[i]! : Math.floor(((i * 7919) % 1000) / 1000 * maxBytes) + 1;
-    tree.set(`${dir}f${i}.bin`, patternBytes(`${seed}/${i}`, Math.min(size, maxBytes)));
-  }
-  return tree;
-}
-
-export function writeTree(root: string, tree: Tree): void {
-  for (const [rel, data] of tree) {
-    fs.mkdirSync(path.dirname(path.join(root, rel)), { recursive: true });
-    fs.writeFileSync(path.join(root, rel), data);
-  }
-}
-
-/** sha256 of every regular file under `root` (lost+found excluded), by relative path, sorted. */
-export function hashTree(root: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (rel: string) => {
-    for (const e of fs.readdirSync(path.join(root, rel), { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (r === "lost+found") continue;
-      if (e.isDirectory()) walk(r);
-      else if (e.isFile()) out[r] = sha256(fs.readFileSync(path.join(root, r)));
-      else out[r] = `<${e.isSymbolicLink() ? "symlink" : "special"}>`;
-    }
-  };
-  walk("");
-  return Object.fromEntries(Object.entries(out).sort(([a], [b]) => a.localeCompare(b)));
-}
-
-/** What `hashTree` should return for `tree`. */
-export function treeHashes(tree: Tree): Record<string, string> {
-  return Object.fromEntries([...tree].map(([rel, data]) => [rel, sha256(data)] as const).sort(([a], [b]) => a.localeCompare(b)));
-}
-
-/** sha256 of the first `bytes` (default: all) of a device or file, read in 4 MiB steps. */
-export function digestDevice(dev: string, bytes?: number): string {
-  const fd = fs.openSync(dev, "r");
-  try {
-    const h = crypto.createHash("sha256");
-    const buf = Buffer.alloc(4 * MiB);
-    for (let pos = 0; bytes === undefined || pos < bytes; ) {
-      const n = fs.readSync(fd, buf, 0, bytes === undefined ? buf.length : Math.min(buf.length, bytes - pos), pos);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
-      pos += n;
-    }
-    return h.digest("hex");
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** `length` bytes of `dev` (a device or file) at byte offset `pos`. */
-export function readAt(dev: string, pos: number, length: number): Buffer {
-  const fd = fs.openSync(dev, "r");
-  try {
-    const buf = Buffer.alloc(length);
-    let done = 0;
-    while (done < length) {
-      const n = fs.readSync(fd, buf, done, length - done, pos + done);
-      if (n === 0) break;
-      done += n;
-    }
-    return buf;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The per-file environment
 
 export interface Leftovers {
   children: number[];
@@ -556,7 +273,7 @@ export class RootEnv {
     /** The way out of any hang below the kernel devices: abort the FUSE connections (I/O fails). */
     const abortFuse = () => pidsOf("nbdfuse", this.runDir).forEach((pid) => killQuietly(pid));
     // 1. Tools still running from a test that timed out (they may be stuck until step 2).
-    for (const child of [...children]) child.kill("SIGKILL");
+    killRunningTools();
     // 2. Suspended devices: I/O to them (a thaw's superblock write, an unmount's writeback)
     //    would wait forever. So resume them before anything else.
     let hung = false;
@@ -576,7 +293,7 @@ export class RootEnv {
       abortFuse();
       d.proc.kill("SIGKILL");
     }
-    for (let i = 0; i < 50 && children.size > 0; i++) await sleep(20);
+    for (let i = 0; i < 50 && runningTools().length > 0; i++) await sleep(20);
     // 3. Frozen filesystems block every writer, umount included.
     for (const target of [...this.frozen]) {
       if ((await tool("fsfreeze", ["-u", target], { timeoutMs: 10_000 })).code === null) abortFuse();
@@ -625,9 +342,9 @@ export class RootEnv {
       fs.rmSync(this.scratchDir, { recursive: true, force: true });
       this.scratchDir = undefined;
     }
-    for (let i = 0; i < 50 && children.size > 0; i++) await sleep(20);
+    for (let i = 0; i < 50 && runningTools().length > 0; i++) await sleep(20);
     return {
-      children: [...children].map((c) => c.pid ?? -1),
+      children: runningTools().map((c) => c.pid ?? -1),
       daemons: pidsOf("udmd.js", this.runDir),
       nbdfuse: pidsOf("nbdfuse", this.runDir),
       mounts: this.ourMounts(),
@@ -648,7 +365,7 @@ export class RootEnv {
   /** The process-exit safety net: the same, synchronously and without waiting for anything. */
   cleanupSync(): void {
     const quiet = (cmd: string, args: string[]) => spawnSync(which(cmd) ?? cmd, args, { stdio: "ignore", timeout: 10_000 });
-    for (const child of children) child.kill("SIGKILL");
+    killRunningTools();
     // Abort FUSE first: I/O to the attached devices then fails at once instead of waiting on a
     // daemon that may be suspended or hung, so nothing below can block.
     for (const pid of pidsOf("nbdfuse", this.runDir)) killQuietly(pid);
@@ -711,267 +428,4 @@ export function useRootEnv(label: string): RootEnv {
     expect(fs.existsSync(env.base)).toBe(false);
   }, 60_000);
   return env;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Filesystems
-
-export interface FsKind {
-  name: "ext4" | "xfs";
-  /** Tools it needs besides BASE_TOOLS. */
-  tools: string[];
-  /** Smallest sensible device for it. */
-  minBytes: number;
-  mkfs(dev: string): Promise<void>;
-  /** A read-only check that must exit 0 on a clean filesystem; returns its output. */
-  check(dev: string): Promise<ToolResult>;
-  /** Mount options for a second copy of the same filesystem (a snapshot) next to the original. */
-  snapshotMountOptions(readOnly: boolean): string[];
-  /**
-   * Whether a snapshot of the frozen filesystem needs its log replayed (a read-write mount and
-   * unmount) before the read-only check can be clean. ext4's freeze leaves a clean journal; XFS's
-   * only covers its log, and its lazy superblock counters are settled by log recovery.
-   */
-  replayLogBeforeCheck: boolean;
-}
-
-export const EXT4: FsKind = {
-  name: "ext4",
-  tools: ["mkfs.ext4", "e2fsck", "fsfreeze"],
-  minBytes: 64 * MiB,
-  // No lazy initialisation: a background thread would keep writing after mount.
-  mkfs: async (dev) => void (await sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)),
-  check: (dev) => tool("e2fsck", ["-fn", dev]),
-  snapshotMountOptions: (readOnly) => (readOnly ? ["ro"] : []),
-  replayLogBeforeCheck: false,
-};
-
-export const XFS: FsKind = {
-  name: "xfs",
-  tools: ["mkfs.xfs", "xfs_repair", "fsfreeze"],
-  minBytes: 320 * MiB, // mkfs.xfs refuses filesystems under 300 MB
-  mkfs: async (dev) => void (await sh("mkfs.xfs", "-q", "-f", dev)),
-  check: (dev) => tool("xfs_repair", ["-n", dev]),
-  // The snapshot has the origin's UUID.
-  snapshotMountOptions: (readOnly) => ["nouuid", ...(readOnly ? ["ro"] : [])],
-  replayLogBeforeCheck: true,
-};
-
-// ---------------------------------------------------------------------------------------------
-// Changing a mounted tree, with a model of the result
-
-/**
- * Change the files of `tree` under `root` in every way a filesystem writes differently: rewrite
- * whole files, overwrite a range in place, append, truncate, delete, rename, and create new files
- * (one of `bigBytes`). Returns the tree the directory now holds.
- */
-export function changeTree(root: string, tree: Tree, seed: string, bigBytes = 2 * MiB): Tree {
-  const next: Tree = new Map(tree);
-  const names = [...tree.keys()].sort();
-  const at = (i: number) => names[i % names.length]!;
-  const file = (rel: string) => path.join(root, rel);
-  // Rewrite whole files (new blocks).
-  for (const rel of [at(1), at(7)]) {
-    const data = patternBytes(`${seed}/rewrite/${rel}`, tree.get(rel)!.length + 3000);
-    fs.writeFileSync(file(rel), data);
-    next.set(rel, data);
-  }
-  // Overwrite a range in the middle, in place (the old blocks change).
-  for (const rel of names.filter((n) => tree.get(n)!.length >= 16 * KiB).slice(0, 3)) {
-    const data = Buffer.from(next.get(rel)!);
-    const patch = patternBytes(`${seed}/patch/${rel}`, Math.min(9000, data.length >> 1));
-    const pos = (data.length >> 2) + 123;
-    const fd = fs.openSync(file(rel), "r+");
-    fs.writeSync(fd, patch, 0, patch.length, pos);
-    fs.closeSync(fd);
-    patch.copy(data, pos);
-    next.set(rel, data);
-  }
-  // Append.
-  {
-    const rel = at(4);
-    const extra = patternBytes(`${seed}/append`, 70_000);
-    fs.appendFileSync(file(rel), extra);
-    next.set(rel, Buffer.concat([next.get(rel)!, extra]));
-  }
-  // Truncate.
-  {
-    const rel = at(5);
-    const keep = Math.floor(next.get(rel)!.length / 3);
-    fs.truncateSync(file(rel), keep);
-    next.set(rel, next.get(rel)!.subarray(0, keep));
-  }
-  // Delete, rename.
-  for (const rel of [at(2), at(9)]) {
-    fs.rmSync(file(rel));
-    next.delete(rel);
-  }
-  {
-    const rel = at(11);
-    const to = `${path.dirname(rel) === "." ? "" : `${path.dirname(rel)}/`}renamed-${seed}.bin`;
-    fs.renameSync(file(rel), file(to));
-    next.set(to, next.get(rel)!);
-    next.delete(rel);
-  }
-  // New files, one big, one in a new directory.
-  const added: [string, number][] = [
-    [`new-${seed}/big.bin`, bigBytes],
-    [`new-${seed}/small.txt`, 100],
-    [`d1/new-${seed}.bin`, 33_333],
-  ];
-  for (const [rel, size] of added) {
-    const data = patternBytes(`${seed}/new/${rel}`, size);
-    fs.mkdirSync(path.dirname(file(rel)), { recursive: true });
-    fs.writeFileSync(file(rel), data);
-    next.set(rel, data);
-  }
-  return next;
-}
-
-// ---------------------------------------------------------------------------------------------
-// A snapshot of a live filesystem, the documented way
-
-export interface LiveSnapshot {
-  fs: FsKind;
-  originFile: string;
-  cowFile: string;
-  originLoop: LoopDevice;
-  cowLoop: LoopDevice;
-  /** Size of both tables, in sectors. */
-  sectors: number;
-  /** udm device names. */
-  base: string;
-  snap: string;
-  /** `base` attached and mounted here. */
-  baseDev: Attached;
-  mnt: string;
-  /** The files when the snapshot was taken. */
-  before: Tree;
-  /** The files on the origin now. */
-  after: Tree;
-}
-
-/** The snapshot table for `rig`, with chunk size `chunk` (0: from the COW header). */
-export function snapshotTable(rig: Pick<LiveSnapshot, "sectors" | "originLoop" | "cowLoop">, chunk: number, store = "P"): string {
-  return `0 ${rig.sectors} snapshot ${rig.originLoop.path} ${rig.cowLoop.path} ${store} ${chunk}`;
-}
-
-/**
- * Make a filesystem on a loop device (the origin), put it behind a snapshot-origin device in a
- * fresh udmd, attach and mount that, write a tree of files, freeze the filesystem and take a
- * persistent snapshot with 4 KiB chunks on a second loop device (suspend the origin, create the
- * snapshot, resume: docs/snapshot.md), thaw, then keep changing files on the origin (`change`).
- */
-export async function takeLiveSnapshot(
-  env: RootEnv,
-  kind: FsKind,
-  opts: {
-    originBytes?: number;
-    cowBytes: number;
-    /** Snapshot chunk size in sectors (default 8: one 4 KiB filesystem block per chunk). */
-    chunk?: number;
-    files?: number;
-    maxFileBytes?: number;
-    /** Rounds of changes on the origin after the snapshot (default 2). */
-    changes?: number;
-    /**
-     * Also overwrite a file of this size (`fio.dat`, written before the snapshot) with fio:
-     * random 4 KiB direct writes, 32 in flight, verified, while the changes run.
-     */
-    fioBytes?: number;
-  },
-): Promise<LiveSnapshot> {
-  const originBytes = opts.originBytes ?? Math.max(128 * MiB, kind.minBytes);
-  const originFile = env.sparseFile("origin.img", originBytes);
-  const cowFile = env.sparseFile("cow.img", opts.cowBytes); // sparse: its start reads as zeros, a new store
-  const originLoop = await env.loop(originFile);
-  const cowLoop = await env.loop(cowFile);
-  await kind.mkfs(originLoop.path);
-
-  const sectors = originBytes / SECTOR;
-  const base = env.name("base");
-  const snap = env.name("snap");
-  await env.startDaemon();
-  await env.ok("create", base, "--table", `0 ${sectors} snapshot-origin ${originLoop.path}`);
-  const baseDev = await env.attach(base);
-  const mnt = env.dir("origin");
-  await env.mount(baseDev.link, mnt);
-
-  const before = makeTree(`${kind.name}-before`, opts.files ?? 24, opts.maxFileBytes ?? 1 * MiB);
-  if (opts.fioBytes) before.set("fio.dat", patternBytes(`${kind.name}-fio`, opts.fioBytes));
-  writeTree(mnt, before);
-  await sh("sync", "-f", mnt);
-  // A frozen filesystem is consistent on disk (its journal flushed): what the snapshot captures.
-  await env.freeze(mnt);
-  await env.ok("suspend", base);
-  await env.ok("create", snap, "--table", snapshotTable({ sectors, originLoop, cowLoop }, opts.chunk ?? 8));
-  await env.ok("resume", base);
-  // Nothing copied yet: only the header and the first metadata area, a chunk each (thawing
-  // writes the superblock, so check before).
-  const fresh = 2 * (opts.chunk ?? 8);
-  expect(await env.ok("status", snap)).toBe(`0 ${sectors} snapshot ${fresh}/${opts.cowBytes / SECTOR} ${fresh}\n`);
-  await env.thaw(mnt);
-
-  let after = before;
-  const fio = opts.fioBytes ? fioOverwrite(path.join(mnt, "fio.dat"), opts.fioBytes) : null;
-  for (let round = 0; round < (opts.changes ?? 2); round++) {
-    after = changeTree(mnt, after, `${kind.name}-after${round}`);
-    await sh("sync", "-f", mnt);
-  }
-  if (fio) {
-    await fio;
-    after = new Map(after).set("fio.dat", fs.readFileSync(path.join(mnt, "fio.dat")));
-  }
-  return { fs: kind, originFile, cowFile, originLoop, cowLoop, sectors, base, snap, baseDev, mnt, before, after };
-}
-
-/**
- * Overwrite every 4 KiB block of the existing file `file` once, in random order, with direct
- * writes (32 in flight), then read each back and check its crc32c. Fails unless fio reports no
- * error and wrote and verified all `bytes`.
- */
-export async function fioOverwrite(file: string, bytes: number, opts: { iodepth?: number } = {}): Promise<void> {
-  const r = await tool("fio", [
-    "--name=overwrite",
-    `--filename=${file}`,
-    `--size=${bytes}`,
-    "--rw=randwrite",
-    "--bs=4k",
-    "--direct=1",
-    "--ioengine=libaio",
-    `--iodepth=${opts.iodepth ?? 32}`,
-    "--overwrite=1",
-    "--verify=crc32c",
-    "--verify_fatal=1",
-    "--randrepeat=1",
-    "--output-format=json",
-  ], { timeoutMs: 120_000 });
-  expect(r.code, `fio over ${file}:\n${r.stderr}${r.stdout}`).toBe(0);
-  const job = (JSON.parse(r.stdout.slice(r.stdout.indexOf("{"))) as { jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }).jobs[0]!;
-  expect({ error: job.error, written: job.write.io_bytes, verified: job.read.io_bytes }).toEqual({ error: 0, written: bytes, verified: bytes });
-}
-
-/** `<allocated>/<total> <metadata>` of a snapshot (or snapshot-merge) status line, as numbers. */
-export function snapshotUsage(status: string): { allocated: number; total: number; metadata: number } {
-  const m = / snapshot(?:-merge)? (\d+)\/(\d+) (\d+)\n?$/.exec(status);
-  if (!m) throw new Error(`not a snapshot usage status: ${JSON.stringify(status)}`);
-  return { allocated: Number(m[1]), total: Number(m[2]), metadata: Number(m[3]) };
-}
-
-/**
- * Expect the filesystem on the attached snapshot `dev` to check clean, replaying its log first
- * (mount read-write at `mnt`, unmount) where the filesystem needs that (`replayLogBeforeCheck`).
- */
-export async function expectCleanSnapshot(env: RootEnv, kind: FsKind, dev: string, mnt: string): Promise<void> {
-  if (kind.replayLogBeforeCheck) {
-    await env.mount(dev, mnt, kind.snapshotMountOptions(false));
-    await env.umount(mnt);
-  }
-  await expectClean(kind, dev);
-}
-
-/** Expect `kind`'s read-only check of `dev` to pass. */
-export async function expectClean(kind: FsKind, dev: string): Promise<void> {
-  const r = await kind.check(dev);
-  expect(r.code, `${kind.name} check of ${dev}:\n${r.stdout}${r.stderr}`).toBe(0);
 }

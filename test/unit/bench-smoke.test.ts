@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import { MATRIX_CONFIGS, MATRIX_WORKLOADS, matrixUnavailableReason } from "../../bench/matrix.js";
 import { main } from "../../bench/run.js";
 import { runSnapshotBenchmark, snapshotRows } from "../../bench/snapshot.js";
+import { skipOrFail } from "../support/requirements.js";
 
 // Runs the micro-benchmark end to end on a tiny file; says nothing about speed.
 describe("micro-benchmark smoke", () => {
@@ -46,16 +47,10 @@ describe("snapshot benchmark smoke", () => {
 // size; says nothing about speed, only that every configuration produced its rows. It needs fio,
 // nbdkit and qemu-utils (and dist/, which `npm test` builds): without them it is skipped with the
 // reason printed, and with UDM_REQUIRE_ROOT_TESTS=1 (CI) that is a failure.
-const required = process.env.UDM_REQUIRE_ROOT_TESTS === "1";
 const matrixSkip = matrixUnavailableReason();
-if (matrixSkip !== null) console.warn(`benchmark matrix smoke ${required ? "REQUIRED but cannot run" : "skipped"}: ${matrixSkip}`);
 
 describe("benchmark matrix smoke", () => {
-  if (matrixSkip !== null && required) {
-    it("benchmark matrix smoke must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
-      throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but the benchmark matrix cannot run: ${matrixSkip}`);
-    });
-  }
+  skipOrFail("benchmark matrix smoke", matrixSkip);
 
   it.skipIf(matrixSkip !== null)("runs every configuration and workload in quick mode and produces every row", async () => {
     const printed: string[] = [];
