@@ -12,7 +12,10 @@ export async function example(): Promise<string[]> {
   const out: string[] = [];
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "udm-example-"));
   const disks = ["a.img", "b.img"].map((f) => path.join(dir, f));
-  for (const d of disks) fs.writeFileSync(d, Buffer.alloc(0)), fs.truncateSync(d, 8 * 1024 * 1024);
+  for (const d of disks) {
+    fs.writeFileSync(d, Buffer.alloc(0));
+    fs.truncateSync(d, 8 * 1024 * 1024);
+  }
 
   const dm = createDeviceMapper();
   // 4 MiB striped over both files in 64 KiB chunks, then 1 MiB that reads as zeros.

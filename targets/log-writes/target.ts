@@ -245,8 +245,9 @@ export class LogWritesTarget extends Target<LogWritesContext> {
       { sector: block.sector, nrSectors: block.nrSectors, flags: block.flags, ...(block.mark ? { mark: block.mark } : {}) },
       this.sectorSize,
     );
-    this.writeLog(sector, entry);
-    if (block.data && block.data.length > 0) this.writeLog(sector + this.blockSectors, block.data);
+    // writeLog never rejects (a failed log write disables logging) and tracks itself in `inflight`.
+    void this.writeLog(sector, entry);
+    if (block.data && block.data.length > 0) void this.writeLog(sector + this.blockSectors, block.data);
   }
 
   /** Rewrite the super block with the current count, in order with everything logged before. */

@@ -53,7 +53,7 @@ export class Origin<S extends OriginSnapshot = OriginSnapshot> {
   }
 }
 
-const origins = new WeakMap<BlockDevice, Origin<any>>();
+const origins = new WeakMap<BlockDevice, Origin>();
 
 /**
  * `_pending_exceptions_done_count`: goes up every time any pending exception of any snapshot
