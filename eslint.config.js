@@ -2,6 +2,15 @@
 import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
+/**
+ * A no-restricted-imports rule for `files`: relative imports that climb into one of the top-level
+ * folders matched by `folders` (or the root index.ts) are refused; `regex` replaces that test.
+ */
+function layer(files, message, folders, regex) {
+  const pattern = regex ?? `^(\\.\\./)+(${folders}|index\\.js$)`;
+  return { files, rules: { "no-restricted-imports": ["error", { patterns: [{ regex: pattern, message }] }] } };
+}
+
 export default tseslint.config(
   { ignores: ["dist/**", "node_modules/**"] },
   js.configs.recommended,
@@ -20,6 +29,12 @@ export default tseslint.config(
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" }],
     },
   },
+  // Layering (docs/architecture.md, "A tour of the tree"): each folder imports only from those below it.
+  layer(["core/**/*.ts"], "core/ imports only core/", "(targets|nbd|dmsetup|test|bench)/"),
+  layer(["core/sys/**/*.ts"], "core/sys/ imports nothing else of udm", null, "^\\.\\./"),
+  layer(["targets/**/*.ts"], "targets/ import only core/", "(nbd|dmsetup|test|bench)/"),
+  layer(["nbd/**/*.ts"], "nbd/ imports only core/", "(targets|dmsetup|test|bench)/"),
+  layer(["dmsetup/**/*.ts"], "dmsetup/ does not import tests or benchmarks", null, "^(\\.\\./)+(test|bench)/"),
   {
     // Plain JavaScript (plugin fixtures, scripts, this file): not part of any tsconfig project.
     files: ["**/*.js", "**/*.mjs"],
