@@ -6,37 +6,25 @@
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { beforeEach, describe, expect, it } from "vitest";
 import { ControlClient } from "../../dmsetup/control/client.js";
 import { WireClient } from "../support/nbd-client.js";
-import { type RunningDaemon, startDaemon, tempDir, udmsetup, UDMD } from "../support/daemon.js";
+import { udmsetup, UDMD, useDaemon } from "../support/daemon.js";
 
-let dir: string;
-let daemon: RunningDaemon | undefined;
-let files: string;
+const env = useDaemon("udm-files-");
 
-beforeEach(async () => {
-  dir = tempDir();
-  files = tempDir("udm-files-");
+beforeEach(() => {
   for (const f of ["a.img", "b.img"]) {
-    fs.writeFileSync(path.join(files, f), "");
-    fs.truncateSync(path.join(files, f), 1024 * 1024);
+    fs.writeFileSync(path.join(env.files, f), "");
+    fs.truncateSync(path.join(env.files, f), 1024 * 1024);
   }
-  daemon = await startDaemon(dir);
 });
 
-afterEach(async () => {
-  await daemon?.stop();
-  daemon = undefined;
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
-});
-
-const run = (...args: string[]) => udmsetup(dir, args);
+const run = (...args: string[]) => udmsetup(env.dir, args);
 
 describe("udmsetup output formats", () => {
   it("create, ls, table, status, info, deps, targets, version", async () => {
-    const a = path.join(files, "a.img");
+    const a = path.join(env.files, "a.img");
     expect(await run("create", "lin", "--table", `0 1024 linear ${a} 0`)).toEqual({ code: 0, stdout: "", stderr: "" });
     expect((await run("create", "z", "-u", "UUID-Z", "--table", "0 16 zero")).code).toBe(0);
     expect((await run("ls")).stdout).toBe("lin\t(253:0)\nz\t(253:1)\n");
@@ -56,7 +44,7 @@ describe("udmsetup output formats", () => {
         "Number of targets: 1",
         "UUID: UUID-Z",
         "",
-        `NBD URI:           nbd+unix:///z?socket=${dir}/nbd.sock`,
+        `NBD URI:           nbd+unix:///z?socket=${env.dir}/nbd.sock`,
         "",
         "",
       ].join("\n"),
@@ -71,12 +59,12 @@ describe("udmsetup output formats", () => {
   });
 
   it("reads tables from a file and from stdin, skipping comments", async () => {
-    const a = path.join(files, "a.img");
-    const tableFile = path.join(files, "t.table");
+    const a = path.join(env.files, "a.img");
+    const tableFile = path.join(env.files, "t.table");
     fs.writeFileSync(tableFile, `# a comment\n\n0 8 linear ${a} 0 # trailing comment\n8 8 zero\n`);
     expect((await run("create", "f", tableFile)).code).toBe(0);
     expect((await run("table", "f")).stdout).toBe(`0 8 linear ${a} 0\n8 8 zero \n`);
-    const viaStdin = await udmsetup(dir, ["--no-autostart", "create", "s"], `0 4 zero\n`);
+    const viaStdin = await udmsetup(env.dir, ["--no-autostart", "create", "s"], `0 4 zero\n`);
     expect(viaStdin.code).toBe(0);
     expect((await run("table", "s")).stdout).toBe("0 4 zero \n");
   });
@@ -91,8 +79,8 @@ describe("udmsetup output formats", () => {
     expect((await run("ls")).stdout).toBe("No devices found\n");
     const unknown = await run("create", "u", "--table", "0 10 nosuch");
     expect(unknown.stderr).toContain("nosuch: unknown target type\n");
-    const small = await run("create", "s", "--table", `0 4096 linear ${path.join(files, "a.img")} 0`);
-    expect(small.stderr).toContain(`${path.join(files, "a.img")} too small for target: start=0, len=4096, dev_size=2048\n`);
+    const small = await run("create", "s", "--table", `0 4096 linear ${path.join(env.files, "a.img")} 0`);
+    expect(small.stderr).toContain(`${path.join(env.files, "a.img")} too small for target: start=0, len=4096, dev_size=2048\n`);
     const gap = await run("create", "g", "--table", "0 8 zero\n10 8 zero");
     expect(gap.stderr).toContain("zero: Gap in table\n");
     expect((await run("ls")).stdout).toBe("No devices found\n");
@@ -100,7 +88,7 @@ describe("udmsetup output formats", () => {
   });
 
   it("reload, suspend, resume, message errors, rename and wait", async () => {
-    const a = path.join(files, "a.img");
+    const a = path.join(env.files, "a.img");
     await run("create", "d", "--table", "0 8 zero");
     expect((await run("reload", "d", "--table", `0 16 linear ${a} 0`)).code).toBe(0);
     expect((await run("info", "-c", "--noheadings", "d")).stdout).toBe("d:253:0:LI-w:0:1:0:\n");
@@ -114,7 +102,7 @@ describe("udmsetup output formats", () => {
     );
     expect((await run("message", "d", "x", "hello")).stderr).toBe("Invalid sector.\nCommand failed.\n");
     // One connection, so the wait is registered before the rename arrives.
-    const client = await ControlClient.connect(path.join(dir, "control"));
+    const client = await ControlClient.connect(path.join(env.dir, "control"));
     const waiting = client.request("wait", { name: "d", eventNr: 0 });
     await client.request("rename", { name: "d", newName: "e" });
     expect(await waiting).toMatchObject({ info: { name: "e", eventNr: 1 } });
@@ -125,7 +113,7 @@ describe("udmsetup output formats", () => {
 
   it("an NBD client of a renamed device still counts: remove refuses until it leaves, --force ends it", async () => {
     await run("create", "d", "--table", "0 64 zero");
-    const client = await WireClient.connect(path.join(dir, "nbd.sock"), "d");
+    const client = await WireClient.connect(path.join(env.dir, "nbd.sock"), "d");
     expect((await run("rename", "d", "e")).code).toBe(0);
     expect(await run("remove", "e")).toMatchObject({ code: 1, stderr: expect.stringContaining("e: 1 NBD client(s) connected") });
     expect((await client.read(0, 4096)).error).toBe(0); // still served, under its new name
@@ -142,25 +130,25 @@ describe("udmsetup output formats", () => {
 
 describe("udmd lifecycle", () => {
   it("refuses a second daemon on the same run directory, and takes over after kill -9", async () => {
-    const second = spawn(process.execPath, [UDMD, "--run-dir", dir], { stdio: ["ignore", "ignore", "pipe"] });
+    const second = spawn(process.execPath, [UDMD, "--run-dir", env.dir], { stdio: ["ignore", "ignore", "pipe"] });
     let err = "";
     second.stderr!.on("data", (d) => (err += d));
     const code = await new Promise((r) => second.once("exit", r));
     expect(code).toBe(1);
-    expect(err).toBe(`udmd: udmd is already running on ${dir} (pid ${daemon!.proc.pid})\n`);
+    expect(err).toBe(`udmd: udmd is already running on ${env.dir} (pid ${env.daemon.proc.pid})\n`);
 
     await run("create", "keep", "--table", "0 8 zero");
-    await daemon!.stop("SIGKILL");
-    expect(fs.existsSync(path.join(dir, "control"))).toBe(true); // stale socket left behind
-    daemon = await startDaemon(dir);
+    await env.daemon.stop("SIGKILL");
+    expect(fs.existsSync(path.join(env.dir, "control"))).toBe(true); // stale socket left behind
+    await env.restart();
     expect((await run("ls")).stdout).toBe("No devices found\n");
   });
 
   it("SIGTERM flushes and removes devices and cleans the run directory", async () => {
     await run("create", "x", "--table", "0 8 zero");
-    expect(await daemon!.stop("SIGTERM")).toBe(0);
-    expect(fs.readdirSync(dir).filter((f) => f !== "udmd.log")).toEqual([]);
-    expect(daemon!.stderr()).toContain('"udmd stopped"');
+    expect(await env.daemon.stop("SIGTERM")).toBe(0);
+    expect(fs.readdirSync(env.dir).filter((f) => f !== "udmd.log")).toEqual([]);
+    expect(env.daemon.stderr()).toContain('"udmd stopped"');
   });
 
   it("refuses control clients that are neither root nor the daemon's user", async () => {
@@ -169,12 +157,12 @@ describe("udmd lifecycle", () => {
       expect(process.env.UDM_REQUIRE_ROOT_TESTS, "root required in CI").not.toBe("1");
       return;
     }
-    fs.chmodSync(dir, 0o711);
-    fs.chmodSync(path.join(dir, "control"), 0o666);
-    const r = await udmsetup(dir, ["ls"], undefined, {});
+    fs.chmodSync(env.dir, 0o711);
+    fs.chmodSync(path.join(env.dir, "control"), 0o666);
+    const r = await udmsetup(env.dir, ["ls"], undefined, {});
     expect(r.code).toBe(0);
     const asNobody = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
-      const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/dmsetup/bin/udmsetup.js"), "--run-dir", dir, "--no-autostart", "ls"], {
+      const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/dmsetup/bin/udmsetup.js"), "--run-dir", env.dir, "--no-autostart", "ls"], {
         uid: 65534,
         gid: 65534,
       });
@@ -187,17 +175,16 @@ describe("udmd lifecycle", () => {
   });
 
   it("loads plugins at start and refuses to start when one fails", async () => {
-    await daemon!.stop();
+    await env.daemon.stop();
     const plugin = path.resolve(__dirname, "../fixtures/plugins/io-stats.mjs");
-    daemon = await startDaemon(dir, ["--plugin", plugin]);
+    await env.restart(["--plugin", plugin]);
     expect((await run("targets")).stdout.split("\n")[0]).toBe("io-stats-js      v0.1.0");
-    await daemon.stop();
-    const failing = spawn(process.execPath, [UDMD, "--run-dir", dir, "--plugin", "./no/such/plugin.js"], { stdio: ["ignore", "ignore", "pipe"] });
+    await env.daemon.stop();
+    const failing = spawn(process.execPath, [UDMD, "--run-dir", env.dir, "--plugin", "./no/such/plugin.js"], { stdio: ["ignore", "ignore", "pipe"] });
     let err = "";
     failing.stderr!.on("data", (d) => (err += d));
     expect(await new Promise((r) => failing.once("exit", r))).toBe(1);
     expect(err).toMatch(/^udmd: cannot start: plugin \.\/no\/such\/plugin\.js: cannot load: /);
-    expect(fs.existsSync(path.join(dir, "control"))).toBe(false);
-    daemon = undefined;
+    expect(fs.existsSync(path.join(env.dir, "control"))).toBe(false);
   });
 });

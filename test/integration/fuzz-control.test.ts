@@ -18,7 +18,7 @@ import { parseTableText, type TargetSpec } from "../../core/table-text.js";
 import type { ControlClient } from "../../dmsetup/control/client.js";
 import { type BadTable, loadBadTables } from "../support/bad-tables.js";
 import { ControlFuzzStats, type FuzzLine, countRequestLines, genLine, reasonProblem } from "../support/control-fuzz.js";
-import { type RunningDaemon, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+import { udmsetup, useDaemon } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
 import { Rng, seedFrom } from "../support/rng.js";
 import { alive, cli, control, createSnapshot, daemonState, makeFile } from "../support/udmd-tools.js";
@@ -29,18 +29,13 @@ const LINES = Number(process.env.UDM_CONTROL_FUZZ_LINES ?? 20_000);
 const KEEP_UUID = "UDM-FUZZ-KEEP";
 const SPARE_TABLE = (file: string) => `0 1024 linear ${file} 0\n1024 1024 linear ${file} 1024`;
 
-let dir: string;
-let files: string;
-let daemon: RunningDaemon;
+const env = useDaemon("udm-fuzz-control-", { per: "file" });
 let client: ControlClient;
 let vars: Record<string, string>;
 let keepInitial: Buffer;
 
 beforeAll(async () => {
-  dir = tempDir();
-  files = tempDir("udm-fuzz-control-");
-  daemon = await startDaemon(dir);
-  const f = (name: string) => path.join(files, name);
+  const f = (name: string) => path.join(env.files, name);
   makeFile(f("a.img"), 1024 * 1024);
   makeFile(f("b.img"), 1024 * 1024);
   makeFile(f("cow.img"), 1024 * 1024);
@@ -51,13 +46,13 @@ beforeAll(async () => {
   makeFile(f("spare.img"), 1024 * 1024);
   fs.mkdirSync(f("dir"));
   fs.symlinkSync(f("nowhere"), f("dangling"));
-  await cli(dir, "create", "keep", "-u", KEEP_UUID, "--table", `0 2048 linear ${f("keep.img")} 0`);
-  await cli(dir, "create", "other", "--table", "0 64 zero\n64 64 error");
-  await cli(dir, "create", "orig", "--table", `0 2048 snapshot-origin ${f("origin.img")}`);
-  await createSnapshot(dir, "orig", "snap", `0 2048 snapshot ${f("origin.img")} ${f("snapcow.img")} P 8`);
-  await cli(dir, "create", "empty", "--notable");
-  await cli(dir, "create", "spare", "--table", SPARE_TABLE(f("spare.img")));
-  client = await control(dir);
+  await cli(env.dir, "create", "keep", "-u", KEEP_UUID, "--table", `0 2048 linear ${f("keep.img")} 0`);
+  await cli(env.dir, "create", "other", "--table", "0 64 zero\n64 64 error");
+  await cli(env.dir, "create", "orig", "--table", `0 2048 snapshot-origin ${f("origin.img")}`);
+  await createSnapshot(env.dir, "orig", "snap", `0 2048 snapshot ${f("origin.img")} ${f("snapcow.img")} P 8`);
+  await cli(env.dir, "create", "empty", "--notable");
+  await cli(env.dir, "create", "spare", "--table", SPARE_TABLE(f("spare.img")));
+  client = await control(env.dir);
   const spare = (await client.request("info", { name: "spare" })) as { major: number; minor: number };
   vars = {
     A: f("a.img"),
@@ -71,16 +66,11 @@ beforeAll(async () => {
   };
 });
 
-afterAll(async () => {
-  client?.close();
-  await daemon?.stop();
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
-});
+afterAll(() => client?.close());
 
 /** An NBD client doing verified I/O on "keep" until the returned function is called. */
 async function keepBusy(seed: number): Promise<() => Promise<IoStats>> {
-  const nbd = await WireClient.connect(path.join(dir, "nbd.sock"), "keep");
+  const nbd = await WireClient.connect(path.join(env.dir, "nbd.sock"), "keep");
   // The model starts from what is there now (an earlier test wrote to the device too).
   const now = await nbd.read(0, 2048 * SECTOR);
   expect(now.error).toBe(0);
@@ -115,7 +105,7 @@ async function mapLimit<T, R>(items: T[], limit: number, fn: (item: T, index: nu
 
 /** The daemon's error-level log lines that are not the kernel-style reasons it logs on purpose. */
 function internalErrors(): string[] {
-  return daemon
+  return env.daemon
     .stderr()
     .split("\n")
     .filter((l) => l.includes('"level":"error"') && !l.includes('"msg":"snapshot: exception store"'));
@@ -130,7 +120,7 @@ describe("malformed tables", () => {
     let cliRejected = 0;
     let loadRejected = 0;
     let resumeRejected = 0;
-    const spareSpecs = parseTableText(SPARE_TABLE(path.join(files, "spare.img")));
+    const spareSpecs = parseTableText(SPARE_TABLE(path.join(env.files, "spare.img")));
     // Loads onto SPARE one at a time: a load replaces the inactive table another one left.
     let spareLock: Promise<unknown> = Promise.resolve();
     const onSpare = <T>(fn: () => Promise<T>): Promise<T> => {
@@ -146,10 +136,10 @@ describe("malformed tables", () => {
       const found: string[] = [];
       if (!e.loadOnly) {
         const name = `bt-${i}`;
-        const r = await udmsetup(dir, ["create", name, `--table=${e.text}`]);
+        const r = await udmsetup(env.dir, ["create", name, `--table=${e.text}`]);
         if (r.code === 0) {
           found.push("udmsetup create succeeded");
-          await udmsetup(dir, ["remove", "--force", name]); // keep the rest of the run meaningful
+          await udmsetup(env.dir, ["remove", "--force", name]); // keep the rest of the run meaningful
         } else if (r.code !== 1 || r.stdout !== "" || !r.stderr.includes(e.reason) || !r.stderr.endsWith("Command failed.\n")) {
           found.push(`udmsetup create: exit ${r.code}, stdout ${JSON.stringify(r.stdout)}, stderr ${JSON.stringify(r.stderr)}`);
         } else {
@@ -253,13 +243,13 @@ describe("control protocol fuzzing", () => {
     expect(after).toEqual(before);
     expect(io.mismatches).toEqual([]);
     expect(io.errors).toEqual([]);
-    expect(alive(daemon)).toBe(true);
+    expect(alive(env.daemon)).toBe(true);
     expect(internalErrors()).toEqual([]);
   });
 
   it("an oversize line or one cut off by the client ends only that connection", { timeout: 30_000 }, async () => {
     const before = await daemonState(client);
-    const sock = path.join(dir, "control");
+    const sock = path.join(env.dir, "control");
     // 16 MiB and more without a newline: refused (id 0), then the server closes the connection.
     const big = await rawExchange(sock, [Buffer.alloc(16 * 1024 * 1024 + 100, 0x20)]);
     expect(big.answers).toEqual([{ id: 0, ok: false, errno: "EINVAL", message: "request longer than 16777216 bytes" }]);
@@ -271,7 +261,7 @@ describe("control protocol fuzzing", () => {
     await mapLimit(Array.from({ length: 300 }, (_, i) => i), 20, async (i) => {
       await rawExchange(sock, i % 2 ? [Buffer.from('{"id":1,"op":"li')] : []);
     });
-    expect(alive(daemon)).toBe(true);
+    expect(alive(env.daemon)).toBe(true);
     expect(await daemonState(client)).toEqual(before);
     expect(internalErrors()).toEqual([]);
   });
@@ -280,7 +270,7 @@ describe("control protocol fuzzing", () => {
 describe("found by fuzzing", () => {
   // Fixed in dmsetup/control/protocol.ts: these said "unknown operation: undefined" / "...: info".
   it("a request without an op, or with one that is not a string, is told so", async () => {
-    const r = await rawExchange(path.join(dir, "control"), [
+    const r = await rawExchange(path.join(env.dir, "control"), [
       Buffer.from('{"id":1,"name":"keep"}\n{"id":2,"op":["info"],"name":"keep"}\n{"id":3,"op":null}\n{"id":4,"op":"infoo"}\n'),
     ]);
     expect(r.answers).toEqual(
@@ -317,7 +307,7 @@ async function fuzzConnection(lines: FuzzLine[], stats: ControlFuzzStats, label:
   for (const l of lines) if (l.id !== null) byId.set(l.id, l);
   const answered = new Set<number>();
   let answers = 0;
-  const socket = net.connect(path.join(dir, "control"));
+  const socket = net.connect(path.join(env.dir, "control"));
   socket.setEncoding("utf8");
   let buffered = "";
   await new Promise<void>((resolve, reject) => {

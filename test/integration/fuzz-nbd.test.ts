@@ -14,9 +14,9 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { beforeAll, describe, expect, it, vi } from "vitest";
 import { Cmd, NbdErrno, Opt, Rep } from "../../nbd/protocol.js";
-import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
+import { useDaemon } from "../support/daemon.js";
 import { RawConnection, WireClient, optionRequest, u16, u32 } from "../support/nbd-client.js";
 import { type FuzzConfig, type FuzzExport, FuzzStats, planSession, runSession } from "../support/nbd-fuzz.js";
 import { Rng, seedFrom } from "../support/rng.js";
@@ -29,9 +29,7 @@ const PACKETS = Number(process.env.UDM_FUZZ_PACKETS ?? 100_000);
 const SECONDS = Number(process.env.UDM_FUZZ_SECONDS ?? 45);
 const CONCURRENCY = 6;
 
-let dir: string;
-let files: string;
-let daemon: RunningDaemon;
+const env = useDaemon("udm-fuzz-nbd-", { args: ["--nbd-listen", "127.0.0.1:0"], per: "file" });
 const GOOD_SIZE = 4 * MiB;
 let goodInitial: Buffer;
 
@@ -48,37 +46,28 @@ const exports: FuzzExport[] = [
 ];
 
 beforeAll(async () => {
-  dir = tempDir();
-  files = tempDir("udm-fuzz-nbd-");
-  daemon = await startDaemon(dir, ["--nbd-listen", "127.0.0.1:0"]);
-  const f = (name: string) => path.join(files, name);
+  const f = (name: string) => path.join(env.files, name);
   goodInitial = stamp(0, 0, GOOD_SIZE / SECTOR);
   makeFile(f("good.img"), goodInitial);
   makeFile(f("lin.img"), 8 * MiB);
   makeFile(f("origin.img"), 4 * MiB);
   makeFile(f("cow.img"), 8 * MiB);
-  await cli(dir, "create", "good", "--table", `0 ${GOOD_SIZE / SECTOR} linear ${f("good.img")} 0`);
-  await cli(dir, "create", "fz-zero", "--table", `0 ${Number.MAX_SAFE_INTEGER} zero`);
-  await cli(dir, "create", "fz-small", "--table", "0 2048 zero");
-  await cli(dir, "create", "fz-lin", "--table", `0 16384 linear ${f("lin.img")} 0`);
-  await cli(dir, "create", "fz-ro", "-r", "--table", `0 8192 linear ${f("lin.img")} 8192`);
-  await cli(dir, "create", "fz-err", "--table", "0 4096 error");
-  await cli(dir, "create", "fz-mixed", "--table", `0 2048 zero\n2048 2048 error\n4096 4096 linear ${f("lin.img")} 0`);
-  await cli(dir, "create", "fz-origin", "--table", `0 8192 snapshot-origin ${f("origin.img")}`);
-  await createSnapshot(dir, "fz-origin", "fz-snap", `0 8192 snapshot ${f("origin.img")} ${f("cow.img")} P 8`);
-});
-
-afterAll(async () => {
-  await daemon?.stop();
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
+  await cli(env.dir, "create", "good", "--table", `0 ${GOOD_SIZE / SECTOR} linear ${f("good.img")} 0`);
+  await cli(env.dir, "create", "fz-zero", "--table", `0 ${Number.MAX_SAFE_INTEGER} zero`);
+  await cli(env.dir, "create", "fz-small", "--table", "0 2048 zero");
+  await cli(env.dir, "create", "fz-lin", "--table", `0 16384 linear ${f("lin.img")} 0`);
+  await cli(env.dir, "create", "fz-ro", "-r", "--table", `0 8192 linear ${f("lin.img")} 8192`);
+  await cli(env.dir, "create", "fz-err", "--table", "0 4096 error");
+  await cli(env.dir, "create", "fz-mixed", "--table", `0 2048 zero\n2048 2048 error\n4096 4096 linear ${f("lin.img")} 0`);
+  await cli(env.dir, "create", "fz-origin", "--table", `0 8192 snapshot-origin ${f("origin.img")}`);
+  await createSnapshot(env.dir, "fz-origin", "fz-snap", `0 8192 snapshot ${f("origin.img")} ${f("cow.img")} P 8`);
 });
 
 describe("NBD fuzzing", () => {
   it(`survives >= ${PACKETS} random and mutated packets; other clients' verified I/O is unaffected`, { timeout: 60_000 }, async () => {
     console.log(`fuzz-nbd: seed ${SEED} (replay with UDM_FUZZ_SEED=${SEED})`);
-    const unixSocket = path.join(dir, "nbd.sock");
-    const port = nbdTcpPort(daemon);
+    const unixSocket = path.join(env.dir, "nbd.sock");
+    const port = nbdTcpPort(env.daemon);
     const unixConfig: FuzzConfig = { exports, connect: () => net.connect(unixSocket) };
     const tcpConfig: FuzzConfig = { exports, connect: () => net.connect(port, "127.0.0.1") };
 
@@ -100,7 +89,7 @@ describe("NBD fuzzing", () => {
 
     // The fuzz: sessions planned from the seed, CONCURRENCY at a time, until PACKETS are sent.
     const stats = new FuzzStats();
-    const rssBefore = rssKiB(daemon.proc.pid!);
+    const rssBefore = rssKiB(env.daemon.proc.pid!);
     const deadline = Date.now() + SECONDS * 1000;
     const only = process.env.UDM_FUZZ_SESSION === undefined ? null : Number(process.env.UDM_FUZZ_SESSION);
     let nextSession = only ?? 0;
@@ -124,7 +113,7 @@ describe("NBD fuzzing", () => {
 
     stopGood = true;
     await Promise.all(goodRuns);
-    const rssAfter = rssKiB(daemon.proc.pid!);
+    const rssAfter = rssKiB(env.daemon.proc.pid!);
 
     console.log(
       `fuzz-nbd: seed ${SEED}: ${stats.packets} packets (${stats.mutatedPackets} mutated, ${stats.framingMutations} of them breaking the framing; ${(stats.bytesSent / MiB).toFixed(1)} MiB) ` +
@@ -140,12 +129,12 @@ describe("NBD fuzzing", () => {
 
     if (only !== null) {
       // Replaying one session: show what the daemon made of it.
-      const log = daemon.stderr().split("\n").filter((l) => /"nbd |"level":"(warn|error)"/.test(l));
+      const log = env.daemon.stderr().split("\n").filter((l) => /"nbd |"level":"(warn|error)"/.test(l));
       console.log(`fuzz-nbd: udmd log for session ${only}:\n${log.slice(-40).join("\n")}`);
     } else if (stats.failures.length) {
       // Keep udmd's whole log for the post-mortem (failure messages carry their time).
       const saved = path.join(os.tmpdir(), `udm-fuzz-nbd-${SEED}-udmd.log`);
-      fs.writeFileSync(saved, daemon.stderr());
+      fs.writeFileSync(saved, env.daemon.stderr());
       console.log(`fuzz-nbd: udmd's log is in ${saved}`);
     }
     expect(stats.failures, `oracle failures (seed ${SEED})`).toEqual([]);
@@ -155,8 +144,8 @@ describe("NBD fuzzing", () => {
     if (only === null) expect(stats.packets).toBeGreaterThanOrEqual(PACKETS);
 
     // The daemon is up and answers; every fuzz connection has let go of its export.
-    expect(alive(daemon)).toBe(true);
-    const client = await control(dir);
+    expect(alive(env.daemon)).toBe(true);
+    const client = await control(env.dir);
     try {
       await vi.waitFor(
         async () => {
@@ -169,9 +158,9 @@ describe("NBD fuzzing", () => {
     } finally {
       client.close();
     }
-    expect(await cli(dir, "ls")).toMatch(/^fz-err\t/m);
-    expect(await cli(dir, "status", "fz-snap")).toMatch(/^0 8192 snapshot \d+\/16384 \d+\n$/);
-    const internal = daemon.stderr().split("\n").filter((l) => l.includes('"level":"error"'));
+    expect(await cli(env.dir, "ls")).toMatch(/^fz-err\t/m);
+    expect(await cli(env.dir, "status", "fz-snap")).toMatch(/^0 8192 snapshot \d+\/16384 \d+\n$/);
+    const internal = env.daemon.stderr().split("\n").filter((l) => l.includes('"level":"error"'));
     expect(internal, "udmd logged internal errors").toEqual([]);
   });
 });
@@ -179,7 +168,7 @@ describe("NBD fuzzing", () => {
 // Found by the fuzzer above (seeds 1 and 12345 before the fixes) and fixed in nbd/.
 describe("NBD bugs the fuzzer found", () => {
   it("an unaligned offset above 2^53 bytes is refused, not rounded onto a sector boundary (parser.ts)", async () => {
-    const c = await WireClient.connect(path.join(dir, "nbd.sock"), "fz-zero");
+    const c = await WireClient.connect(path.join(env.dir, "nbd.sock"), "fz-zero");
     const at = 1n << 61n; // inside the 2^62-byte export, where doubles are 512 apart
     for (const offset of [at + 1n, at + 255n, at - 1n, (1n << 53n) + 1n]) {
       expect((await c.request(Cmd.READ, offset, 512)).error, `read at ${offset}`).toBe(NbdErrno.EINVAL);
@@ -192,7 +181,7 @@ describe("NBD bugs the fuzzer found", () => {
   });
 
   it("replies to options pipelined before a fatal one go out before the close (connection.ts)", async () => {
-    const raw = await RawConnection.open(path.join(dir, "nbd.sock"));
+    const raw = await RawConnection.open(path.join(env.dir, "nbd.sock"));
     const info = Buffer.concat([u32(6), Buffer.from("nosuch"), u16(0)]);
     raw.socket.write(
       Buffer.concat([

@@ -4,37 +4,23 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { type RunningDaemon, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+import { describe, expect, it } from "vitest";
+import { udmsetup, useDaemon } from "../support/daemon.js";
 import { missingTools } from "../support/requirements.js";
 import { toolOk } from "../support/tools.js";
 
 const missing = missingTools("reload-under-io", ["qemu-io"]);
 
-let dir: string;
-let files: string;
-let daemon: RunningDaemon;
-
-beforeEach(async () => {
-  dir = tempDir();
-  files = tempDir("udm-reload-");
-  daemon = await startDaemon(dir);
-});
-
-afterEach(async () => {
-  await daemon.stop();
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
-});
+const env = useDaemon("udm-reload-");
 
 describe.skipIf(missing.length > 0)("reload under NBD load", () => {
   it("clients see no error and every write lands while the table is swapped repeatedly", async () => {
-    const disk = path.join(files, "disk.img");
+    const disk = path.join(env.files, "disk.img");
     fs.writeFileSync(disk, "");
     fs.truncateSync(disk, 16 * 1024 * 1024);
     const table = `0 32768 linear ${disk} 0`;
-    expect((await udmsetup(dir, ["create", "vol", "--table", table])).code).toBe(0);
-    const uri = `nbd+unix:///vol?socket=${dir}/nbd.sock`;
+    expect((await udmsetup(env.dir, ["create", "vol", "--table", table])).code).toBe(0);
+    const uri = `nbd+unix:///vol?socket=${env.dir}/nbd.sock`;
 
     // Three clients, each writing then verifying 128 x 4 KiB patterns in its own 4 MiB region.
     const clients = [0, 1, 2].map((c) => {
@@ -48,7 +34,7 @@ describe.skipIf(missing.length > 0)("reload under NBD load", () => {
     const reloading = (async () => {
       for (let i = 0; i < 8; i++) {
         for (const args of [["suspend", "vol"], ["reload", "vol", "--table", table], ["resume", "vol"]]) {
-          const r = await udmsetup(dir, args);
+          const r = await udmsetup(env.dir, args);
           expect(r.stderr).toBe("");
         }
         reloads++;
@@ -71,6 +57,6 @@ describe.skipIf(missing.length > 0)("reload under NBD load", () => {
         expect(data.subarray(off, off + 4096).every((b) => b === (c * 128 + i) % 251)).toBe(true);
       }
     }
-    expect((await udmsetup(dir, ["info", "-c", "--noheadings", "-o", "name,attr,open", "vol"])).stdout).toBe("vol:L--w:0\n");
+    expect((await udmsetup(env.dir, ["info", "-c", "--noheadings", "-o", "name,attr,open", "vol"])).stdout).toBe("vol:L--w:0\n");
   });
 });

@@ -10,8 +10,8 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
+import { describe, expect, it } from "vitest";
+import { useDaemon } from "../support/daemon.js";
 import { cli } from "../support/udmd-tools.js";
 import { pattern } from "../support/memory-backing.js";
 import { missingTools } from "../support/requirements.js";
@@ -22,31 +22,17 @@ const TOOLS = ["qemu-io", "nbdcopy"] as const;
 
 const missing = missingTools("snapshot CLI tests", TOOLS);
 
-let dir: string;
-let files: string;
-let daemon: RunningDaemon;
-
-beforeEach(async () => {
-  dir = tempDir();
-  files = tempDir("udm-snapcli-");
-  daemon = await startDaemon(dir);
-});
-
-afterEach(async () => {
-  await daemon.stop();
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
-});
+const env = useDaemon("udm-snapcli-");
 
 /** udmsetup on this test's daemon, expecting success with nothing on stderr; returns stdout. */
-const ok = (...args: string[]) => cli(dir, ...args);
+const ok = (...args: string[]) => cli(env.dir, ...args);
 
-const uri = (name: string) => `nbd+unix:///${name}?socket=${dir}/nbd.sock`;
+const uri = (name: string) => `nbd+unix:///${name}?socket=${env.dir}/nbd.sock`;
 
 describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", () => {
   it("origin writes over NBD leave the snapshot's data as it was; status lines are the kernel's; the COW survives a restart", async () => {
-    const originFile = path.join(files, "origin.img");
-    const cowFile = path.join(files, "cow.img");
+    const originFile = path.join(env.files, "origin.img");
+    const cowFile = path.join(env.files, "cow.img");
     // 16384 sectors: 1 MiB of 0x11 (so qemu-io can check it with read -P), then varied bytes.
     const originData = Buffer.concat([Buffer.alloc(MiB, 0x11), pattern(11, 7 * MiB)]);
     fs.writeFileSync(originFile, originData);
@@ -71,7 +57,7 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
 
     // The snapshot still reads the old data: a range with qemu-io's pattern check, everything with nbdcopy.
     expect(await sh("qemu-io", "-r", "-f", "raw", uri("snap"), "-c", "read -P 0x11 0 64k")).toMatch(/read 65536\/65536 bytes/);
-    const copy = path.join(files, "snap.img");
+    const copy = path.join(env.files, "snap.img");
     await sh("nbdcopy", uri("snap"), copy);
     expect(fs.readFileSync(copy).equals(originData)).toBe(true);
     // Rewriting chunks the snapshot already has copies nothing more.
@@ -98,8 +84,7 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     // Restart the daemon and re-activate: the chunk size comes from the header (P 0).
     await ok("remove", "snap");
     await ok("remove", "base");
-    await daemon.stop();
-    daemon = await startDaemon(dir);
+    await env.restart();
     await ok("create", "base", "--table", `0 16384 snapshot-origin ${originFile}`);
     await ok("suspend", "base");
     await ok("create", "snap", "--table", `0 16384 snapshot ${originFile} ${cowFile} P 0`);
@@ -113,8 +98,8 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
   });
 
   it("a full COW file invalidates the snapshot: status Invalid, the origin keeps taking writes", async () => {
-    const originFile = path.join(files, "origin.img");
-    const cowFile = path.join(files, "cow.img");
+    const originFile = path.join(env.files, "origin.img");
+    const cowFile = path.join(env.files, "cow.img");
     fs.writeFileSync(originFile, Buffer.alloc(4 * MiB, 0x22));
     fs.writeFileSync(cowFile, Buffer.alloc(32 * 4096)); // header + area 0 + 30 data chunks
     await ok("create", "base", "--table", `0 8192 snapshot-origin ${originFile}`);

@@ -14,9 +14,9 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { beforeEach, describe, expect, it } from "vitest";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
-import { type RunningDaemon, startDaemon, tempDir, UDMSETUP, udmsetup } from "../support/daemon.js";
+import { UDMSETUP, udmsetup, useDaemon } from "../support/daemon.js";
 import { cli } from "../support/udmd-tools.js";
 import { pattern } from "../support/memory-backing.js";
 import { missingTools } from "../support/requirements.js";
@@ -28,34 +28,23 @@ const TOOLS = ["qemu-io", "nbdcopy"] as const;
 const missing = missingTools("snapshot-merge CLI tests", TOOLS);
 const haveScript = which("script") !== undefined;
 
-let dir: string;
-let files: string;
-let daemon: RunningDaemon;
+const env = useDaemon("udm-mergecli-");
 let originFile: string;
 let cowFile: string;
 const SECTORS = 16384; // 8 MiB
 
-beforeEach(async () => {
-  dir = tempDir();
-  files = tempDir("udm-mergecli-");
-  daemon = await startDaemon(dir);
-  originFile = path.join(files, "origin.img");
-  cowFile = path.join(files, "cow.img");
+beforeEach(() => {
+  originFile = path.join(env.files, "origin.img");
+  cowFile = path.join(env.files, "cow.img");
   fs.writeFileSync(originFile, Buffer.concat([Buffer.alloc(MiB, 0x11), pattern(21, 7 * MiB)]));
   fs.writeFileSync(cowFile, "");
   fs.truncateSync(cowFile, 4 * MiB); // zero: a new store
 });
 
-afterEach(async () => {
-  await daemon.stop();
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
-});
-
 /** udmsetup on this test's daemon, expecting success with nothing on stderr; returns stdout. */
-const ok = (...args: string[]) => cli(dir, ...args);
+const ok = (...args: string[]) => cli(env.dir, ...args);
 
-const uri = (name: string) => `nbd+unix:///${name}?socket=${dir}/nbd.sock`;
+const uri = (name: string) => `nbd+unix:///${name}?socket=${env.dir}/nbd.sock`;
 
 /**
  * base (snapshot-origin) and snap (P 8), taken the documented way; then 1 MiB written to the
@@ -70,7 +59,7 @@ async function snapshotWithChanges(): Promise<Buffer> {
   await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0xab 0 1M");
   await sh("qemu-io", "-f", "raw", uri("snap"), "-c", "write -P 0xcd 2M 512k");
   expect(await ok("status", "snap")).toBe(`0 ${SECTORS} snapshot ${(2 + 384 + 1) * 8}/8192 ${3 * 8}\n`);
-  const copy = path.join(files, "snap-view.img");
+  const copy = path.join(env.files, "snap-view.img");
   await sh("nbdcopy", uri("snap"), copy);
   const view = fs.readFileSync(copy);
   fs.rmSync(copy);
@@ -92,7 +81,7 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     expect(await ok("ls")).toMatch(/^base\t\(253:\d+\)\n$/);
     expect(await ok("table", "base")).toBe(`0 ${SECTORS} snapshot-origin ${originFile}\n`);
     expect(fs.readFileSync(originFile).equals(view)).toBe(true);
-    const copy = path.join(files, "base.img");
+    const copy = path.join(env.files, "base.img");
     await sh("nbdcopy", uri("base"), copy);
     expect(fs.readFileSync(copy).equals(view)).toBe(true);
     // Every record was merged and cleared on disk; the header stays valid.
@@ -114,21 +103,21 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     await ok("reload", "base", "--table", `0 ${SECTORS} snapshot-origin ${originFile}`);
     await ok("resume", "base");
     await ok("remove", "snap");
-    const copy = path.join(files, "base.img");
+    const copy = path.join(env.files, "base.img");
     await sh("nbdcopy", uri("base"), copy);
     expect(fs.readFileSync(copy).equals(view)).toBe(true);
   });
 
   it("refusals: not a snapshot-origin, not a snapshot, a second table on the merging COW", async () => {
     await snapshotWithChanges();
-    let r = await udmsetup(dir, ["merge", "base", "base"]);
+    let r = await udmsetup(env.dir, ["merge", "base", "base"]);
     expect([r.code, r.stderr]).toEqual([1, "base: not a snapshot device\nCommand failed.\n"]);
     await ok("create", "other", "--table", `0 ${SECTORS} zero`);
-    r = await udmsetup(dir, ["merge", "other", "snap"]);
+    r = await udmsetup(env.dir, ["merge", "other", "snap"]);
     expect([r.code, r.stderr]).toEqual([1, "other: not a snapshot-origin device\nCommand failed.\n"]);
     // A second snapshot-merge table on the same COW while the first waits to be resumed.
     await ok("reload", "base", "--table", `0 ${SECTORS} snapshot-merge ${originFile} ${cowFile} P 8`);
-    r = await udmsetup(dir, ["reload", "other", "--table", `0 ${SECTORS} snapshot-merge ${originFile} ${cowFile} P 8`]);
+    r = await udmsetup(env.dir, ["reload", "other", "--table", `0 ${SECTORS} snapshot-merge ${originFile} ${cowFile} P 8`]);
     expect([r.code, r.stderr]).toEqual([
       1,
       "snapshot-merge: Snapshot cow pairing for exception table handover failed\ndevice-mapper: reload ioctl on other  failed: Invalid argument\nCommand failed.\n",
@@ -140,7 +129,7 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
   it.skipIf(!haveScript)("on a terminal: a progress bar redrawn in place, then the table", async () => {
     const view = await snapshotWithChanges();
     // script(1) runs udmsetup on a pseudo-terminal.
-    const cmd = [process.execPath, UDMSETUP, "--run-dir", dir, "--no-autostart", "merge", "base", "snap"].map((a) => `'${a}'`).join(" ");
+    const cmd = [process.execPath, UDMSETUP, "--run-dir", env.dir, "--no-autostart", "merge", "base", "snap"].map((a) => `'${a}'`).join(" ");
     const out = (await sh("script", "-qec", cmd, "/dev/null")).replace(/\r\n/g, "\n");
     expect(out).toMatch(/^\rbase: merging \[[#-]{30}\] +\d+% \(\d+\/384 chunks\)/);
     expect(out).toContain(`\rbase: merging [${"#".repeat(30)}] 100% (384/384 chunks)\n0 ${SECTORS} snapshot-origin ${originFile}\n`);

@@ -27,10 +27,10 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it } from "vitest";
 import { parseTableText } from "../../core/table-text.js";
 import type { ControlClient } from "../../dmsetup/control/client.js";
-import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
+import { useDaemon } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
 import { Rng, seedFrom } from "../support/rng.js";
 import { alive, cli, control, createSnapshot, makeFile, rssKiB } from "../support/udmd-tools.js";
@@ -43,23 +43,10 @@ const MiB = 1024 * 1024;
 const CONNECTIONS = { lin: 24, base: 20, snap: 20 };
 const RSS_GROWTH_LIMIT_KIB = 96 * 1024;
 
-let dir: string;
-let files: string;
-let daemon: RunningDaemon;
+const env = useDaemon("udm-soak-", { per: "file" });
 let ctl: ControlClient;
 
-beforeAll(async () => {
-  dir = tempDir();
-  files = tempDir("udm-soak-");
-  daemon = await startDaemon(dir);
-});
-
-afterAll(async () => {
-  ctl?.close();
-  await daemon?.stop();
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.rmSync(files, { recursive: true, force: true });
-});
+afterAll(() => ctl?.close());
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -67,7 +54,7 @@ const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 describe("soak", () => {
   it(`64 NBD connections of verified I/O with reloads and suspends for ${SECONDS} s`, { timeout: (SECONDS + 28) * 1000 }, async () => {
     console.log(`soak: seed ${SEED}, ${SECONDS} s (UDM_SOAK_SECONDS), replay with UDM_FUZZ_SEED=${SEED}`);
-    const f = (name: string) => path.join(files, name);
+    const f = (name: string) => path.join(env.files, name);
     const linBytes = 16 * MiB;
     const originBytes = 32 * MiB;
     const linInitial = stamp(0, 0, linBytes / SECTOR);
@@ -81,10 +68,10 @@ describe("soak", () => {
     ];
     const baseTable = `0 ${originBytes / SECTOR} snapshot-origin ${f("origin.img")}`;
     const snapTable = `0 ${originBytes / SECTOR} snapshot ${f("origin.img")} ${f("cow.img")} P 8`;
-    await cli(dir, "create", "lin", "--table", linTables[0]!);
-    await cli(dir, "create", "base", "--table", baseTable);
-    await createSnapshot(dir, "base", "snap", snapTable);
-    ctl = await control(dir);
+    await cli(env.dir, "create", "lin", "--table", linTables[0]!);
+    await cli(env.dir, "create", "base", "--table", baseTable);
+    await createSnapshot(env.dir, "base", "snap", snapTable);
+    ctl = await control(env.dir);
 
     // Models and block ownership (see the header).
     const models: Record<"lin" | "base" | "snap", DeviceModel> = {
@@ -106,7 +93,7 @@ describe("soak", () => {
       snap: originBlocks.filter((b) => nobody(b) || b % 2 === 0), // what only the origin writes
     };
 
-    const socket = path.join(dir, "nbd.sock");
+    const socket = path.join(env.dir, "nbd.sock");
     const rng = new Rng(SEED);
     const workers: { device: "lin" | "base" | "snap"; client: WireClient; own: number[] }[] = [];
     for (const device of ["lin", "base", "snap"] as const) {
@@ -157,7 +144,7 @@ describe("soak", () => {
     })();
 
     // RSS: a sample every second; "middle" and "end" are the ones the bound is about.
-    const pid = daemon.proc.pid!;
+    const pid = env.daemon.proc.pid!;
     const samples: number[] = [];
     let rssMiddle = 0;
     const sampler = (async () => {
@@ -190,7 +177,7 @@ describe("soak", () => {
         else finalChecked += MiB;
       }
     }
-    const snapStatus = await cli(dir, "status", "snap");
+    const snapStatus = await cli(env.dir, "status", "snap");
     await Promise.all(workers.map((w) => w.client.disconnect()));
 
     const ios = stats.writes + stats.reads + stats.flushes;
@@ -211,7 +198,7 @@ describe("soak", () => {
     expect(events.reloads + events.suspends).toBeGreaterThan(SECONDS);
     expect(stats.verifiedReads).toBeGreaterThan(1000);
     expect(snapStatus).toMatch(/^0 65536 snapshot \d+\/81920 \d+\n$/);
-    expect(alive(daemon)).toBe(true);
+    expect(alive(env.daemon)).toBe(true);
     expect(rssMiddle).toBeGreaterThan(0);
     expect(rssEnd - rssMiddle, "udmd RSS growth from the middle to the end of the soak (KiB)").toBeLessThanOrEqual(RSS_GROWTH_LIMIT_KIB);
   });

@@ -7,6 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { afterAll, afterEach, beforeAll, beforeEach } from "vitest";
 
 const root = path.resolve(__dirname, "../..");
 export const UDMD = path.join(root, "dist/dmsetup/bin/udmd.js");
@@ -51,6 +52,63 @@ export async function startDaemon(dir: string, args: string[] = []): Promise<Run
       return exited;
     },
   };
+}
+
+/** A udmd of the test file's own, with its run directory and a directory for backing files. */
+export interface DaemonEnv {
+  /** The daemon's run directory. */
+  readonly dir: string;
+  /** A directory for the test's backing files. */
+  readonly files: string;
+  /** The daemon started last (it may have been stopped since). */
+  readonly daemon: RunningDaemon;
+  /** Stop the daemon if it still runs, and start a new one on the same run directory. */
+  restart(args?: string[]): Promise<RunningDaemon>;
+}
+
+/**
+ * Register hooks that give every test (`per: "test"`, the default) or the whole file (`per:
+ * "file"`) a fresh run directory, a files directory named `filesPrefix...` and a udmd started with
+ * `args`; afterwards the daemon is stopped and both directories removed. Register it before the
+ * file's own hooks: they then run after the daemon started and, when ending, before it stops.
+ */
+export function useDaemon(filesPrefix: string, opts: { args?: string[]; per?: "test" | "file" } = {}): DaemonEnv {
+  let dir: string | undefined;
+  let files: string | undefined;
+  let daemon: RunningDaemon | undefined;
+  const started = <T>(value: T | undefined): T => {
+    if (value === undefined) throw new Error("useDaemon: the daemon is not set up (used outside a test?)");
+    return value;
+  };
+  const env: DaemonEnv = {
+    get dir() {
+      return started(dir);
+    },
+    get files() {
+      return started(files);
+    },
+    get daemon() {
+      return started(daemon);
+    },
+    async restart(args = opts.args ?? []) {
+      await daemon?.stop();
+      daemon = await startDaemon(started(dir), args);
+      return daemon;
+    },
+  };
+  const [before, after] = opts.per === "file" ? [beforeAll, afterAll] : [beforeEach, afterEach];
+  before(async () => {
+    dir = tempDir();
+    files = tempDir(filesPrefix);
+    daemon = await startDaemon(dir, opts.args ?? []);
+  });
+  after(async () => {
+    await daemon?.stop();
+    daemon = undefined;
+    for (const d of [dir, files]) if (d) fs.rmSync(d, { recursive: true, force: true });
+    dir = files = undefined;
+  });
+  return env;
 }
 
 export interface CliResult {
