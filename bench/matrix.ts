@@ -77,6 +77,7 @@ interface ConfigContext {
   fileBytes: number;
   profileDir?: string;
   profileName: string;
+  udmdArgs?: string[];
 }
 
 interface ConfigInstance {
@@ -147,7 +148,7 @@ function cowBytesFor(chunks: number, chunkBytes: number): number {
 }
 
 async function udmd(ctx: ConfigContext): Promise<Udmd> {
-  return startUdmd(path.join(ctx.dir, "udm-run"), { profileDir: ctx.profileDir, profileName: ctx.profileName });
+  return startUdmd(path.join(ctx.dir, "udm-run"), { args: ctx.udmdArgs, profileDir: ctx.profileDir, profileName: ctx.profileName });
 }
 
 function udmLinear(): (ctx: ConfigContext) => Promise<ConfigInstance> {
@@ -292,6 +293,8 @@ export interface MatrixOptions {
   only?: string;
   /** Start udmd with node --cpu-prof, writing its profiles here. */
   profileDir?: string;
+  /** Extra udmd arguments: the tuning flags of an A/B measurement (--no-inline-reads, --no-write-plug, --no-zero-copy). */
+  udmdArgs?: string[];
   /**
    * Configurations run at the same time (default 1). Only for smoke runs: concurrent
    * configurations compete for the machine, so their figures are not comparable.
@@ -406,7 +409,7 @@ async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir:
   log(`matrix: ${config.label}: writing ${bytesText(fileBytes)} of random bytes`);
   fillFile(data, fileBytes);
   const figures: ConfigResult["figures"] = {};
-  const inst = await config.open({ dir, data, fileBytes, profileDir: opts.profileDir, profileName: `udmd-${config.id}-${Date.now()}.cpuprofile` });
+  const inst = await config.open({ dir, data, fileBytes, profileDir: opts.profileDir, profileName: `udmd-${config.id}-${Date.now()}.cpuprofile`, udmdArgs: opts.udmdArgs });
   try {
     const measure = async (w: MatrixWorkload, runtimeMs: number | undefined, label = w.name): Promise<MatrixRep> => {
       const { target, server } = inst.running();
@@ -514,7 +517,7 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
       qemu: toolVersion("qemu-nbd").replace(/^qemu-nbd /, ""),
     },
     load: [loadBefore, os.loadavg()[0]!],
-    udmdEnv: `UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}`,
+    udmdEnv: `UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}${opts.udmdArgs?.length ? `, udmd ${opts.udmdArgs.join(" ")}` : ""}`,
     configs: results,
     targets: matrixTargets(results),
     seconds: (performance.now() - started) / 1000,

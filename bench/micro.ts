@@ -14,6 +14,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { alignedBuffer } from "../core/devices/fd-device.js";
+import type { IoOptions } from "../core/devices/block-device.js";
 import { createDeviceMapper } from "../index.js";
 import { childHost, type Loader } from "./engine-host.js";
 
@@ -62,8 +63,8 @@ export function referenceEngine(file: string, direct: boolean): Engine {
 }
 
 /** udm: `0 <sectors> linear <file> 0`, I/O through `dm.open()`. */
-export async function udmEngine(file: string, bytes: number, direct: boolean): Promise<Engine> {
-  const dm = createDeviceMapper({ direct });
+export async function udmEngine(file: string, bytes: number, io: IoOptions): Promise<Engine> {
+  const dm = createDeviceMapper({ io });
   await dm.create("bench", { table: `0 ${bytes / 512} linear ${file} 0` });
   const handle = dm.open("bench");
   return {
@@ -130,6 +131,8 @@ export interface EngineSpec {
   file: string;
   fileBytes: number;
   direct: boolean;
+  /** udm's other I/O options (A/B measurements: inline reads, write plug off). */
+  io?: Omit<IoOptions, "direct">;
   workload: Workload;
 }
 
@@ -153,7 +156,7 @@ export function localHost(): EngineHost {
     async open(spec) {
       await close();
       const { file, fileBytes, direct, workload: w } = spec;
-      const engine = spec.kind === "udm" ? await udmEngine(file, fileBytes, direct) : referenceEngine(file, direct);
+      const engine = spec.kind === "udm" ? await udmEngine(file, fileBytes, { ...spec.io, direct }) : referenceEngine(file, direct);
       const buffers = Array.from({ length: w.queueDepth }, () => randomFillSync(alignedBuffer(w.blockSize)));
       current = { engine, spec, buffers };
     },
@@ -267,6 +270,8 @@ export interface MicroOptions {
   repMs: number;
   repetitions: number;
   direct: boolean;
+  /** udm's other I/O options (A/B measurements). */
+  io?: Omit<IoOptions, "direct">;
   /** Directory for the data file (default: pickDataDir). */
   dir?: string;
   workloads?: readonly Workload[];
@@ -287,6 +292,7 @@ export interface MicroResult {
   repMs: number;
   repetitions: number;
   direct: boolean;
+  io?: Omit<IoOptions, "direct">;
   inProcess: boolean;
   loader: Loader | "this process's";
   rows: Row[];
@@ -327,7 +333,7 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
     for (const w of opts.workloads ?? WORKLOADS) {
       fillFile(file, fileBytes);
       const reps: Repetition[][] = [[], []];
-      for (const [i, host] of hosts.entries()) await host.open({ kind: KINDS[i]!, file, fileBytes, direct, workload: w });
+      for (const [i, host] of hosts.entries()) await host.open({ kind: KINDS[i]!, file, fileBytes, direct, io: opts.io, workload: w });
       try {
         const run = async (i: 0 | 1, ms: number) => {
           const r = await hosts[i]!.run(ms);
@@ -358,5 +364,5 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
     for (const host of hosts) await host.exit().catch((err: unknown) => log(`stopping an engine failed: ${String(err)}`));
     fs.rmSync(workDir, { recursive: true, force: true });
   }
-  return { dataDir, filesystem: filesystemOf(dataDir), fileBytes, repMs, repetitions, direct, inProcess: opts.inProcess ?? false, loader: opts.inProcess ? "this process's" : loader, rows };
+  return { dataDir, filesystem: filesystemOf(dataDir), fileBytes, repMs, repetitions, direct, io: opts.io, inProcess: opts.inProcess ?? false, loader: opts.inProcess ? "this process's" : loader, rows };
 }

@@ -23,6 +23,10 @@
  *                  udm-linear,nbdkit-file; default all)
  *   --profile DIR  matrix: start udmd under node --cpu-prof, profiles in DIR (bench/profile-top.ts)
  *   --no-build     matrix: do not rebuild dist/ when it is older than the sources
+ *   --no-inline-reads, --no-write-plug, --no-zero-copy
+ *                  A/B measurements: udm with one optimisation off (udmd's flags of the same
+ *                  names in the matrix, the library's io options in process; zero-copy only
+ *                  concerns the NBD server, so the matrix). Such runs are never recorded.
  *
  * Profile with `node --import tsx --cpu-prof --cpu-prof-dir=DIR bench/run.ts --only ...`: each
  * engine process writes its own DIR/bench-<engine>-*.cpuprofile (summarise them with
@@ -104,11 +108,17 @@ export function costTable(result: MicroResult): string {
   return markdownTable(header, rows, new Set([1, 2, 3, 4, 5, 6]));
 }
 
+/** ", udm with inline reads off" and the like, for a run with optimisations turned off. */
+function turnedOff(io: { inlineReads?: boolean; writePlug?: boolean } | undefined): string {
+  const off = [io?.inlineReads === false && "inline reads", io?.writePlug === false && "the write plug"].filter(Boolean);
+  return off.length ? `, udm with ${off.join(" and ")} off` : "";
+}
+
 function describeRun(result: MicroResult, quick: boolean, load: [before: number, after: number]): string[] {
   const fsys = result.filesystem;
   const cpus = os.cpus();
   return [
-    `udm micro-benchmark (${quick ? "quick" : "full"} run), ${result.direct ? "O_DIRECT" : "buffered I/O (page cache)"} on both sides`,
+    `udm micro-benchmark (${quick ? "quick" : "full"} run), ${result.direct ? "O_DIRECT" : "buffered I/O (page cache)"} on both sides${turnedOff(result.io)}`,
     `data file: ${bytesText(result.fileBytes)} of random bytes in ${result.dataDir}, on ${fsys.type} (${fsys.source}, mounted at ${fsys.mountPoint}); recreated before each workload`,
     `each figure: median of ${result.repetitions} repetitions of ${result.repMs / 1000} s, reference and udm alternated (ABBA) after a warm-up`,
     `reference: fs.read/fs.write on an fd; udm: linear table over the same file, DeviceHandle.readInto/write; ${result.inProcess ? "both engines in one process" : `each engine in a child process of its own, udm compiled by ${result.loader === "tsx" ? "tsx (esbuild, keepNames)" : "tsc (as npm run build ships it)"}`}`,
@@ -169,8 +179,19 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       profile: { type: "string" },
       "in-process": { type: "boolean", default: false },
       loader: { type: "string", default: "tsc" },
+      "inline-reads": { type: "boolean", default: true },
+      "write-plug": { type: "boolean", default: true },
+      "zero-copy": { type: "boolean", default: true },
     },
   });
+  // Optimisations turned off for an A/B measurement (undefined: udm's default).
+  const io = { inlineReads: values["inline-reads"] ? undefined : false, writePlug: values["write-plug"] ? undefined : false };
+  const udmdArgs = [
+    ...(values["inline-reads"] ? [] : ["--no-inline-reads"]),
+    ...(values["write-plug"] ? [] : ["--no-write-plug"]),
+    ...(values["zero-copy"] ? [] : ["--no-zero-copy"]),
+  ];
+  const tuned = udmdArgs.length > 0;
   const quick = values.quick;
   // --json keeps stdout machine-readable: everything for humans goes to stderr.
   const print = values.json ? out.stderr : out.stdout;
@@ -191,6 +212,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       configs: values.configs?.split(",").map((c) => c.trim()).filter(Boolean),
       only: alone ? values.only : undefined,
       profileDir: values.profile,
+      udmdArgs,
       log: out.stderr,
     };
     if (values.build) ensureBuilt(out.stderr);
@@ -203,7 +225,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     print(report);
     print("");
     print(matrixVerdict(result));
-    const defaultRun = !quick && !values.size && !values.seconds && !values.reps && !values.only && !values.configs && !values.profile && !values.dir;
+    const defaultRun = !quick && !values.size && !values.seconds && !values.reps && !values.only && !values.configs && !values.profile && !values.dir && !tuned;
     if (alone && defaultRun) {
       const file = path.join(import.meta.dirname, "results.md");
       recordMatrixResults(file, result, description, report, "npm run bench -- --matrix");
@@ -231,7 +253,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   if (loader !== "tsc" && loader !== "tsx") throw new Error("--loader must be tsc or tsx");
 
   const loadBefore = os.loadavg()[0]!;
-  const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, dir: values.dir, workloads, inProcess: values["in-process"], loader, log: out.stderr });
+  const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, io, dir: values.dir, workloads, inProcess: values["in-process"], loader, log: out.stderr });
   const description = describeRun(result, quick, [loadBefore, os.loadavg()[0]!]);
   const table = resultTable(result) + "\n\n" + costTable(result);
   print("");
@@ -246,7 +268,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   // The snapshot benchmarks (bench/snapshot.ts), unless --no-snapshot or --only picks micro workloads.
   let snapshot: SnapshotBenchResult | undefined;
   if (values.snapshot && !values.only) {
-    snapshot = await runSnapshotBenchmark({ ...(quick ? QUICK_OPTIONS : FULL_OPTIONS), dir: values.dir, log: out.stderr });
+    snapshot = await runSnapshotBenchmark({ ...(quick ? QUICK_OPTIONS : FULL_OPTIONS), dir: values.dir, io, log: out.stderr });
     const snapDescription = describeSnapshotRun(snapshot, quick);
     const snapTable = snapshotTable(snapshot);
     print("");
@@ -256,7 +278,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     const snapMisses = snapshotRows(snapshot).filter((r) => r.result === "MISS").map((r) => r.measure);
     print("");
     print(snapMisses.length === 0 ? "snapshot goals met" : `snapshot goals missed: ${snapMisses.join("; ")}`);
-    if (!quick && !values.dir) {
+    if (!quick && !values.dir && !tuned) {
       const file = path.join(import.meta.dirname, "results.md");
       recordSnapshotResults(file, snapshot, snapDescription, snapTable, "npm run bench");
     }
@@ -270,7 +292,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     else matrixResult = await matrix(false);
   }
   if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result, snapshot, matrix: matrixResult }, null, 2));
-  if (!quick && !values.size && !values.seconds && !values.reps && !values.only && !values["in-process"] && loader === "tsc") {
+  if (!quick && !values.size && !values.seconds && !values.reps && !values.only && !values["in-process"] && loader === "tsc" && !tuned) {
     const file = path.join(import.meta.dirname, "results.md");
     recordResults(file, result, description, table);
     print(`recorded in ${path.relative(process.cwd(), file)}`);

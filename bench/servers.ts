@@ -182,14 +182,15 @@ export interface Udmd extends Server {
 }
 
 /**
- * The built udmd (dist/) on `runDir`, run by this Node, as users run it. With `profileDir` it is
- * started with `node --cpu-prof`, and writes its profile there when stopped.
+ * The built udmd (dist/) on `runDir`, run by this Node, as users run it, with `args` added (tuning
+ * flags such as --no-write-plug). With `profileDir` it is started with `node --cpu-prof`, and
+ * writes its profile there when stopped.
  */
-export async function startUdmd(runDir: string, opts: { profileDir?: string; profileName?: string } = {}): Promise<Udmd> {
+export async function startUdmd(runDir: string, opts: { args?: string[]; profileDir?: string; profileName?: string } = {}): Promise<Udmd> {
   if (!fs.existsSync(UDMD)) throw new Error(`${path.relative(process.cwd(), UDMD)} is missing: build udm first (npx tsc -p tsconfig.build.json)`);
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
   const prof = opts.profileDir ? ["--cpu-prof", `--cpu-prof-dir=${path.resolve(opts.profileDir)}`, `--cpu-prof-name=${opts.profileName ?? `udmd-${Date.now()}.cpuprofile`}`] : [];
-  const proc = spawnServer(process.execPath, [...prof, UDMD, "--run-dir", runDir]);
+  const proc = spawnServer(process.execPath, [...prof, UDMD, "--run-dir", runDir, ...(opts.args ?? [])]);
   const t = track("udmd", proc);
   const deadline = Date.now() + 15_000;
   while (!t.stderr().includes('"udmd started"')) {

@@ -38,7 +38,7 @@ import { type Bio, BioFlags, flushBio, submitAndWait } from "../core/bio.js";
 import type { BackingDevices } from "../core/devices/shared-devices.js";
 import { systemBackingDevices } from "../core/devices/shared-devices.js";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
-import type { BlockDevice, OpenMode } from "../core/devices/block-device.js";
+import type { BlockDevice, IoOptions, OpenOptions } from "../core/devices/block-device.js";
 import { Copier } from "../core/copier.js";
 import { DeviceWrapper } from "../core/devices/device-wrapper.js";
 import { createDeviceMapper } from "../index.js";
@@ -81,6 +81,8 @@ export interface SnapshotBenchOptions {
   mergeRepetitions?: number;
   /** Directory for the files (default: pickDataDir). */
   dir?: string;
+  /** udm's I/O options (A/B measurements: write plug off). */
+  io?: IoOptions;
   log?: (message: string) => void;
 }
 
@@ -200,7 +202,7 @@ class CountingBacking implements BackingDevices {
   identify(spec: string): Promise<string> {
     return systemBackingDevices.identify(spec);
   }
-  async open(spec: string, opts: { mode: OpenMode; direct?: boolean }): Promise<BlockDevice> {
+  async open(spec: string, opts: OpenOptions): Promise<BlockDevice> {
     const dev = await systemBackingDevices.open(spec, opts);
     if (!path.basename(spec).startsWith("cow")) return dev;
     const counting = new CountingDevice(dev);
@@ -288,9 +290,9 @@ interface Stack {
 }
 
 /** linear, or snapshot-origin with `snapshots` fresh persistent snapshots taken the documented way. */
-async function buildStack(dir: string, origin: string, originBytes: number, snapshots: number): Promise<Stack> {
+async function buildStack(dir: string, origin: string, originBytes: number, snapshots: number, io?: IoOptions): Promise<Stack> {
   const backing = new CountingBacking();
-  const dm = createDeviceMapper({ backing });
+  const dm = createDeviceMapper({ backing, io });
   const sectors = originBytes / 512;
   const files = [origin];
   if (snapshots === 0) {
@@ -328,7 +330,7 @@ async function throughput(dir: string, opts: SnapshotBenchOptions, log: (m: stri
   const runs = CONFIGS.map(() => ({ first: [] as number[], rewrite: [] as number[], metaWrites: [] as number[], exceptions: 0 }));
   // Warm-up (JIT, page cache): one small untimed round of each configuration.
   for (const c of CONFIGS) {
-    const s = await buildStack(dir, origin, opts.originBytes, c.snapshots);
+    const s = await buildStack(dir, origin, opts.originBytes, c.snapshots, opts.io);
     await writePass(s.handle, permutation(Math.min(chunks, 512), 99), CHUNK_BYTES, 16);
     await teardown(s);
   }
@@ -338,7 +340,7 @@ async function throughput(dir: string, opts: SnapshotBenchOptions, log: (m: stri
       const i = (k + rep) % CONFIGS.length;
       const c = CONFIGS[i]!;
       syncFiles([origin]);
-      const s = await buildStack(dir, origin, opts.originBytes, c.snapshots);
+      const s = await buildStack(dir, origin, opts.originBytes, c.snapshots, opts.io);
       const first = await writePass(s.handle, permutation(chunks, 1 + rep), CHUNK_BYTES, 16);
       const metaWrites = s.backing.cows.reduce((n, d) => n + d.metaWrites, 0) / Math.max(1, c.snapshots);
       syncFiles(s.files);
@@ -376,10 +378,10 @@ async function throughput(dir: string, opts: SnapshotBenchOptions, log: (m: stri
 }
 
 /** Metadata writes for one first-write pass of `blockKiB` writes by 16 writers over a fresh snapshot. */
-async function flushCount(dir: string, originBytes: number, blockKiB: number) {
+async function flushCount(dir: string, originBytes: number, blockKiB: number, io?: IoOptions) {
   const origin = path.join(dir, "origin-flush.img");
   fillRandom(origin, originBytes);
-  const s = await buildStack(dir, origin, originBytes, 1);
+  const s = await buildStack(dir, origin, originBytes, 1, io);
   const blockBytes = blockKiB * 1024;
   await writePass(s.handle, permutation(originBytes / blockBytes, 7), blockBytes, 16);
   const exceptions = originBytes / CHUNK_BYTES;
@@ -421,7 +423,7 @@ function buildImage(dir: string, n: number): { table: string; originTable: strin
 
 async function reactivation(dir: string, opts: SnapshotBenchOptions, gc: Gc, log: (m: string) => void) {
   const img = buildImage(dir, opts.exceptions);
-  const dm = createDeviceMapper();
+  const dm = createDeviceMapper({ io: opts.io });
   const times: number[] = [];
   const removes: number[] = [];
   const perException: number[] = [];
@@ -478,14 +480,14 @@ async function plainCopy(srcFile: string, srcSector: number, destFile: string, b
  * "scattered"), files synced; then the plain copy of the same bytes, then the merge (load the
  * snapshot-merge table on the origin's device, suspend the snapshot, resume; until the event).
  */
-async function mergeOnce(dir: string, bytes: number, layout: MergeResult["layout"], seed: number) {
+async function mergeOnce(dir: string, bytes: number, layout: MergeResult["layout"], seed: number, io?: IoOptions) {
   const origin = path.join(dir, "origin-merge.img");
   const cow = path.join(dir, "cow-merge.img");
   fillRandom(origin, bytes);
   const chunks = bytes / CHUNK_BYTES;
   sparseFile(cow, cowBytesFor(chunks));
   const sectors = bytes / 512;
-  const dm = createDeviceMapper();
+  const dm = createDeviceMapper({ io });
   try {
     await dm.create("base", { table: `0 ${sectors} snapshot-origin ${origin}` });
     await dm.suspend("base");
@@ -526,7 +528,7 @@ export async function mergeThroughput(dir: string, opts: SnapshotBenchOptions, l
   for (const [layout, bytes] of layouts) {
     const reps: Awaited<ReturnType<typeof mergeOnce>>[] = [];
     for (let rep = 0; rep < Math.max(1, opts.mergeRepetitions ?? 1); rep++) {
-      const r = await mergeOnce(dir, bytes, layout, 11 + rep);
+      const r = await mergeOnce(dir, bytes, layout, 11 + rep, opts.io);
       reps.push(r);
       log(`snapshot bench: merge (${layout}), repetition ${rep + 1}: ${(bytes / MiB / r.mergeSeconds).toFixed(1)} MiB/s in ${r.batches} batches; plain copy ${(bytes / MiB / r.copySeconds).toFixed(1)} MiB/s`);
     }
@@ -554,7 +556,7 @@ export async function runSnapshotBenchmark(opts: SnapshotBenchOptions): Promise<
   const dir = fs.mkdtempSync(path.join(dataDir, "udm-snapbench-"));
   try {
     const tp = await throughput(dir, opts, log);
-    const flushes = [await flushCount(dir, opts.flushOriginBytes, 4), await flushCount(dir, opts.flushOriginBytes, 64)];
+    const flushes = [await flushCount(dir, opts.flushOriginBytes, 4, opts.io), await flushCount(dir, opts.flushOriginBytes, 64, opts.io)];
     for (const f of flushes) log(`snapshot bench: ${f.writeKiB} KiB writes: ${f.metaWrites} metadata writes for ${f.exceptions} exceptions`);
     // The table alone: bench/exception-table.ts reads global.gc when it loads, so load it now.
     const { benchExceptionTable } = await import("./exception-table.js");
@@ -661,7 +663,7 @@ export function describeSnapshotRun(r: SnapshotBenchResult, quick: boolean): str
   const o = r.options;
   const fsys = r.filesystem;
   return [
-    `udm snapshot benchmark (${quick ? "quick" : "full"} run), in process through the library API, buffered file I/O`,
+    `udm snapshot benchmark (${quick ? "quick" : "full"} run), in process through the library API, buffered file I/O${o.io?.writePlug === false ? ", write plug off" : ""}${o.io?.inlineReads === false ? ", inline reads off" : ""}`,
     `files in ${r.dataDir}, on ${fsys.type} (${fsys.source}, mounted at ${fsys.mountPoint}); chunk size ${CS} sectors; persistent (P) stores`,
     `throughput: ${o.originBytes / MiB} MiB origin of random bytes; the first pass writes every chunk once in a random order, the second (rewrite) every chunk ${o.rewriteRounds} times; MiB/s: median of ${o.repetitions} repetition(s); ratios: median of the per-repetition ratios (each repetition runs all three configurations back to back, order rotated); files fdatasynced between passes (untimed)`,
     `metadata flushes: first-write pass over a fresh snapshot of a ${o.flushOriginBytes / MiB} MiB origin; PREFLUSH|FUA writes counted on the COW device`,

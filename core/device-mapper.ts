@@ -7,7 +7,7 @@ import "reflect-metadata";
 import { container as rootContainer, type DependencyContainer } from "tsyringe";
 import { splitArgs } from "./args.js";
 import { Bio, type BioOp, BioFlags, submitAndWait, SECTOR_SHIFT } from "./bio.js";
-import type { BlockDevice } from "./devices/block-device.js";
+import type { BlockDevice, IoOptions } from "./devices/block-device.js";
 import { type BackingDevices, SharedDevices, type StackableDevice, systemBackingDevices } from "./devices/shared-devices.js";
 import { DmError } from "./errors.js";
 import { type Logger, MemoryLogger } from "./logger.js";
@@ -27,8 +27,8 @@ export interface DeviceMapperOptions {
   targets?: TargetClass[];
   /** Extra services to register in the container, e.g. work queues and the copier. */
   services?: (container: DependencyContainer) => void;
-  /** Open backing files with O_DIRECT. */
-  direct?: boolean;
+  /** How file and kernel block devices do their I/O: O_DIRECT, inline reads, the write plug. */
+  io?: IoOptions;
 }
 
 export interface DeviceInfo {
@@ -72,7 +72,7 @@ export class DeviceMapper {
     this.registry = new TargetRegistry(this.container);
     this.container.register(TargetRegistry, { useValue: this.registry });
     for (const cls of opts.targets ?? []) this.registry.register(cls);
-    this.devices = new SharedDevices(opts.backing ?? systemBackingDevices, (spec) => this.resolveMapped(spec), opts.direct);
+    this.devices = new SharedDevices(opts.backing ?? systemBackingDevices, (spec) => this.resolveMapped(spec), opts.io);
   }
 
   // ---- device lookup ----

@@ -48,6 +48,8 @@ export interface ConnectionSettings {
   lingerMs: number;
   /** Large READ reply and WRITE payload buffers, shared by the server's connections. */
   buffers: BufferPool;
+  /** Large READ replies from files go by sendfile (NbdServerOptions.zeroCopy). */
+  zeroCopy: boolean;
 }
 
 /**
@@ -107,13 +109,14 @@ export class NbdConnection implements BioEndIo {
     private readonly receive: ReceiveBuffer | null = null,
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    this.out = new ReplyWriter(socket, settings.buffers, {
-      failed: (err) => {
+    const events = {
+      failed: (err: Error) => {
         this.log().error("nbd: sending file data failed, closing connection", { error: err.message });
         this.socket.destroy();
       },
       drained: () => this.pump(),
-    });
+    };
+    this.out = new ReplyWriter(socket, settings.buffers, events, settings.zeroCopy);
     this.negotiation = new Handshake(settings.exports, settings.maxPayload, (reply) => this.send(reply));
   }
 

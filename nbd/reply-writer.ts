@@ -45,9 +45,9 @@ export interface ReplyWriterEvents {
   drained(): void;
 }
 
-/** Zero-copy sends are on unless UDM_ZERO_COPY=0 (Linux x86_64 only: the bindings are koffi's). */
-export function zeroCopyEnabled(): boolean {
-  return process.env.UDM_ZERO_COPY !== "0" && process.platform === "linux" && process.arch === "x64";
+/** The default of NbdServerOptions.zeroCopy: where the sendfile binding exists (Linux x86_64). */
+export function zeroCopySupported(): boolean {
+  return process.platform === "linux" && process.arch === "x64";
 }
 
 export class ReplyWriter {
@@ -68,8 +68,10 @@ export class ReplyWriter {
     private readonly socket: Socket,
     private readonly buffers: BufferPool,
     private readonly events: ReplyWriterEvents,
+    /** Send file ranges with sendfile when the socket allows (NbdServerOptions.zeroCopy). */
+    zeroCopy = zeroCopySupported(),
   ) {
-    this.zeroCopy = zeroCopyEnabled() && socketFd(socket) !== undefined;
+    this.zeroCopy = zeroCopy && socketFd(socket) !== undefined;
   }
 
   /** Reply bytes not yet handed to the kernel (the flow-control measure). */

@@ -16,6 +16,7 @@ import { type ConnectionSettings, NbdConnection } from "./connection.js";
 import type { ExportProvider } from "./exports.js";
 import { MAX_PAYLOAD } from "./protocol.js";
 import { ReceiveBuffer } from "./receive-buffer.js";
+import { zeroCopySupported } from "./reply-writer.js";
 
 export { deviceMapperExports, type ExportDevice, type ExportProvider } from "./exports.js";
 
@@ -32,6 +33,12 @@ export interface NbdServerOptions {
    * (default 1 s). Bounded because a suspended device may hold requests indefinitely.
    */
   closeGraceMs?: number;
+  /**
+   * Send large READ replies of file-backed devices straight from the files with sendfile(2)
+   * instead of copying them through a buffer (docs/nbd-internals.md). Default on where supported
+   * (Linux x86_64).
+   */
+  zeroCopy?: boolean;
 }
 
 export class NbdServer {
@@ -57,6 +64,7 @@ export class NbdServer {
       maxQueuedReplyBytes: 16 * 1024 * 1024,
       lingerMs: 5000,
       buffers: new BufferPool(),
+      zeroCopy: opts.zeroCopy ?? zeroCopySupported(),
     };
   }
 

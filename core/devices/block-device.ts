@@ -40,8 +40,22 @@ export interface BlockDevice extends BioSink {
 
 export type OpenMode = "r" | "rw";
 
-export interface OpenOptions {
-  mode: OpenMode;
-  /** Open with O_DIRECT where the backing store supports it (bounce-buffered for alignment). */
+/** How file and kernel block devices do their I/O (`createDeviceMapper({ io })`). */
+export interface IoOptions {
+  /** Open with O_DIRECT where the backing store supports it (bounce-buffered for alignment). Default off. */
   direct?: boolean;
+  /**
+   * Read page-cache hits in the event loop instead of libuv's thread pool (inline-io.ts).
+   * Default on where supported (Linux x86_64); never with `direct`.
+   */
+  inlineReads?: boolean;
+  /**
+   * Hold the small buffered writes of one event-loop turn and send those that touch as one
+   * pwritev (write-plug.ts). Default on; never with `direct`.
+   */
+  writePlug?: boolean;
+}
+
+export interface OpenOptions extends IoOptions {
+  mode: OpenMode;
 }

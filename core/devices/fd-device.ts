@@ -10,8 +10,8 @@
 import fs from "node:fs";
 import { type Bio, BioFlags, type BioStatus, SECTOR_SIZE } from "../bio.js";
 import { RWF_DSYNC, bufferAddress, pwriteFlagsAsync } from "../sys/file.js";
-import type { BlockDevice } from "./block-device.js";
-import { inlineReadsEnabled, readCached } from "./inline-io.js";
+import type { BlockDevice, OpenOptions } from "./block-device.js";
+import { inlineReadsSupported, readCached } from "./inline-io.js";
 import { PLUG_WRITE_MAX, WritePlug } from "./write-plug.js";
 
 /** Memory alignment used for O_DIRECT: covers every logical block size up to 4 KiB. */
@@ -34,7 +34,7 @@ type Done = (err: NodeJS.ErrnoException | null) => void;
 const EOPNOTSUPP_ERRNO = 95;
 /**
  * Larger reads go to the pool even when cached: copying them is real work, and on the pool it
- * runs beside the event loop (1 MiB reads over NBD: ~1,840 MiB/s inline vs ~2,240 pooled).
+ * runs beside the event loop (measured slower inline at 1 MiB: bench/results.md).
  */
 const INLINE_READ_MAX = 64 * 1024;
 
@@ -129,11 +129,25 @@ export interface FdDeviceInit {
   displayName: string;
   readOnly: boolean;
   direct: boolean;
+  /** Read page-cache hits inline (IoOptions.inlineReads; ignored with `direct`). */
+  inlineReads: boolean;
+  /** Merge small writes per event-loop turn (IoOptions.writePlug; ignored with `direct`). */
+  writePlug: boolean;
   sizeSectors: number;
   logicalBlockSize: number;
   supportsDiscard: boolean;
   supportsWriteZeroes: boolean;
   devno?: { major: number; minor: number };
+}
+
+/** The FdDeviceInit fields that `opts` decides, with the IoOptions defaults. */
+export function initFromOptions(opts: OpenOptions): Pick<FdDeviceInit, "readOnly" | "direct" | "inlineReads" | "writePlug"> {
+  return {
+    readOnly: opts.mode !== "rw",
+    direct: opts.direct ?? false,
+    inlineReads: opts.inlineReads ?? inlineReadsSupported(),
+    writePlug: opts.writePlug ?? true,
+  };
 }
 
 export abstract class FdDevice implements BlockDevice {
@@ -170,8 +184,8 @@ export abstract class FdDevice implements BlockDevice {
     this.supportsWriteZeroes = init.supportsWriteZeroes;
     if (init.devno) this.devno = init.devno;
     // An O_DIRECT read always waits for the device: never inline.
-    this.inlineReads = !init.direct && inlineReadsEnabled();
-    this.plug = !init.direct && writePlugEnabled() ? new WritePlug(writeFully, writevFully) : null;
+    this.inlineReads = !init.direct && init.inlineReads;
+    this.plug = !init.direct && init.writePlug ? new WritePlug(writeFully, writevFully) : null;
   }
 
   /** Held writes issued as one pool job each or merged (tests and statistics). */
@@ -332,11 +346,6 @@ export abstract class FdDevice implements BlockDevice {
   toString(): string {
     return `${this.constructor.name}(${this.displayName})`;
   }
-}
-
-/** `UDM_WRITE_PLUG=0` turns write merging off (for A/B measurements). */
-function writePlugEnabled(): boolean {
-  return process.env.UDM_WRITE_PLUG !== "0";
 }
 
 function settle(p: Promise<void>, done: Done): void {

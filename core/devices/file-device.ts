@@ -7,7 +7,7 @@ import path from "node:path";
 import { SECTOR_SIZE } from "../bio.js";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocateAsync } from "../sys/file.js";
 import type { OpenOptions } from "./block-device.js";
-import { FdDevice } from "./fd-device.js";
+import { FdDevice, initFromOptions } from "./fd-device.js";
 
 const PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
 const ZERO = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
@@ -63,8 +63,7 @@ export class FileDevice extends FdDevice {
       path: abs,
       tableName: abs,
       displayName: abs,
-      readOnly: opts.mode !== "rw",
-      direct: opts.direct ?? false,
+      ...initFromOptions(opts),
       sizeSectors,
       logicalBlockSize: SECTOR_SIZE,
       supportsDiscard: true,

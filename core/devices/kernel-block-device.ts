@@ -8,7 +8,7 @@ import path from "node:path";
 import { SECTOR_SIZE } from "../bio.js";
 import { blkDiscardAsync, blkGetSize64, blkSszGet, blkZeroOutAsync } from "../sys/block.js";
 import type { OpenOptions } from "./block-device.js";
-import { FdDevice } from "./fd-device.js";
+import { FdDevice, initFromOptions } from "./fd-device.js";
 import { openBacking } from "./file-device.js";
 
 export interface Devno {
@@ -72,8 +72,7 @@ export class KernelBlockDevice extends FdDevice {
       path: node,
       tableName: `${devno.major}:${devno.minor}`,
       displayName: name,
-      readOnly: opts.mode !== "rw",
-      direct: opts.direct ?? false,
+      ...initFromOptions(opts),
       sizeSectors: Math.floor(blkGetSize64(fd) / SECTOR_SIZE),
       logicalBlockSize: blkSszGet(fd),
       supportsDiscard: discards,

@@ -5,7 +5,7 @@
  * handle; tables already holding the read-only one keep it until they are destroyed).
  */
 import fs from "node:fs/promises";
-import type { BlockDevice, OpenMode } from "./block-device.js";
+import type { BlockDevice, IoOptions, OpenMode, OpenOptions } from "./block-device.js";
 import { openBackingDevice } from "./open-device.js";
 import { DmError } from "../errors.js";
 import { Mutex } from "../mutex.js";
@@ -22,7 +22,7 @@ export interface StackableDevice extends BlockDevice {
 export interface BackingDevices {
   /** A key equal for every spelling of one device (path, symlink, major:minor). */
   identify(spec: string): Promise<string>;
-  open(spec: string, opts: { mode: OpenMode; direct?: boolean }): Promise<BlockDevice>;
+  open(spec: string, opts: OpenOptions): Promise<BlockDevice>;
 }
 
 /** Finds an in-process mapped device by `/dev/mapper/NAME` or `major:minor`. */
@@ -53,7 +53,8 @@ export class SharedDevices {
   constructor(
     private readonly backing: BackingDevices,
     private readonly resolveMapped: MappedDeviceResolver = () => undefined,
-    private readonly direct = false,
+    /** How devices are opened (passed to every `backing.open`). */
+    private readonly io: IoOptions = {},
   ) {}
 
   /**
@@ -76,7 +77,7 @@ export class SharedDevices {
           if (existing.device.upgradeToReadWrite) {
             await existing.device.upgradeToReadWrite();
           } else {
-            const upgraded = await this.backing.open(spec, { mode: "rw", direct: this.direct });
+            const upgraded = await this.backing.open(spec, { ...this.io, mode: "rw" });
             existing.retired.push(existing.device);
             this.byDevice.set(upgraded, existing);
             existing.device = upgraded;
@@ -89,7 +90,7 @@ export class SharedDevices {
       }
       return existing.device;
     }
-    const device = await this.backing.open(spec, { mode, direct: this.direct });
+    const device = await this.backing.open(spec, { ...this.io, mode });
     const entry: Entry = { key, device, mode, refs: 1, retired: [], stacked: false, owners: new Map() };
     this.entries.set(key, entry);
     this.byDevice.set(device, entry);

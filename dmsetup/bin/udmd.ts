@@ -1,7 +1,10 @@
 #!/usr/bin/env node
 /**
  * udmd: the udm daemon. `udmd [--run-dir DIR] [--plugin MODULE]... [--config FILE]
- * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]`
+ * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]
+ * [--no-inline-reads] [--no-write-plug] [--no-zero-copy]`
+ *
+ * The environment and the flags are read here, once, and passed down as options.
  */
 import "reflect-metadata";
 import fs from "node:fs";
@@ -25,6 +28,10 @@ const USAGE = `Usage: udmd [options]
   --demo                 create demo devices (demo-origin, demo-snap) over sparse files in --state-dir
   --state-dir DIR        where the demo keeps its files (default ./var)
   --foreground           accepted for compatibility: udmd always runs in the foreground
+Tuning (defaults are best; these exist for comparisons, see bench/run.ts):
+  --no-inline-reads      read every page-cache hit through libuv's thread pool, not in the event loop
+  --no-write-plug        issue every small buffered write on its own, never merged per event-loop turn
+  --no-zero-copy         copy large NBD READ replies through a buffer instead of sendfile(2)
 `;
 
 interface Config {
@@ -49,6 +56,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         demo: { type: "boolean" },
         "state-dir": { type: "string" },
         foreground: { type: "boolean" },
+        "no-inline-reads": { type: "boolean" },
+        "no-write-plug": { type: "boolean" },
+        "no-zero-copy": { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
     }));
@@ -81,6 +91,12 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     nbdListen: values["nbd-listen"] ?? config.nbdListen,
     autoAttach: values["auto-attach"] ?? process.env.UDM_AUTO_ATTACH === "1",
     devDir: path.resolve(values["dev-dir"] ?? (process.env.UDM_DEV_DIR || "/dev/udm")),
+    // Unset unless turned off: the defaults depend on the platform.
+    io: {
+      inlineReads: values["no-inline-reads"] ? false : undefined,
+      writePlug: values["no-write-plug"] ? false : undefined,
+    },
+    zeroCopy: values["no-zero-copy"] ? false : undefined,
   });
   try {
     await daemon.start();

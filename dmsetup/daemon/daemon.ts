@@ -5,6 +5,7 @@
 import fs from "node:fs";
 import { createDeviceMapper } from "../../index.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
+import type { IoOptions } from "../../core/devices/block-device.js";
 import { DmError } from "../../core/errors.js";
 import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
 import { Attacher } from "../attach/attacher.js";
@@ -24,6 +25,10 @@ export interface DaemonOptions {
   devDir?: string;
   /** Attach every device when it gets a live table; detach it on remove. */
   autoAttach?: boolean;
+  /** How backing devices do their I/O (DeviceMapperOptions.io). */
+  io?: IoOptions;
+  /** Large NBD READ replies by sendfile (NbdServerOptions.zeroCopy; default on where supported). */
+  zeroCopy?: boolean;
   /** Extra hooks (attach/detach) provided by the attach module. */
   hooks?: (daemon: Daemon) => Partial<DaemonHooks>;
 }
@@ -40,7 +45,7 @@ export class Daemon {
 
   constructor(readonly opts: DaemonOptions) {
     this.logger = new JsonLineLogger(opts.logLevel ?? "info", opts.logStream ?? process.stderr, { component: "udmd" });
-    this.dm = createDeviceMapper({ logger: this.logger });
+    this.dm = createDeviceMapper({ logger: this.logger, io: opts.io });
   }
 
   /** Load plugins, take the run directory, start listening. Fails without side effects left behind. */
@@ -56,7 +61,7 @@ export class Daemon {
     try {
       this.nbd = new NbdServer(
         { list: () => this.dm.list(), get: (name) => (this.dm.has(name) ? this.dm.device(name) : undefined) },
-        { logger: this.logger },
+        { logger: this.logger, zeroCopy: this.opts.zeroCopy },
       );
       await this.nbd.listenUnix(paths.nbd);
       if (this.opts.nbdListen) this.tcpAddress = await this.nbd.listenTcp(parseListen(this.opts.nbdListen));

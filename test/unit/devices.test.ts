@@ -2,6 +2,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
+import { createDeviceMapper } from "../../index.js";
 import {
   Bio,
   BioFlags,
@@ -12,10 +13,10 @@ import {
   writeBio,
   writeZeroesBio,
 } from "../../core/bio.js";
-import type { BlockDevice } from "../../core/devices/block-device.js";
+import type { BlockDevice, OpenOptions } from "../../core/devices/block-device.js";
 import { alignedBuffer } from "../../core/devices/fd-device.js";
 import { FileDevice } from "../../core/devices/file-device.js";
-import { readCached, setInlineReads } from "../../core/devices/inline-io.js";
+import { readCached } from "../../core/devices/inline-io.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
 import { traceFsWrites } from "../support/fs-trace.js";
@@ -79,7 +80,7 @@ function sparseFile(size: number, dir = tmp): string {
   return file;
 }
 
-async function openFile(file: string, opts: { mode: "r" | "rw"; direct?: boolean }): Promise<FileDevice> {
+async function openFile(file: string, opts: OpenOptions): Promise<FileDevice> {
   const dev = await FileDevice.open(file, opts);
   opened.push(dev);
   return dev;
@@ -314,8 +315,6 @@ function evictFromPageCache(file: string): void {
 }
 
 describe("FileDevice inline page-cache reads", () => {
-  afterEach(() => setInlineReads(null));
-
   it("readCached reads cached bytes into a view at any offset, and nothing that is not cached", () => {
     const file = sparseFile(64 * 1024);
     const data = pattern(64 * 1024, 9);
@@ -347,13 +346,16 @@ describe("FileDevice inline page-cache reads", () => {
     }
   });
 
-  it.each([true, false])("reads the same bytes whether cached or not (inline reads %s)", async (inline) => {
-    setInlineReads(inline);
+  it.each([true, false])("reads the same bytes whether cached or not (inline reads %s)", async (inlineReads) => {
     const file = sparseFile(MiB);
     const data = pattern(MiB, 10);
     fs.writeFileSync(file, data);
-    const dev = await openFile(file, { mode: "rw" });
-    // Cached: straight after writing.
+    const dev = await openFile(file, { mode: "rw", inlineReads });
+    // Cached: straight after writing. A small read goes to the pool only with inline reads off.
+    const poolReads = vi.spyOn(fs, "read");
+    expectBytes(await read(dev, 8, 8), data.subarray(8 * 512, 16 * 512));
+    expect(poolReads).toHaveBeenCalledTimes(inlineReads ? 0 : 1);
+    poolReads.mockRestore();
     expectBytes(await read(dev, 5, 300), data.subarray(5 * 512, 305 * 512));
     // Partly cached: the first half is read again into the page cache, the rest is not.
     evictFromPageCache(file);
@@ -575,5 +577,30 @@ describe("ioctl errors", () => {
     } finally {
       fs.closeSync(fd);
     }
+  });
+});
+
+describe("I/O options", () => {
+  it("createDeviceMapper({ io }) reaches every backing device opened, and the device follows them", async () => {
+    const file = sparseFile(MiB);
+    const seen: OpenOptions[] = [];
+    const backing = {
+      identify: async (spec: string) => spec,
+      open: async (spec: string, opts: OpenOptions) => {
+        seen.push(opts);
+        return openFile(spec, opts);
+      },
+    };
+    const dm = createDeviceMapper({ backing, io: { inlineReads: false, writePlug: false } });
+    await dm.create("vol", { table: `0 ${MiB / 512} linear ${file} 0` });
+    expect(seen).toEqual([{ mode: "rw", inlineReads: false, writePlug: false }]);
+    expect((opened[0] as FileDevice).plugStats).toBeNull();
+    await dm.close();
+  });
+
+  it("defaults: the write plug on, O_DIRECT off", async () => {
+    const dev = await openFile(sparseFile(MiB), { mode: "rw" });
+    expect(dev.plugStats).not.toBeNull();
+    expect(dev.direct).toBe(false);
   });
 });

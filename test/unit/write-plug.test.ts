@@ -25,7 +25,6 @@ beforeEach(() => {
 });
 afterEach(() => {
   vi.restoreAllMocks();
-  vi.unstubAllEnvs();
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
@@ -80,9 +79,8 @@ describe("write plug", () => {
     await dev.close();
   });
 
-  it("is off with UDM_WRITE_PLUG=0", async () => {
-    vi.stubEnv("UDM_WRITE_PLUG", "0");
-    const dev = await FileDevice.open(file, { mode: "rw" });
+  it("is off with writePlug: false", async () => {
+    const dev = await FileDevice.open(file, { mode: "rw", writePlug: false });
     const counts = countWrites();
     await Promise.all([submitAndWait(dev, writeBio(0, pattern(1, 4 * KiB))), submitAndWait(dev, writeBio(8, pattern(2, 4 * KiB)))]);
     expect(dev.plugStats).toBeNull();
