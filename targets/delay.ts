@@ -86,7 +86,7 @@ export class DelayTarget extends Target {
     return { device, start, delay, ops: 0 };
   }
 
-  dtr(): void {
+  override dtr(): void {
     this.cancelTimer();
   }
 
@@ -141,17 +141,17 @@ export class DelayTarget extends Target {
     for (const d of due) d.bio.device!.submit(d.bio);
   }
 
-  presuspend(): void {
+  override presuspend(): void {
     this.mayDelay = false;
     this.cancelTimer();
     this.flushDelayed(true);
   }
 
-  resume(): void {
+  override resume(): void {
     this.mayDelay = true;
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     if (type === "info") return `${this.read.ops} ${this.write.ops} ${this.flush.ops}`;
     const triple = (c: DelayClass) => `${c.device.tableName} ${c.start} ${c.delay}`;
     let s = triple(this.read);
@@ -160,7 +160,7 @@ export class DelayTarget extends Target {
     return s;
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return [this.read, this.write, this.flush].some((c) => fn(c.device, c.start, this.len) === true);
   }
 }

@@ -87,7 +87,7 @@ export class DustTarget extends Target {
     return MapResult.REMAPPED;
   }
 
-  message(argv: string[]): string | undefined {
+  override message(argv: string[]): string | undefined {
     const argc = argv.length;
     const cmd = argv[0]!.toLowerCase();
     const fail = (text: string, logged = true): never => {
@@ -179,14 +179,14 @@ export class DustTarget extends Target {
     return undefined;
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     if (type === "info") {
       return `${this.device.tableName} ${this.failReadOnBb ? "fail_read_on_bad_block" : "bypass"} ${this.quietMode ? "quiet" : "verbose"}`;
     }
     return `${this.device.tableName} ${this.start} ${this.blksz}`;
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.device, this.start, this.len) === true;
   }
 }

@@ -41,7 +41,7 @@ export class ErrorTarget extends Target {
   }
 
   /** io_err_iterate_devices: the given device's area `(dev, offset, ti->len)`, as linear. */
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return this.device ? fn(this.device, this.start, this.len) === true : false;
   }
 }

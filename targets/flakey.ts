@@ -205,7 +205,7 @@ export class FlakeyTarget extends Target<FlakeyContext> {
     return elapsed % this.period >= this.upInterval;
   }
 
-  newMapContext(): FlakeyContext {
+  override newMapContext(): FlakeyContext {
     return { canCorrupt: false };
   }
 
@@ -251,7 +251,7 @@ export class FlakeyTarget extends Target<FlakeyContext> {
     return MapResult.SUBMITTED;
   }
 
-  endIo(bio: Bio, ctx: FlakeyContext): EndIoResult {
+  override endIo(bio: Bio, ctx: FlakeyContext): EndIoResult {
     if (bio.status !== "ok" || !ctx.canCorrupt || bio.op !== "read") return EndIoResult.DONE;
     if (this.corruptBioByte > 0 && this.corruptBioRw === "r" && this.flagsMatch(bio)) this.corruptFixed(bio.data);
     if (this.randomReadCorrupt > 0 && this.rng.chance(this.randomReadCorrupt)) this.corruptRandom(bio.data);
@@ -271,7 +271,7 @@ export class FlakeyTarget extends Target<FlakeyContext> {
     data[i] = this.rng.nextU8();
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     if (type === "info") return "";
     const n =
       Number(this.errorReads) + Number(this.dropWrites) + Number(this.errorWrites) +
@@ -288,7 +288,7 @@ export class FlakeyTarget extends Target<FlakeyContext> {
     return s;
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.device, this.start, this.len) === true;
   }
 }

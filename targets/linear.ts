@@ -40,11 +40,11 @@ export class LinearTarget extends Target {
     return MapResult.REMAPPED;
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     return type === "table" ? `${this.device.tableName} ${this.start}` : "";
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.device, this.start, this.len) === true;
   }
 }

@@ -107,7 +107,7 @@ export class StripedTarget extends Target {
    * match); while a stripe is under DM_IO_ERROR_THRESHOLD errors a table event is scheduled. The
    * kernel schedules one work item (trigger_event), so one completion raises at most one event.
    */
-  endIo(bio: Bio): EndIoResult {
+  override endIo(bio: Bio): EndIoResult {
     const status = bio.status;
     if (status === "ok" || status === "DM_REQUEUE") return EndIoResult.DONE;
     if (bio.flags & BioFlags.RAHEAD) return EndIoResult.DONE;
@@ -124,7 +124,7 @@ export class StripedTarget extends Target {
     return EndIoResult.DONE;
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     const n = this.stripes.length;
     if (type === "info") {
       const devs = this.stripes.map((s) => s.device.tableName).join(" ");
@@ -133,7 +133,7 @@ export class StripedTarget extends Target {
     return `${n} ${this.chunkSize} ${this.stripes.map((s) => `${s.device.tableName} ${s.start}`).join(" ")}`;
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     const perStripe = this.len / this.stripes.length;
     return this.stripes.some((s) => fn(s.device, s.start, perStripe) === true);
   }

@@ -105,7 +105,7 @@ export class LogWritesTarget extends Target<LogWritesContext> {
     this.numDiscardBios = 1;
   }
 
-  async dtr(): Promise<void> {
+  override async dtr(): Promise<void> {
     if (!this.queue) return;
     this.queueBlocks(this.unflushed);
     this.unflushed = [];
@@ -121,7 +121,7 @@ export class LogWritesTarget extends Target<LogWritesContext> {
     await Promise.all([...this.inflight]);
   }
 
-  newMapContext(): LogWritesContext {
+  override newMapContext(): LogWritesContext {
     return { block: null };
   }
 
@@ -160,7 +160,7 @@ export class LogWritesTarget extends Target<LogWritesContext> {
     return this.remap(bio);
   }
 
-  endIo(bio: Bio, ctx: LogWritesContext): EndIoResult {
+  override endIo(bio: Bio, ctx: LogWritesContext): EndIoResult {
     const block = ctx.block;
     if (bio.op === "read" || !block) return EndIoResult.DONE;
     ctx.block = null;
@@ -176,12 +176,12 @@ export class LogWritesTarget extends Target<LogWritesContext> {
     return EndIoResult.DONE;
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     if (type === "table") return `${this.dev.tableName} ${this.logdev.tableName}`;
     return `${this.loggedEntries} ${this.nextSector - 1}${this.loggingEnabled ? "" : " logging_disabled"}`;
   }
 
-  message(args: string[]): string | undefined {
+  override message(args: string[]): string | undefined {
     if (args.length !== 2) {
       const msg = `Invalid log-writes message arguments, expect 2 arguments, got ${args.length}`;
       this.logger.warn(msg);
@@ -196,7 +196,7 @@ export class LogWritesTarget extends Target<LogWritesContext> {
     return undefined;
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.dev, 0, this.len) === true;
   }
 

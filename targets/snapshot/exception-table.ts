@@ -119,7 +119,7 @@ export class ExceptionTable {
   /** The COW chunk holding the snapshot's copy of `oldChunk`, or -1. */
   lookup(oldChunk: number): number {
     const i = this.locate(oldChunk);
-    return i < 0 ? -1 : this.slots[2 * i + 1] + (oldChunk - this.hitStart);
+    return i < 0 ? -1 : this.slots[2 * i + 1]! + (oldChunk - this.hitStart);
   }
 
   /**
@@ -148,7 +148,7 @@ export class ExceptionTable {
       const sibling = weAreRightHalf ? start - len : start + len;
       const i = this.find(2 * sibling + len);
       if (i < 0) break;
-      const siblingTarget = this.slots[2 * i + 1];
+      const siblingTarget = this.slots[2 * i + 1]!;
       if (weAreRightHalf ? siblingTarget + len !== target : target + len !== siblingTarget) break;
       this.deleteSlot(i);
       this.countLevel(level, -1);
@@ -177,7 +177,7 @@ export class ExceptionTable {
     }
     const start = this.hitStart;
     const level = this.hitLevel;
-    const target = this.slots[2 * i + 1];
+    const target = this.slots[2 * i + 1]!;
     const mine = target + (oldChunk - start);
     const low = oldChunk & GROUP_MASK;
     const blockLast = start + (1 << level) - 1;
@@ -213,11 +213,11 @@ export class ExceptionTable {
     const version = this.version;
     const slots = this.slots;
     for (let i = 0; i < this.cap; i++) {
-      const key = slots[2 * i];
+      const key = slots[2 * i]!;
       if (key === EMPTY) continue;
       const level = keyLevel(key);
       const start = keyStart(key, level);
-      const target = slots[2 * i + 1];
+      const target = slots[2 * i + 1]!;
       // Only the block that starts a run reports it.
       if ((start & GROUP_MASK) !== 0 && target > 0 && this.lookup(start - 1) === target - 1) continue;
       const last = this.runLast(start, target);
@@ -258,7 +258,7 @@ export class ExceptionTable {
     if (this.orderStale) this.refreshOrder();
     const low = chunk & GROUP_MASK;
     for (let t = 0; t < this.orderLength; t++) {
-      const level = this.order[t];
+      const level = this.order[t]!;
       const start = chunk - (low & ((1 << level) - 1));
       const i = this.find(2 * start + (1 << level));
       if (i >= 0) {
@@ -275,7 +275,7 @@ export class ExceptionTable {
     while ((chunk & GROUP_MASK) !== 0) {
       const i = this.locate(chunk - 1);
       if (i < 0) break;
-      const t = this.slots[2 * i + 1];
+      const t = this.slots[2 * i + 1]!;
       if (t + (chunk - 1 - this.hitStart) !== target - 1) break;
       target = t;
       chunk = this.hitStart;
@@ -288,7 +288,7 @@ export class ExceptionTable {
     while ((chunk & GROUP_MASK) !== GROUP_MASK) {
       const i = this.locate(chunk + 1);
       if (i < 0) break;
-      const t = this.slots[2 * i + 1];
+      const t = this.slots[2 * i + 1]!;
       if (t + (chunk + 1 - this.hitStart) !== target + 1) break;
       const lastOffset = (1 << this.hitLevel) - 1;
       chunk = this.hitStart + lastOffset;
@@ -298,7 +298,7 @@ export class ExceptionTable {
   }
 
   private countLevel(level: number, delta: number): void {
-    const before = this.levelCounts[level];
+    const before = this.levelCounts[level]!;
     this.levelCounts[level] = before + delta;
     // A level becoming (non-)empty changes which levels must be probed; otherwise re-sort rarely.
     if (before === 0 || before + delta === 0 || ++this.sinceOrder >= ORDER_REFRESH_MUTATIONS) this.orderStale = true;
@@ -311,10 +311,10 @@ export class ExceptionTable {
     let n = 0;
     for (let level = 0; level <= MAX_LEVEL; level++) {
       if (counts[level] === 0) continue;
-      const weight = counts[level] * (1 << level);
+      const weight = counts[level]! * (1 << level);
       let k = n++;
-      while (k > 0 && counts[order[k - 1]] * (1 << order[k - 1]) < weight) {
-        order[k] = order[k - 1];
+      while (k > 0 && counts[order[k - 1]!]! * (1 << order[k - 1]!) < weight) {
+        order[k] = order[k - 1]!;
         k--;
       }
       order[k] = level;
@@ -340,7 +340,7 @@ export class ExceptionTable {
     const cap = this.cap;
     let i = this.home(key);
     for (let dist = 0; ; dist++) {
-      const k = slots[2 * i];
+      const k = slots[2 * i]!;
       if (k === key) return i;
       if (k === EMPTY) return -1;
       let theirs = i - this.home(k);
@@ -365,7 +365,7 @@ export class ExceptionTable {
     let i = this.home(key);
     let dist = 0;
     for (;;) {
-      const k = slots[2 * i];
+      const k = slots[2 * i]!;
       if (k === EMPTY) {
         slots[2 * i] = key;
         slots[2 * i + 1] = value;
@@ -374,7 +374,7 @@ export class ExceptionTable {
       let theirs = i - this.home(k);
       if (theirs < 0) theirs += cap;
       if (theirs < dist) {
-        const v = slots[2 * i + 1];
+        const v = slots[2 * i + 1]!;
         slots[2 * i] = key;
         slots[2 * i + 1] = value;
         key = k;
@@ -392,10 +392,10 @@ export class ExceptionTable {
     const cap = this.cap;
     let j = i + 1 === cap ? 0 : i + 1;
     for (;;) {
-      const k = slots[2 * j];
+      const k = slots[2 * j]!;
       if (k === EMPTY || this.home(k) === j) break;
       slots[2 * i] = k;
-      slots[2 * i + 1] = slots[2 * j + 1];
+      slots[2 * i + 1] = slots[2 * j + 1]!;
       i = j;
       if (++j === cap) j = 0;
     }
@@ -412,8 +412,8 @@ export class ExceptionTable {
     this.wide = wide;
     this.slots = wide ? new Float64Array(2 * capacity) : new Uint32Array(2 * capacity);
     for (let i = 0; i < oldCap; i++) {
-      const k = old[2 * i];
-      if (k !== EMPTY) this.place(k, old[2 * i + 1]);
+      const k = old[2 * i]!;
+      if (k !== EMPTY) this.place(k, old[2 * i + 1]!);
     }
   }
 }

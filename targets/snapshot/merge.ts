@@ -78,7 +78,7 @@ export class SnapshotMergeTarget extends SnapshotTarget {
   }
 
   /** A suspended merge device never has a batch in flight. */
-  async presuspend(): Promise<void> {
+  override async presuspend(): Promise<void> {
     await this.stopMerge();
   }
 

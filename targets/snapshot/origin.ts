@@ -39,16 +39,16 @@ export class SnapshotOriginTarget extends Target {
     this.numFlushBios = 1;
   }
 
-  resume(): void {
+  override resume(): void {
     this.splitBoundary = this.origin.minChunkSize() || NO_SPLIT;
     this.origin.originTable = this.table;
   }
 
-  postsuspend(): void {
+  override postsuspend(): void {
     if (this.origin.originTable === this.table) this.origin.originTable = null;
   }
 
-  dtr(): void {
+  override dtr(): void {
     if (this.origin.originTable === this.table) this.origin.originTable = null;
   }
 
@@ -73,11 +73,11 @@ export class SnapshotOriginTarget extends Target {
     return originMapWrite(this.origin, bio, true);
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     return type === "table" ? this.device.tableName : "";
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.device, 0, this.len) === true;
   }
 }

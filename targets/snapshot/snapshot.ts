@@ -182,14 +182,14 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     }
   }
 
-  preresume(): void {
+  override preresume(): void {
     const dest = this.handoverDestination;
     if (dest) throw new TargetError("Unable to resume snapshot source until handover completes.");
     const src = this.handoverSource;
     if (src && !src.table.suspended) throw new TargetError("Unable to perform snapshot handover until source is suspended.");
   }
 
-  async resume(): Promise<void> {
+  override async resume(): Promise<void> {
     const src = this.handoverSource;
     if (src) {
       // Quiesce the origin device so no pending exception of the source completes into the store
@@ -256,7 +256,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     this.handoverSource = null;
   }
 
-  async dtr(): Promise<void> {
+  override async dtr(): Promise<void> {
     if (this.handoverDestination) {
       this.logger.warn("Cancelling snapshot handover.", { device: this.table.deviceName });
       this.handoverDestination.valid = false;
@@ -274,7 +274,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     await this.complete?.clear();
   }
 
-  newMapContext(): TrackContext {
+  override newMapContext(): TrackContext {
     return { chunk: -1 };
   }
 
@@ -362,7 +362,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     ctx.chunk = chunk;
   }
 
-  endIo(bio: Bio, ctx: TrackContext): EndIoResult {
+  override endIo(bio: Bio, ctx: TrackContext): EndIoResult {
     if (ctx.chunk >= 0) {
       this.tracked.untrack(ctx.chunk);
       ctx.chunk = -1;
@@ -512,7 +512,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     this.table.event();
   }
 
-  status(type: StatusType): string {
+  override status(type: StatusType): string {
     if (type === "table") {
       let s = `${this.origin.tableName} ${this.cow.tableName}${this.store.statusTable()}`;
       if (this.discardZeroesCow) s += this.discardPassdownOrigin ? " 2 discard_zeroes_cow discard_passdown_origin" : " 1 discard_zeroes_cow";
@@ -525,7 +525,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     return `${u.allocated}/${u.total} ${u.metadata}`;
   }
 
-  iterateDevices(fn: DeviceAreaCallback): boolean {
+  override iterateDevices(fn: DeviceAreaCallback): boolean {
     return fn(this.origin, 0, this.len) === true;
   }
 }
