@@ -36,10 +36,24 @@ export interface Clock {
   setTimeout(fn: () => void, ms: number): { cancel(): void };
 }
 
+/** Node's timers fire after 1 ms (with a TimeoutOverflowWarning) when asked for more than this. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export const systemClock: Clock = {
   now: () => Date.now(),
   setTimeout(fn, ms) {
-    const t = setTimeout(fn, ms);
+    // Longer waits (a delay table may ask for up to 2^32 - 1 ms, as the kernel's u32 allows) are
+    // chained: each link waits at most MAX_TIMER_MS, the last one runs `fn`.
+    const due = Date.now() + ms;
+    let t: NodeJS.Timeout;
+    const arm = (wait: number) => {
+      t = setTimeout(() => {
+        const left = due - Date.now();
+        if (left > 0) arm(left);
+        else fn();
+      }, Math.min(Math.max(0, wait), MAX_TIMER_MS));
+    };
+    arm(ms);
     return { cancel: () => clearTimeout(t) };
   },
 };

@@ -1,9 +1,9 @@
 /**
- * delay (dm-reference §7.9, dm-delay.c 1.5.0): ctr errors with the kernel's messages, TABLE and
+ * delay (dm-delay.c 1.5.0): ctr errors with the kernel's messages, TABLE and
  * INFO lines, and bios held until the FakeClock passes their deadline, released in arrival
  * order, per class (read / write / flush), and all at once by a suspend.
  */
-import { beforeEach, describe, expect, it } from "vitest";
+import { beforeEach, describe, expect, it, vi } from "vitest";
 import { readBio, submitAndWait } from "../../core/bio.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
@@ -320,5 +320,32 @@ describe("delay and suspend", () => {
     await r.p;
     expect(clock.pending).toBe(0);
     expect(backing.openHandles).toBe(0);
+  });
+});
+
+describe("delay on the system clock", () => {
+  it("holds a bio for 2^32 - 1 ms: the wait is chained past Node's 2^31 - 1 ms timer limit, not re-armed every millisecond", async () => {
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "Date"] }); // they keep Node's limit: longer waits fire after 1 ms
+    try {
+      const real = createDeviceMapper({ backing }); // the default clock: systemClock
+      await real.create("long", { table: "0 100 delay mem0 0 4294967295" });
+      const h = real.open("long");
+      const setTimeoutSpy = vi.spyOn(globalThis, "setTimeout");
+      const r = track(h.read(0, 1));
+      await settle();
+      await vi.advanceTimersByTimeAsync(1000);
+      expect(r.done()).toBe(false);
+      expect(setTimeoutSpy.mock.calls.length).toBeLessThanOrEqual(1); // one armed timer, no re-arming
+      await vi.advanceTimersByTimeAsync(2 ** 32 - 1 - 1000 - 1);
+      expect(r.done()).toBe(false);
+      // 2^32 - 1 ms = 2 x (2^31 - 1) + 1: three links in all
+      expect(setTimeoutSpy.mock.calls.length).toBeLessThanOrEqual(3);
+      await vi.advanceTimersByTimeAsync(1);
+      await r.p;
+      await h.close();
+      await real.remove("long");
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
