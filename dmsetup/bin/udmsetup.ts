@@ -37,6 +37,16 @@ udm extras:
   daemon [--foreground]  run udmd (in the background unless --foreground)
 `;
 
+// dmsetup dies of SIGPIPE when its reader goes away (`udmsetup info | head -1`). Node ignores
+// SIGPIPE and reports EPIPE as an error event instead: end quietly, with the status a shell shows
+// for a SIGPIPE death, rather than with a stack trace.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (err: NodeJS.ErrnoException) => {
+    if (err.code === "EPIPE") process.exit(128 + 13);
+    throw err;
+  });
+}
+
 const io: Io = {
   out: (t) => void process.stdout.write(t),
   err: (t) => void process.stderr.write(t),
