@@ -293,7 +293,7 @@ export interface MatrixOptions {
   only?: string;
   /** Start udmd with node --cpu-prof, writing its profiles here. */
   profileDir?: string;
-  /** Extra udmd arguments: the tuning flags of an A/B measurement (--no-inline-reads, --no-write-plug, --no-zero-copy). */
+  /** Extra udmd arguments: tuning flags for an A/B run (--no-inline-reads, --no-write-plug, --no-zero-copy). */
   udmdArgs?: string[];
   /**
    * Configurations run at the same time (default 1). Only for smoke runs: concurrent

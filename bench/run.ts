@@ -110,7 +110,9 @@ export function costTable(result: MicroResult): string {
 
 /** ", udm with inline reads off" and the like, for a run with optimisations turned off. */
 function turnedOff(io: { inlineReads?: boolean; writePlug?: boolean } | undefined): string {
-  const off = [io?.inlineReads === false && "inline reads", io?.writePlug === false && "the write plug"].filter(Boolean);
+  const off = [];
+  if (io?.inlineReads === false) off.push("inline reads");
+  if (io?.writePlug === false) off.push("the write plug");
   return off.length ? `, udm with ${off.join(" and ")} off` : "";
 }
 
@@ -185,7 +187,10 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     },
   });
   // Optimisations turned off for an A/B measurement (undefined: udm's default).
-  const io = { inlineReads: values["inline-reads"] ? undefined : false, writePlug: values["write-plug"] ? undefined : false };
+  const io = {
+    inlineReads: values["inline-reads"] ? undefined : false,
+    writePlug: values["write-plug"] ? undefined : false,
+  };
   const udmdArgs = [
     ...(values["inline-reads"] ? [] : ["--no-inline-reads"]),
     ...(values["write-plug"] ? [] : ["--no-write-plug"]),

@@ -241,7 +241,7 @@ function fillRandom(file: string, bytes: number): void {
   }
 }
 
-/** COW bytes that can never overflow for an origin of `chunks` chunks (snapshot-design §4.11). */
+/** COW bytes that can never overflow for an origin of `chunks` chunks (docs/snapshot.md, Sizing). */
 function cowBytesFor(chunks: number): number {
   const epa = CHUNK_BYTES / 16;
   return (1 + Math.ceil((chunks + 1) / epa) + chunks) * CHUNK_BYTES;

@@ -1,5 +1,5 @@
 /**
- * Argument parsing with the kernel's exact semantics (dm-reference §2.14): how a table line's
+ * Argument parsing with the kernel's exact semantics (dm-table.c: dm_split_args, dm_read_arg): how a table line's
  * parameter string is split, and how targets read numbers from it.
  */
 import { TargetError } from "./target.js";

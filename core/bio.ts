@@ -2,7 +2,7 @@
  * Bio: one block I/O request, the unit everything in udm moves around.
  *
  * Offsets and lengths are always in 512-byte sectors, whatever the logical block size of any
- * device (dm-reference §0). A bio carries its own completion target (`endIo`), an object with a
+ * device, as the kernel's bi_sector. A bio carries its own completion target (`endIo`), an object with a
  * `bioDone` method rather than a closure, so the hot path allocates nothing per request beyond the
  * bio itself (the random-access-storage "request object" style).
  */

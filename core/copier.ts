@@ -6,7 +6,7 @@
  * buffer to every destination. At most `maxInFlight` sub-jobs run at once per Copier (all clients
  * together), so a burst of copies cannot flood the devices or memory.
  *
- * What the snapshot target relies on (snapshot-design §6):
+ * What the snapshot target relies on (as dm-snap.c on dm-kcopyd.c):
  * - a job's callback runs exactly once, with (readErr, writeErrMask), after all its sub-jobs;
  * - callbacks never run inside `copy()`/`zero()`/`doCallback()` (always from a later microtask);
  * - all callbacks of one client run one at a time, in job completion order, from one delivery loop.

@@ -272,7 +272,7 @@ export class DeviceMapper {
   }
 
   /**
-   * DM_TARGET_MSG, with the kernel's checks (dm-reference §2.8): the message is split like table
+   * DM_TARGET_MSG, with the kernel's checks (dm-ioctl.c: target_message): the message is split like table
    * parameters (dm_split_args); words starting with `@` are for the core (message_for_md).
    */
   async message(name: string, sector: number, message: string): Promise<string | undefined> {
@@ -390,7 +390,7 @@ function toSpecs(table: TableInput): readonly TargetSpec[] {
   return typeof table === "string" ? parseTableText(table, "on command line") : table;
 }
 
-/** Name rules of DM_DEV_CREATE / DM_DEV_RENAME (dm-reference §4.1). */
+/** Name rules of DM_DEV_CREATE / DM_DEV_RENAME (dm-ioctl.c: check_name, invalid_str). */
 function checkName(name: string, emptyMessage = "name not supplied when creating device"): void {
   if (!name) throw new DmError("EINVAL", emptyMessage);
   if (Buffer.byteLength(name) > 127) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");

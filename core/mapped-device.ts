@@ -1,6 +1,6 @@
 /**
  * A mapped device: a name, an active (live) and an inactive table, suspend/resume that really
- * quiesces I/O, an event counter, an open count (dm-reference §2.6, §4).
+ * quiesces I/O, an event counter, an open count (dm.c: struct mapped_device, dm_suspend, dm_resume).
  *
  * Bios enter through `submit`. While the device is suspended (or has no live table) they wait on
  * `deferred`, in order, and never fail; otherwise a `DmIo` maps them synchronously through the live

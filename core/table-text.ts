@@ -1,6 +1,6 @@
 /**
  * dmsetup's side of tables: turning table text (from --table, a file, or stdin) into target specs
- * and back (dm-reference §3.1). The kernel side (validation, constructors) is in table.ts.
+ * and back, as lvm2's tools/dmsetup.c reads and prints them. The kernel side (validation, constructors) is in table.ts.
  */
 import { parseUnsigned } from "./args.js";
 import { DmError } from "./errors.js";

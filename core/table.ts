@@ -1,6 +1,7 @@
 /**
  * A loaded table: targets covering [0, size), built and validated in the kernel's order with the
- * kernel's messages (dm-reference §3.2), and the sector → target lookup the I/O path uses.
+ * kernel's messages (dm-table.c: dm_table_add_target, dm_table_complete), and the sector → target
+ * lookup the I/O path uses.
  */
 import type { DependencyContainer } from "tsyringe";
 import { splitArgs } from "./args.js";
@@ -250,7 +251,7 @@ export class Table implements TableContext {
     return lo;
   }
 
-  /** Supported only if every target takes at least one duplicate of the op (dm-reference §2.11). */
+  /** Supported only if every target takes at least one duplicate of the op (dm-table.c: dm_table_supports_discards). */
   get supportsDiscard(): boolean {
     return this.targets.every((t) => t.numDiscardBios > 0);
   }

@@ -32,7 +32,7 @@ export const EndIoResult = {
 } as const;
 export type EndIoResult = (typeof EndIoResult)[keyof typeof EndIoResult];
 
-/** Target type feature bits (dm-reference §2.1). */
+/** Target type feature bits (include/linux/device-mapper.h: DM_TARGET_*). */
 export const TargetFeatures = {
   NONE: 0,
   SINGLETON: 0x1,

@@ -3,21 +3,12 @@
  * event-loop turn, and READ replies whose data lies in files sent with sendfile(2) (zero-copy,
  * core/file-ranges.ts) instead of through a buffer.
  *
- * A reply with file ranges is sent piece by piece: the header (and any buffer part before a
- * range) is written through the socket and waited for, then the range goes by sendfile on a
- * duplicate of the socket's descriptor. Meanwhile every later reply is held back, in order, so
- * nothing can land in the middle of it; they follow when it is done.
- *
- * sendfile never waits on a worker thread for the client: the socket is non-blocking, and when it
- * is full (EAGAIN), or sendfile cannot go on (end of file, a file system without splice), the
- * rest of the range is read into the reply buffer (where it belongs anyway) and written through
- * the socket, whose writability the event loop watches. A slow client thus costs no thread of
- * libuv's pool, which every file device shares; past the end of the file it reads zeros, as the
- * copying path does.
- *
- * The duplicate descriptor keeps the socket open while a sendfile is running on a worker thread;
- * it is closed as soon as the connection closes and that call returns, so a closed connection's
- * descriptor number can never be reused under a send.
+ * While a reply with file ranges goes out (header through the socket, then each range by
+ * sendfile on a duplicate of the socket's descriptor), later replies are held back in order.
+ * sendfile never waits for the client on a worker thread: when the socket is full or sendfile
+ * cannot go on, the rest of the range is read into the reply buffer and written through the
+ * socket. The duplicate descriptor is closed once the connection is closed and no call uses it.
+ * docs/nbd-internals.md ("Large reads without a copy") describes the design.
  */
 import type { Socket } from "node:net";
 import fs from "node:fs";

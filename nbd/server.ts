@@ -198,8 +198,8 @@ function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive:
 /**
  * A READ reply of 1 MiB does not fit a unix socket's default send buffer (208 KiB), so it used to
  * leave in several writes, each after a wait for the client to drain the socket; with room for a
- * whole reply it is one write. 1 MiB reads from a zero target: 3.2–3.5 → 4.4–4.7 GB/s. The kernel
- * caps the size at net.core.wmem_max; failing to widen it only costs speed.
+ * whole reply it is one write (bench/results.md has the effect). The kernel caps the size at
+ * net.core.wmem_max; failing to widen it only costs speed.
  */
 const SEND_BUFFER_BYTES = 2 * 1024 * 1024;
 

@@ -7,8 +7,8 @@ import type { Bio, BioSink } from "../bio.js";
 
 export interface BlockDevice extends BioSink {
   /**
-   * How tables print this device (dm-reference §3.3): `major:minor` for block devices and mapped
-   * devices, the path for regular files, a descriptive name for RAM disks.
+   * How tables print this device: `major:minor` for block devices and mapped devices (as the
+   * kernel's format_dev_t), the path for regular files, a descriptive name for RAM disks.
    */
   readonly tableName: string;
   /** Name used in kernel-style messages ("loop0", "/tmp/x.img"): `<dev> too small for target`. */

@@ -141,7 +141,9 @@ export interface FdDeviceInit {
 }
 
 /** The FdDeviceInit fields that `opts` decides, with the IoOptions defaults. */
-export function initFromOptions(opts: OpenOptions): Pick<FdDeviceInit, "readOnly" | "direct" | "inlineReads" | "writePlug"> {
+export function initFromOptions(
+  opts: OpenOptions,
+): Pick<FdDeviceInit, "readOnly" | "direct" | "inlineReads" | "writePlug"> {
   return {
     readOnly: opts.mode !== "rw",
     direct: opts.direct ?? false,

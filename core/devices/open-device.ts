@@ -1,6 +1,6 @@
 /**
- * Resolve a table's device argument (a path or `major:minor`, dm-reference §3.3) to an open
- * backing device.
+ * Resolve a table's device argument (a path or `major:minor`, as dm-table.c: dm_get_device
+ * accepts) to an open backing device.
  */
 import fs from "node:fs";
 import type { BlockDevice, OpenOptions } from "./block-device.js";

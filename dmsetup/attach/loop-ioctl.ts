@@ -76,7 +76,12 @@ export function loopCtlGetFree(controlFd: number): number {
  * (the kernel fsyncs the backing file there). Kernels before 5.8 reject it with EINVAL or ENOTTY;
  * then the two-step legacy bind does the same (a block size needs LOOP_CONFIGURE).
  */
-export async function loopConfigure(loopFd: number, backingFd: number, info: LoopInfo, blockSize: number): Promise<void> {
+export async function loopConfigure(
+  loopFd: number,
+  backingFd: number,
+  info: LoopInfo,
+  blockSize: number,
+): Promise<void> {
   const config = pack(LoopConfig, 304, { fd: backingFd, block_size: blockSize, info: loopInfo64(info) });
   try {
     await callAsync(libc().ioctlPtr, [loopFd, LOOP_CONFIGURE, config], "ioctl", "LOOP_CONFIGURE");
