@@ -1,5 +1,5 @@
 /**
- * udmsetup against a real udmd: dmsetup's output formats byte for byte (dm-reference §6.2), its
+ * udmsetup against a real udmd: dmsetup's output formats byte for byte (docs/cli.md), its
  * error lines, and the daemon's lifecycle (single instance, stale run directory, peer credentials,
  * plugins).
  */

@@ -1,10 +1,10 @@
 /**
- * Property: a seeded scheduler over the snapshot engine (snapshot-design §13). Each run builds an
- * origin with 2–3 snapshots (chunk sizes 8/16/32 sectors, persistent or transient stores), holds
- * every I/O on the origin and COW devices (ControlledDevices), and plays a random schedule of
- * origin writes and reads, snapshot reads and writes (partial and whole-chunk), flushes, suspends
- * and resumes of the origin and the snapshots, and releases of held I/Os: at random, newest first
- * (adversarial) or oldest first (a FIFO device).
+ * Property: a seeded scheduler over the snapshot engine. Each run builds an origin with 2–3
+ * snapshots (chunk sizes 8/16/32 sectors, persistent or transient stores), holds every I/O on the
+ * origin and COW devices (ControlledDevices), and plays a random schedule of origin writes and
+ * reads, snapshot reads and writes (partial and whole-chunk), flushes, suspends and resumes of the
+ * origin and the snapshots, and releases of held I/Os: at random, newest first (adversarial) or
+ * oldest first (a FIFO device).
  *
  * Checked against a model (each snapshot = the origin when it was taken + its own writes; the
  * origin = all origin writes):
@@ -13,7 +13,8 @@
  *     model then keeps every value a sector may hold), but never with an overlapping origin read;
  *   - every bio completes exactly once, successfully;
  *   - whenever a metadata commit completes, the crashed COW image (only flushed/FUA writes kept)
- *     has no duplicate exception and no unrecorded chunk below next_free (§4.10, R5, R11);
+ *     has no duplicate exception and no unrecorded chunk below next_free (R5, R11 in
+ *     docs/snapshot.md, "Race and bug tests");
  *   - at the end: origin and every snapshot equal the model, each persistent snapshot again after
  *     a reload from its COW device, and nothing is left pending, tracked or held in the gate;
  *     nothing was logged as a thrown callback.
@@ -22,8 +23,8 @@
  * outside the region the schedule uses), so metadata area 0 fills up during the run: that is where
  * out-of-order completion would leave holes (R11).
  *
- * The same property also runs with the COW throttle (§7.7) at threshold 0, so snapshot and origin
- * writes are parked and re-mapped whenever a copy is in flight.
+ * The same property also runs with the COW throttle (dm-snap.c: wait_for_in_progress) at threshold
+ * 0, so snapshot and origin writes are parked and re-mapped whenever a copy is in flight.
  *
  * A second property injects I/O errors (any held I/O may be failed) and checks what must still
  * hold: every bio completes exactly once, a successful read never returns data that the model

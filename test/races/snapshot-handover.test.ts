@@ -1,8 +1,9 @@
 /**
- * Exception-store handover (snapshot-design §10.2): reloading an active snapshot's table hands
- * its store and exceptions to the new table instead of reading the metadata twice.
- * R12: the handover quiesces the origin device, so a pending exception started by an origin
- * write completes into the store before the store changes owner.
+ * Exception-store handover (docs/snapshot.md, "Reloading a snapshot (handover)"; dm-snap.c:
+ * snapshot_preresume, snapshot_resume): reloading an active snapshot's table hands its store and
+ * exceptions to the new table instead of reading the metadata twice. R12: the handover quiesces the
+ * origin device, so a pending exception started by an origin write completes into the store before
+ * the store changes owner.
  */
 import { describe, expect, it } from "vitest";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";

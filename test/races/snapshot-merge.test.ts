@@ -1,7 +1,8 @@
 /**
- * snapshot-merge (snapshot-design §9, §10.2; catalogue entries R9, R10, R13, R20): the origin's
- * device is reloaded with a `snapshot-merge` table that takes over a snapshot's store, reads as
- * that snapshot at once, and copies the snapshot's chunks back onto the origin in the background.
+ * snapshot-merge (docs/snapshot.md, "The merge loop"; R9, R10, R13, R20 in its "Race and bug
+ * tests"): the origin's device is reloaded with a `snapshot-merge` table that takes over a
+ * snapshot's store, reads as that snapshot at once, and copies the snapshot's chunks back onto the
+ * origin in the background.
  *
  * Deterministic like the other race tests: device I/O that matters is held on ControlledDevices
  * and released (or failed) in a scripted order; origin and COW model volatile write caches where a

@@ -1,9 +1,10 @@
 /**
- * Snapshot races around completion and commit (snapshot-design §12 R11, R15, R18): in-order
- * completion across crashes, copy errors with other copies in flight, and the full-chunk write
- * that replaces a copy. Deterministic: every relevant device I/O is held on a ControlledDevice and
- * released (or failed) in a scripted order; the COW device models a volatile write cache so a
- * crash can be taken at any point. No sleeps; `settleAll()` only lets promise chains run.
+ * Snapshot races around completion and commit (R11, R15, R18 in docs/snapshot.md, "Race and bug
+ * tests"): in-order completion across crashes, copy errors with other copies in flight, and the
+ * full-chunk write that replaces a copy. Deterministic: every relevant device I/O is held on a
+ * ControlledDevice and released (or failed) in a scripted order; the COW device models a volatile
+ * write cache so a crash can be taken at any point. No sleeps; `settleAll()` only lets promise
+ * chains run.
  */
 import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE } from "../../core/bio.js";

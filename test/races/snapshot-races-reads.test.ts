@@ -1,8 +1,8 @@
 /**
- * Snapshot reads against exception creation (snapshot-design §12 R4, R17, and the "never expose
- * unwritten COW space" rule behind the R15/R19 staging race): deterministic scenarios with every
- * relevant device I/O held on a ControlledDevice. No sleeps; `settleAll()` only lets promise
- * chains run.
+ * Snapshot reads against exception creation (R4, R17 in docs/snapshot.md, "Race and bug tests", and
+ * the "never expose unwritten COW space" rule behind the R15/R19 staging race): deterministic
+ * scenarios with every relevant device I/O held on a ControlledDevice. No sleeps; `settleAll()`
+ * only lets promise chains run.
  */
 import { describe, expect, it } from "vitest";
 import { type Bio, SECTOR_SIZE } from "../../core/bio.js";

@@ -1,8 +1,8 @@
 /**
- * Snapshot races from snapshot-design §12 that involve origin writes and several snapshots
- * (R1, R2, R3, R5, R14), as deterministic scenarios: every device I/O that matters is held on a
- * ControlledDevice and released in the order the race needs. No sleeps; `settleAll()` only lets
- * promise chains run.
+ * Snapshot races (docs/snapshot.md, "Race and bug tests") that involve origin writes and several
+ * snapshots (R1, R2, R3, R5, R14), as deterministic scenarios: every device I/O that matters is
+ * held on a ControlledDevice and released in the order the race needs. No sleeps; `settleAll()`
+ * only lets promise chains run.
  *
  * Each describe names the mechanism it guards. "Disable check" says how the test was seen to fail
  * with that mechanism switched off locally (see the report of the change that added this file).
@@ -182,7 +182,7 @@ describe("R2: removing a snapshot while a sibling's copy for the same origin wri
 describe("R3: 4 KiB and 16 KiB chunks, W1 in A∩C and W2 in B∩C", () => {
   async function scenario(order: "B then C" | "C then B") {
     // The small snapshot is transient: a persistent store would batch A's commit with B's (group
-    // commit, §4.6), and W1 could not go ahead of B in the second order at all.
+    // commit), and W1 could not go ahead of B in the second order at all.
     const r = await snapshotRig({ originSectors: 256, snaps: [{ name: "small", cs: 8, store: "N" }, { name: "big", cs: 32 }] });
     const originLog = r.origin.log.length;
     // Pause C's copy (its 32-sector read) and, for the second order, B's (8 sectors at sector 8).

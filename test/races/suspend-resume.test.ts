@@ -131,7 +131,7 @@ describe("suspend quiesces I/O", () => {
 /**
  * A target that parks writes (as multipath does with no usable path) and pushes them back with
  * REQUEUE when suspended: with --noflush they survive the suspend and go to the next table; with
- * a normal suspend the requeue turns into EIO (dm-reference §2.13).
+ * a normal suspend the requeue turns into EIO (dm.c: dm_handle_requeue).
  */
 @target({ name: "parking", version: [1, 0, 0] })
 class ParkingTarget extends Target {

@@ -9,7 +9,8 @@
  *   exceptions (`alive`) dropped to 0, apart from waking the destructor's waiters
  *   (`aliveWaiters`). The kernel's dtr polls that count from another CPU, so anything done after
  *   the decrement could run after the free (R14). In Node the dtr resumes in a later microtask, so
- *   this is stricter than what Node needs, and it is what the design promises (§7.4).
+ *   this is stricter than what Node needs, and it is the kernel's rule (dm-snap.c: snapshot_dtr
+ *   waits for pending_exceptions_count to drop to 0, then frees).
  */
 import { Services } from "../../core/services.js";
 import { target } from "../../core/registry.js";

@@ -69,7 +69,10 @@ export interface Rig {
   target<T = Target<unknown>>(name: string): T;
 }
 
-/** COW sectors for `chunks` data chunks with the persistent layout (snapshot-design §4.11), plus slack. */
+/**
+ * COW sectors for `chunks` data chunks with the persistent layout (docs/snapshot.md, "On-disk
+ * format", sizing), plus slack.
+ */
 export function cowSectorsFor(cs: number, chunks: number): number {
   const epa = (cs * SECTOR_SIZE) / 16;
   return cs * (1 + Math.ceil((chunks + 1) / epa) + chunks + 2);

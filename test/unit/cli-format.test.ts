@@ -1,6 +1,7 @@
 /**
- * Byte-exact dmsetup output formats (dm-reference §6.2). Expected strings are written out in full,
- * trailing spaces included: aligned report columns are padded to their width, the last one too.
+ * Byte-exact dmsetup output formats (lvm2's dmsetup.c; docs/cli.md). Expected strings are written
+ * out in full, trailing spaces included: aligned report columns are padded to their width, the last
+ * one too.
  */
 import { describe, expect, it } from "vitest";
 import type { DeviceInfo } from "../../core/device-mapper.js";
@@ -41,7 +42,7 @@ const snap = info({
   targetCount: 3,
 });
 
-/** The §6.2 example: a snapshot of vg-base, both over (8:16). */
+/** A snapshot of vg-base as LVM stacks it, both over (8:16). */
 const example: GraphDevice[] = [
   { name: "vg-snap", major: 253, minor: 3, deps: [{ major: 253, minor: 2 }, { major: 253, minor: 1 }] },
   { name: "vg-snap-cow", major: 253, minor: 2, deps: [{ major: 8, minor: 16 }] },
@@ -259,7 +260,7 @@ describe("ls", () => {
 });
 
 describe("ls --tree", () => {
-  it("draws the §6.2 example with UTF-8 glyphs", () => {
+  it("draws the LVM snapshot example with UTF-8 glyphs", () => {
     expect(formatTree(example)).toBe(
       "vg-snap (253:3)\n" +
         " ├─vg-snap-cow (253:2)\n" +

@@ -1,5 +1,5 @@
 /**
- * dmsetup's concise format (dm-reference §6.3): parsing as lvm2's _create_concise does, messages
+ * dmsetup's concise format (docs/cli.md): parsing as lvm2's _create_concise does, messages
  * included, and `table --concise` output.
  */
 import { describe, expect, it } from "vitest";

@@ -1,6 +1,6 @@
 /**
- * The COW image reader: hand-built images laid out as snapshot-design §4 describes, images written
- * by the persistent store, and damaged images.
+ * The COW image reader: hand-built images laid out as docs/snapshot.md ("On-disk format")
+ * describes, images written by the persistent store, and damaged images.
  */
 import { describe, expect, it } from "vitest";
 import { MemoryDevice } from "../../core/devices/memory-device.js";

@@ -1,7 +1,7 @@
 /**
- * delay (dm-delay.c 1.5.0): ctr errors with the kernel's messages, TABLE and
- * INFO lines, and bios held until the FakeClock passes their deadline, released in arrival
- * order, per class (read / write / flush), and all at once by a suspend.
+ * delay (dm-delay.c 1.5.0): ctr errors with the kernel's messages, TABLE and INFO lines, and bios
+ * held until the FakeClock passes their deadline, released in arrival order, per class (read /
+ * write / flush), and all at once by a suspend.
  */
 import { beforeEach, describe, expect, it, vi } from "vitest";
 import { readBio, submitAndWait } from "../../core/bio.js";

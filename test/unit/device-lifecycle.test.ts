@@ -1,7 +1,8 @@
 /**
- * The life of a mapped device (dm-reference §4): create/remove/rename/UUID rules, the info fields,
- * load/clear/resume and what I/O sees meanwhile, open counts and stacking, target messages (§2.8),
- * events (§4.7) and read-only tables (§3.4).
+ * The life of a mapped device (dm-ioctl.c: dev_create, dev_rename, table_load, table_clear,
+ * do_resume, dev_remove): create/remove/rename/UUID rules, the info fields, load/clear/resume and
+ * what I/O sees meanwhile, open counts and stacking, target messages (dm-ioctl.c: target_message),
+ * events (dm-ioctl.c: dev_wait) and read-only tables.
  */
 import { beforeEach, describe, expect, it } from "vitest";
 import type { Bio } from "../../core/bio.js";
@@ -141,7 +142,7 @@ describe("create", () => {
   });
 });
 
-describe("rename and set UUID (§4.6)", () => {
+describe("rename and set UUID", () => {
   it("moves the device to the new name; the old name is gone", async () => {
     await dm.create("a", { table: "0 100 linear mem0 0" });
     const h = dm.open("a");
@@ -239,7 +240,7 @@ describe("rename and set UUID (§4.6)", () => {
   });
 });
 
-describe("load, clear and resume (§4.2–§4.4)", () => {
+describe("load, clear and resume", () => {
   beforeEach(async () => {
     await dm.create("a", { table: "0 100 linear mem0 0" });
   });
@@ -332,7 +333,7 @@ describe("load, clear and resume (§4.2–§4.4)", () => {
   });
 });
 
-describe("remove (§4.5)", () => {
+describe("remove", () => {
   it("refuses with EBUSY while a handle is open, and leaves the device working", async () => {
     await dm.create("a", { table: "0 100 linear mem0 0" });
     const h = dm.open("a");
@@ -395,7 +396,7 @@ describe("remove (§4.5)", () => {
   });
 });
 
-describe("stacked devices (§3.3, §4.8)", () => {
+describe("stacked devices", () => {
   beforeEach(async () => {
     await dm.create("lower", { table: "0 100 linear mem0 0" });
   });
@@ -433,7 +434,7 @@ describe("stacked devices (§3.3, §4.8)", () => {
   });
 
   it("a table that uses lower in several lines opens it once", async () => {
-    // dm_get_device shares one dm_dev per device within a table (§3.3).
+    // dm-table.c: dm_get_device shares one dm_dev per device within a table.
     await dm.create("upper", { table: "0 50 linear /dev/mapper/lower 0\n50 50 linear /dev/mapper/lower 50" });
     expect(dm.info("lower").openCount).toBe(1);
     await dm.remove("upper");
@@ -446,7 +447,7 @@ describe("stacked devices (§3.3, §4.8)", () => {
   });
 });
 
-describe("target messages (§2.8)", () => {
+describe("target messages", () => {
   beforeEach(async () => {
     await dm.create("m", { table: "0 10 msg\n10 10 msg\n20 10 zero" });
   });
@@ -499,7 +500,7 @@ describe("target messages (§2.8)", () => {
   });
 });
 
-describe("events (§4.7)", () => {
+describe("events", () => {
   it("waitEvent resolves when the device is renamed", async () => {
     await dm.create("a", { table: "0 10 msg" });
     const waiting = dm.waitEvent("a", 0);
@@ -532,7 +533,7 @@ describe("events (§4.7)", () => {
   });
 });
 
-describe("read-only tables (§3.4)", () => {
+describe("read-only tables", () => {
   beforeEach(async () => {
     await dm.create("ro", { readOnly: true, table: "0 100 linear mem0 0" });
   });

@@ -1,8 +1,8 @@
 /**
- * dust (dm-reference §7.11, dm-dust.c 1.0.0): ctr errors with the kernel's messages, status lines,
- * every message with its exact result string or error, and the bad-block behaviour: reads of a
- * bad block fail with EIO once enabled, writes fail while the block's write-fail count lasts and
- * then heal it, quiet mode silences the log.
+ * dust (dm-dust.c 1.0.0): ctr errors with the kernel's messages, status lines, every message with
+ * its exact result string or error, and the bad-block behaviour: reads of a bad block fail with EIO
+ * once enabled, writes fail while the block's write-fail count lasts and then heal it, quiet mode
+ * silences the log.
  */
 import { beforeEach, describe, expect, it } from "vitest";
 import { submitAndWait, writeBio } from "../../core/bio.js";

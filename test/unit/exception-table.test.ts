@@ -1,7 +1,9 @@
 /**
  * ExceptionTable (targets/snapshot/exception-table.ts): the complete-exception table, checked
  * against a plain Map model (runs and the middle-removal rule recomputed chunk by chunk), plus
- * wide chunk numbers, 10^6 entries, sizing (B2), merge order (§4.9) and clear() yielding (R22).
+ * wide chunk numbers, 10^6 entries, sizing (B2), merge order (dm-snap-persistent.c:
+ * persistent_prepare_merge) and clear() yielding (R22). B and R numbers: docs/snapshot.md, "Race
+ * and bug tests".
  */
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
@@ -153,7 +155,7 @@ describe("ExceptionTable basics", () => {
     expect(() => t.remove(2)).toThrow("from the middle of a chunk range [1 - 3]");
   });
 
-  it("removing in merge order (highest new chunk first, §4.9) never hits the middle check", () => {
+  it("removing in merge order (highest new chunk first) never hits the middle check", () => {
     fc.assert(
       fc.property(fc.uniqueArray(fc.nat(2000), { minLength: 1, maxLength: 400 }), (olds) => {
         const t = new ExceptionTable();

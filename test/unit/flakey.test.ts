@@ -1,7 +1,7 @@
 /**
- * flakey (dm-reference §7.8, dm-flakey.c 1.5.0): every ctr error with the kernel's message, the
- * normalised TABLE line, and the behaviour of each feature in down intervals, with time driven
- * by a FakeClock (intervals are whole seconds counted from the table load).
+ * flakey (dm-flakey.c 1.5.0): every ctr error with the kernel's message, the normalised TABLE line,
+ * and the behaviour of each feature in down intervals, with time driven by a FakeClock (intervals
+ * are whole seconds counted from the table load).
  */
 import { beforeEach, describe, expect, it } from "vitest";
 import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";

@@ -1,8 +1,8 @@
 /**
- * log-writes (dm-reference §7.10) and its replay tool: the on-disk format byte for byte, the
- * target's logging order (a write is logged when a flush that saw it completed, FUA at once, marks
- * when sent), replay to any entry or mark reproducing what was durable on the data device, and
- * the replay-log CLI on a log the target wrote to a file.
+ * log-writes (dm-log-writes.c) and its replay tool: the on-disk format byte for byte, the target's
+ * logging order (a write is logged when a flush that saw it completed, FUA at once, marks when
+ * sent), replay to any entry or mark reproducing what was durable on the data device, and the
+ * replay-log CLI on a log the target wrote to a file.
  */
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";

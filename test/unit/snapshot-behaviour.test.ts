@@ -1,8 +1,9 @@
 /**
- * snapshot / snapshot-origin behaviour through the targets (snapshot-design §3, §4, §8, §11 and the
- * §12 catalogue entries B1–B5, R7, R8, R16, R19, R21, R22; dm-reference §7.5–§7.6): constructor
- * checks, table sizing, reload, invalidation and overflow, COW throttling, several snapshots of one
- * origin, flush and discard routing, table/status text, and the on-disk bytes the targets produce.
+ * snapshot / snapshot-origin behaviour through the targets (dm-snap.c: snapshot_ctr, snapshot_map,
+ * origin_map; docs/snapshot.md, and its "Race and bug tests" entries B1–B5, R7, R8, R16, R19, R21,
+ * R22): constructor checks, table sizing, reload, invalidation and overflow, COW throttling,
+ * several snapshots of one origin, flush and discard routing, table/status text, and the on-disk
+ * bytes the targets produce.
  *
  * Backing devices are ControlledDevices (RAM, with per-I/O hold/fail and an I/O log) or RAM disks;
  * nothing here sleeps: waits are for held I/O or for a turn of the event loop.
@@ -617,7 +618,7 @@ describe("several snapshots of one origin", () => {
 
 // ---------------------------------------------------------------------------------------------
 
-describe("flush and discard (§11)", () => {
+describe("flush and discard", () => {
   it("a snapshot flush goes to the COW device, an origin flush to the origin", async () => {
     const s = await stack();
     const flushes = () => [s.origin.counters.flushes, s.cow.counters.flushes];
@@ -768,7 +769,7 @@ describe("table and status text", () => {
   });
 
   // The kernel (parse_snapshot_features) says "Unrecognised feature requested", compares names with
-  // strcasecmp, and parses the features before it looks up either device (dm-reference §7.6 order).
+  // strcasecmp, and parses the features before it looks up either device (snapshot_ctr's order).
   it("an unknown feature is 'Unrecognised feature requested'", async () => {
     const w = world();
     w.controlled("o", 256);

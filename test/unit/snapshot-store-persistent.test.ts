@@ -1,7 +1,8 @@
 /**
- * The persistent exception store: constructor arguments, the byte-exact on-disk format
- * (snapshot-design §4), loading (B3, B4), group commit, crash consistency (§4.10, R11), failures
- * (R15, metadata write errors), invalidation (R7, R8), status numbers and the merge operations.
+ * The persistent exception store (dm-snap-persistent.c): constructor arguments, the byte-exact
+ * on-disk format (docs/snapshot.md, "On-disk format"), loading (B3, B4), group commit, crash
+ * consistency (R11), failures (R15, metadata write errors), invalidation (R7, R8), status numbers
+ * and the merge operations. B and R numbers: docs/snapshot.md, "Race and bug tests".
  */
 import { describe, expect, it } from "vitest";
 import { Bio, BioFlags, type BioEndIo, writeBio, submitAndWait } from "../../core/bio.js";
@@ -57,7 +58,7 @@ function errorOf(fn: () => unknown): StoreError {
   throw new Error("did not throw");
 }
 
-describe("createExceptionStore argument parsing (§3)", () => {
+describe("createExceptionStore argument parsing", () => {
   const cow = new MemoryDevice(1 << 16);
   const msg = (args: string[], c: BlockDevice = cow, originLogicalBlockSize?: number) =>
     errorOf(() => createExceptionStore(args, c, originLogicalBlockSize ? { originLogicalBlockSize } : {})).message;
@@ -98,7 +99,7 @@ describe("createExceptionStore argument parsing (§3)", () => {
   });
 });
 
-describe("on-disk format of a new store (§4.1-4.3)", () => {
+describe("on-disk format of a new store", () => {
   it("writes the header and zeroes area 0; usage is 16/2097152 16 for 4 KiB chunks", async () => {
     const dev = new ControlledDevice(2097152);
     dev.writeSync(8, Buffer.alloc(4096, 0xff)); // stale garbage in area 0
@@ -181,7 +182,7 @@ describe("on-disk format of a new store (§4.1-4.3)", () => {
   });
 });
 
-describe("loading (§4.4)", () => {
+describe("loading", () => {
   it("reports every stored exception back and continues allocating after them", async () => {
     const dev = new ControlledDevice(1 << 12);
     const first = await load(dev, "1");
@@ -269,7 +270,7 @@ describe("loading (§4.4)", () => {
   });
 });
 
-describe("group commit (§4.6)", () => {
+describe("group commit", () => {
   it("waits for every prepared exception, then writes once", async () => {
     const dev = new ControlledDevice(1 << 12);
     const { store } = await load(dev, "8");
@@ -366,7 +367,7 @@ const pattern = (oldChunk: number, bytes: number) => {
 
 /**
  * `workers` loops: allocate, "copy" (write the chunk's data, then a random number of event-loop
- * turns so copies finish out of order), and commit through an in-order gate (snapshot-design §7.5).
+ * turns so copies finish out of order), and commit through an in-order gate (dm-snap.c: copy_callback).
  */
 async function runWorkload(
   store: ExceptionStore,
@@ -434,7 +435,7 @@ class Tap implements BlockDevice, BioEndIo {
   async close(): Promise<void> {}
 }
 
-describe("crash consistency (§4.10, R11)", () => {
+describe("crash consistency (R11)", () => {
   const keeps: [string, ((w: CachedWrite) => boolean) | undefined][] = [
     ["no unflushed write", undefined],
     ["every unflushed write", () => true],
@@ -587,7 +588,7 @@ describe("invalidation (R7, R8)", () => {
   });
 });
 
-describe("merge (§4.9)", () => {
+describe("merge", () => {
   it("merges consecutive runs backwards, reading back the previous area, until 2cs/total 2cs", async () => {
     const dev = new ControlledDevice(1 << 14);
     const { store } = await load(dev, "8");

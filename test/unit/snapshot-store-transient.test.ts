@@ -1,5 +1,5 @@
 /**
- * The transient exception store ("N", snapshot-design §5): no metadata, chunks from 0, usage in
+ * The transient exception store ("N", dm-snap-transient.c): no metadata, chunks from 0, usage in
  * sectors, immediate commit callbacks, chunk size 0 kept as 0 (B5).
  */
 import { describe, expect, it } from "vitest";

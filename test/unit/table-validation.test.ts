@@ -1,7 +1,8 @@
 /**
- * Load-time validation of tables (dm-reference §3.1, §3.2, §2.9, §2.14): every rule, its exact
- * message and errno, the order the kernel applies them in, and that a rejected table leaves
- * nothing behind (no device, no open backing handle, previous tables untouched).
+ * Load-time validation of tables (dm-ioctl.c: table_load, populate_table; dm-table.c:
+ * dm_table_add_target, dm_split_args, device_area_is_invalid): every rule, its exact message and
+ * errno, the order the kernel applies them in, and that a rejected table leaves nothing behind (no
+ * device, no open backing handle, previous tables untouched).
  */
 import { beforeEach, describe, expect, it } from "vitest";
 import type { Bio } from "../../core/bio.js";
@@ -124,7 +125,7 @@ function parseError(text: string, source?: string): { message: string; errno: st
   throw new Error("expected parseTableText to throw");
 }
 
-// ---- table text (dmsetup's side, §3.1) ----
+// ---- table text (dmsetup's side; core/table-text.ts) ----
 
 describe("table text parsing", () => {
   it("skips blank lines and comment lines, trims each line, and cuts parameters at '#'", () => {
@@ -172,7 +173,7 @@ describe("table text parsing", () => {
   });
 });
 
-// ---- kernel validation (§3.2), in the kernel's order ----
+// ---- kernel validation (dm-table.c: dm_table_add_target, dm_table_complete), in the kernel's order ----
 
 describe("rule 1: a table needs at least one target", () => {
   it("rejects a create whose table text has no target lines", async () => {
@@ -342,7 +343,7 @@ describe("rule 2.7: adjacency ('Gap in table')", () => {
   });
 });
 
-describe("rule 2.8: splitting parameters (dm_split_args, §2.14)", () => {
+describe("rule 2.8: splitting parameters (dm_split_args)", () => {
   it("splits on runs of whitespace and unquotes backslash-escaped characters", async () => {
     await dm.create("dev", { table: "0 10 echo   a\\ b \t c\\\\d  e" });
     expect(JSON.parse(dm.table("dev")[0]!.params)).toEqual(["a b", "c\\d", "e"]);
@@ -394,7 +395,7 @@ describe("rule 2.9: constructors", () => {
   });
 });
 
-// ---- device areas (§2.9, §3.2 step 4) ----
+// ---- device areas (dm-table.c: device_area_is_invalid, dm_calculate_queue_limits) ----
 
 describe("device area checks", () => {
   it("rejects an area running past the end of its device", async () => {
@@ -428,7 +429,7 @@ describe("device area checks", () => {
 
   it("checks a reloaded table's areas at resume, which fails and keeps the old table live", async () => {
     await dm.create("dev", { table: "0 10 linear mem0 0" });
-    // After the first load the kernel computes queue limits only when swapping tables (§3.2 step 4).
+    // After the first load the kernel computes queue limits only when swapping tables (dm.c: dm_swap_table).
     await dm.load("dev", "0 10 linear mem1 95");
     expect(dm.info("dev").inactivePresent).toBe(true);
     const err = await rejection(dm.resume("dev"));

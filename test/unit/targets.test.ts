@@ -1,7 +1,8 @@
 /**
- * The built-in targets (dm-reference §7.1–§7.4) and the core's handling of their I/O: argument
- * errors with their exact messages, mapping checked on the RAM disks underneath, status lines,
- * flush/discard fan-out (§2.11) and splitting at target and chunk boundaries (§2.12).
+ * The built-in targets (dm-linear.c, dm-stripe.c, dm-zero.c, dm-target.c's error target) and the
+ * core's handling of their I/O: argument errors with their exact messages, mapping checked on the
+ * RAM disks underneath, status lines, flush/discard fan-out (dm.c: __send_empty_flush,
+ * __send_changing_extent_only) and splitting at target and chunk boundaries (dm.c: max_io_len).
  */
 import { beforeEach, describe, expect, it } from "vitest";
 import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
@@ -315,7 +316,7 @@ describe("error", () => {
   });
 });
 
-describe("flush fan-out (§2.11)", () => {
+describe("flush fan-out", () => {
   const table = "0 64 striped 2 8 mem0 0 mem1 0\n64 32 linear mem2 0\n96 8 zero\n104 8 error";
 
   it("sends an empty flush to each stripe once and to the linear device once", async () => {
@@ -350,7 +351,7 @@ describe("flush fan-out (§2.11)", () => {
   });
 });
 
-describe("discard and write-zeroes fan-out (§2.11)", () => {
+describe("discard and write-zeroes fan-out", () => {
   it.each(["discard", "write-zeroes"] as const)("gives each stripe only its part of a %s range", async (op) => {
     // 2 stripes of 8-sector chunks; offsets 4..44 cover chunks 0..5 partially at both ends.
     await dm.create("d", { table: "0 64 striped 2 8 mem0 100 mem1 200" });
@@ -386,7 +387,8 @@ describe("discard and write-zeroes fan-out (§2.11)", () => {
   });
 
   it("fails write-zeroes anywhere on a device one of whose targets cannot do it", async () => {
-    // num_write_zeroes_bios == 0 on any target makes the op unsupported on the whole md (§2.2).
+    // num_write_zeroes_bios == 0 on any target makes the op unsupported on the whole md
+    // (dm-table.c: dm_table_supports_write_zeroes).
     await dm.create("d", { table: "0 32 linear mem0 0\n32 32 zero" });
     const h = await openFresh("d");
     await expect(h.writeZeroes(28, 8)).rejects.toMatchObject({ status: "EOPNOTSUPP" });
@@ -396,7 +398,7 @@ describe("discard and write-zeroes fan-out (§2.11)", () => {
   });
 });
 
-describe("splitting reads and writes (§2.12)", () => {
+describe("splitting reads and writes", () => {
   const table = "0 32 linear mem0 0\n32 64 striped 2 8 mem1 0 mem2 0";
 
   it("cuts a read at the target boundary and at every stripe chunk", async () => {
