@@ -153,15 +153,21 @@ export class ControlServer {
       }
       case "remove-all": {
         const r = req as Request<"remove-all">;
-        let left = 0;
-        for (const name of dm.list()) {
-          try {
-            await this.execute({ id: req.id, op: "remove", name, force: r.force } as Request);
-          } catch {
-            left++;
+        // Passes until one removes nothing (libdm's _remove_all, the kernel's dm_hash_remove_all
+        // retry): a device held by another goes once its holder has gone in an earlier pass.
+        let left = dm.list();
+        for (;;) {
+          for (const name of left) {
+            try {
+              await this.execute({ id: req.id, op: "remove", name, force: r.force } as Request);
+            } catch {
+              // still held, or gone meanwhile: the next pass looks again
+            }
           }
+          const now = dm.list();
+          if (now.length === 0 || now.length >= left.length) return { left: now.length };
+          left = now;
         }
-        return { left };
       }
       case "rename": {
         const r = req as Request<"rename">;
