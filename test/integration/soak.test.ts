@@ -25,7 +25,6 @@
  * run makes 50 000 (20 s) to 150 000+ (60 s) requests, so ~2 KiB (20 s) or ~700 bytes (60 s) per
  * request, or any leaked payload buffer (>= 512 bytes each, mostly many KiB), passes 96 MiB.
  */
-import fs from "node:fs";
 import path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { parseTableText } from "../../core/table-text.js";
