@@ -326,7 +326,7 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
   const file = path.join(workDir, "data.bin");
   const rows: Row[] = [];
   const loader = opts.loader ?? "tsc";
-  const started = await Promise.allSettled(KINDS.map((kind) => (opts.inProcess ? localHost() : childHost(kind, loader))));
+  const started = await Promise.allSettled(KINDS.map(async (kind) => (opts.inProcess ? localHost() : childHost(kind, loader))));
   const hosts = started.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
   try {
     for (const s of started) if (s.status === "rejected") throw s.reason;

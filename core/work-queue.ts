@@ -155,7 +155,10 @@ export class WorkQueue {
     if (this.flushWaiters.length === 0) return;
     const low = this.lowestUnfinished();
     const still: FlushWaiter[] = [];
-    for (const w of this.flushWaiters) (w.barrier < low ? w.resolve() : still.push(w));
+    for (const w of this.flushWaiters) {
+      if (w.barrier < low) w.resolve();
+      else still.push(w);
+    }
     this.flushWaiters = still;
   }
 }

@@ -132,6 +132,6 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   return -1; // keep running
 }
 
-main().then((code) => {
+void main().then((code) => {
   if (code >= 0) process.exit(code);
 });
