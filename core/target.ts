@@ -126,13 +126,10 @@ export abstract class Target<Context = void> {
    * lookups and swaps cannot interleave with it (the kernel's SRCU read section).
    */
   abstract map(clone: Bio, context: Context): MapResult;
-}
 
-/**
- * The optional hooks, declared by interface merging so a target simply defines the ones it needs
- * (no `override` ceremony); the core checks for each before calling it.
- */
-export interface Target<Context = void> {
+  // The optional hooks: a target defines the ones it needs; the core checks for each before
+  // calling it.
+
   /**
    * Per-bio map context (kernel: per_io_data_size). When defined the core calls it once per clone
    * and hands the same object to `map` and `endIo`.
@@ -157,7 +154,7 @@ export interface Target<Context = void> {
 }
 
 /** A target class as the registry sees it. */
-export type TargetClass = abstract new (...args: never[]) => Target<any>;
+export type TargetClass = abstract new (...args: never[]) => Target<unknown>;
 
 export interface TargetTypeInfo {
   readonly name: string;

@@ -51,6 +51,7 @@ const io: Io = {
   out: (t) => void process.stdout.write(t),
   err: (t) => void process.stderr.write(t),
   tty: process.stdout.isTTY === true,
+  utf8: /utf-?8/i.test(process.env.LC_ALL || process.env.LC_CTYPE || process.env.LANG || ""),
   readStdin: async () => {
     const chunks: Buffer[] = [];
     for await (const c of process.stdin) chunks.push(c as Buffer);
@@ -61,7 +62,7 @@ const io: Io = {
 async function main(argv: string[]): Promise<number> {
   let parsed;
   try {
-    parsed = parseCommandLine(argv);
+    parsed = parseCommandLine(argv, process.env);
   } catch (err) {
     io.err(`${(err as Error).message}\n${USAGE}`);
     return 1;

@@ -25,6 +25,8 @@ export interface Io {
   readStdin(): Promise<string>;
   /** stdout is a terminal: `merge` draws a progress bar instead of printing lines. */
   tty?: boolean;
+  /** The locale's codeset is UTF-8: dmsetup then draws `ls --tree` with UTF-8 glyphs, else ASCII. */
+  utf8?: boolean;
 }
 
 type Info = DeviceInfo & { nbdUri?: string; attached?: string };
@@ -192,7 +194,7 @@ export class Commands {
       return this.io.out(
         formatTree(
           list.map((d) => ({ name: d.name, major: d.major, minor: d.minor, deps: d.deps })),
-          { options: this.opts.options ?? "", charset: utf8Locale() ? "utf" : "ascii" },
+          { options: this.opts.options ?? "", charset: this.io.utf8 ? "utf" : "ascii" },
         ),
       );
     }
@@ -444,8 +446,3 @@ export class Commands {
   }
 }
 
-/** dmsetup draws the tree with UTF-8 glyphs only when the locale's codeset is UTF-8. */
-function utf8Locale(): boolean {
-  const lang = process.env.LC_ALL || process.env.LC_CTYPE || process.env.LANG || "";
-  return /utf-?8/i.test(lang);
-}

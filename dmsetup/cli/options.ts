@@ -37,7 +37,10 @@ export interface CliOptions {
 
 export class UsageError extends Error {}
 
-export function parseCommandLine(argv: string[]): { command: string | undefined; args: string[]; opts: CliOptions } {
+export function parseCommandLine(
+  argv: string[],
+  env: NodeJS.ProcessEnv = {},
+): { command: string | undefined; args: string[]; opts: CliOptions } {
   let parsed;
   try {
     parsed = parseArgs({
@@ -122,7 +125,7 @@ export function parseCommandLine(argv: string[]): { command: string | undefined;
       rows: v.rows ?? false,
       concise: v.concise ?? false,
       json: v.json ?? false,
-      autostart: !(v["no-autostart"] ?? false) && process.env.UDM_NO_AUTOSTART !== "1",
+      autostart: !(v["no-autostart"] ?? false) && env.UDM_NO_AUTOSTART !== "1",
       foreground: v.foreground ?? false,
       runDir: v["run-dir"],
       help: v.help ?? false,
