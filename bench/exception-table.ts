@@ -85,7 +85,7 @@ function bestRate(keys: Float64Array, pass: (keys: Float64Array) => number): num
 function tablePass(table: ExceptionTable) {
   return (keys: Float64Array) => {
     let sum = 0;
-    for (let i = 0; i < keys.length; i++) sum += table.lookup(keys[i]);
+    for (let i = 0; i < keys.length; i++) sum += table.lookup(keys[i]!);
     return sum;
   };
 }
@@ -93,7 +93,7 @@ function tablePass(table: ExceptionTable) {
 function mapPass(map: Map<number, number>) {
   return (keys: Float64Array) => {
     let sum = 0;
-    for (let i = 0; i < keys.length; i++) sum += map.get(keys[i]) ?? -1;
+    for (let i = 0; i < keys.length; i++) sum += map.get(keys[i]!) ?? -1;
     return sum;
   };
 }
@@ -112,8 +112,8 @@ export async function benchExceptionTable(n = 1_000_000): Promise<ExceptionTable
   for (let i = n - 1; i > 0; i--) {
     seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
     const j = seed % (i + 1);
-    const x = shuffled[i];
-    shuffled[i] = shuffled[j];
+    const x = shuffled[i]!;
+    shuffled[i] = shuffled[j]!;
     shuffled[j] = x;
   }
 
@@ -121,14 +121,14 @@ export async function benchExceptionTable(n = 1_000_000): Promise<ExceptionTable
   // backing stores of freed typed arrays may still be counted in arrayBuffers right after a GC.
   let before = await resident();
   let map: Map<number, number> | null = new Map();
-  for (let i = 0; i < n; i++) map.set(hits[i], i);
+  for (let i = 0; i < n; i++) map.set(hits[i]!, i);
   const mapBytesPerException = ((await resident()) - before) / n;
   const mapLookupsPerSecond = bestRate(shuffled, mapPass(map));
   map = null;
 
   before = await resident();
   let table: ExceptionTable | null = new ExceptionTable({ cowChunks: n });
-  for (let i = 0; i < n; i++) table.insert(hits[i], i);
+  for (let i = 0; i < n; i++) table.insert(hits[i]!, i);
   const bytesPerException = ((await resident()) - before) / n;
   const tableBytesPerException = table.memoryBytes / n;
   const lookupsPerSecond = bestRate(shuffled, tablePass(table));

@@ -285,7 +285,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     print(snapMisses.length === 0 ? "snapshot goals met" : `snapshot goals missed: ${snapMisses.join("; ")}`);
     if (!quick && !values.dir && !tuned) {
       const file = path.join(import.meta.dirname, "results.md");
-      recordSnapshotResults(file, snapshot, snapDescription, snapTable, "npm run bench");
+      recordSnapshotResults(file, snapDescription, snapTable, "npm run bench");
     }
   }
   // The smoke run includes a tiny matrix (the full one is `--matrix`: it takes minutes).

@@ -673,7 +673,7 @@ export function describeSnapshotRun(r: SnapshotBenchResult, quick: boolean): str
 }
 
 /** Replace the snapshot section of results.md (other sections are kept). */
-export function recordSnapshotResults(file: string, r: SnapshotBenchResult, description: string[], table: string, command: string): void {
+export function recordSnapshotResults(file: string, description: string[], table: string, command: string): void {
   const begin = "<!-- snapshot:begin -->";
   const end = "<!-- snapshot:end -->";
   const section = [begin, "## Snapshots", "", `Run on ${new Date().toISOString()} by \`${command}\`.`, "", ...description.map((d) => `- ${d}`), "", table, end].join("\n");

@@ -59,15 +59,14 @@ describe("real NBD clients", () => {
     await dm.create("big", { table: "0 40960 linear mem0 2048" });
     await dm.create("ro", { table: "0 8 zero", readOnly: true });
     const out = JSON.parse(await sh("nbdinfo", "--json", "--list", uri("")));
-    const exports = Object.fromEntries(
-      (out.exports as { "export-name": string; "export-size": number; is_read_only: boolean }[]).map((e) => [e["export-name"], e]),
-    );
+    type ExportInfo = { "export-name": string; "export-size": number; is_read_only: boolean };
+    const exports: Record<string, ExportInfo> = Object.fromEntries((out.exports as ExportInfo[]).map((e) => [e["export-name"], e]));
     expect(Object.keys(exports).sort()).toEqual(["big", "ro", "small"]);
-    expect(exports.small["export-size"]).toBe(1 * MiB);
-    expect(exports.big["export-size"]).toBe(20 * MiB);
-    expect(exports.ro["export-size"]).toBe(4096);
-    expect(exports.ro.is_read_only).toBe(true);
-    expect(exports.big.is_read_only).toBe(false);
+    expect(exports.small!["export-size"]).toBe(1 * MiB);
+    expect(exports.big!["export-size"]).toBe(20 * MiB);
+    expect(exports.ro!["export-size"]).toBe(4096);
+    expect(exports.ro!.is_read_only).toBe(true);
+    expect(exports.big!.is_read_only).toBe(false);
     expect(out.structured).toBe(true);
   });
 

@@ -141,7 +141,7 @@ class ParkingTarget extends Target {
     this.parked.push(bio);
     return MapResult.SUBMITTED;
   }
-  presuspend(): void {
+  override presuspend(): void {
     for (const bio of this.parked.splice(0)) bio.complete("DM_REQUEUE");
   }
 }

@@ -109,10 +109,7 @@ export class WireClient {
   private nextHandle = 1n;
   private readonly pending = new Map<bigint, Pending>();
 
-  private constructor(
-    private readonly raw: RawConnection,
-    private readonly structured: boolean,
-  ) {}
+  private constructor(private readonly raw: RawConnection) {}
 
   get socket(): net.Socket {
     return this.raw.socket;
@@ -126,7 +123,7 @@ export class WireClient {
   static async connect(socketPath: string, name: string, opts: ConnectOptions = {}): Promise<WireClient> {
     const raw = await RawConnection.open(socketPath);
     const structured = opts.structured ?? true;
-    const client = new WireClient(raw, structured);
+    const client = new WireClient(raw);
     raw.socket.write(u32(1 | (opts.noZeroes === false ? 0 : 2)));
     const options = [...(opts.before ?? [])];
     if (structured) options.push({ option: Opt.STRUCTURED_REPLY, data: Buffer.alloc(0) });

@@ -26,7 +26,7 @@ class MessageTarget extends Target {
     bio.complete("ok");
     return MapResult.SUBMITTED;
   }
-  message(args: string[]): string | undefined {
+  override message(args: string[]): string | undefined {
     if (args[0] === "event") {
       this.table.event();
       return undefined;

@@ -123,7 +123,7 @@ describe("FileDevice", () => {
   it("flushes: flush op, PREFLUSH before the write, FUA after it", async () => {
     const dev = await openFile(sparseFile(MiB), { mode: "rw" });
     const order: string[] = [];
-    const sync = vi.spyOn(fs, "fdatasync").mockImplementation(((fd: number, cb: (e: Error | null) => void) => {
+    const sync = vi.spyOn(fs, "fdatasync").mockImplementation(((_fd: number, cb: (e: Error | null) => void) => {
       order.push("sync");
       cb(null);
     }) as typeof fs.fdatasync);

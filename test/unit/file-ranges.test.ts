@@ -89,7 +89,7 @@ class ParkReadsTarget extends Target {
     this.parked.push(bio);
     return MapResult.SUBMITTED;
   }
-  presuspend(): void {
+  override presuspend(): void {
     for (const bio of this.parked.splice(0)) bio.complete("DM_REQUEUE");
   }
 }

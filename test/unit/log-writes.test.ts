@@ -134,7 +134,7 @@ describe("log format", () => {
 
   it("rejects a bad magic or version with the replay tool's messages", () => {
     const sup = encodeSuper({ nrEntries: 0, sectorSize: 512 });
-    sup[0] ^= 1;
+    sup[0] = sup[0]! ^ 1;
     expect(() => decodeSuper(sup)).toThrow("Magic doesn't match");
     const v2 = encodeSuper({ nrEntries: 0, sectorSize: 512, version: 2 });
     expect(() => decodeSuper(v2)).toThrow("Version mismatch, wanted 1, have 2");

@@ -74,7 +74,7 @@ class BuggyTarget extends Target {
     bio.device = this.device;
     return MapResult.REMAPPED;
   }
-  endIo(): EndIoResult {
+  override endIo(): EndIoResult {
     throw new Error("cannot finish");
   }
 }

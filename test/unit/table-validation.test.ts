@@ -46,7 +46,7 @@ class EchoTarget extends StubTarget {
   override ctr(args: string[]): void {
     this.args = args;
   }
-  status(): string {
+  override status(): string {
     return JSON.stringify(this.args);
   }
 }
@@ -67,7 +67,7 @@ class LifeTarget extends StubTarget {
     lifeLog.push(`ctr ${this.begin}`);
     if (args[0] === "fail") throw new TargetError("asked to fail");
   }
-  dtr(): void {
+  override dtr(): void {
     lifeLog.push(`dtr ${this.begin}`);
   }
 }
