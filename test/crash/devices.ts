@@ -67,9 +67,9 @@ export class RecordingDevice extends DeviceWrapper {
 
   override submit(bio: Bio): void {
     const submitted = bio.op === "read" ? 0 : this.clock.tick();
-    const j = this.jitter;
-    if (j && j.chance(j.probability)) {
-      let turns = 1 + j.int(4);
+    const jitter = this.jitter;
+    if (jitter && jitter.chance(jitter.probability)) {
+      let turns = 1 + jitter.int(4);
       const later = () => (--turns > 0 ? setImmediate(later) : this.forward(bio, submitted));
       setImmediate(later);
       return;
@@ -83,15 +83,16 @@ export class RecordingDevice extends DeviceWrapper {
       return;
     }
     const upper = bio.endIo;
-    const record = (b: Bio) => {
-      const kind: CompletionKind = b.op === "flush" ? "flush" : b.isFua ? "fua" : "plain";
-      this.completions.push({ kind, submitted, at: this.clock.tick(), sector: b.sector, sectors: b.sectors, ok: b.status === "ok" });
+    const record = (done: Bio) => {
+      const kind: CompletionKind = done.op === "flush" ? "flush" : done.isFua ? "fua" : "plain";
+      const { sector, sectors } = done;
+      this.completions.push({ kind, submitted, at: this.clock.tick(), sector, sectors, ok: done.status === "ok" });
     };
     const hook: BioEndIo = {
-      bioDone(b) {
-        b.endIo = upper;
-        record(b);
-        upper?.bioDone(b);
+      bioDone(done) {
+        done.endIo = upper;
+        record(done);
+        upper?.bioDone(done);
       },
     };
     bio.endIo = hook;
@@ -178,15 +179,19 @@ export class NamedDevices implements BackingDevices {
   }
 
   async identify(spec: string): Promise<string> {
-    if (!this.devices.has(spec)) throw Object.assign(new Error(`${spec}: no such crash-runner device`), { code: "ENOENT" });
+    if (!this.devices.has(spec)) throw noSuchDevice(spec);
     return spec;
   }
 
   async open(spec: string, _opts: { mode: OpenMode }): Promise<BlockDevice> {
     const dev = this.devices.get(spec);
-    if (!dev) throw Object.assign(new Error(`${spec}: no such crash-runner device`), { code: "ENOENT" });
+    if (!dev) throw noSuchDevice(spec);
     return new KeepOpen(dev);
   }
+}
+
+function noSuchDevice(spec: string): Error {
+  return Object.assign(new Error(`${spec}: no such crash-runner device`), { code: "ENOENT" });
 }
 
 /** A table's handle on a runner device: closing it leaves the device to the runner. */

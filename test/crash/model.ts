@@ -1,6 +1,6 @@
 /**
  * The crash runner's model of what the mapped devices were asked to do and what a crash at a given
- * moment may leave behind (snapshot-design §4.10).
+ * moment may leave behind (docs/testing.md, "Crash-consistency runner").
  *
  * Every sector the workload writes carries a stamp: the write's id, the sector it was written to
  * and a filler derived from the id, so a read tells exactly which write a sector comes from (id 0
@@ -129,24 +129,31 @@ export class DeviceHistory {
     this.current = new Int32Array(sectors).fill(-1);
   }
 
-  addWrite(w: TopWrite): void {
-    this.writes.push(w);
-    for (let s = w.sector; s < w.sector + w.sectors; s++) (this.perSector[s] ??= []).push(w);
+  addWrite(write: TopWrite): void {
+    this.writes.push(write);
+    for (let sector = write.sector; sector < write.sector + write.sectors; sector++) {
+      (this.perSector[sector] ??= []).push(write);
+    }
   }
 
-  acked(w: TopWrite): void {
-    for (let s = w.sector; s < w.sector + w.sectors; s++) this.current[s] = w.id;
+  acked(write: TopWrite): void {
+    for (let sector = write.sector; sector < write.sector + write.sectors; sector++) {
+      this.current[sector] = write.id;
+    }
   }
 
   /** Compute every write's durableAt (after the workload). */
   finalize(): void {
-    const flushes = this.flushes.filter((f) => !f.failed && Number.isFinite(f.ack)).sort((a, b) => a.submit - b.submit);
-    const suffixMin = new Array<number>(flushes.length + 1).fill(Infinity);
-    for (let i = flushes.length - 1; i >= 0; i--) suffixMin[i] = Math.min(suffixMin[i + 1]!, flushes[i]!.ack);
-    for (const w of this.writes) {
-      if (w.merged) continue;
-      if (w.failed || !Number.isFinite(w.ack)) {
-        w.durableAt = Infinity;
+    const flushes = this.flushes
+      .filter((flush) => !flush.failed && Number.isFinite(flush.ack))
+      .sort((a, b) => a.submit - b.submit);
+    // firstAck[i]: the earliest acknowledgement among the flushes submitted i-th or later.
+    const firstAck = new Array<number>(flushes.length + 1).fill(Infinity);
+    for (let i = flushes.length - 1; i >= 0; i--) firstAck[i] = Math.min(firstAck[i + 1]!, flushes[i]!.ack);
+    for (const write of this.writes) {
+      if (write.merged) continue;
+      if (write.failed || !Number.isFinite(write.ack)) {
+        write.durableAt = Infinity;
         continue;
       }
       // First flush submitted after the acknowledgement.
@@ -154,10 +161,10 @@ export class DeviceHistory {
       let hi = flushes.length;
       while (lo < hi) {
         const mid = (lo + hi) >> 1;
-        if (flushes[mid]!.submit > w.ack) hi = mid;
+        if (flushes[mid]!.submit > write.ack) hi = mid;
         else lo = mid + 1;
       }
-      w.durableAt = Math.min(w.fua ? w.ack : Infinity, suffixMin[lo]!);
+      write.durableAt = Math.min(write.fua ? write.ack : Infinity, firstAck[lo]!);
     }
   }
 
@@ -174,9 +181,11 @@ export class DeviceHistory {
       const list = this.perSector[s];
       if (!list) continue;
       for (let j = 1; j < list.length; j++) {
-        const a = list[j - 1]!;
-        const b = list[j]!;
-        if (!a.merged && !b.merged && b.submit < a.ack) return `${this.name} sector ${s}: write #${b.id} submitted before #${a.id} was acknowledged`;
+        const previous = list[j - 1]!;
+        const write = list[j]!;
+        if (!previous.merged && !write.merged && write.submit < previous.ack) {
+          return `${this.name} sector ${s}: write #${write.id} submitted before #${previous.id} was acknowledged`;
+        }
       }
     }
     return null;
@@ -192,27 +201,16 @@ export class DeviceHistory {
     // A sector's writes are in submission order; later ones cannot be durable (or there) by t.
     const lo = firstSubmittedAfter(list, range.after ?? -Infinity);
     const hi = firstSubmittedAfter(list, Math.min(t, (range.before ?? Infinity) - 0.5));
-    let k = -1;
+    let lastDurable = -1;
     for (let j = hi - 1; j >= lo; j--) {
       if (list[j]!.durableAt <= t) {
-        k = j;
+        lastDurable = j;
         break;
       }
     }
     const ids: number[] = [];
-    for (let j = Math.max(k, lo); j < hi; j++) ids.push(list[j]!.id);
-    return { ids, base: k < 0, durable: k >= 0 ? list[k]! : null };
-  }
-
-  /** Writes acknowledged, and durable, by moment t. */
-  counts(t: number): { durable: number; acked: number } {
-    let durable = 0;
-    let acked = 0;
-    for (const w of this.writes) {
-      if (w.ack <= t && !w.failed) acked++;
-      if (w.durableAt <= t) durable++;
-    }
-    return { durable, acked };
+    for (let j = Math.max(lastDurable, lo); j < hi; j++) ids.push(list[j]!.id);
+    return { ids, base: lastDurable < 0, durable: lastDurable >= 0 ? list[lastDurable]! : null };
   }
 }
 

@@ -2,7 +2,7 @@
  * The crash-consistency runner (test/crash/runner.ts, `npm run crash`): a seeded workload on a
  * snapshot stack whose devices are recorded with log-writes, then every flush/FUA point and random
  * points in between replayed onto fresh RAM disks, reactivated and checked against the model
- * (snapshot-design §4.10). Runs in-process on RAM disks: no root, no build needed.
+ * (docs/testing.md, "Crash-consistency runner"). Runs in-process on RAM disks: no root, no build needed.
  *
  * The seed is printed; `UDM_CRASH_SEED=<seed>` repeats a run (so does `npm run crash -- --seed`).
  *
@@ -13,8 +13,8 @@
  * - a snapshot whose metadata writes lose their PREFLUSH (a record can be durable before the chunk
  *   it points at);
  * - a snapshot that commits exceptions in the order their copies finish instead of allocation
- *   order (R11: records out of order, chunks leaked below next_free after a crash);
- * - a merge that drops the origin flush before clearing the merged records (R20).
+ *   order (R11 in docs/snapshot.md: records out of order, chunks leaked below next_free after a crash);
+ * - a merge that drops the origin flush before clearing the merged records (R20 in docs/snapshot.md).
  */
 import { spawnSync } from "node:child_process";
 import path from "node:path";
@@ -65,10 +65,11 @@ class NoPreflushSnapshot extends SnapshotTarget {
 /** Commits in copy-completion order: the in-order gate (R11) bypassed. */
 @target({ name: "snap-noorder", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
 class UnorderedCommitSnapshot extends SnapshotTarget {
-  override copyDone(pe: PendingException, error: boolean): void {
-    pe.copyError = error;
-    const complete = (this as unknown as { pendingComplete(pe: PendingException, ok: boolean): Promise<void> }).pendingComplete.bind(this);
-    this.store.commitException(pe.oldChunk, pe.newChunk, !error, (ok) => void complete(pe, ok));
+  override copyDone(pending: PendingException, error: boolean): void {
+    pending.copyError = error;
+    type WithPendingComplete = { pendingComplete(pending: PendingException, ok: boolean): Promise<void> };
+    const complete = (this as unknown as WithPendingComplete).pendingComplete.bind(this);
+    this.store.commitException(pending.oldChunk, pending.newChunk, !error, (ok) => void complete(pending, ok));
   }
 }
 
