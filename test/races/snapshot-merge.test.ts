@@ -631,7 +631,7 @@ describe("10^4-exception merge under verified concurrent I/O", () => {
     const stopped = mergeStopped(r.dm, "base", ev).then(() => (merging = false));
     // Pace the workers by the merge: a few requests each per merged batch (the devices complete
     // synchronously, so unpaced workers would flood the microtask queue and starve the merge).
-    let batchWaiters: (() => void)[] = [];
+    const batchWaiters: (() => void)[] = [];
     let batches = 0;
     Object.defineProperty(merge, "mergedBatches", {
       get: () => batches,

@@ -74,10 +74,10 @@ export class TrackingBacking extends NamedBacking {
   override async open(spec: string): Promise<BlockDevice> {
     const handle = await super.open(spec);
     this.opens++;
-    const backing = this;
+    const countClose = () => this.closes++;
     return new (class extends DeviceWrapper {
       override async close(): Promise<void> {
-        backing.closes++;
+        countClose();
         await super.close();
       }
     })(handle);
