@@ -4,7 +4,8 @@
  * bad arguments.
  */
 import crypto from "node:crypto";
-import { runCrashHarness, type CrashRunOptions } from "./runner.js";
+import { type ParseArgsConfig, parseArgs } from "node:util";
+import { type CrashRunOptions, type CrashRunReport, runCrashHarness } from "./runner.js";
 
 const USAGE = `Usage: npm run crash -- [options]
   --ops N              workload operations (default 400)
@@ -23,76 +24,122 @@ const USAGE = `Usage: npm run crash -- [options]
   -q, --quiet          no progress lines
 `;
 
-export async function main(argv: string[]): Promise<number> {
-  const opts: CrashRunOptions = { ops: 400, seed: crypto.randomBytes(4).readUInt32LE(0) };
-  let json = false;
-  let quiet = false;
-  const num = (name: string, text: string | undefined): number => {
-    const n = Number(text);
-    if (text === undefined || text === "" || !Number.isSafeInteger(n) || n < 0) throw new UsageError(`${name}: expected a non-negative integer, got ${text ?? "nothing"}`);
-    return n;
-  };
+const OPTIONS = {
+  ops: { type: "string" },
+  seed: { type: "string" },
+  "origin-sectors": { type: "string" },
+  "max-snapshots": { type: "string" },
+  "random-points": { type: "string" },
+  jitter: { type: "string" },
+  "min-points": { type: "string" },
+  "no-post-recovery": { type: "boolean" },
+  "cross-check": { type: "string" },
+  show: { type: "string" },
+  merges: { type: "boolean" },
+  "no-merges": { type: "boolean" },
+  json: { type: "boolean" },
+  quiet: { type: "boolean", short: "q" },
+  help: { type: "boolean", short: "h" },
+} satisfies ParseArgsConfig["options"];
+
+class UsageError extends Error {}
+
+interface Command {
+  options: CrashRunOptions;
+  json: boolean;
+  quiet: boolean;
+}
+
+/** The run the arguments ask for, or null for --help; throws a UsageError naming the bad option or value. */
+function parseCommand(argv: string[]): Command | null {
+  let parsed;
   try {
-    for (let i = 0; i < argv.length; i++) {
-      const arg = argv[i]!;
-      const [flag, inline] = arg.startsWith("--") && arg.includes("=") ? [arg.slice(0, arg.indexOf("=")), arg.slice(arg.indexOf("=") + 1)] : [arg, undefined];
-      const value = () => inline ?? argv[++i];
-      switch (flag) {
-        case "--ops": opts.ops = num(flag, value()); break;
-        case "--seed": opts.seed = num(flag, value()) >>> 0; break;
-        case "--origin-sectors": opts.originSectors = num(flag, value()); break;
-        case "--max-snapshots": opts.maxSnapshots = num(flag, value()); break;
-        case "--random-points": opts.randomPoints = num(flag, value()); break;
-        case "--jitter": {
-          const p = Number(value());
-          if (!(p >= 0 && p <= 1)) throw new UsageError("--jitter: expected a probability from 0 to 1");
-          opts.jitter = p;
-          break;
-        }
-        case "--min-points": opts.minPoints = num(flag, value()); break;
-        case "--no-post-recovery": opts.postRecovery = false; break;
-        case "--cross-check": opts.crossCheckEvery = num(flag, value()); break;
-        case "--show": opts.maxReported = num(flag, value()); break;
-        case "--merges": opts.merges = true; break;
-        case "--no-merges": opts.merges = false; break;
-        case "--json": json = true; break;
-        case "-q": case "--quiet": quiet = true; break;
-        case "-h": case "--help": process.stdout.write(USAGE); return 0;
-        default: throw new UsageError(`unknown option ${arg}`);
-      }
-    }
-    if (opts.originSectors !== undefined && (opts.originSectors < 64 || opts.originSectors % 32 !== 0)) {
-      throw new UsageError("--origin-sectors: at least 64, a multiple of 32");
-    }
+    parsed = parseArgs({ args: argv, options: OPTIONS, strict: true, allowPositionals: false, tokens: true });
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  const { values, tokens } = parsed;
+  if (values.help) return null;
+  const options: CrashRunOptions = {
+    ops: integer("ops", values.ops) ?? 400,
+    seed: (integer("seed", values.seed) ?? crypto.randomBytes(4).readUInt32LE(0)) >>> 0,
+    originSectors: integer("origin-sectors", values["origin-sectors"]),
+    maxSnapshots: integer("max-snapshots", values["max-snapshots"]),
+    randomPoints: integer("random-points", values["random-points"]),
+    jitter: probability("jitter", values.jitter),
+    minPoints: integer("min-points", values["min-points"]),
+    crossCheckEvery: integer("cross-check", values["cross-check"]),
+    maxReported: integer("show", values.show),
+  };
+  if (values["no-post-recovery"]) options.postRecovery = false;
+  // --merges and --no-merges: the last one given counts.
+  const mergeFlag = tokens.findLast(
+    (token) => token.kind === "option" && (token.name === "merges" || token.name === "no-merges"),
+  );
+  if (mergeFlag?.kind === "option") options.merges = mergeFlag.name === "merges";
+  const originSectors = options.originSectors;
+  if (originSectors !== undefined && (originSectors < 64 || originSectors % 32 !== 0)) {
+    throw new UsageError("--origin-sectors: at least 64, a multiple of 32");
+  }
+  return { options, json: values.json ?? false, quiet: values.quiet ?? false };
+}
+
+function integer(name: string, text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (text === "" || !Number.isSafeInteger(value) || value < 0) {
+    throw new UsageError(`--${name}: expected a non-negative integer, got ${text === "" ? "nothing" : text}`);
+  }
+  return value;
+}
+
+function probability(name: string, text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (!(value >= 0 && value <= 1)) throw new UsageError(`--${name}: expected a probability from 0 to 1`);
+  return value;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let command: Command | null;
+  try {
+    command = parseCommand(argv);
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;
     process.stderr.write(`crash: ${err.message}\n${USAGE}`);
     return 2;
   }
-  process.stdout.write(`seed ${opts.seed} (repeat with --seed ${opts.seed} --ops ${opts.ops})\n`);
-  if (!quiet) opts.progress = (line) => process.stdout.write(`${line}\n`);
-  const report = await runCrashHarness(opts);
-  for (const f of report.failureDetails) {
-    process.stdout.write(`FAIL ${f.point}\n`);
-    for (const p of f.problems) process.stdout.write(`  ${p}\n`);
+  if (command === null) {
+    process.stdout.write(USAGE);
+    return 0;
   }
-  for (const p of report.workloadProblems) process.stdout.write(`FAIL workload: ${p}\n`);
-  if (!quiet) {
-    process.stdout.write(
-      `${report.flushPoints} flush/FUA points, ${report.randomPoints} random points ` +
-        `(${report.stats.unflushedKept} unflushed writes kept, ${report.stats.unflushedDropped} dropped), ` +
-        `${report.crossChecks} replayLog cross-checks, ${report.stats.reorderedSectors} sectors replayed in completion order, ` +
-        `${report.stats.earlierDurable} writes durable before the flush log-writes gave them to; ` +
-        `merges: ${report.merges.note} (${report.merges.done} done); ` +
-        `${report.elapsedMs.workload} ms workload, ${report.elapsedMs.check} ms checking\n`,
-    );
+  const { options, json, quiet } = command;
+  process.stdout.write(`seed ${options.seed} (repeat with --seed ${options.seed} --ops ${options.ops})\n`);
+  if (!quiet) options.progress = (line) => process.stdout.write(`${line}\n`);
+  const report = await runCrashHarness(options);
+  for (const failure of report.failureDetails) {
+    process.stdout.write(`FAIL ${failure.point}\n`);
+    for (const problem of failure.problems) process.stdout.write(`  ${problem}\n`);
   }
+  for (const problem of report.workloadProblems) process.stdout.write(`FAIL workload: ${problem}\n`);
+  if (!quiet) process.stdout.write(`${details(report)}\n`);
   if (json) process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
   process.stdout.write(`crash points checked: ${report.pointsChecked}, failures: ${report.failures}\n`);
   return report.failures > 0 ? 1 : 0;
 }
 
-class UsageError extends Error {}
+/** The line after the run: how the points were made, and the times. */
+function details(report: CrashRunReport): string {
+  const { stats, merges, elapsedMs } = report;
+  return (
+    `${report.flushPoints} flush/FUA points, ${report.randomPoints} random points ` +
+    `(${stats.unflushedKept} unflushed writes kept, ${stats.unflushedDropped} dropped), ` +
+    `${report.crossChecks} replayLog cross-checks, ${stats.reorderedSectors} sectors replayed in completion order, ` +
+    `${stats.earlierDurable} writes durable before the flush log-writes gave them to; ` +
+    `merges: ${merges.note} (${merges.done} done); ` +
+    `${elapsedMs.workload} ms workload, ${elapsedMs.check} ms checking`
+  );
+}
 
 main(process.argv.slice(2)).then(
   (code) => {
