@@ -1,8 +1,9 @@
 /**
  * File syscalls Node does not expose: fallocate(2), preadv2/pwritev2(2) with per-call flags,
- * sendfile(2), fcntl(F_DUPFD_CLOEXEC), and the memory address of a Buffer.
+ * sendfile(2), fcntl(F_DUPFD_CLOEXEC), flock(2), and the memory address of a Buffer.
  */
 import koffi from "koffi";
+import { SyscallError } from "./errors.js";
 import { callAsync, check, type LibcFunction, lastErrno, libc } from "./libc.js";
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
@@ -78,4 +79,20 @@ const F_DUPFD_CLOEXEC = 1030;
 /** A new descriptor for the same open file (close-on-exec), as fcntl(F_DUPFD_CLOEXEC). */
 export function dupFd(fd: number): number {
   return check(libc().fcntlInt(fd, F_DUPFD_CLOEXEC, 0) as number, "fcntl", "F_DUPFD_CLOEXEC");
+}
+
+const LOCK_EX = 2;
+const LOCK_NB = 4;
+const EWOULDBLOCK = 11;
+
+/**
+ * flock(fd, LOCK_EX | LOCK_NB): true when this open file now holds the exclusive lock, false when
+ * another one does. The kernel drops the lock with the last descriptor of the open file, so a
+ * process that dies, however it dies, releases it (a zombie no longer holds it).
+ */
+export function tryLockExclusive(fd: number): boolean {
+  if (libc().flock(fd, LOCK_EX | LOCK_NB) === 0) return true;
+  const errnum = lastErrno();
+  if (errnum === EWOULDBLOCK) return false;
+  throw new SyscallError("flock", errnum);
 }

@@ -19,6 +19,7 @@ export interface Libc {
   preadv2: LibcFunction;
   pwritev2: LibcFunction;
   fcntlInt: LibcFunction;
+  flock: LibcFunction;
   sendfile: LibcFunction;
   socket: LibcFunction;
   connect: LibcFunction;
@@ -56,6 +57,7 @@ export function libc(): Libc {
     preadv2: lib.func("preadv2", "int64_t", ["int", "void *", "int", "int64_t", "int"]),
     pwritev2: lib.func("pwritev2", "int64_t", ["int", "void *", "int", "int64_t", "int"]),
     fcntlInt: lib.func("fcntl", "int", ["int", "int", "int"]),
+    flock: lib.func("flock", "int", ["int", "int"]),
     sendfile: lib.func("sendfile", "int64_t", ["int", "int", "void *", "size_t"]),
     socket: lib.func("socket", "int", ["int", "int", "int"]),
     connect: lib.func("connect", "int", ["int", "void *", "uint32_t"]),

@@ -2,7 +2,7 @@
  * Reaching the daemon: connect to the run directory's control socket, starting udmd in the
  * background when nobody answers (unless --no-autostart), logging to $UDM_RUN_DIR/udmd.log.
  */
-import { spawn } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
 import { fileURLToPath } from "node:url";
 import { ControlClient } from "../control/client.js";
@@ -19,14 +19,20 @@ export async function connectDaemon(paths: RunPaths, opts: { autostart: boolean 
     if (!NO_DAEMON.has((err as NodeJS.ErrnoException).code ?? "")) throw err;
     if (!opts.autostart) throw new NoDaemonError(`no udmd answers on ${paths.control} (start one with \`udmsetup daemon\`, or drop --no-autostart)`);
   }
-  startDaemon(paths);
-  return waitForDaemon(paths);
+  return waitForDaemon(paths, startDaemon(paths));
 }
 
-/** Start udmd detached, its output in the run directory's log. */
-export function startDaemon(paths: RunPaths): void {
+/** A udmd started in the background: its process, and where its part of the log begins. */
+export interface StartedDaemon {
+  child: ChildProcess;
+  logOffset: number;
+}
+
+/** Start udmd detached, its output appended to the run directory's log. */
+export function startDaemon(paths: RunPaths): StartedDaemon {
   ensureRunDir(paths.dir);
   const log = fs.openSync(paths.log, "a", 0o600);
+  const logOffset = fs.fstatSync(log).size;
   const udmd = fileURLToPath(new URL("../bin/udmd.js", import.meta.url));
   const child = spawn(process.execPath, [udmd, "--run-dir", paths.dir], {
     detached: true,
@@ -34,18 +40,35 @@ export function startDaemon(paths: RunPaths): void {
   });
   child.unref();
   fs.closeSync(log);
+  return { child, logOffset };
+}
+
+/** What the daemon wrote to the log since it started: its reason when it exits at once. */
+function logSince(paths: RunPaths, offset: number): string {
+  try {
+    return fs.readFileSync(paths.log).subarray(offset).toString("utf8").trim();
+  } catch {
+    return "";
+  }
 }
 
 /**
- * Poll the control socket until the new daemon accepts. The daemon gives no other signal we can
- * wait on; give up after 10 s and point at the log.
+ * Poll the control socket until the new daemon accepts. A daemon that exits first (another one
+ * holds the run directory, a plugin failed) is reported with what it logged; one that neither
+ * exits nor answers is given up after 10 s.
  */
-async function waitForDaemon(paths: RunPaths): Promise<ControlClient> {
+async function waitForDaemon(paths: RunPaths, started: StartedDaemon): Promise<ControlClient> {
+  let exitCode: number | null | undefined;
+  started.child.once("exit", (code, signal) => (exitCode = code ?? (signal ? 128 : null)));
   const deadline = Date.now() + 10_000;
   for (;;) {
     try {
       return await ControlClient.connect(paths.control);
     } catch (err) {
+      if (exitCode !== undefined) {
+        const said = logSince(paths, started.logOffset);
+        throw new NoDaemonError(`udmd exited with status ${exitCode} before it answered${said ? `: ${said}` : ` (see ${paths.log})`}`);
+      }
       if (Date.now() > deadline) {
         throw new NoDaemonError(`udmd did not start within 10 s (see ${paths.log}): ${(err as Error).message}`);
       }

@@ -57,7 +57,7 @@ export class Daemon {
       this.logger.info("plugin loaded", { plugin, targets: names });
     }
     ensureRunDir(paths.dir);
-    this.unlock = acquireInstanceLock(paths.pid, paths.dir, [paths.control, paths.nbd]);
+    this.unlock = acquireInstanceLock(paths, [paths.control, paths.nbd]);
     try {
       this.nbd = new NbdServer(
         { list: () => this.dm.list(), get: (name) => (this.dm.has(name) ? this.dm.device(name) : undefined) },

@@ -19,6 +19,8 @@ export interface RunPaths {
   control: string;
   nbd: string;
   pid: string;
+  /** flock(2)ed by the running daemon (instance-lock.ts). */
+  lock: string;
   log: string;
 }
 
@@ -28,6 +30,7 @@ export function runPaths(dir = defaultRunDir()): RunPaths {
     control: path.join(dir, "control"),
     nbd: path.join(dir, "nbd.sock"),
     pid: path.join(dir, "udmd.pid"),
+    lock: path.join(dir, "udmd.lock"),
     log: path.join(dir, "udmd.log"),
   };
 }
