@@ -161,6 +161,8 @@ export class DeviceMapper {
   /**
    * DM_DEV_REMOVE. Refused with EBUSY while the device is open (NBD clients, other tables)
    * unless forced; forcing first swaps in an `error` table so held I/O fails (dmsetup remove -f).
+   * A device another device's table holds is never removed, forced or not (dm_lock_for_deletion):
+   * the holder's table would go on naming it. Forced, it gets the `error` table and stays.
    */
   async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
     const md = this.device(name);
@@ -171,15 +173,22 @@ export class DeviceMapper {
       await md.load([{ start: 0, length: md.live.size, type: "error", params: "" }]);
       await md.resume({ noflush: true });
     }
+    if (md.holders.length > 0) {
+      const holders = md.holders.map((h) => h.name).join(", ");
+      throw new DmError("EBUSY", `${name}: device is in use by ${holders}; remove or reload those first`);
+    }
     this.byName.delete(name);
     await md.remove();
     this.logger.info("device removed", { device: name });
   }
 
-  /** DM_REMOVE_ALL: remove every device that is not open, rescanning after each removal. */
+  /**
+   * DM_REMOVE_ALL: remove every device that is not open (forced: every device), rescanning after
+   * each removal, devices no other device holds first (dm_hash_remove_all).
+   */
   async removeAll(opts: { force?: boolean } = {}): Promise<number> {
     for (;;) {
-      const next = [...this.byName.values()].find((md) => opts.force || md.openCount === 0);
+      const next = [...this.byName.values()].find((md) => md.holders.length === 0 && (opts.force || md.openCount === 0));
       if (!next) break;
       await this.remove(next.name, opts);
     }
@@ -324,9 +333,21 @@ export class DeviceMapper {
     return new DeviceHandle(md);
   }
 
-  /** Remove every device (tests, shutdown). */
+  /**
+   * Remove every device (tests, shutdown). I/O queued on a suspended device fails first, so that
+   * nothing stacked above waits on it: removing that device would wait for its in-flight I/O.
+   */
   async close(): Promise<void> {
+    this.failQueuedIo();
     await this.removeAll({ force: true });
+  }
+
+  /**
+   * Shutdown: every bio waiting for a resume, now or later, fails with EIO, so that no flush or
+   * removal waits on a device that stays suspended.
+   */
+  failQueuedIo(): void {
+    for (const md of this.byName.values()) md.failQueued();
   }
 }
 

@@ -8,7 +8,7 @@
  */
 import { type Bio, BioFlags } from "./bio.js";
 import type { BlockDevice } from "./devices/block-device.js";
-import type { SharedDevices, StackableDevice } from "./devices/shared-devices.js";
+import { isStackable, type SharedDevices, type StackableDevice } from "./devices/shared-devices.js";
 import { DmIo, type DmIoOwner } from "./dm-io.js";
 import { DmError } from "./errors.js";
 import type { Logger } from "./logger.js";
@@ -32,6 +32,14 @@ export interface SuspendOptions {
   noflush?: boolean;
 }
 
+/**
+ * Bios submitted to mapped devices while one is being mapped on this thread, in order (the
+ * kernel's current->bio_list, __submit_bio_noacct): a stack of devices is walked by the loop in
+ * `submit`, not by recursion, so its height costs no JS stack.
+ */
+let submitting = false;
+const submitQueue: { device: MappedDevice; bio: Bio }[] = [];
+
 export class MappedDevice implements StackableDevice, DmIoOwner {
   live: Table | null = null;
   inactive: Table | null = null;
@@ -42,6 +50,13 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
   eventNr = 0;
   openCount = 0;
   removed = false;
+  /**
+   * Set when the device mapper shuts down: a bio that would wait for a resume fails instead, so
+   * nothing above waits for I/O queued here.
+   */
+  failQueuedIo = false;
+  /** Mapped devices whose tables hold this one, with how many of their tables do. */
+  private readonly holdersByDevice = new Map<StackableDevice, number>();
 
   /** New bios wait here while blocked: the kernel's md->deferred. */
   private deferred: Bio[] = [];
@@ -93,12 +108,30 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
     return this.live?.supportsWriteZeroes ?? false;
   }
 
-  open(): void {
+  open(holder?: StackableDevice): void {
     this.openCount++;
+    if (holder) this.holdersByDevice.set(holder, (this.holdersByDevice.get(holder) ?? 0) + 1);
   }
 
-  async close(): Promise<void> {
+  async close(holder?: StackableDevice): Promise<void> {
     if (this.openCount > 0) this.openCount--;
+    const held = holder ? this.holdersByDevice.get(holder) : undefined;
+    if (held !== undefined) {
+      if (held > 1) this.holdersByDevice.set(holder!, held - 1);
+      else this.holdersByDevice.delete(holder!);
+    }
+  }
+
+  get holders(): StackableDevice[] {
+    return [...this.holdersByDevice.keys()];
+  }
+
+  lowerDevices(): StackableDevice[] {
+    const lowers = new Set<StackableDevice>();
+    for (const table of [this.live, this.inactive]) {
+      for (const d of table?.deps ?? []) if (isStackable(d)) lowers.add(d);
+    }
+    return [...lowers];
   }
 
   // ---- I/O ----
@@ -111,13 +144,32 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
    * sees the bio, i.e. also for bios that then queue; udm checks queued bios when released.)
    */
   submit(bio: Bio): void {
+    if (submitting) {
+      submitQueue.push({ device: this, bio });
+      return;
+    }
+    submitting = true;
+    try {
+      this.submitNow(bio);
+      for (let i = 0; i < submitQueue.length; i++) {
+        const next = submitQueue[i]!;
+        next.device.submitNow(next.bio);
+      }
+    } finally {
+      submitQueue.length = 0;
+      submitting = false;
+    }
+  }
+
+  private submitNow(bio: Bio): void {
     if (this.removed) {
       bio.complete("ENXIO");
       return;
     }
     const table = this.live;
     if (this.blockIo || table === null) {
-      if (bio.flags & BioFlags.NOWAIT) bio.complete("EAGAIN");
+      if (this.failQueuedIo) bio.complete("EIO");
+      else if (bio.flags & BioFlags.NOWAIT) bio.complete("EAGAIN");
       else if (bio.flags & BioFlags.RAHEAD) bio.complete("EIO");
       else this.deferred.push(bio);
       return;
@@ -287,7 +339,11 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
       try {
         if (this.suspended && this.live && this.live.size > 0) await this.resumeLocked(this.live);
       } finally {
-        await old?.destroy();
+        // The swap has happened: a failure to tear down the old table is logged, not reported as
+        // a failed resume (callers would take the new table for not live).
+        await old?.destroy().catch((err: unknown) => {
+          this.env.logger.error("destroying the replaced table failed", { device: this.name, error: String(err) });
+        });
       }
     });
   }
@@ -354,6 +410,12 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
       await live?.destroy();
       this.bumpEvent();
     });
+  }
+
+  /** From now on, fail bios that would wait for a resume, and those waiting now (shutdown). */
+  failQueued(): void {
+    this.failQueuedIo = true;
+    for (const bio of this.deferred.splice(0)) bio.complete("EIO");
   }
 
   private assertPresent(): void {

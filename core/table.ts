@@ -6,10 +6,11 @@
 import type { DependencyContainer } from "tsyringe";
 import { splitArgs } from "./args.js";
 import type { BlockDevice } from "./devices/block-device.js";
-import { type SharedDevices, TableDevices } from "./devices/shared-devices.js";
+import { isStackable, type SharedDevices, type StackableDevice, TableDevices } from "./devices/shared-devices.js";
 import { DmError } from "./errors.js";
 import type { TargetRegistry } from "./registry.js";
 import { Services } from "./services.js";
+import { checkStacking } from "./stacking.js";
 import { type Target, TargetError, TargetFeatures, type TableContext, type TableOwner } from "./target.js";
 import type { TargetSpec } from "./table-text.js";
 
@@ -18,8 +19,8 @@ export interface TableBuildOptions {
   readOnly: boolean;
   registry: TargetRegistry;
   devices: SharedDevices;
-  /** The mapped device itself: a table may not reference it. */
-  self?: BlockDevice;
+  /** The mapped device itself: a table may not reference it, nor anything stacked on it. */
+  self?: StackableDevice;
   /**
    * The immutable target type of the device's live table, if any (md->immutable_target_type):
    * the new table must have the same immutable type or contain a wildcard target.
@@ -83,6 +84,7 @@ export class Table implements TableContext {
     scope.register(Services.DeviceLookup, { useValue: lookup });
     try {
       for (const spec of specs) await table.addTarget(spec, opts, scope);
+      if (opts.self) checkStacking(opts.self, lookup.deps.filter(isStackable));
       // table_load: once the table is complete, a device bound to an immutable type only takes a
       // table of that type or one with a wildcard target.
       if (opts.immutableType && opts.immutableType !== table.immutableTargetType && !table.hasWildcardTarget) {

@@ -13,9 +13,23 @@ import type { DeviceLookup } from "../services.js";
 
 /** A device that is another mapped device, stacked in-process. */
 export interface StackableDevice extends BlockDevice {
-  /** Counts as an opener of that device (its open count; `remove` refuses while > 0). */
-  open(): void;
-  close(): Promise<void>;
+  /** The device's name, for messages. */
+  readonly name: string;
+  /**
+   * Count an opener (the open count; `remove` refuses while > 0). `holder` is the mapped device
+   * whose table opens this one (the kernel's holders/ directory); other openers pass none.
+   */
+  open(holder?: StackableDevice): void;
+  close(holder?: StackableDevice): Promise<void>;
+  /** Mapped devices whose tables (live or inactive) hold this one. */
+  readonly holders: readonly StackableDevice[];
+  /** Mapped devices this one's tables (live and inactive) are stacked on. */
+  lowerDevices(): StackableDevice[];
+}
+
+/** Whether a device a table opened is another mapped device. */
+export function isStackable(device: BlockDevice): device is StackableDevice {
+  return typeof (device as Partial<StackableDevice>).lowerDevices === "function";
 }
 
 /** Where backing devices come from: the file system by default, RAM disks in tests. */
@@ -41,7 +55,7 @@ interface Entry {
    * opener however many of its lines use it (dm_get_device shares one dm_dev per device within a
    * table), and closed when that opener drops its last reference.
    */
-  owners: Map<object, number>;
+  owners: Map<object, { refs: number; holder: StackableDevice | undefined }>;
 }
 
 export class SharedDevices {
@@ -60,14 +74,15 @@ export class SharedDevices {
   /**
    * Take a reference on the device `spec` names. `owner` identifies the opener (a table): a stacked
    * mapped device counts one open per owner; without an owner every acquire counts as an open.
+   * `holder` is the owner's own mapped device, recorded as a holder of a stacked device.
    */
-  acquire(spec: string, mode: OpenMode, owner?: object): Promise<BlockDevice> {
-    return this.lock.run(() => this.acquireLocked(spec, mode, owner));
+  acquire(spec: string, mode: OpenMode, owner?: object, holder?: StackableDevice): Promise<BlockDevice> {
+    return this.lock.run(() => this.acquireLocked(spec, mode, owner, holder));
   }
 
-  private async acquireLocked(spec: string, mode: OpenMode, owner?: object): Promise<BlockDevice> {
+  private async acquireLocked(spec: string, mode: OpenMode, owner?: object, holder?: StackableDevice): Promise<BlockDevice> {
     const mapped = this.resolveMapped(spec);
-    if (mapped) return this.acquireStacked(mapped, owner);
+    if (mapped) return this.acquireStacked(mapped, owner, holder);
     const key = await this.backing.identify(spec);
     const existing = this.entries.get(key);
     if (existing) {
@@ -97,7 +112,7 @@ export class SharedDevices {
     return device;
   }
 
-  private acquireStacked(device: StackableDevice, owner?: object): BlockDevice {
+  private acquireStacked(device: StackableDevice, owner?: object, holder?: StackableDevice): BlockDevice {
     const key = `md:${device.tableName}`;
     let entry = this.entries.get(key);
     if (!entry) {
@@ -106,9 +121,9 @@ export class SharedDevices {
       this.byDevice.set(device, entry);
     }
     entry.refs++;
-    const held = owner ? (entry.owners.get(owner) ?? 0) : 0;
-    if (owner) entry.owners.set(owner, held + 1);
-    if (held === 0) device.open();
+    const held = owner ? (entry.owners.get(owner)?.refs ?? 0) : 0;
+    if (owner) entry.owners.set(owner, { refs: held + 1, holder });
+    if (held === 0) device.open(holder);
     return device;
   }
 
@@ -122,11 +137,11 @@ export class SharedDevices {
     if (!entry) throw new Error(`release of a device this manager did not open: ${device.tableName}`);
     entry.refs--;
     if (entry.stacked) {
-      const held = owner ? (entry.owners.get(owner) ?? 0) : 0;
-      if (held > 1) entry.owners.set(owner!, held - 1);
+      const held = owner ? entry.owners.get(owner) : undefined;
+      if (held && held.refs > 1) held.refs--;
       else {
         if (owner) entry.owners.delete(owner);
-        await (device as StackableDevice).close();
+        await (device as StackableDevice).close(held?.holder);
       }
     }
     if (entry.refs > 0) return;
@@ -173,11 +188,11 @@ export class TableDevices implements DeviceLookup {
   constructor(
     private readonly manager: SharedDevices,
     private readonly readOnly: boolean,
-    private readonly self?: BlockDevice,
+    private readonly self?: StackableDevice,
   ) {}
 
   async get(path: string, mode: OpenMode = "rw"): Promise<BlockDevice> {
-    const device = await this.manager.acquire(path, this.readOnly ? "r" : mode, this);
+    const device = await this.manager.acquire(path, this.readOnly ? "r" : mode, this, this.self);
     if (this.self && device === this.self) {
       await this.manager.release(device, this);
       throw Object.assign(new Error("a table cannot reference its own device"), { code: "EINVAL" });

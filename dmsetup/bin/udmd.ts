@@ -110,9 +110,13 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     if (stopping) return;
     stopping = true;
     daemon.logger.info("signal", { signal });
+    // Keeps the process alive until the shutdown has finished (a promise alone does not), and
+    // says what it is waiting for if that takes long.
+    const watchdog = setInterval(() => daemon.logger.warn("shutdown still running", { devices: daemon.dm.list() }), 5_000);
     daemon.stop().then(
       () => process.exit(0),
       (err) => {
+        clearInterval(watchdog);
         process.stderr.write(`udmd: shutdown failed: ${(err as Error).message}\n`);
         process.exit(1);
       },

@@ -115,6 +115,9 @@ export class Daemon {
       this.logger.info("udmd stopping");
       await this.control?.close().catch(() => undefined);
       await this.attacher?.detachAll(); // while the NBD server still serves their last writes
+      // I/O held by a suspended device would hold up everything stacked above it (their flushes,
+      // their removal) and the NBD requests waiting on it: it fails instead.
+      this.dm.failQueuedIo();
       await this.nbd?.close().catch(() => undefined);
       for (const name of this.dm.list()) {
         const md = this.dm.device(name);
