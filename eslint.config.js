@@ -26,7 +26,10 @@ export default tseslint.config(
       "@typescript-eslint/await-thenable": "error",
       // A switch over a union (bio ops, target results, NBD commands) must name every member.
       "@typescript-eslint/switch-exhaustiveness-check": ["error", { considerDefaultExhaustiveForUnions: true }],
-      "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" }],
+      "@typescript-eslint/no-unused-vars": [
+        "error",
+        { argsIgnorePattern: "^_", varsIgnorePattern: "^_", caughtErrors: "none" },
+      ],
     },
   },
   // Layering (docs/architecture.md, "A tour of the tree"): each folder imports only from those below it.

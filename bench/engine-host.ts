@@ -28,7 +28,11 @@ function childExecArgv(kind: EngineKind, loader: Loader): string[] {
 
 /** Start an engine process; resolves once it is ready for requests. */
 export function childHost(kind: EngineKind, loader: Loader): Promise<EngineHost> {
-  const child = fork(CHILD, [], { cwd: ROOT, execArgv: childExecArgv(kind, loader), stdio: ["ignore", "inherit", "inherit", "ipc"] });
+  const child = fork(CHILD, [], {
+    cwd: ROOT,
+    execArgv: childExecArgv(kind, loader),
+    stdio: ["ignore", "inherit", "inherit", "ipc"],
+  });
   let waiting: { resolve: (r: Repetition | undefined) => void; reject: (e: Error) => void } | null = null;
   const fail = (err: Error) => {
     waiting?.reject(err);

@@ -163,10 +163,18 @@ if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.ar
   benchExceptionTable(n).then(
     (r) => {
       const f = (x: number, d = 1) => x.toLocaleString("en-US", { maximumFractionDigits: d });
-      console.log(`exception table, ${f(r.n, 0)} random exceptions${r.gcExposed ? "" : " (no --expose-gc: memory figures approximate)"}`);
-      console.log(`  table: ${f(r.bytesPerException)} B/exception resident (${f(r.tableBytesPerException)} B storage), ${f(r.lookupsPerSecond / 1e6)} M hit lookups/s, ${f(r.missLookupsPerSecond / 1e6)} M miss lookups/s`);
-      console.log(`  Map:   ${f(r.mapBytesPerException)} B/exception resident, ${f(r.mapLookupsPerSecond / 1e6)} M hit lookups/s`);
-      console.log(`  sequential COW: ${f(r.sequentialBytesPerChunk, 3)} B/chunk, 1 entry per ${f(1 / r.sequentialEntriesPerChunk)} chunks`);
+      console.log(
+        `exception table, ${f(r.n, 0)} random exceptions${r.gcExposed ? "" : " (no --expose-gc: memory figures approximate)"}`,
+      );
+      console.log(
+        `  table: ${f(r.bytesPerException)} B/exception resident (${f(r.tableBytesPerException)} B storage), ${f(r.lookupsPerSecond / 1e6)} M hit lookups/s, ${f(r.missLookupsPerSecond / 1e6)} M miss lookups/s`,
+      );
+      console.log(
+        `  Map:   ${f(r.mapBytesPerException)} B/exception resident, ${f(r.mapLookupsPerSecond / 1e6)} M hit lookups/s`,
+      );
+      console.log(
+        `  sequential COW: ${f(r.sequentialBytesPerChunk, 3)} B/chunk, 1 entry per ${f(1 / r.sequentialEntriesPerChunk)} chunks`,
+      );
     },
     (err: unknown) => {
       console.error(err instanceof Error ? (err.stack ?? err.message) : err);

@@ -8,9 +8,7 @@ import fs from "node:fs";
 import { MiB } from "./format.js";
 
 /** Where fio sends the I/O. */
-export type FioTarget =
-  | { engine: "nbd"; uri: string }
-  | { engine: "psync" | "libaio"; file: string; direct: boolean };
+export type FioTarget = { engine: "nbd"; uri: string } | { engine: "psync" | "libaio"; file: string; direct: boolean };
 
 export interface FioJob {
   name: string;
@@ -47,7 +45,13 @@ export function fioArgs(target: FioTarget, job: FioJob): string[] {
   }
   // A pass (no runtime) keeps fio's random map: every block exactly once, in a seeded random order.
   if (target.engine === "nbd") args.push("--ioengine=nbd", `--uri=${target.uri}`);
-  else args.push(`--ioengine=${target.engine}`, `--filename=${target.file}`, `--direct=${target.direct ? 1 : 0}`, "--allow_file_create=0");
+  else
+    args.push(
+      `--ioengine=${target.engine}`,
+      `--filename=${target.file}`,
+      `--direct=${target.direct ? 1 : 0}`,
+      "--allow_file_create=0",
+    );
   return args;
 }
 
@@ -84,7 +88,8 @@ export function parseFioJson(text: string, dir: "read" | "write"): FioResult {
   if (job.error) throw new Error(`fio job error ${job.error}`);
   const side = job[dir];
   const seconds = side.runtime / 1000;
-  if (!(side.io_bytes > 0 && seconds > 0)) throw new Error(`fio moved no data (${side.io_bytes} bytes in ${side.runtime} ms)`);
+  if (!(side.io_bytes > 0 && seconds > 0))
+    throw new Error(`fio moved no data (${side.io_bytes} bytes in ${side.runtime} ms)`);
   return {
     ios: side.total_ios,
     bytes: side.io_bytes,

@@ -13,16 +13,21 @@ export function parseSize(text: string): number {
   return Number(m[1]) * unit;
 }
 
-export const fmt = (x: number, digits = 1) => x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+export const fmt = (x: number, digits = 1) =>
+  x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
 
-export const bytesText = (b: number) => (b >= GiB && b % GiB === 0 ? `${b / GiB} GiB` : b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`);
+export const bytesText = (b: number) =>
+  b >= GiB && b % GiB === 0 ? `${b / GiB} GiB` : b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`;
 
 /** A Markdown table with padded columns: readable in a terminal and in results.md. */
 export function markdownTable(header: string[], rows: string[][], rightAligned: Set<number>): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (cells: string[]) =>
-    "| " + cells.map((c, i) => (rightAligned.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join(" | ") + " |";
-  const rule = "|" + widths.map((w, i) => (rightAligned.has(i) ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2))).join("|") + "|";
+    "| " +
+    cells.map((c, i) => (rightAligned.has(i) ? c.padStart(widths[i]!) : c.padEnd(widths[i]!))).join(" | ") +
+    " |";
+  const rule =
+    "|" + widths.map((w, i) => (rightAligned.has(i) ? "-".repeat(w + 1) + ":" : "-".repeat(w + 2))).join("|") + "|";
   return [line(header), rule, ...rows.map(line)].join("\n");
 }
 
@@ -35,6 +40,9 @@ export function replaceSection(file: string, key: string, body: string, fallback
   if (!text.startsWith("# ")) text = fallbackHeader + text;
   const at = text.indexOf(begin);
   const stop = text.indexOf(end);
-  text = at >= 0 && stop > at ? text.slice(0, at) + section + text.slice(stop + end.length) : text.trimEnd() + "\n\n" + section + "\n";
+  text =
+    at >= 0 && stop > at
+      ? text.slice(0, at) + section + text.slice(stop + end.length)
+      : text.trimEnd() + "\n\n" + section + "\n";
   fs.writeFileSync(file, text);
 }

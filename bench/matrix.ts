@@ -33,7 +33,19 @@ import path from "node:path";
 import { type FioJob, type FioResult, type FioTarget, runFio } from "./fio.js";
 import { bytesText, fmt, GiB, KiB, markdownTable, MiB, replaceSection } from "./format.js";
 import { type Filesystem, filesystemOf, fillFile, median, pickDataDir } from "./micro.js";
-import { cpuSeconds, ROOT, type Server, startNbdkit, startQemuNbd, startUdmd, syncFile, syncOpenFiles, toolVersion, UDMD, type Udmd } from "./servers.js";
+import {
+  cpuSeconds,
+  ROOT,
+  type Server,
+  startNbdkit,
+  startQemuNbd,
+  startUdmd,
+  syncFile,
+  syncOpenFiles,
+  toolVersion,
+  UDMD,
+  type Udmd,
+} from "./servers.js";
 
 // ---- workloads ----
 
@@ -53,10 +65,42 @@ export interface MatrixWorkload {
 
 export const MATRIX_WORKLOADS: readonly MatrixWorkload[] = [
   { key: "seqread", name: "1 MiB sequential read", rw: "read", blockSize: MiB, iodepth: 4, unit: "MiB/s", pass: false },
-  { key: "seqwrite", name: "1 MiB sequential write", rw: "write", blockSize: MiB, iodepth: 4, unit: "MiB/s", pass: false },
-  { key: "randread", name: "4 KiB random read", rw: "randread", blockSize: 4 * KiB, iodepth: 16, unit: "IOPS", pass: false },
-  { key: "randwrite", name: "4 KiB random write", rw: "randwrite", blockSize: 4 * KiB, iodepth: 16, unit: "IOPS", pass: false },
-  { key: "firstwrite", name: "first write", rw: "randwrite", blockSize: 4 * KiB, iodepth: 16, unit: "MiB/s", pass: true },
+  {
+    key: "seqwrite",
+    name: "1 MiB sequential write",
+    rw: "write",
+    blockSize: MiB,
+    iodepth: 4,
+    unit: "MiB/s",
+    pass: false,
+  },
+  {
+    key: "randread",
+    name: "4 KiB random read",
+    rw: "randread",
+    blockSize: 4 * KiB,
+    iodepth: 16,
+    unit: "IOPS",
+    pass: false,
+  },
+  {
+    key: "randwrite",
+    name: "4 KiB random write",
+    rw: "randwrite",
+    blockSize: 4 * KiB,
+    iodepth: 16,
+    unit: "IOPS",
+    pass: false,
+  },
+  {
+    key: "firstwrite",
+    name: "first write",
+    rw: "randwrite",
+    blockSize: 4 * KiB,
+    iodepth: 16,
+    unit: "MiB/s",
+    pass: true,
+  },
   { key: "rewrite", name: "rewrite", rw: "randwrite", blockSize: 4 * KiB, iodepth: 16, unit: "MiB/s", pass: true },
 ];
 
@@ -102,7 +146,8 @@ function fixed(r: Running, close: () => Promise<void> = async () => undefined): 
 }
 
 function raw(direct: boolean): (ctx: ConfigContext) => Promise<ConfigInstance> {
-  return async (ctx) => fixed({ target: { engine: direct ? "libaio" : "psync", file: ctx.data, direct }, server: null });
+  return async (ctx) =>
+    fixed({ target: { engine: direct ? "libaio" : "psync", file: ctx.data, direct }, server: null });
 }
 
 function nbdkitFile(extra: string[]): (ctx: ConfigContext) => Promise<ConfigInstance> {
@@ -134,7 +179,19 @@ function qcow2(clusterBytes: number) {
   return restarting(async (ctx) => {
     const overlay = path.join(ctx.dir, "overlay.qcow2");
     fs.rmSync(overlay, { force: true });
-    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-b", ctx.data, "-F", "raw", "-o", `cluster_size=${clusterBytes}`, overlay]);
+    execFileSync("qemu-img", [
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      "-b",
+      ctx.data,
+      "-F",
+      "raw",
+      "-o",
+      `cluster_size=${clusterBytes}`,
+      overlay,
+    ]);
     return startQemuNbd(path.join(ctx.dir, "qemu.sock"), ["-f", "qcow2", overlay]);
   });
 }
@@ -148,14 +205,21 @@ function cowBytesFor(chunks: number, chunkBytes: number): number {
 }
 
 async function udmd(ctx: ConfigContext): Promise<Udmd> {
-  return startUdmd(path.join(ctx.dir, "udm-run"), { args: ctx.udmdArgs, profileDir: ctx.profileDir, profileName: ctx.profileName });
+  return startUdmd(path.join(ctx.dir, "udm-run"), {
+    args: ctx.udmdArgs,
+    profileDir: ctx.profileDir,
+    profileName: ctx.profileName,
+  });
 }
 
 function udmLinear(): (ctx: ConfigContext) => Promise<ConfigInstance> {
   return async (ctx) => {
     const d = await udmd(ctx);
     try {
-      await d.control.request("create", { name: "vol", table: [{ start: 0, length: ctx.fileBytes / SECTOR, type: "linear", params: `${ctx.data} 0` }] });
+      await d.control.request("create", {
+        name: "vol",
+        table: [{ start: 0, length: ctx.fileBytes / SECTOR, type: "linear", params: `${ctx.data} 0` }],
+      });
     } catch (err) {
       await d.stop();
       throw err;
@@ -168,7 +232,11 @@ function udmLinear(): (ctx: ConfigContext) => Promise<ConfigInstance> {
  * snapshot-origin "base" over the data file with `count` persistent snapshots of `chunkSectors`,
  * taken the documented way (suspend, create, resume) on zeroed COW files; fresh() replaces them.
  */
-function udmSnapshots(count: number, chunkSectors: number, store: "P" | "N" = "P"): (ctx: ConfigContext) => Promise<ConfigInstance> {
+function udmSnapshots(
+  count: number,
+  chunkSectors: number,
+  store: "P" | "N" = "P",
+): (ctx: ConfigContext) => Promise<ConfigInstance> {
   return async (ctx) => {
     const d = await udmd(ctx);
     const sectors = ctx.fileBytes / SECTOR;
@@ -186,7 +254,12 @@ function udmSnapshots(count: number, chunkSectors: number, store: "P" | "N" = "P
       await d.control.request("suspend", { name: "base" });
       try {
         for (const [i, cow] of cows.entries()) {
-          await d.control.request("create", { name: `snap${i}`, table: [{ start: 0, length: sectors, type: "snapshot", params: `${ctx.data} ${cow} ${store} ${chunkSectors}` }] });
+          await d.control.request("create", {
+            name: `snap${i}`,
+            table: [
+              { start: 0, length: sectors, type: "snapshot", params: `${ctx.data} ${cow} ${store} ${chunkSectors}` },
+            ],
+          });
           live++;
         }
       } finally {
@@ -194,7 +267,10 @@ function udmSnapshots(count: number, chunkSectors: number, store: "P" | "N" = "P
       }
     };
     try {
-      await d.control.request("create", { name: "base", table: [{ start: 0, length: sectors, type: "snapshot-origin", params: ctx.data }] });
+      await d.control.request("create", {
+        name: "base",
+        table: [{ start: 0, length: sectors, type: "snapshot-origin", params: ctx.data }],
+      });
       await fresh();
     } catch (err) {
       await d.stop();
@@ -215,24 +291,74 @@ export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
   { id: "raw-buffered", label: "raw file, buffered (psync)", passes: false, open: raw(false) },
   { id: "raw-direct", label: "raw file, O_DIRECT (libaio)", passes: false, open: raw(true) },
   { id: "nbdkit-file", label: "nbdkit file", passes: false, open: nbdkitFile([]) },
-  { id: "nbdkit-file-t4", label: "nbdkit file --threads 4", passes: false, perCoreRef: "nbdkit-file", open: nbdkitFile(["--threads", "4"]) },
-  { id: "qemu-raw", label: "qemu-nbd raw", passes: false, perCoreRef: "nbdkit-file", open: restarting((ctx) => startQemuNbd(path.join(ctx.dir, "qemu.sock"), ["-f", "raw", ctx.data])) },
+  {
+    id: "nbdkit-file-t4",
+    label: "nbdkit file --threads 4",
+    passes: false,
+    perCoreRef: "nbdkit-file",
+    open: nbdkitFile(["--threads", "4"]),
+  },
+  {
+    id: "qemu-raw",
+    label: "qemu-nbd raw",
+    passes: false,
+    perCoreRef: "nbdkit-file",
+    open: restarting((ctx) => startQemuNbd(path.join(ctx.dir, "qemu.sock"), ["-f", "raw", ctx.data])),
+  },
   {
     id: "nbdkit-cow",
     label: "nbdkit cow filter (64 KiB blocks)",
     passes: true,
     // The overlay is a temporary file: put it next to the data file (TMPDIR), not on tmpfs.
-    open: restarting((ctx) => startNbdkit(path.join(ctx.dir, "nbdkit.sock"), ["--filter=cow", "file", ctx.data], { TMPDIR: ctx.dir })),
+    open: restarting((ctx) =>
+      startNbdkit(path.join(ctx.dir, "nbdkit.sock"), ["--filter=cow", "file", ctx.data], { TMPDIR: ctx.dir }),
+    ),
   },
-  { id: "qcow2-4k", label: "qemu-nbd qcow2 overlay, 4 KiB clusters", passes: true, perCoreRef: "nbdkit-cow", open: qcow2(4 * KiB) },
-  { id: "qcow2-64k", label: "qemu-nbd qcow2 overlay, 64 KiB clusters", passes: true, perCoreRef: "nbdkit-cow", open: qcow2(64 * KiB) },
+  {
+    id: "qcow2-4k",
+    label: "qemu-nbd qcow2 overlay, 4 KiB clusters",
+    passes: true,
+    perCoreRef: "nbdkit-cow",
+    open: qcow2(4 * KiB),
+  },
+  {
+    id: "qcow2-64k",
+    label: "qemu-nbd qcow2 overlay, 64 KiB clusters",
+    passes: true,
+    perCoreRef: "nbdkit-cow",
+    open: qcow2(64 * KiB),
+  },
   { id: "udm-linear", label: "udm linear", passes: true, perCoreRef: "nbdkit-file", open: udmLinear() },
-  { id: "udm-snap-4k", label: "udm snapshot-origin, 1 snapshot, chunk 8 (4 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(1, 8) },
-  { id: "udm-snap-64k", label: "udm snapshot-origin, 1 snapshot, chunk 128 (64 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(1, 128) },
-  { id: "udm-snap3-4k", label: "udm snapshot-origin, 3 snapshots, chunk 8 (4 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(3, 8) },
+  {
+    id: "udm-snap-4k",
+    label: "udm snapshot-origin, 1 snapshot, chunk 8 (4 KiB)",
+    passes: true,
+    perCoreRef: "nbdkit-cow",
+    open: udmSnapshots(1, 8),
+  },
+  {
+    id: "udm-snap-64k",
+    label: "udm snapshot-origin, 1 snapshot, chunk 128 (64 KiB)",
+    passes: true,
+    perCoreRef: "nbdkit-cow",
+    open: udmSnapshots(1, 128),
+  },
+  {
+    id: "udm-snap3-4k",
+    label: "udm snapshot-origin, 3 snapshots, chunk 8 (4 KiB)",
+    passes: true,
+    perCoreRef: "nbdkit-cow",
+    open: udmSnapshots(3, 8),
+  },
   // Not one of issue 8's configurations: what the persistent store's durability costs. A transient
   // (N) store keeps its exceptions in memory only, like nbdkit's cow overlay (a temporary file).
-  { id: "udm-snap-4k-transient", label: "udm snapshot-origin, 1 transient (N) snapshot, chunk 8 (4 KiB)", passes: true, perCoreRef: "nbdkit-cow", open: udmSnapshots(1, 8, "N") },
+  {
+    id: "udm-snap-4k-transient",
+    label: "udm snapshot-origin, 1 transient (N) snapshot, chunk 8 (4 KiB)",
+    passes: true,
+    perCoreRef: "nbdkit-cow",
+    open: udmSnapshots(1, 8, "N"),
+  },
 ];
 
 // ---- results ----
@@ -305,7 +431,13 @@ export interface MatrixOptions {
 
 export const FULL_MATRIX: MatrixOptions = { fileBytes: GiB, runtimeMs: 2000, warmupMs: 1000, repetitions: 3 };
 /** The smoke run: every configuration and workload, tiny, several configurations at a time (fio spends ~0.5 s starting and stopping). */
-export const QUICK_MATRIX: MatrixOptions = { fileBytes: 8 * MiB, runtimeMs: 100, warmupMs: 0, repetitions: 3, concurrency: 6 };
+export const QUICK_MATRIX: MatrixOptions = {
+  fileBytes: 8 * MiB,
+  runtimeMs: 100,
+  warmupMs: 0,
+  repetitions: 3,
+  concurrency: 6,
+};
 
 export interface MatrixResult {
   date: string;
@@ -324,7 +456,12 @@ export interface MatrixResult {
 
 // ---- availability and build ----
 
-const DEBIAN: Record<string, string> = { fio: "fio", nbdkit: "nbdkit", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils" };
+const DEBIAN: Record<string, string> = {
+  fio: "fio",
+  nbdkit: "nbdkit",
+  "qemu-nbd": "qemu-utils",
+  "qemu-img": "qemu-utils",
+};
 
 function runs(cmd: string, args: string[]): boolean {
   const r = spawnSync(cmd, args, { stdio: "ignore", timeout: 10_000 });
@@ -338,10 +475,12 @@ export function matrixUnavailableReason(): string | null {
   if (!runs("fio", ["--version"])) missing.push("fio");
   if (!runs("nbdkit", ["--version"])) missing.push("nbdkit");
   for (const t of ["qemu-nbd", "qemu-img"]) if (!runs(t, ["--version"])) missing.push(t);
-  if (missing.length) return `${missing.join(", ")} not installed (Debian: apt-get install ${[...new Set(missing.map((t) => DEBIAN[t]))].join(" ")})`;
+  if (missing.length)
+    return `${missing.join(", ")} not installed (Debian: apt-get install ${[...new Set(missing.map((t) => DEBIAN[t]))].join(" ")})`;
   if (!runs("fio", ["--enghelp=nbd"])) return "this fio has no nbd ioengine (Debian's fio has it)";
   if (!runs("fio", ["--enghelp=libaio"])) return "this fio has no libaio ioengine";
-  if (!runs("nbdkit", ["--filter=cow", "file", "--version"])) return "nbdkit's file plugin or cow filter is missing (Debian: nbdkit)";
+  if (!runs("nbdkit", ["--filter=cow", "file", "--version"]))
+    return "nbdkit's file plugin or cow filter is missing (Debian: nbdkit)";
   if (!fs.existsSync(UDMD)) return `${path.relative(process.cwd(), UDMD)} is missing (npx tsc -p tsconfig.build.json)`;
   return null;
 }
@@ -349,7 +488,8 @@ export function matrixUnavailableReason(): string | null {
 function newestSource(dir: string): number {
   let newest = 0;
   for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
-    if (e.isFile() && e.name.endsWith(".ts")) newest = Math.max(newest, fs.statSync(path.join(e.parentPath, e.name)).mtimeMs);
+    if (e.isFile() && e.name.endsWith(".ts"))
+      newest = Math.max(newest, fs.statSync(path.join(e.parentPath, e.name)).mtimeMs);
   }
   return newest;
 }
@@ -357,9 +497,16 @@ function newestSource(dir: string): number {
 /** Build dist/ (tsc -p tsconfig.build.json) when udmd.js is missing or older than the sources. */
 export function ensureBuilt(log: (m: string) => void): void {
   const built = fs.existsSync(UDMD) ? fs.statSync(UDMD).mtimeMs : 0;
-  const sources = Math.max(fs.statSync(path.join(ROOT, "index.ts")).mtimeMs, ...["core", "targets", "dmsetup"].map((d) => newestSource(path.join(ROOT, d))));
+  const sources = Math.max(
+    fs.statSync(path.join(ROOT, "index.ts")).mtimeMs,
+    ...["core", "targets", "dmsetup"].map((d) => newestSource(path.join(ROOT, d))),
+  );
   if (built >= sources) return;
-  log(built ? "dist/ is older than the sources: building (tsc -p tsconfig.build.json)" : "building dist/ (tsc -p tsconfig.build.json)");
+  log(
+    built
+      ? "dist/ is older than the sources: building (tsc -p tsconfig.build.json)"
+      : "building dist/ (tsc -p tsconfig.build.json)",
+  );
   const tsc = path.join(ROOT, "node_modules/typescript/bin/tsc");
   const r = spawnSync(process.execPath, [tsc, "-p", "tsconfig.build.json"], { cwd: ROOT, encoding: "utf8" });
   if (r.status !== 0) {
@@ -372,7 +519,9 @@ export function ensureBuilt(log: (m: string) => void): void {
 
 function summarise(w: MatrixWorkload, reps: MatrixRep[]): Figure {
   const cpu = reps.filter((r) => r.serverCpu !== null);
-  const perCore = cpu.filter((r) => r.serverCpu! > 0).map((r) => (w.unit === "IOPS" ? r.ios : r.bytes / MiB) / r.serverCpu!);
+  const perCore = cpu
+    .filter((r) => r.serverCpu! > 0)
+    .map((r) => (w.unit === "IOPS" ? r.ios : r.bytes / MiB) / r.serverCpu!);
   return {
     mibps: median(reps.map((r) => r.mibps)),
     iops: median(reps.map((r) => r.iops)),
@@ -385,12 +534,23 @@ function summarise(w: MatrixWorkload, reps: MatrixRep[]): Figure {
 
 function selected(opts: MatrixOptions): { configs: MatrixConfig[]; workloads: MatrixWorkload[] } {
   // Each wanted name picks the configuration with that id, or else every id containing it.
-  const picks = (want: string) => (MATRIX_CONFIGS.some((c) => c.id === want) ? (c: MatrixConfig) => c.id === want : (c: MatrixConfig) => c.id.includes(want));
-  const configs = opts.configs?.length ? MATRIX_CONFIGS.filter((c) => opts.configs!.some((want) => picks(want)(c))) : [...MATRIX_CONFIGS];
-  if (configs.length === 0) throw new Error(`no configuration matches ${opts.configs!.join(", ")} (${MATRIX_CONFIGS.map((c) => c.id).join(", ")})`);
+  const picks = (want: string) =>
+    MATRIX_CONFIGS.some((c) => c.id === want)
+      ? (c: MatrixConfig) => c.id === want
+      : (c: MatrixConfig) => c.id.includes(want);
+  const configs = opts.configs?.length
+    ? MATRIX_CONFIGS.filter((c) => opts.configs!.some((want) => picks(want)(c)))
+    : [...MATRIX_CONFIGS];
+  if (configs.length === 0)
+    throw new Error(
+      `no configuration matches ${opts.configs!.join(", ")} (${MATRIX_CONFIGS.map((c) => c.id).join(", ")})`,
+    );
   const only = opts.only?.toLowerCase();
-  const workloads = only ? MATRIX_WORKLOADS.filter((w) => w.name.toLowerCase().includes(only) || w.key === only) : [...MATRIX_WORKLOADS];
-  if (workloads.length === 0) throw new Error(`no workload matches ${opts.only} (${MATRIX_WORKLOADS.map((w) => w.name).join(", ")})`);
+  const workloads = only
+    ? MATRIX_WORKLOADS.filter((w) => w.name.toLowerCase().includes(only) || w.key === only)
+    : [...MATRIX_WORKLOADS];
+  if (workloads.length === 0)
+    throw new Error(`no workload matches ${opts.only} (${MATRIX_WORKLOADS.map((w) => w.name).join(", ")})`);
   return { configs, workloads };
 }
 
@@ -398,7 +558,13 @@ function selected(opts: MatrixOptions): { configs: MatrixConfig[]; workloads: Ma
  * One round of one configuration (one repetition of every workload), in its own directory `dir`,
  * on a data file written for it.
  */
-async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir: string, opts: MatrixOptions, round: number): Promise<ConfigResult> {
+async function runConfig(
+  config: MatrixConfig,
+  workloads: MatrixWorkload[],
+  dir: string,
+  opts: MatrixOptions,
+  round: number,
+): Promise<ConfigResult> {
   const log = opts.log ?? (() => undefined);
   const { fileBytes } = opts;
   const of = `round ${round + 1}/${opts.repetitions}`;
@@ -409,16 +575,29 @@ async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir:
   log(`matrix: ${config.label}: writing ${bytesText(fileBytes)} of random bytes`);
   fillFile(data, fileBytes);
   const figures: ConfigResult["figures"] = {};
-  const inst = await config.open({ dir, data, fileBytes, profileDir: opts.profileDir, profileName: `udmd-${config.id}-${Date.now()}.cpuprofile`, udmdArgs: opts.udmdArgs });
+  const inst = await config.open({
+    dir,
+    data,
+    fileBytes,
+    profileDir: opts.profileDir,
+    profileName: `udmd-${config.id}-${Date.now()}.cpuprofile`,
+    udmdArgs: opts.udmdArgs,
+  });
   try {
     const measure = async (w: MatrixWorkload, runtimeMs: number | undefined, label = w.name): Promise<MatrixRep> => {
       const { target, server } = inst.running();
       const cpu0 = server ? cpuSeconds(server.pid) : 0;
       let r: FioResult;
       try {
-        r = await runFio(target, { name: w.key, rw: w.rw, blockSize: w.blockSize, iodepth: w.iodepth, runtimeMs }, scratch);
+        r = await runFio(
+          target,
+          { name: w.key, rw: w.rw, blockSize: w.blockSize, iodepth: w.iodepth, runtimeMs },
+          scratch,
+        );
       } catch (err) {
-        throw new Error(`${config.label}, ${label}: ${(err as Error).message}${server ? `\n${server.name} stderr: ${server.stderr().slice(-4000)}` : ""}`);
+        throw new Error(
+          `${config.label}, ${label}: ${(err as Error).message}${server ? `\n${server.name} stderr: ${server.stderr().slice(-4000)}` : ""}`,
+        );
       }
       const serverCpu = server ? cpuSeconds(server.pid) - cpu0 : null;
       if (w.rw.endsWith("write")) {
@@ -445,12 +624,21 @@ async function runConfig(config: MatrixConfig, workloads: MatrixWorkload[], dir:
       if (opts.warmupMs > 0) await measure(w, opts.warmupMs, `${w.name} warm-up`);
       const r = await measure(w, opts.runtimeMs);
       const f = (figures[w.key] = summarise(w, [r]));
-      log(`matrix: ${config.label}: ${w.name}: ${w.unit === "IOPS" ? fmt(r.iops, 0) : fmt(r.mibps)} ${w.unit}${f.cpuPerGiB !== null ? `, server CPU ${fmt(f.cpuPerGiB, 2)} s/GiB` : ""} (${of})`);
+      log(
+        `matrix: ${config.label}: ${w.name}: ${w.unit === "IOPS" ? fmt(r.iops, 0) : fmt(r.mibps)} ${w.unit}${f.cpuPerGiB !== null ? `, server CPU ${fmt(f.cpuPerGiB, 2)} s/GiB` : ""} (${of})`,
+      );
     }
   } finally {
     await inst.close();
   }
-  return { id: config.id, label: config.label, perCoreRef: config.perCoreRef, figures, load: [load0, os.loadavg()[0]!], seconds: (performance.now() - t0) / 1000 };
+  return {
+    id: config.id,
+    label: config.label,
+    perCoreRef: config.perCoreRef,
+    figures,
+    load: [load0, os.loadavg()[0]!],
+    seconds: (performance.now() - t0) / 1000,
+  };
 }
 
 /** The rounds of one configuration as one result: every figure over all their repetitions. */
@@ -458,10 +646,18 @@ function mergeRounds(rounds: ConfigResult[]): ConfigResult {
   const first = rounds[0]!;
   const figures: ConfigResult["figures"] = {};
   for (const key of Object.keys(first.figures) as WorkloadKey[]) {
-    figures[key] = summarise(workload(key), rounds.flatMap((r) => r.figures[key]?.reps ?? []));
+    figures[key] = summarise(
+      workload(key),
+      rounds.flatMap((r) => r.figures[key]?.reps ?? []),
+    );
   }
   const loads = rounds.flatMap((r) => r.load);
-  return { ...first, figures, load: [Math.min(...loads), Math.max(...loads)], seconds: rounds.reduce((t, r) => t + r.seconds, 0) };
+  return {
+    ...first,
+    figures,
+    load: [Math.min(...loads), Math.max(...loads)],
+    seconds: rounds.reduce((t, r) => t + r.seconds, 0),
+  };
 }
 
 export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
@@ -509,7 +705,12 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
     dataDir,
     filesystem: filesystemOf(dataDir),
     options,
-    machine: { cpus: cpus.length, cpuModel: cpus[0]?.model.trim() ?? "unknown CPU", memoryBytes: os.totalmem(), kernel: `${os.type()} ${os.release()}` },
+    machine: {
+      cpus: cpus.length,
+      cpuModel: cpus[0]?.model.trim() ?? "unknown CPU",
+      memoryBytes: os.totalmem(),
+      kernel: `${os.type()} ${os.release()}`,
+    },
     versions: {
       node: process.version,
       fio: toolVersion("fio"),
@@ -554,7 +755,14 @@ export function matrixTargets(results: ConfigResult[]): TargetRow[] {
   const rows: TargetRow[] = [];
   const g = MATRIX_GOALS;
   /** a / b ≥ goal (or, with atMost, ≤ goal), on figures of workload key. */
-  const compare = (target: string, a: Figure | undefined, b: Figure | undefined, w: MatrixWorkload, goal: number, atMost = false) => {
+  const compare = (
+    target: string,
+    a: Figure | undefined,
+    b: Figure | undefined,
+    w: MatrixWorkload,
+    goal: number,
+    atMost = false,
+  ) => {
     if (!a || !b) return;
     const ratio = value(a, w)! / value(b, w)!;
     const av = repValues(a, w);
@@ -562,29 +770,75 @@ export function matrixTargets(results: ConfigResult[]): TargetRow[] {
     const perRound = av.map((x, i) => x / bv[i]!).filter((x) => Number.isFinite(x));
     const low = Math.min(...perRound);
     const high = Math.max(...perRound);
-    rows.push({ target, ratio, low, high, goal: `${atMost ? "<=" : ">="} ${goal}×`, pass: atMost ? ratio <= goal : ratio >= goal });
+    rows.push({
+      target,
+      ratio,
+      low,
+      high,
+      goal: `${atMost ? "<=" : ">="} ${goal}×`,
+      pass: atMost ? ratio <= goal : ratio >= goal,
+    });
   };
   const linear = by("udm-linear");
   for (const key of STANDARD) {
     const w = workload(key);
     const candidates = [by("nbdkit-file"), by("nbdkit-file-t4")].filter((c) => c?.figures[key]);
     const best = candidates.sort((x, y) => value(y!.figures[key], w)! - value(x!.figures[key], w)!)[0];
-    if (best) compare(`udm linear / ${best.label} (the better nbdkit file), ${w.name}`, linear?.figures[key], best.figures[key], w, g.linearVsNbdkit);
+    if (best)
+      compare(
+        `udm linear / ${best.label} (the better nbdkit file), ${w.name}`,
+        linear?.figures[key],
+        best.figures[key],
+        w,
+        g.linearVsNbdkit,
+      );
   }
   for (const key of STANDARD) {
     const w = workload(key);
-    compare(`udm linear / raw O_DIRECT, ${w.name}`, linear?.figures[key], by("raw-direct")?.figures[key], w, g.linearVsDirect);
+    compare(
+      `udm linear / raw O_DIRECT, ${w.name}`,
+      linear?.figures[key],
+      by("raw-direct")?.figures[key],
+      w,
+      g.linearVsDirect,
+    );
   }
   const fw = workload("firstwrite");
   const snap = by("udm-snap-4k");
-  compare("udm 1 snapshot (chunk 8) / nbdkit cow filter, first write", snap?.figures.firstwrite, by("nbdkit-cow")?.figures.firstwrite, fw, g.firstWriteVsNbdkitCow);
-  compare("udm 1 snapshot (chunk 8) / qemu-nbd qcow2 4 KiB clusters, first write", snap?.figures.firstwrite, by("qcow2-4k")?.figures.firstwrite, fw, g.firstWriteVsQcow2);
+  compare(
+    "udm 1 snapshot (chunk 8) / nbdkit cow filter, first write",
+    snap?.figures.firstwrite,
+    by("nbdkit-cow")?.figures.firstwrite,
+    fw,
+    g.firstWriteVsNbdkitCow,
+  );
+  compare(
+    "udm 1 snapshot (chunk 8) / qemu-nbd qcow2 4 KiB clusters, first write",
+    snap?.figures.firstwrite,
+    by("qcow2-4k")?.figures.firstwrite,
+    fw,
+    g.firstWriteVsQcow2,
+  );
   for (const id of ["udm-snap-4k", "udm-snap-64k", "udm-snap3-4k"]) {
     const c = by(id);
-    if (c) compare(`${c.label.replace("udm snapshot-origin, ", "udm ")} / udm linear, rewrite`, c.figures.rewrite, linear?.figures.rewrite, workload("rewrite"), g.rewriteVsLinear);
+    if (c)
+      compare(
+        `${c.label.replace("udm snapshot-origin, ", "udm ")} / udm linear, rewrite`,
+        c.figures.rewrite,
+        linear?.figures.rewrite,
+        workload("rewrite"),
+        g.rewriteVsLinear,
+      );
   }
   // Time of the first-write pass, three snapshots / one: the inverse of the MiB/s ratio.
-  compare("first-write time, udm 3 snapshots / 1 snapshot (chunk 8)", snap?.figures.firstwrite, by("udm-snap3-4k")?.figures.firstwrite, fw, g.threeVsOne, true);
+  compare(
+    "first-write time, udm 3 snapshots / 1 snapshot (chunk 8)",
+    snap?.figures.firstwrite,
+    by("udm-snap3-4k")?.figures.firstwrite,
+    fw,
+    g.threeVsOne,
+    true,
+  );
   return rows;
 }
 
@@ -600,7 +854,11 @@ function cell(f: Figure | undefined, w: MatrixWorkload): string {
 export function matrixThroughputTable(r: MatrixResult): string {
   const ws = MATRIX_WORKLOADS;
   const header = ["Configuration", ...ws.map((w) => `${w.name} ${w.unit}`), "load avg"];
-  const rows = r.configs.map((c) => [c.label, ...ws.map((w) => cell(c.figures[w.key], w)), `${fmt(c.load[0], 1)}–${fmt(c.load[1], 1)}`]);
+  const rows = r.configs.map((c) => [
+    c.label,
+    ...ws.map((w) => cell(c.figures[w.key], w)),
+    `${fmt(c.load[0], 1)}–${fmt(c.load[1], 1)}`,
+  ]);
   return markdownTable(header, rows, new Set(ws.map((_, i) => i + 1)));
 }
 
@@ -608,10 +866,13 @@ export function matrixCpuTable(r: MatrixResult): string {
   const ws = MATRIX_WORKLOADS;
   const servers = r.configs.filter((c) => Object.values(c.figures).some((f) => f?.cpuPerGiB !== null));
   const header = ["Server CPU s per GiB moved", ...ws.map((w) => w.name)];
-  const rows = servers.map((c) => [c.label, ...ws.map((w) => {
-    const f = c.figures[w.key];
-    return f?.cpuPerGiB != null ? fmt(f.cpuPerGiB, 2) : dash;
-  })]);
+  const rows = servers.map((c) => [
+    c.label,
+    ...ws.map((w) => {
+      const f = c.figures[w.key];
+      return f?.cpuPerGiB != null ? fmt(f.cpuPerGiB, 2) : dash;
+    }),
+  ]);
   return markdownTable(header, rows, new Set(ws.map((_, i) => i + 1)));
 }
 
@@ -620,18 +881,26 @@ export function matrixPerCoreTable(r: MatrixResult): string {
   const by = (id: string) => r.configs.find((c) => c.id === id);
   const servers = r.configs.filter((c) => Object.values(c.figures).some((f) => f?.perCore != null));
   const header = ["Work per server core (× its nbdkit)", ...ws.map((w) => `${w.name} ${w.unit}/core`)];
-  const rows = servers.map((c) => [c.perCoreRef && by(c.perCoreRef) ? `${c.label} (vs ${by(c.perCoreRef)!.label})` : c.label, ...ws.map((w) => {
-    const f = c.figures[w.key];
-    if (f?.perCore == null) return dash;
-    const ref = c.perCoreRef ? by(c.perCoreRef)?.figures[w.key]?.perCore : null;
-    const text = fmt(f.perCore, 0);
-    return ref ? `${text} (${(f.perCore / ref).toFixed(2)}×)` : text;
-  })]);
+  const rows = servers.map((c) => [
+    c.perCoreRef && by(c.perCoreRef) ? `${c.label} (vs ${by(c.perCoreRef)!.label})` : c.label,
+    ...ws.map((w) => {
+      const f = c.figures[w.key];
+      if (f?.perCore == null) return dash;
+      const ref = c.perCoreRef ? by(c.perCoreRef)?.figures[w.key]?.perCore : null;
+      const text = fmt(f.perCore, 0);
+      return ref ? `${text} (${(f.perCore / ref).toFixed(2)}×)` : text;
+    }),
+  ]);
   return markdownTable(header, rows, new Set(ws.map((_, i) => i + 1)));
 }
 
 export function matrixTargetTable(r: MatrixResult): string {
-  const rows = r.targets.map((t) => [t.target, `${t.ratio.toFixed(2)}× (${t.low.toFixed(2)}–${t.high.toFixed(2)})`, t.goal, t.pass ? "PASS" : "MISS"]);
+  const rows = r.targets.map((t) => [
+    t.target,
+    `${t.ratio.toFixed(2)}× (${t.low.toFixed(2)}–${t.high.toFixed(2)})`,
+    t.goal,
+    t.pass ? "PASS" : "MISS",
+  ]);
   return markdownTable(["Target (ratio of medians, this run)", "ratio (rep range)", "goal", "result"], rows, new Set());
 }
 
@@ -669,11 +938,29 @@ export function matrixReport(r: MatrixResult): string {
 
 export function matrixVerdict(r: MatrixResult): string {
   const misses = r.targets.filter((t) => !t.pass);
-  return misses.length === 0 ? `matrix targets met (${r.targets.length})` : `matrix targets missed (${misses.length} of ${r.targets.length}): ${misses.map((t) => t.target).join("; ")}`;
+  return misses.length === 0
+    ? `matrix targets met (${r.targets.length})`
+    : `matrix targets missed (${misses.length} of ${r.targets.length}): ${misses.map((t) => t.target).join("; ")}`;
 }
 
 /** Replace the Matrix section of results.md (other sections are kept). */
-export function recordMatrixResults(file: string, r: MatrixResult, description: string[], report: string, command: string): void {
-  const body = ["## Matrix (udm over NBD vs nbdkit, qemu-nbd and the raw file)", "", `Run on ${r.date} by \`${command}\`.`, "", ...description.map((d) => `- ${d}`), "", report, "", matrixVerdict(r)].join("\n");
+export function recordMatrixResults(
+  file: string,
+  r: MatrixResult,
+  description: string[],
+  report: string,
+  command: string,
+): void {
+  const body = [
+    "## Matrix (udm over NBD vs nbdkit, qemu-nbd and the raw file)",
+    "",
+    `Run on ${r.date} by \`${command}\`.`,
+    "",
+    ...description.map((d) => `- ${d}`),
+    "",
+    report,
+    "",
+    matrixVerdict(r),
+  ].join("\n");
   replaceSection(file, "matrix", body, "# udm benchmark results\n\n");
 }

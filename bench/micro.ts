@@ -48,16 +48,18 @@ export interface Engine {
 /** The reference: one fs.read / fs.write per request on a plain fd. */
 export function referenceEngine(file: string, direct: boolean): Engine {
   const fd = fs.openSync(file, fs.constants.O_RDWR | (direct ? fs.constants.O_DIRECT : 0));
-  const whole = (what: string, buf: Buffer, resolve: () => void, reject: (e: Error) => void) =>
-    (err: Error | null, n: number) => {
+  const whole =
+    (what: string, buf: Buffer, resolve: () => void, reject: (e: Error) => void) => (err: Error | null, n: number) => {
       if (err) reject(err);
       else if (n !== buf.length) reject(new Error(`short ${what}: ${n} of ${buf.length} bytes`));
       else resolve();
     };
   return {
     label: "reference",
-    read: (buf, pos) => new Promise<void>((res, rej) => fs.read(fd, buf, 0, buf.length, pos, whole("read", buf, res, rej))),
-    write: (buf, pos) => new Promise<void>((res, rej) => fs.write(fd, buf, 0, buf.length, pos, whole("write", buf, res, rej))),
+    read: (buf, pos) =>
+      new Promise<void>((res, rej) => fs.read(fd, buf, 0, buf.length, pos, whole("read", buf, res, rej))),
+    write: (buf, pos) =>
+      new Promise<void>((res, rej) => fs.write(fd, buf, 0, buf.length, pos, whole("write", buf, res, rej))),
     close: async () => fs.closeSync(fd),
   };
 }
@@ -92,7 +94,13 @@ export interface Repetition {
 }
 
 /** Run `w` on `engine` for `ms` milliseconds with one buffer per request in flight. */
-export async function runRepetition(engine: Engine, w: Workload, fileBytes: number, ms: number, buffers: readonly Buffer[]): Promise<Repetition> {
+export async function runRepetition(
+  engine: Engine,
+  w: Workload,
+  fileBytes: number,
+  ms: number,
+  buffers: readonly Buffer[],
+): Promise<Repetition> {
   const blocks = Math.floor(fileBytes / w.blockSize);
   let cursor = 0;
   let ops = 0;
@@ -156,7 +164,8 @@ export function localHost(): EngineHost {
     async open(spec) {
       await close();
       const { file, fileBytes, direct, workload: w } = spec;
-      const engine = spec.kind === "udm" ? await udmEngine(file, fileBytes, { ...spec.io, direct }) : referenceEngine(file, direct);
+      const engine =
+        spec.kind === "udm" ? await udmEngine(file, fileBytes, { ...spec.io, direct }) : referenceEngine(file, direct);
       const buffers = Array.from({ length: w.queueDepth }, () => randomFillSync(alignedBuffer(w.blockSize)));
       current = { engine, spec, buffers };
     },
@@ -308,7 +317,14 @@ export function median(xs: readonly number[]): number {
 
 function side(reps: Repetition[]): Side {
   const med = (key: Exclude<keyof Repetition, "ops" | "seconds">) => median(reps.map((r) => r[key]));
-  return { mibps: med("mibps"), iops: med("iops"), cpuUsPerOp: med("cpuUsPerOp"), mainUsPerOp: med("mainUsPerOp"), mainBusy: med("mainBusy"), reps };
+  return {
+    mibps: med("mibps"),
+    iops: med("iops"),
+    cpuUsPerOp: med("cpuUsPerOp"),
+    mainUsPerOp: med("mainUsPerOp"),
+    mainBusy: med("mainBusy"),
+    reps,
+  };
 }
 
 /**
@@ -326,14 +342,17 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
   const file = path.join(workDir, "data.bin");
   const rows: Row[] = [];
   const loader = opts.loader ?? "tsc";
-  const started = await Promise.allSettled(KINDS.map(async (kind) => (opts.inProcess ? localHost() : childHost(kind, loader))));
+  const started = await Promise.allSettled(
+    KINDS.map(async (kind) => (opts.inProcess ? localHost() : childHost(kind, loader))),
+  );
   const hosts = started.flatMap((s) => (s.status === "fulfilled" ? [s.value] : []));
   try {
     for (const s of started) if (s.status === "rejected") throw s.reason;
     for (const w of opts.workloads ?? WORKLOADS) {
       fillFile(file, fileBytes);
       const reps: Repetition[][] = [[], []];
-      for (const [i, host] of hosts.entries()) await host.open({ kind: KINDS[i]!, file, fileBytes, direct, io: opts.io, workload: w });
+      for (const [i, host] of hosts.entries())
+        await host.open({ kind: KINDS[i]!, file, fileBytes, direct, io: opts.io, workload: w });
       try {
         const run = async (i: 0 | 1, ms: number) => {
           const r = await hosts[i]!.run(ms);
@@ -345,10 +364,13 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
         await run(1, warmupMs);
         for (let n = 0; n < repetitions; n++) {
           for (const i of n % 2 === 0 ? ([0, 1] as const) : ([1, 0] as const)) reps[i]!.push(await run(i, repMs));
-          log(`${w.name}: repetition ${n + 1}/${repetitions}: reference ${reps[0]!.at(-1)!.mibps.toFixed(1)} MiB/s, udm ${reps[1]!.at(-1)!.mibps.toFixed(1)} MiB/s`);
+          log(
+            `${w.name}: repetition ${n + 1}/${repetitions}: reference ${reps[0]!.at(-1)!.mibps.toFixed(1)} MiB/s, udm ${reps[1]!.at(-1)!.mibps.toFixed(1)} MiB/s`,
+          );
         }
       } finally {
-        for (const host of hosts) await host.close().catch((err: unknown) => log(`closing an engine failed: ${String(err)}`));
+        for (const host of hosts)
+          await host.close().catch((err: unknown) => log(`closing an engine failed: ${String(err)}`));
       }
       const reference = side(reps[0]!);
       const udm = side(reps[1]!);
@@ -361,8 +383,20 @@ export async function runMicroBenchmark(opts: MicroOptions): Promise<MicroResult
       });
     }
   } finally {
-    for (const host of hosts) await host.exit().catch((err: unknown) => log(`stopping an engine failed: ${String(err)}`));
+    for (const host of hosts)
+      await host.exit().catch((err: unknown) => log(`stopping an engine failed: ${String(err)}`));
     fs.rmSync(workDir, { recursive: true, force: true });
   }
-  return { dataDir, filesystem: filesystemOf(dataDir), fileBytes, repMs, repetitions, direct, io: opts.io, inProcess: opts.inProcess ?? false, loader: opts.inProcess ? "this process's" : loader, rows };
+  return {
+    dataDir,
+    filesystem: filesystemOf(dataDir),
+    fileBytes,
+    repMs,
+    repetitions,
+    direct,
+    io: opts.io,
+    inProcess: opts.inProcess ?? false,
+    loader: opts.inProcess ? "this process's" : loader,
+    rows,
+  };
 }

@@ -18,7 +18,11 @@ interface Profile {
   timeDeltas: number[];
 }
 
-export function selfTimes(profile: Profile): { byFunction: Map<string, number>; byFile: Map<string, number>; totalMs: number } {
+export function selfTimes(profile: Profile): {
+  byFunction: Map<string, number>;
+  byFile: Map<string, number>;
+  totalMs: number;
+} {
   const nodes = new Map(profile.nodes.map((n) => [n.id, n]));
   const byFunction = new Map<string, number>();
   const byFile = new Map<string, number>();
@@ -26,7 +30,10 @@ export function selfTimes(profile: Profile): { byFunction: Map<string, number>; 
   profile.samples.forEach((id, i) => {
     const ms = (profile.timeDeltas[i] ?? 0) / 1000;
     const { functionName, url, lineNumber } = nodes.get(id)!.callFrame;
-    const file = functionName === "(idle)" ? "(idle)" : url.replace(/^file:\/\//, "").replace(process.cwd() + "/", "") || "(native)";
+    const file =
+      functionName === "(idle)"
+        ? "(idle)"
+        : url.replace(/^file:\/\//, "").replace(process.cwd() + "/", "") || "(native)";
     const fn = `${functionName || "(anonymous)"}  ${file}${url ? `:${lineNumber + 1}` : ""}`;
     byFunction.set(fn, (byFunction.get(fn) ?? 0) + ms);
     byFile.set(file, (byFile.get(file) ?? 0) + ms);
@@ -51,7 +58,9 @@ if (import.meta.main) {
   const { byFunction, byFile, totalMs } = selfTimes(JSON.parse(fs.readFileSync(file, "utf8")) as Profile);
   const idleMs = [...byFunction].filter(([name]) => IDLE.test(name)).reduce((sum, [, ms]) => sum + ms, 0);
   const busyMs = totalMs - idleMs;
-  console.log(`total sampled: ${totalMs.toFixed(0)} ms, busy (not idle): ${busyMs.toFixed(0)} ms; percentages are of the busy time\n\nself time by function:`);
+  console.log(
+    `total sampled: ${totalMs.toFixed(0)} ms, busy (not idle): ${busyMs.toFixed(0)} ms; percentages are of the busy time\n\nself time by function:`,
+  );
   for (const l of top(byFunction, busyMs, Number(count))) console.log(l);
   console.log("\nself time by file:");
   for (const l of top(byFile, busyMs, 15)) console.log(l);

@@ -43,11 +43,28 @@ import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { bytesText, fmt, markdownTable, parseSize } from "./format.js";
 import {
-  describeMatrixRun, ensureBuilt, FULL_MATRIX, type MatrixOptions, type MatrixResult, matrixReport, matrixUnavailableReason, matrixVerdict, QUICK_MATRIX, recordMatrixResults, runMatrix,
+  describeMatrixRun,
+  ensureBuilt,
+  FULL_MATRIX,
+  type MatrixOptions,
+  type MatrixResult,
+  matrixReport,
+  matrixUnavailableReason,
+  matrixVerdict,
+  QUICK_MATRIX,
+  recordMatrixResults,
+  runMatrix,
 } from "./matrix.js";
 import { median, type MicroResult, MiB, type Row, runMicroBenchmark, type Side, WORKLOADS } from "./micro.js";
 import {
-  describeSnapshotRun, FULL_OPTIONS, QUICK_OPTIONS, recordSnapshotResults, runSnapshotBenchmark, type SnapshotBenchResult, snapshotRows, snapshotTable,
+  describeSnapshotRun,
+  FULL_OPTIONS,
+  QUICK_OPTIONS,
+  recordSnapshotResults,
+  runSnapshotBenchmark,
+  type SnapshotBenchResult,
+  snapshotRows,
+  snapshotTable,
 } from "./snapshot.js";
 
 export const GOAL = 0.9;
@@ -69,7 +86,18 @@ function verdict(r: Row): string {
 }
 
 export function resultTable(result: MicroResult): string {
-  const header = ["Workload", "QD", "ref MiB/s", "ref IOPS", "udm MiB/s", "udm IOPS", "udm/ref", "per-rep ratios", "goal", "result"];
+  const header = [
+    "Workload",
+    "QD",
+    "ref MiB/s",
+    "ref IOPS",
+    "udm MiB/s",
+    "udm IOPS",
+    "udm/ref",
+    "per-rep ratios",
+    "goal",
+    "result",
+  ];
   const rows = result.rows.map((r) => [
     r.workload.name,
     String(r.workload.queueDepth),
@@ -84,7 +112,8 @@ export function resultTable(result: MicroResult): string {
   ]);
   const table = markdownTable(header, rows, new Set([1, 2, 3, 4, 5, 6]));
   const noisy = result.rows.some((r) => verdict(r).endsWith("*"));
-  const note = "Results marked * are too noisy to call: the median of the per-repetition ratios is on the other side of the goal.";
+  const note =
+    "Results marked * are too noisy to call: the median of the per-repetition ratios is on the other side of the goal.";
   return noisy ? `${table}\n\n${note}` : table;
 }
 
@@ -94,7 +123,15 @@ export function resultTable(result: MicroResult): string {
  * pool). When the main thread is near 100% busy, its µs/op bounds the IOPS.
  */
 export function costTable(result: MicroResult): string {
-  const header = ["Workload", "ref main µs/op", "udm main µs/op", "ref main busy", "udm main busy", "ref CPU µs/op", "udm CPU µs/op"];
+  const header = [
+    "Workload",
+    "ref main µs/op",
+    "udm main µs/op",
+    "ref main busy",
+    "udm main busy",
+    "ref CPU µs/op",
+    "udm CPU µs/op",
+  ];
   const busy = (s: Side) => `${fmt(100 * s.mainBusy, 0)}%`;
   const rows = result.rows.map((r) => [
     r.workload.name,
@@ -146,10 +183,15 @@ function recordResults(file: string, result: MicroResult, description: string[],
     end,
   ].join("\n");
   let text = fs.existsSync(file) ? fs.readFileSync(file, "utf8") : "";
-  if (!text.startsWith("# ")) text = "# udm micro-benchmark results\n\nWritten by `npm run bench` (full runs only); goal: udm >= 0.9 × the reference.\n";
+  if (!text.startsWith("# "))
+    text =
+      "# udm micro-benchmark results\n\nWritten by `npm run bench` (full runs only); goal: udm >= 0.9 × the reference.\n";
   const at = text.indexOf(begin);
   const stop = text.indexOf(end);
-  text = at >= 0 && stop > at ? text.slice(0, at) + section + text.slice(stop + end.length) : text.trimEnd() + "\n\n" + section + "\n";
+  text =
+    at >= 0 && stop > at
+      ? text.slice(0, at) + section + text.slice(stop + end.length)
+      : text.trimEnd() + "\n\n" + section + "\n";
   fs.writeFileSync(file, text);
 }
 
@@ -214,7 +256,10 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       warmupMs: values.seconds ? Math.min(defaults.warmupMs, Number(values.seconds) * 500) : defaults.warmupMs,
       repetitions: reps ?? defaults.repetitions,
       dir: values.dir,
-      configs: values.configs?.split(",").map((c) => c.trim()).filter(Boolean),
+      configs: values.configs
+        ?.split(",")
+        .map((c) => c.trim())
+        .filter(Boolean),
       only: alone ? values.only : undefined,
       profileDir: values.profile,
       udmdArgs,
@@ -230,13 +275,23 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     print(report);
     print("");
     print(matrixVerdict(result));
-    const defaultRun = !quick && !values.size && !values.seconds && !values.reps && !values.only && !values.configs && !values.profile && !values.dir && !tuned;
+    const defaultRun =
+      !quick &&
+      !values.size &&
+      !values.seconds &&
+      !values.reps &&
+      !values.only &&
+      !values.configs &&
+      !values.profile &&
+      !values.dir &&
+      !tuned;
     if (alone && defaultRun) {
       const file = path.join(import.meta.dirname, "results.md");
       recordMatrixResults(file, result, description, report, "npm run bench -- --matrix");
       print(`recorded in ${path.relative(process.cwd(), file)}`);
     }
-    if (values.profile) print(`udmd CPU profiles in ${values.profile} (summarise: node --import tsx bench/profile-top.ts FILE)`);
+    if (values.profile)
+      print(`udmd CPU profiles in ${values.profile} (summarise: node --import tsx bench/profile-top.ts FILE)`);
     return result;
   };
 
@@ -253,12 +308,24 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   const repetitions = reps ?? (quick ? 3 : 5);
   const only = values.only?.toLowerCase();
   const workloads = only ? WORKLOADS.filter((w) => w.name.toLowerCase().includes(only)) : WORKLOADS;
-  if (workloads.length === 0) throw new Error(`--only ${values.only}: no such workload (${WORKLOADS.map((w) => w.name).join(", ")})`);
+  if (workloads.length === 0)
+    throw new Error(`--only ${values.only}: no such workload (${WORKLOADS.map((w) => w.name).join(", ")})`);
   const loader = values.loader;
   if (loader !== "tsc" && loader !== "tsx") throw new Error("--loader must be tsc or tsx");
 
   const loadBefore = os.loadavg()[0]!;
-  const result = await runMicroBenchmark({ fileBytes, repMs, repetitions, direct: values.direct, io, dir: values.dir, workloads, inProcess: values["in-process"], loader, log: out.stderr });
+  const result = await runMicroBenchmark({
+    fileBytes,
+    repMs,
+    repetitions,
+    direct: values.direct,
+    io,
+    dir: values.dir,
+    workloads,
+    inProcess: values["in-process"],
+    loader,
+    log: out.stderr,
+  });
   const description = describeRun(result, quick, [loadBefore, os.loadavg()[0]!]);
   const table = resultTable(result) + "\n\n" + costTable(result);
   print("");
@@ -268,19 +335,30 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   const misses = result.rows.filter((r) => r.ratio < GOAL).map((r) => r.workload.name);
   const unsure = result.rows.filter((r) => verdict(r).endsWith("*")).map((r) => r.workload.name);
   print("");
-  print(misses.length === 0 ? `goal met: udm >= ${GOAL} × reference on every workload` : `goal missed (< ${GOAL} × reference) on: ${misses.join(", ")}`);
+  print(
+    misses.length === 0
+      ? `goal met: udm >= ${GOAL} × reference on every workload`
+      : `goal missed (< ${GOAL} × reference) on: ${misses.join(", ")}`,
+  );
   if (unsure.length > 0) print(`too noisy to call: ${unsure.join(", ")}`);
   // The snapshot benchmarks (bench/snapshot.ts), unless --no-snapshot or --only picks micro workloads.
   let snapshot: SnapshotBenchResult | undefined;
   if (values.snapshot && !values.only) {
-    snapshot = await runSnapshotBenchmark({ ...(quick ? QUICK_OPTIONS : FULL_OPTIONS), dir: values.dir, io, log: out.stderr });
+    snapshot = await runSnapshotBenchmark({
+      ...(quick ? QUICK_OPTIONS : FULL_OPTIONS),
+      dir: values.dir,
+      io,
+      log: out.stderr,
+    });
     const snapDescription = describeSnapshotRun(snapshot, quick);
     const snapTable = snapshotTable(snapshot);
     print("");
     for (const d of snapDescription) print(d);
     print("");
     print(snapTable);
-    const snapMisses = snapshotRows(snapshot).filter((r) => r.result === "MISS").map((r) => r.measure);
+    const snapMisses = snapshotRows(snapshot)
+      .filter((r) => r.result === "MISS")
+      .map((r) => r.measure);
     print("");
     print(snapMisses.length === 0 ? "snapshot goals met" : `snapshot goals missed: ${snapMisses.join("; ")}`);
     if (!quick && !values.dir && !tuned) {
@@ -296,8 +374,31 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     if (matrixSkipped) print(`\nmatrix skipped: ${matrixSkipped}`);
     else matrixResult = await matrix(false);
   }
-  if (values.json) out.stdout(JSON.stringify({ date: new Date().toISOString(), node: process.version, goal: GOAL, ...result, snapshot, matrix: matrixResult }, null, 2));
-  if (!quick && !values.size && !values.seconds && !values.reps && !values.only && !values["in-process"] && loader === "tsc" && !tuned) {
+  if (values.json)
+    out.stdout(
+      JSON.stringify(
+        {
+          date: new Date().toISOString(),
+          node: process.version,
+          goal: GOAL,
+          ...result,
+          snapshot,
+          matrix: matrixResult,
+        },
+        null,
+        2,
+      ),
+    );
+  if (
+    !quick &&
+    !values.size &&
+    !values.seconds &&
+    !values.reps &&
+    !values.only &&
+    !values["in-process"] &&
+    loader === "tsc" &&
+    !tuned
+  ) {
     const file = path.join(import.meta.dirname, "results.md");
     recordResults(file, result, description, table);
     print(`recorded in ${path.relative(process.cwd(), file)}`);

@@ -92,7 +92,9 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 /** util-linux's setpriv, when it can set a parent-death signal (it execs the command: same pid). */
 const SETPRIV = (() => {
   try {
-    return execFileSync("setpriv", ["--help"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).includes("--pdeathsig");
+    return execFileSync("setpriv", ["--help"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).includes(
+      "--pdeathsig",
+    );
   } catch {
     return false;
   }
@@ -161,7 +163,10 @@ function unixUri(socket: string, exportName = ""): string {
 /** nbdkit in the foreground on `socket`, e.g. args ["file", "data.bin"] or ["--filter=cow", "file", ...]. */
 export async function startNbdkit(socket: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<Server> {
   fs.rmSync(socket, { force: true });
-  const proc = spawnServer("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket, ...args], { ...process.env, ...env });
+  const proc = spawnServer("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket, ...args], {
+    ...process.env,
+    ...env,
+  });
   const t = track("nbdkit", proc);
   await waitForSocket(t, socket);
   return { name: "nbdkit", pid: t.pid(), uri: () => unixUri(socket), stderr: t.stderr, stop: t.stop };
@@ -186,10 +191,22 @@ export interface Udmd extends Server {
  * flags such as --no-write-plug). With `profileDir` it is started with `node --cpu-prof`, and
  * writes its profile there when stopped.
  */
-export async function startUdmd(runDir: string, opts: { args?: string[]; profileDir?: string; profileName?: string } = {}): Promise<Udmd> {
-  if (!fs.existsSync(UDMD)) throw new Error(`${path.relative(process.cwd(), UDMD)} is missing: build udm first (npx tsc -p tsconfig.build.json)`);
+export async function startUdmd(
+  runDir: string,
+  opts: { args?: string[]; profileDir?: string; profileName?: string } = {},
+): Promise<Udmd> {
+  if (!fs.existsSync(UDMD))
+    throw new Error(
+      `${path.relative(process.cwd(), UDMD)} is missing: build udm first (npx tsc -p tsconfig.build.json)`,
+    );
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
-  const prof = opts.profileDir ? ["--cpu-prof", `--cpu-prof-dir=${path.resolve(opts.profileDir)}`, `--cpu-prof-name=${opts.profileName ?? `udmd-${Date.now()}.cpuprofile`}`] : [];
+  const prof = opts.profileDir
+    ? [
+        "--cpu-prof",
+        `--cpu-prof-dir=${path.resolve(opts.profileDir)}`,
+        `--cpu-prof-name=${opts.profileName ?? `udmd-${Date.now()}.cpuprofile`}`,
+      ]
+    : [];
   const proc = spawnServer(process.execPath, [...prof, UDMD, "--run-dir", runDir, ...(opts.args ?? [])]);
   const t = track("udmd", proc);
   const deadline = Date.now() + 15_000;
@@ -220,7 +237,9 @@ export async function startUdmd(runDir: string, opts: { args?: string[]; profile
 /** `tool --version`'s first line, or "not installed". */
 export function toolVersion(tool: string, args = ["--version"]): string {
   try {
-    return execFileSync(tool, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] }).split("\n")[0]!.trim();
+    return execFileSync(tool, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] })
+      .split("\n")[0]!
+      .trim();
   } catch {
     return "not installed";
   }

@@ -267,7 +267,12 @@ function permutation(n: number, seed: number): Uint32Array {
 }
 
 /** Write `blockBytes` at every block index of `order` with `writers` requests in flight. */
-async function writePass(handle: DeviceHandle, order: Uint32Array, blockBytes: number, writers: number): Promise<number> {
+async function writePass(
+  handle: DeviceHandle,
+  order: Uint32Array,
+  blockBytes: number,
+  writers: number,
+): Promise<number> {
   let next = 0;
   const sectors = blockBytes / 512;
   const worker = async () => {
@@ -290,7 +295,13 @@ interface Stack {
 }
 
 /** linear, or snapshot-origin with `snapshots` fresh persistent snapshots taken the documented way. */
-async function buildStack(dir: string, origin: string, originBytes: number, snapshots: number, io?: IoOptions): Promise<Stack> {
+async function buildStack(
+  dir: string,
+  origin: string,
+  originBytes: number,
+  snapshots: number,
+  io?: IoOptions,
+): Promise<Stack> {
   const backing = new CountingBacking();
   const dm = createDeviceMapper({ backing, io });
   const sectors = originBytes / 512;
@@ -323,11 +334,20 @@ const CONFIGS = [
   { config: "3 snapshots", snapshots: 3 },
 ] as const;
 
-async function throughput(dir: string, opts: SnapshotBenchOptions, log: (m: string) => void): Promise<ThroughputResult[]> {
+async function throughput(
+  dir: string,
+  opts: SnapshotBenchOptions,
+  log: (m: string) => void,
+): Promise<ThroughputResult[]> {
   const origin = path.join(dir, "origin.img");
   fillRandom(origin, opts.originBytes);
   const chunks = opts.originBytes / CHUNK_BYTES;
-  const runs = CONFIGS.map(() => ({ first: [] as number[], rewrite: [] as number[], metaWrites: [] as number[], exceptions: 0 }));
+  const runs = CONFIGS.map(() => ({
+    first: [] as number[],
+    rewrite: [] as number[],
+    metaWrites: [] as number[],
+    exceptions: 0,
+  }));
   // Warm-up (JIT, page cache): one small untimed round of each configuration.
   for (const c of CONFIGS) {
     const s = await buildStack(dir, origin, opts.originBytes, c.snapshots, opts.io);
@@ -360,7 +380,9 @@ async function throughput(dir: string, opts: SnapshotBenchOptions, log: (m: stri
       runs[i]!.first.push(first);
       runs[i]!.rewrite.push(rewrite);
       runs[i]!.metaWrites.push(metaWrites);
-      log(`snapshot bench: ${c.config}, repetition ${rep + 1}/${opts.repetitions}: first write ${(opts.originBytes / MiB / first).toFixed(1)} MiB/s, rewrite ${(opts.originBytes / MiB / rewrite).toFixed(1)} MiB/s`);
+      log(
+        `snapshot bench: ${c.config}, repetition ${rep + 1}/${opts.repetitions}: first write ${(opts.originBytes / MiB / first).toFixed(1)} MiB/s, rewrite ${(opts.originBytes / MiB / rewrite).toFixed(1)} MiB/s`,
+      );
     }
   }
   fs.rmSync(origin, { force: true });
@@ -405,7 +427,8 @@ function buildImage(dir: string, n: number): { table: string; originTable: strin
   const fd = fs.openSync(cow, "w");
   let next = image.next();
   try {
-    for (; !next.done; next = image.next()) fs.writeSync(fd, next.value.data, 0, next.value.data.length, next.value.chunk * CHUNK_BYTES);
+    for (; !next.done; next = image.next())
+      fs.writeSync(fd, next.value.data, 0, next.value.data.length, next.value.chunk * CHUNK_BYTES);
   } finally {
     fs.closeSync(fd);
   }
@@ -442,13 +465,20 @@ async function reactivation(dir: string, opts: SnapshotBenchOptions, gc: Gc, log
       const t1 = performance.now();
       await dm.remove("snap");
       removes.push((performance.now() - t1) / 1000);
-      log(`snapshot bench: reactivation ${rep + 1}: ${times.at(-1)!.toFixed(3)} s, ${perException.at(-1)!.toFixed(1)} B/exception, remove ${removes.at(-1)!.toFixed(3)} s`);
+      log(
+        `snapshot bench: reactivation ${rep + 1}: ${times.at(-1)!.toFixed(3)} s, ${perException.at(-1)!.toFixed(1)} B/exception, remove ${removes.at(-1)!.toFixed(3)} s`,
+      );
     }
   } finally {
     await dm.close();
     for (const f of img.files) fs.rmSync(f, { force: true });
   }
-  return { reactivateSeconds: median(times), removeSeconds: median(removes), snapshotBytesPerException: median(perException), cowBytes: img.cowBytes };
+  return {
+    reactivateSeconds: median(times),
+    removeSeconds: median(removes),
+    snapshotBytesPerException: median(perException),
+    cowBytes: img.cowBytes,
+  };
 }
 
 // ---- merge ----
@@ -461,8 +491,10 @@ async function plainCopy(srcFile: string, srcSector: number, destFile: string, b
   try {
     const t0 = performance.now();
     await new Promise<void>((resolve, reject) => {
-      client.copy({ device: src, sector: srcSector, sectors: bytes / 512 }, [{ device: dest, sector: 0 }], (readErr, writeErr) =>
-        readErr || writeErr ? reject(new Error("plain copy failed")) : resolve(),
+      client.copy(
+        { device: src, sector: srcSector, sectors: bytes / 512 },
+        [{ device: dest, sector: 0 }],
+        (readErr, writeErr) => (readErr || writeErr ? reject(new Error("plain copy failed")) : resolve()),
       );
     });
     await submitAndWait(dest, flushBio());
@@ -519,7 +551,11 @@ async function mergeOnce(dir: string, bytes: number, layout: MergeResult["layout
   }
 }
 
-export async function mergeThroughput(dir: string, opts: SnapshotBenchOptions, log: (m: string) => void): Promise<MergeResult[]> {
+export async function mergeThroughput(
+  dir: string,
+  opts: SnapshotBenchOptions,
+  log: (m: string) => void,
+): Promise<MergeResult[]> {
   const layouts: [MergeResult["layout"], number][] = [
     ["runs", opts.mergeBytes ?? opts.originBytes],
     ["scattered", opts.mergeScatteredBytes ?? Math.max(MiB, opts.originBytes / 16)],
@@ -530,7 +566,9 @@ export async function mergeThroughput(dir: string, opts: SnapshotBenchOptions, l
     for (let rep = 0; rep < Math.max(1, opts.mergeRepetitions ?? 1); rep++) {
       const r = await mergeOnce(dir, bytes, layout, 11 + rep, opts.io);
       reps.push(r);
-      log(`snapshot bench: merge (${layout}), repetition ${rep + 1}: ${(bytes / MiB / r.mergeSeconds).toFixed(1)} MiB/s in ${r.batches} batches; plain copy ${(bytes / MiB / r.copySeconds).toFixed(1)} MiB/s`);
+      log(
+        `snapshot bench: merge (${layout}), repetition ${rep + 1}: ${(bytes / MiB / r.mergeSeconds).toFixed(1)} MiB/s in ${r.batches} batches; plain copy ${(bytes / MiB / r.copySeconds).toFixed(1)} MiB/s`,
+      );
     }
     const mergeSeconds = median(reps.map((r) => r.mergeSeconds));
     const copySeconds = median(reps.map((r) => r.copySeconds));
@@ -556,8 +594,12 @@ export async function runSnapshotBenchmark(opts: SnapshotBenchOptions): Promise<
   const dir = fs.mkdtempSync(path.join(dataDir, "udm-snapbench-"));
   try {
     const tp = await throughput(dir, opts, log);
-    const flushes = [await flushCount(dir, opts.flushOriginBytes, 4, opts.io), await flushCount(dir, opts.flushOriginBytes, 64, opts.io)];
-    for (const f of flushes) log(`snapshot bench: ${f.writeKiB} KiB writes: ${f.metaWrites} metadata writes for ${f.exceptions} exceptions`);
+    const flushes = [
+      await flushCount(dir, opts.flushOriginBytes, 4, opts.io),
+      await flushCount(dir, opts.flushOriginBytes, 64, opts.io),
+    ];
+    for (const f of flushes)
+      log(`snapshot bench: ${f.writeKiB} KiB writes: ${f.metaWrites} metadata writes for ${f.exceptions} exceptions`);
     // The table alone: bench/exception-table.ts reads global.gc when it loads, so load it now.
     const { benchExceptionTable } = await import("./exception-table.js");
     const table = await benchExceptionTable(opts.exceptions);
@@ -581,7 +623,8 @@ export async function runSnapshotBenchmark(opts: SnapshotBenchOptions): Promise<
 
 // ---- reporting ----
 
-const fmt = (x: number, digits = 1) => x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+const fmt = (x: number, digits = 1) =>
+  x.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
 
 export interface SnapshotRow {
   measure: string;
@@ -602,7 +645,12 @@ export function snapshotRows(r: SnapshotBenchResult): SnapshotRow[] {
   // back to back, so a pair shares the machine's state of the moment.
   const paired = (a: PassResult, b: PassResult) => median(a.reps.map((x, i) => x / b.reps[i]!));
   const perRep = (a: PassResult, b: PassResult) => a.reps.map((x, i) => fmt(x / b.reps[i]!, 2)).join(" ");
-  rows.push({ measure: "linear: 4 KiB random writes, QD16, first pass / second pass", value: `${fmt(lin.first.mibps)} / ${fmt(lin.rewrite.mibps)} MiB/s`, goal: "(reference)", result: "" });
+  rows.push({
+    measure: "linear: 4 KiB random writes, QD16, first pass / second pass",
+    value: `${fmt(lin.first.mibps)} / ${fmt(lin.rewrite.mibps)} MiB/s`,
+    goal: "(reference)",
+    result: "",
+  });
   for (const t of [one, three]) {
     rows.push({
       measure: `${t.config}: first write (every write copies), vs linear first pass`,
@@ -619,7 +667,12 @@ export function snapshotRows(r: SnapshotBenchResult): SnapshotRow[] {
     });
   }
   const cost = paired(three.first, one.first);
-  rows.push({ measure: "first-write time, 3 snapshots / 1 snapshot", value: `${fmt(cost, 2)}× (per rep ${perRep(three.first, one.first)})`, goal: `<= ${g.threeVsOneFirstWrite}×`, result: verdict(cost <= g.threeVsOneFirstWrite) });
+  rows.push({
+    measure: "first-write time, 3 snapshots / 1 snapshot",
+    value: `${fmt(cost, 2)}× (per rep ${perRep(three.first, one.first)})`,
+    goal: `<= ${g.threeVsOneFirstWrite}×`,
+    result: verdict(cost <= g.threeVsOneFirstWrite),
+  });
   for (const f of r.flushes) {
     const target = f.writeKiB > 4;
     rows.push({
@@ -630,8 +683,18 @@ export function snapshotRows(r: SnapshotBenchResult): SnapshotRow[] {
     });
   }
   const n = r.options.exceptions.toLocaleString("en-US");
-  rows.push({ measure: `resident bytes per exception, exception table, ${n} random`, value: `${fmt(r.tableBytesPerException)} B (storage ${fmt(r.tableStorageBytesPerException)} B)`, goal: "", result: "" });
-  rows.push({ measure: `resident bytes per exception, whole snapshot loaded with ${n}`, value: `${fmt(r.snapshotBytesPerException)} B`, goal: "", result: "" });
+  rows.push({
+    measure: `resident bytes per exception, exception table, ${n} random`,
+    value: `${fmt(r.tableBytesPerException)} B (storage ${fmt(r.tableStorageBytesPerException)} B)`,
+    goal: "",
+    result: "",
+  });
+  rows.push({
+    measure: `resident bytes per exception, whole snapshot loaded with ${n}`,
+    value: `${fmt(r.snapshotBytesPerException)} B`,
+    goal: "",
+    result: "",
+  });
   rows.push({
     measure: `reactivate (ctr + resume) a snapshot holding ${n} exceptions (${fmt(r.cowBytes / MiB, 0)} MiB COW file)`,
     value: `${fmt(r.reactivateSeconds, 3)} s (remove: ${fmt(r.removeSeconds, 3)} s)`,
@@ -676,11 +739,24 @@ export function describeSnapshotRun(r: SnapshotBenchResult, quick: boolean): str
 export function recordSnapshotResults(file: string, description: string[], table: string, command: string): void {
   const begin = "<!-- snapshot:begin -->";
   const end = "<!-- snapshot:end -->";
-  const section = [begin, "## Snapshots", "", `Run on ${new Date().toISOString()} by \`${command}\`.`, "", ...description.map((d) => `- ${d}`), "", table, end].join("\n");
+  const section = [
+    begin,
+    "## Snapshots",
+    "",
+    `Run on ${new Date().toISOString()} by \`${command}\`.`,
+    "",
+    ...description.map((d) => `- ${d}`),
+    "",
+    table,
+    end,
+  ].join("\n");
   let text = fs.existsSync(file) ? fs.readFileSync(file, "utf8") : "# udm micro-benchmark results\n";
   const at = text.indexOf(begin);
   const stop = text.indexOf(end);
-  text = at >= 0 && stop > at ? text.slice(0, at) + section + text.slice(stop + end.length) : text.trimEnd() + "\n\n" + section + "\n";
+  text =
+    at >= 0 && stop > at
+      ? text.slice(0, at) + section + text.slice(stop + end.length)
+      : text.trimEnd() + "\n\n" + section + "\n";
   fs.writeFileSync(file, text);
 }
 

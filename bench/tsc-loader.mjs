@@ -16,7 +16,13 @@ const ts = createRequire(import.meta.url)("typescript");
 const root = path.join(import.meta.dirname, "..");
 const config = ts.readConfigFile(path.join(root, "tsconfig.json"), ts.sys.readFile).config;
 const { options } = ts.parseJsonConfigFileContent(config, ts.sys, root);
-const compilerOptions = { ...options, module: ts.ModuleKind.ESNext, sourceMap: false, inlineSourceMap: true, declaration: false };
+const compilerOptions = {
+  ...options,
+  module: ts.ModuleKind.ESNext,
+  sourceMap: false,
+  inlineSourceMap: true,
+  declaration: false,
+};
 
 registerHooks({
   resolve(specifier, context, nextResolve) {

@@ -33,16 +33,7 @@ export const BioFlags = {
  * Completion status. `ok` or an errno name; `DM_REQUEUE` is the core's private "push back"
  * status (BLK_STS_DM_REQUEUE) and never reaches a submitter.
  */
-export type BioStatus =
-  | "ok"
-  | "EIO"
-  | "EOPNOTSUPP"
-  | "ENOSPC"
-  | "EAGAIN"
-  | "EPERM"
-  | "EINVAL"
-  | "ENXIO"
-  | "DM_REQUEUE";
+export type BioStatus = "ok" | "EIO" | "EOPNOTSUPP" | "ENOSPC" | "EAGAIN" | "EPERM" | "EINVAL" | "ENXIO" | "DM_REQUEUE";
 
 /** Whoever submits a bio receives its completion here. */
 export interface BioEndIo {
@@ -55,7 +46,10 @@ export interface BioSink {
 }
 
 export class BioError extends Error {
-  constructor(readonly status: BioStatus, message?: string) {
+  constructor(
+    readonly status: BioStatus,
+    message?: string,
+  ) {
     super(message ?? `I/O failed: ${status}`);
     this.name = "BioError";
   }

@@ -105,7 +105,14 @@ class SubJob implements BioEndIo {
   start(): void {
     const src = this.job.source;
     if (!src) return this.writeAll();
-    const read = new Bio("read", src.sector + this.offset, this.sectors, this.buffer!.subarray(0, this.sectors << SECTOR_SHIFT), 0, this);
+    const read = new Bio(
+      "read",
+      src.sector + this.offset,
+      this.sectors,
+      this.buffer!.subarray(0, this.sectors << SECTOR_SHIFT),
+      0,
+      this,
+    );
     read.submitTo(src.device);
   }
 
@@ -138,13 +145,16 @@ class SubJob implements BioEndIo {
     // Count first: a synchronous device may complete each write inside submitTo.
     this.writesLeft = dests.length;
     const zeroing = !this.job.source;
-    const data = zeroing ? this.copier.zeroBuffer(this.sectors) : this.buffer!.subarray(0, this.sectors << SECTOR_SHIFT);
+    const data = zeroing
+      ? this.copier.zeroBuffer(this.sectors)
+      : this.buffer!.subarray(0, this.sectors << SECTOR_SHIFT);
     for (let i = 0; i < dests.length; i++) {
       const d = dests[i]!;
       const sector = d.sector + this.offset;
-      const bio = zeroing && d.device.supportsWriteZeroes
-        ? new Bio("write-zeroes", sector, this.sectors, null, 0, this)
-        : new Bio("write", sector, this.sectors, data, 0, this);
+      const bio =
+        zeroing && d.device.supportsWriteZeroes
+          ? new Bio("write-zeroes", sector, this.sectors, null, 0, this)
+          : new Bio("write", sector, this.sectors, data, 0, this);
       bio.owner = i;
       bio.submitTo(d.device);
     }
@@ -171,8 +181,10 @@ export class Copier {
   constructor(options: CopierOptions = {}) {
     this.subJobSectors = options.subJobSectors ?? 128;
     this.maxInFlight = options.maxInFlight ?? 16;
-    if (!(Number.isInteger(this.subJobSectors) && this.subJobSectors > 0)) throw new RangeError("subJobSectors must be a positive integer");
-    if (!(Number.isInteger(this.maxInFlight) && this.maxInFlight > 0)) throw new RangeError("maxInFlight must be a positive integer");
+    if (!(Number.isInteger(this.subJobSectors) && this.subJobSectors > 0))
+      throw new RangeError("subJobSectors must be a positive integer");
+    if (!(Number.isInteger(this.maxInFlight) && this.maxInFlight > 0))
+      throw new RangeError("maxInFlight must be a positive integer");
     this.logger = options.logger ?? new JsonLineLogger();
   }
 
@@ -264,13 +276,31 @@ export class CopierClient {
   /** Copy `src` to every destination; `done` runs once, later, in this client's callback context. */
   copy(src: CopySource, dests: CopyDest[], done: CopyDone, opts: { flags?: number } = {}): void {
     this.checkJob(dests, src.sectors);
-    this.start(new Job(this, done, { ...src }, dests.map((d) => ({ ...d })), src.sectors, opts.flags ?? 0));
+    this.start(
+      new Job(
+        this,
+        done,
+        { ...src },
+        dests.map((d) => ({ ...d })),
+        src.sectors,
+        opts.flags ?? 0,
+      ),
+    );
   }
 
   /** Write `sectors` zeros at every destination (write-zeroes where supported, else zero buffers). */
   zero(dests: CopyDest[], sectors: number, done: CopyDone, opts: { flags?: number } = {}): void {
     this.checkJob(dests, sectors);
-    this.start(new Job(this, done, null, dests.map((d) => ({ ...d })), sectors, opts.flags ?? 0));
+    this.start(
+      new Job(
+        this,
+        done,
+        null,
+        dests.map((d) => ({ ...d })),
+        sectors,
+        opts.flags ?? 0,
+      ),
+    );
   }
 
   /** A job handle that copies nothing; fire it later with `doCallback` (full-chunk write path). */
@@ -331,7 +361,10 @@ export class CopierClient {
         try {
           job.done(job.readErr, job.writeErrMask);
         } catch (err) {
-          this.copier.logger.error("copier callback threw", { client: this.name, error: err instanceof Error ? err.stack : String(err) });
+          this.copier.logger.error("copier callback threw", {
+            client: this.name,
+            error: err instanceof Error ? err.stack : String(err),
+          });
         }
         this.outstanding--;
       }

@@ -8,7 +8,12 @@ import { container as rootContainer, type DependencyContainer } from "tsyringe";
 import { splitArgs } from "./args.js";
 import { Bio, type BioOp, BioFlags, submitAndWait, SECTOR_SHIFT } from "./bio.js";
 import type { BlockDevice, IoOptions } from "./devices/block-device.js";
-import { type BackingDevices, SharedDevices, type StackableDevice, systemBackingDevices } from "./devices/shared-devices.js";
+import {
+  type BackingDevices,
+  SharedDevices,
+  type StackableDevice,
+  systemBackingDevices,
+} from "./devices/shared-devices.js";
 import { DmError } from "./errors.js";
 import { type Logger, MemoryLogger } from "./logger.js";
 import { DM_MAJOR, MappedDevice, type SuspendOptions } from "./mapped-device.js";
@@ -104,10 +109,14 @@ export class DeviceMapper {
    * DM_DEV_CREATE, then (with a table) load + resume as `dmsetup create` does; if either fails
    * the new device is removed again, so a failed create leaves nothing behind.
    */
-  async create(name: string, opts: { uuid?: string; readOnly?: boolean; table?: TableInput } = {}): Promise<MappedDevice> {
+  async create(
+    name: string,
+    opts: { uuid?: string; readOnly?: boolean; table?: TableInput } = {},
+  ): Promise<MappedDevice> {
     checkName(name);
     const uuid = opts.uuid ?? "";
-    if (Buffer.byteLength(uuid) > 128) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    if (Buffer.byteLength(uuid) > 128)
+      throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
     if (this.byName.has(name)) throw new DmError("EBUSY", `Device ${name} already exists.`);
     if (uuid && [...this.byName.values()].some((md) => md.uuid === uuid)) {
       throw new DmError("EBUSY", `A device with uuid ${uuid} already exists.`);
@@ -188,7 +197,9 @@ export class DeviceMapper {
    */
   async removeAll(opts: { force?: boolean } = {}): Promise<number> {
     for (;;) {
-      const next = [...this.byName.values()].find((md) => md.holders.length === 0 && (opts.force || md.openCount === 0));
+      const next = [...this.byName.values()].find(
+        (md) => md.holders.length === 0 && (opts.force || md.openCount === 0),
+      );
       if (!next) break;
       await this.remove(next.name, opts);
     }
@@ -202,7 +213,10 @@ export class DeviceMapper {
   async rename(oldName: string, newName: string): Promise<void> {
     checkName(newName, "Invalid new mapped device name or uuid string supplied.");
     if (this.byName.has(newName)) {
-      throw new DmError("EBUSY", `Unable to change name on mapped device ${oldName} to one that already exists: ${newName}`);
+      throw new DmError(
+        "EBUSY",
+        `Unable to change name on mapped device ${oldName} to one that already exists: ${newName}`,
+      );
     }
     const md = this.byName.get(oldName);
     if (!md) throw new DmError("ENXIO", `Unable to rename non-existent device, ${oldName} to ${newName}`);
@@ -223,7 +237,10 @@ export class DeviceMapper {
     const md = this.byName.get(name);
     if (!md) throw new DmError("ENXIO", `Unable to rename non-existent device, ${name} to uuid ${uuid}`);
     if (md.uuid) {
-      throw new DmError("EINVAL", `Unable to change uuid of mapped device ${name} to ${uuid} because uuid is already set to ${md.uuid}`);
+      throw new DmError(
+        "EINVAL",
+        `Unable to change uuid of mapped device ${name} to ${uuid} because uuid is already set to ${md.uuid}`,
+      );
     }
     md.uuid = uuid;
     md.live?.event();
@@ -263,7 +280,11 @@ export class DeviceMapper {
     return this.statusLines(name, "info", opts);
   }
 
-  private statusLines(name: string, type: "info" | "table", opts: { inactive?: boolean; noflush?: boolean }): TableLine[] {
+  private statusLines(
+    name: string,
+    type: "info" | "table",
+    opts: { inactive?: boolean; noflush?: boolean },
+  ): TableLine[] {
     const md = this.device(name);
     const table: Table | null = opts.inactive ? md.inactive : md.live;
     if (!table) return [];
@@ -277,7 +298,9 @@ export class DeviceMapper {
 
   /** `dmsetup table` text: one `<start> <length> <type> <params>` line per target. */
   tableText(name: string, opts: { inactive?: boolean } = {}): string {
-    return this.table(name, opts).map((l) => formatTableLine(l.start, l.length, l.type, l.params) + "\n").join("");
+    return this.table(name, opts)
+      .map((l) => formatTableLine(l.start, l.length, l.type, l.params) + "\n")
+      .join("");
   }
 
   /**
@@ -306,7 +329,10 @@ export class DeviceMapper {
     try {
       return (await target.message(args)) ?? undefined;
     } catch (err) {
-      throw new DmError((err as { errno?: string }).errno ?? "EINVAL", `${table.specs[i]!.type}: ${(err as Error).message}`);
+      throw new DmError(
+        (err as { errno?: string }).errno ?? "EINVAL",
+        `${table.specs[i]!.type}: ${(err as Error).message}`,
+      );
     }
   }
 
@@ -373,7 +399,8 @@ export class DeviceHandle {
 
   /** Resolves with the completed bio (no extra async step: this is the hot path of library I/O). */
   write(sector: number, data: Buffer, opts: { fua?: boolean; preflush?: boolean } = {}): Promise<Bio> {
-    if (data.length % 512 !== 0) return Promise.reject(new DmError("EINVAL", "write length must be a multiple of 512 bytes"));
+    if (data.length % 512 !== 0)
+      return Promise.reject(new DmError("EINVAL", "write length must be a multiple of 512 bytes"));
     const flags = (opts.fua ? BioFlags.FUA : 0) | (opts.preflush ? BioFlags.PREFLUSH : 0);
     return this.io("write", sector, data.length >> SECTOR_SHIFT, data, flags);
   }
@@ -414,7 +441,8 @@ function toSpecs(table: TableInput): readonly TargetSpec[] {
 /** Name rules of DM_DEV_CREATE / DM_DEV_RENAME (dm-ioctl.c: check_name, invalid_str). */
 function checkName(name: string, emptyMessage = "name not supplied when creating device"): void {
   if (!name) throw new DmError("EINVAL", emptyMessage);
-  if (Buffer.byteLength(name) > 127) throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
+  if (Buffer.byteLength(name) > 127)
+    throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
   if (name.includes("/")) throw new DmError("EINVAL", "device name cannot contain '/'");
   // Kernel names are C strings: a NUL would silently cut the name (and no NBD client could name it).
   if (name.includes("\0")) throw new DmError("EINVAL", "device name cannot contain a NUL character");

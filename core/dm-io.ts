@@ -60,7 +60,7 @@ export class DmIo implements BioEndIo {
   private sendDuplicated(table: Table): void {
     const bio = this.bio;
     const end = bio.sector + bio.sectors;
-    for (let sector = bio.sector; sector < end; ) {
+    for (let sector = bio.sector; sector < end;) {
       const target = table.targets[table.findTarget(sector)]!;
       let len = Math.min(end, target.begin + target.len) - sector;
       const max = target.maxDiscardSectors;
@@ -205,8 +205,10 @@ export class DmIo implements BioEndIo {
  * the core maps the remainder as another clone.
  */
 export function acceptPartialBio(clone: Bio, sectors: number): void {
-  if (clone.op !== "read" && clone.op !== "write") throw new Error("acceptPartialBio: only reads and writes can be split");
-  if (sectors <= 0 || sectors > clone.sectors) throw new Error(`acceptPartialBio: ${sectors} not in 1..${clone.sectors}`);
+  if (clone.op !== "read" && clone.op !== "write")
+    throw new Error("acceptPartialBio: only reads and writes can be split");
+  if (sectors <= 0 || sectors > clone.sectors)
+    throw new Error(`acceptPartialBio: ${sectors} not in 1..${clone.sectors}`);
   clone.sectors = sectors;
   clone.data = clone.data.subarray(0, sectors << SECTOR_SHIFT);
 }

@@ -4,7 +4,11 @@
  * ("linear: Invalid argument count"), which udmsetup prints on stderr.
  */
 export class DmError extends Error {
-  constructor(readonly errno: string, message: string, options?: ErrorOptions) {
+  constructor(
+    readonly errno: string,
+    message: string,
+    options?: ErrorOptions,
+  ) {
     super(message, options);
     this.name = "DmError";
   }

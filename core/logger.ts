@@ -27,10 +27,18 @@ export class JsonLineLogger implements Logger {
   child(fields: object): JsonLineLogger {
     return new JsonLineLogger(this.level, this.out, { ...this.base, ...fields });
   }
-  debug(msg: string, fields?: object): void { this.log("debug", msg, fields); }
-  info(msg: string, fields?: object): void { this.log("info", msg, fields); }
-  warn(msg: string, fields?: object): void { this.log("warn", msg, fields); }
-  error(msg: string, fields?: object): void { this.log("error", msg, fields); }
+  debug(msg: string, fields?: object): void {
+    this.log("debug", msg, fields);
+  }
+  info(msg: string, fields?: object): void {
+    this.log("info", msg, fields);
+  }
+  warn(msg: string, fields?: object): void {
+    this.log("warn", msg, fields);
+  }
+  error(msg: string, fields?: object): void {
+    this.log("error", msg, fields);
+  }
 }
 
 /** Keeps records in memory (tests) or drops them. */
@@ -40,8 +48,16 @@ export class MemoryLogger implements Logger {
   private log(level: LogLevel, msg: string, fields?: object): void {
     if (this.keep) this.records.push({ level, msg, fields });
   }
-  debug(msg: string, fields?: object): void { this.log("debug", msg, fields); }
-  info(msg: string, fields?: object): void { this.log("info", msg, fields); }
-  warn(msg: string, fields?: object): void { this.log("warn", msg, fields); }
-  error(msg: string, fields?: object): void { this.log("error", msg, fields); }
+  debug(msg: string, fields?: object): void {
+    this.log("debug", msg, fields);
+  }
+  info(msg: string, fields?: object): void {
+    this.log("info", msg, fields);
+  }
+  warn(msg: string, fields?: object): void {
+    this.log("warn", msg, fields);
+  }
+  error(msg: string, fields?: object): void {
+    this.log("error", msg, fields);
+  }
 }

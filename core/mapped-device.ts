@@ -322,7 +322,8 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
         try {
           if (!this.suspended) await this.suspendLocked(opts);
           // A table without data devices keeps the live table's limits.
-          limits = this.live && this.limits && incoming.hasNoDataDevices ? this.limits : incoming.calculateQueueLimits();
+          limits =
+            this.live && this.limits && incoming.hasNoDataDevices ? this.limits : incoming.calculateQueueLimits();
         } catch (err) {
           await incoming.destroy();
           throw err;
@@ -354,7 +355,10 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
         await t.preresume?.();
       } catch (err) {
         const type = table.specs[table.targets.indexOf(t)]!.type;
-        throw new DmError((err as { errno?: string }).errno ?? "EINVAL", `${type}: preresume failed, error = ${(err as Error).message}`);
+        throw new DmError(
+          (err as { errno?: string }).errno ?? "EINVAL",
+          `${type}: preresume failed, error = ${(err as Error).message}`,
+        );
       }
     }
     for (const t of table.targets) await t.resume?.();

@@ -45,7 +45,7 @@ export function target(options: TargetOptions) {
 export function targetInfoOf(cls: unknown): TargetTypeInfo | undefined {
   if (typeof cls !== "function") return undefined;
   return Object.prototype.hasOwnProperty.call(cls, TARGET_INFO)
-    ? ((cls as unknown as Record<symbol, TargetTypeInfo>)[TARGET_INFO])
+    ? (cls as unknown as Record<symbol, TargetTypeInfo>)[TARGET_INFO]
     : undefined;
 }
 
@@ -118,7 +118,9 @@ export class TargetRegistry {
       for (const t of this.list()) if (!before.has(t.name)) this.unregister(t.name);
       throw new DmError("EINVAL", `plugin ${spec}: ${(err as Error).message}`, { cause: err });
     }
-    const added = this.list().filter((t) => !before.has(t.name)).map((t) => t.name);
+    const added = this.list()
+      .filter((t) => !before.has(t.name))
+      .map((t) => t.name);
     if (added.length === 0) throw new DmError("EINVAL", `plugin ${spec}: exports no targets`);
     return added;
   }

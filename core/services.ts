@@ -47,11 +47,14 @@ export const systemClock: Clock = {
     const due = Date.now() + ms;
     let t: NodeJS.Timeout;
     const arm = (wait: number) => {
-      t = setTimeout(() => {
-        const left = due - Date.now();
-        if (left > 0) arm(left);
-        else fn();
-      }, Math.min(Math.max(0, wait), MAX_TIMER_MS));
+      t = setTimeout(
+        () => {
+          const left = due - Date.now();
+          if (left > 0) arm(left);
+          else fn();
+        },
+        Math.min(Math.max(0, wait), MAX_TIMER_MS),
+      );
     };
     arm(ms);
     return { cancel: () => clearTimeout(t) };

@@ -55,7 +55,10 @@ export interface StatusFlags {
  * `ti->error` string, which users see verbatim ("Invalid argument count").
  */
 export class TargetError extends Error {
-  constructor(message: string, readonly errno: string = "EINVAL") {
+  constructor(
+    message: string,
+    readonly errno: string = "EINVAL",
+  ) {
     super(message);
     this.name = "TargetError";
   }

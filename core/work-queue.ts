@@ -57,14 +57,18 @@ export class WorkQueue {
   private readonly logger: Logger;
   private readonly onError: (err: unknown, queue: WorkQueue) => void;
 
-  constructor(readonly name: string, options: WorkQueueOptions) {
+  constructor(
+    readonly name: string,
+    options: WorkQueueOptions,
+  ) {
     const concurrency = options.ordered ? 1 : options.concurrency;
     if (!Number.isInteger(concurrency) || concurrency < 1) {
       throw new RangeError(`work queue '${name}': concurrency must be a positive integer, got ${concurrency}`);
     }
     this.concurrency = concurrency;
     this.logger = options.logger ?? new JsonLineLogger();
-    this.onError = options.onError ?? ((err) => this.logger.error("work item failed", { queue: name, error: describe(err) }));
+    this.onError =
+      options.onError ?? ((err) => this.logger.error("work item failed", { queue: name, error: describe(err) }));
   }
 
   /** Items queued and not yet finished (waiting or running). */
@@ -141,7 +145,11 @@ export class WorkQueue {
     try {
       this.onError(err, this);
     } catch (hookErr) {
-      this.logger.error("work queue onError hook threw", { queue: this.name, error: describe(hookErr), original: describe(err) });
+      this.logger.error("work queue onError hook threw", {
+        queue: this.name,
+        error: describe(hookErr),
+        original: describe(err),
+      });
     }
   }
 

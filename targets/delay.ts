@@ -107,11 +107,14 @@ export class DelayTarget extends Target {
     if (this.timer && this.timerDue <= expires) return;
     this.timer?.cancel();
     this.timerDue = expires;
-    this.timer = this.clock.setTimeout(() => {
-      this.timer = null;
-      this.timerDue = Infinity;
-      this.flushDelayed(false);
-    }, Math.max(0, expires - this.clock.now()));
+    this.timer = this.clock.setTimeout(
+      () => {
+        this.timer = null;
+        this.timerDue = Infinity;
+        this.flushDelayed(false);
+      },
+      Math.max(0, expires - this.clock.now()),
+    );
   }
 
   private cancelTimer(): void {

@@ -82,7 +82,8 @@ export class DustTarget extends Target {
     if (bad) {
       this.badBlocks.delete(block);
       // The kernel divides the block number by sectors-per-block once more for this line only.
-      if (!this.quietMode) this.log("info", `block ${Math.floor(block / this.sectPerBlock)} removed from badblocklist by write`);
+      if (!this.quietMode)
+        this.log("info", `block ${Math.floor(block / this.sectPerBlock)} removed from badblocklist by write`);
     }
     return MapResult.REMAPPED;
   }
@@ -120,7 +121,10 @@ export class DustTarget extends Target {
           return undefined;
         case "listbadblocks": {
           if (this.badBlocks.size === 0) return "No blocks in badblocklist";
-          return [...this.badBlocks.keys()].sort((a, b) => a - b).map((b) => `${b}\n`).join("");
+          return [...this.badBlocks.keys()]
+            .sort((a, b) => a - b)
+            .map((b) => `${b}\n`)
+            .join("");
         }
         default:
           return fail(`unrecognized message '${argv[0]}' received`);
@@ -138,7 +142,8 @@ export class DustTarget extends Target {
         wrFailCnt = cnt;
       }
       // Blocks 0..size/blocks inclusive are accepted (the kernel compares with >).
-      if (block > Math.floor(this.device.sizeSectors / this.sectPerBlock)) return fail("selected block value out of range");
+      if (block > Math.floor(this.device.sizeSectors / this.sectPerBlock))
+        return fail("selected block value out of range");
       if (argc === 3) {
         if (cmd === "addbadblock") return this.addBlock(block, wrFailCnt);
         return fail(`unrecognized message '${argv[0]}' received`);
@@ -164,7 +169,8 @@ export class DustTarget extends Target {
       throw new TargetError(text);
     }
     this.badBlocks.set(block, { wrFailCnt });
-    if (!this.quietMode) this.log("info", `dust_add_block: badblock added at block ${block} with write fail count ${wrFailCnt}`);
+    if (!this.quietMode)
+      this.log("info", `dust_add_block: badblock added at block ${block} with write fail count ${wrFailCnt}`);
     return undefined;
   }
 

@@ -18,7 +18,14 @@ import { Bio, type BioEndIo } from "../core/bio.js";
 import type { BlockDevice } from "../core/devices/block-device.js";
 import { target } from "../core/registry.js";
 import { type Clock, type DeviceLookup, Services } from "../core/services.js";
-import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../core/target.js";
+import {
+  type DeviceAreaCallback,
+  EndIoResult,
+  MapResult,
+  type StatusType,
+  Target,
+  TargetError,
+} from "../core/target.js";
 
 /** Probabilities are given out of this (100 %). */
 export const PROBABILITY_BASE = 1_000_000_000;
@@ -153,7 +160,11 @@ export class FlakeyTarget extends Target<FlakeyContext> {
           if (dir !== "r" && dir !== "w") throw new TargetError("Invalid corrupt bio direction (r or w)");
           this.corruptBioRw = dir;
           argc--;
-          this.corruptBioValue = as.readArg({ min: 0, max: 255, error: "Invalid corrupt value to write into bio byte (0-255)" });
+          this.corruptBioValue = as.readArg({
+            min: 0,
+            max: 255,
+            error: "Invalid corrupt value to write into bio byte (0-255)",
+          });
           argc--;
           this.corruptBioFlags = as.readArg({ min: 0, max: UINT_MAX, error: "Invalid corrupt bio flags mask" });
           argc--;
@@ -162,13 +173,21 @@ export class FlakeyTarget extends Target<FlakeyContext> {
         case "random_read_corrupt":
           if (this.randomReadCorrupt) throw new TargetError("Feature random_read_corrupt duplicated");
           if (argc === 0) throw new TargetError("Feature random_read_corrupt requires a parameter");
-          this.randomReadCorrupt = as.readArg({ min: 0, max: PROBABILITY_BASE, error: "Invalid random corrupt argument" });
+          this.randomReadCorrupt = as.readArg({
+            min: 0,
+            max: PROBABILITY_BASE,
+            error: "Invalid random corrupt argument",
+          });
           argc--;
           continue;
         case "random_write_corrupt":
           if (this.randomWriteCorrupt) throw new TargetError("Feature random_write_corrupt duplicated");
           if (argc === 0) throw new TargetError("Feature random_write_corrupt requires a parameter");
-          this.randomWriteCorrupt = as.readArg({ min: 0, max: PROBABILITY_BASE, error: "Invalid random corrupt argument" });
+          this.randomWriteCorrupt = as.readArg({
+            min: 0,
+            max: PROBABILITY_BASE,
+            error: "Invalid random corrupt argument",
+          });
           argc--;
           continue;
         default:
@@ -178,17 +197,27 @@ export class FlakeyTarget extends Target<FlakeyContext> {
     const fixedWrite = this.corruptBioByte > 0 && this.corruptBioRw === "w";
     const fixedRead = this.corruptBioByte > 0 && this.corruptBioRw === "r";
     if (this.dropWrites && (fixedWrite || this.randomWriteCorrupt)) {
-      throw new TargetError("drop_writes is incompatible with random_write_corrupt or corrupt_bio_byte with the WRITE flag set");
+      throw new TargetError(
+        "drop_writes is incompatible with random_write_corrupt or corrupt_bio_byte with the WRITE flag set",
+      );
     }
     if (this.errorWrites && (fixedWrite || this.randomWriteCorrupt)) {
-      throw new TargetError("error_writes is incompatible with random_write_corrupt or corrupt_bio_byte with the WRITE flag set");
+      throw new TargetError(
+        "error_writes is incompatible with random_write_corrupt or corrupt_bio_byte with the WRITE flag set",
+      );
     }
     if (this.errorReads && (fixedRead || this.randomReadCorrupt)) {
-      throw new TargetError("error_reads is incompatible with random_read_corrupt or corrupt_bio_byte with the READ flag set");
+      throw new TargetError(
+        "error_reads is incompatible with random_read_corrupt or corrupt_bio_byte with the READ flag set",
+      );
     }
     if (
-      !this.corruptBioByte && !this.errorReads && !this.dropWrites && !this.errorWrites &&
-      !this.randomReadCorrupt && !this.randomWriteCorrupt
+      !this.corruptBioByte &&
+      !this.errorReads &&
+      !this.dropWrites &&
+      !this.errorWrites &&
+      !this.randomReadCorrupt &&
+      !this.randomWriteCorrupt
     ) {
       this.errorReads = this.errorWrites = true;
     }
@@ -217,7 +246,7 @@ export class FlakeyTarget extends Target<FlakeyContext> {
 
   /** all_corrupt_bio_flags_match: every bit of the mask is set on the bio (a mask of 0 matches all). */
   private flagsMatch(bio: Bio): boolean {
-    return ((bio.flags & this.corruptBioFlags) >>> 0) === this.corruptBioFlags;
+    return (bio.flags & this.corruptBioFlags) >>> 0 === this.corruptBioFlags;
   }
 
   map(bio: Bio, ctx: FlakeyContext): MapResult {
@@ -246,7 +275,14 @@ export class FlakeyTarget extends Target<FlakeyContext> {
     const data = Buffer.from(bio.data);
     if (fixed) this.corruptFixed(data);
     if (random) this.corruptRandom(data);
-    const copy = new Bio("write", this.start + (bio.sector - this.begin), bio.sectors, data, bio.flags, new CopyDone(bio));
+    const copy = new Bio(
+      "write",
+      this.start + (bio.sector - this.begin),
+      bio.sectors,
+      data,
+      bio.flags,
+      new CopyDone(bio),
+    );
     copy.submitTo(this.device);
     return MapResult.SUBMITTED;
   }
@@ -274,8 +310,12 @@ export class FlakeyTarget extends Target<FlakeyContext> {
   override status(type: StatusType): string {
     if (type === "info") return "";
     const n =
-      Number(this.errorReads) + Number(this.dropWrites) + Number(this.errorWrites) +
-      (this.corruptBioByte > 0 ? 5 : 0) + (this.randomReadCorrupt > 0 ? 2 : 0) + (this.randomWriteCorrupt > 0 ? 2 : 0);
+      Number(this.errorReads) +
+      Number(this.dropWrites) +
+      Number(this.errorWrites) +
+      (this.corruptBioByte > 0 ? 5 : 0) +
+      (this.randomReadCorrupt > 0 ? 2 : 0) +
+      (this.randomWriteCorrupt > 0 ? 2 : 0);
     let s = `${this.device.tableName} ${this.start} ${this.upInterval} ${this.downInterval} ${n}`;
     if (this.errorReads) s += " error_reads";
     if (this.dropWrites) s += " drop_writes";

@@ -11,9 +11,29 @@ import { DustTarget } from "./dust.js";
 import { FlakeyTarget } from "./flakey.js";
 
 export { DelayTarget, DustTarget, FlakeyTarget };
-export { ErrorTarget, LinearTarget, SnapshotMergeTarget, SnapshotOriginTarget, SnapshotTarget, StripedTarget, ZeroTarget };
+export {
+  ErrorTarget,
+  LinearTarget,
+  SnapshotMergeTarget,
+  SnapshotOriginTarget,
+  SnapshotTarget,
+  StripedTarget,
+  ZeroTarget,
+};
 
 import { LogWritesTarget } from "./log-writes/target.js";
 export { LogWritesTarget };
 
-export const builtinTargets = [ErrorTarget, ZeroTarget, StripedTarget, LinearTarget, SnapshotOriginTarget, SnapshotTarget, SnapshotMergeTarget, FlakeyTarget, DelayTarget, DustTarget, LogWritesTarget];
+export const builtinTargets = [
+  ErrorTarget,
+  ZeroTarget,
+  StripedTarget,
+  LinearTarget,
+  SnapshotOriginTarget,
+  SnapshotTarget,
+  SnapshotMergeTarget,
+  FlakeyTarget,
+  DelayTarget,
+  DustTarget,
+  LogWritesTarget,
+];

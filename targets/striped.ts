@@ -6,7 +6,14 @@ import { type Bio, BioFlags } from "../core/bio.js";
 import type { BlockDevice } from "../core/devices/block-device.js";
 import { target } from "../core/registry.js";
 import { type DeviceLookup, Services } from "../core/services.js";
-import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../core/target.js";
+import {
+  type DeviceAreaCallback,
+  EndIoResult,
+  MapResult,
+  type StatusType,
+  Target,
+  TargetError,
+} from "../core/target.js";
 
 /** Errors on a stripe after which no more table events are raised for it. */
 const DM_IO_ERROR_THRESHOLD = 15;

@@ -113,7 +113,11 @@ function buffersFrom(bufs: Buffer[], skip: number): Buffer[] {
 function writeFullyDsync(fd: number, buf: Buffer, pos: number, done: Done): void {
   writeLoop(
     buf.length,
-    (off, cb) => void pwriteFlagsAsync(fd, buf.subarray(off), pos + off, RWF_DSYNC).then((n) => cb(null, n), (err: NodeJS.ErrnoException) => cb(err, 0)),
+    (off, cb) =>
+      void pwriteFlagsAsync(fd, buf.subarray(off), pos + off, RWF_DSYNC).then(
+        (n) => cb(null, n),
+        (err: NodeJS.ErrnoException) => cb(err, 0),
+      ),
     done,
   );
 }
@@ -219,7 +223,8 @@ export abstract class FdDevice implements BlockDevice {
         return fs.fdatasync(this.fd, (err) => bio.complete(err ? errorToStatus(err) : "ok"));
       case "write":
         // FUA: the write itself is made durable (RWF_DSYNC) instead of a write then an fdatasync.
-        if (bio.isFua && this.dsyncWrites) return this.ordered(bio, (done) => this.write(bio, pos, bytes, done, true), true);
+        if (bio.isFua && this.dsyncWrites)
+          return this.ordered(bio, (done) => this.write(bio, pos, bytes, done, true), true);
         return this.ordered(bio, (done) => this.write(bio, pos, bytes, done));
       case "discard":
         return this.ordered(bio, (done) => settle(this.discardRange(pos, bytes), done));
@@ -329,7 +334,9 @@ export abstract class FdDevice implements BlockDevice {
   async upgradeToReadWrite(): Promise<void> {
     if (!this.readOnly) return;
     const flags = fs.constants.O_RDWR | (this.direct ? fs.constants.O_DIRECT : 0);
-    const fd = await new Promise<number>((resolve, reject) => fs.open(this.path, flags, (err, f) => (err ? reject(err) : resolve(f))));
+    const fd = await new Promise<number>((resolve, reject) =>
+      fs.open(this.path, flags, (err, f) => (err ? reject(err) : resolve(f))),
+    );
     this.retiredFds.push(this.fd);
     this.fd = fd;
     this.readOnly = false;

@@ -33,7 +33,9 @@ export async function openBacking(file: string, opts: OpenOptions): Promise<numb
   } catch (err) {
     if (opts.direct && (err as NodeJS.ErrnoException).code === "EINVAL") {
       throw Object.assign(
-        new Error(`${file}: the backing store does not support O_DIRECT (open failed with EINVAL); open it without direct I/O`),
+        new Error(
+          `${file}: the backing store does not support O_DIRECT (open failed with EINVAL); open it without direct I/O`,
+        ),
         { code: "EINVAL", cause: err },
       );
     }

@@ -41,7 +41,8 @@ export async function kernelDevName({ major, minor }: Devno): Promise<string | n
 /** discard_max_bytes > 0 means the queue discards; partitions keep their queue in the parent. */
 async function queueDiscards({ major, minor }: Devno): Promise<boolean> {
   const dir = `/sys/dev/block/${major}:${minor}`;
-  const value = (await readSysfs(`${dir}/queue/discard_max_bytes`)) ?? (await readSysfs(`${dir}/../queue/discard_max_bytes`));
+  const value =
+    (await readSysfs(`${dir}/queue/discard_max_bytes`)) ?? (await readSysfs(`${dir}/../queue/discard_max_bytes`));
   // Unknown: let BLKDISCARD itself answer EOPNOTSUPP.
   return value === null || Number(value) > 0;
 }

@@ -80,7 +80,7 @@ export class MemoryDevice implements BlockDevice {
 
   /** Walk the pages overlapping [pos, pos + buf.length), copying in the direction of `op`. */
   private copy(op: "read" | "write", pos: number, buf: Buffer): void {
-    for (let done = 0; done < buf.length; ) {
+    for (let done = 0; done < buf.length;) {
       const index = Math.floor((pos + done) / PAGE_SIZE);
       const inPage = (pos + done) % PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);

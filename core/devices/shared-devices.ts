@@ -80,7 +80,12 @@ export class SharedDevices {
     return this.lock.run(() => this.acquireLocked(spec, mode, owner, holder));
   }
 
-  private async acquireLocked(spec: string, mode: OpenMode, owner?: object, holder?: StackableDevice): Promise<BlockDevice> {
+  private async acquireLocked(
+    spec: string,
+    mode: OpenMode,
+    owner?: object,
+    holder?: StackableDevice,
+  ): Promise<BlockDevice> {
     const mapped = this.resolveMapped(spec);
     if (mapped) return this.acquireStacked(mapped, owner, holder);
     const key = await this.backing.identify(spec);

@@ -66,7 +66,11 @@ export class WritePlug {
     let bytes = held[0]!.buf.length;
     for (let i = 1; i < held.length; i++) {
       const w = held[i]!;
-      const joins = w.fd === held[start]!.fd && w.pos === end && bytes + w.buf.length <= RUN_BYTES_MAX && i - start < RUN_BUFFERS_MAX;
+      const joins =
+        w.fd === held[start]!.fd &&
+        w.pos === end &&
+        bytes + w.buf.length <= RUN_BYTES_MAX &&
+        i - start < RUN_BUFFERS_MAX;
       if (!joins) {
         this.issue(held, start, i);
         start = i;

@@ -64,7 +64,9 @@ export class Attacher {
       activated: async (name) => {
         if (!this.opts.auto || this.attachedPath(name)) return;
         // As udev: a failure to make the node does not fail the create; it is logged.
-        await this.attach(name).catch((err: Error) => this.opts.logger.error("auto-attach failed", { device: name, error: err.message }));
+        await this.attach(name).catch((err: Error) =>
+          this.opts.logger.error("auto-attach failed", { device: name, error: err.message }),
+        );
       },
     };
   }
@@ -104,7 +106,11 @@ export class Attacher {
         this.makeLink(link, a.path);
       } catch (err) {
         // As udev: the rename itself has happened; a symlink that cannot follow is logged.
-        this.opts.logger.error("attached device renamed, but its symlink could not follow", { device: newName, link, error: (err as Error).message });
+        this.opts.logger.error("attached device renamed, but its symlink could not follow", {
+          device: newName,
+          link,
+          error: (err as Error).message,
+        });
         return;
       }
       removeLink(a.link, a.path);
@@ -121,7 +127,8 @@ export class Attacher {
       if (!a) throw new DmError("EINVAL", `${name}: not attached`);
       const busy = await busyReason(a.path);
       if (busy && !force) throw new DmError("EBUSY", `${name}: ${a.path} ${busy}`);
-      if (busy) this.opts.logger.warn("forced detach of a busy device: finishing lazily", { device: name, path: a.path, busy });
+      if (busy)
+        this.opts.logger.warn("forced detach of a busy device: finishing lazily", { device: name, path: a.path, busy });
       removeLink(a.link, a.path);
       await asDmError(a.teardown(force));
       this.attached.delete(md);
@@ -145,13 +152,16 @@ export class Attacher {
   /** At daemon shutdown: detach everything, lazily where busy. */
   async detachAll(): Promise<void> {
     for (const md of [...this.attached.keys()]) {
-      await this.detach(md.name, true).catch((err: Error) => this.opts.logger.error("detach failed", { device: md.name, error: err.message }));
+      await this.detach(md.name, true).catch((err: Error) =>
+        this.opts.logger.error("detach failed", { device: md.name, error: err.message }),
+      );
     }
   }
 
   private async viaNbdfuse(name: string, readOnly: boolean): Promise<Omit<Attachment, "link">> {
     const unavailable = loopDeviceUnavailableReason();
-    if (unavailable) throw new DmError(process.getuid?.() === 0 ? "ENODEV" : "EPERM", `cannot attach ${name}: ${unavailable}`);
+    if (unavailable)
+      throw new DmError(process.getuid?.() === 0 ? "ENODEV" : "EPERM", `cannot attach ${name}: ${unavailable}`);
     const fuseRoot = path.join(this.opts.runDir, "fuse");
     const removeFuseRoot = () => fs.rmdirSync(fuseRoot); // only once empty: others may be mounted there
     let fuse, loop;
@@ -182,7 +192,8 @@ export class Attacher {
   }
 
   private makeLink(link: string, target: string): void {
-    if (fs.mkdirSync(this.opts.devDir, { recursive: true, mode: 0o755 }) !== undefined) fs.chmodSync(this.opts.devDir, 0o755);
+    if (fs.mkdirSync(this.opts.devDir, { recursive: true, mode: 0o755 }) !== undefined)
+      fs.chmodSync(this.opts.devDir, 0o755);
     const old = fs.lstatSync(link, { throwIfNoEntry: false });
     if (old && !old.isSymbolicLink()) throw new DmError("EEXIST", `${link} exists and is not a symlink`);
     if (old) {
@@ -197,7 +208,8 @@ export class Attacher {
 async function busyReason(dev: string): Promise<string | null> {
   for (const line of fs.readFileSync("/proc/mounts", "utf8").split("\n")) {
     const [source, target] = line.split(" ");
-    if (source === dev) return `is mounted on ${target!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)))}`;
+    if (source === dev)
+      return `is mounted on ${target!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)))}`;
   }
   // Mounts (also in other mount namespaces), swap, dm/md holders and O_EXCL openers claim the
   // device exclusively: an exclusive open then fails with EBUSY.
@@ -235,4 +247,3 @@ function tryQuietly(fn: () => void): void {
     // best effort
   }
 }
-

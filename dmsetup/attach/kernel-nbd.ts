@@ -84,7 +84,7 @@ function connectUnix(socketPath: string): number {
 
 function readExact(fd: number, length: number): Buffer {
   const buf = Buffer.alloc(length);
-  for (let done = 0; done < length; ) {
+  for (let done = 0; done < length;) {
     const n = Number(libc().read(fd, buf.subarray(done), length - done));
     if (n < 0 && lastErrno() === EINTR) continue;
     check(n, "read");
@@ -95,7 +95,7 @@ function readExact(fd: number, length: number): Buffer {
 }
 
 function writeAll(fd: number, buf: Buffer): void {
-  for (let done = 0; done < buf.length; ) {
+  for (let done = 0; done < buf.length;) {
     const n = Number(libc().write(fd, buf.subarray(done), buf.length - done));
     if (n < 0 && lastErrno() === EINTR) continue;
     check(n, "write");
@@ -193,7 +193,9 @@ function installExitHook(): void {
 /** Connect a free /dev/nbdN to export `exportName` on the NBD unix socket `socketPath`. */
 export async function connectKernelNbd(socketPath: string, exportName: string, timeoutMs = 10_000): Promise<KernelNbd> {
   for (const device of freeNbdDevices()) {
-    const worker = new Worker(new URL(import.meta.url), { workerData: { udmKernelNbd: { socketPath, exportName, device } } });
+    const worker = new Worker(new URL(import.meta.url), {
+      workerData: { udmKernelNbd: { socketPath, exportName, device } },
+    });
     const exited = new Promise<void>((resolve) => worker.once("exit", () => resolve()));
     const first = await new Promise<WorkerMessage>((resolve) => {
       worker.once("message", resolve);

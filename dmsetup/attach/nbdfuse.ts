@@ -49,7 +49,12 @@ function installExitHook(): void {
  * Mount export `uri` as `dir/mnt/name`. `dir` is created, and removed again by unmount(); what a
  * crashed daemon left there (a dead mount, a pid file) is cleared first.
  */
-export async function mountNbdfuse(dir: string, name: string, uri: string, opts: NbdfuseOptions = {}): Promise<FuseFile> {
+export async function mountNbdfuse(
+  dir: string,
+  name: string,
+  uri: string,
+  opts: NbdfuseOptions = {},
+): Promise<FuseFile> {
   const mnt = path.join(dir, "mnt");
   const pidFile = path.join(dir, "nbdfuse.pid");
   if (fs.existsSync(dir)) {

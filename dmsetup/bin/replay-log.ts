@@ -17,7 +17,13 @@ import { fileURLToPath } from "node:url";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
 import { errnoNumber } from "../../core/sys/errors.js";
-import { LOG_FLUSH_FLAG, LOG_FUA_FLAG, LOG_MARK_FLAG, WRITE_LOG_VERSION, type LogEntry } from "../../targets/log-writes/format.js";
+import {
+  LOG_FLUSH_FLAG,
+  LOG_FUA_FLAG,
+  LOG_MARK_FLAG,
+  WRITE_LOG_VERSION,
+  type LogEntry,
+} from "../../targets/log-writes/format.js";
 import { EntryReplayer, LogReader, deviceLogSource, shouldStop, syncDevice } from "../../targets/log-writes/replay.js";
 
 export interface ReplayLogIo {
@@ -103,7 +109,16 @@ function markArg(text: string): string {
 }
 
 function parseArgs(argv: string[], io: ReplayLogIo): Options {
-  const o: Options = { limit: 0, startEntry: 0, stopFlags: 0, find: false, numEntries: false, discard: true, verbose: 0, help: false };
+  const o: Options = {
+    limit: 0,
+    startEntry: 0,
+    stopFlags: 0,
+    find: false,
+    numEntries: false,
+    discard: true,
+    verbose: 0,
+    help: false,
+  };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     if (arg === "--") break;
@@ -124,7 +139,9 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
     const names = Object.keys(LONG_OPTIONS);
     const matches = names.includes(given) ? [given] : names.filter((n) => n.startsWith(given));
     if (matches.length !== 1 || given === "") {
-      io.err(`udm-replay-log: ${matches.length > 1 ? "option" : "unrecognized option"} '--${given}'${matches.length > 1 ? " is ambiguous" : ""}\n`);
+      io.err(
+        `udm-replay-log: ${matches.length > 1 ? "option" : "unrecognized option"} '--${given}'${matches.length > 1 ? " is ambiguous" : ""}\n`,
+      );
       throw new Usage();
     }
     const name = matches[0]!;
@@ -141,19 +158,46 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
       throw new Usage();
     }
     switch (name) {
-      case "next-flush": o.stopFlags |= LOG_FLUSH_FLAG; break;
-      case "next-fua": o.stopFlags |= LOG_FUA_FLAG; break;
-      case "start-entry": o.startEntry = parseNumber(value!, io); break;
-      case "start-mark": o.startMark = markArg(value!); break;
-      case "end-mark": o.endMark = markArg(value!); o.stopFlags |= LOG_MARK_FLAG; break;
-      case "log": o.log = value!; break;
-      case "replay": o.replay = value!; break;
-      case "limit": o.limit = parseNumber(value!, io); break;
-      case "verbose": o.verbose++; break;
-      case "find": o.find = true; break;
-      case "num-entries": o.numEntries = true; break;
-      case "no-discard": o.discard = false; break;
-      case "fsck": o.fsck = value!; break;
+      case "next-flush":
+        o.stopFlags |= LOG_FLUSH_FLAG;
+        break;
+      case "next-fua":
+        o.stopFlags |= LOG_FUA_FLAG;
+        break;
+      case "start-entry":
+        o.startEntry = parseNumber(value!, io);
+        break;
+      case "start-mark":
+        o.startMark = markArg(value!);
+        break;
+      case "end-mark":
+        o.endMark = markArg(value!);
+        o.stopFlags |= LOG_MARK_FLAG;
+        break;
+      case "log":
+        o.log = value!;
+        break;
+      case "replay":
+        o.replay = value!;
+        break;
+      case "limit":
+        o.limit = parseNumber(value!, io);
+        break;
+      case "verbose":
+        o.verbose++;
+        break;
+      case "find":
+        o.find = true;
+        break;
+      case "num-entries":
+        o.numEntries = true;
+        break;
+      case "no-discard":
+        o.discard = false;
+        break;
+      case "fsck":
+        o.fsck = value!;
+        break;
       case "check":
         if (value === "flush") o.check = { mode: "flush" };
         else if (value === "fua") o.check = { mode: "fua" };
@@ -166,7 +210,9 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
           o.check = { mode: "number", every };
         }
         break;
-      case "help": o.help = true; break;
+      case "help":
+        o.help = true;
+        break;
     }
   }
   return o;

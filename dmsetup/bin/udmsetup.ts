@@ -88,32 +88,75 @@ async function main(argv: string[]): Promise<number> {
   try {
     client = await connectDaemon(paths, { autostart: opts.autostart });
   } catch (err) {
-    io.err(`${err instanceof NoDaemonError ? err.message : `cannot reach udmd: ${(err as Error).message}`}\nCommand failed.\n`);
+    io.err(
+      `${err instanceof NoDaemonError ? err.message : `cannot reach udmd: ${(err as Error).message}`}\nCommand failed.\n`,
+    );
     return 1;
   }
   const cmds = new Commands(client, opts, io);
   try {
     switch (command) {
-      case "create": await cmds.create(args); break;
-      case "load": case "reload": await cmds.load(args); break;
-      case "clear": await cmds.clear(args); break;
-      case "suspend": await cmds.suspend(args); break;
-      case "resume": await cmds.resume(args); break;
-      case "remove": await cmds.remove(args); break;
-      case "remove_all": await cmds.removeAll(); break;
-      case "rename": await cmds.rename(args); break;
-      case "ls": await cmds.ls(); break;
-      case "info": await cmds.info(args); break;
-      case "table": await cmds.tableOrStatus("table", args); break;
-      case "status": await cmds.tableOrStatus("status", args); break;
-      case "message": await cmds.message(args); break;
-      case "targets": await cmds.targets(); break;
-      case "deps": await cmds.deps(args); break;
-      case "wait": await cmds.wait(args); break;
-      case "version": await cmds.version(); break;
-      case "attach": await cmds.attach(args); break;
-      case "detach": await cmds.detach(args); break;
-      case "merge": await cmds.merge(args); break;
+      case "create":
+        await cmds.create(args);
+        break;
+      case "load":
+      case "reload":
+        await cmds.load(args);
+        break;
+      case "clear":
+        await cmds.clear(args);
+        break;
+      case "suspend":
+        await cmds.suspend(args);
+        break;
+      case "resume":
+        await cmds.resume(args);
+        break;
+      case "remove":
+        await cmds.remove(args);
+        break;
+      case "remove_all":
+        await cmds.removeAll();
+        break;
+      case "rename":
+        await cmds.rename(args);
+        break;
+      case "ls":
+        await cmds.ls();
+        break;
+      case "info":
+        await cmds.info(args);
+        break;
+      case "table":
+        await cmds.tableOrStatus("table", args);
+        break;
+      case "status":
+        await cmds.tableOrStatus("status", args);
+        break;
+      case "message":
+        await cmds.message(args);
+        break;
+      case "targets":
+        await cmds.targets();
+        break;
+      case "deps":
+        await cmds.deps(args);
+        break;
+      case "wait":
+        await cmds.wait(args);
+        break;
+      case "version":
+        await cmds.version();
+        break;
+      case "attach":
+        await cmds.attach(args);
+        break;
+      case "detach":
+        await cmds.detach(args);
+        break;
+      case "merge":
+        await cmds.merge(args);
+        break;
       default:
         io.err("Unknown command.\n");
         return 1;
@@ -121,7 +164,8 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   } catch (err) {
     if (err instanceof UsageError) io.err(`${err.message}\n`);
-    else if (err instanceof DmError) io.err(`${err.message}\n`); // e.g. a table parse error
+    else if (err instanceof DmError)
+      io.err(`${err.message}\n`); // e.g. a table parse error
     else if (!(err instanceof CommandFailed)) io.err(`${(err as Error).message ?? strerror("EIO")}\n`);
     io.err("Command failed.\n");
     return 1;

@@ -113,7 +113,12 @@ export class Commands {
   }
 
   /** DM_DEV_CREATE, DM_TABLE_LOAD, resume — and remove again if the load or resume fails. */
-  private async createOne(name: string, uuid: string | undefined, readOnly: boolean, table: TargetSpec[] | undefined): Promise<void> {
+  private async createOne(
+    name: string,
+    uuid: string | undefined,
+    readOnly: boolean,
+    table: TargetSpec[] | undefined,
+  ): Promise<void> {
     await this.call("create", name, "create", { name, uuid });
     if (!table) return;
     try {
@@ -198,7 +203,9 @@ export class Commands {
         ),
       );
     }
-    this.io.out(formatLs(list, { target: this.opts.target !== undefined, blkdevname: this.opts.options === "blkdevname" }));
+    this.io.out(
+      formatLs(list, { target: this.opts.target !== undefined, blkdevname: this.opts.options === "blkdevname" }),
+    );
   }
 
   async info(args: string[]): Promise<void> {
@@ -230,7 +237,10 @@ export class Commands {
     for (const info of infos) {
       this.io.out(formatInfoLong(info, { noOpenCount: this.opts.noopencount }));
       // udm extension, after the dmsetup block so parsers of the block are unaffected.
-      if (args.length > 0 && info.nbdUri) this.io.out(`NBD URI:           ${info.nbdUri}\n${info.attached ? `Attached:          ${info.attached}\n` : ""}\n`);
+      if (args.length > 0 && info.nbdUri)
+        this.io.out(
+          `NBD URI:           ${info.nbdUri}\n${info.attached ? `Attached:          ${info.attached}\n` : ""}\n`,
+        );
     }
   }
 
@@ -245,10 +255,18 @@ export class Commands {
         throw new CommandFailed("no device");
       }
       if (this.opts.verbose) await this.info([name]);
-      const lines = (await this.call(kind, name, kind, { name, inactive: this.opts.inactive, ...(kind === "status" ? { noflush: this.opts.noflush } : {}) })) as TableLine[];
+      const lines = (await this.call(kind, name, kind, {
+        name,
+        inactive: this.opts.inactive,
+        ...(kind === "status" ? { noflush: this.opts.noflush } : {}),
+      })) as TableLine[];
       all[name] = this.opts.target ? lines.filter((l) => l.type === this.opts.target) : lines;
       if (!this.opts.json) {
-        this.io.out(formatTableLines(lines, names.length !== 1 || args.length !== 1 ? name : undefined, { target: this.opts.target }));
+        this.io.out(
+          formatTableLines(lines, names.length !== 1 || args.length !== 1 ? name : undefined, {
+            target: this.opts.target,
+          }),
+        );
       }
     }
     if (this.opts.json) this.io.out(toJson(args.length === 1 ? all[args[0]!] : all));
@@ -267,12 +285,17 @@ export class Commands {
 
   async message(args: string[]): Promise<void> {
     const [name, sectorText, ...words] = args;
-    if (!name || sectorText === undefined || words.length === 0) throw new UsageError("message: NAME SECTOR MESSAGE required");
+    if (!name || sectorText === undefined || words.length === 0)
+      throw new UsageError("message: NAME SECTOR MESSAGE required");
     if (!/^\d+$/.test(sectorText)) {
       this.io.err("Invalid sector.\n");
       throw new CommandFailed("sector");
     }
-    const { output } = (await this.call("message", name, "message", { name, sector: Number(sectorText), message: words.join(" ") })) as { output: string | null };
+    const { output } = (await this.call("message", name, "message", {
+      name,
+      sector: Number(sectorText),
+      message: words.join(" "),
+    })) as { output: string | null };
     if (output) this.io.out(output.endsWith("\n") ? output : `${output}\n`);
   }
 
@@ -296,7 +319,9 @@ export class Commands {
         throw err;
       }
       const format = (this.opts.options ?? "devno") as "devno" | "blkdevname" | "devname";
-      this.io.out(this.opts.json ? toJson(deps) : formatDeps(deps, { prefix: names.length !== 1 ? name : undefined, format }));
+      this.io.out(
+        this.opts.json ? toJson(deps) : formatDeps(deps, { prefix: names.length !== 1 ? name : undefined, format }),
+      );
     }
   }
 
@@ -304,7 +329,8 @@ export class Commands {
     const [name, eventText] = args;
     if (!name) throw new UsageError("wait: device name required");
     const eventNr = eventText === undefined ? 0 : Number(eventText);
-    if (!Number.isSafeInteger(eventNr) || eventNr < 0) throw new UsageError(`wait: invalid event number '${eventText}'`);
+    if (!Number.isSafeInteger(eventNr) || eventNr < 0)
+      throw new UsageError(`wait: invalid event number '${eventText}'`);
     await this.call("waitevent", name, "wait", { name, eventNr });
     if (this.opts.verbose) await this.info([name]);
   }
@@ -318,7 +344,8 @@ export class Commands {
    */
   async merge(args: string[]): Promise<void> {
     const [origin, snapshot] = args;
-    if (!origin || !snapshot || args.length > 2) throw new UsageError("merge: ORIGIN and SNAPSHOT device names required");
+    if (!origin || !snapshot || args.length > 2)
+      throw new UsageError("merge: ORIGIN and SNAPSHOT device names required");
     const fail = (message: string): CommandFailed => {
       this.io.err(`${message}\n`);
       return new CommandFailed(message);
@@ -327,11 +354,14 @@ export class Commands {
     const snapLines = (await this.call("table", snapshot, "table", { name: snapshot })) as TableLine[];
     const o = originLines[0];
     const sn = snapLines[0];
-    if (originLines.length !== 1 || o!.type !== "snapshot-origin") throw fail(`${origin}: not a snapshot-origin device`);
+    if (originLines.length !== 1 || o!.type !== "snapshot-origin")
+      throw fail(`${origin}: not a snapshot-origin device`);
     if (snapLines.length !== 1 || sn!.type !== "snapshot") throw fail(`${snapshot}: not a snapshot device`);
     const [realDev, , store, chunkText] = sn!.params.split(/\s+/);
-    if (realDev !== o!.params.trim() || sn!.length !== o!.length) throw fail(`${snapshot} is not a snapshot of ${origin}`);
-    if (!store?.toUpperCase().startsWith("P")) throw fail(`${snapshot}: only persistent snapshots (P, PO) can be merged`);
+    if (realDev !== o!.params.trim() || sn!.length !== o!.length)
+      throw fail(`${snapshot} is not a snapshot of ${origin}`);
+    if (!store?.toUpperCase().startsWith("P"))
+      throw fail(`${snapshot}: only persistent snapshots (P, PO) can be merged`);
     const snapStatus = ((await this.call("status", snapshot, "status", { name: snapshot })) as TableLine[])[0]!.params;
     if (snapStatus === "Invalid") throw fail(`Unable to merge invalidated snapshot ${snapshot}.`);
     const chunk = Number(chunkText) || 1;
@@ -342,7 +372,10 @@ export class Commands {
     };
 
     // Hand over and start: load, suspend the snapshot (the handover source), resume the origin.
-    await this.call("reload", origin, "load", { name: origin, table: [{ start: 0, length: o!.length, type: "snapshot-merge", params: sn!.params }] });
+    await this.call("reload", origin, "load", {
+      name: origin,
+      table: [{ start: 0, length: o!.length, type: "snapshot-merge", params: sn!.params }],
+    });
     let eventNr: number;
     try {
       eventNr = ((await this.call("info", origin, "info", { name: origin })) as Info).eventNr;
@@ -362,11 +395,14 @@ export class Commands {
     }
     // The old snapshot device gave its store away and fails all I/O: remove it, as LVM does.
     await this.client.request("remove", { name: snapshot }).catch((err: unknown) => {
-      this.io.err(`${snapshot}: not removed (${(err as Error).message}); it fails all I/O now, remove it once it is closed\n`);
+      this.io.err(
+        `${snapshot}: not removed (${(err as Error).message}); it fails all I/O now, remove it once it is closed\n`,
+      );
     });
 
     // Follow the merge: status after every event, and at least every so often for the progress.
-    const status = async () => ((await this.call("status", origin, "status", { name: origin })) as TableLine[])[0]!.params;
+    const status = async () =>
+      ((await this.call("status", origin, "status", { name: origin })) as TableLine[])[0]!.params;
     let waiter: Promise<unknown> | null = null;
     const nextEvent = () => {
       waiter ??= this.client.request("wait", { name: origin, eventNr }).then(
@@ -387,7 +423,9 @@ export class Commands {
       if (this.io.tty) {
         const width = 30;
         const filled = Math.round(done * width);
-        this.io.out(`\r${origin}: merging [${"#".repeat(filled)}${"-".repeat(width - filled)}] ${String(pct).padStart(3)}% (${total - left}/${total} chunks)`);
+        this.io.out(
+          `\r${origin}: merging [${"#".repeat(filled)}${"-".repeat(width - filled)}] ${String(pct).padStart(3)}% (${total - left}/${total} chunks)`,
+        );
         return;
       }
       const line = `${origin}: ${pct}% merged (${left} of ${total} chunks left)`;
@@ -401,14 +439,17 @@ export class Commands {
       if (s === "Overflow") {
         // A PO snapshot that overflowed keeps saying so: no numbers to follow, only the merge's
         // event (any failure would show as `Merge failed` instead).
-        if (first && !this.io.tty) this.io.out(`${origin}: merging ${snapshot} (status Overflow: no progress to show)\n`);
+        if (first && !this.io.tty)
+          this.io.out(`${origin}: merging ${snapshot} (status Overflow: no progress to show)\n`);
         if (eventNr !== startEvent) break;
         await nextEvent();
         continue;
       }
       if (left === null) {
         if (this.io.tty && !first) this.io.out("\n");
-        throw fail(`${origin}: merge of ${snapshot} stopped: status '${s}' (see the daemon's log); ${origin} keeps its snapshot-merge table`);
+        throw fail(
+          `${origin}: merge of ${snapshot} stopped: status '${s}' (see the daemon's log); ${origin} keeps its snapshot-merge table`,
+        );
       }
       if (first) {
         if (total < left) total = left;
@@ -445,4 +486,3 @@ export class Commands {
     for (const name of args) await this.call("detach", name, "detach", { name, force: this.opts.force });
   }
 }
-

@@ -17,7 +17,10 @@ export async function connectDaemon(paths: RunPaths, opts: { autostart: boolean 
     return await ControlClient.connect(paths.control);
   } catch (err) {
     if (!NO_DAEMON.has((err as NodeJS.ErrnoException).code ?? "")) throw err;
-    if (!opts.autostart) throw new NoDaemonError(`no udmd answers on ${paths.control} (start one with \`udmsetup daemon\`, or drop --no-autostart)`);
+    if (!opts.autostart)
+      throw new NoDaemonError(
+        `no udmd answers on ${paths.control} (start one with \`udmsetup daemon\`, or drop --no-autostart)`,
+      );
   }
   return waitForDaemon(paths, startDaemon(paths));
 }
@@ -67,7 +70,9 @@ async function waitForDaemon(paths: RunPaths, started: StartedDaemon): Promise<C
     } catch (err) {
       if (exitCode !== undefined) {
         const said = logSince(paths, started.logOffset);
-        throw new NoDaemonError(`udmd exited with status ${exitCode} before it answered${said ? `: ${said}` : ` (see ${paths.log})`}`);
+        throw new NoDaemonError(
+          `udmd exited with status ${exitCode} before it answered${said ? `: ${said}` : ` (see ${paths.log})`}`,
+        );
       }
       if (Date.now() > deadline) {
         throw new NoDaemonError(`udmd did not start within 10 s (see ${paths.log}): ${(err as Error).message}`);

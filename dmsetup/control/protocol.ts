@@ -61,29 +61,77 @@ export type Response = OkResponse | ErrorResponse;
 type FieldType = "string" | "boolean" | "number" | "table";
 const FIELDS: { [O in Op]: [string, FieldType, boolean][] } = {
   version: [],
-  create: [["name", "string", true], ["uuid", "string", false], ["readOnly", "boolean", false], ["table", "table", false]],
-  load: [["name", "string", true], ["table", "table", true], ["readOnly", "boolean", false]],
+  create: [
+    ["name", "string", true],
+    ["uuid", "string", false],
+    ["readOnly", "boolean", false],
+    ["table", "table", false],
+  ],
+  load: [
+    ["name", "string", true],
+    ["table", "table", true],
+    ["readOnly", "boolean", false],
+  ],
   clear: [["name", "string", true]],
-  suspend: [["name", "string", true], ["noflush", "boolean", false]],
-  resume: [["name", "string", true], ["noflush", "boolean", false]],
-  remove: [["name", "string", true], ["force", "boolean", false]],
+  suspend: [
+    ["name", "string", true],
+    ["noflush", "boolean", false],
+  ],
+  resume: [
+    ["name", "string", true],
+    ["noflush", "boolean", false],
+  ],
+  remove: [
+    ["name", "string", true],
+    ["force", "boolean", false],
+  ],
   "remove-all": [["force", "boolean", false]],
-  rename: [["name", "string", true], ["newName", "string", false], ["newUuid", "string", false]],
+  rename: [
+    ["name", "string", true],
+    ["newName", "string", false],
+    ["newUuid", "string", false],
+  ],
   list: [["target", "string", false]],
-  info: [["name", "string", true], ["inactive", "boolean", false]],
-  table: [["name", "string", true], ["inactive", "boolean", false]],
-  status: [["name", "string", true], ["inactive", "boolean", false], ["noflush", "boolean", false]],
-  message: [["name", "string", true], ["sector", "number", true], ["message", "string", true]],
+  info: [
+    ["name", "string", true],
+    ["inactive", "boolean", false],
+  ],
+  table: [
+    ["name", "string", true],
+    ["inactive", "boolean", false],
+  ],
+  status: [
+    ["name", "string", true],
+    ["inactive", "boolean", false],
+    ["noflush", "boolean", false],
+  ],
+  message: [
+    ["name", "string", true],
+    ["sector", "number", true],
+    ["message", "string", true],
+  ],
   targets: [],
-  deps: [["name", "string", true], ["inactive", "boolean", false]],
-  wait: [["name", "string", true], ["eventNr", "number", true]],
+  deps: [
+    ["name", "string", true],
+    ["inactive", "boolean", false],
+  ],
+  wait: [
+    ["name", "string", true],
+    ["eventNr", "number", true],
+  ],
   "load-plugin": [["module", "string", true]],
   attach: [["name", "string", true]],
-  detach: [["name", "string", true], ["force", "boolean", false]],
+  detach: [
+    ["name", "string", true],
+    ["force", "boolean", false],
+  ],
 };
 
 export class ProtocolError extends Error {
-  constructor(message: string, readonly id = 0) {
+  constructor(
+    message: string,
+    readonly id = 0,
+  ) {
     super(message);
     this.name = "ProtocolError";
   }
@@ -97,17 +145,20 @@ export function parseRequest(line: string): Request {
   } catch {
     throw new ProtocolError("request is not valid JSON");
   }
-  if (typeof value !== "object" || value === null || Array.isArray(value)) throw new ProtocolError("request must be a JSON object");
+  if (typeof value !== "object" || value === null || Array.isArray(value))
+    throw new ProtocolError("request must be a JSON object");
   const req = value as Record<string, unknown>;
   const id = req.id;
-  if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0) throw new ProtocolError("request id must be a non-negative integer");
+  if (typeof id !== "number" || !Number.isSafeInteger(id) || id < 0)
+    throw new ProtocolError("request id must be a non-negative integer");
   const op = req.op;
   if (op === undefined) throw new ProtocolError("request has no 'op' field", id);
   if (typeof op !== "string") throw new ProtocolError("request 'op' must be a string", id);
   if (!Object.hasOwn(FIELDS, op)) throw new ProtocolError(`unknown operation: ${op}`, id);
   const fields = FIELDS[op as Op];
   for (const key of Object.keys(req)) {
-    if (key !== "id" && key !== "op" && !fields.some(([f]) => f === key)) throw new ProtocolError(`${op}: unexpected field '${key}'`, id);
+    if (key !== "id" && key !== "op" && !fields.some(([f]) => f === key))
+      throw new ProtocolError(`${op}: unexpected field '${key}'`, id);
   }
   for (const [field, type, required] of fields) {
     const v = req[field];
@@ -115,7 +166,11 @@ export function parseRequest(line: string): Request {
       if (required) throw new ProtocolError(`${op}: missing field '${field}'`, id);
       continue;
     }
-    if (!checkType(v, type)) throw new ProtocolError(`${op}: field '${field}' must be ${type === "table" ? "an array of target specs" : `a ${type}`}`, id);
+    if (!checkType(v, type))
+      throw new ProtocolError(
+        `${op}: field '${field}' must be ${type === "table" ? "an array of target specs" : `a ${type}`}`,
+        id,
+      );
   }
   return req as unknown as Request;
 }
@@ -137,9 +192,12 @@ function isSpec(s: unknown): boolean {
   if (typeof s !== "object" || s === null) return false;
   const t = s as Record<string, unknown>;
   return (
-    Number.isSafeInteger(t.start) && (t.start as number) >= 0 &&
-    Number.isSafeInteger(t.length) && (t.length as number) >= 0 &&
-    typeof t.type === "string" && typeof t.params === "string" &&
+    Number.isSafeInteger(t.start) &&
+    (t.start as number) >= 0 &&
+    Number.isSafeInteger(t.length) &&
+    (t.length as number) >= 0 &&
+    typeof t.type === "string" &&
+    typeof t.params === "string" &&
     Object.keys(t).length === 4
   );
 }

@@ -8,7 +8,14 @@ import type { DeviceMapper, DeviceInfo } from "../../core/device-mapper.js";
 import { DmError } from "../../core/errors.js";
 import { peerCredentials, socketFd } from "../../core/sys/socket.js";
 import type { Logger } from "../../core/logger.js";
-import { type Request, type Response, LineSplitter, parseRequest, ProtocolError, PROTOCOL_VERSION } from "./protocol.js";
+import {
+  type Request,
+  type Response,
+  LineSplitter,
+  parseRequest,
+  ProtocolError,
+  PROTOCOL_VERSION,
+} from "./protocol.js";
 
 export const DRIVER_VERSION = "4.48.0";
 export const LIBRARY_VERSION = "1.02.214-udm (2026-11-21)";
@@ -66,7 +73,14 @@ export class ControlServer {
       const cred = peerCredentials(socketFd(socket) ?? -1);
       if (cred.uid !== 0 && cred.uid !== this.allowedUid) {
         this.logger.warn("control client refused", { uid: cred.uid, pid: cred.pid });
-        socket.end(JSON.stringify({ id: 0, ok: false, errno: "EACCES", message: "Permission denied: not the daemon's user or root" }) + "\n");
+        socket.end(
+          JSON.stringify({
+            id: 0,
+            ok: false,
+            errno: "EACCES",
+            message: "Permission denied: not the daemon's user or root",
+          }) + "\n",
+        );
         return;
       }
     } catch (err) {
@@ -96,7 +110,12 @@ export class ControlServer {
       const result = await this.execute(req);
       this.reply(socket, { id, ok: true, result: result ?? null });
     } catch (err) {
-      const errno = err instanceof DmError ? err.errno : err instanceof ProtocolError ? "EINVAL" : ((err as { code?: string }).code ?? "EIO");
+      const errno =
+        err instanceof DmError
+          ? err.errno
+          : err instanceof ProtocolError
+            ? "EINVAL"
+            : ((err as { code?: string }).code ?? "EIO");
       if (err instanceof ProtocolError) id = err.id;
       if (!(err instanceof DmError) && !(err instanceof ProtocolError)) {
         this.logger.error("control request failed unexpectedly", { error: (err as Error).stack ?? String(err) });
@@ -233,10 +252,15 @@ export class ControlServer {
     return { ...info, nbdUri: this.hooks.nbdUri?.(name), attached: this.hooks.attachedPath?.(name) };
   }
 
-  private deps(name: string, inactive?: boolean): ({ major: number; minor: number; name?: string } | { path: string })[] {
+  private deps(
+    name: string,
+    inactive?: boolean,
+  ): ({ major: number; minor: number; name?: string } | { path: string })[] {
     return this.dm.deps(name, { inactive }).map((d) => {
       if (!d.devno) return { path: d.tableName };
-      const md = this.dm.list().find((n) => this.dm.info(n).minor === d.devno!.minor && d.devno!.major === this.dm.info(n).major);
+      const md = this.dm
+        .list()
+        .find((n) => this.dm.info(n).minor === d.devno!.minor && d.devno!.major === this.dm.info(n).major);
       return md ? { ...d.devno, name: md } : { ...d.devno };
     });
   }

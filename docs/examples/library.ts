@@ -22,7 +22,12 @@ export async function example(): Promise<string[]> {
   await dm.create("vol", {
     table: `0 8192 striped 2 128 ${disks[0]} 0 ${disks[1]} 0\n8192 2048 zero`,
   });
-  out.push(...dm.tableText("vol").split("\n").filter((l) => l !== ""));
+  out.push(
+    ...dm
+      .tableText("vol")
+      .split("\n")
+      .filter((l) => l !== ""),
+  );
 
   const vol = dm.open("vol");
   await vol.write(0, Buffer.alloc(128 * 1024, 0x5a), { fua: true }); // spans both stripes
@@ -33,7 +38,12 @@ export async function example(): Promise<string[]> {
   // Reload: load into the inactive slot, then resume swaps it in (suspending I/O meanwhile).
   await dm.load("vol", `0 8192 linear ${disks[0]} 0`);
   await dm.resume("vol");
-  out.push(...dm.tableText("vol").split("\n").filter((l) => l !== ""));
+  out.push(
+    ...dm
+      .tableText("vol")
+      .split("\n")
+      .filter((l) => l !== ""),
+  );
   out.push(`status: ${JSON.stringify(dm.status("vol"))}`);
 
   await vol.close();

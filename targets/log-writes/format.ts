@@ -146,7 +146,9 @@ export function encodeEntry(entry: LogEntryInput, sectorSize: number): Buffer {
   if (!entryHasData(entry)) return block;
   const bytes = entry.nrSectors * sectorSize;
   if (!entry.data || entry.data.length !== bytes) {
-    throw new LogFormatError(`entry at sector ${entry.sector}: expected ${bytes} bytes of data, got ${entry.data?.length ?? 0}`);
+    throw new LogFormatError(
+      `entry at sector ${entry.sector}: expected ${bytes} bytes of data, got ${entry.data?.length ?? 0}`,
+    );
   }
   return Buffer.concat([block, entry.data]);
 }
@@ -191,7 +193,10 @@ export function decodeEntryBlock(block: Buffer): LogEntryHeader {
   };
   if (header.flags & LOG_MARK_FLAG) {
     // The replay tool compares the text up to its NUL (strcmp); data_len bounds it as well.
-    const text = block.subarray(LOG_ENTRY_SIZE, LOG_ENTRY_SIZE + Math.min(header.dataLen, block.length - LOG_ENTRY_SIZE));
+    const text = block.subarray(
+      LOG_ENTRY_SIZE,
+      LOG_ENTRY_SIZE + Math.min(header.dataLen, block.length - LOG_ENTRY_SIZE),
+    );
     const nul = text.indexOf(0);
     header.mark = Buffer.from(nul >= 0 ? text.subarray(0, nul) : text);
   }

@@ -187,10 +187,19 @@ function toMarkBytes(mark: string | Buffer): Buffer {
  * The tool's should_stop: the entry has one of `stopFlags`; if MARK is among them, only a mark
  * whose text equals `mark` stops.
  */
-export function shouldStop(entry: Pick<LogEntry, "flags" | "mark">, stopFlags: number, mark?: string | Buffer): boolean {
+export function shouldStop(
+  entry: Pick<LogEntry, "flags" | "mark">,
+  stopFlags: number,
+  mark?: string | Buffer,
+): boolean {
   if (!(entry.flags & stopFlags)) return false;
   if (!(stopFlags & LOG_MARK_FLAG)) return true;
-  return (entry.flags & LOG_MARK_FLAG) !== 0 && mark !== undefined && entry.mark !== undefined && entry.mark.equals(toMarkBytes(mark));
+  return (
+    (entry.flags & LOG_MARK_FLAG) !== 0 &&
+    mark !== undefined &&
+    entry.mark !== undefined &&
+    entry.mark.equals(toMarkBytes(mark))
+  );
 }
 
 export interface StopOptions {
@@ -232,7 +241,11 @@ export interface ReplayResult {
 }
 
 function stopFlagsOf(opts: StopOptions): number {
-  return (opts.nextFlush ? LOG_FLUSH_FLAG : 0) | (opts.nextFua ? LOG_FUA_FLAG : 0) | (opts.endMark !== undefined ? LOG_MARK_FLAG : 0);
+  return (
+    (opts.nextFlush ? LOG_FLUSH_FLAG : 0) |
+    (opts.nextFua ? LOG_FUA_FLAG : 0) |
+    (opts.endMark !== undefined ? LOG_MARK_FLAG : 0)
+  );
 }
 
 /** Position the reader where replay or find starts: after startMark, or at startEntry. */
@@ -252,7 +265,10 @@ async function asReader(log: LogReader | BlockDevice | Buffer, verbose?: Verbose
  * Find mode: the index of the entry where replay with these options would stop (limit reached or
  * stop condition met), or null if none does.
  */
-export async function findEntry(log: LogReader | BlockDevice | Buffer, opts: StopOptions & { verbose?: VerboseSink } = {}): Promise<number | null> {
+export async function findEntry(
+  log: LogReader | BlockDevice | Buffer,
+  opts: StopOptions & { verbose?: VerboseSink } = {},
+): Promise<number | null> {
   const reader = await asReader(log, opts.verbose);
   await seekStart(reader, opts);
   const stopFlags = stopFlagsOf(opts);
@@ -265,7 +281,11 @@ export async function findEntry(log: LogReader | BlockDevice | Buffer, opts: Sto
 }
 
 /** Replay entries of `log` onto `dev`; see the module comment for the stop rules. */
-export async function replayLog(log: LogReader | BlockDevice | Buffer, dev: BlockDevice, opts: ReplayOptions = {}): Promise<ReplayResult> {
+export async function replayLog(
+  log: LogReader | BlockDevice | Buffer,
+  dev: BlockDevice,
+  opts: ReplayOptions = {},
+): Promise<ReplayResult> {
   const reader = await asReader(log, opts.verbose);
   await seekStart(reader, opts);
   const replayer = new EntryReplayer(dev, reader.sectorSize, opts);
@@ -322,7 +342,10 @@ export class EntryReplayer {
     const start = entry.sector * this.sectorSize;
     if (entry.flags & LOG_DISCARD_FLAG) return this.discard(start, size);
     if (!entry.data) throw new LogFormatError(`entry ${entry.index}: data not read`);
-    await this.io(new Bio("write", start / SECTOR_SIZE, size >> SECTOR_SHIFT, entry.data, 0, null), "Error writing data");
+    await this.io(
+      new Bio("write", start / SECTOR_SIZE, size >> SECTOR_SHIFT, entry.data, 0, null),
+      "Error writing data",
+    );
   }
 
   private async discard(start: number, size: number): Promise<void> {
@@ -351,9 +374,12 @@ export class EntryReplayer {
     }
     const chunk = Math.min(len, 1024 * 1024);
     const zeros = Buffer.alloc(chunk);
-    for (let done = 0; done < len; ) {
+    for (let done = 0; done < len;) {
       const n = Math.min(chunk, len - done);
-      await this.io(new Bio("write", (start + done) / SECTOR_SIZE, n >> SECTOR_SHIFT, zeros, 0, null), "Error zeroing file");
+      await this.io(
+        new Bio("write", (start + done) / SECTOR_SIZE, n >> SECTOR_SHIFT, zeros, 0, null),
+        "Error zeroing file",
+      );
       done += n;
     }
   }

@@ -13,7 +13,14 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { Logger } from "../../core/logger.js";
 import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
-import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
+import {
+  type DeviceAreaCallback,
+  EndIoResult,
+  MapResult,
+  type StatusType,
+  Target,
+  TargetError,
+} from "../../core/target.js";
 import type { WorkQueue, WorkQueues } from "../../core/work-queue.js";
 import {
   END_MARK,
@@ -131,7 +138,8 @@ export class LogWritesTarget extends Target<LogWritesContext> {
     if (!this.loggingEnabled || bio.op === "read" || (bio.sectors === 0 && !flush)) return this.remap(bio);
 
     const block: PendingBlock = {
-      flags: (flush ? LOG_FLUSH_FLAG : 0) | (bio.isFua ? LOG_FUA_FLAG : 0) | (bio.op === "discard" ? LOG_DISCARD_FLAG : 0),
+      flags:
+        (flush ? LOG_FLUSH_FLAG : 0) | (bio.isFua ? LOG_FUA_FLAG : 0) | (bio.op === "discard" ? LOG_DISCARD_FLAG : 0),
       sector: Math.floor(bio.sector / this.blockSectors),
       nrSectors: Math.floor(bio.sectors / this.blockSectors),
       data: null,
@@ -209,7 +217,14 @@ export class LogWritesTarget extends Target<LogWritesContext> {
 
   private logMark(name: string): void {
     this.queueBlocks([
-      { flags: LOG_MARK_FLAG, sector: 0, nrSectors: 0, data: null, mark: markBytes(name, this.sectorSize), flushed: null },
+      {
+        flags: LOG_MARK_FLAG,
+        sector: 0,
+        nrSectors: 0,
+        data: null,
+        mark: markBytes(name, this.sectorSize),
+        flushed: null,
+      },
     ]);
   }
 
@@ -242,7 +257,12 @@ export class LogWritesTarget extends Target<LogWritesContext> {
 
   private logOneBlock(block: PendingBlock, sector: number): void {
     const entry = encodeEntryBlock(
-      { sector: block.sector, nrSectors: block.nrSectors, flags: block.flags, ...(block.mark ? { mark: block.mark } : {}) },
+      {
+        sector: block.sector,
+        nrSectors: block.nrSectors,
+        flags: block.flags,
+        ...(block.mark ? { mark: block.mark } : {}),
+      },
       this.sectorSize,
     );
     // writeLog never rejects (a failed log write disables logging) and tracks itself in `inflight`.
@@ -254,7 +274,10 @@ export class LogWritesTarget extends Target<LogWritesContext> {
   private async logSuper(): Promise<void> {
     await Promise.all([...this.inflight]);
     if (!this.loggingEnabled) return;
-    await this.writeLog(WRITE_LOG_SUPER_SECTOR, encodeSuper({ nrEntries: this.loggedEntries, sectorSize: this.sectorSize }));
+    await this.writeLog(
+      WRITE_LOG_SUPER_SECTOR,
+      encodeSuper({ nrEntries: this.loggedEntries, sectorSize: this.sectorSize }),
+    );
   }
 
   private writeLog(sector: number, data: Buffer): Promise<void> {

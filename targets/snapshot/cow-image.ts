@@ -10,8 +10,19 @@
 import { Bio, SECTOR_SIZE, submitAndWait } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import {
-  type DiskHeader, SNAP_MAGIC, SNAPSHOT_DISK_VERSION, areaLocation, chunkBytes, chunkSizeError, decodeHeader,
-  encodeHeader, exceptionsPerArea, isMetadataChunk, readRecord, skipMetadata, writeRecord,
+  type DiskHeader,
+  SNAP_MAGIC,
+  SNAPSHOT_DISK_VERSION,
+  areaLocation,
+  chunkBytes,
+  chunkSizeError,
+  decodeHeader,
+  encodeHeader,
+  exceptionsPerArea,
+  isMetadataChunk,
+  readRecord,
+  skipMetadata,
+  writeRecord,
 } from "./cow-format.js";
 
 export interface CowImageRecord {
@@ -58,8 +69,18 @@ export async function readCowImage(source: Buffer | BlockDevice): Promise<CowIma
   const first = await read(0, Math.max(1, Buffer.isBuffer(source) ? 1 : source.logicalBlockSize / SECTOR_SIZE));
   const header = first ? decodeHeader(first) : { magic: 0, valid: 0, version: 0, chunkSize: 0 };
   const img: CowImage = {
-    sizeSectors, header, state: "corrupt", chunkSize: 0, exceptionsPerArea: 0, areas: [], records: [],
-    nextFree: 2, currentArea: 0, currentCommitted: 0, usage: { total: sizeSectors, allocated: 0, metadata: 0 }, problems,
+    sizeSectors,
+    header,
+    state: "corrupt",
+    chunkSize: 0,
+    exceptionsPerArea: 0,
+    areas: [],
+    records: [],
+    nextFree: 2,
+    currentArea: 0,
+    currentCommitted: 0,
+    usage: { total: sizeSectors, allocated: 0, metadata: 0 },
+    problems,
   };
   if (!first) {
     problems.push("image is smaller than one sector");
@@ -119,7 +140,8 @@ async function readAreas(img: CowImage, read: Reader): Promise<void> {
       nextFree = Math.max(nextFree, newChunk + 1);
       const where = `area ${index} slot ${slot}`;
       if (isMetadataChunk(epa, newChunk)) problems.push(`${where}: new chunk ${newChunk} is a metadata chunk`);
-      if (newChunk >= chunks) problems.push(`${where}: new chunk ${newChunk} is beyond the end of the device (${chunks} chunks)`);
+      if (newChunk >= chunks)
+        problems.push(`${where}: new chunk ${newChunk} is beyond the end of the device (${chunks} chunks)`);
       if (news.has(newChunk)) problems.push(`${where}: new chunk ${newChunk} is used twice`);
       if (olds.has(oldChunk)) problems.push(`${where}: old chunk ${oldChunk} has two exceptions`);
       olds.add(oldChunk);
@@ -144,20 +166,30 @@ export function describeCowImage(img: CowImage, opts: DescribeOptions = {}): str
   const h = img.header;
   const lines = [`COW image: ${img.sizeSectors} sectors (${img.sizeSectors * SECTOR_SIZE} bytes)`];
   const magicText = h.magic === SNAP_MAGIC ? ' "SnAp"' : h.magic === 0 ? " (none: new store)" : " (unknown)";
-  lines.push(`header: magic 0x${hex(h.magic)}${magicText}, valid ${h.valid}, version ${h.version}, chunk size ${h.chunkSize} sectors`);
+  lines.push(
+    `header: magic 0x${hex(h.magic)}${magicText}, valid ${h.valid}, version ${h.version}, chunk size ${h.chunkSize} sectors`,
+  );
   lines.push(`state: ${img.state}`);
   if (img.chunkSize > 0) {
     const epa = img.exceptionsPerArea;
-    lines.push(`layout: ${chunkBytes(img.chunkSize)}-byte chunks, ${epa} exceptions per area, area k at chunk 1 + ${epa + 1}·k`);
-    for (const a of img.areas) lines.push(`area ${a.index} at chunk ${a.chunk}: ${a.records} record(s)${a.full ? ", full" : ""}`);
+    lines.push(
+      `layout: ${chunkBytes(img.chunkSize)}-byte chunks, ${epa} exceptions per area, area k at chunk 1 + ${epa + 1}·k`,
+    );
+    for (const a of img.areas)
+      lines.push(`area ${a.index} at chunk ${a.chunk}: ${a.records} record(s)${a.full ? ", full" : ""}`);
     lines.push(`exceptions: ${img.records.length}`);
     const shown = Math.min(img.records.length, opts.maxRecords ?? Infinity);
-    if (shown > 0) lines.push(`  ${"area".padStart(6)} ${"slot".padStart(6)} ${"old_chunk".padStart(16)} ${"new_chunk".padStart(16)}`);
+    if (shown > 0)
+      lines.push(
+        `  ${"area".padStart(6)} ${"slot".padStart(6)} ${"old_chunk".padStart(16)} ${"new_chunk".padStart(16)}`,
+      );
     for (const r of img.records.slice(0, shown)) {
       lines.push(`  ${pad(r.area, 6)} ${pad(r.slot, 6)} ${pad(r.oldChunk, 16)} ${pad(r.newChunk, 16)}`);
     }
     if (shown < img.records.length) lines.push(`  ... ${img.records.length - shown} more`);
-    lines.push(`next free chunk ${img.nextFree}; current area ${img.currentArea} with ${img.currentCommitted} record(s)`);
+    lines.push(
+      `next free chunk ${img.nextFree}; current area ${img.currentArea} with ${img.currentCommitted} record(s)`,
+    );
     lines.push(`usage: ${img.usage.allocated}/${img.usage.total} ${img.usage.metadata}`);
   }
   lines.push(img.problems.length === 0 ? "problems: none" : `problems (${img.problems.length}):`);

@@ -111,7 +111,10 @@ export class SnapshotMergeTarget extends SnapshotTarget {
       while (await this.mergeNextBatch()) this.mergedBatches++;
     } catch (err) {
       // Nothing above throws by design; if something does, stop as a failed merge.
-      this.logger.error("snapshot-merge: merge stopped unexpectedly", { device: this.table.deviceName, error: String(err) });
+      this.logger.error("snapshot-merge: merge stopped unexpectedly", {
+        device: this.table.deviceName,
+        error: String(err),
+      });
       this.failMerge();
     } finally {
       this.running = false;
@@ -131,7 +134,10 @@ export class SnapshotMergeTarget extends SnapshotTarget {
     try {
       next = await this.store.prepareMerge!();
     } catch (err) {
-      this.logger.error("Read error in exception store: shutting down merge", { device: this.table.deviceName, error: String(err) });
+      this.logger.error("Read error in exception store: shutting down merge", {
+        device: this.table.deviceName,
+        error: String(err),
+      });
       this.mergeFailed = true;
       this.table.event();
       return false;
@@ -161,28 +167,39 @@ export class SnapshotMergeTarget extends SnapshotTarget {
     // to the COW copies.
     this.firstMergingChunk = oldFirst;
     this.numMergingChunks = n;
-    for (let i = 0; i < n; i++) if (this.tracked.isTracked(oldFirst + i)) await this.tracked.whenUntracked(oldFirst + i);
+    for (let i = 0; i < n; i++)
+      if (this.tracked.isTracked(oldFirst + i)) await this.tracked.whenUntracked(oldFirst + i);
 
     const { readErr, writeErrMask } = await new Promise<{ readErr: boolean; writeErrMask: number }>((resolve) => {
-      this.copierClient.copy({ device: this.cow, sector: newFirst * cs, sectors }, [{ device: this.origin, sector: dest }], (readErr, writeErrMask) =>
-        resolve({ readErr, writeErrMask }),
+      this.copierClient.copy(
+        { device: this.cow, sector: newFirst * cs, sectors },
+        [{ device: this.origin, sector: dest }],
+        (readErr, writeErrMask) => resolve({ readErr, writeErrMask }),
       );
     });
     if (readErr || writeErrMask) {
-      this.logger.error(readErr ? "Read error: shutting down merge." : "Write error: shutting down merge.", { device: this.table.deviceName });
+      this.logger.error(readErr ? "Read error: shutting down merge." : "Write error: shutting down merge.", {
+        device: this.table.deviceName,
+      });
       return this.failMerge();
     }
     // The merged data must be durable before the records that point at the COW copies go (R20).
     try {
       await submitAndWait(this.origin, flushBio());
     } catch (err) {
-      this.logger.error("Flush after merge failed: shutting down merge", { device: this.table.deviceName, error: String(err) });
+      this.logger.error("Flush after merge failed: shutting down merge", {
+        device: this.table.deviceName,
+        error: String(err),
+      });
       return this.failMerge();
     }
     try {
       await this.store.commitMerge!(n);
     } catch (err) {
-      this.logger.error("Write error in exception store: shutting down merge", { device: this.table.deviceName, error: String(err) });
+      this.logger.error("Write error in exception store: shutting down merge", {
+        device: this.table.deviceName,
+        error: String(err),
+      });
       return this.failMerge();
     }
     try {

@@ -17,7 +17,14 @@ import type { Logger } from "../../core/logger.js";
 import { ArgReader } from "../../core/args.js";
 import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
-import { type DeviceAreaCallback, EndIoResult, MapResult, type StatusType, Target, TargetError } from "../../core/target.js";
+import {
+  type DeviceAreaCallback,
+  EndIoResult,
+  MapResult,
+  type StatusType,
+  Target,
+  TargetError,
+} from "../../core/target.js";
 import { ExceptionTable } from "./exception-table.js";
 import { originOf, type Origin, type OriginSnapshot, pendingExceptionDone } from "./origin-registry.js";
 import { originRetry } from "./origin-write.js";
@@ -114,7 +121,9 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       this.logger.error("snapshot: exception store", { error: (err as Error).message });
       throw new TargetError("Couldn't create exception store", (err as { errno?: string }).errno ?? "EINVAL");
     }
-    this.complete = new ExceptionTable({ cowChunks: Math.floor(this.cow.sizeSectors / Math.max(1, this.store.chunkSize || 32)) });
+    this.complete = new ExceptionTable({
+      cowChunks: Math.floor(this.cow.sizeSectors / Math.max(1, this.store.chunkSize || 32)),
+    });
     this.originEntry = originOf<SnapshotTarget>(this.origin, true)!;
     // Handover (dm-snap.c: __find_snapshots_sharing_cow, snapshot_preresume): a new table on a COW device an active snapshot already owns becomes the
     // destination of that snapshot's exception store; it does not read the metadata itself.
@@ -186,7 +195,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     const dest = this.handoverDestination;
     if (dest) throw new TargetError("Unable to resume snapshot source until handover completes.");
     const src = this.handoverSource;
-    if (src && !src.table.suspended) throw new TargetError("Unable to perform snapshot handover until source is suspended.");
+    if (src && !src.table.suspended)
+      throw new TargetError("Unable to perform snapshot handover until source is suspended.");
   }
 
   override async resume(): Promise<void> {
@@ -410,7 +420,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     for (const job of jobs) {
       const cs = job.snap.chunkSize;
       let key = `${cs}:${job.pe.oldChunk}`;
-      for (let slice = 1; (byChunk.get(key)?.length ?? 0) >= MAX_COPY_DESTS; slice++) key = `${cs}:${job.pe.oldChunk}:${slice}`;
+      for (let slice = 1; (byChunk.get(key)?.length ?? 0) >= MAX_COPY_DESTS; slice++)
+        key = `${cs}:${job.pe.oldChunk}:${slice}`;
       const group = byChunk.get(key);
       if (group) group.push(job);
       else byChunk.set(key, [job]);
@@ -504,7 +515,9 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   invalidate(reason: "EIO" | "ENOMEM"): void {
     if (!this.valid) return;
     this.logger.error(
-      reason === "EIO" ? "Invalidating snapshot: Error reading/writing." : "Invalidating snapshot: Unable to allocate exception.",
+      reason === "EIO"
+        ? "Invalidating snapshot: Error reading/writing."
+        : "Invalidating snapshot: Unable to allocate exception.",
       { device: this.table.deviceName },
     );
     this.valid = false;
@@ -515,7 +528,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   override status(type: StatusType): string {
     if (type === "table") {
       let s = `${this.origin.tableName} ${this.cow.tableName}${this.store.statusTable()}`;
-      if (this.discardZeroesCow) s += this.discardPassdownOrigin ? " 2 discard_zeroes_cow discard_passdown_origin" : " 1 discard_zeroes_cow";
+      if (this.discardZeroesCow)
+        s += this.discardPassdownOrigin ? " 2 discard_zeroes_cow discard_passdown_origin" : " 1 discard_zeroes_cow";
       return s;
     }
     if (!this.valid) return "Invalid";

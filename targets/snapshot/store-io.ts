@@ -10,7 +10,10 @@ import { chunkBytes } from "./cow-format.js";
  * power of 2", "Invalid or corrupt snapshot"), `errno` what the constructor returns.
  */
 export class StoreError extends Error {
-  constructor(message: string, readonly errno: string = "EINVAL") {
+  constructor(
+    message: string,
+    readonly errno: string = "EINVAL",
+  ) {
     super(message);
     this.name = "StoreError";
   }
@@ -24,7 +27,13 @@ export async function readChunk(cow: BlockDevice, chunkSize: number, chunk: numb
 }
 
 /** Write `data` (one chunk) at chunk `chunk` with `flags` (BioFlags). */
-export async function writeChunk(cow: BlockDevice, chunkSize: number, chunk: number, data: Buffer, flags: number): Promise<void> {
+export async function writeChunk(
+  cow: BlockDevice,
+  chunkSize: number,
+  chunk: number,
+  data: Buffer,
+  flags: number,
+): Promise<void> {
   await io(cow, new Bio("write", chunk * chunkSize, chunkSize, data, flags, null), `write of chunk ${chunk}`);
 }
 

@@ -11,8 +11,18 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import { JsonLineLogger, type Logger } from "../../core/logger.js";
 import { WorkQueue } from "../../core/work-queue.js";
 import {
-  DEFAULT_CHUNK_SECTORS, SNAP_MAGIC, SNAPSHOT_DISK_VERSION, areaLocation, chunkBytes, chunkSizeError, decodeHeader,
-  encodeHeader, exceptionsPerArea, readRecord, skipMetadata, writeRecord,
+  DEFAULT_CHUNK_SECTORS,
+  SNAP_MAGIC,
+  SNAPSHOT_DISK_VERSION,
+  areaLocation,
+  chunkBytes,
+  chunkSizeError,
+  decodeHeader,
+  encodeHeader,
+  exceptionsPerArea,
+  readRecord,
+  skipMetadata,
+  writeRecord,
 } from "./cow-format.js";
 import type { ExceptionStore, StoreParams } from "./store.js";
 import { StoreError, readChunk, writeChunk } from "./store-io.js";
@@ -67,7 +77,10 @@ export class PersistentStore implements ExceptionStore {
   /** Merge-path and load-path area I/O in flight (for drain). */
   private readonly directIo = new Set<Promise<unknown>>();
 
-  constructor(params: StoreParams, public userspaceSupportsOverflow: boolean) {
+  constructor(
+    params: StoreParams,
+    public userspaceSupportsOverflow: boolean,
+  ) {
     this.cow = params.cow;
     this.chunkSize = params.chunkSize;
     this.blockSizes = params.blockSizes;
@@ -90,8 +103,12 @@ export class PersistentStore implements ExceptionStore {
     this.epa = exceptionsPerArea(this.chunkSize);
     this.area = Buffer.alloc(chunkBytes(this.chunkSize));
     if (isNew) {
-      await this.headerIo(() => writeChunk(this.cow, this.chunkSize, 0, encodeHeader(this.chunkSize, true), BioFlags.FUA));
-      await this.track(writeChunk(this.cow, this.chunkSize, areaLocation(this.epa, 0), Buffer.alloc(this.area.length), 0));
+      await this.headerIo(() =>
+        writeChunk(this.cow, this.chunkSize, 0, encodeHeader(this.chunkSize, true), BioFlags.FUA),
+      );
+      await this.track(
+        writeChunk(this.cow, this.chunkSize, areaLocation(this.epa, 0), Buffer.alloc(this.area.length), 0),
+      );
       this.loaded = true;
       return "valid";
     }
@@ -106,9 +123,12 @@ export class PersistentStore implements ExceptionStore {
 
   private adoptDiskChunkSize(diskChunkSize: number, supplied: boolean): void {
     if (supplied) {
-      this.logger.warn(`chunk size ${diskChunkSize} in device metadata overrides table chunk size of ${this.chunkSize}.`, {
-        cow: this.cow.displayName,
-      });
+      this.logger.warn(
+        `chunk size ${diskChunkSize} in device metadata overrides table chunk size of ${this.chunkSize}.`,
+        {
+          cow: this.cow.displayName,
+        },
+      );
     }
     const err = chunkSizeError(diskChunkSize, this.blockSizes);
     if (err) throw new StoreError(`invalid on-disk chunk size ${diskChunkSize}: ${err}.`, "EINVAL");
@@ -234,7 +254,10 @@ export class PersistentStore implements ExceptionStore {
 
   private metadataError(err: unknown): void {
     this.valid = false;
-    this.logger.warn("persistent snapshot: metadata write failed", { cow: this.cow.displayName, error: (err as Error).message });
+    this.logger.warn("persistent snapshot: metadata write failed", {
+      cow: this.cow.displayName,
+      error: (err as Error).message,
+    });
   }
 
   // ---- merge (dm-snap-persistent.c: persistent_prepare_merge, persistent_commit_merge) ----
@@ -261,10 +284,13 @@ export class PersistentStore implements ExceptionStore {
   async commitMerge(count: number): Promise<void> {
     this.assertLoaded();
     const cc = this.currentCommitted;
-    if (!Number.isInteger(count) || count < 1 || count > cc) throw new Error(`persistent snapshot: cannot merge ${count} of ${cc} records`);
+    if (!Number.isInteger(count) || count < 1 || count > cc)
+      throw new Error(`persistent snapshot: cannot merge ${count} of ${cc} records`);
     const next = Buffer.from(this.area);
     next.fill(0, (cc - count) * 16, cc * 16);
-    await this.track(writeChunk(this.cow, this.chunkSize, areaLocation(this.epa, this.currentArea), next, METADATA_WRITE));
+    await this.track(
+      writeChunk(this.cow, this.chunkSize, areaLocation(this.epa, this.currentArea), next, METADATA_WRITE),
+    );
     this.area = next;
     this.currentCommitted = cc - count;
     // Only usage() reads it from now on: the value an in-order store would have.

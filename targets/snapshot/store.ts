@@ -94,7 +94,8 @@ export function createExceptionStore(
   if (kind === "P") {
     let overflow = false;
     if (options !== null) {
-      if (options.charAt(0).toUpperCase() !== "O") throw new StoreError(`Unsupported persistent store option: ${options}`);
+      if (options.charAt(0).toUpperCase() !== "O")
+        throw new StoreError(`Unsupported persistent store option: ${options}`);
       overflow = true;
     }
     store = new PersistentStore(params, overflow);

@@ -56,7 +56,11 @@ describe("udmsetup output formats", () => {
       "log-writes       v1.1.0\ndust             v1.0.0\ndelay            v1.5.0\nflakey           v1.5.0\nsnapshot-merge   v1.5.0\nsnapshot         v1.16.0\nsnapshot-origin  v1.9.0\nlinear           v1.5.0\nstriped          v1.6.0\nzero             v1.2.0\nerror            v1.7.0\n",
     );
     expect((await run("version")).stdout).toMatch(/^Library version: {3}.+\nDriver version: {4}4\.48\.0\n$/);
-    expect(JSON.parse((await run("--json", "info", "lin")).stdout)).toMatchObject({ name: "lin", minor: 0, livePresent: true });
+    expect(JSON.parse((await run("--json", "info", "lin")).stdout)).toMatchObject({
+      name: "lin",
+      minor: 0,
+      livePresent: true,
+    });
   });
 
   it("reads tables from a file and from stdin, skipping comments", async () => {
@@ -75,13 +79,16 @@ describe("udmsetup output formats", () => {
     expect(r).toEqual({
       code: 1,
       stdout: "",
-      stderr: "linear: Invalid argument count\ndevice-mapper: reload ioctl on bad  failed: Invalid argument\nCommand failed.\n",
+      stderr:
+        "linear: Invalid argument count\ndevice-mapper: reload ioctl on bad  failed: Invalid argument\nCommand failed.\n",
     });
     expect((await run("ls")).stdout).toBe("No devices found\n");
     const unknown = await run("create", "u", "--table", "0 10 nosuch");
     expect(unknown.stderr).toContain("nosuch: unknown target type\n");
     const small = await run("create", "s", "--table", `0 4096 linear ${path.join(env.files, "a.img")} 0`);
-    expect(small.stderr).toContain(`${path.join(env.files, "a.img")} too small for target: start=0, len=4096, dev_size=2048\n`);
+    expect(small.stderr).toContain(
+      `${path.join(env.files, "a.img")} too small for target: start=0, len=4096, dev_size=2048\n`,
+    );
     const gap = await run("create", "g", "--table", "0 8 zero\n10 8 zero");
     expect(gap.stderr).toContain("zero: Gap in table\n");
     expect((await run("ls")).stdout).toBe("No devices found\n");
@@ -94,7 +101,9 @@ describe("udmsetup output formats", () => {
     expect((await run("reload", "d", "--table", `0 16 linear ${a} 0`)).code).toBe(0);
     expect((await run("info", "-c", "--noheadings", "d")).stdout).toBe("d:253:0:LI-w:0:1:0:\n");
     await run("suspend", "d");
-    expect((await run("info", "-c", "--noheadings", "-o", "name,attr,suspended", "d")).stdout).toBe("d:LIsw:Suspended\n");
+    expect((await run("info", "-c", "--noheadings", "-o", "name,attr,suspended", "d")).stdout).toBe(
+      "d:LIsw:Suspended\n",
+    );
     await run("resume", "d");
     expect((await run("table", "d")).stdout).toBe(`0 16 linear ${a} 0\n`);
     expect((await run("message", "d", "0", "hello")).stderr).toBe(
@@ -116,7 +125,10 @@ describe("udmsetup output formats", () => {
     await run("create", "d", "--table", "0 64 zero");
     const client = await WireClient.connect(path.join(env.dir, "nbd.sock"), "d");
     expect((await run("rename", "d", "e")).code).toBe(0);
-    expect(await run("remove", "e")).toMatchObject({ code: 1, stderr: expect.stringContaining("e: 1 NBD client(s) connected") });
+    expect(await run("remove", "e")).toMatchObject({
+      code: 1,
+      stderr: expect.stringContaining("e: 1 NBD client(s) connected"),
+    });
     expect((await client.read(0, 4096)).error).toBe(0); // still served, under its new name
     expect((await run("remove", "--force", "e")).code).toBe(0);
     await client.closedByServer();
@@ -155,23 +167,30 @@ describe("udmd lifecycle", () => {
   const asOtherUserSkip = process.getuid?.() !== 0 ? "needs root to run a client as another user" : null;
   skipOrFail("the peer-credentials test", asOtherUserSkip);
 
-  it.skipIf(asOtherUserSkip !== null)("refuses control clients that are neither root nor the daemon's user", async () => {
-    fs.chmodSync(env.dir, 0o711);
-    fs.chmodSync(path.join(env.dir, "control"), 0o666);
-    const r = await udmsetup(env.dir, ["ls"], undefined, {});
-    expect(r.code).toBe(0);
-    const asNobody = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
-      const child = spawn(process.execPath, [path.resolve(__dirname, "../../dist/dmsetup/bin/udmsetup.js"), "--run-dir", env.dir, "--no-autostart", "ls"], {
-        uid: 65534,
-        gid: 65534,
+  it.skipIf(asOtherUserSkip !== null)(
+    "refuses control clients that are neither root nor the daemon's user",
+    async () => {
+      fs.chmodSync(env.dir, 0o711);
+      fs.chmodSync(path.join(env.dir, "control"), 0o666);
+      const r = await udmsetup(env.dir, ["ls"], undefined, {});
+      expect(r.code).toBe(0);
+      const asNobody = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        const child = spawn(
+          process.execPath,
+          [path.resolve(__dirname, "../../dist/dmsetup/bin/udmsetup.js"), "--run-dir", env.dir, "--no-autostart", "ls"],
+          {
+            uid: 65534,
+            gid: 65534,
+          },
+        );
+        let stderr = "";
+        child.stderr.on("data", (d) => (stderr += d));
+        child.on("exit", (code) => resolve({ code, stderr }));
       });
-      let stderr = "";
-      child.stderr.on("data", (d) => (stderr += d));
-      child.on("exit", (code) => resolve({ code, stderr }));
-    });
-    expect(asNobody.code).toBe(1);
-    expect(asNobody.stderr).toContain("Permission denied: not the daemon's user or root");
-  });
+      expect(asNobody.code).toBe(1);
+      expect(asNobody.stderr).toContain("Permission denied: not the daemon's user or root");
+    },
+  );
 
   it("loads plugins at start and refuses to start when one fails", async () => {
     await env.daemon.stop();
@@ -179,7 +198,9 @@ describe("udmd lifecycle", () => {
     await env.restart(["--plugin", plugin]);
     expect((await run("targets")).stdout.split("\n")[0]).toBe("io-stats-js      v0.1.0");
     await env.daemon.stop();
-    const failing = spawn(process.execPath, [UDMD, "--run-dir", env.dir, "--plugin", "./no/such/plugin.js"], { stdio: ["ignore", "ignore", "pipe"] });
+    const failing = spawn(process.execPath, [UDMD, "--run-dir", env.dir, "--plugin", "./no/such/plugin.js"], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
     let err = "";
     failing.stderr!.on("data", (d) => (err += d));
     expect(await new Promise((r) => failing.once("exit", r))).toBe(1);

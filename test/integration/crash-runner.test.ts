@@ -36,7 +36,11 @@ import { seedFrom } from "../support/rng.js";
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
 /** Commits are acknowledged at once; the metadata write happens a turn later. */
-@target({ name: "snap-ackearly", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "snap-ackearly",
+  version: [1, 16, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger],
+})
 class AckBeforeCommitSnapshot extends SnapshotTarget {
   override async ctr(args: string[]): Promise<void> {
     await super.ctr(args);
@@ -50,7 +54,11 @@ class AckBeforeCommitSnapshot extends SnapshotTarget {
 }
 
 /** Everything the store writes to its COW device loses PREFLUSH (FUA stays). */
-@target({ name: "snap-noflush", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "snap-noflush",
+  version: [1, 16, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger],
+})
 class NoPreflushSnapshot extends SnapshotTarget {
   override async ctr(args: string[]): Promise<void> {
     await super.ctr(args);
@@ -63,7 +71,11 @@ class NoPreflushSnapshot extends SnapshotTarget {
 }
 
 /** Commits in copy-completion order: the in-order gate (R11) bypassed. */
-@target({ name: "snap-noorder", version: [1, 16, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "snap-noorder",
+  version: [1, 16, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger],
+})
 class UnorderedCommitSnapshot extends SnapshotTarget {
   override copyDone(pending: PendingException, error: boolean): void {
     pending.copyError = error;
@@ -74,11 +86,17 @@ class UnorderedCommitSnapshot extends SnapshotTarget {
 }
 
 /** The merge's origin flush completes without reaching the origin device. */
-@target({ name: "merge-noflush", version: [1, 5, 0], inject: [Services.DeviceLookup, Services.Copier, Services.Logger] })
+@target({
+  name: "merge-noflush",
+  version: [1, 5, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger],
+})
 class NoFlushMerge extends SnapshotMergeTarget {
   override async ctr(args: string[]): Promise<void> {
     await super.ctr(args);
-    this.origin = withSubmit(this.origin, (bio, inner) => (bio.op === "flush" ? bio.complete("ok") : inner.submit(bio)));
+    this.origin = withSubmit(this.origin, (bio, inner) =>
+      bio.op === "flush" ? bio.complete("ok") : inner.submit(bio),
+    );
   }
 }
 
@@ -103,12 +121,16 @@ function failureText(r: CrashRunReport): string {
   return [...r.failureDetails.map((f) => `${f.point}\n  ${f.problems.join("\n  ")}`), ...r.workloadProblems].join("\n");
 }
 
-const mergeListed = createDeviceMapper().targets().some((t) => t.name === "snapshot-merge");
+const mergeListed = createDeviceMapper()
+  .targets()
+  .some((t) => t.name === "snapshot-merge");
 
 describe("crash-consistency runner", () => {
   it("checks at least 1000 crash points of a mixed workload without a failure", { timeout: 180_000 }, async () => {
     const seed = seedFrom(process.env.UDM_CRASH_SEED !== undefined ? "UDM_CRASH_SEED" : "UDM_FUZZ_SEED");
-    console.log(`crash runner seed ${seed} (UDM_CRASH_SEED=${seed} or npm run crash -- --seed ${seed} --ops 250 --min-points 1000 repeats it)`);
+    console.log(
+      `crash runner seed ${seed} (UDM_CRASH_SEED=${seed} or npm run crash -- --seed ${seed} --ops 250 --min-points 1000 repeats it)`,
+    );
     const report = await runCrashHarness({ ops: 250, seed, minPoints: 1000 });
     console.log(summary(report));
     expect(report.failures, failureText(report)).toBe(0);
@@ -124,7 +146,12 @@ describe("crash-consistency runner", () => {
 
   it("catches a store that acknowledges commits before the metadata is written", { timeout: 60_000 }, async () => {
     const report = await runCrashHarness({
-      ops: 60, seed: 1, snapshotTarget: "snap-ackearly", targets: [AckBeforeCommitSnapshot], merges: false, maxReported: 50,
+      ops: 60,
+      seed: 1,
+      snapshotTarget: "snap-ackearly",
+      targets: [AckBeforeCommitSnapshot],
+      merges: false,
+      maxReported: 50,
     });
     console.log(`ack before commit: ${summary(report)}`);
     expect(report.failedPoints).toBeGreaterThan(0);
@@ -134,7 +161,12 @@ describe("crash-consistency runner", () => {
 
   it("catches metadata written without PREFLUSH (a record durable before its chunk)", { timeout: 60_000 }, async () => {
     const report = await runCrashHarness({
-      ops: 60, seed: 1, snapshotTarget: "snap-noflush", targets: [NoPreflushSnapshot], merges: false, maxReported: 50,
+      ops: 60,
+      seed: 1,
+      snapshotTarget: "snap-noflush",
+      targets: [NoPreflushSnapshot],
+      merges: false,
+      maxReported: 50,
     });
     console.log(`no PREFLUSH: ${summary(report)}`);
     expect(report.failedPoints).toBeGreaterThan(0);
@@ -144,43 +176,69 @@ describe("crash-consistency runner", () => {
   it("catches exceptions committed out of allocation order (R11)", { timeout: 60_000 }, async () => {
     // Copies must finish out of order for this to matter: every other RAM-disk bio is delayed.
     const report = await runCrashHarness({
-      ops: 100, seed: 5, jitter: 0.5, snapshotTarget: "snap-noorder", targets: [UnorderedCommitSnapshot], merges: false, maxReported: 50,
+      ops: 100,
+      seed: 5,
+      jitter: 0.5,
+      snapshotTarget: "snap-noorder",
+      targets: [UnorderedCommitSnapshot],
+      merges: false,
+      maxReported: 50,
     });
     console.log(`unordered commits: ${summary(report)}`);
     expect(report.failedPoints).toBeGreaterThan(0);
     expect(failureText(report)).toMatch(/records out of allocation order|no record points at it \(leaked\)/);
   });
 
-  it.runIf(mergeListed)("catches a merge that clears records before flushing the origin (R20)", { timeout: 120_000 }, async () => {
-    const report = await runCrashHarness({ ops: 150, seed: 5, mergeTarget: "merge-noflush", targets: [NoFlushMerge], maxReported: 50 });
-    console.log(`merge without flush: ${summary(report)}`);
-    if (!report.merges.enabled) return; // snapshot-merge registered but not working: nothing to break
-    expect(report.merges.done).toBeGreaterThan(0);
-    expect(report.failedPoints).toBeGreaterThan(0);
-    expect(failureText(report)).toMatch(/origin sector \d+ holds .* after the merge of snap\d+/);
-  });
+  it.runIf(mergeListed)(
+    "catches a merge that clears records before flushing the origin (R20)",
+    { timeout: 120_000 },
+    async () => {
+      const report = await runCrashHarness({
+        ops: 150,
+        seed: 5,
+        mergeTarget: "merge-noflush",
+        targets: [NoFlushMerge],
+        maxReported: 50,
+      });
+      console.log(`merge without flush: ${summary(report)}`);
+      if (!report.merges.enabled) return; // snapshot-merge registered but not working: nothing to break
+      expect(report.merges.done).toBeGreaterThan(0);
+      expect(report.failedPoints).toBeGreaterThan(0);
+      expect(failureText(report)).toMatch(/origin sector \d+ holds .* after the merge of snap\d+/);
+    },
+  );
 
   it("reports a chunk below next_free that no record points at", async () => {
     // Three exceptions in order (chunks 2, 3, 4), then the last record made to skip chunk 4.
     const image = Buffer.alloc(64 * 8 * 512);
-    for (const { chunk, data } of cowImageChunks({ chunkSize: 8, exceptions: 3, oldChunk: (i) => 10 + i })) data.copy(image, chunk * 8 * 512);
+    for (const { chunk, data } of cowImageChunks({ chunkSize: 8, exceptions: 3, oldChunk: (i) => 10 + i }))
+      data.copy(image, chunk * 8 * 512);
     expect(leakProblems(await readCowImage(image))).toEqual([]);
     writeRecord(image.subarray(8 * 512), 2, 12, 5);
-    expect(leakProblems(await readCowImage(image))).toEqual(["chunk 4 lies below next_free (6) but no record points at it (leaked)"]);
+    expect(leakProblems(await readCowImage(image))).toEqual([
+      "chunk 4 lies below next_free (6) but no record points at it (leaked)",
+    ]);
     writeRecord(image.subarray(8 * 512), 2, 12, 3);
     expect(leakProblems(await readCowImage(image)).join("\n")).toMatch(/out of allocation order/);
   });
 
   it("npm run crash: prints the seed and the summary line, exit status 0", { timeout: 60_000 }, () => {
-    const r = spawnSync(process.execPath, ["--import", "tsx", "test/crash/cli.ts", "--ops", "20", "--seed", "7", "-q"], {
-      cwd: ROOT,
-      encoding: "utf8",
-    });
+    const r = spawnSync(
+      process.execPath,
+      ["--import", "tsx", "test/crash/cli.ts", "--ops", "20", "--seed", "7", "-q"],
+      {
+        cwd: ROOT,
+        encoding: "utf8",
+      },
+    );
     expect(r.stderr).toBe("");
     expect(r.stdout).toMatch(/^seed 7 \(repeat with --seed 7 --ops 20\)\n/);
     expect(r.stdout).toMatch(/\ncrash points checked: \d+, failures: 0\n$/);
     expect(r.status).toBe(0);
-    const bad = spawnSync(process.execPath, ["--import", "tsx", "test/crash/cli.ts", "--ops", "x"], { cwd: ROOT, encoding: "utf8" });
+    const bad = spawnSync(process.execPath, ["--import", "tsx", "test/crash/cli.ts", "--ops", "x"], {
+      cwd: ROOT,
+      encoding: "utf8",
+    });
     expect(bad.status).toBe(2);
     expect(bad.stderr).toMatch(/--ops: expected a non-negative integer/);
   });

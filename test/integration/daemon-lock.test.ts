@@ -84,7 +84,9 @@ describe("udmd's instance lock", () => {
       child.on("close", (code) => resolve({ code, stderr }));
     });
     expect(r.code).toBe(1);
-    expect(r.stderr).toContain(`udmd exited with status 1 before it answered: udmd: udmd is already running on ${dir} (pid ${process.pid})`);
+    expect(r.stderr).toContain(
+      `udmd exited with status 1 before it answered: udmd: udmd is already running on ${dir} (pid ${process.pid})`,
+    );
     expect(r.stderr).not.toContain("ECONNREFUSED");
   });
 });

@@ -21,10 +21,26 @@ describe.skipIf(missing.length > 0)("FUA writes on a FileDevice", () => {
     fs.writeFileSync(file, Buffer.alloc(64 * 1024));
     const trace = path.join(dir, "trace");
     const writer = path.join(import.meta.dirname, "../fixtures/fua-writer.ts");
-    execFileSync("strace", ["-f", "-qq", "-e", "trace=pwritev2,pwrite64,fdatasync,fsync", "-o", trace, process.execPath, "--import", "tsx", writer, file], {
-      stdio: ["ignore", "ignore", "pipe"],
-      timeout: 60_000,
-    });
+    execFileSync(
+      "strace",
+      [
+        "-f",
+        "-qq",
+        "-e",
+        "trace=pwritev2,pwrite64,fdatasync,fsync",
+        "-o",
+        trace,
+        process.execPath,
+        "--import",
+        "tsx",
+        writer,
+        file,
+      ],
+      {
+        stdio: ["ignore", "ignore", "pipe"],
+        timeout: 60_000,
+      },
+    );
     const calls = fs
       .readFileSync(trace, "utf8")
       .split("\n")
@@ -33,7 +49,9 @@ describe.skipIf(missing.length > 0)("FUA writes on a FileDevice", () => {
     // The data file only (the trace also holds Node's own startup writes, if any, on other fds).
     const fdOf = (l: string) => /^\w+\((\d+)/.exec(l)![1];
     const dataFd = fdOf(calls.find((l) => l.startsWith("pwritev2("))!);
-    const onData = calls.filter((l) => fdOf(l) === dataFd).map((l) => l.replace(/\[\{iov_base=.*?\}\]/, "[…]").replace(/\s*= .*/, ""));
+    const onData = calls
+      .filter((l) => fdOf(l) === dataFd)
+      .map((l) => l.replace(/\[\{iov_base=.*?\}\]/, "[…]").replace(/\s*= .*/, ""));
     expect(onData).toEqual([
       `pwritev2(${dataFd}, […], 1, 4096, RWF_DSYNC)`,
       `fdatasync(${dataFd})`,

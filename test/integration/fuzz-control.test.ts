@@ -79,7 +79,14 @@ async function keepBusy(seed: number): Promise<() => Promise<IoStats>> {
   const stats = new IoStats();
   let stop = false;
   const run = runWorker(
-    { client: nbd, model, own: Array.from({ length: blocks - 2 }, (_, i) => i), still: [blocks - 2, blocks - 1], queueDepth: 4, rng: new Rng(seed) },
+    {
+      client: nbd,
+      model,
+      own: Array.from({ length: blocks - 2 }, (_, i) => i),
+      still: [blocks - 2, blocks - 1],
+      queueDepth: 4,
+      rng: new Rng(seed),
+    },
     stats,
     () => stop,
   );
@@ -112,140 +119,159 @@ function internalErrors(): string[] {
 }
 
 describe("malformed tables", () => {
-  it("every table in the corpus is refused with its reason, by udmsetup create and as a load; nothing is created", { timeout: 60_000 }, async () => {
-    const entries = loadBadTables(path.resolve(__dirname, "../fixtures/bad-tables.txt"), vars);
-    expect(entries.length).toBeGreaterThanOrEqual(100);
-    const stopIo = await keepBusy(SEED);
-    const before = await daemonState(client);
-    let cliRejected = 0;
-    let loadRejected = 0;
-    let resumeRejected = 0;
-    const spareSpecs = parseTableText(SPARE_TABLE(path.join(env.files, "spare.img")));
-    // Loads onto SPARE one at a time: a load replaces the inactive table another one left.
-    let spareLock: Promise<unknown> = Promise.resolve();
-    const onSpare = <T>(fn: () => Promise<T>): Promise<T> => {
-      const run = spareLock.then(fn);
-      spareLock = run.catch(() => undefined);
-      return run;
-    };
-    const refusedWith = (err: unknown, reason: string): boolean =>
-      err instanceof DmError && `${err.message}\n${strerror(err.errno)}`.includes(reason);
-    const describe = (err: unknown) => (err instanceof DmError ? `${err.errno}: ${err.message}` : String(err));
-    const problems = await mapLimit(entries, 4, async (e: BadTable, i) => {
-      const where = `bad-tables.txt:${e.line} (${JSON.stringify(e.reason)})`;
-      const found: string[] = [];
-      if (!e.loadOnly) {
-        const name = `bt-${i}`;
-        const r = await udmsetup(env.dir, ["create", name, `--table=${e.text}`]);
-        if (r.code === 0) {
-          found.push("udmsetup create succeeded");
-          await udmsetup(env.dir, ["remove", "--force", name]); // keep the rest of the run meaningful
-        } else if (r.code !== 1 || r.stdout !== "" || !r.stderr.includes(e.reason) || !r.stderr.endsWith("Command failed.\n")) {
-          found.push(`udmsetup create: exit ${r.code}, stdout ${JSON.stringify(r.stdout)}, stderr ${JSON.stringify(r.stderr)}`);
-        } else {
-          cliRejected++;
+  it(
+    "every table in the corpus is refused with its reason, by udmsetup create and as a load; nothing is created",
+    { timeout: 60_000 },
+    async () => {
+      const entries = loadBadTables(path.resolve(__dirname, "../fixtures/bad-tables.txt"), vars);
+      expect(entries.length).toBeGreaterThanOrEqual(100);
+      const stopIo = await keepBusy(SEED);
+      const before = await daemonState(client);
+      let cliRejected = 0;
+      let loadRejected = 0;
+      let resumeRejected = 0;
+      const spareSpecs = parseTableText(SPARE_TABLE(path.join(env.files, "spare.img")));
+      // Loads onto SPARE one at a time: a load replaces the inactive table another one left.
+      let spareLock: Promise<unknown> = Promise.resolve();
+      const onSpare = <T>(fn: () => Promise<T>): Promise<T> => {
+        const run = spareLock.then(fn);
+        spareLock = run.catch(() => undefined);
+        return run;
+      };
+      const refusedWith = (err: unknown, reason: string): boolean =>
+        err instanceof DmError && `${err.message}\n${strerror(err.errno)}`.includes(reason);
+      const describe = (err: unknown) => (err instanceof DmError ? `${err.errno}: ${err.message}` : String(err));
+      const problems = await mapLimit(entries, 4, async (e: BadTable, i) => {
+        const where = `bad-tables.txt:${e.line} (${JSON.stringify(e.reason)})`;
+        const found: string[] = [];
+        if (!e.loadOnly) {
+          const name = `bt-${i}`;
+          const r = await udmsetup(env.dir, ["create", name, `--table=${e.text}`]);
+          if (r.code === 0) {
+            found.push("udmsetup create succeeded");
+            await udmsetup(env.dir, ["remove", "--force", name]); // keep the rest of the run meaningful
+          } else if (
+            r.code !== 1 ||
+            r.stdout !== "" ||
+            !r.stderr.includes(e.reason) ||
+            !r.stderr.endsWith("Command failed.\n")
+          ) {
+            found.push(
+              `udmsetup create: exit ${r.code}, stdout ${JSON.stringify(r.stdout)}, stderr ${JSON.stringify(r.stderr)}`,
+            );
+          } else {
+            cliRejected++;
+          }
         }
-      }
-      let specs: TargetSpec[] | null = null;
-      try {
-        specs = parseTableText(e.text, "on command line");
-      } catch {
-        // A libdevmapper-side refusal: the daemon never sees this table.
-      }
-      if (specs) {
-        await onSpare(async () => {
-          try {
-            await client.request("load", { name: "spare", table: specs });
-          } catch (err) {
-            if (refusedWith(err, e.reason)) loadRejected++;
-            else found.push(`load: ${describe(err)}`);
-            return;
-          }
-          // Loaded: the swap at resume checks the device areas, fails, and leaves the device
-          // suspended with its old table (as the kernel does); a second resume brings that back.
-          try {
+        let specs: TargetSpec[] | null = null;
+        try {
+          specs = parseTableText(e.text, "on command line");
+        } catch {
+          // A libdevmapper-side refusal: the daemon never sees this table.
+        }
+        if (specs) {
+          await onSpare(async () => {
+            try {
+              await client.request("load", { name: "spare", table: specs });
+            } catch (err) {
+              if (refusedWith(err, e.reason)) loadRejected++;
+              else found.push(`load: ${describe(err)}`);
+              return;
+            }
+            // Loaded: the swap at resume checks the device areas, fails, and leaves the device
+            // suspended with its old table (as the kernel does); a second resume brings that back.
+            try {
+              await client.request("resume", { name: "spare" });
+              found.push("loaded and resumed onto spare");
+              await client.request("load", { name: "spare", table: spareSpecs });
+              await client.request("resume", { name: "spare" });
+              return;
+            } catch (err) {
+              if (refusedWith(err, e.reason)) resumeRejected++;
+              else found.push(`resume: ${describe(err)}`);
+            }
             await client.request("resume", { name: "spare" });
-            found.push("loaded and resumed onto spare");
-            await client.request("load", { name: "spare", table: spareSpecs });
-            await client.request("resume", { name: "spare" });
-            return;
-          } catch (err) {
-            if (refusedWith(err, e.reason)) resumeRejected++;
-            else found.push(`resume: ${describe(err)}`);
-          }
-          await client.request("resume", { name: "spare" });
-        });
-      }
-      return found.length ? `${where}: ${found.join("; ")}` : null;
-    });
-    const after = await daemonState(client); // the NBD client is still connected, as in `before`
-    const io = await stopIo();
-    const cliCount = entries.filter((e) => !e.loadOnly).length;
-    console.log(
-      `fuzz-control: ${entries.length} malformed tables: ${cliRejected}/${cliCount} rejected by udmsetup create with the expected reason; ` +
-        `loaded onto a live device: ${loadRejected} rejected by the load, ${resumeRejected} by the resume that would swap them in; ` +
-        `NBD client on another device meanwhile: ${io.writes} writes, ${io.verifiedReads} verified reads`,
-    );
-    expect(problems.filter((p) => p !== null)).toEqual([]);
-    expect(after).toEqual(before);
-    expect(io.mismatches).toEqual([]);
-    expect(io.errors).toEqual([]);
-  });
+          });
+        }
+        return found.length ? `${where}: ${found.join("; ")}` : null;
+      });
+      const after = await daemonState(client); // the NBD client is still connected, as in `before`
+      const io = await stopIo();
+      const cliCount = entries.filter((e) => !e.loadOnly).length;
+      console.log(
+        `fuzz-control: ${entries.length} malformed tables: ${cliRejected}/${cliCount} rejected by udmsetup create with the expected reason; ` +
+          `loaded onto a live device: ${loadRejected} rejected by the load, ${resumeRejected} by the resume that would swap them in; ` +
+          `NBD client on another device meanwhile: ${io.writes} writes, ${io.verifiedReads} verified reads`,
+      );
+      expect(problems.filter((p) => p !== null)).toEqual([]);
+      expect(after).toEqual(before);
+      expect(io.mismatches).toEqual([]);
+      expect(io.errors).toEqual([]);
+    },
+  );
 });
 
 describe("control protocol fuzzing", () => {
-  it(`${LINES} random, malformed and mutated requests: each refused with a clear reason, daemon state unchanged`, { timeout: 60_000 }, async () => {
-    console.log(`fuzz-control: seed ${SEED} (replay with UDM_FUZZ_SEED=${SEED})`);
-    const entries = loadBadTables(path.resolve(__dirname, "../fixtures/bad-tables.txt"), vars);
-    const badTables: TargetSpec[][] = [];
-    const badLoads: TargetSpec[][] = [];
-    for (const e of entries) {
-      if (e.loadOnly || e.reason === "too large device") continue; // see the corpus test
-      let specs: TargetSpec[];
-      try {
-        specs = parseTableText(e.text);
-      } catch {
-        continue; // not a table the daemon would ever see
+  it(
+    `${LINES} random, malformed and mutated requests: each refused with a clear reason, daemon state unchanged`,
+    { timeout: 60_000 },
+    async () => {
+      console.log(`fuzz-control: seed ${SEED} (replay with UDM_FUZZ_SEED=${SEED})`);
+      const entries = loadBadTables(path.resolve(__dirname, "../fixtures/bad-tables.txt"), vars);
+      const badTables: TargetSpec[][] = [];
+      const badLoads: TargetSpec[][] = [];
+      for (const e of entries) {
+        if (e.loadOnly || e.reason === "too large device") continue; // see the corpus test
+        let specs: TargetSpec[];
+        try {
+          specs = parseTableText(e.text);
+        } catch {
+          continue; // not a table the daemon would ever see
+        }
+        badTables.push(specs);
+        if (!e.reason.includes("too small for target")) badLoads.push(specs); // those fail at resume
       }
-      badTables.push(specs);
-      if (!e.reason.includes("too small for target")) badLoads.push(specs); // those fail at resume
-    }
-    const devices = ((await client.request("list", {})) as { name: string }[]).map((d) => d.name);
-    const ctx = { keep: "keep", keepUuid: KEEP_UUID, devices, badTables, badLoads };
-    const stopIo = await keepBusy(SEED + 1);
-    const before = await daemonState(client);
-    const stats = new ControlFuzzStats();
-    const rng = new Rng(SEED);
-    const connections = 4;
-    const started = Date.now();
-    await Promise.all(
-      Array.from({ length: connections }, async (_, c) => {
-        const r = rng.fork();
-        const lines: FuzzLine[] = [];
-        for (let i = 0; i < LINES / connections; i++) lines.push(genLine(r, i + 1, ctx));
-        await fuzzConnection(lines, stats, `seed ${SEED} connection ${c}`);
-      }),
-    );
-    const elapsed = (Date.now() - started) / 1000;
-    // A mutated create may have made a device (a valid request, by chance): remove those.
-    for (const { name } of (await client.request("list", {})) as { name: string }[]) if (!devices.includes(name)) stats.created.add(name);
-    for (const name of stats.created) await client.request("remove", { name, force: true });
-    const after = await daemonState(client);
-    const io = await stopIo();
-    const errnos = [...stats.errnos].sort((a, b) => b[1] - a[1]).map(([e, n]) => `${e} ${n}`).join(", ");
-    console.log(
-      `fuzz-control: seed ${SEED}: ${stats.lines} request lines (${(stats.bytes / 1024 / 1024).toFixed(1)} MiB) on ${connections} connections in ${elapsed.toFixed(1)} s: ` +
-        `${stats.responses} answers, ${stats.rejected} refusals (${errnos}), ${stats.readOnlyAnswered} read-only requests answered, ` +
-        `${stats.mutatedAccepted} mutated requests accepted (${stats.created.size} devices created and removed again); ` +
-        `NBD client meanwhile: ${io.writes} writes, ${io.verifiedReads} verified reads`,
-    );
-    expect(stats.failures, `seed ${SEED}`).toEqual([]);
-    expect(after).toEqual(before);
-    expect(io.mismatches).toEqual([]);
-    expect(io.errors).toEqual([]);
-    expect(alive(env.daemon)).toBe(true);
-    expect(internalErrors()).toEqual([]);
-  });
+      const devices = ((await client.request("list", {})) as { name: string }[]).map((d) => d.name);
+      const ctx = { keep: "keep", keepUuid: KEEP_UUID, devices, badTables, badLoads };
+      const stopIo = await keepBusy(SEED + 1);
+      const before = await daemonState(client);
+      const stats = new ControlFuzzStats();
+      const rng = new Rng(SEED);
+      const connections = 4;
+      const started = Date.now();
+      await Promise.all(
+        Array.from({ length: connections }, async (_, c) => {
+          const r = rng.fork();
+          const lines: FuzzLine[] = [];
+          for (let i = 0; i < LINES / connections; i++) lines.push(genLine(r, i + 1, ctx));
+          await fuzzConnection(lines, stats, `seed ${SEED} connection ${c}`);
+        }),
+      );
+      const elapsed = (Date.now() - started) / 1000;
+      // A mutated create may have made a device (a valid request, by chance): remove those.
+      for (const { name } of (await client.request("list", {})) as { name: string }[])
+        if (!devices.includes(name)) stats.created.add(name);
+      for (const name of stats.created) await client.request("remove", { name, force: true });
+      const after = await daemonState(client);
+      const io = await stopIo();
+      const errnos = [...stats.errnos]
+        .sort((a, b) => b[1] - a[1])
+        .map(([e, n]) => `${e} ${n}`)
+        .join(", ");
+      console.log(
+        `fuzz-control: seed ${SEED}: ${stats.lines} request lines (${(stats.bytes / 1024 / 1024).toFixed(1)} MiB) on ${connections} connections in ${elapsed.toFixed(1)} s: ` +
+          `${stats.responses} answers, ${stats.rejected} refusals (${errnos}), ${stats.readOnlyAnswered} read-only requests answered, ` +
+          `${stats.mutatedAccepted} mutated requests accepted (${stats.created.size} devices created and removed again); ` +
+          `NBD client meanwhile: ${io.writes} writes, ${io.verifiedReads} verified reads`,
+      );
+      expect(stats.failures, `seed ${SEED}`).toEqual([]);
+      expect(after).toEqual(before);
+      expect(io.mismatches).toEqual([]);
+      expect(io.errors).toEqual([]);
+      expect(alive(env.daemon)).toBe(true);
+      expect(internalErrors()).toEqual([]);
+    },
+  );
 
   it("an oversize line or one cut off by the client ends only that connection", { timeout: 30_000 }, async () => {
     const before = await daemonState(client);
@@ -255,12 +281,18 @@ describe("control protocol fuzzing", () => {
     expect(big.answers).toEqual([{ id: 0, ok: false, errno: "EINVAL", message: "request longer than 16777216 bytes" }]);
     expect(big.closedByServer).toBe(true);
     // A request cut off by the client's EOF: no answer, nothing done.
-    const cut = await rawExchange(sock, [Buffer.from(`{"id":1,"op":"create","name":"fz-cut","table":[{"start":0,"length":8,"type":"zero","params":""}]`)]);
+    const cut = await rawExchange(sock, [
+      Buffer.from(`{"id":1,"op":"create","name":"fz-cut","table":[{"start":0,"length":8,"type":"zero","params":""}]`),
+    ]);
     expect(cut.answers).toEqual([]);
     // Many short-lived connections, some with half a request.
-    await mapLimit(Array.from({ length: 300 }, (_, i) => i), 20, async (i) => {
-      await rawExchange(sock, i % 2 ? [Buffer.from('{"id":1,"op":"li')] : []);
-    });
+    await mapLimit(
+      Array.from({ length: 300 }, (_, i) => i),
+      20,
+      async (i) => {
+        await rawExchange(sock, i % 2 ? [Buffer.from('{"id":1,"op":"li')] : []);
+      },
+    );
     expect(alive(env.daemon)).toBe(true);
     expect(await daemonState(client)).toEqual(before);
     expect(internalErrors()).toEqual([]);
@@ -271,7 +303,9 @@ describe("found by fuzzing", () => {
   // Fixed in dmsetup/control/protocol.ts: these said "unknown operation: undefined" / "...: info".
   it("a request without an op, or with one that is not a string, is told so", async () => {
     const r = await rawExchange(path.join(env.dir, "control"), [
-      Buffer.from('{"id":1,"name":"keep"}\n{"id":2,"op":["info"],"name":"keep"}\n{"id":3,"op":null}\n{"id":4,"op":"infoo"}\n'),
+      Buffer.from(
+        '{"id":1,"name":"keep"}\n{"id":2,"op":["info"],"name":"keep"}\n{"id":3,"op":null}\n{"id":4,"op":"infoo"}\n',
+      ),
     ]);
     expect(r.answers).toEqual(
       expect.arrayContaining([
@@ -319,7 +353,8 @@ async function fuzzConnection(lines: FuzzLine[], stats: ControlFuzzStats, label:
     socket.on("error", reject);
     socket.on("close", () => {
       clearTimeout(timer);
-      if (answers < expected) stats.fail(`${label}: the server closed the connection after ${answers} of ${expected} answers`);
+      if (answers < expected)
+        stats.fail(`${label}: the server closed the connection after ${answers} of ${expected} answers`);
       resolve();
     });
     socket.on("data", (chunk: string) => {
@@ -343,7 +378,8 @@ async function fuzzConnection(lines: FuzzLine[], stats: ControlFuzzStats, label:
     } catch {
       return stats.fail(`${label}: an answer that is not JSON: ${text.slice(0, 200)}`);
     }
-    if (typeof res.id !== "number" || typeof res.ok !== "boolean") return stats.fail(`${label}: malformed answer ${text.slice(0, 200)}`);
+    if (typeof res.id !== "number" || typeof res.ok !== "boolean")
+      return stats.fail(`${label}: malformed answer ${text.slice(0, 200)}`);
     if (!res.ok) {
       stats.rejected++;
       stats.errnos.set(String(res.errno), (stats.errnos.get(String(res.errno)) ?? 0) + 1);
@@ -357,14 +393,20 @@ async function fuzzConnection(lines: FuzzLine[], stats: ControlFuzzStats, label:
       if (res.ok) stats.mutatedAccepted++;
       return;
     }
-    if (answered.has(res.id)) return stats.fail(`${label}: a second answer for ${line.what}: ${text.slice(0, 300)} / line ${line.text.slice(0, 300)}`);
+    if (answered.has(res.id))
+      return stats.fail(
+        `${label}: a second answer for ${line.what}: ${text.slice(0, 300)} / line ${line.text.slice(0, 300)}`,
+      );
     answered.add(res.id);
     if (line.expect === "readonly") {
       if (res.ok) stats.readOnlyAnswered++;
       return;
     }
     if (res.ok) return stats.fail(`${label}: accepted ${line.what}: ${text.slice(0, 200)}`);
-    if (line.errno && !line.errno.includes(res.errno as string)) stats.fail(`${label}: ${line.what} refused with ${String(res.errno)} (${String(res.message)}), expected ${line.errno.join("/")}`);
+    if (line.errno && !line.errno.includes(res.errno as string))
+      stats.fail(
+        `${label}: ${line.what} refused with ${String(res.errno)} (${String(res.message)}), expected ${line.errno.join("/")}`,
+      );
   }
 }
 
@@ -388,5 +430,11 @@ async function rawExchange(sock: string, chunks: Buffer[]): Promise<{ answers: u
       resolve(true);
     });
   });
-  return { answers: text.split("\n").filter(Boolean).map((l) => JSON.parse(l)), closedByServer };
+  return {
+    answers: text
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => JSON.parse(l)),
+    closedByServer,
+  };
 }

@@ -12,7 +12,14 @@ import type { MemoryLogger } from "../../core/logger.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
 import { Cmd, CmdFlags, NbdErrno, Opt, Rep, TransmissionFlags } from "../../nbd/protocol.js";
 import { ControlledDevice } from "../support/controlled-device.js";
-import { type ConnectOptions, RawConnection, WireClient, optionRequest, requestHeader, u32 } from "../support/nbd-client.js";
+import {
+  type ConnectOptions,
+  RawConnection,
+  WireClient,
+  optionRequest,
+  requestHeader,
+  u32,
+} from "../support/nbd-client.js";
 import { type NamedBacking, pattern } from "../support/memory-backing.js";
 import { type WireServer, startWireServer, stopWireServer } from "../support/wire-server.js";
 
@@ -172,7 +179,9 @@ describe("transmission", () => {
       }),
     );
     const h = dm.open("disk");
-    expect((await h.read(0, 16384)).equals(Buffer.concat(Array.from({ length: blocks }, (_, i) => expected(i))))).toBe(true);
+    expect((await h.read(0, 16384)).equals(Buffer.concat(Array.from({ length: blocks }, (_, i) => expected(i))))).toBe(
+      true,
+    );
     await h.close();
   });
 
@@ -204,7 +213,9 @@ describe("transmission", () => {
     expect((await c.write(0, pattern(5, 64 * KiB))).error).toBe(0);
     expect((await c.request(Cmd.TRIM, 0, 16 * KiB)).error).toBe(0);
     expect((await c.request(Cmd.WRITE_ZEROES, 16 * KiB, 16 * KiB, { flags: CmdFlags.NO_HOLE })).error).toBe(0);
-    expect((await c.request(Cmd.WRITE_ZEROES, 32 * KiB, 8 * KiB, { flags: CmdFlags.FAST_ZERO })).error).toBe(NbdErrno.ENOTSUP);
+    expect((await c.request(Cmd.WRITE_ZEROES, 32 * KiB, 8 * KiB, { flags: CmdFlags.FAST_ZERO })).error).toBe(
+      NbdErrno.ENOTSUP,
+    );
     expect((await c.request(Cmd.CACHE, 0, 64 * KiB)).error).toBe(0);
     expect((await c.read(0, 0)).error).toBe(0);
     expect((await c.write(0, Buffer.alloc(0))).error).toBe(0);
@@ -302,10 +313,7 @@ describe("bad input only hurts its own connection", () => {
     })();
 
     // Handshake: wrong option magic / unknown client flags → closed.
-    for (const bytes of [
-      Buffer.concat([u32(1), Buffer.from("IHAVEOPX"), u32(7), u32(0)]),
-      u32(0x80),
-    ]) {
+    for (const bytes of [Buffer.concat([u32(1), Buffer.from("IHAVEOPX"), u32(7), u32(0)]), u32(0x80)]) {
       const raw = await RawConnection.open(sock);
       raw.socket.write(bytes);
       await raw.closedByServer();

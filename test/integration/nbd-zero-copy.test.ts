@@ -56,26 +56,39 @@ function openFds(): number {
 }
 
 describe.skipIf(process.platform !== "linux" || process.arch !== "x64")("zero-copy READ replies", () => {
-  it.each([true, false])("pipelined 1 MiB reads of a linear file device arrive intact, interleaved with small reads and writes (structured %s)", async (structured) => {
-    const content = await fileBacking("file0", 16 * MiB, 7);
-    await dm.create("disk", { table: `0 ${(16 * MiB) / 512} linear file0 0` });
-    const c = await connect("disk", structured);
-    const small = pattern(99, 4 * KiB);
-    const jobs: Promise<void>[] = [];
-    for (let i = 0; i < 12; i++) {
-      jobs.push(c.read(i * MiB, MiB).then((r) => void expect(r.data!.equals(content.subarray(i * MiB, (i + 1) * MiB))).toBe(true)));
-      jobs.push(c.read(i * MiB + 4 * KiB, 4 * KiB).then((r) => void expect(r.data!.equals(content.subarray(i * MiB + 4 * KiB, i * MiB + 8 * KiB))).toBe(true)));
-      // Writes beyond the region read, so the expected bytes stay what they were.
-      jobs.push(c.write(15 * MiB + i * 4 * KiB, small).then((r) => void expect(r.error).toBe(0)));
-    }
-    await Promise.all(jobs);
-    expect(c.outOfOrder).toBeGreaterThan(0);
-    await c.disconnect();
-    await vi.waitFor(() => expect(zeroCopyBytes()).toEqual([12 * MiB]));
-    const h = dm.open("disk");
-    expect((await h.read((15 * MiB) / 512, 8)).equals(small)).toBe(true);
-    await h.close();
-  });
+  it.each([true, false])(
+    "pipelined 1 MiB reads of a linear file device arrive intact, interleaved with small reads and writes (structured %s)",
+    async (structured) => {
+      const content = await fileBacking("file0", 16 * MiB, 7);
+      await dm.create("disk", { table: `0 ${(16 * MiB) / 512} linear file0 0` });
+      const c = await connect("disk", structured);
+      const small = pattern(99, 4 * KiB);
+      const jobs: Promise<void>[] = [];
+      for (let i = 0; i < 12; i++) {
+        jobs.push(
+          c
+            .read(i * MiB, MiB)
+            .then((r) => void expect(r.data!.equals(content.subarray(i * MiB, (i + 1) * MiB))).toBe(true)),
+        );
+        jobs.push(
+          c
+            .read(i * MiB + 4 * KiB, 4 * KiB)
+            .then(
+              (r) => void expect(r.data!.equals(content.subarray(i * MiB + 4 * KiB, i * MiB + 8 * KiB))).toBe(true),
+            ),
+        );
+        // Writes beyond the region read, so the expected bytes stay what they were.
+        jobs.push(c.write(15 * MiB + i * 4 * KiB, small).then((r) => void expect(r.error).toBe(0)));
+      }
+      await Promise.all(jobs);
+      expect(c.outOfOrder).toBeGreaterThan(0);
+      await c.disconnect();
+      await vi.waitFor(() => expect(zeroCopyBytes()).toEqual([12 * MiB]));
+      const h = dm.open("disk");
+      expect((await h.read((15 * MiB) / 512, 8)).equals(small)).toBe(true);
+      await h.close();
+    },
+  );
 
   it("a read across file, zero, memory and striped file targets comes back in order, each part by its own path", async () => {
     const a = await fileBacking("fa", 4 * MiB, 1);
@@ -92,7 +105,11 @@ describe.skipIf(process.platform !== "linux" || process.arch !== "x64")("zero-co
         "4096 128 linear fb 4096",
       ].join("\n"),
     });
-    const stripe = (n: number) => (n % 2 === 0 ? a : b).subarray(((n % 2 === 0 ? 2048 : 0) + (n >> 1) * 256) * 512, ((n % 2 === 0 ? 2048 : 0) + ((n >> 1) + 1) * 256) * 512);
+    const stripe = (n: number) =>
+      (n % 2 === 0 ? a : b).subarray(
+        ((n % 2 === 0 ? 2048 : 0) + (n >> 1) * 256) * 512,
+        ((n % 2 === 0 ? 2048 : 0) + ((n >> 1) + 1) * 256) * 512,
+      );
     const expected = Buffer.concat([
       a.subarray(0, 256 * KiB),
       Buffer.alloc(256 * KiB),

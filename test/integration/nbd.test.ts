@@ -60,7 +60,9 @@ describe("real NBD clients", () => {
     await dm.create("ro", { table: "0 8 zero", readOnly: true });
     const out = JSON.parse(await sh("nbdinfo", "--json", "--list", uri("")));
     type ExportInfo = { "export-name": string; "export-size": number; is_read_only: boolean };
-    const exports: Record<string, ExportInfo> = Object.fromEntries((out.exports as ExportInfo[]).map((e) => [e["export-name"], e]));
+    const exports: Record<string, ExportInfo> = Object.fromEntries(
+      (out.exports as ExportInfo[]).map((e) => [e["export-name"], e]),
+    );
     expect(Object.keys(exports).sort()).toEqual(["big", "ro", "small"]);
     expect(exports.small!["export-size"]).toBe(1 * MiB);
     expect(exports.big!["export-size"]).toBe(20 * MiB);
@@ -77,7 +79,16 @@ describe("real NBD clients", () => {
     expect(await sh("nbdinfo", "--size", `nbd://${host}:${port}/solo`)).toBe(`${2 * MiB}\n`);
     expect(await sh("nbdinfo", "--size", uri(""))).toBe(`${2 * MiB}\n`);
     // Data over TCP: the connection is re-opened on a duplicated descriptor like a unix one.
-    const out = await sh("qemu-io", "-f", "raw", `nbd://${host}:${port}/solo`, "-c", "write -P 0x3c 4096 1M", "-c", "read -P 0x3c 4096 1M");
+    const out = await sh(
+      "qemu-io",
+      "-f",
+      "raw",
+      `nbd://${host}:${port}/solo`,
+      "-c",
+      "write -P 0x3c 4096 1M",
+      "-c",
+      "read -P 0x3c 4096 1M",
+    );
     expect(out).toMatch(/read 1048576\/1048576 bytes/);
     expect((await readMem("mem0", 8, MiB)).equals(Buffer.alloc(MiB, 0x3c))).toBe(true);
   });
@@ -107,26 +118,29 @@ describe("real NBD clients", () => {
     expect(fs.readFileSync(out).equals(data)).toBe(true);
   });
 
-  it.skipIf(needs("nbdcopy"))("nbdcopy reads a file-backed export (sent with sendfile) intact over unix and TCP, several connections", async () => {
-    // Large reads of file-backed linear/striped tables leave by sendfile; on TCP the smaller
-    // socket buffer makes the writer fall back to copying the rest of many replies.
-    const files = ["fa", "fb"].map((n, i) => {
-      const file = path.join(dir, `${n}.img`);
-      fs.writeFileSync(file, pattern(60 + i, 16 * MiB));
-      return file;
-    });
-    backing.add("fa", await FileDevice.open(files[0]!, { mode: "rw" }));
-    backing.add("fb", await FileDevice.open(files[1]!, { mode: "rw" }));
-    await dm.create("disk", { table: "0 16384 linear fa 8192\n16384 32768 striped 2 512 fa 0 fb 0" });
-    const expected = (await submitAndWait(dm.device("disk"), readBio(0, Buffer.alloc(24 * MiB)))).data;
-    const { host, port } = await server.listenTcp({ host: "127.0.0.1", port: 0 });
-    for (const source of [uri("disk"), `nbd://${host}:${port}/disk`]) {
-      const out = path.join(dir, "out.img");
-      await sh("nbdcopy", "--connections=4", "--request-size=1048576", source, out);
-      expect(fs.readFileSync(out).equals(expected)).toBe(true);
-      fs.rmSync(out);
-    }
-  });
+  it.skipIf(needs("nbdcopy"))(
+    "nbdcopy reads a file-backed export (sent with sendfile) intact over unix and TCP, several connections",
+    async () => {
+      // Large reads of file-backed linear/striped tables leave by sendfile; on TCP the smaller
+      // socket buffer makes the writer fall back to copying the rest of many replies.
+      const files = ["fa", "fb"].map((n, i) => {
+        const file = path.join(dir, `${n}.img`);
+        fs.writeFileSync(file, pattern(60 + i, 16 * MiB));
+        return file;
+      });
+      backing.add("fa", await FileDevice.open(files[0]!, { mode: "rw" }));
+      backing.add("fb", await FileDevice.open(files[1]!, { mode: "rw" }));
+      await dm.create("disk", { table: "0 16384 linear fa 8192\n16384 32768 striped 2 512 fa 0 fb 0" });
+      const expected = (await submitAndWait(dm.device("disk"), readBio(0, Buffer.alloc(24 * MiB)))).data;
+      const { host, port } = await server.listenTcp({ host: "127.0.0.1", port: 0 });
+      for (const source of [uri("disk"), `nbd://${host}:${port}/disk`]) {
+        const out = path.join(dir, "out.img");
+        await sh("nbdcopy", "--connections=4", "--request-size=1048576", source, out);
+        expect(fs.readFileSync(out).equals(expected)).toBe(true);
+        fs.rmSync(out);
+      }
+    },
+  );
 
   it.skipIf(needs("nbdcopy"))("nbdcopy writes into the export over several connections", async () => {
     backing.memory("mem0", 32768);

@@ -33,7 +33,11 @@ describe.skipIf(missing.length > 0)("reload under NBD load", () => {
     let reloads = 0;
     const reloading = (async () => {
       for (let i = 0; i < 8; i++) {
-        for (const args of [["suspend", "vol"], ["reload", "vol", "--table", table], ["resume", "vol"]]) {
+        for (const args of [
+          ["suspend", "vol"],
+          ["reload", "vol", "--table", table],
+          ["resume", "vol"],
+        ]) {
           const r = await udmsetup(env.dir, args);
           expect(r.stderr).toBe("");
         }
@@ -57,6 +61,8 @@ describe.skipIf(missing.length > 0)("reload under NBD load", () => {
         expect(data.subarray(off, off + 4096).every((b) => b === (c * 128 + i) % 251)).toBe(true);
       }
     }
-    expect((await udmsetup(env.dir, ["info", "-c", "--noheadings", "-o", "name,attr,open", "vol"])).stdout).toBe("vol:L--w:0\n");
+    expect((await udmsetup(env.dir, ["info", "-c", "--noheadings", "-o", "name,attr,open", "vol"])).stdout).toBe(
+      "vol:L--w:0\n",
+    );
   });
 });

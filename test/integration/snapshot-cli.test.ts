@@ -51,12 +51,21 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     expect(await ok("status", "snap")).toBe("0 16384 snapshot 16/8192 16\n");
 
     // 64 KiB over NBD at the start of the origin: 16 chunks copied first.
-    expect(await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0xab 0 64k")).toMatch(/wrote 65536\/65536 bytes/);
+    expect(await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0xab 0 64k")).toMatch(
+      /wrote 65536\/65536 bytes/,
+    );
     expect(await ok("status", "snap")).toBe(`0 16384 snapshot ${(2 + 16) * 8}/8192 16\n`);
-    expect(fs.readFileSync(originFile).subarray(0, 65536).every((b) => b === 0xab)).toBe(true);
+    expect(
+      fs
+        .readFileSync(originFile)
+        .subarray(0, 65536)
+        .every((b) => b === 0xab),
+    ).toBe(true);
 
     // The snapshot still reads the old data: a range with qemu-io's pattern check, everything with nbdcopy.
-    expect(await sh("qemu-io", "-r", "-f", "raw", uri("snap"), "-c", "read -P 0x11 0 64k")).toMatch(/read 65536\/65536 bytes/);
+    expect(await sh("qemu-io", "-r", "-f", "raw", uri("snap"), "-c", "read -P 0x11 0 64k")).toMatch(
+      /read 65536\/65536 bytes/,
+    );
     const copy = path.join(env.files, "snap.img");
     await sh("nbdcopy", uri("snap"), copy);
     expect(fs.readFileSync(copy).equals(originData)).toBe(true);
@@ -70,12 +79,19 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     // A write to the snapshot goes to the COW file and leaves the origin alone.
     const out = await sh("qemu-io", "-f", "raw", uri("snap"), "-c", "write -P 0xcd 2M 8k", "-c", "read -P 0xcd 2M 8k");
     expect(out).toMatch(/read 8192\/8192 bytes/);
-    expect(fs.readFileSync(originFile).subarray(2 * MiB, 2 * MiB + 8192).equals(originData.subarray(2 * MiB, 2 * MiB + 8192))).toBe(true);
+    expect(
+      fs
+        .readFileSync(originFile)
+        .subarray(2 * MiB, 2 * MiB + 8192)
+        .equals(originData.subarray(2 * MiB, 2 * MiB + 8192)),
+    ).toBe(true);
     const allocated = (2 + 16 + 16 + 2) * 8;
     expect(await ok("status")).toBe(`base: 0 16384 snapshot-origin \nsnap: 0 16384 snapshot ${allocated}/8192 16\n`);
     expect(await ok("table", "snap")).toBe(`0 16384 snapshot ${originFile} ${cowFile} P 8\n`);
     const targets = await ok("targets");
-    expect(targets.split("\n")).toEqual(expect.arrayContaining(["snapshot-origin  v1.9.0", "snapshot         v1.16.0"]));
+    expect(targets.split("\n")).toEqual(
+      expect.arrayContaining(["snapshot-origin  v1.9.0", "snapshot         v1.16.0"]),
+    );
 
     // The COW file is a kernel-format image: "SnAp", valid, version 1, chunk size 8.
     const header = fs.readFileSync(cowFile).subarray(0, 16).toString("hex");
@@ -106,10 +122,21 @@ describe.skipIf(missing.length > 0)("snapshots through udmd, udmsetup and NBD", 
     await ok("suspend", "base");
     await ok("create", "snap", "--table", `0 8192 snapshot ${originFile} ${cowFile} P 8`);
     await ok("resume", "base");
-    const out = await sh("qemu-io", "-f", "raw", uri("base"), "-c", "write -P 0x33 0 256k", "-c", "read -P 0x33 0 256k");
+    const out = await sh(
+      "qemu-io",
+      "-f",
+      "raw",
+      uri("base"),
+      "-c",
+      "write -P 0x33 0 256k",
+      "-c",
+      "read -P 0x33 0 256k",
+    );
     expect(out).toMatch(/read 262144\/262144 bytes/);
     expect(await ok("status", "snap")).toBe("0 8192 snapshot Invalid\n");
     expect(await ok("info", "snap")).toMatch(/^Event number: +1$/m); // the invalidation raised an event
-    expect(fs.readFileSync(cowFile).subarray(0, 16).toString("hex")).toBe("536e4170" + "00000000" + "01000000" + "08000000");
+    expect(fs.readFileSync(cowFile).subarray(0, 16).toString("hex")).toBe(
+      "536e4170" + "00000000" + "01000000" + "08000000",
+    );
   });
 });

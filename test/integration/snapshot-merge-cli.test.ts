@@ -76,7 +76,11 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     const lines = out.trimEnd().split("\n");
     expect(lines[0]).toBe("base: merging snap (384 chunks)");
     expect(lines[1]).toMatch(/^base: \d+% merged \(\d+ of 384 chunks left\)$/);
-    expect(lines.slice(-3)).toEqual(["base: 100% merged (0 of 384 chunks left)", "base: merge complete", `0 ${SECTORS} snapshot-origin ${originFile}`]);
+    expect(lines.slice(-3)).toEqual([
+      "base: 100% merged (0 of 384 chunks left)",
+      "base: merge complete",
+      `0 ${SECTORS} snapshot-origin ${originFile}`,
+    ]);
     // The snapshot device is gone, the origin is a plain snapshot-origin again and holds the snapshot's data.
     expect(await ok("ls")).toMatch(/^base\t\(253:\d+\)\n$/);
     expect(await ok("table", "base")).toBe(`0 ${SECTORS} snapshot-origin ${originFile}\n`);
@@ -117,7 +121,12 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
     expect([r.code, r.stderr]).toEqual([1, "other: not a snapshot-origin device\nCommand failed.\n"]);
     // A second snapshot-merge table on the same COW while the first waits to be resumed.
     await ok("reload", "base", "--table", `0 ${SECTORS} snapshot-merge ${originFile} ${cowFile} P 8`);
-    r = await udmsetup(env.dir, ["reload", "other", "--table", `0 ${SECTORS} snapshot-merge ${originFile} ${cowFile} P 8`]);
+    r = await udmsetup(env.dir, [
+      "reload",
+      "other",
+      "--table",
+      `0 ${SECTORS} snapshot-merge ${originFile} ${cowFile} P 8`,
+    ]);
     expect([r.code, r.stderr]).toEqual([
       1,
       "snapshot-merge: Snapshot cow pairing for exception table handover failed\ndevice-mapper: reload ioctl on other  failed: Invalid argument\nCommand failed.\n",
@@ -129,10 +138,14 @@ describe.skipIf(missing.length > 0)("snapshot-merge through udmd and udmsetup", 
   it.skipIf(!haveScript)("on a terminal: a progress bar redrawn in place, then the table", async () => {
     const view = await snapshotWithChanges();
     // script(1) runs udmsetup on a pseudo-terminal.
-    const cmd = [process.execPath, UDMSETUP, "--run-dir", env.dir, "--no-autostart", "merge", "base", "snap"].map((a) => `'${a}'`).join(" ");
+    const cmd = [process.execPath, UDMSETUP, "--run-dir", env.dir, "--no-autostart", "merge", "base", "snap"]
+      .map((a) => `'${a}'`)
+      .join(" ");
     const out = (await sh("script", "-qec", cmd, "/dev/null")).replace(/\r\n/g, "\n");
     expect(out).toMatch(/^\rbase: merging \[[#-]{30}\] +\d+% \(\d+\/384 chunks\)/);
-    expect(out).toContain(`\rbase: merging [${"#".repeat(30)}] 100% (384/384 chunks)\n0 ${SECTORS} snapshot-origin ${originFile}\n`);
+    expect(out).toContain(
+      `\rbase: merging [${"#".repeat(30)}] 100% (384/384 chunks)\n0 ${SECTORS} snapshot-origin ${originFile}\n`,
+    );
     expect(out).not.toContain("merge complete");
     expect(fs.readFileSync(originFile).equals(view)).toBe(true);
   });

@@ -35,7 +35,12 @@ function modelLocate(segs: Seg[], s: number): { dev: number; sector: number } | 
 }
 
 const segArb: fc.Arbitrary<Seg> = fc.oneof(
-  fc.record({ kind: fc.constant("linear" as const), len: fc.integer({ min: 1, max: 200 }), dev: fc.nat(DEVICES - 1), offset: fc.nat(1000) }),
+  fc.record({
+    kind: fc.constant("linear" as const),
+    len: fc.integer({ min: 1, max: 200 }),
+    dev: fc.nat(DEVICES - 1),
+    offset: fc.nat(1000),
+  }),
   fc.record({ kind: fc.constant("zero" as const), len: fc.integer({ min: 1, max: 100 }) }),
   fc
     .record({
@@ -44,7 +49,12 @@ const segArb: fc.Arbitrary<Seg> = fc.oneof(
       rows: fc.integer({ min: 1, max: 6 }),
       devs: fc.array(fc.record({ dev: fc.nat(DEVICES - 1), offset: fc.nat(1000) }), { minLength: 4, maxLength: 4 }),
     })
-    .map(({ n, chunk, rows, devs }) => ({ kind: "striped" as const, len: n * chunk * rows, chunk, stripes: devs.slice(0, n) })),
+    .map(({ n, chunk, rows, devs }) => ({
+      kind: "striped" as const,
+      len: n * chunk * rows,
+      chunk,
+      stripes: devs.slice(0, n),
+    })),
 );
 
 function tableText(segs: Seg[]): string {
@@ -53,7 +63,10 @@ function tableText(segs: Seg[]): string {
   for (const seg of segs) {
     if (seg.kind === "linear") lines.push(`${begin} ${seg.len} linear d${seg.dev} ${seg.offset}`);
     else if (seg.kind === "zero") lines.push(`${begin} ${seg.len} zero`);
-    else lines.push(`${begin} ${seg.len} striped ${seg.stripes.length} ${seg.chunk} ${seg.stripes.map((s) => `d${s.dev} ${s.offset}`).join(" ")}`);
+    else
+      lines.push(
+        `${begin} ${seg.len} striped ${seg.stripes.length} ${seg.chunk} ${seg.stripes.map((s) => `d${s.dev} ${s.offset}`).join(" ")}`,
+      );
     begin += seg.len;
   }
   return lines.join("\n");
@@ -78,44 +91,51 @@ const ioArb = fc.record({
 describe("mapping property", () => {
   it("random tables and I/O match a per-sector model; clones never cross boundaries", async () => {
     await fc.assert(
-      fc.asyncProperty(fc.array(segArb, { minLength: 1, maxLength: 6 }), fc.array(ioArb, { minLength: 1, maxLength: 30 }), async (segs, ios) => {
-        const { dm, backing } = testMapper();
-        const devs: Recording[] = [];
-        for (let i = 0; i < DEVICES; i++) devs.push(backing.add(`d${i}`, new Recording(DEV_SECTORS, { tableName: `d${i}` })));
-        const size = segs.reduce((a, s) => a + s.len, 0);
-        await dm.create("p", { table: tableText(segs) });
-        const h = dm.open("p");
-        const model = devs.map(() => Buffer.alloc(DEV_SECTORS * SECTOR_SIZE));
+      fc.asyncProperty(
+        fc.array(segArb, { minLength: 1, maxLength: 6 }),
+        fc.array(ioArb, { minLength: 1, maxLength: 30 }),
+        async (segs, ios) => {
+          const { dm, backing } = testMapper();
+          const devs: Recording[] = [];
+          for (let i = 0; i < DEVICES; i++)
+            devs.push(backing.add(`d${i}`, new Recording(DEV_SECTORS, { tableName: `d${i}` })));
+          const size = segs.reduce((a, s) => a + s.len, 0);
+          await dm.create("p", { table: tableText(segs) });
+          const h = dm.open("p");
+          const model = devs.map(() => Buffer.alloc(DEV_SECTORS * SECTOR_SIZE));
 
-        for (const io of ios) {
-          const sector = Math.floor(io.at * size);
-          const sectors = Math.min(io.sectors, size - sector);
-          if (io.write) {
-            const data = pattern(io.seed, sectors * SECTOR_SIZE);
-            await h.write(sector, data);
-            for (let i = 0; i < sectors; i++) {
-              const loc = modelLocate(segs, sector + i);
-              if (loc) data.copy(model[loc.dev]!, loc.sector * SECTOR_SIZE, i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE);
-            }
-          } else {
-            const got = await h.read(sector, sectors);
-            for (let i = 0; i < sectors; i++) {
-              const loc = modelLocate(segs, sector + i);
-              const want = loc ? model[loc.dev]!.subarray(loc.sector * SECTOR_SIZE, (loc.sector + 1) * SECTOR_SIZE) : Buffer.alloc(SECTOR_SIZE);
-              expect(got.subarray(i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE).equals(want)).toBe(true);
+          for (const io of ios) {
+            const sector = Math.floor(io.at * size);
+            const sectors = Math.min(io.sectors, size - sector);
+            if (io.write) {
+              const data = pattern(io.seed, sectors * SECTOR_SIZE);
+              await h.write(sector, data);
+              for (let i = 0; i < sectors; i++) {
+                const loc = modelLocate(segs, sector + i);
+                if (loc) data.copy(model[loc.dev]!, loc.sector * SECTOR_SIZE, i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE);
+              }
+            } else {
+              const got = await h.read(sector, sectors);
+              for (let i = 0; i < sectors; i++) {
+                const loc = modelLocate(segs, sector + i);
+                const want = loc
+                  ? model[loc.dev]!.subarray(loc.sector * SECTOR_SIZE, (loc.sector + 1) * SECTOR_SIZE)
+                  : Buffer.alloc(SECTOR_SIZE);
+                expect(got.subarray(i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE).equals(want)).toBe(true);
+              }
             }
           }
-        }
-        const seen = devs.map((d) => d.seen.slice());
-        // The backing devices hold exactly what the model says.
-        for (let d = 0; d < DEVICES; d++) expect((await readAll(devs[d]!)).equals(model[d]!)).toBe(true);
-        // Every backing bio maps to one contiguous run inside one segment and one stripe chunk.
-        for (let d = 0; d < DEVICES; d++) {
-          for (const bio of seen[d]!) checkClone(segs, d, bio);
-        }
-        await h.close();
-        await dm.close();
-      }),
+          const seen = devs.map((d) => d.seen.slice());
+          // The backing devices hold exactly what the model says.
+          for (let d = 0; d < DEVICES; d++) expect((await readAll(devs[d]!)).equals(model[d]!)).toBe(true);
+          // Every backing bio maps to one contiguous run inside one segment and one stripe chunk.
+          for (let d = 0; d < DEVICES; d++) {
+            for (const bio of seen[d]!) checkClone(segs, d, bio);
+          }
+          await h.close();
+          await dm.close();
+        },
+      ),
       { numRuns: 150 },
     );
   });

@@ -46,7 +46,16 @@ import { InOrderGate, type PendingException } from "../../targets/snapshot/pendi
 import { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { TrackedChunks } from "../../targets/snapshot/tracked-chunks.js";
 import type { ControlledDevice } from "../support/controlled-device.js";
-import { IDLE, type IoRec, type Rig, cowSectorsFor, engineState, pattern, settle, snapshotRig } from "../support/snapshot-rig.js";
+import {
+  IDLE,
+  type IoRec,
+  type Rig,
+  cowSectorsFor,
+  engineState,
+  pattern,
+  settle,
+  snapshotRig,
+} from "../support/snapshot-rig.js";
 
 const SIZE = 2304; // origin sectors: 288 chunks of 8
 const HOT = 64; // origin writes and most I/O stay in [0, HOT)
@@ -80,7 +89,10 @@ interface Step {
   settle: boolean;
 }
 
-const snapArb: fc.Arbitrary<SnapConf> = fc.record({ cs: fc.constantFrom(8, 8, 16, 32), store: fc.constantFrom("P", "P", "N") });
+const snapArb: fc.Arbitrary<SnapConf> = fc.record({
+  cs: fc.constantFrom(8, 8, 16, 32),
+  store: fc.constantFrom("P", "P", "N"),
+});
 const confArb = fc.array(snapArb, { minLength: 2, maxLength: 3 });
 const sectorArb = fc.nat({ max: HOT - 1 });
 const lenArb = fc.integer({ min: 1, max: 8 });
@@ -89,15 +101,30 @@ function stepsArb(faults: boolean): fc.Arbitrary<Step[]> {
   const actionArb: fc.Arbitrary<Action> = fc.oneof(
     { weight: 5, arbitrary: fc.record({ kind: fc.constant("owrite" as const), sector: sectorArb, len: lenArb }) },
     { weight: 1, arbitrary: fc.record({ kind: fc.constant("oread" as const), sector: sectorArb, len: lenArb }) },
-    { weight: 3, arbitrary: fc.record({ kind: fc.constant("pair" as const), snap: fc.nat(), sector: sectorArb, len: lenArb }) },
+    {
+      weight: 3,
+      arbitrary: fc.record({ kind: fc.constant("pair" as const), snap: fc.nat(), sector: sectorArb, len: lenArb }),
+    },
     { weight: 2, arbitrary: fc.constant({ kind: "again" as const }) },
     {
       weight: 3,
-      arbitrary: fc.record({ kind: fc.constant("swrite" as const), snap: fc.nat(), sector: sectorArb, len: lenArb, whole: fc.boolean() }),
+      arbitrary: fc.record({
+        kind: fc.constant("swrite" as const),
+        snap: fc.nat(),
+        sector: sectorArb,
+        len: lenArb,
+        whole: fc.boolean(),
+      }),
     },
     {
       weight: 5,
-      arbitrary: fc.record({ kind: fc.constant("sread" as const), snap: fc.nat(), sector: sectorArb, len: lenArb, anywhere: fc.boolean() }),
+      arbitrary: fc.record({
+        kind: fc.constant("sread" as const),
+        snap: fc.nat(),
+        sector: sectorArb,
+        len: lenArb,
+        anywhere: fc.boolean(),
+      }),
     },
     { weight: 1, arbitrary: fc.record({ kind: fc.constant("flush" as const), dev: fc.nat() }) },
     { weight: 1, arbitrary: fc.record({ kind: fc.constant("suspend" as const), dev: fc.nat() }) },
@@ -112,7 +139,11 @@ function stepsArb(faults: boolean): fc.Arbitrary<Step[]> {
     },
     { weight: faults ? 1 : 0, arbitrary: fc.record({ kind: fc.constant("fail" as const), pick: fc.nat() }) },
   );
-  return fc.array(fc.record({ action: actionArb, settle: fc.boolean() }), { minLength: 20, maxLength: 100, size: "medium" });
+  return fc.array(fc.record({ action: actionArb, settle: fc.boolean() }), {
+    minLength: 20,
+    maxLength: 100,
+    size: "medium",
+  });
 }
 
 /** A bio the schedule submitted, with what the model expects of it. */
@@ -170,7 +201,8 @@ async function runSchedule(conf: SnapConf[], steps: Step[], faults: boolean, cow
       prefill.push(r.io.write(r.snaps[names[i]!]!, sector, data).promise);
     }
   });
-  for (const p of await Promise.all(prefill)) if (p.status !== "ok") violations.push(`prefill write failed: ${p.status}`);
+  for (const p of await Promise.all(prefill))
+    if (p.status !== "ok") violations.push(`prefill write failed: ${p.status}`);
 
   const devices: ControlledDevice[] = [r.origin, ...names.map((n) => r.cows[n]!)];
   // Every bio is held; remember the global order of arrival across the devices.
@@ -215,7 +247,15 @@ async function runSchedule(conf: SnapConf[], steps: Step[], faults: boolean, cow
       tracked.push({ rec: r.io.write(md, sector, data), dev: md.name, snap: i, sector, len, write: true });
     } else {
       const expectData = Buffer.from(snapModel[i]!.subarray(sector * SECTOR_SIZE, (sector + len) * SECTOR_SIZE));
-      tracked.push({ rec: r.io.read(md, sector, len), dev: md.name, snap: i, sector, len, write: false, expect: expectData });
+      tracked.push({
+        rec: r.io.read(md, sector, len),
+        dev: md.name,
+        snap: i,
+        sector,
+        len,
+        write: false,
+        expect: expectData,
+      });
     }
   };
 
@@ -237,7 +277,9 @@ async function runSchedule(conf: SnapConf[], steps: Step[], faults: boolean, cow
       if (t.expect) {
         for (let k = 0; k < t.len; k++) {
           if (unknown[t.snap]!.has(t.sector + k) || sectorOf(t.rec.data, k).equals(sectorOf(t.expect, k))) continue;
-          violations.push(`read ${t.dev}@${t.sector}+${t.len} (bio #${t.rec.id}) returned data other than the model's at sector ${t.sector + k}`);
+          violations.push(
+            `read ${t.dev}@${t.sector}+${t.len} (bio #${t.rec.id}) returned data other than the model's at sector ${t.sector + k}`,
+          );
           break;
         }
       }
@@ -290,10 +332,14 @@ async function runSchedule(conf: SnapConf[], steps: Step[], faults: boolean, cow
         break;
       }
       case "suspend":
-        admin.push(r.dm.suspend(mds[a.dev % mds.length]!.name).catch((e: Error) => violations.push(`suspend: ${e.message}`)));
+        admin.push(
+          r.dm.suspend(mds[a.dev % mds.length]!.name).catch((e: Error) => violations.push(`suspend: ${e.message}`)),
+        );
         break;
       case "resume":
-        admin.push(r.dm.resume(mds[a.dev % mds.length]!.name).catch((e: Error) => violations.push(`resume: ${e.message}`)));
+        admin.push(
+          r.dm.resume(mds[a.dev % mds.length]!.name).catch((e: Error) => violations.push(`resume: ${e.message}`)),
+        );
         break;
       case "release":
         for (const pick of a.picks) {
@@ -316,36 +362,48 @@ async function runSchedule(conf: SnapConf[], steps: Step[], faults: boolean, cow
   // Drain: resume everything, stop holding, release until nothing is left.
   devices.forEach((d, i) => d.stopHolding(holds[i]!));
   for (let round = 0; round < 40; round++) {
-    for (const md of mds) if (md.suspended) admin.push(r.dm.resume(md.name).catch((e: Error) => violations.push(`resume: ${e.message}`)));
+    for (const md of mds)
+      if (md.suspended) admin.push(r.dm.resume(md.name).catch((e: Error) => violations.push(`resume: ${e.message}`)));
     for (const d of devices) for (const h of d.held()) h.release();
     await settle();
     await settle();
     poll();
-    if (tracked.every((t) => t.rec.completions > 0) && devices.every((d) => d.held().length === 0) && mds.every((md) => !md.suspended)) break;
+    if (
+      tracked.every((t) => t.rec.completions > 0) &&
+      devices.every((d) => d.held().length === 0) &&
+      mds.every((md) => !md.suspended)
+    )
+      break;
   }
   await Promise.race([Promise.all(admin), settle().then(settle)]);
   poll();
   await crashChecks();
 
   for (const t of tracked) {
-    if (t.rec.completions !== 1) violations.push(`bio #${t.rec.id} ${t.rec.op} ${t.dev}@${t.sector} completed ${t.rec.completions} times`);
-    else if (!faults && t.rec.status !== "ok") violations.push(`bio #${t.rec.id} ${t.rec.op} ${t.dev}@${t.sector} failed: ${t.rec.status}`);
+    if (t.rec.completions !== 1)
+      violations.push(`bio #${t.rec.id} ${t.rec.op} ${t.dev}@${t.sector} completed ${t.rec.completions} times`);
+    else if (!faults && t.rec.status !== "ok")
+      violations.push(`bio #${t.rec.id} ${t.rec.op} ${t.dev}@${t.sector} failed: ${t.rec.status}`);
   }
   violations.push(...r.io.errors);
-  for (const rec of r.logger.records) if (/threw|target bug/.test(rec.msg)) violations.push(`logged: ${rec.msg} ${JSON.stringify(rec.fields)}`);
+  for (const rec of r.logger.records)
+    if (/threw|target bug/.test(rec.msg)) violations.push(`logged: ${rec.msg} ${JSON.stringify(rec.fields)}`);
   if (violations.length > 0) return violations;
 
   // Final state against the model.
   const originNow = r.origin.readSync(0, SIZE);
-  if (!originNow.subarray(HOT * SECTOR_SIZE).equals(r.initial.subarray(HOT * SECTOR_SIZE))) violations.push("origin changed outside the written region");
+  if (!originNow.subarray(HOT * SECTOR_SIZE).equals(r.initial.subarray(HOT * SECTOR_SIZE)))
+    violations.push("origin changed outside the written region");
   for (let s = 0; s < HOT; s++) {
-    if (!originCand[s]!.some((v) => v.equals(sectorOf(originNow, s)))) violations.push(`origin sector ${s} holds data no write put there`);
+    if (!originCand[s]!.some((v) => v.equals(sectorOf(originNow, s))))
+      violations.push(`origin sector ${s} holds data no write put there`);
   }
   const invalid = names.map((n) => r.dm.status(n)[0]!.params === "Invalid");
   for (let i = 0; i < names.length; i++) {
     const t = r.target<SnapshotTarget>(names[i]!);
     const state = engineState(t);
-    if (JSON.stringify(state) !== JSON.stringify(IDLE)) violations.push(`${names[i]} not idle: ${JSON.stringify(state)}`);
+    if (JSON.stringify(state) !== JSON.stringify(IDLE))
+      violations.push(`${names[i]} not idle: ${JSON.stringify(state)}`);
     if (invalid[i] && !faults) violations.push(`${names[i]} became invalid without any I/O error`);
     const rd = r.io.read(r.snaps[names[i]!]!, 0, SIZE);
     await settle();
@@ -377,7 +435,11 @@ async function runSchedule(conf: SnapConf[], steps: Step[], faults: boolean, cow
       const i = names.indexOf(n);
       const rd = r.io.read(r.dm.device(n), 0, SIZE);
       await settle();
-      const same = rd.status === "ok" && [...Array(SIZE).keys()].every((s) => unknown[i]!.has(s) || sectorOf(rd.data, s).equals(sectorOf(snapModel[i]!, s)));
+      const same =
+        rd.status === "ok" &&
+        [...Array(SIZE).keys()].every(
+          (s) => unknown[i]!.has(s) || sectorOf(rd.data, s).equals(sectorOf(snapModel[i]!, s)),
+        );
       if (!same) violations.push(`${n} differs from the model after reload (${rd.status})`);
     }
   }
@@ -393,7 +455,8 @@ async function cowImageProblems(image: ControlledDevice, cs: number, where: stri
   const recorded = new Set(img.records.map((x) => x.newChunk));
   const missing: number[] = [];
   for (let c = 2; c < img.nextFree; c++) if (!isMetadataChunk(epa, c) && !recorded.has(c)) missing.push(c);
-  if (missing.length > 0) out.push(`${where}: chunks ${missing.join(",")} below next_free ${img.nextFree} are not recorded`);
+  if (missing.length > 0)
+    out.push(`${where}: chunks ${missing.join(",")} below next_free ${img.nextFree} are not recorded`);
   return out;
 }
 
@@ -448,16 +511,22 @@ describe("the property catches a disabled fix", () => {
   });
 
   it("in-order gate bypassed (R11)", async () => {
-    patch(InOrderGate.prototype, "copied", (pe: PendingException, complete: (pe: PendingException) => void) => complete(pe));
+    patch(InOrderGate.prototype, "copied", (pe: PendingException, complete: (pe: PendingException) => void) =>
+      complete(pe),
+    );
     await expectCounterexample(3, 150);
   });
 
   it("origin writes look at the complete table before the pending one (R17)", async () => {
     const find = SnapshotTarget.prototype.findOrAllocatePending;
-    patch(SnapshotTarget.prototype, "findOrAllocatePending", function (this: SnapshotTarget, chunk: number, snapshotWrite: boolean) {
-      if (!snapshotWrite && this.complete.lookup(chunk) >= 0) return null;
-      return find.call(this, chunk, snapshotWrite);
-    });
+    patch(
+      SnapshotTarget.prototype,
+      "findOrAllocatePending",
+      function (this: SnapshotTarget, chunk: number, snapshotWrite: boolean) {
+        if (!snapshotWrite && this.complete.lookup(chunk) >= 0) return null;
+        return find.call(this, chunk, snapshotWrite);
+      },
+    );
     await expectCounterexample(3, 150);
   });
 

@@ -271,7 +271,9 @@ async function runSchedule(steps: Step[], end: string): Promise<void> {
       // (4) nothing reaches a device while the mapped device is suspended.
       expect(arrival.suspended, `${what}: reached ${arrival.dev} while suspended`).toBe(false);
       // (3) mapped through the table that was live at that moment.
-      expect(arrival.liveDev, `${what}: reached ${arrival.dev} but the live table pointed at ${arrival.liveDev}`).toBe(arrival.dev);
+      expect(arrival.liveDev, `${what}: reached ${arrival.dev} but the live table pointed at ${arrival.liveDev}`).toBe(
+        arrival.dev,
+      );
     }
   }
 
@@ -282,7 +284,10 @@ async function runSchedule(steps: Step[], end: string): Promise<void> {
     for (const name of ["a", "b"] as const) {
       const got = devs[name].readSync(w.slot * SLOT, SLOT);
       const want = name === onDev ? pattern(w.seed, SLOT_BYTES) : ZEROS;
-      expect(got.equals(want), `write #${w.id} slot ${w.slot} (status ${w.status}, mapped to ${w.arrivals[0]?.dev}) on ${name}`).toBe(true);
+      expect(
+        got.equals(want),
+        `write #${w.id} slot ${w.slot} (status ${w.status}, mapped to ${w.arrivals[0]?.dev}) on ${name}`,
+      ).toBe(true);
     }
   }
 
@@ -293,7 +298,9 @@ async function runSchedule(steps: Step[], end: string): Promise<void> {
     if (r.op !== "read" || r.status !== "ok") continue;
     const data = r.bio.data;
     const arrival = r.arrivals[0]!;
-    expect(data.equals(r.deviceAtCompletion!), `read #${r.id}: data differs from ${arrival.dev} at completion`).toBe(true);
+    expect(data.equals(r.deviceAtCompletion!), `read #${r.id}: data differs from ${arrival.dev} at completion`).toBe(
+      true,
+    );
     if (r.writeDoneBefore) {
       const want = r.write!.arrivals[0]!.dev === arrival.dev ? pattern(r.seed, SLOT_BYTES) : ZEROS;
       expect(data.equals(want), `read #${r.id} of slot ${r.slot} after write #${r.write!.id} completed`).toBe(true);
@@ -307,7 +314,9 @@ async function runSchedule(steps: Step[], end: string): Promise<void> {
     for (const x of recs) {
       if (x.id <= d.id || x.arrivals.length === 0) continue;
       expect(d.arrivals.length, `#${x.id} reached a device but the earlier deferred #${d.id} never did`).toBe(1);
-      expect(x.arrivals[0]!.order, `#${x.id} overtook the earlier deferred #${d.id}`).toBeGreaterThan(d.arrivals[0]!.order);
+      expect(x.arrivals[0]!.order, `#${x.id} overtook the earlier deferred #${d.id}`).toBeGreaterThan(
+        d.arrivals[0]!.order,
+      );
     }
   }
 

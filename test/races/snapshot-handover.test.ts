@@ -34,7 +34,11 @@ describe("snapshot reload (handover)", () => {
     const whole = await io.read(snaps.s!, 0, SIZE).promise;
     expect(whole.data.equals(initial)).toBe(true);
     const image = await readCowImage(cows.s!.readSync(0, cows.s!.sizeSectors));
-    expect(image.records.map((e) => [e.oldChunk, e.newChunk])).toEqual([[0, 2], [1, 3], [2, 4]]);
+    expect(image.records.map((e) => [e.oldChunk, e.newChunk])).toEqual([
+      [0, 2],
+      [1, 3],
+      [2, 4],
+    ]);
     expect(dm.status("s")[0]!.params).toBe(`${5 * CS}/${cows.s!.sizeSectors} ${2 * CS}`);
   });
 
@@ -75,7 +79,9 @@ describe("snapshot reload (handover)", () => {
     const { dm, table } = await rig();
     await dm.load("s", table);
     await dm.create("other", { table: `0 ${SIZE} zero` });
-    await expect(dm.load("other", table)).rejects.toThrow("snapshot: Snapshot cow pairing for exception table handover failed");
+    await expect(dm.load("other", table)).rejects.toThrow(
+      "snapshot: Snapshot cow pairing for exception table handover failed",
+    );
     expect(dm.tableText("other")).toBe(`0 ${SIZE} zero \n`);
   });
 

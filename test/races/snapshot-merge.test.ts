@@ -21,7 +21,19 @@ import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 import { testMapper } from "../support/memory-backing.js";
 import {
-  IDLE, type IoRec, type Rig, chunkOf, cowSectorsFor, engineState, pattern, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
+  IDLE,
+  type IoRec,
+  type Rig,
+  chunkOf,
+  cowSectorsFor,
+  engineState,
+  pattern,
+  settleAll,
+  snapshotRig,
+  writesOf,
+  dataWrite,
+  expectDone,
+  metadataWrite,
 } from "../support/snapshot-rig.js";
 
 const CS = 8;
@@ -42,7 +54,8 @@ function overlay(base: Buffer, atSector: number, data: Buffer): Buffer {
 }
 
 /** The merge table for snapshot `snap` of the rig's origin. */
-const mergeTable = (size: number, snap: string, store = "P", cs = CS) => `0 ${size} snapshot-merge origin cow-${snap} ${store} ${cs}`;
+const mergeTable = (size: number, snap: string, store = "P", cs = CS) =>
+  `0 ${size} snapshot-merge origin cow-${snap} ${store} ${cs}`;
 
 /** lvconvert --merge on an active origin: load the merge table on the origin's device, suspend the snapshot, resume the origin. */
 async function startMerge(r: Rig, size: number, snap: string, store = "P", cs = CS): Promise<SnapshotMergeTarget> {
@@ -69,7 +82,9 @@ async function readAll(r: Rig, name: string, sectors: number): Promise<Buffer> {
  * goes to the COW), snapshot writes to chunks 5-7. Records in allocation order: (1,2) (2,3) (5,4)
  * (6,5) (7,6); the merge takes them from the end in two batches: chunks 5-7, then 1-2.
  */
-async function basicRig(opts: { originOptions?: { volatileCache?: boolean }; cowOptions?: { volatileCache?: boolean } } = {}) {
+async function basicRig(
+  opts: { originOptions?: { volatileCache?: boolean }; cowOptions?: { volatileCache?: boolean } } = {},
+) {
   const SIZE = 256;
   const r = await snapshotRig({
     originSectors: SIZE,
@@ -131,12 +146,23 @@ describe("snapshot-merge: the device reads as the snapshot while the merge copie
 
   it("constructor checks: one merge per origin, persistent stores only, the handover pairing", async () => {
     const SIZE = 256;
-    const r = await snapshotRig({ originSectors: SIZE, snaps: [{ name: "a", cs: CS }, { name: "b", cs: CS }, { name: "n", cs: CS, store: "N" }] });
-    await expect(r.dm.load("base", mergeTable(SIZE, "n", "N"))).rejects.toThrow("snapshot-merge: Snapshot exception store does not support snapshot-merge.");
+    const r = await snapshotRig({
+      originSectors: SIZE,
+      snaps: [
+        { name: "a", cs: CS },
+        { name: "b", cs: CS },
+        { name: "n", cs: CS, store: "N" },
+      ],
+    });
+    await expect(r.dm.load("base", mergeTable(SIZE, "n", "N"))).rejects.toThrow(
+      "snapshot-merge: Snapshot exception store does not support snapshot-merge.",
+    );
     await r.dm.load("base", mergeTable(SIZE, "a"));
     // A second merge table elsewhere while the first waits for its resume: the first is already merging.
     await r.dm.create("other");
-    await expect(r.dm.load("other", mergeTable(SIZE, "b"))).rejects.toThrow("snapshot-merge: A snapshot is already merging.");
+    await expect(r.dm.load("other", mergeTable(SIZE, "b"))).rejects.toThrow(
+      "snapshot-merge: A snapshot is already merging.",
+    );
     // A third table on a's COW.
     await expect(r.dm.load("other", `0 ${SIZE} snapshot origin cow-a P ${CS}`)).rejects.toThrow(
       "snapshot: Snapshot cow pairing for exception table handover failed",
@@ -276,7 +302,13 @@ describe("R10: the merging batch holds writes to any of its chunks; the merging 
 describe("R9: before a batch overwrites origin chunks, every other snapshot preserves them", () => {
   it("the merge waits for the other snapshot's copies of each batch; that snapshot keeps the pre-merge data", async () => {
     const SIZE = 256;
-    const r = await snapshotRig({ originSectors: SIZE, snaps: [{ name: "x", cs: 16 }, { name: "y", cs: CS }] });
+    const r = await snapshotRig({
+      originSectors: SIZE,
+      snaps: [
+        { name: "x", cs: 16 },
+        { name: "y", cs: CS },
+      ],
+    });
     await r.io.write(r.base, 64, pattern(901, CHUNK)).promise; // X chunk 4, Y chunk 8
     await r.io.write(r.snaps.x!, 32, pattern(902, 2 * CHUNK)).promise; // X chunk 2 (Y chunks 4, 5 untouched)
     const xView = await readAll(r, "x", SIZE);
@@ -351,7 +383,9 @@ describe("R20: crash at every flush point of a merge", () => {
     expectDone(await Promise.all(seq.map((c) => r.io.write(r.snaps.s!, c * CS, pattern(300 + c, CHUNK)).promise)));
     const before = await readCowImage(r.cows.s!.crash({ keep: () => true }));
     expect(before.records).toHaveLength(262);
-    expect(before.records.slice(-6).map((x) => [x.oldChunk, x.newChunk])).toEqual(seq.slice(-6).map((c, i) => [c, 259 + i]));
+    expect(before.records.slice(-6).map((x) => [x.oldChunk, x.newChunk])).toEqual(
+      seq.slice(-6).map((c, i) => [c, 259 + i]),
+    );
     const snapView = await readAll(r, "s", SIZE);
     // Make the starting point durable.
     expectDone([await r.io.flush(r.base).promise, await r.io.flush(r.snaps.s!).promise]);
@@ -446,7 +480,14 @@ describe("R20: crash at every flush point of a merge", () => {
 describe("R13: handover of another snapshot while a merge runs and origin writes are in flight", () => {
   it("the merge pauses across the swap and continues; Y keeps its data in the store it now owns", async () => {
     const SIZE = 256;
-    const r = await snapshotRig({ originSectors: SIZE, snaps: [{ name: "x", cs: CS }, { name: "y", cs: CS }, { name: "z", cs: 16 }] });
+    const r = await snapshotRig({
+      originSectors: SIZE,
+      snaps: [
+        { name: "x", cs: CS },
+        { name: "y", cs: CS },
+        { name: "z", cs: 16 },
+      ],
+    });
     await r.io.write(r.base, 10 * CS, pattern(810, CHUNK)).promise; // every snapshot copies chunk 10
     for (const c of [2, 3, 4]) await r.io.write(r.snaps.x!, c * CS, pattern(800 + c, CHUNK)).promise;
     await r.io.write(r.snaps.y!, 21 * CS, pattern(821, CHUNK)).promise; // Y has chunk 21, X and Z do not
@@ -470,7 +511,11 @@ describe("R13: handover of another snapshot while a merge runs and origin writes
     const raw = dest as unknown as { takeOverExceptions(src: SnapshotTarget): void };
     const takeOver = raw.takeOverExceptions.bind(dest);
     raw.takeOverExceptions = (src) => {
-      swaps.push({ mergeRunning: merge.mergeRunning, srcPending: src.pending.size, baseInFlight: r.dm.device("base").inFlight });
+      swaps.push({
+        mergeRunning: merge.mergeRunning,
+        srcPending: src.pending.size,
+        baseInFlight: r.dm.device("base").inFlight,
+      });
       takeOver(src);
     };
     await r.dm.suspend("y");
@@ -521,10 +566,30 @@ describe("R13: handover of another snapshot while a merge runs and origin writes
  */
 describe("merge failures", () => {
   const cases = [
-    { what: "COW read of the copy", dev: "cow", pred: (b: Bio) => b.op === "read", message: "Read error: shutting down merge." },
-    { what: "origin write of the copy", dev: "origin", pred: (b: Bio) => b.op === "write", message: "Write error: shutting down merge." },
-    { what: "origin flush", dev: "origin", pred: (b: Bio) => b.op === "flush", message: "Flush after merge failed: shutting down merge" },
-    { what: "metadata commit", dev: "cow", pred: metadataWrite, message: "Write error in exception store: shutting down merge" },
+    {
+      what: "COW read of the copy",
+      dev: "cow",
+      pred: (b: Bio) => b.op === "read",
+      message: "Read error: shutting down merge.",
+    },
+    {
+      what: "origin write of the copy",
+      dev: "origin",
+      pred: (b: Bio) => b.op === "write",
+      message: "Write error: shutting down merge.",
+    },
+    {
+      what: "origin flush",
+      dev: "origin",
+      pred: (b: Bio) => b.op === "flush",
+      message: "Flush after merge failed: shutting down merge",
+    },
+    {
+      what: "metadata commit",
+      dev: "cow",
+      pred: metadataWrite,
+      message: "Write error in exception store: shutting down merge",
+    },
   ] as const;
   for (const c of cases) {
     it(`${c.what} fails: status 'Merge failed', the held write fails, the data stays consistent; a resume retries`, async () => {
@@ -594,9 +659,11 @@ describe("10^4-exception merge under verified concurrent I/O", () => {
     const r = await snapshotRig({ originSectors: SIZE, snaps: [{ name: "x", cs: CS }], seed: 7 });
     let x = 12345;
     const rand = (n: number) => {
-      x ^= x << 13; x >>>= 0;
+      x ^= x << 13;
+      x >>>= 0;
       x ^= x >>> 17;
-      x ^= x << 5; x >>>= 0;
+      x ^= x << 5;
+      x >>>= 0;
       return x % n;
     };
     // 2000 chunks in sequence through the snapshot, then 8000 scattered ones, half through the origin.
@@ -607,11 +674,13 @@ describe("10^4-exception merge under verified concurrent I/O", () => {
     }
     const chosen = [...Array.from({ length: 2000 }, (_, i) => i), ...order.slice(0, EXCEPTIONS - 2000)];
     for (let i = 0; i < chosen.length; i += 256) {
-      const recs = chosen.slice(i, i + 256).map((c, k) =>
-        (i + k) < 2000 || (i + k) % 2 === 0
-          ? r.io.write(r.snaps.x!, c * CS, pattern(100_000 + c, CHUNK))
-          : r.io.write(r.base, c * CS, pattern(200_000 + c, CHUNK)),
-      );
+      const recs = chosen
+        .slice(i, i + 256)
+        .map((c, k) =>
+          i + k < 2000 || (i + k) % 2 === 0
+            ? r.io.write(r.snaps.x!, c * CS, pattern(100_000 + c, CHUNK))
+            : r.io.write(r.base, c * CS, pattern(200_000 + c, CHUNK)),
+        );
       for (const rec of await Promise.all(recs.map((x) => x.promise))) expect(rec.status).toBe("ok");
     }
     const records = (usage(r.dm, "x").allocated - usage(r.dm, "x").metadata) / CS;
@@ -662,8 +731,13 @@ describe("10^4-exception merge under verified concurrent I/O", () => {
           else data.copy(model, sector * SECTOR_SIZE);
         } else {
           const rec = await r.io.read(r.base, sector, len).promise;
-          if (rec.status !== "ok" || !rec.data.equals(model.subarray(sector * SECTOR_SIZE, (sector + len) * SECTOR_SIZE))) {
-            problems.push(`read ${sector}+${len} (chunk ${chunk}): ${rec.status}, ${merging ? "during" : "after"} the merge`);
+          if (
+            rec.status !== "ok" ||
+            !rec.data.equals(model.subarray(sector * SECTOR_SIZE, (sector + len) * SECTOR_SIZE))
+          ) {
+            problems.push(
+              `read ${sector}+${len} (chunk ${chunk}): ${rec.status}, ${merging ? "during" : "after"} the merge`,
+            );
           }
         }
         if (merging) opsDuringMerge++;
@@ -677,7 +751,10 @@ describe("10^4-exception merge under verified concurrent I/O", () => {
         const sector = rand(SIZE - 64);
         const len = 1 + rand(64);
         const rec = await r.io.read(r.dm.device("y"), sector, len).promise;
-        if (rec.status !== "ok" || !rec.data.equals(yView.subarray(sector * SECTOR_SIZE, (sector + len) * SECTOR_SIZE))) {
+        if (
+          rec.status !== "ok" ||
+          !rec.data.equals(yView.subarray(sector * SECTOR_SIZE, (sector + len) * SECTOR_SIZE))
+        ) {
           problems.push(`snapshot y read ${sector}+${len}: ${rec.status}`);
         }
         if (problems.length > 10) return;

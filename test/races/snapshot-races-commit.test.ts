@@ -14,9 +14,19 @@ import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 import { testMapper } from "../support/memory-backing.js";
 import {
-  IDLE, type IoRec, chunkOf, cowSectorsFor, engineState, pattern, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
+  IDLE,
+  type IoRec,
+  chunkOf,
+  cowSectorsFor,
+  engineState,
+  pattern,
+  settleAll,
+  snapshotRig,
+  writesOf,
+  dataWrite,
+  expectDone,
+  metadataWrite,
 } from "../support/snapshot-rig.js";
-
 
 /**
  * R11: N copies complete in reverse allocation order; crash at every point; reload.
@@ -56,7 +66,9 @@ describe("R11: copies completing in reverse order, crash at every point", () => 
     // Each recorded chunk holds its data (durable before the record).
     for (const [newChunk, oldChunk] of recorded) {
       const want = expectData.get(oldChunk)!;
-      expect(image.readSync(newChunk * CS, CS).equals(want), `${where}: data of chunk ${oldChunk} at ${newChunk}`).toBe(true);
+      expect(image.readSync(newChunk * CS, CS).equals(want), `${where}: data of chunk ${oldChunk} at ${newChunk}`).toBe(
+        true,
+      );
     }
     // Reload: a new snapshot table over the crashed image.
     const { dm, backing } = testMapper();
@@ -66,7 +78,9 @@ describe("R11: copies completing in reverse order, crash at every point", () => 
     await dm.suspend("b");
     await dm.create("s", { table: `0 ${SIZE} snapshot o c P ${CS}` });
     await dm.resume("b");
-    expect(dm.status("s")[0]!.params, where).toBe(`${img.nextFree * CS}/${image.sizeSectors} ${(img.currentArea + 2) * CS}`);
+    expect(dm.status("s")[0]!.params, where).toBe(
+      `${img.nextFree * CS}/${image.sizeSectors} ${(img.currentArea + 2) * CS}`,
+    );
     await dm.open("b").write(500 * CS, Buffer.alloc(CS * SECTOR_SIZE, 1)); // a fresh chunk: allocates next_free
     const after = await readCowImage(image);
     expect(after.records.at(-1), where).toMatchObject({ oldChunk: 500, newChunk: img.nextFree });
@@ -121,7 +135,9 @@ describe("R11: copies completing in reverse order, crash at every point", () => 
     expect(points).toBeGreaterThan(N + 2); // the area-0 zero + write and the area-1 write were crash points too
     const final = await readCowImage(cow.crash());
     expect(final.records).toHaveLength(PREFILL + N);
-    expect(final.records.map((x) => x.newChunk)).toEqual([...final.records.map((x) => x.newChunk)].sort((a, b) => a - b));
+    expect(final.records.map((x) => x.newChunk)).toEqual(
+      [...final.records.map((x) => x.newChunk)].sort((a, b) => a - b),
+    );
     expect(engineState(r.target("s"))).toEqual(IDLE);
   });
 });
@@ -243,6 +259,9 @@ describe("R18: full-chunk snapshot write plus a partial write to the same chunk"
     await settleAll();
     expectDone([part, full]);
     const img = await readCowImage(r.cows.s!);
-    expect(img.records.map((x) => [x.oldChunk, x.newChunk])).toEqual([[5, 2], [6, 3]]);
+    expect(img.records.map((x) => [x.oldChunk, x.newChunk])).toEqual([
+      [5, 2],
+      [6, 3],
+    ]);
   });
 });

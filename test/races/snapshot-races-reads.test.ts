@@ -9,7 +9,18 @@ import { type Bio, SECTOR_SIZE } from "../../core/bio.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import {
-  IDLE, type IoRec, chunkOf, engineState, pattern, sectorsOf, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
+  IDLE,
+  type IoRec,
+  chunkOf,
+  engineState,
+  pattern,
+  sectorsOf,
+  settleAll,
+  snapshotRig,
+  writesOf,
+  dataWrite,
+  expectDone,
+  metadataWrite,
 } from "../support/snapshot-rig.js";
 
 const KiB4 = 4096;
@@ -187,7 +198,11 @@ describe("unwritten COW space is never exposed", () => {
     expectDone([sw], "EIO");
     expect(r.dm.status("s")[0]!.params).toBe("Invalid");
     expect(r.origin.readSync(96, 8).equals(pattern(64, KiB4))).toBe(true);
-    const after = [r.io.read(r.snaps.s!, 96, 8), r.io.read(r.snaps.s!, 0, 8), r.io.write(r.snaps.s!, 8, pattern(66, KiB4))];
+    const after = [
+      r.io.read(r.snaps.s!, 96, 8),
+      r.io.read(r.snaps.s!, 0, 8),
+      r.io.write(r.snaps.s!, 8, pattern(66, KiB4)),
+    ];
     await settleAll();
     expectDone(after, "EIO");
     for (const a of after.slice(0, 2)) expect(isStale(a.data)).toBe(false);

@@ -14,7 +14,19 @@ import type { PendingException } from "../../targets/snapshot/pending.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { probeOf } from "../support/snapshot-probe.js";
 import {
-  IDLE, type IoRec, type Rig, chunkOf, engineState, pattern, sectorsOf, settleAll, snapshotRig, writesOf, dataWrite, expectDone, metadataWrite,
+  IDLE,
+  type IoRec,
+  type Rig,
+  chunkOf,
+  engineState,
+  pattern,
+  sectorsOf,
+  settleAll,
+  snapshotRig,
+  writesOf,
+  dataWrite,
+  expectDone,
+  metadataWrite,
 } from "../support/snapshot-rig.js";
 
 const KiB4 = 4096;
@@ -57,7 +69,13 @@ function overlay(base: Buffer, at: number, data: Buffer): Buffer {
  */
 describe("R1: two snapshots, W1 and W2 to one chunk with a copy paused", () => {
   it("shared-read copy, A's COW write paused: both snapshots keep the pre-W1 data, W1 then W2 land in order", async () => {
-    const r = await snapshotRig({ originSectors: 256, snaps: [{ name: "a", cs: 8 }, { name: "b", cs: 8 }] });
+    const r = await snapshotRig({
+      originSectors: 256,
+      snaps: [
+        { name: "a", cs: 8 },
+        { name: "b", cs: 8 },
+      ],
+    });
     const [ta, tb] = [r.target<SnapshotTarget>("a"), r.target<SnapshotTarget>("b")];
     const originLog = r.origin.log.length;
     r.cows.a!.hold(dataWrite); // pause A's copy (the write half of the shared copy)
@@ -91,7 +109,13 @@ describe("R1: two snapshots, W1 and W2 to one chunk with a copy paused", () => {
 
   it("independent copies, A finishes while B's copy read is paused: W1 and W2 wait for B too", async () => {
     // A has the larger chunk, so the origin bios queue on A's exception first.
-    const r = await snapshotRig({ originSectors: 256, snaps: [{ name: "a", cs: 16 }, { name: "b", cs: 8 }] });
+    const r = await snapshotRig({
+      originSectors: 256,
+      snaps: [
+        { name: "a", cs: 16 },
+        { name: "b", cs: 8 },
+      ],
+    });
     const [ta, tb] = [r.target<SnapshotTarget>("a"), r.target<SnapshotTarget>("b")];
     const originLog = r.origin.log.length;
     r.origin.hold((b) => b.op === "read" && b.sectors === 8); // B's copy read
@@ -131,7 +155,13 @@ describe("R1: two snapshots, W1 and W2 to one chunk with a copy paused", () => {
  */
 describe("R2: removing a snapshot while a sibling's copy for the same origin write is paused", () => {
   it("dtr waits for the shared copy, and nothing touches the removed snapshot afterwards", async () => {
-    const r = await snapshotRig({ originSectors: 256, snaps: [{ name: "s1", cs: 8, type: "snapshot-probe" }, { name: "s2", cs: 8 }] });
+    const r = await snapshotRig({
+      originSectors: 256,
+      snaps: [
+        { name: "s1", cs: 8, type: "snapshot-probe" },
+        { name: "s2", cs: 8 },
+      ],
+    });
     const t1 = r.target<SnapshotTarget>("s1");
     const probe = probeOf(t1);
     const hold = r.cows.s2!.hold(dataWrite);
@@ -183,11 +213,18 @@ describe("R3: 4 KiB and 16 KiB chunks, W1 in A∩C and W2 in B∩C", () => {
   async function scenario(order: "B then C" | "C then B") {
     // The small snapshot is transient: a persistent store would batch A's commit with B's (group
     // commit), and W1 could not go ahead of B in the second order at all.
-    const r = await snapshotRig({ originSectors: 256, snaps: [{ name: "small", cs: 8, store: "N" }, { name: "big", cs: 32 }] });
+    const r = await snapshotRig({
+      originSectors: 256,
+      snaps: [
+        { name: "small", cs: 8, store: "N" },
+        { name: "big", cs: 32 },
+      ],
+    });
     const originLog = r.origin.log.length;
     // Pause C's copy (its 32-sector read) and, for the second order, B's (8 sectors at sector 8).
     const holdC = r.origin.hold((b) => b.op === "read" && b.sectors === 32);
-    const holdB = order === "C then B" ? r.origin.hold((b) => b.op === "read" && b.sectors === 8 && b.sector === 8) : null;
+    const holdB =
+      order === "C then B" ? r.origin.hold((b) => b.op === "read" && b.sectors === 8 && b.sector === 8) : null;
     const w1 = r.io.write(r.base, 2, pattern(31, 2 * SECTOR_SIZE));
     const w2 = r.io.write(r.base, 10, pattern(32, 2 * SECTOR_SIZE));
     await r.origin.waitForHeld(order === "C then B" ? 2 : 1);
@@ -244,9 +281,11 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
   function rng(seed: number): (n: number) => number {
     let x = seed >>> 0 || 1;
     return (n) => {
-      x ^= x << 13; x >>>= 0;
+      x ^= x << 13;
+      x >>>= 0;
       x ^= x >>> 17;
-      x ^= x << 5; x >>>= 0;
+      x ^= x << 5;
+      x >>>= 0;
       return x % n;
     };
   }
@@ -262,7 +301,8 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
     let inside = -1;
     raw.store.prepareException = () => {
       if (inside < 0) problems.push(`${name}: COW chunk allocated outside findOrAllocatePending`);
-      else if (t.pending.has(inside) || t.complete.lookup(inside) >= 0) problems.push(`${name}: second exception for chunk ${inside}`);
+      else if (t.pending.has(inside) || t.complete.lookup(inside) >= 0)
+        problems.push(`${name}: second exception for chunk ${inside}`);
       return prepare();
     };
     raw.findOrAllocatePending = (chunk, w) => {
@@ -278,7 +318,13 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
   it("holds over 150 seeded interleavings", async () => {
     for (let seed = 1; seed <= 150; seed++) {
       const rand = rng(seed);
-      const r = await snapshotRig({ originSectors: 64, snaps: [{ name: "p", cs: 8, store: "P" }, { name: "n", cs: 16, store: "N" }] });
+      const r = await snapshotRig({
+        originSectors: 64,
+        snaps: [
+          { name: "p", cs: 8, store: "P" },
+          { name: "n", cs: 16, store: "N" },
+        ],
+      });
       const problems: string[] = [];
       const names = ["p", "n"] as const;
       for (const s of names) instrument(r.target(s), problems, s);
@@ -309,7 +355,11 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
         if (rand(3) === 0) await settleAll(2);
       }
       devices.forEach((d, i) => d.stopHolding(holds[i]!));
-      for (let round = 0; round < 50 && (devices.some((d) => d.held().length > 0) || r.io.outstanding.length > 0); round++) {
+      for (
+        let round = 0;
+        round < 50 && (devices.some((d) => d.held().length > 0) || r.io.outstanding.length > 0);
+        round++
+      ) {
         for (const d of devices) for (const h of d.held().reverse()) h.release();
         await settleAll(2);
       }
@@ -348,7 +398,13 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
  */
 describe("R14: removing a snapshot whose last pending exception is completing", () => {
   it("dtr resolves after pendingComplete finished, and nothing touches the snapshot after the count reached 0", async () => {
-    const r = await snapshotRig({ originSectors: 256, snaps: [{ name: "s1", cs: 8, type: "snapshot-probe" }, { name: "s2", cs: 8 }] });
+    const r = await snapshotRig({
+      originSectors: 256,
+      snaps: [
+        { name: "s1", cs: 8, type: "snapshot-probe" },
+        { name: "s2", cs: 8 },
+      ],
+    });
     const t1 = r.target<SnapshotTarget>("s1");
     const probe = probeOf(t1);
     const copyHold = r.cows.s2!.hold(dataWrite); // the shared copy job runs on s2's copier client

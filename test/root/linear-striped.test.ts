@@ -30,8 +30,7 @@ interface Leg {
   offset: number;
 }
 type Segment =
-  | { type: "linear"; length: number; leg: Leg }
-  | { type: "striped"; length: number; chunk: number; legs: Leg[] };
+  { type: "linear"; length: number; leg: Leg } | { type: "striped"; length: number; chunk: number; legs: Leg[] };
 
 function tableText(segments: Segment[]): string {
   let start = 0;
@@ -62,7 +61,12 @@ function* mapping(segments: Segment[]): Generator<{ sector: number; sectors: num
       const n = s.legs.length;
       for (let c = 0; c * s.chunk < s.length; c++) {
         const leg = s.legs[c % n]!;
-        yield { sector: start + c * s.chunk, sectors: Math.min(s.chunk, s.length - c * s.chunk), loop: leg.loop, at: leg.offset + Math.floor(c / n) * s.chunk };
+        yield {
+          sector: start + c * s.chunk,
+          sectors: Math.min(s.chunk, s.length - c * s.chunk),
+          loop: leg.loop,
+          at: leg.offset + Math.floor(c / n) * s.chunk,
+        };
       }
     }
     start += s.length;
@@ -94,7 +98,10 @@ function unmappedNonZero(segments: Segment[], loops: LoopDevice[]): string[] {
   const problems: string[] = [];
   for (const loop of loops) {
     const used = [...mapping(segments)].filter((r) => r.loop === loop).sort((a, b) => a.at - b.at);
-    const size = fs.statSync(loop.path).size > 0 ? fs.statSync(loop.path).size : Number(fs.readFileSync(`/sys/block/${path.basename(loop.path)}/size`, "utf8")) * SECTOR;
+    const size =
+      fs.statSync(loop.path).size > 0
+        ? fs.statSync(loop.path).size
+        : Number(fs.readFileSync(`/sys/block/${path.basename(loop.path)}/size`, "utf8")) * SECTOR;
     let pos = 0;
     const gaps: [number, number][] = [];
     for (const r of used) {
@@ -127,87 +134,118 @@ function fioJob(file: string, bytes: number, workload: { rw: string; bs: string 
   ];
 }
 
-describe.skipIf(skipReason !== null)("linear and striped tables over loop devices: fio through attach, read back through NBD", () => {
-  const env = useRootEnv("striped");
+describe.skipIf(skipReason !== null)(
+  "linear and striped tables over loop devices: fio through attach, read back through NBD",
+  () => {
+    const env = useRootEnv("striped");
 
-  /**
-   * Bind `count` loop devices of `bytes` each, build the table `build(loops)` returns, attach
-   * it, run fio with verify=crc32c over the whole device, and check it through NBD and against
-   * the loop devices.
-   */
-  async function runCase(count: number, bytes: number, build: (loops: LoopDevice[]) => Segment[], workload: { rw: string; bs: string }) {
-    const loops: LoopDevice[] = [];
-    for (let i = 0; i < count; i++) loops.push(await env.loop(env.sparseFile(`leg${i}.img`, bytes)));
-    const segments = build(loops);
-    const sectors = totalSectors(segments);
-    const name = env.name("vol");
-    await env.startDaemon();
-    await env.ok("create", name, "--table", tableText(segments));
-    expect((await env.ok("table", name)).trim()).toBe(
-      tableText(segments).replace(/\/dev\/loop(\d+)/g, (_, n: string) => `7:${n}`), // block devices print as major:minor
-    );
-    const { dev } = await env.attach(name);
-    expect(fs.readFileSync(`/sys/block/${path.basename(dev)}/size`, "utf8").trim()).toBe(String(sectors));
+    /**
+     * Bind `count` loop devices of `bytes` each, build the table `build(loops)` returns, attach
+     * it, run fio with verify=crc32c over the whole device, and check it through NBD and against
+     * the loop devices.
+     */
+    async function runCase(
+      count: number,
+      bytes: number,
+      build: (loops: LoopDevice[]) => Segment[],
+      workload: { rw: string; bs: string },
+    ) {
+      const loops: LoopDevice[] = [];
+      for (let i = 0; i < count; i++) loops.push(await env.loop(env.sparseFile(`leg${i}.img`, bytes)));
+      const segments = build(loops);
+      const sectors = totalSectors(segments);
+      const name = env.name("vol");
+      await env.startDaemon();
+      await env.ok("create", name, "--table", tableText(segments));
+      expect((await env.ok("table", name)).trim()).toBe(
+        tableText(segments).replace(/\/dev\/loop(\d+)/g, (_, n: string) => `7:${n}`), // block devices print as major:minor
+      );
+      const { dev } = await env.attach(name);
+      expect(fs.readFileSync(`/sys/block/${path.basename(dev)}/size`, "utf8").trim()).toBe(String(sectors));
 
-    // fio writes the whole device, reads it back through the kernel device and checks every block.
-    const direct = ["--ioengine=libaio", "--iodepth=16", "--direct=1", "--end_fsync=1"];
-    const fio = await tool("fio", [...fioJob(dev, sectors * SECTOR, workload), ...direct], { timeoutMs: 120_000 });
-    expect(fio.code, `fio through ${dev}:\n${fio.stderr}${fio.stdout}`).toBe(0);
-    const job = (JSON.parse(fio.stdout.slice(fio.stdout.indexOf("{"))) as { jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }).jobs[0]!;
-    expect(job.error).toBe(0);
-    expect(job.write.io_bytes).toBe(sectors * SECTOR); // every byte written once...
-    expect(job.read.io_bytes).toBe(sectors * SECTOR); // ...and read back by the verify phase
+      // fio writes the whole device, reads it back through the kernel device and checks every block.
+      const direct = ["--ioengine=libaio", "--iodepth=16", "--direct=1", "--end_fsync=1"];
+      const fio = await tool("fio", [...fioJob(dev, sectors * SECTOR, workload), ...direct], { timeoutMs: 120_000 });
+      expect(fio.code, `fio through ${dev}:\n${fio.stderr}${fio.stdout}`).toBe(0);
+      const job = (
+        JSON.parse(fio.stdout.slice(fio.stdout.indexOf("{"))) as {
+          jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[];
+        }
+      ).jobs[0]!;
+      expect(job.error).toBe(0);
+      expect(job.write.io_bytes).toBe(sectors * SECTOR); // every byte written once...
+      expect(job.read.io_bytes).toBe(sectors * SECTOR); // ...and read back by the verify phase
 
-    // The same data through NBD: a copy of the whole device.
-    const image = path.join(env.scratch, "nbd.img");
-    await sh("nbdcopy", env.nbdUri(name), image);
-    expect(fs.statSync(image).size).toBe(sectors * SECTOR);
-    // It holds exactly fio's blocks (fio recomputes the same offsets and checks each checksum)...
-    const verify = await tool("fio", [...fioJob(image, sectors * SECTOR, workload), "--verify_only", "--ioengine=psync"], { timeoutMs: 120_000 });
-    expect(verify.code, `fio --verify_only over the NBD copy:\n${verify.stderr}${verify.stdout}`).toBe(0);
-    // ...and the loop devices hold them where the table says.
-    const data = fs.readFileSync(image);
-    expect(firstMismatch(data, segments)).toBeNull();
-    expect(unmappedNonZero(segments, loops)).toEqual([]);
+      // The same data through NBD: a copy of the whole device.
+      const image = path.join(env.scratch, "nbd.img");
+      await sh("nbdcopy", env.nbdUri(name), image);
+      expect(fs.statSync(image).size).toBe(sectors * SECTOR);
+      // It holds exactly fio's blocks (fio recomputes the same offsets and checks each checksum)...
+      const verify = await tool(
+        "fio",
+        [...fioJob(image, sectors * SECTOR, workload), "--verify_only", "--ioengine=psync"],
+        { timeoutMs: 120_000 },
+      );
+      expect(verify.code, `fio --verify_only over the NBD copy:\n${verify.stderr}${verify.stdout}`).toBe(0);
+      // ...and the loop devices hold them where the table says.
+      const data = fs.readFileSync(image);
+      expect(firstMismatch(data, segments)).toBeNull();
+      expect(unmappedNonZero(segments, loops)).toEqual([]);
 
-    await env.ok("detach", name);
-    await env.ok("remove", name);
-    expect(await env.stopDaemon()).toBe(0);
-    // After the daemon has closed everything, the loop devices still hold the data.
-    expect(firstMismatch(data, segments)).toBeNull();
-  }
+      await env.ok("detach", name);
+      await env.ok("remove", name);
+      expect(await env.stopDaemon()).toBe(0);
+      // After the daemon has closed everything, the loop devices still hold the data.
+      expect(firstMismatch(data, segments)).toBeNull();
+    }
 
-  it("linear: three segments over three loop devices at odd offsets", async () => {
-    await runCase(
-      3,
-      24 * MiB,
-      ([a, b, c]) => [
-        { type: "linear", length: 32768, leg: { loop: b!, offset: 8192 } }, // 16 MiB from 4 MiB into b
-        { type: "linear", length: 16384, leg: { loop: a!, offset: 0 } }, // 8 MiB from the start of a
-        { type: "linear", length: 32768, leg: { loop: c!, offset: 1001 } }, // 16 MiB at an odd sector of c
-      ],
-      { rw: "randwrite", bs: "4k-256k" },
-    );
-  }, 120_000);
+    it("linear: three segments over three loop devices at odd offsets", async () => {
+      await runCase(
+        3,
+        24 * MiB,
+        ([a, b, c]) => [
+          { type: "linear", length: 32768, leg: { loop: b!, offset: 8192 } }, // 16 MiB from 4 MiB into b
+          { type: "linear", length: 16384, leg: { loop: a!, offset: 0 } }, // 8 MiB from the start of a
+          { type: "linear", length: 32768, leg: { loop: c!, offset: 1001 } }, // 16 MiB at an odd sector of c
+        ],
+        { rw: "randwrite", bs: "4k-256k" },
+      );
+    }, 120_000);
 
-  it("striped: four legs, 64 KiB chunks, legs at different offsets", async () => {
-    await runCase(
-      4,
-      20 * MiB,
-      (loops) => [{ type: "striped", length: 131072, chunk: 128, legs: loops.map((loop, i) => ({ loop, offset: [0, 2048, 4096, 8][i]! })) }],
-      { rw: "randwrite", bs: "4k-256k" },
-    );
-  }, 120_000);
+    it("striped: four legs, 64 KiB chunks, legs at different offsets", async () => {
+      await runCase(
+        4,
+        20 * MiB,
+        (loops) => [
+          {
+            type: "striped",
+            length: 131072,
+            chunk: 128,
+            legs: loops.map((loop, i) => ({ loop, offset: [0, 2048, 4096, 8][i]! })),
+          },
+        ],
+        { rw: "randwrite", bs: "4k-256k" },
+      );
+    }, 120_000);
 
-  it("striped then linear in one table over two loop devices, sequential 12 KiB writes across 8 KiB chunks", async () => {
-    await runCase(
-      2,
-      40 * MiB,
-      ([a, b]) => [
-        { type: "striped", length: 65536, chunk: 16, legs: [{ loop: a!, offset: 16 }, { loop: b!, offset: 0 }] }, // 32 MiB, 8 KiB chunks
-        { type: "linear", length: 32768, leg: { loop: a!, offset: 16 + 32768 } }, // 16 MiB right after a's stripe area
-      ],
-      { rw: "write", bs: "12k" }, // 48 MiB is a whole number of 12 KiB blocks
-    );
-  }, 120_000);
-});
+    it("striped then linear in one table over two loop devices, sequential 12 KiB writes across 8 KiB chunks", async () => {
+      await runCase(
+        2,
+        40 * MiB,
+        ([a, b]) => [
+          {
+            type: "striped",
+            length: 65536,
+            chunk: 16,
+            legs: [
+              { loop: a!, offset: 16 },
+              { loop: b!, offset: 0 },
+            ],
+          }, // 32 MiB, 8 KiB chunks
+          { type: "linear", length: 32768, leg: { loop: a!, offset: 16 + 32768 } }, // 16 MiB right after a's stripe area
+        ],
+        { rw: "write", bs: "12k" }, // 48 MiB is a whole number of 12 KiB blocks
+      );
+    }, 120_000);
+  },
+);

@@ -70,9 +70,13 @@ describe.skipIf(skipReason !== null)("snapshot of a live filesystem on loop devi
     await snapshotKeepsThePointInTime(EXT4);
   }, 90_000);
 
-  it.skipIf(xfsSkipReason !== null)("xfs: the snapshot passes xfs_repair -n and has every file's old hash while the origin changes", async () => {
-    await snapshotKeepsThePointInTime(XFS);
-  }, 90_000);
+  it.skipIf(xfsSkipReason !== null)(
+    "xfs: the snapshot passes xfs_repair -n and has every file's old hash while the origin changes",
+    async () => {
+      await snapshotKeepsThePointInTime(XFS);
+    },
+    90_000,
+  );
 
   it("ext4: a writable snapshot takes its own changes; the origin device does not change", async () => {
     // 16 KiB chunks: a 4 KiB write to the snapshot first copies the rest of its chunk.

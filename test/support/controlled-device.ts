@@ -14,7 +14,15 @@
  * Unheld bios complete synchronously inside `submit` (like a RAM disk), and a released bio completes
  * inside `release()`: nothing here uses timers or randomness, so every run is the same.
  */
-import { Bio, SECTOR_SHIFT, SECTOR_SIZE, describeBio, type BioEndIo, type BioOp, type BioStatus } from "../../core/bio.js";
+import {
+  Bio,
+  SECTOR_SHIFT,
+  SECTOR_SIZE,
+  describeBio,
+  type BioEndIo,
+  type BioOp,
+  type BioStatus,
+} from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 
 /** Sparse sector store in 4 KiB pages; absent pages read as zeros. */
@@ -54,7 +62,7 @@ export class SparseStore {
 
   private walk(sector: number, bytes: number, fn: (page: number, off: number, pos: number, len: number) => void): void {
     let abs = sector * SECTOR_SIZE;
-    for (let pos = 0; pos < bytes; ) {
+    for (let pos = 0; pos < bytes;) {
       const page = Math.floor(abs / SparseStore.PAGE_BYTES);
       const off = abs % SparseStore.PAGE_BYTES;
       const len = Math.min(SparseStore.PAGE_BYTES - off, bytes - pos);
@@ -113,10 +121,18 @@ export class HeldIo {
     readonly bio: Bio,
     readonly seq: number,
   ) {}
-  get op(): BioOp { return this.bio.op; }
-  get sector(): number { return this.bio.sector; }
-  get sectors(): number { return this.bio.sectors; }
-  get flags(): number { return this.bio.flags; }
+  get op(): BioOp {
+    return this.bio.op;
+  }
+  get sector(): number {
+    return this.bio.sector;
+  }
+  get sectors(): number {
+    return this.bio.sectors;
+  }
+  get flags(): number {
+    return this.bio.flags;
+  }
 
   /** Issue the bio now (it completes before this returns, unless the backing device is async). */
   release(): void {
@@ -192,13 +208,17 @@ export class ControlledDevice implements BlockDevice, BioEndIo {
   /** For a flush in flight: how many writes had completed when it was submitted. */
   private readonly flushBarrier = new WeakMap<Bio, number>();
 
-  constructor(sizeOrBacking: number | BlockDevice, private readonly options: ControlledDeviceOptions = {}) {
+  constructor(
+    sizeOrBacking: number | BlockDevice,
+    private readonly options: ControlledDeviceOptions = {},
+  ) {
     if (typeof sizeOrBacking === "number") {
       this.sizeSectors = sizeOrBacking;
       this.store = new SparseStore();
       this.backing = null;
     } else {
-      if (options.volatileCache) throw new Error("ControlledDevice: the volatile cache model needs the device's own store");
+      if (options.volatileCache)
+        throw new Error("ControlledDevice: the volatile cache model needs the device's own store");
       this.sizeSectors = sizeOrBacking.sizeSectors;
       this.store = null;
       this.backing = sizeOrBacking;
@@ -299,7 +319,9 @@ export class ControlledDevice implements BlockDevice, BioEndIo {
 
   /** Completed writes not yet durable, in completion order. */
   unflushed(): CachedWrite[] {
-    return this.cache.filter((e) => !e.durable).map(({ seq, op, sector, sectors, flags }) => ({ seq, op, sector, sectors, flags }));
+    return this.cache
+      .filter((e) => !e.durable)
+      .map(({ seq, op, sector, sectors, flags }) => ({ seq, op, sector, sectors, flags }));
   }
 
   /**
@@ -376,7 +398,14 @@ export class ControlledDevice implements BlockDevice, BioEndIo {
     } else {
       this.counters.failed++;
     }
-    this.log.push({ seq: this.seqOf.get(bio) ?? 0, op: bio.op, sector: bio.sector, sectors: bio.sectors, flags: bio.flags, status });
+    this.log.push({
+      seq: this.seqOf.get(bio) ?? 0,
+      op: bio.op,
+      sector: bio.sector,
+      sectors: bio.sectors,
+      flags: bio.flags,
+      status,
+    });
     bio.complete(status);
   }
 
@@ -422,7 +451,8 @@ export class ControlledDevice implements BlockDevice, BioEndIo {
   }
 
   private ownStore(): SparseStore {
-    if (!this.store) throw new Error("ControlledDevice: direct access needs the device's own store (not a backing device)");
+    if (!this.store)
+      throw new Error("ControlledDevice: direct access needs the device's own store (not a backing device)");
     return this.store;
   }
 }

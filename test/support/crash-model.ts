@@ -97,7 +97,9 @@ export class WriteHistory {
     for (let s = 0; s < content.length / SECTOR; s++) {
       const got = content.subarray(s * SECTOR, (s + 1) * SECTOR);
       const was = before.subarray(s * SECTOR, (s + 1) * SECTOR);
-      const writes = (perDevice.get(Math.floor((s * SECTOR) / BLOCK)) ?? []).filter((w) => w.firstSector <= s && s < w.firstSector + w.sectors);
+      const writes = (perDevice.get(Math.floor((s * SECTOR) / BLOCK)) ?? []).filter(
+        (w) => w.firstSector <= s && s < w.firstSector + w.sectors,
+      );
       report.sectorsChecked++;
       if (writes.length === 0) {
         if (!got.equals(was)) problem(`sector ${s}, never written, changed: ${show(got)} instead of ${show(was)}`);
@@ -109,7 +111,8 @@ export class WriteHistory {
       });
       const allowed = writes.slice(Math.max(0, lastDurable));
       const stampOf = decodeStamp(got);
-      const fromWrite = stampOf && stampOf.intact && stampOf.sector === s ? allowed.find((w) => w.id === stampOf.writeId) : undefined;
+      const fromWrite =
+        stampOf && stampOf.intact && stampOf.sector === s ? allowed.find((w) => w.id === stampOf.writeId) : undefined;
       if (fromWrite) continue;
       if (lastDurable < 0 && got.equals(was)) continue;
       const lost = lastDurable >= 0 ? writes[lastDurable]! : null;
@@ -127,5 +130,7 @@ export class WriteHistory {
 
 function show(sector: Buffer): string {
   const s = decodeStamp(sector);
-  return s ? `write #${s.writeId} of sector ${s.sector}${s.intact ? "" : " (torn)"}` : `unstamped ${sector.subarray(0, 16).toString("hex")}`;
+  return s
+    ? `write #${s.writeId} of sector ${s.sector}${s.intact ? "" : " (torn)"}`
+    : `unstamped ${sector.subarray(0, 16).toString("hex")}`;
 }

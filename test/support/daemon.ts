@@ -123,7 +123,8 @@ export function udmsetup(dir: string, args: string[], stdin?: string, env: NodeJ
       process.execPath,
       [UDMSETUP, "--run-dir", dir, "--no-autostart", ...args],
       { env: { ...process.env, LANG: "C.UTF-8", ...env } },
-      (error, stdout, stderr) => resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+      (error, stdout, stderr) =>
+        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
     );
     if (stdin !== undefined) child.stdin!.end(stdin);
     else child.stdin!.end();

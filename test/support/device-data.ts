@@ -21,7 +21,7 @@ export function digestDevice(dev: string, bytes?: number): string {
   try {
     const h = crypto.createHash("sha256");
     const buf = Buffer.alloc(4 * MiB);
-    for (let pos = 0; bytes === undefined || pos < bytes; ) {
+    for (let pos = 0; bytes === undefined || pos < bytes;) {
       const n = fs.readSync(fd, buf, 0, bytes === undefined ? buf.length : Math.min(buf.length, bytes - pos), pos);
       if (n === 0) break;
       h.update(buf.subarray(0, n));

@@ -20,7 +20,7 @@ export function makeTree(seed: string, count: number, maxBytes: number): Tree {
   const tree: Tree = new Map();
   for (let i = 0; i < count; i++) {
     const dir = i % 5 === 0 ? "" : `d${i % 3}/${i % 2 ? "sub/" : ""}`;
-    const size = i < fixed.length ? fixed[i]! : Math.floor(((i * 7919) % 1000) / 1000 * maxBytes) + 1;
+    const size = i < fixed.length ? fixed[i]! : Math.floor((((i * 7919) % 1000) / 1000) * maxBytes) + 1;
     tree.set(`${dir}f${i}.bin`, patternBytes(`${seed}/${i}`, Math.min(size, maxBytes)));
   }
   return tree;
@@ -51,7 +51,9 @@ export function hashTree(root: string): Record<string, string> {
 
 /** What `hashTree` should return for `tree`. */
 export function treeHashes(tree: Tree): Record<string, string> {
-  return Object.fromEntries([...tree].map(([rel, data]) => [rel, sha256(data)] as const).sort(([a], [b]) => a.localeCompare(b)));
+  return Object.fromEntries(
+    [...tree].map(([rel, data]) => [rel, sha256(data)] as const).sort(([a], [b]) => a.localeCompare(b)),
+  );
 }
 
 /**

@@ -30,7 +30,8 @@ export const EXT4: FsKind = {
   tools: ["mkfs.ext4", "e2fsck", "fsfreeze"],
   minBytes: 64 * MiB,
   // No lazy initialisation: a background thread would keep writing after mount.
-  mkfs: async (dev) => void (await sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)),
+  mkfs: async (dev) =>
+    void (await sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)),
   check: (dev) => tool("e2fsck", ["-fn", dev]),
   snapshotMountOptions: (readOnly) => (readOnly ? ["ro"] : []),
   replayLogBeforeCheck: false,

@@ -36,7 +36,11 @@ export interface LiveSnapshot {
 }
 
 /** The snapshot table for `rig`, with chunk size `chunk` (0: from the COW header). */
-export function snapshotTable(rig: Pick<LiveSnapshot, "sectors" | "originLoop" | "cowLoop">, chunk: number, store = "P"): string {
+export function snapshotTable(
+  rig: Pick<LiveSnapshot, "sectors" | "originLoop" | "cowLoop">,
+  chunk: number,
+  store = "P",
+): string {
   return `0 ${rig.sectors} snapshot ${rig.originLoop.path} ${rig.cowLoop.path} ${store} ${chunk}`;
 }
 

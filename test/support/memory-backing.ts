@@ -50,9 +50,11 @@ export function pattern(seed: number, bytes: number): Buffer {
   const buf = Buffer.alloc(bytes);
   let x = (seed * 2654435761) >>> 0 || 1;
   for (let i = 0; i < bytes; i += 4) {
-    x ^= x << 13; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
     x ^= x >>> 17;
-    x ^= x << 5; x >>>= 0;
+    x ^= x << 5;
+    x >>>= 0;
     buf.writeUInt32LE(x, i);
   }
   return buf;

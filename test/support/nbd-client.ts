@@ -88,7 +88,11 @@ export class RawConnection {
     const h = await this.reader.read(20);
     expect(h.readBigUInt64BE(0)).toBe(0x3e889045565a9n);
     const length = h.readUInt32BE(16);
-    return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data: length ? await this.reader.read(length) : Buffer.alloc(0) };
+    return {
+      option: h.readUInt32BE(8),
+      type: h.readUInt32BE(12),
+      data: length ? await this.reader.read(length) : Buffer.alloc(0),
+    };
   }
 
   /** Resolves when the server has closed the connection (without sending anything more). */
@@ -170,7 +174,12 @@ export class WireClient {
   }
 
   /** Any request; `offset` may be a bigint for offsets a number cannot hold exactly. */
-  request(type: number, offset: number | bigint, length: number, opts: { flags?: number; data?: Buffer } = {}): Promise<Reply> {
+  request(
+    type: number,
+    offset: number | bigint,
+    length: number,
+    opts: { flags?: number; data?: Buffer } = {},
+  ): Promise<Reply> {
     const handle = this.nextHandle++;
     return new Promise((resolve, reject) => {
       const buf = type === Cmd.READ ? Buffer.alloc(length) : null;
@@ -269,7 +278,13 @@ export function optionRequest(option: number, data: Buffer): Buffer {
   return Buffer.concat([Buffer.from("IHAVEOPT"), u32(option), u32(data.length), data]);
 }
 
-export function requestHeader(type: number, flags: number, handle: bigint, offset: number | bigint, length: number): Buffer {
+export function requestHeader(
+  type: number,
+  flags: number,
+  handle: bigint,
+  offset: number | bigint,
+  length: number,
+): Buffer {
   const h = Buffer.alloc(28);
   h.writeUInt32BE(0x25609513, 0);
   h.writeUInt16BE(flags, 4);

@@ -20,7 +20,16 @@
  *   a fatal option, ABORT or NBD_CMD_DISC).
  */
 import net from "node:net";
-import { Cmd, CmdFlags, MAX_OPTION_LENGTH, MAX_PAYLOAD, NbdErrno, Opt, Rep, TransmissionFlags } from "../../nbd/protocol.js";
+import {
+  Cmd,
+  CmdFlags,
+  MAX_OPTION_LENGTH,
+  MAX_PAYLOAD,
+  NbdErrno,
+  Opt,
+  Rep,
+  TransmissionFlags,
+} from "../../nbd/protocol.js";
 import { ByteQueue } from "./byte-queue.js";
 import { optionRequest, u16, u32 } from "./nbd-client.js";
 import { Rng } from "./rng.js";
@@ -105,7 +114,15 @@ export class FuzzStats {
   }
 }
 
-const KNOWN_OPTIONS = new Set<number>([Opt.EXPORT_NAME, Opt.ABORT, Opt.LIST, Opt.STARTTLS, Opt.INFO, Opt.GO, Opt.STRUCTURED_REPLY]);
+const KNOWN_OPTIONS = new Set<number>([
+  Opt.EXPORT_NAME,
+  Opt.ABORT,
+  Opt.LIST,
+  Opt.STARTTLS,
+  Opt.INFO,
+  Opt.GO,
+  Opt.STRUCTURED_REPLY,
+]);
 const MISSING_NAMES = ["nosuch", "", "fz", "FZ-ZERO", "fz-zero ", "../fz-zero", "é"];
 
 // ---------------------------------------------------------------------------------------------
@@ -155,9 +172,14 @@ function genOption(p: SessionPlan): void {
     });
   } else if (roll < 20) {
     const withData = r.chance(0.2);
-    const expect: OptionExpect = withData || p.structured ? { kind: "error", types: [Rep.ERR_INVALID] } : { kind: "ack" };
+    const expect: OptionExpect =
+      withData || p.structured ? { kind: "error", types: [Rep.ERR_INVALID] } : { kind: "ack" };
     if (!withData && !p.structured) p.structured = true;
-    p.push(optionRequest(Opt.STRUCTURED_REPLY, withData ? r.bytes(r.range(1, 16)) : Buffer.alloc(0)), { t: "opt", option: Opt.STRUCTURED_REPLY, expect });
+    p.push(optionRequest(Opt.STRUCTURED_REPLY, withData ? r.bytes(r.range(1, 16)) : Buffer.alloc(0)), {
+      t: "opt",
+      option: Opt.STRUCTURED_REPLY,
+      expect,
+    });
   } else if (roll < 40) {
     // NBD_OPT_INFO, well formed: an export (described) or a missing name (ERR_UNKNOWN).
     const found = r.chance(0.6);
@@ -212,15 +234,24 @@ function genOption(p: SessionPlan): void {
     });
   } else if (roll < 78) {
     // Unknown, unsupported or TLS options.
-    let option = r.chance(0.5) ? r.pick([Opt.STARTTLS, Opt.PEEK_EXPORT, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT, Opt.EXTENDED_HEADERS]) : r.u32();
+    let option = r.chance(0.5)
+      ? r.pick([Opt.STARTTLS, Opt.PEEK_EXPORT, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT, Opt.EXTENDED_HEADERS])
+      : r.u32();
     while (KNOWN_OPTIONS.has(option) && option !== Opt.STARTTLS) option = r.u32();
     let mutated = false;
     if (r.chance(p.fieldMutations * 3)) {
       // A known option with a high bit flipped in its code: unknown to the server.
-      option = (r.pick([Opt.GO, Opt.INFO, Opt.LIST, Opt.EXPORT_NAME, Opt.ABORT, Opt.STRUCTURED_REPLY]) ^ (1 << r.range(4, 31))) >>> 0;
+      option =
+        (r.pick([Opt.GO, Opt.INFO, Opt.LIST, Opt.EXPORT_NAME, Opt.ABORT, Opt.STRUCTURED_REPLY]) ^
+          (1 << r.range(4, 31))) >>>
+        0;
       mutated = true;
     }
-    p.push(optionRequest(option, r.bytes(r.int(64))), { t: "opt", option, expect: { kind: "error", types: [Rep.ERR_UNSUP] } }, mutated);
+    p.push(
+      optionRequest(option, r.bytes(r.int(64))),
+      { t: "opt", option, expect: { kind: "error", types: [Rep.ERR_UNSUP] } },
+      mutated,
+    );
   } else if (roll < 88) {
     // GO to a missing export: ERR_UNKNOWN, the haggling goes on.
     p.push(optionRequest(Opt.GO, infoPayload(str(r.pick(MISSING_NAMES)), [])), {
@@ -246,16 +277,30 @@ function genEnding(p: SessionPlan): void {
     });
     p.exp = existing;
   } else if (roll < 65) {
-    p.push(optionRequest(Opt.EXPORT_NAME, str(existing.name)), { t: "exportName", exp: existing, noZeroes: p.noZeroes });
+    p.push(optionRequest(Opt.EXPORT_NAME, str(existing.name)), {
+      t: "exportName",
+      exp: existing,
+      noZeroes: p.noZeroes,
+    });
     p.exp = existing;
   } else if (roll < 75) {
-    p.push(optionRequest(Opt.EXPORT_NAME, str(r.pick(MISSING_NAMES))), { t: "closeNow", why: "EXPORT_NAME of a missing export" });
+    p.push(optionRequest(Opt.EXPORT_NAME, str(r.pick(MISSING_NAMES))), {
+      t: "closeNow",
+      why: "EXPORT_NAME of a missing export",
+    });
     p.ended = true;
   } else if (roll < 82) {
-    p.push(optionRequest(Opt.EXPORT_NAME, Buffer.alloc(r.range(MAX_OPTION_LENGTH + 1, 10000), 0x61)), { t: "closeNow", why: "oversize EXPORT_NAME" });
+    p.push(optionRequest(Opt.EXPORT_NAME, Buffer.alloc(r.range(MAX_OPTION_LENGTH + 1, 10000), 0x61)), {
+      t: "closeNow",
+      why: "oversize EXPORT_NAME",
+    });
     p.ended = true;
   } else {
-    p.push(optionRequest(Opt.ABORT, r.chance(0.8) ? Buffer.alloc(0) : r.bytes(8)), { t: "opt", option: Opt.ABORT, expect: { kind: "abort" } });
+    p.push(optionRequest(Opt.ABORT, r.chance(0.8) ? Buffer.alloc(0) : r.bytes(8)), {
+      t: "opt",
+      option: Opt.ABORT,
+      expect: { kind: "abort" },
+    });
     p.ended = true;
   }
 }
@@ -299,7 +344,14 @@ function genLength(r: Rng, type: number): number {
 }
 
 /** The server's rules (connection.ts) as a set of acceptable replies. */
-function allowedErrors(exp: FuzzExport, structured: boolean, type: number, flags: number, offset: bigint, length: number): Set<number> {
+function allowedErrors(
+  exp: FuzzExport,
+  structured: boolean,
+  type: number,
+  flags: number,
+  offset: bigint,
+  length: number,
+): Set<number> {
   const E = NbdErrno;
   const F = CmdFlags;
   const errs = new Set<number>();
@@ -318,7 +370,8 @@ function allowedErrors(exp: FuzzExport, structured: boolean, type: number, flags
     const carriesPayload = type === Cmd.READ || type === Cmd.WRITE;
     if (carriesPayload && length > MAX_PAYLOAD) errs.add(E.EINVAL);
     if (offset % 512n !== 0n || length % 512 !== 0) errs.add(E.EINVAL);
-    if (offset + BigInt(length) > exp.sizeBytes) errs.add(type === Cmd.WRITE || type === Cmd.WRITE_ZEROES ? E.ENOSPC : E.EINVAL);
+    if (offset + BigInt(length) > exp.sizeBytes)
+      errs.add(type === Cmd.WRITE || type === Cmd.WRITE_ZEROES ? E.ENOSPC : E.EINVAL);
     if (exp.readOnly && (type === Cmd.WRITE || type === Cmd.TRIM || type === Cmd.WRITE_ZEROES)) errs.add(E.EPERM);
   }
   if (errs.size > 0) return errs;
@@ -344,21 +397,33 @@ function genRequest(p: SessionPlan): void {
   const exp = p.exp!;
   const roll = r.int(100);
   let type: number =
-    roll < 30 ? Cmd.READ
-    : roll < 55 ? Cmd.WRITE
-    : roll < 62 ? Cmd.FLUSH
-    : roll < 72 ? Cmd.TRIM
-    : roll < 82 ? Cmd.WRITE_ZEROES
-    : roll < 88 ? Cmd.CACHE
-    : roll < 92 ? Cmd.BLOCK_STATUS
-    : r.chance(0.5) ? r.range(8, 40) : r.int(0x10000);
+    roll < 30
+      ? Cmd.READ
+      : roll < 55
+        ? Cmd.WRITE
+        : roll < 62
+          ? Cmd.FLUSH
+          : roll < 72
+            ? Cmd.TRIM
+            : roll < 82
+              ? Cmd.WRITE_ZEROES
+              : roll < 88
+                ? Cmd.CACHE
+                : roll < 92
+                  ? Cmd.BLOCK_STATUS
+                  : r.chance(0.5)
+                    ? r.range(8, 40)
+                    : r.int(0x10000);
   if (type === Cmd.DISC) return genRequest(p);
   const flagRoll = r.int(100);
   let flags =
-    flagRoll < 70 ? r.u32() & (VALID_FLAGS[type] ?? 0)
-    : flagRoll < 85 ? r.u32() & CMD_FLAGS_ALL
-    : flagRoll < 95 ? 1 << r.int(16)
-    : r.u32() & 0xffff;
+    flagRoll < 70
+      ? r.u32() & (VALID_FLAGS[type] ?? 0)
+      : flagRoll < 85
+        ? r.u32() & CMD_FLAGS_ALL
+        : flagRoll < 95
+          ? 1 << r.int(16)
+          : r.u32() & 0xffff;
   let offset = type === Cmd.FLUSH && r.chance(0.8) ? 0n : genOffset(r, exp.sizeBytes);
   const length = type === Cmd.FLUSH && r.chance(0.8) ? 0 : genLength(r, type);
   const handle = r.u64();
@@ -385,16 +450,20 @@ function genRequest(p: SessionPlan): void {
   header.writeBigUInt64BE(offset, 16);
   header.writeUInt32BE(length >>> 0, 24);
   const bytes = type === Cmd.WRITE && length > 0 ? Buffer.concat([header, r.bytes(length)]) : header;
-  p.push(bytes, {
-    t: "req",
-    handle,
-    type,
-    flags,
-    offset,
-    length,
-    allowed: allowedErrors(exp, p.structured, type, flags, offset, length),
-    zeroes: exp.zeroes && type === Cmd.READ,
-  }, mutated);
+  p.push(
+    bytes,
+    {
+      t: "req",
+      handle,
+      type,
+      flags,
+      offset,
+      length,
+      allowed: allowedErrors(exp, p.structured, type, flags, offset, length),
+      zeroes: exp.zeroes && type === Cmd.READ,
+    },
+    mutated,
+  );
 }
 
 /** A mutated copy of `bytes`: bit flips, overwrites, truncation, insertion or plain noise. */
@@ -418,7 +487,10 @@ export function mutate(r: Rng, bytes: Buffer): { bytes: Buffer; what: string } {
       return { bytes: b.subarray(0, r.int(b.length)), what: "truncated" };
     case 3: {
       const at = r.int(b.length + 1);
-      return { bytes: Buffer.concat([b.subarray(0, at), r.bytes(r.range(1, 32)), b.subarray(at)]), what: `bytes inserted at ${at}` };
+      return {
+        bytes: Buffer.concat([b.subarray(0, at), r.bytes(r.range(1, 32)), b.subarray(at)]),
+        what: `bytes inserted at ${at}`,
+      };
     }
     case 4:
       return { bytes: Buffer.concat([b, b.subarray(0, r.int(b.length))]), what: "partly repeated" };
@@ -459,7 +531,11 @@ export function planSession(
       for (let i = r.int(3); i > 0 && !p.ended && !p.exp; i--) genOption(p);
       if (!p.ended && !p.exp && r.chance(0.85) && !p.structured) {
         p.structured = true;
-        p.push(optionRequest(Opt.STRUCTURED_REPLY, Buffer.alloc(0)), { t: "opt", option: Opt.STRUCTURED_REPLY, expect: { kind: "ack" } });
+        p.push(optionRequest(Opt.STRUCTURED_REPLY, Buffer.alloc(0)), {
+          t: "opt",
+          option: Opt.STRUCTURED_REPLY,
+          expect: { kind: "ack" },
+        });
       }
       // Into transmission (GO or EXPORT_NAME on some export), unless a noise option ended it.
       while (!p.ended && !p.exp) genEnding(p);
@@ -475,7 +551,9 @@ export function planSession(
     } else if (end < 32) {
       // A WRITE cut short (in its header or its payload), then EOF.
       const header = requestHeaderRaw(Cmd.WRITE, 0, r.u64(), 0n, 4096);
-      p.push(Buffer.concat([header, Buffer.alloc(r.int(4096))]).subarray(0, r.range(1, header.length + 4095)), { t: "truncated" });
+      p.push(Buffer.concat([header, Buffer.alloc(r.int(4096))]).subarray(0, r.range(1, header.length + 4095)), {
+        t: "truncated",
+      });
     }
   } else if (!p.ended && kind === "handshake" && r.chance(0.1)) {
     p.push(Buffer.from("IHAVEOPT").subarray(0, r.range(1, 7)), { t: "truncated" });
@@ -484,7 +562,11 @@ export function planSession(
   if (r.chance(mutations.framing) && p.packets.length > 1) {
     const at = r.range(1, p.packets.length - 1);
     const m = mutate(r, p.packets[at]!.bytes);
-    p.packets[at] = { bytes: m.bytes, step: { t: "corrupt", what: `${m.what} (packet ${at} was ${describeStep(p.packets[at]!.step)})` }, mutated: true };
+    p.packets[at] = {
+      bytes: m.bytes,
+      step: { t: "corrupt", what: `${m.what} (packet ${at} was ${describeStep(p.packets[at]!.step)})` },
+      mutated: true,
+    };
   }
   return p.packets;
 }
@@ -520,7 +602,6 @@ function describeStep(s: Step): string {
 // ---------------------------------------------------------------------------------------------
 // Running a session and checking the answers
 
-
 const OPTION_REPLY_MAGIC = 0x0003e889045565a9n;
 
 class SessionChecker {
@@ -552,10 +633,15 @@ class SessionChecker {
     private readonly label: string,
   ) {
     this.corruptAt = packets.findIndex((p) => p.step.t === "corrupt");
-    const end = packets.findIndex((p) => ["disc", "truncated", "closeNow", "flagsBad"].includes(p.step.t) || (p.step.t === "opt" && p.step.expect.kind === "abort"));
+    const end = packets.findIndex(
+      (p) =>
+        ["disc", "truncated", "closeNow", "flagsBad"].includes(p.step.t) ||
+        (p.step.t === "opt" && p.step.expect.kind === "abort"),
+    );
     this.endAt = end < 0 ? packets.length : end;
     packets.forEach((p, index) => {
-      if (p.step.t === "req" && (this.corruptAt < 0 || index !== this.corruptAt)) this.requests.set(p.step.handle, { step: p.step, index });
+      if (p.step.t === "req" && (this.corruptAt < 0 || index !== this.corruptAt))
+        this.requests.set(p.step.handle, { step: p.step, index });
     });
   }
 
@@ -569,7 +655,9 @@ class SessionChecker {
   sawEnd = false;
 
   private fail(what: string): void {
-    this.stats.fail(`${this.label}: ${what} [${this.received} bytes received${this.socketError ? `, ${this.socketError}` : ""}; at ${new Date().toISOString()}]`);
+    this.stats.fail(
+      `${this.label}: ${what} [${this.received} bytes received${this.socketError ? `, ${this.socketError}` : ""}; at ${new Date().toISOString()}]`,
+    );
     this.stopped = true;
   }
 
@@ -605,7 +693,8 @@ class SessionChecker {
       case "greeting": {
         if (this.q.length < 18) return false;
         const g = this.q.take(18);
-        if (g.subarray(0, 16).toString("latin1") !== "NBDMAGICIHAVEOPT" || g.readUInt16BE(16) !== 3) this.fail(`bad greeting ${g.toString("hex")}`);
+        if (g.subarray(0, 16).toString("latin1") !== "NBDMAGICIHAVEOPT" || g.readUInt16BE(16) !== 3)
+          this.fail(`bad greeting ${g.toString("hex")}`);
         this.phase = "options";
         this.onGreeting();
         return true;
@@ -627,7 +716,10 @@ class SessionChecker {
       case "transmission":
         return this.replyStep();
       case "closing":
-        if (this.q.length > 0) this.fail(`${this.q.length} bytes after the server should have stopped (${this.q.peek(Math.min(this.q.length, 32)).toString("hex")})`);
+        if (this.q.length > 0)
+          this.fail(
+            `${this.q.length} bytes after the server should have stopped (${this.q.peek(Math.min(this.q.length, 32)).toString("hex")})`,
+          );
         return false;
       case "lenient":
         this.q.take(this.q.length);
@@ -639,7 +731,8 @@ class SessionChecker {
     const p = this.due();
     if (p === null) {
       // Nothing more is due: whatever arrives now is unexpected.
-      if (this.q.length > 0 && this.strict) this.fail(`unexpected bytes in the handshake: ${this.q.peek(Math.min(this.q.length, 32)).toString("hex")}`);
+      if (this.q.length > 0 && this.strict)
+        this.fail(`unexpected bytes in the handshake: ${this.q.peek(Math.min(this.q.length, 32)).toString("hex")}`);
       return false;
     }
     if (this.next === this.corruptAt) {
@@ -684,12 +777,18 @@ class SessionChecker {
     };
     switch (e.kind) {
       case "ack":
-        return type === Rep.ACK ? done() : this.failed(`reply 0x${type.toString(16)} to ${describeStep(s)}, expected ACK (${data.toString()})`);
+        return type === Rep.ACK
+          ? done()
+          : this.failed(`reply 0x${type.toString(16)} to ${describeStep(s)}, expected ACK (${data.toString()})`);
       case "list":
         if (type === Rep.SERVER) return true;
         return type === Rep.ACK ? done() : this.failed(`reply 0x${type.toString(16)} to LIST`);
       case "error":
-        return e.types.includes(type) ? done() : this.failed(`reply 0x${type.toString(16)} to ${describeStep(s)}, expected ${e.types.map((t) => "0x" + t.toString(16)).join("/")} (${data.toString()})`);
+        return e.types.includes(type)
+          ? done()
+          : this.failed(
+              `reply 0x${type.toString(16)} to ${describeStep(s)}, expected ${e.types.map((t) => "0x" + t.toString(16)).join("/")} (${data.toString()})`,
+            );
       case "infoMaybe":
         if (type === Rep.INFO) {
           this.seenInfoExport ||= data.readUInt16BE(0) === 0;
@@ -699,7 +798,9 @@ class SessionChecker {
           this.seenInfoExport = false;
           return done();
         }
-        return type === Rep.ERR_UNKNOWN || type === Rep.ERR_INVALID ? done() : this.failed(`reply 0x${type.toString(16)} to a mutated INFO`);
+        return type === Rep.ERR_UNKNOWN || type === Rep.ERR_INVALID
+          ? done()
+          : this.failed(`reply 0x${type.toString(16)} to a mutated INFO`);
       case "abort":
         if (type !== Rep.ACK) return this.failed(`reply 0x${type.toString(16)} to ABORT`);
         this.phase = "closing";
@@ -708,13 +809,15 @@ class SessionChecker {
         if (type === Rep.INFO) {
           if (data.readUInt16BE(0) === 0) {
             const size = data.readBigUInt64BE(2);
-            if (size !== e.exp.sizeBytes) return this.failed(`INFO size ${size} for ${e.exp.name}, expected ${e.exp.sizeBytes}`);
+            if (size !== e.exp.sizeBytes)
+              return this.failed(`INFO size ${size} for ${e.exp.name}, expected ${e.exp.sizeBytes}`);
             this.tflags = data.readUInt16BE(10);
             this.seenInfoExport = true;
           }
           return true;
         }
-        if (type !== Rep.ACK) return this.failed(`reply 0x${type.toString(16)} to ${describeStep(s)} (${data.toString()})`);
+        if (type !== Rep.ACK)
+          return this.failed(`reply 0x${type.toString(16)} to ${describeStep(s)} (${data.toString()})`);
         if (!this.seenInfoExport) return this.failed(`ACK to ${describeStep(s)} without NBD_INFO_EXPORT`);
         this.seenInfoExport = false;
         if (e.go) {
@@ -728,7 +831,9 @@ class SessionChecker {
   }
 
   private negotiatedStructured(): boolean {
-    return this.packets.slice(0, this.next).some((q) => q.step.t === "opt" && q.step.option === Opt.STRUCTURED_REPLY && q.step.expect.kind === "ack");
+    return this.packets
+      .slice(0, this.next)
+      .some((q) => q.step.t === "opt" && q.step.option === Opt.STRUCTURED_REPLY && q.step.expect.kind === "ack");
   }
 
   private failed(what: string): false {
@@ -742,7 +847,11 @@ class SessionChecker {
     if (!(this.tflags & TransmissionFlags.HAS_FLAGS)) this.fail(`export ${this.exp!.name}: no HAS_FLAGS`);
     // Re-derive the predictions that depend on what this export supports.
     for (const { step } of this.requests.values()) {
-      if (step.type === Cmd.WRITE_ZEROES && !(this.tflags & TransmissionFlags.SEND_WRITE_ZEROES) && step.allowed.has(0)) {
+      if (
+        step.type === Cmd.WRITE_ZEROES &&
+        !(this.tflags & TransmissionFlags.SEND_WRITE_ZEROES) &&
+        step.allowed.has(0)
+      ) {
         [NbdErrno.ENOTSUP, NbdErrno.EIO, NbdErrno.EINVAL].forEach((e) => step.allowed.add(e));
       }
     }
@@ -786,12 +895,15 @@ class SessionChecker {
         if (known) {
           const rel = off - known.step.offset;
           if (known.step.type !== Cmd.READ) return this.failed(`OFFSET_DATA for ${describeStep(known.step)}`);
-          if (rel < 0n || rel + BigInt(length - 8) > BigInt(known.step.length)) return this.failed(`OFFSET_DATA at ${off} outside ${describeStep(known.step)}`);
-          if (known.step.zeroes && !isZero(payload.subarray(8))) return this.failed(`non-zero data from a zero export for ${describeStep(known.step)}`);
+          if (rel < 0n || rel + BigInt(length - 8) > BigInt(known.step.length))
+            return this.failed(`OFFSET_DATA at ${off} outside ${describeStep(known.step)}`);
+          if (known.step.zeroes && !isZero(payload.subarray(8)))
+            return this.failed(`non-zero data from a zero export for ${describeStep(known.step)}`);
           this.readBytes.set(handle, (this.readBytes.get(handle) ?? 0) + length - 8);
         }
       } else if (type === 0x8001 || type === 0x8002) {
-        if (length < 6 || payload.readUInt16BE(4) > length - 6) return this.failed(`malformed error chunk ${payload.toString("hex")}`);
+        if (length < 6 || payload.readUInt16BE(4) > length - 6)
+          return this.failed(`malformed error chunk ${payload.toString("hex")}`);
         this.readErrors.set(handle, payload.readUInt32BE(0));
       } else if (type !== 0) {
         return this.failed(`unexpected structured chunk type ${type}`);
@@ -821,13 +933,16 @@ class SessionChecker {
     }
     this.answered.add(handle);
     const s = known.step;
-    if (known.index > this.endAt && this.strict) this.fail(`answered after the server should have stopped: ${describeStep(s)}`);
+    if (known.index > this.endAt && this.strict)
+      this.fail(`answered after the server should have stopped: ${describeStep(s)}`);
     if (!s.allowed.has(error)) {
       this.fail(`${describeStep(s)} got error ${error}, expected one of ${[...s.allowed].join("/")}`);
       return;
     }
-    if (s.type === Cmd.READ && error === 0 && dataBytes !== s.length) this.fail(`${describeStep(s)} returned ${dataBytes} bytes`);
-    if (simpleData && s.zeroes && !isZero(simpleData)) this.fail(`non-zero data from a zero export for ${describeStep(s)}`);
+    if (s.type === Cmd.READ && error === 0 && dataBytes !== s.length)
+      this.fail(`${describeStep(s)} returned ${dataBytes} bytes`);
+    if (simpleData && s.zeroes && !isZero(simpleData))
+      this.fail(`non-zero data from a zero export for ${describeStep(s)}`);
     this.stats.predicted++;
   }
 
@@ -848,7 +963,8 @@ class SessionChecker {
     if (sentAfterEnd && this.socketError) return;
     if (this.phase === "options" || this.phase === "exportName") {
       const p = this.due();
-      if (p && this.next < this.endAt && (p.step.t === "opt" || p.step.t === "exportName")) this.fail(`closed with ${describeStep(p.step)} unanswered`);
+      if (p && this.next < this.endAt && (p.step.t === "opt" || p.step.t === "exportName"))
+        this.fail(`closed with ${describeStep(p.step)} unanswered`);
       return;
     }
     let missing = 0;
@@ -868,7 +984,12 @@ function isZero(b: Buffer): boolean {
 }
 
 /** Run one planned session to the end. Resolves when the server has closed the connection. */
-export async function runSession(config: FuzzConfig, packets: Packet[], stats: FuzzStats, label: string): Promise<void> {
+export async function runSession(
+  config: FuzzConfig,
+  packets: Packet[],
+  stats: FuzzStats,
+  label: string,
+): Promise<void> {
   const checker = new SessionChecker(packets, stats, label);
   const socket = config.connect();
   socket.on("data", (c: Buffer) => checker.push(c));
@@ -897,7 +1018,10 @@ export async function runSession(config: FuzzConfig, packets: Packet[], stats: F
   // (A mutated packet may leave the server waiting for bytes that never come: always half-close then.)
   const endsItself =
     !packets.some((p) => p.step.t === "corrupt") &&
-    packets.some((p) => ["closeNow", "flagsBad", "disc"].includes(p.step.t) || (p.step.t === "opt" && p.step.expect.kind === "abort"));
+    packets.some(
+      (p) =>
+        ["closeNow", "flagsBad", "disc"].includes(p.step.t) || (p.step.t === "opt" && p.step.expect.kind === "abort"),
+    );
   if (!socket.destroyed && !endsItself) socket.end();
   const timeout = config.closeTimeoutMs ?? 20_000;
   let timer: NodeJS.Timeout | undefined;

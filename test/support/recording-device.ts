@@ -30,7 +30,10 @@ export class RecordingDevice extends DeviceWrapper {
   /** Return a status to fail the bio with it instead of passing it on. */
   failWhen: ((bio: Bio) => BioStatus | undefined) | null = null;
 
-  constructor(inner: BlockDevice, readonly log: IoRecord[] = []) {
+  constructor(
+    inner: BlockDevice,
+    readonly log: IoRecord[] = [],
+  ) {
     super(inner);
   }
 
@@ -66,8 +69,16 @@ export class TrackingBacking extends NamedBacking {
   }
 
   /** A RAM disk wrapped in a RecordingDevice, registered under `name`. */
-  recorded(name: string, sizeSectors: number, opts: { log?: IoRecord[]; logicalBlockSize?: number } = {}): RecordingDevice {
-    const mem = new MemoryDevice(sizeSectors, { tableName: name, displayName: name, logicalBlockSize: opts.logicalBlockSize });
+  recorded(
+    name: string,
+    sizeSectors: number,
+    opts: { log?: IoRecord[]; logicalBlockSize?: number } = {},
+  ): RecordingDevice {
+    const mem = new MemoryDevice(sizeSectors, {
+      tableName: name,
+      displayName: name,
+      logicalBlockSize: opts.logicalBlockSize,
+    });
     return this.add(name, new RecordingDevice(mem, opts.log));
   }
 
@@ -100,7 +111,13 @@ export async function rejection(p: Promise<unknown>): Promise<{ message: string;
 }
 
 /** A table line's ctr must fail with exactly this message (and errno), leaving nothing created or open. */
-export async function expectCtrError(dm: DeviceMapper, backing: TrackingBacking, line: string, message: string, errno = "EINVAL"): Promise<void> {
+export async function expectCtrError(
+  dm: DeviceMapper,
+  backing: TrackingBacking,
+  line: string,
+  message: string,
+  errno = "EINVAL",
+): Promise<void> {
   const err = await rejection(dm.create("dev", { table: line }));
   expect({ message: err.message, errno: err.errno }).toEqual({ message, errno });
   expect(dm.list()).toEqual([]);

@@ -243,7 +243,9 @@ export class RootEnv {
 
   /** Loop devices bound to our files or to our FUSE files. */
   ourLoops(): { dev: string; backing: string }[] {
-    return boundLoops().filter(({ backing }) => isUnder(backing.replace(/ \(deleted\)$/, ""), this.base) || backing.includes(`/${this.prefix}`));
+    return boundLoops().filter(
+      ({ backing }) => isUnder(backing.replace(/ \(deleted\)$/, ""), this.base) || backing.includes(`/${this.prefix}`),
+    );
   }
 
   ourMounts(): string[] {
@@ -301,7 +303,9 @@ export class RootEnv {
     }
     // 4. Our mounts, innermost first. An unmount that hangs means the I/O path is stuck: abort
     //    FUSE and detach lazily.
-    const ours = [...new Set([...this.mountPoints, ...this.ourMounts().filter((m) => !isUnder(m, this.runDir))])].reverse();
+    const ours = [
+      ...new Set([...this.mountPoints, ...this.ourMounts().filter((m) => !isUnder(m, this.runDir))]),
+    ].reverse();
     for (const target of ours) {
       if (!mounts().some((m) => m.target === target)) continue;
       const r = await tool("umount", [target], { timeoutMs: 20_000 });
@@ -364,7 +368,8 @@ export class RootEnv {
 
   /** The process-exit safety net: the same, synchronously and without waiting for anything. */
   cleanupSync(): void {
-    const quiet = (cmd: string, args: string[]) => spawnSync(which(cmd) ?? cmd, args, { stdio: "ignore", timeout: 10_000 });
+    const quiet = (cmd: string, args: string[]) =>
+      spawnSync(which(cmd) ?? cmd, args, { stdio: "ignore", timeout: 10_000 });
     killRunningTools();
     // Abort FUSE first: I/O to the attached devices then fails at once instead of waiting on a
     // daemon that may be suspended or hung, so nothing below can block.
@@ -397,7 +402,10 @@ function systemListing(env: RootEnv): { losetup: string[]; mounts: string[] } {
   const mine = (line: string) => line.includes(env.base) || line.includes(`/${env.prefix}`);
   return {
     losetup: losetup.split("\n").filter((l) => l && mine(l)),
-    mounts: fs.readFileSync("/proc/self/mounts", "utf8").split("\n").filter((l) => l && mine(unescapeMount(l))),
+    mounts: fs
+      .readFileSync("/proc/self/mounts", "utf8")
+      .split("\n")
+      .filter((l) => l && mine(unescapeMount(l))),
   };
 }
 
@@ -417,8 +425,18 @@ export function useRootEnv(label: string): RootEnv {
   afterEach(async (ctx) => {
     const leftovers = await env.cleanup();
     const logs = env.daemonLogs();
-    if (ctx.task.result?.state === "fail" && logs) console.error(`udmd log of "${ctx.task.name}" (last 6 KiB):\n${logs.slice(-6144)}`);
-    const empty: Leftovers = { children: [], daemons: [], nbdfuse: [], mounts: [], loops: [], links: [], runDir: [], devDir: [] };
+    if (ctx.task.result?.state === "fail" && logs)
+      console.error(`udmd log of "${ctx.task.name}" (last 6 KiB):\n${logs.slice(-6144)}`);
+    const empty: Leftovers = {
+      children: [],
+      daemons: [],
+      nbdfuse: [],
+      mounts: [],
+      loops: [],
+      links: [],
+      runDir: [],
+      devDir: [],
+    };
     expect(leftovers, "cleanup left resources behind").toEqual(empty);
   }, 120_000);
   afterAll(() => {

@@ -90,18 +90,31 @@ export async function snapshotRig(opts: RigOptions): Promise<Rig> {
   const cows: Record<string, ControlledDevice> = {};
   for (const s of opts.snaps) {
     const cowSectors = s.cowSectors ?? cowSectorsFor(s.cs, Math.ceil(size / s.cs));
-    cows[s.name] = backing.add(`cow-${s.name}`, new ControlledDevice(cowSectors, { name: `cow-${s.name}`, ...s.cowOptions }));
+    cows[s.name] = backing.add(
+      `cow-${s.name}`,
+      new ControlledDevice(cowSectors, { name: `cow-${s.name}`, ...s.cowOptions }),
+    );
     s.prepareCow?.(cows[s.name]!);
   }
   const base = await dm.create("base", { table: `0 ${size} snapshot-origin origin` });
   await dm.suspend("base");
   const snaps: Record<string, MappedDevice> = {};
   for (const s of opts.snaps) {
-    snaps[s.name] = await dm.create(s.name, { table: `0 ${size} ${s.type ?? "snapshot"} origin cow-${s.name} ${s.store ?? "P"} ${s.cs}` });
+    snaps[s.name] = await dm.create(s.name, {
+      table: `0 ${size} ${s.type ?? "snapshot"} origin cow-${s.name} ${s.store ?? "P"} ${s.cs}`,
+    });
   }
   await dm.resume("base");
   return {
-    dm, backing, logger, origin, cows, base, snaps, initial, io: new IoLog(),
+    dm,
+    backing,
+    logger,
+    origin,
+    cows,
+    base,
+    snaps,
+    initial,
+    io: new IoLog(),
     target<T>(name: string): T {
       return dm.device(name).live!.targets[0] as T;
     },
@@ -137,7 +150,16 @@ export class IoLog implements BioEndIo {
     let resolve!: (r: IoRec) => void;
     const promise = new Promise<IoRec>((r) => (resolve = r));
     const rec: IoRec = {
-      id: this.all.length, device: md.name, op, sector, sectors, bio, data: buf ?? Buffer.alloc(0), completions: 0, status: null, promise,
+      id: this.all.length,
+      device: md.name,
+      op,
+      sector,
+      sectors,
+      bio,
+      data: buf ?? Buffer.alloc(0),
+      completions: 0,
+      status: null,
+      promise,
     };
     this.all.push(rec);
     this.byBio.set(bio, { rec, resolve });
@@ -191,16 +213,37 @@ export function sectorsOf(buf: Buffer, sector: number, sectors: number): Buffer 
 export { pattern };
 
 /** Internal counters of a snapshot target, for leak checks: all zero when it is idle. */
-export function engineState(t: unknown): { pending: number; alive: number; tracked: number; gateHeld: number; inProgress: number } {
-  const s = t as { pending: Map<number, unknown>; alive: number; tracked: { size: number }; gate: { held: number }; inProgress: number };
-  return { pending: s.pending.size, alive: s.alive, tracked: s.tracked.size, gateHeld: s.gate.held, inProgress: s.inProgress };
+export function engineState(t: unknown): {
+  pending: number;
+  alive: number;
+  tracked: number;
+  gateHeld: number;
+  inProgress: number;
+} {
+  const s = t as {
+    pending: Map<number, unknown>;
+    alive: number;
+    tracked: { size: number };
+    gate: { held: number };
+    inProgress: number;
+  };
+  return {
+    pending: s.pending.size,
+    alive: s.alive,
+    tracked: s.tracked.size,
+    gateHeld: s.gate.held,
+    inProgress: s.inProgress,
+  };
 }
 
 export const IDLE = { pending: 0, alive: 0, tracked: 0, gateHeld: 0, inProgress: 0 };
 
 /** Writes on a device's log (completed), as "sector+sectors", optionally after a log index. */
 export function writesOf(dev: ControlledDevice, from = 0): string[] {
-  return dev.log.slice(from).filter((r) => r.op === "write").map((r) => `${r.sector}+${r.sectors}`);
+  return dev.log
+    .slice(from)
+    .filter((r) => r.op === "write")
+    .map((r) => `${r.sector}+${r.sectors}`);
 }
 
 /** A COW data write (copy or snapshot write): no FUA. */

@@ -52,7 +52,11 @@ export function killRunningTools(): void {
  * process cannot die yet: a tool stuck in uninterruptible I/O on a hung device must not hang the
  * caller too.
  */
-export function tool(name: string, args: string[], opts: { timeoutMs?: number; input?: string } = {}): Promise<ToolResult> {
+export function tool(
+  name: string,
+  args: string[],
+  opts: { timeoutMs?: number; input?: string } = {},
+): Promise<ToolResult> {
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   return new Promise((resolve) => {
     let settled = false;
@@ -89,7 +93,11 @@ export function tool(name: string, args: string[], opts: { timeoutMs?: number; i
 }
 
 /** Run a system tool that must succeed; its result. */
-export async function toolOk(name: string, args: string[], opts: { timeoutMs?: number; input?: string } = {}): Promise<ToolResult> {
+export async function toolOk(
+  name: string,
+  args: string[],
+  opts: { timeoutMs?: number; input?: string } = {},
+): Promise<ToolResult> {
   const r = await tool(name, args, opts);
   if (r.code !== 0) {
     const status = r.signal ? `signal ${r.signal}` : `exit ${r.code}`;

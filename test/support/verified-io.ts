@@ -63,7 +63,9 @@ export function describeMismatch(device: string, offset: number, expected: Buffe
     if (e.equals(a)) continue;
     const show = (b: Buffer) => {
       const s = decodeStamp(b);
-      return s ? `write #${s.writeId} of sector ${s.sector}${s.intact ? "" : " (torn)"}` : `unstamped ${b.subarray(0, 16).toString("hex")}`;
+      return s
+        ? `write #${s.writeId} of sector ${s.sector}${s.intact ? "" : " (torn)"}`
+        : `unstamped ${b.subarray(0, 16).toString("hex")}`;
     };
     return `${device}: sector ${(offset + at) / SECTOR} holds ${show(a)}, expected ${show(e)}`;
   }
@@ -124,7 +126,9 @@ export function newWriteId(): number {
 export async function runWorker(spec: WorkerSpec, stats: IoStats, stop: () => boolean): Promise<void> {
   const { client, model, rng } = spec;
   const maxSectors = spec.maxSectors ?? BLOCK / SECTOR;
-  const lanes = Array.from({ length: Math.min(spec.queueDepth, spec.own.length) }, (_, j) => spec.own.filter((_, i) => i % spec.queueDepth === j));
+  const lanes = Array.from({ length: Math.min(spec.queueDepth, spec.own.length) }, (_, j) =>
+    spec.own.filter((_, i) => i % spec.queueDepth === j),
+  );
   const lane = async (blocks: number[], r: Rng) => {
     while (!stop()) {
       const roll = r.float();
@@ -136,7 +140,8 @@ export async function runWorker(spec: WorkerSpec, stats: IoStats, stop: () => bo
           const data = stamp(newWriteId(), offset / SECTOR, sectors);
           const rep = await client.write(offset, data, r.chance(0.1) ? CmdFlags.FUA : 0);
           stats.writes++;
-          if (rep.error !== 0) stats.error(`${model.name}: write ${offset}+${data.length} failed: ${rep.error} ${rep.message ?? ""}`);
+          if (rep.error !== 0)
+            stats.error(`${model.name}: write ${offset}+${data.length} failed: ${rep.error} ${rep.message ?? ""}`);
           else data.copy(model.expected, offset);
         } else if (roll < 0.97) {
           const fromStill = spec.still.length > 0 && roll > 0.85;

@@ -9,7 +9,10 @@ describe("micro-benchmark smoke", () => {
   it("runs every workload in quick mode and reports positive figures", async () => {
     const printed: string[] = [];
     const sink = (text: string) => void printed.push(text);
-    const { micro: result } = await main(["--quick", "--size", "2M", "--seconds", "0.05", "--no-snapshot", "--no-matrix"], { stdout: sink, stderr: sink });
+    const { micro: result } = await main(
+      ["--quick", "--size", "2M", "--seconds", "0.05", "--no-snapshot", "--no-matrix"],
+      { stdout: sink, stderr: sink },
+    );
     if (!result) throw new Error("no micro-benchmark result");
     expect(result.rows.map((r) => r.workload.name)).toEqual([
       "4 KiB random read",
@@ -32,14 +35,26 @@ describe("micro-benchmark smoke", () => {
 // The snapshot benchmarks end to end at a tiny size; says nothing about speed.
 describe("snapshot benchmark smoke", () => {
   it("measures every row with positive figures", async () => {
-    const r = await runSnapshotBenchmark({ originBytes: 1024 * 1024, repetitions: 1, rewriteRounds: 1, flushOriginBytes: 1024 * 1024, exceptions: 20_000, reactivations: 1 });
+    const r = await runSnapshotBenchmark({
+      originBytes: 1024 * 1024,
+      repetitions: 1,
+      rewriteRounds: 1,
+      flushOriginBytes: 1024 * 1024,
+      exceptions: 20_000,
+      reactivations: 1,
+    });
     expect(r.throughput.map((t) => t.config)).toEqual(["linear", "1 snapshot", "3 snapshots"]);
     for (const t of r.throughput) expect(t.first.mibps > 0 && t.rewrite.mibps > 0).toBe(true);
     expect(r.throughput[1]!.exceptions).toBe(256);
     expect(r.flushes.map((f) => f.exceptions)).toEqual([256, 256]);
     expect(r.reactivateSeconds).toBeGreaterThan(0);
     expect(r.tableStorageBytesPerException).toBeGreaterThan(0);
-    expect(snapshotRows(r).filter((x) => x.goal && x.goal !== "(reference)").map((x) => x.result).every((v) => v === "PASS" || v === "MISS")).toBe(true);
+    expect(
+      snapshotRows(r)
+        .filter((x) => x.goal && x.goal !== "(reference)")
+        .map((x) => x.result)
+        .every((v) => v === "PASS" || v === "MISS"),
+    ).toBe(true);
   });
 });
 
@@ -52,28 +67,40 @@ const matrixSkip = matrixUnavailableReason();
 describe("benchmark matrix smoke", () => {
   skipOrFail("benchmark matrix smoke", matrixSkip);
 
-  it.skipIf(matrixSkip !== null)("runs every configuration and workload in quick mode and produces every row", async () => {
-    const printed: string[] = [];
-    const sink = (text: string) => void printed.push(text);
-    const { matrix } = await main(["--matrix", "--quick", "--size", "2M", "--seconds", "0.05", "--no-build"], { stdout: sink, stderr: sink });
-    if (!matrix) throw new Error("no matrix result");
-    expect(matrix.configs.map((c) => c.id)).toEqual(MATRIX_CONFIGS.map((c) => c.id));
-    for (const c of matrix.configs) {
-      const config = MATRIX_CONFIGS.find((x) => x.id === c.id)!;
-      const expected = MATRIX_WORKLOADS.filter((w) => config.passes || !w.pass).map((w) => w.key);
-      expect(Object.keys(c.figures).sort(), c.id).toEqual([...expected].sort());
-      for (const [key, f] of Object.entries(c.figures)) {
-        expect(f.reps, `${c.id} ${key}`).toHaveLength(3);
-        expect(f.mibps > 0 && f.iops > 0, `${c.id} ${key}`).toBe(true);
-        // Every configuration but the raw file has a server whose CPU time was read.
-        expect(f.reps.every((r) => (r.serverCpu === null) === c.id.startsWith("raw-")), `${c.id} ${key}`).toBe(true);
+  it.skipIf(matrixSkip !== null)(
+    "runs every configuration and workload in quick mode and produces every row",
+    async () => {
+      const printed: string[] = [];
+      const sink = (text: string) => void printed.push(text);
+      const { matrix } = await main(["--matrix", "--quick", "--size", "2M", "--seconds", "0.05", "--no-build"], {
+        stdout: sink,
+        stderr: sink,
+      });
+      if (!matrix) throw new Error("no matrix result");
+      expect(matrix.configs.map((c) => c.id)).toEqual(MATRIX_CONFIGS.map((c) => c.id));
+      for (const c of matrix.configs) {
+        const config = MATRIX_CONFIGS.find((x) => x.id === c.id)!;
+        const expected = MATRIX_WORKLOADS.filter((w) => config.passes || !w.pass).map((w) => w.key);
+        expect(Object.keys(c.figures).sort(), c.id).toEqual([...expected].sort());
+        for (const [key, f] of Object.entries(c.figures)) {
+          expect(f.reps, `${c.id} ${key}`).toHaveLength(3);
+          expect(f.mibps > 0 && f.iops > 0, `${c.id} ${key}`).toBe(true);
+          // Every configuration but the raw file has a server whose CPU time was read.
+          expect(
+            f.reps.every((r) => (r.serverCpu === null) === c.id.startsWith("raw-")),
+            `${c.id} ${key}`,
+          ).toBe(true);
+        }
       }
-    }
-    // Every target of issue 8 was evaluated (the verdicts themselves are not checked).
-    expect(matrix.targets).toHaveLength(14);
-    for (const t of matrix.targets) expect(Number.isFinite(t.ratio) && t.ratio > 0, t.target).toBe(true);
-    const text = printed.join("\n");
-    expect(text).toMatch(/\| udm linear +\|/);
-    expect(text).toMatch(/\| first-write time, udm 3 snapshots \/ 1 snapshot \(chunk 8\) +\| [0-9.]+× \([0-9.]+–[0-9.]+\) +\| <= 1.7× \| (PASS|MISS) +\|/);
-  }, 300_000);
+      // Every target of issue 8 was evaluated (the verdicts themselves are not checked).
+      expect(matrix.targets).toHaveLength(14);
+      for (const t of matrix.targets) expect(Number.isFinite(t.ratio) && t.ratio > 0, t.target).toBe(true);
+      const text = printed.join("\n");
+      expect(text).toMatch(/\| udm linear +\|/);
+      expect(text).toMatch(
+        /\| first-write time, udm 3 snapshots \/ 1 snapshot \(chunk 8\) +\| [0-9.]+× \([0-9.]+–[0-9.]+\) +\| <= 1.7× \| (PASS|MISS) +\|/,
+      );
+    },
+    300_000,
+  );
 });

@@ -44,7 +44,15 @@ const snap = info({
 
 /** A snapshot of vg-base as LVM stacks it, both over (8:16). */
 const example: GraphDevice[] = [
-  { name: "vg-snap", major: 253, minor: 3, deps: [{ major: 253, minor: 2 }, { major: 253, minor: 1 }] },
+  {
+    name: "vg-snap",
+    major: 253,
+    minor: 3,
+    deps: [
+      { major: 253, minor: 2 },
+      { major: 253, minor: 1 },
+    ],
+  },
   { name: "vg-snap-cow", major: 253, minor: 2, deps: [{ major: 8, minor: 16 }] },
   { name: "vg-base-real", major: 253, minor: 1, deps: [{ major: 8, minor: 16 }] },
   { name: "vg-base", major: 253, minor: 0, deps: [{ major: 253, minor: 1 }] },
@@ -100,7 +108,9 @@ describe("info (long form)", () => {
     expect(formatInfoLong(info({ livePresent: false, inactivePresent: true }), { readAhead: null })).toContain(
       "State:             ACTIVE\nTables present:    INACTIVE\n",
     );
-    expect(formatInfoLong({ ...info(), deferredRemove: true })).toContain("State:             ACTIVE (DEFERRED REMOVE)\n");
+    expect(formatInfoLong({ ...info(), deferredRemove: true })).toContain(
+      "State:             ACTIVE (DEFERRED REMOVE)\n",
+    );
   });
 });
 
@@ -135,15 +145,21 @@ describe("info -c (columns)", () => {
   });
 
   it("--separator turns alignment off but keeps the headings", () => {
-    expect(formatInfoColumns([info()], { separator: "," })).toBe("Name,Maj,Min,Stat,Open,Targ,Event,UUID\nvg-lv,253,0,L--w,0,1,0,LVM-abc\n");
+    expect(formatInfoColumns([info()], { separator: "," })).toBe(
+      "Name,Maj,Min,Stat,Open,Targ,Event,UUID\nvg-lv,253,0,L--w,0,1,0,LVM-abc\n",
+    );
   });
 
   it("--nameprefixes prints DM_FIELD='value' (unquoted with --unquoted)", () => {
     expect(formatInfoColumns([info()], { nameprefixes: true, noHeadings: true, fields: ["name", "uuid"] })).toBe(
       "DM_NAME='vg-lv':DM_UUID='LVM-abc'\n",
     );
-    expect(formatInfoColumns([info()], { nameprefixes: true, fields: "name,open" })).toBe("Name Open\nDM_NAME='vg-lv' DM_OPEN='0'\n");
-    expect(formatInfoColumns([info()], { nameprefixes: true, unquoted: true, noHeadings: true, fields: "name" })).toBe("DM_NAME=vg-lv\n");
+    expect(formatInfoColumns([info()], { nameprefixes: true, fields: "name,open" })).toBe(
+      "Name Open\nDM_NAME='vg-lv' DM_OPEN='0'\n",
+    );
+    expect(formatInfoColumns([info()], { nameprefixes: true, unquoted: true, noHeadings: true, fields: "name" })).toBe(
+      "DM_NAME=vg-lv\n",
+    );
   });
 
   it("--rows prints one line per field", () => {
@@ -156,17 +172,26 @@ describe("info -c (columns)", () => {
 
   it("supports the other info fields, -o +FIELD and --noopencount", () => {
     expect(
-      formatInfoColumns([info(), snap], { fields: ["name", "tables_loaded", "suspended", "readonly", "devno", "blkdevname", "read_ahead"] }),
+      formatInfoColumns([info(), snap], {
+        fields: ["name", "tables_loaded", "suspended", "readonly", "devno", "blkdevname", "read_ahead"],
+      }),
     ).toBe(
       "Name             Tables Suspended Read-only DevNo  BlkDevName       RAhead\n" +
         "vg-lv            Live   Active    Writeable 253:0  dm-0                256\n" +
         "snap             Both   Suspended Read-only 253:12 dm-12               256\n",
     );
-    expect(formatInfoColumns([info({ livePresent: false, inactivePresent: true })], { fields: "name,tables_loaded", noHeadings: true })).toBe(
-      "vg-lv:Inactive\n",
+    expect(
+      formatInfoColumns([info({ livePresent: false, inactivePresent: true })], {
+        fields: "name,tables_loaded",
+        noHeadings: true,
+      }),
+    ).toBe("vg-lv:Inactive\n");
+    expect(formatInfoColumns([info()], { fields: ["+devno"], noHeadings: true })).toBe(
+      "vg-lv:253:0:L--w:0:1:0:LVM-abc:253:0\n",
     );
-    expect(formatInfoColumns([info()], { fields: ["+devno"], noHeadings: true })).toBe("vg-lv:253:0:L--w:0:1:0:LVM-abc:253:0\n");
-    expect(formatInfoColumns([info()], { fields: "NAME,Open", noHeadings: true, noOpenCount: true })).toBe("vg-lv:-1\n");
+    expect(formatInfoColumns([info()], { fields: "NAME,Open", noHeadings: true, noOpenCount: true })).toBe(
+      "vg-lv:-1\n",
+    );
   });
 
   it("sorts with -O, ascending by default, - for descending, on hidden fields too", () => {
@@ -185,7 +210,8 @@ describe("info -c (columns)", () => {
       formatInfoColumns(infos, {
         graph,
         noHeadings: true,
-        fields: "name,device_count,devnos_used,devs_used,blkdevs_used,device_ref_count,names_using_dev,devnos_using_dev",
+        fields:
+          "name,device_count,devnos_used,devs_used,blkdevs_used,device_ref_count,names_using_dev,devnos_using_dev",
         blkdevName: (major, minor) => (major === 8 && minor === 16 ? "sdb" : undefined),
       }),
     ).toBe(
@@ -219,9 +245,9 @@ describe("info -c (columns)", () => {
   });
 
   it("mangles names outside udev's whitelist", () => {
-    expect(formatInfoColumns([info({ name: "a b\\x20c" })], { fields: "mangled_name,unmangled_name", noHeadings: true })).toBe(
-      "a\\x20b\\x20c:a b c\n",
-    );
+    expect(
+      formatInfoColumns([info({ name: "a b\\x20c" })], { fields: "mangled_name,unmangled_name", noHeadings: true }),
+    ).toBe("a\\x20b\\x20c:a b c\n");
   });
 
   it("rejects unknown fields and sort keys with dmsetup's messages", () => {
@@ -319,10 +345,12 @@ describe("ls --tree", () => {
   });
 
   it("adds <blkdevname> and the [active, rw, open, uuid] attributes of mapped devices", () => {
-    const lv: GraphDevice[] = [{ name: "lv", major: 253, minor: 0, uuid: "LVM-1", openCount: 1, deps: [{ major: 8, minor: 16 }] }];
-    expect(
-      formatTree(lv, { options: "blkdevname,active,rw,open,uuid,notrunc", blkdevName: () => "sdb" }),
-    ).toBe("lv <dm-0> (253:0) [ACTIVE, RW, 1, LVM-1]\n └─ <sdb> (8:16)\n");
+    const lv: GraphDevice[] = [
+      { name: "lv", major: 253, minor: 0, uuid: "LVM-1", openCount: 1, deps: [{ major: 8, minor: 16 }] },
+    ];
+    expect(formatTree(lv, { options: "blkdevname,active,rw,open,uuid,notrunc", blkdevName: () => "sdb" })).toBe(
+      "lv <dm-0> (253:0) [ACTIVE, RW, 1, LVM-1]\n └─ <sdb> (8:16)\n",
+    );
     expect(formatTree([{ ...lv[0]!, suspended: true, readOnly: true }], { options: "nodevice,active,rw" })).toBe(
       "lv [SUSPENDED, RO]\n",
     );
@@ -380,14 +408,24 @@ describe("table / status lines", () => {
 describe("deps", () => {
   it("says `1 dependencies` and lists (major, minor)", () => {
     expect(formatDeps([{ major: 8, minor: 16 }])).toBe("1 dependencies\t: (8, 16)\n");
-    expect(formatDeps([{ major: 253, minor: 2 }, { major: 253, minor: 1 }], { prefix: "vg-snap" })).toBe(
-      "vg-snap: 2 dependencies\t: (253, 2) (253, 1)\n",
-    );
+    expect(
+      formatDeps(
+        [
+          { major: 253, minor: 2 },
+          { major: 253, minor: 1 },
+        ],
+        { prefix: "vg-snap" },
+      ),
+    ).toBe("vg-snap: 2 dependencies\t: (253, 2) (253, 1)\n");
     expect(formatDeps([])).toBe("0 dependencies\t:\n");
   });
 
   it("-o blkdevname / devname, falling back to numbers when a name is unknown", () => {
-    const deps = [{ major: 253, minor: 1, name: "vg-base-real" }, { major: 8, minor: 16 }, { major: 8, minor: 32 }];
+    const deps = [
+      { major: 253, minor: 1, name: "vg-base-real" },
+      { major: 8, minor: 16 },
+      { major: 8, minor: 32 },
+    ];
     const names = (major: number, minor: number) => (major === 8 && minor === 16 ? "sdb" : undefined);
     expect(formatDeps(deps, { format: "blkdevname", names })).toBe("3 dependencies\t: (dm-1) (sdb) (8, 32)\n");
     expect(formatDeps(deps, { format: "devname", names })).toBe("3 dependencies\t: (vg-base-real) (sdb) (8, 32)\n");

@@ -23,7 +23,13 @@ describe("parseConcise", () => {
 
   it("reads uuid, minor (as atoi does) and rw, skipping blanks after field commas and semicolons", () => {
     expect(parseConcise("vg-lv,LVM-abc,5,rw,0 2048 zero;\n  b, u, 12abc, ro, 0 8 zero\n")).toEqual([
-      { name: "vg-lv", uuid: "LVM-abc", minor: 5, readOnly: false, table: [{ start: 0, length: 2048, type: "zero", params: "" }] },
+      {
+        name: "vg-lv",
+        uuid: "LVM-abc",
+        minor: 5,
+        readOnly: false,
+        table: [{ start: 0, length: 2048, type: "zero", params: "" }],
+      },
       { name: "b", uuid: "u", minor: 12, readOnly: true, table: [{ start: 0, length: 8, type: "zero", params: "" }] },
     ]);
     expect(parseConcise("x,,junk,,0 8 zero")[0]!.minor).toBe(0);
@@ -58,12 +64,18 @@ describe("parseConcise", () => {
   it("reports an incomplete entry, including dmsetup's trailing-comma and escaped-last-character quirks", () => {
     const incomplete = "Incomplete entry: five comma-separated fields are required for each device\n";
     expect(() => parseConcise("a,,,,")).toThrow(`${incomplete}Parsed 5 fields: name: a uuid:  minor:  flags:  table: `);
-    expect(() => parseConcise("a,,,,0 8 zero,")).toThrow(`${incomplete}Parsed 5 fields: name: a uuid:  minor:  flags:  table: 0 8 zero\n`);
-    expect(() => parseConcise("a,,,,0 8 zero\\;")).toThrow(`${incomplete}Parsed 5 fields: name: a uuid:  minor:  flags:  table: 0 8 zero;`);
+    expect(() => parseConcise("a,,,,0 8 zero,")).toThrow(
+      `${incomplete}Parsed 5 fields: name: a uuid:  minor:  flags:  table: 0 8 zero\n`,
+    );
+    expect(() => parseConcise("a,,,,0 8 zero\\;")).toThrow(
+      `${incomplete}Parsed 5 fields: name: a uuid:  minor:  flags:  table: 0 8 zero;`,
+    );
   });
 
   it("rejects bad flags and bad table lines with dmsetup's messages", () => {
-    expect(() => parseConcise("a,,,xx,0 8 zero")).toThrow(/^Invalid flags parameter 'xx' must be 'ro' or 'rw' or empty\.$/);
+    expect(() => parseConcise("a,,,xx,0 8 zero")).toThrow(
+      /^Invalid flags parameter 'xx' must be 'ro' or 'rw' or empty\.$/,
+    );
     expect(() => parseConcise("a,,,,0 8 zero,junk")).toThrow(/^Invalid format on line 2 of table \.$/);
   });
 
@@ -76,7 +88,13 @@ describe("parseConcise", () => {
 
 describe("formatConcise", () => {
   const devices = [
-    { name: "vg-lv", uuid: "LVM-abc", minor: 0, readOnly: false, table: [{ start: 0, length: 2048, type: "linear", params: "8:16 0" }] },
+    {
+      name: "vg-lv",
+      uuid: "LVM-abc",
+      minor: 0,
+      readOnly: false,
+      table: [{ start: 0, length: 2048, type: "linear", params: "8:16 0" }],
+    },
     {
       name: "we,ird",
       uuid: "",
@@ -91,7 +109,9 @@ describe("formatConcise", () => {
   ];
 
   it("prints every device on one line, quoted, with the space after each type", () => {
-    expect(formatConcise(devices)).toBe("vg-lv,LVM-abc,0,rw,0 2048 linear 8:16 0;we\\,ird,,1,ro,0 8 error ,8 8 zero ;empty,,2,rw\n");
+    expect(formatConcise(devices)).toBe(
+      "vg-lv,LVM-abc,0,rw,0 2048 linear 8:16 0;we\\,ird,,1,ro,0 8 error ,8 8 zero ;empty,,2,rw\n",
+    );
     expect(formatConcise([])).toBe("");
     expect(quoteConcise("a,b;c\\d")).toBe("a\\,b\\;c\\\\d");
   });

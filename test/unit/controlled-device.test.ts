@@ -1,5 +1,14 @@
 import { describe, expect, it } from "vitest";
-import { BioError, BioFlags, flushBio, readBio, submitAndWait, writeBio, writeZeroesBio, type Bio } from "../../core/bio.js";
+import {
+  BioError,
+  BioFlags,
+  flushBio,
+  readBio,
+  submitAndWait,
+  writeBio,
+  writeZeroesBio,
+  type Bio,
+} from "../../core/bio.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 
 /** `sectors` sectors filled with `byte`. */
@@ -46,7 +55,11 @@ describe("hold rules", () => {
     dev.hold(isWrite);
     const writes = [0, 1, 2].map((i) => submitAndWait(dev, writeBio(i, fill(i + 1))));
     const held = await dev.waitForHeld(3);
-    expect(held.map((h) => [h.op, h.sector, h.seq])).toEqual([["write", 0, 1], ["write", 1, 2], ["write", 2, 3]]);
+    expect(held.map((h) => [h.op, h.sector, h.seq])).toEqual([
+      ["write", 0, 1],
+      ["write", 1, 2],
+      ["write", 2, 3],
+    ]);
     // Reads are not held, and do not see held writes.
     expect(await read(dev, 1)).toEqual(fill(0));
     held[2]!.release();

@@ -11,13 +11,21 @@ function pattern(sectors: number, seed = 1): Buffer {
   return buf;
 }
 
-interface Result { readErr: boolean; mask: number }
+interface Result {
+  readErr: boolean;
+  mask: number;
+}
 
 /** copy() as a promise, plus a flag proving the callback did not run inside copy(). */
 function copy(client: CopierClient, src: CopySource, dests: CopyDest[], flags = 0): Promise<Result> {
   let returned = false;
   const p = new Promise<Result>((resolve, reject) =>
-    client.copy(src, dests, (readErr, mask) => (returned ? resolve({ readErr, mask }) : reject(new Error("callback ran inside copy()"))), { flags }),
+    client.copy(
+      src,
+      dests,
+      (readErr, mask) => (returned ? resolve({ readErr, mask }) : reject(new Error("callback ran inside copy()"))),
+      { flags },
+    ),
   );
   returned = true;
   return p;
@@ -26,14 +34,17 @@ function copy(client: CopierClient, src: CopySource, dests: CopyDest[], flags = 
 const reads = (dev: ControlledDevice) => dev.log.filter((r) => r.op === "read");
 const writes = (dev: ControlledDevice) => dev.log.filter((r) => r.op === "write");
 const isRead = (b: Bio) => b.op === "read";
-const newCopier = (opts: { subJobSectors?: number; maxInFlight?: number } = {}) => new Copier({ logger: new MemoryLogger(), ...opts });
+const newCopier = (opts: { subJobSectors?: number; maxInFlight?: number } = {}) =>
+  new Copier({ logger: new MemoryLogger(), ...opts });
 
 describe("Copier.copy", () => {
   it("copies a region to one destination, reading the source once", async () => {
     const src = new ControlledDevice(256);
     const dst = new ControlledDevice(256);
     src.writeSync(10, pattern(16));
-    const r = await copy(newCopier().client(), { device: src, sector: 10, sectors: 16 }, [{ device: dst, sector: 100 }]);
+    const r = await copy(newCopier().client(), { device: src, sector: 10, sectors: 16 }, [
+      { device: dst, sector: 100 },
+    ]);
     expect(r).toEqual({ readErr: false, mask: 0 });
     expect(dst.readSync(100, 16)).toEqual(pattern(16));
     expect(reads(src)).toHaveLength(1);
@@ -43,7 +54,11 @@ describe("Copier.copy", () => {
     const src = new ControlledDevice(64);
     const dests = [0, 1, 2].map(() => new ControlledDevice(64));
     src.writeSync(0, pattern(8, 5));
-    const r = await copy(newCopier().client(), { device: src, sector: 0, sectors: 8 }, dests.map((device, i) => ({ device, sector: i * 8 })));
+    const r = await copy(
+      newCopier().client(),
+      { device: src, sector: 0, sectors: 8 },
+      dests.map((device, i) => ({ device, sector: i * 8 })),
+    );
     expect(r).toEqual({ readErr: false, mask: 0 });
     dests.forEach((d, i) => expect(d.readSync(i * 8, 8)).toEqual(pattern(8, 5)));
     expect(reads(src)).toHaveLength(1);
@@ -55,10 +70,23 @@ describe("Copier.copy", () => {
     src.writeSync(0, pattern(20));
     let calls = 0;
     await new Promise<void>((resolve) =>
-      newCopier({ subJobSectors: 8 }).client().copy({ device: src, sector: 0, sectors: 20 }, [{ device: dst, sector: 30 }], () => { calls++; resolve(); }),
+      newCopier({ subJobSectors: 8 })
+        .client()
+        .copy({ device: src, sector: 0, sectors: 20 }, [{ device: dst, sector: 30 }], () => {
+          calls++;
+          resolve();
+        }),
     );
-    expect(reads(src).map((r) => [r.sector, r.sectors])).toEqual([[0, 8], [8, 8], [16, 4]]);
-    expect(writes(dst).map((r) => [r.sector, r.sectors])).toEqual([[30, 8], [38, 8], [46, 4]]);
+    expect(reads(src).map((r) => [r.sector, r.sectors])).toEqual([
+      [0, 8],
+      [8, 8],
+      [16, 4],
+    ]);
+    expect(writes(dst).map((r) => [r.sector, r.sectors])).toEqual([
+      [30, 8],
+      [38, 8],
+      [46, 4],
+    ]);
     expect(dst.readSync(30, 20)).toEqual(pattern(20));
     expect(calls).toBe(1);
   });
@@ -81,7 +109,10 @@ describe("Copier.copy", () => {
       expect(copier.subJobsInFlight).toBe(src.held().length);
       src.held()[0]!.release();
     }
-    expect(await Promise.all(jobs)).toEqual([{ readErr: false, mask: 0 }, { readErr: false, mask: 0 }]);
+    expect(await Promise.all(jobs)).toEqual([
+      { readErr: false, mask: 0 },
+      { readErr: false, mask: 0 },
+    ]);
     expect(maxHeld).toBe(3);
     expect(reads(src)).toHaveLength(20);
     expect(dst.readSync(0, 80)).toEqual(pattern(80));
@@ -101,7 +132,12 @@ describe("Copier.copy", () => {
       const src = new ControlledDevice(64);
       const dst = new ControlledDevice(64);
       src.failNext((b) => b.op === "read" && b.sector === 0, "EIO");
-      const r = await copy(newCopier({ subJobSectors: 4, maxInFlight: 1 }).client(), { device: src, sector: 0, sectors: 12 }, [{ device: dst, sector: 0 }], flags);
+      const r = await copy(
+        newCopier({ subJobSectors: 4, maxInFlight: 1 }).client(),
+        { device: src, sector: 0, sectors: 12 },
+        [{ device: dst, sector: 0 }],
+        flags,
+      );
       return { r, reads: reads(src).length, writes: writes(dst).map((w) => w.sector) };
     };
     expect(await run(0)).toEqual({ r: { readErr: true, mask: 0 }, reads: 1, writes: [] });
@@ -113,7 +149,11 @@ describe("Copier.copy", () => {
     const dests = [0, 1, 2, 3].map(() => new ControlledDevice(64));
     dests[1]!.failNext(() => true, "EIO");
     dests[3]!.failNext(() => true, "ENOSPC");
-    const r = await copy(newCopier().client(), { device: src, sector: 0, sectors: 8 }, dests.map((device) => ({ device, sector: 0 })));
+    const r = await copy(
+      newCopier().client(),
+      { device: src, sector: 0, sectors: 8 },
+      dests.map((device) => ({ device, sector: 0 })),
+    );
     expect(r).toEqual({ readErr: false, mask: 0b1010 });
     expect(writes(dests[0]!)[0]!.status).toBe("ok");
   });
@@ -135,18 +175,21 @@ describe("CopierClient callbacks", () => {
     const order: string[] = [];
     let inCallback = false;
     let reentered = false;
-    const all = ["A", "B", "C"].map((name, i) =>
-      new Promise<void>((resolve) =>
-        client.copy({ device: src, sector: i * 8, sectors: 8 }, [{ device: dst, sector: i * 8 }], () => {
-          if (inCallback) reentered = true;
-          inCallback = true;
-          order.push(name);
-          // A job started from a callback must not call back re-entrantly, even on a synchronous device.
-          client.copy({ device: src, sector: 0, sectors: 1 }, [{ device: src, sector: 40 + i }], () => order.push(`${name}'`));
-          inCallback = false;
-          resolve();
-        }),
-      ),
+    const all = ["A", "B", "C"].map(
+      (name, i) =>
+        new Promise<void>((resolve) =>
+          client.copy({ device: src, sector: i * 8, sectors: 8 }, [{ device: dst, sector: i * 8 }], () => {
+            if (inCallback) reentered = true;
+            inCallback = true;
+            order.push(name);
+            // A job started from a callback must not call back re-entrantly, even on a synchronous device.
+            client.copy({ device: src, sector: 0, sectors: 1 }, [{ device: src, sector: 40 + i }], () =>
+              order.push(`${name}'`),
+            );
+            inCallback = false;
+            resolve();
+          }),
+        ),
     );
     const [a, b, c] = await dst.waitForHeld(3);
     c!.release();
@@ -163,7 +206,9 @@ describe("CopierClient callbacks", () => {
     const client = new Copier({ logger }).client("snap");
     const dev = new ControlledDevice(16);
     const ran: number[] = [];
-    client.copy({ device: dev, sector: 0, sectors: 1 }, [{ device: dev, sector: 1 }], () => { throw new Error("boom"); });
+    client.copy({ device: dev, sector: 0, sectors: 1 }, [{ device: dev, sector: 1 }], () => {
+      throw new Error("boom");
+    });
     client.copy({ device: dev, sector: 0, sectors: 1 }, [{ device: dev, sector: 2 }], () => ran.push(2));
     await client.destroy();
     expect(ran).toEqual([2]);
@@ -177,15 +222,20 @@ describe("CopierClient.zero", () => {
     dev.writeSync(0, pattern(16));
     let result: Result | null = null;
     const done = new Promise<void>((resolve) =>
-      newCopier({ subJobSectors: 8 }).client().zero([{ device: dev, sector: 2 }], 12, (readErr, mask) => {
-        result = { readErr, mask };
-        resolve();
-      }),
+      newCopier({ subJobSectors: 8 })
+        .client()
+        .zero([{ device: dev, sector: 2 }], 12, (readErr, mask) => {
+          result = { readErr, mask };
+          resolve();
+        }),
     );
     expect(result).toBeNull(); // the device completed synchronously, the callback still waits
     await done;
     expect(result).toEqual({ readErr: false, mask: 0 });
-    expect(dev.log.map((r) => [r.op, r.sector, r.sectors])).toEqual([["write-zeroes", 2, 8], ["write-zeroes", 10, 4]]);
+    expect(dev.log.map((r) => [r.op, r.sector, r.sectors])).toEqual([
+      ["write-zeroes", 2, 8],
+      ["write-zeroes", 10, 4],
+    ]);
     expect(dev.readSync(2, 12)).toEqual(Buffer.alloc(12 * 512));
     expect(dev.readSync(0, 2)).toEqual(pattern(16).subarray(0, 1024));
     expect(dev.readSync(14, 2)).toEqual(pattern(16).subarray(14 * 512));
@@ -196,7 +246,16 @@ describe("CopierClient.zero", () => {
     const fancy = new ControlledDevice(64);
     plain.writeSync(0, pattern(8));
     const client = newCopier().client();
-    await new Promise<void>((resolve) => client.zero([{ device: plain, sector: 0 }, { device: fancy, sector: 0 }], 8, () => resolve()));
+    await new Promise<void>((resolve) =>
+      client.zero(
+        [
+          { device: plain, sector: 0 },
+          { device: fancy, sector: 0 },
+        ],
+        8,
+        () => resolve(),
+      ),
+    );
     expect(plain.log.map((r) => r.op)).toEqual(["write"]);
     expect(fancy.log.map((r) => r.op)).toEqual(["write-zeroes"]);
     expect(plain.readSync(0, 8)).toEqual(Buffer.alloc(8 * 512));
@@ -207,7 +266,14 @@ describe("CopierClient.zero", () => {
     dev.writeSync(0, pattern(8));
     dev.failNext((b) => b.op === "write-zeroes", "EOPNOTSUPP");
     let mask = -1;
-    await new Promise<void>((resolve) => newCopier().client().zero([{ device: dev, sector: 0 }], 8, (_r, m) => { mask = m; resolve(); }));
+    await new Promise<void>((resolve) =>
+      newCopier()
+        .client()
+        .zero([{ device: dev, sector: 0 }], 8, (_r, m) => {
+          mask = m;
+          resolve();
+        }),
+    );
     expect(mask).toBe(0);
     expect(dev.log.map((r) => `${r.op} ${r.status}`)).toEqual(["write-zeroes EOPNOTSUPP", "write ok"]);
     expect(dev.readSync(0, 8)).toEqual(Buffer.alloc(8 * 512));
@@ -250,6 +316,8 @@ describe("CopierClient.destroy", () => {
     await p;
     expect(called).toBe(true);
     expect(client.jobsOutstanding).toBe(0);
-    expect(() => client.copy({ device: src, sector: 0, sectors: 1 }, [{ device: dst, sector: 0 }], () => {})).toThrow(/destroyed/);
+    expect(() => client.copy({ device: src, sector: 0, sectors: 1 }, [{ device: dst, sector: 0 }], () => {})).toThrow(
+      /destroyed/,
+    );
   });
 });

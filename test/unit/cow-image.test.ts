@@ -26,7 +26,16 @@ const SNAP = 0x70416e53;
 
 describe("readCowImage / describeCowImage", () => {
   it("parses a hand-built image and dumps it", async () => {
-    const buf = image(64, [SNAP, 1, 1, 1], [[[5, 2], [9, 3]]]);
+    const buf = image(
+      64,
+      [SNAP, 1, 1, 1],
+      [
+        [
+          [5, 2],
+          [9, 3],
+        ],
+      ],
+    );
     const img = await readCowImage(buf);
     expect(img).toMatchObject({
       state: "valid",
@@ -95,7 +104,9 @@ describe("readCowImage / describeCowImage", () => {
     const problems = async (h: [number, number, number, number]) => (await readCowImage(image(64, h, []))).problems;
     expect(await problems([0xdeadbeef, 1, 1, 8])).toEqual(["bad magic 0xdeadbeef: Invalid or corrupt snapshot"]);
     expect(await problems([SNAP, 1, 2, 8])).toEqual(["unable to handle snapshot disk version 2"]);
-    expect(await problems([SNAP, 1, 1, 12])).toEqual(["invalid on-disk chunk size 12: Chunk size is not a power of 2."]);
+    expect(await problems([SNAP, 1, 1, 12])).toEqual([
+      "invalid on-disk chunk size 12: Chunk size is not a power of 2.",
+    ]);
     expect(await problems([SNAP, 1, 1, 0])).toEqual(["invalid on-disk chunk size 0: Chunk size is not a power of 2."]);
   });
 

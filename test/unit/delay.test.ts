@@ -9,7 +9,12 @@ import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
 import { FakeClock, settle } from "../support/fake-clock.js";
 import { pattern } from "../support/memory-backing.js";
-import { type IoRecord, type RecordingDevice, TrackingBacking, expectCtrError as expectCtrErrorIn } from "../support/recording-device.js";
+import {
+  type IoRecord,
+  type RecordingDevice,
+  TrackingBacking,
+  expectCtrError as expectCtrErrorIn,
+} from "../support/recording-device.js";
 
 let clock: FakeClock;
 let backing: TrackingBacking;
@@ -27,7 +32,8 @@ beforeEach(() => {
 });
 
 /** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
-const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
+const expectCtrError = (line: string, message: string, errno?: string) =>
+  expectCtrErrorIn(dm, backing, line, message, errno);
 
 /** A promise plus whether it has settled yet (checked after `settle()`). */
 function track<T>(p: Promise<T>): { done: () => boolean; p: Promise<T> } {
@@ -81,8 +87,14 @@ describe("delay constructor", () => {
   );
 
   it("checks every device area it maps", async () => {
-    await expectCtrError("0 10 delay mem0 0 0 mem1 995 0", "mem1 too small for target: start=995, len=10, dev_size=1000");
-    await expectCtrError("0 10 delay mem0 0 0 mem1 0 0 mem2 991 0", "mem2 too small for target: start=991, len=10, dev_size=1000");
+    await expectCtrError(
+      "0 10 delay mem0 0 0 mem1 995 0",
+      "mem1 too small for target: start=995, len=10, dev_size=1000",
+    );
+    await expectCtrError(
+      "0 10 delay mem0 0 0 mem1 0 0 mem2 991 0",
+      "mem2 too small for target: start=991, len=10, dev_size=1000",
+    );
   });
 
   it("registers as delay 1.5.0", () => {

@@ -215,9 +215,17 @@ describe("rename and set UUID", () => {
   it("refuses an empty or too long UUID", async () => {
     await dm.create("a");
     await expectError(dm.setUuid("a", ""), "EINVAL", "Invalid new mapped device name or uuid string supplied.");
-    await expectError(dm.setUuid("a", "u".repeat(129)), "EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    await expectError(
+      dm.setUuid("a", "u".repeat(129)),
+      "EINVAL",
+      "Invalid new mapped device name or uuid string supplied.",
+    );
     // The limit is in bytes (DM_UUID_LEN): 65 two-byte characters are 130 bytes.
-    await expectError(dm.setUuid("a", "é".repeat(65)), "EINVAL", "Invalid new mapped device name or uuid string supplied.");
+    await expectError(
+      dm.setUuid("a", "é".repeat(65)),
+      "EINVAL",
+      "Invalid new mapped device name or uuid string supplied.",
+    );
     await expectError(dm.create("b", { uuid: "é".repeat(65) }), "EINVAL");
     expect(dm.info("a").uuid).toBe("");
   });
@@ -248,14 +256,24 @@ describe("load, clear and resume", () => {
   it("loads into the inactive slot while the live table keeps serving I/O", async () => {
     const h = dm.open("a");
     await dm.load("a", "0 50 linear mem1 0");
-    expect(dm.info("a")).toMatchObject({ livePresent: true, inactivePresent: true, suspended: false, sizeSectors: 100 });
+    expect(dm.info("a")).toMatchObject({
+      livePresent: true,
+      inactivePresent: true,
+      suspended: false,
+      sizeSectors: 100,
+    });
     expect(dm.info("a", { inactive: true }).targetCount).toBe(1);
     mem0.clearLog();
     await h.read(80, 1);
     expect(mem0.received.map((r) => r.op)).toEqual(["read"]);
 
     await dm.resume("a");
-    expect(dm.info("a")).toMatchObject({ livePresent: true, inactivePresent: false, suspended: false, sizeSectors: 50 });
+    expect(dm.info("a")).toMatchObject({
+      livePresent: true,
+      inactivePresent: false,
+      suspended: false,
+      sizeSectors: 50,
+    });
     expect(dm.tableText("a")).toBe("0 50 linear mem1 0\n");
     await h.close();
   });
@@ -468,14 +486,22 @@ describe("target messages", () => {
   it("refuses core messages it does not know, even on a device without a table", async () => {
     await expectError(dm.message("m", 0, "@x"), "EINVAL", "Unsupported message sent to DM core: @x");
     await dm.create("bare");
-    await expectError(dm.message("bare", 0, "@stats_bogus 1"), "EINVAL", "Unsupported message sent to DM core: @stats_bogus");
+    await expectError(
+      dm.message("bare", 0, "@stats_bogus 1"),
+      "EINVAL",
+      "Unsupported message sent to DM core: @stats_bogus",
+    );
   });
 
   it("handles @cancel_deferred_remove in the core, with exactly one argument", async () => {
     await expect(dm.message("m", 0, "@cancel_deferred_remove")).resolves.toBeUndefined();
     // message_for_md compares with strcasecmp.
     await expect(dm.message("m", 0, " @Cancel_Deferred_Remove ")).resolves.toBeUndefined();
-    await expectError(dm.message("m", 0, "@cancel_deferred_remove now"), "EINVAL", "Invalid arguments for @cancel_deferred_remove");
+    await expectError(
+      dm.message("m", 0, "@cancel_deferred_remove now"),
+      "EINVAL",
+      "Invalid arguments for @cancel_deferred_remove",
+    );
   });
 
   it("refuses a sector beyond the end of the device", async () => {

@@ -329,7 +329,6 @@ describe("FileDevice inline page-cache reads", () => {
       expectBytes(outer.subarray(7 + 8192), Buffer.alloc(7, 0xee));
       // At the end of the file: a short count, never more than is there.
       expect(readCached(fd, Buffer.alloc(8192), 60 * 1024)).toBe(4096);
-
     } finally {
       fs.closeSync(fd);
     }
@@ -442,8 +441,13 @@ describe("FileDevice with O_DIRECT", () => {
     const file = sparseFile(MiB);
     // Simulate tmpfs-style refusal: open(O_DIRECT) fails with EINVAL.
     const realOpen = fs.open;
-    vi.spyOn(fs, "open").mockImplementation(((p: fs.PathLike, flags: number, cb: (e: Error | null, fd?: number) => void) => {
-      if (flags & fs.constants.O_DIRECT) return cb(Object.assign(new Error("EINVAL: invalid argument"), { code: "EINVAL" }));
+    vi.spyOn(fs, "open").mockImplementation(((
+      p: fs.PathLike,
+      flags: number,
+      cb: (e: Error | null, fd?: number) => void,
+    ) => {
+      if (flags & fs.constants.O_DIRECT)
+        return cb(Object.assign(new Error("EINVAL: invalid argument"), { code: "EINVAL" }));
       return (realOpen as (...a: unknown[]) => void)(p, flags, cb);
     }) as typeof fs.open);
     await expect(FileDevice.open(file, { mode: "rw", direct: true })).rejects.toMatchObject({

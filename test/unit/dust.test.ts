@@ -10,7 +10,13 @@ import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { createDeviceMapper } from "../../index.js";
 import { pattern } from "../support/memory-backing.js";
-import { type RecordingDevice, rejection, TrackingBacking, expectCtrError as expectCtrErrorIn, readDevice } from "../support/recording-device.js";
+import {
+  type RecordingDevice,
+  rejection,
+  TrackingBacking,
+  expectCtrError as expectCtrErrorIn,
+  readDevice,
+} from "../support/recording-device.js";
 
 let backing: TrackingBacking;
 let logger: MemoryLogger;
@@ -25,7 +31,8 @@ beforeEach(() => {
 });
 
 /** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
-const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
+const expectCtrError = (line: string, message: string, errno?: string) =>
+  expectCtrErrorIn(dm, backing, line, message, errno);
 
 /** 4 KiB blocks (8 sectors) over mem0 (1000 sectors, so blocks 0..125 are addressable). */
 async function dust(params = "mem0 0 4096", len = 200): Promise<DeviceHandle> {
@@ -299,7 +306,10 @@ describe("dust logging and quiet mode", () => {
     // Range errors and enable/disable are logged even when quiet.
     await expectMsgError("addbadblock 1000", "selected block value out of range");
     await msg("disable");
-    expect(dustLog()).toEqual(["error selected block value out of range", "info disabling read failures on bad sectors"]);
+    expect(dustLog()).toEqual([
+      "error selected block value out of range",
+      "info disabling read failures on bad sectors",
+    ]);
 
     await msg("quiet"); // toggles back to verbose
     await msg("addbadblock 5");

@@ -189,8 +189,25 @@ type Op =
 const SPAN = 1100; // a little over four groups, so runs meet 256-aligned boundaries
 const oldArb = fc.nat(SPAN - 1);
 const opArb: fc.Arbitrary<Op> = fc.oneof(
-  { weight: 4, arbitrary: fc.record({ op: fc.constant("insert" as const), old: oldArb, link: fc.constantFrom("next" as const, "prev" as const, "none" as const), newChunk: fc.nat(3000) }) },
-  { weight: 2, arbitrary: fc.record({ op: fc.constant("run" as const), start: oldArb, len: fc.integer({ min: 1, max: 300 }), newChunk: fc.nat(3000), descending: fc.boolean() }) },
+  {
+    weight: 4,
+    arbitrary: fc.record({
+      op: fc.constant("insert" as const),
+      old: oldArb,
+      link: fc.constantFrom("next" as const, "prev" as const, "none" as const),
+      newChunk: fc.nat(3000),
+    }),
+  },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      op: fc.constant("run" as const),
+      start: oldArb,
+      len: fc.integer({ min: 1, max: 300 }),
+      newChunk: fc.nat(3000),
+      descending: fc.boolean(),
+    }),
+  },
   { weight: 1, arbitrary: fc.record({ op: fc.constant("remove" as const), old: oldArb }) },
   { weight: 2, arbitrary: fc.record({ op: fc.constant("removeMapped" as const), pick: fc.nat() }) },
   { weight: 2, arbitrary: fc.record({ op: fc.constant("removeRunEnd" as const), pick: fc.nat(), last: fc.boolean() }) },
@@ -274,7 +291,9 @@ function runModelCheck(base: number, newBase: number, ops: Op[]): void {
 describe("ExceptionTable against a Map model", () => {
   it("agrees on random insert / remove / lookup sequences with runs, boundaries and wide chunk numbers", () => {
     fc.assert(
-      fc.property(baseArb, newBaseArb, fc.array(opArb, { maxLength: 60 }), (base, newBase, ops) => runModelCheck(base, newBase, ops)),
+      fc.property(baseArb, newBaseArb, fc.array(opArb, { maxLength: 60 }), (base, newBase, ops) =>
+        runModelCheck(base, newBase, ops),
+      ),
       { numRuns: 300 },
     );
   });
@@ -310,7 +329,9 @@ describe("ExceptionTable chunk numbers beyond 32 bits", () => {
     for (let k = 0; k < 256; k++) t.insert(base + k, 2 ** 45 + k);
     expect(t.entryCount).toBe(2);
     expect(t.lookup(base + 200)).toBe(2 ** 45 + 200);
-    expect(() => t.remove(base + 100)).toThrow(`Attempt to merge block ${base + 100} from the middle of a chunk range [${base} - ${base + 255}]`);
+    expect(() => t.remove(base + 100)).toThrow(
+      `Attempt to merge block ${base + 100} from the middle of a chunk range [${base} - ${base + 255}]`,
+    );
     t.insert(2 ** 52 - 1, Number.MAX_SAFE_INTEGER);
     expect(t.lookup(2 ** 52 - 1)).toBe(Number.MAX_SAFE_INTEGER);
     expect(t.lookup(2 ** 52 - 2)).toBe(-1);

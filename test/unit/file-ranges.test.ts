@@ -42,7 +42,13 @@ describe.skipIf(!linuxX64)("FileRangeRead", () => {
     expect(r.take(Buffer.alloc(128 * KiB), fd, 0)).toBe(false); // not a view of the read's buffer
     expect(r.take(base.subarray(320 * KiB, 448 * KiB), fd, 0)).toBe(false); // overlaps a range
     const segments = r.segments();
-    expect(segments.map((s) => (Buffer.isBuffer(s) ? `buf ${s.byteOffset - base.byteOffset}+${s.length}` : `file ${s.offset}+${s.length}@${s.position}`))).toEqual([
+    expect(
+      segments.map((s) =>
+        Buffer.isBuffer(s)
+          ? `buf ${s.byteOffset - base.byteOffset}+${s.length}`
+          : `file ${s.offset}+${s.length}@${s.position}`,
+      ),
+    ).toEqual([
       `file 0+${64 * KiB}@0`,
       `buf ${64 * KiB}+${192 * KiB}`,
       `file ${256 * KiB}+${128 * KiB}@4096`,

@@ -10,7 +10,12 @@ import { createDeviceMapper } from "../../index.js";
 import type { FlakeyTarget } from "../../targets/flakey.js";
 import { FakeClock, settle } from "../support/fake-clock.js";
 import { pattern } from "../support/memory-backing.js";
-import { type RecordingDevice, TrackingBacking, expectCtrError as expectCtrErrorIn, readDevice } from "../support/recording-device.js";
+import {
+  type RecordingDevice,
+  TrackingBacking,
+  expectCtrError as expectCtrErrorIn,
+  readDevice,
+} from "../support/recording-device.js";
 
 let clock: FakeClock;
 let backing: TrackingBacking;
@@ -25,7 +30,8 @@ beforeEach(() => {
 });
 
 /** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
-const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
+const expectCtrError = (line: string, message: string, errno?: string) =>
+  expectCtrErrorIn(dm, backing, line, message, errno);
 
 const readDisk = (sector: number, sectors: number) => readDevice(mem0, sector, sectors);
 
@@ -144,7 +150,10 @@ describe("flakey status", () => {
     ["mem0 0 1 1 2 error_writes error_reads", "mem0 0 1 1 2 error_reads error_writes"],
     ["mem0 0 1 1 5 corrupt_bio_byte 32 R 1 0", "mem0 0 1 1 5 corrupt_bio_byte 32 r 1 0"],
     ["mem0 0 1 1 5 Corrupt_Bio_Byte 224 W 0 32", "mem0 0 1 1 5 corrupt_bio_byte 224 w 0 32"],
-    ["mem0 0 1 1 4 random_write_corrupt 20 random_read_corrupt 10", "mem0 0 1 1 4 random_read_corrupt 10 random_write_corrupt 20"],
+    [
+      "mem0 0 1 1 4 random_write_corrupt 20 random_read_corrupt 10",
+      "mem0 0 1 1 4 random_read_corrupt 10 random_write_corrupt 20",
+    ],
     [
       "mem0 0 0 4294967295 8 random_read_corrupt 3 corrupt_bio_byte 9 r 7 1 drop_writes",
       "mem0 0 0 4294967295 8 drop_writes corrupt_bio_byte 9 r 7 1 random_read_corrupt 3",

@@ -26,9 +26,10 @@ if (skipReason) {
   console.warn(`kernel-block-device tests ${required ? "REQUIRED but cannot run" : "skipped"}: ${skipReason}`);
 }
 
-if (skipReason !== null && required) it("root-only tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
-  throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but kernel-block-device tests cannot run: ${skipReason}`);
-});
+if (skipReason !== null && required)
+  it("root-only tests must run (UDM_REQUIRE_ROOT_TESTS=1)", () => {
+    throw new Error(`UDM_REQUIRE_ROOT_TESTS=1 but kernel-block-device tests cannot run: ${skipReason}`);
+  });
 
 function pattern(bytes: number, seed: number): Buffer {
   const buf = Buffer.alloc(bytes);

@@ -190,15 +190,24 @@ function kernelBuiltLog(): { log: Buffer; writes: { sector: number; data: Buffer
   const c = pattern(12, ss);
   const parts = [
     sup,
-    block([2n, 2n, 0n, 0n]), a, // write 2 blocks at block 2
+    block([2n, 2n, 0n, 0n]),
+    a, // write 2 blocks at block 2
     block([0n, 0n, 1n, 0n]), // flush
     block([0n, 0n, 8n, 5n], Buffer.from("after")), // mark "after"
     block([2n, 1n, 4n, 0n]), // discard block 2
-    block([5n, 1n, 2n, 0n]), b, // FUA write at block 5
+    block([5n, 1n, 2n, 0n]),
+    b, // FUA write at block 5
     block([0n, 0n, 8n, 3n], Buffer.from("end")), // mark "end"
-    block([9n, 1n, 0n, 0n]), c, // not counted by nr_entries
+    block([9n, 1n, 0n, 0n]),
+    c, // not counted by nr_entries
   ];
-  return { log: Buffer.concat(parts), writes: [{ sector: 2, data: a }, { sector: 5, data: b }] };
+  return {
+    log: Buffer.concat(parts),
+    writes: [
+      { sector: 2, data: a },
+      { sector: 5, data: b },
+    ],
+  };
 }
 
 describe("a log built to the reference tool's structs", () => {
@@ -247,9 +256,15 @@ describe("log-writes target", () => {
   it("checks its arguments with the kernel's messages", async () => {
     backing.memory("data", DATA_SECTORS);
     backing.memory("log", 4096);
-    await expect(dm.create("a", { table: "0 100 log-writes data" })).rejects.toThrow("log-writes: Invalid argument count");
-    await expect(dm.create("b", { table: "0 100 log-writes nodev log" })).rejects.toThrow("log-writes: Device lookup failed");
-    await expect(dm.create("c", { table: "0 100 log-writes data nolog" })).rejects.toThrow("log-writes: Log device lookup failed");
+    await expect(dm.create("a", { table: "0 100 log-writes data" })).rejects.toThrow(
+      "log-writes: Invalid argument count",
+    );
+    await expect(dm.create("b", { table: "0 100 log-writes nodev log" })).rejects.toThrow(
+      "log-writes: Device lookup failed",
+    );
+    await expect(dm.create("c", { table: "0 100 log-writes data nolog" })).rejects.toThrow(
+      "log-writes: Log device lookup failed",
+    );
     await dm.create("d", { table: "0 100 log-writes data log extra ignored" });
     expect(dm.table("d")[0]!.params).toBe("data log");
     expect(dm.status("d")[0]!.params).toBe("0 0");
@@ -260,8 +275,13 @@ describe("log-writes target", () => {
     backing.memory("data", DATA_SECTORS);
     const logDev = backing.memory("log", 4096);
     const h = await create();
-    const A = pattern(1, 8 * 512), B = pattern(2, 1024), C = pattern(3, 2048), D = pattern(4, 1024);
-    const E = pattern(5, 512), F = pattern(6, 8 * 512), G = pattern(7, 512);
+    const A = pattern(1, 8 * 512),
+      B = pattern(2, 1024),
+      C = pattern(3, 2048),
+      D = pattern(4, 1024);
+    const E = pattern(5, 512),
+      F = pattern(6, 8 * 512),
+      G = pattern(7, 512);
     await h.write(0, A);
     await h.write(16, B);
     await h.flush();
@@ -336,11 +356,11 @@ describe("log-writes target", () => {
     await h.flush();
     await h.close();
     await dm.remove("lw");
-    expect(decodeLog(await readAll(logDev)).entries.map(describeEntry).slice(4)).toEqual([
-      "NONE@8+1",
-      "FLUSH@0+0",
-      "MARK@0+0:dm-log-writes-end",
-    ]);
+    expect(
+      decodeLog(await readAll(logDev))
+        .entries.map(describeEntry)
+        .slice(4),
+    ).toEqual(["NONE@8+1", "FLUSH@0+0", "MARK@0+0:dm-log-writes-end"]);
   });
 
   it("the log replayed at any moment equals what the data device would hold after a crash", async () => {
@@ -393,8 +413,16 @@ describe("log-writes target", () => {
     const log = await readAll(logDev);
     const { entries } = decodeLog(log);
     expect(entries.map(describeEntry)).toEqual([
-      "NONE@0+8", "NONE@64+2", "FLUSH@0+0", "MARK@0+0:after-flush", "FUA@2+1",
-      "DISCARD@0+4", "NONE@200+1", "FLUSH@0+0", "MARK@0+0:last", "MARK@0+0:dm-log-writes-end",
+      "NONE@0+8",
+      "NONE@64+2",
+      "FLUSH@0+0",
+      "MARK@0+0:after-flush",
+      "FUA@2+1",
+      "DISCARD@0+4",
+      "NONE@200+1",
+      "FLUSH@0+0",
+      "MARK@0+0:last",
+      "MARK@0+0:dm-log-writes-end",
     ]);
     for (let k = 1; k <= entries.length; k++) {
       const dev = new MemoryDevice(DATA_SECTORS);
@@ -465,7 +493,9 @@ describe("log-writes target", () => {
     await expect(dm.message("lw", 0, "mark")).rejects.toThrow(
       "log-writes: Invalid log-writes message arguments, expect 2 arguments, got 1",
     );
-    await expect(dm.message("lw", 0, "note x")).rejects.toThrow("log-writes: Unrecognised log writes target message received: note");
+    await expect(dm.message("lw", 0, "note x")).rejects.toThrow(
+      "log-writes: Unrecognised log writes target message received: note",
+    );
     await h.write(0, pattern(1, 2048), { fua: true }); // entry + 4 sectors: next sector 6 < 8
     await h.write(0, pattern(2, 512), { fua: true }); // would take sectors 6..7: next 8 >= 8
     await targetOf("lw").drain();
@@ -528,12 +558,24 @@ describe("udm-replay-log", () => {
 
   it("replays a file-backed log up to a mark, an entry count, or to the end", async () => {
     const { logFile, atMark } = await fileLog();
-    expect(await cli("--log", logFile)).toEqual({ code: 0, out: "Log version=1, sectorsize=512, entries=9\n", err: "" });
+    expect(await cli("--log", logFile)).toEqual({
+      code: 0,
+      out: "Log version=1, sectorsize=512, entries=9\n",
+      err: "",
+    });
     expect(await cli("--log", logFile, "--num-entries")).toEqual({ code: 0, out: "9\n", err: "" });
     expect(await cli("--log", logFile, "--find", "--end-mark", "one")).toEqual({ code: 0, out: "3\n", err: "" });
     expect(await cli("--log=" + logFile, "--find", "--end-m=two")).toEqual({ code: 0, out: "7\n", err: "" });
-    expect(await cli("--log", logFile, "--find", "--next-flush", "--start-entry", "3")).toEqual({ code: 0, out: "6\n", err: "" });
-    expect(await cli("--log", logFile, "--find", "--end-mark", "three")).toEqual({ code: 1, out: "", err: "Couldn't find entry\n" });
+    expect(await cli("--log", logFile, "--find", "--next-flush", "--start-entry", "3")).toEqual({
+      code: 0,
+      out: "6\n",
+      err: "",
+    });
+    expect(await cli("--log", logFile, "--find", "--end-mark", "three")).toEqual({
+      code: 1,
+      out: "",
+      err: "Couldn't find entry\n",
+    });
 
     for (const mark of ["one", "two"]) {
       const r = replayFile();
@@ -569,10 +611,17 @@ describe("udm-replay-log", () => {
         return status;
       },
     });
-    expect(await replayLogMain(["--log", logFile, "--replay", replayFile(), "--fsck", "check-it", "--check", "flush"], io(0))).toBe(0);
+    expect(
+      await replayLogMain(
+        ["--log", logFile, "--replay", replayFile(), "--fsck", "check-it", "--check", "flush"],
+        io(0),
+      ),
+    ).toBe(0);
     expect(seen).toEqual(["check-it", "check-it"]);
     seen.length = 0;
-    expect(await replayLogMain(["--log", logFile, "--replay", replayFile(), "--fsck", "check-it", "--check", "fua"], io(1))).toBe(1);
+    expect(
+      await replayLogMain(["--log", logFile, "--replay", replayFile(), "--fsck", "check-it", "--check", "fua"], io(1)),
+    ).toBe(1);
     expect(seen).toEqual(["check-it", "Fsck errored out on entry 0\n"]);
     // The default runs the command with sh -c.
     const marker = path.join(dir, "ran");
@@ -588,14 +637,26 @@ describe("udm-replay-log", () => {
   it("reports errors like the tool", async () => {
     expect((await cli()).code).toBe(1);
     expect((await cli("--bogus")).err).toMatch(/unrecognized option '--bogus'\nUsage:/);
-    expect(await cli("--log", path.join(dir, "missing"))).toEqual({ code: 1, out: "", err: `Couldn't open log ${path.join(dir, "missing")}: 2\n` });
+    expect(await cli("--log", path.join(dir, "missing"))).toEqual({
+      code: 1,
+      out: "",
+      err: `Couldn't open log ${path.join(dir, "missing")}: 2\n`,
+    });
     const junk = path.join(dir, "junk");
     fs.writeFileSync(junk, Buffer.alloc(4096, 1));
     expect(await cli("--log", junk)).toEqual({ code: 1, out: "", err: "Magic doesn't match\n" });
     const { logFile } = await fileLog();
-    expect(await cli("--log", logFile, "--start-entry", "9")).toEqual({ code: 1, out: "", err: "Invalid entry number\n" });
+    expect(await cli("--log", logFile, "--start-entry", "9")).toEqual({
+      code: 1,
+      out: "",
+      err: "Invalid entry number\n",
+    });
     expect(await cli("--log", logFile, "--limit", "1x")).toEqual({ code: 1, out: "", err: "Invalid entry number\n" });
-    expect(await cli("--log", logFile, "--start-mark", "zzz")).toEqual({ code: 1, out: "", err: "Couldn't find starting mark\n" });
+    expect(await cli("--log", logFile, "--start-mark", "zzz")).toEqual({
+      code: 1,
+      out: "",
+      err: "Couldn't find starting mark\n",
+    });
   });
 
   it("runs as the built bin (dist/dmsetup/bin/replay-log.js)", async () => {
@@ -603,7 +664,9 @@ describe("udm-replay-log", () => {
     // `npm test` builds dist/ first.
     expect(fs.existsSync(bin), "dist/ missing: run `npm run build` (npm test does)").toBe(true);
     const { logFile, atMark } = await fileLog();
-    expect(execFileSync(process.execPath, [bin, "--log", logFile, "--find", "--end-mark", "two"], { encoding: "utf8" })).toBe("7\n");
+    expect(
+      execFileSync(process.execPath, [bin, "--log", logFile, "--find", "--end-mark", "two"], { encoding: "utf8" }),
+    ).toBe("7\n");
     const r = replayFile();
     execFileSync(process.execPath, [bin, "--log", logFile, "--replay", r, "--end-mark", "one"]);
     expect(fs.readFileSync(r).equals(atMark.one!)).toBe(true);

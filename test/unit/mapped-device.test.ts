@@ -90,10 +90,9 @@ describe("a target whose map or endIo throws", () => {
     const h = dm.open("b");
     await expect(h.write(0, pattern(1, 4096))).rejects.toMatchObject({ status: "EIO" });
     await expect(h.read(0, 8)).rejects.toMatchObject({ status: "EIO" });
-    expect(logger.records.filter((r) => r.msg === "target bug").map((r) => (r.fields as { message: string }).message)).toEqual([
-      "map threw: unexpected write",
-      "endIo threw: cannot finish",
-    ]);
+    expect(
+      logger.records.filter((r) => r.msg === "target bug").map((r) => (r.fields as { message: string }).message),
+    ).toEqual(["map threw: unexpected write", "endIo threw: cannot finish"]);
     expect(dm.device("b").inFlight).toBe(0);
     await h.close();
     await dm.suspend("b"); // would wait forever for an io the exception left counted

@@ -144,7 +144,14 @@ describe("RequestParser", () => {
     `);
     expect(parseEverySplit(requests, bytes)).toEqual([
       req({ type: Cmd.READ, handle: 0x0102030405060708n, offset: 4096, length: 4096 }),
-      req({ type: Cmd.WRITE, flags: 1, handle: 0x1111111111111111n, offset: 2 ** 32 + 512, length: 8, data: hex("deadbeefcafef00d") }),
+      req({
+        type: Cmd.WRITE,
+        flags: 1,
+        handle: 0x1111111111111111n,
+        offset: 2 ** 32 + 512,
+        length: 8,
+        data: hex("deadbeefcafef00d"),
+      }),
       req({ type: Cmd.FLUSH, handle: 0x2222222222222222n }),
       req({ type: Cmd.DISC, handle: 0x3333333333333333n }),
     ]);
@@ -228,7 +235,12 @@ describe("RequestParser", () => {
   it("after a large WRITE with nothing buffered, asks for just the next header; otherwise for no limit", () => {
     const p = new RequestParser({ maxPayload: 1 << 20 });
     const write = (handle: number, length: number) =>
-      Buffer.concat([hex(`25609513 0000 0001 ${handle.toString(16).padStart(16, "0")} 0000000000000000 ${length.toString(16).padStart(8, "0")}`), Buffer.alloc(length, handle)]);
+      Buffer.concat([
+        hex(
+          `25609513 0000 0001 ${handle.toString(16).padStart(16, "0")} 0000000000000000 ${length.toString(16).padStart(8, "0")}`,
+        ),
+        Buffer.alloc(length, handle),
+      ]);
     const read = hex("25609513 0000 0000 0000000000000009 0000000000000000 00001000");
     expect(p.headerSpace()).toBe(0); // nothing seen yet
     p.push(write(1, 64 * 1024));
@@ -256,24 +268,28 @@ describe("RequestParser", () => {
       length: fc.integer({ min: 0, max: 80 }),
     });
     fc.assert(
-      fc.property(fc.array(request, { maxLength: 12 }), fc.array(fc.integer({ min: 1, max: 40 }), { minLength: 1 }), (list, cuts) => {
-        const wire = Buffer.concat(list.map(encodeRequest));
-        const p = new RequestParser({ maxPayload: 64 });
-        const got: NbdRequest[] = [];
-        for (let at = 0, i = 0; at < wire.length; i++) {
-          const n = cuts[i % cuts.length]!;
-          p.push(wire.subarray(at, at + n));
-          got.push(...drain(p));
-          at += n;
-        }
-        expect(got).toEqual(
-          list.map((r) => {
-            const write = r.type === Cmd.WRITE;
-            const dropped = write && r.length > 64;
-            return req({ ...r, data: write && !dropped ? payloadFor(r) : null, payloadDropped: dropped });
-          }),
-        );
-      }),
+      fc.property(
+        fc.array(request, { maxLength: 12 }),
+        fc.array(fc.integer({ min: 1, max: 40 }), { minLength: 1 }),
+        (list, cuts) => {
+          const wire = Buffer.concat(list.map(encodeRequest));
+          const p = new RequestParser({ maxPayload: 64 });
+          const got: NbdRequest[] = [];
+          for (let at = 0, i = 0; at < wire.length; i++) {
+            const n = cuts[i % cuts.length]!;
+            p.push(wire.subarray(at, at + n));
+            got.push(...drain(p));
+            at += n;
+          }
+          expect(got).toEqual(
+            list.map((r) => {
+              const write = r.type === Cmd.WRITE;
+              const dropped = write && r.length > 64;
+              return req({ ...r, data: write && !dropped ? payloadFor(r) : null, payloadDropped: dropped });
+            }),
+          );
+        },
+      ),
     );
   });
 });

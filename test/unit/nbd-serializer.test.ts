@@ -50,7 +50,9 @@ describe("handshake messages", () => {
   });
 
   it("NBD_INFO_NAME", () => {
-    expect(hex(repInfoString(7, Info.NAME, "disk"))).toBe(bytes(`${OPT_REPLY} 00000007 00000003 00000006 0001 6469736b`));
+    expect(hex(repInfoString(7, Info.NAME, "disk"))).toBe(
+      bytes(`${OPT_REPLY} 00000007 00000003 00000006 0001 6469736b`),
+    );
   });
 
   it("error replies carry a message", () => {

@@ -31,12 +31,16 @@ describe("target registry", () => {
     @target({ name: "fresh", version: [1, 0, 0] })
     class Fresh extends Target {
       ctr(): void {}
-      map(): MapResult { return MapResult.KILL; }
+      map(): MapResult {
+        return MapResult.KILL;
+      }
     }
     @target({ name: "linear", version: [9, 9, 9] })
     class Impostor extends Target {
       ctr(): void {}
-      map(): MapResult { return MapResult.KILL; }
+      map(): MapResult {
+        return MapResult.KILL;
+      }
     }
     expect(() => dm.registry.register(Fresh, Impostor)).toThrow("'linear' target already registered");
     expect(dm.registry.get("fresh")).toBeUndefined();
@@ -47,7 +51,9 @@ describe("target registry", () => {
     const { dm } = testMapper();
     class Plain extends Target {
       ctr(): void {}
-      map(_b: Bio): MapResult { return MapResult.KILL; }
+      map(_b: Bio): MapResult {
+        return MapResult.KILL;
+      }
     }
     expect(() => dm.registry.register(Plain)).toThrow(/is not a target/);
     expect(targetInfoOf(Plain)).toBeUndefined();
@@ -56,14 +62,21 @@ describe("target registry", () => {
   it("injects core services into targets through explicit tokens", async () => {
     const { dm } = testMapper();
     const seen: unknown[] = [];
-    @target({ name: "probe", version: [1, 0, 0], inject: [Services.Logger, Services.WorkQueues, Services.Copier, Services.DeviceLookup, Services.Clock] })
+    @target({
+      name: "probe",
+      version: [1, 0, 0],
+      inject: [Services.Logger, Services.WorkQueues, Services.Copier, Services.DeviceLookup, Services.Clock],
+    })
     class Probe extends Target {
       constructor(...services: unknown[]) {
         super();
         seen.push(...services);
       }
       ctr(): void {}
-      map(b: Bio): MapResult { b.complete("ok"); return MapResult.SUBMITTED; }
+      map(b: Bio): MapResult {
+        b.complete("ok");
+        return MapResult.SUBMITTED;
+      }
     }
     dm.registry.register(Probe);
     await dm.create("p", { table: "0 8 probe" });
@@ -104,8 +117,12 @@ describe("plugins", () => {
 
   it("reports a plugin that cannot be loaded with its error", async () => {
     const { dm } = testMapper();
-    await expect(dm.loadPlugin(fixture("does-not-exist.js"))).rejects.toThrow(/plugin .*does-not-exist\.js: cannot load/);
-    await expect(dm.loadPlugin("no-such-udm-plugin-package")).rejects.toThrow(/no-such-udm-plugin-package: cannot load/);
+    await expect(dm.loadPlugin(fixture("does-not-exist.js"))).rejects.toThrow(
+      /plugin .*does-not-exist\.js: cannot load/,
+    );
+    await expect(dm.loadPlugin("no-such-udm-plugin-package")).rejects.toThrow(
+      /no-such-udm-plugin-package: cannot load/,
+    );
   });
 
   it("runs the compiled package (tsc output) with a plain JavaScript plugin loaded by package name", async () => {
@@ -127,6 +144,11 @@ describe("plugins", () => {
     const { stdout } = await promisify(execFile)(process.execPath, ["--input-type=module", "-e", script], {
       cwd: path.resolve(__dirname, "../.."),
     });
-    expect(JSON.parse(stdout)).toEqual({ ok: true, status: "reads 1 writes 1", table: "0 50 io-stats-js m 10\n", first: "io-stats-js" });
+    expect(JSON.parse(stdout)).toEqual({
+      ok: true,
+      status: "reads 1 writes 1",
+      table: "0 50 io-stats-js m 10\n",
+      first: "io-stats-js",
+    });
   });
 });

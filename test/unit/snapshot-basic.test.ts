@@ -62,7 +62,11 @@ describe("snapshot basics", () => {
     const { dm, backing } = testMapper();
     backing.memory("o", 100);
     backing.memory("c", 100);
-    const err = (t: string) => dm.create("x", { table: t }).then(() => "created", (e: Error) => e.message);
+    const err = (t: string) =>
+      dm.create("x", { table: t }).then(
+        () => "created",
+        (e: Error) => e.message,
+      );
     expect(await err("0 100 snapshot o c P")).toBe("snapshot: requires 4 or more arguments");
     expect(await err("0 100 snapshot o o P 8")).toBe("snapshot: COW device cannot be the same as origin device");
     expect(await err("0 100 snapshot o c N 0")).toBe("snapshot: Chunk size not set");

@@ -159,7 +159,9 @@ describe("constructor (B1, B2, B5)", () => {
     const w = world();
     w.controlled("o", 256);
     w.controlled("c", 256);
-    expect(await ctrError(w, "0 256 snapshot o o P 8")).toBe("snapshot: COW device cannot be the same as origin device");
+    expect(await ctrError(w, "0 256 snapshot o o P 8")).toBe(
+      "snapshot: COW device cannot be the same as origin device",
+    );
     // A mapped device named by path and by major:minor is one device.
     await w.dm.create("lower", { table: "0 256 linear o 0" });
     const devno = `253:${w.dm.info("lower").minor}`;
@@ -222,7 +224,9 @@ describe("reactivation of a persistent snapshot (B3, B4)", () => {
     expect(img.problems).toEqual([]);
     expect(img.records).toHaveLength(E + 1);
     expect(img.records.at(-1)).toEqual({ area: 1, slot: 0, oldChunk: E, newChunk: E + 3 });
-    expect(s.cow.readSync((E + 2) * CS, 1).subarray(0, 32)).toEqual(Buffer.concat([record(E, E + 3), Buffer.alloc(16)]));
+    expect(s.cow.readSync((E + 2) * CS, 1).subarray(0, 32)).toEqual(
+      Buffer.concat([record(E, E + 3), Buffer.alloc(16)]),
+    );
     // The saved chunk is in E+3 and the snapshot reads it back.
     const snap2 = s.open("snap2");
     expect((await snap2.read(E * CS, CS)).equals(s.before.subarray(bytes(E * CS), bytes((E + 1) * CS)))).toBe(true);
@@ -236,11 +240,19 @@ describe("reactivation of a persistent snapshot (B3, B4)", () => {
     await s.snap.write(20 * CS, pattern(20, bytes(CS))); // whole chunk
     pattern(20, bytes(CS)).copy(model, bytes(20 * CS));
     const firstGeneration = (await readCowImage(s.cow)).records.map((r) => [r.oldChunk, r.newChunk]);
-    expect(firstGeneration).toEqual([[4, 2], [1, 3], [9, 4], [20, 5]]);
+    expect(firstGeneration).toEqual([
+      [4, 2],
+      [1, 3],
+      [9, 4],
+      [20, 5],
+    ]);
 
     let name = "snap";
     await s.snap.close();
-    for (const [gen, chunks] of [[1, [30, 2, 31]], [2, [40]]] as const) {
+    for (const [gen, chunks] of [
+      [1, [30, 2, 31]],
+      [2, [40]],
+    ] as const) {
       await s.dm.remove(name);
       name = `snap-gen${gen}`;
       await takeSnapshot(s, name, `0 2048 snapshot origin cow P 0`);
@@ -256,7 +268,13 @@ describe("reactivation of a persistent snapshot (B3, B4)", () => {
     await takeSnapshot(s, "last", `0 2048 snapshot origin cow P 8`);
     const img = await readCowImage(s.cow);
     expect(img.problems).toEqual([]);
-    expect(img.records.map((r) => [r.oldChunk, r.newChunk])).toEqual([...firstGeneration, [30, 6], [2, 7], [31, 8], [40, 9]]);
+    expect(img.records.map((r) => [r.oldChunk, r.newChunk])).toEqual([
+      ...firstGeneration,
+      [30, 6],
+      [2, 7],
+      [31, 8],
+      [40, 9],
+    ]);
     expect((await s.open("last").read(0, 2048)).equals(model)).toBe(true);
     expect(s.status("last")).toBe(`${10 * CS}/4096 ${2 * CS}`);
   });
@@ -366,7 +384,11 @@ describe("invalidation (R7, R8) and failures", () => {
   });
 
   it("status words: Invalid for P on a full COW (snapshot write), Overflow only for PO", async () => {
-    for (const [store, word] of [["P", "Invalid"], ["PO", "Overflow"], ["N", "Invalid"]] as const) {
+    for (const [store, word] of [
+      ["P", "Invalid"],
+      ["PO", "Overflow"],
+      ["N", "Invalid"],
+    ] as const) {
       const s = await stack({ store, cowSectors: store === "N" ? CS : 3 * CS }); // room for one data chunk
       await s.snap.write(0, pattern(7, bytes(CS)));
       await expect(s.snap.write(CS, pattern(8, bytes(CS)))).rejects.toMatchObject({ status: "EIO" });
@@ -479,7 +501,10 @@ describe("origins without snapshots and huge tables (R21, R22)", () => {
     await takeSnapshot(w, "snap", `0 ${sectors} snapshot origin cow P ${CS}`);
     origin.log.length = 0;
     await base.write(CS - 2, pattern(4, bytes(4)));
-    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, 2], [CS, 2]]);
+    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([
+      [CS - 2, 2],
+      [CS, 2],
+    ]);
     // …while a chunk in the range still needs its copy; once both chunks have their exceptions,
     // the same write goes whole (nothing to copy anywhere in it).
     origin.log.length = 0;
@@ -489,14 +514,20 @@ describe("origins without snapshots and huge tables (R21, R22)", () => {
     // needs its copy alone, and the snapshot keeps that chunk's old data.
     origin.log.length = 0;
     await base.write(CS - 2, pattern(6, bytes(CS + 4)));
-    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[CS - 2, CS + 2], [2 * CS, 2]]);
+    expect(origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([
+      [CS - 2, CS + 2],
+      [2 * CS, 2],
+    ]);
     // An uncopied chunk first (chunk 3; 4–6 copied): it goes alone, then the settled rest in one piece.
     await base.write(4 * CS, pattern(7, bytes(3 * CS)));
     origin.log.length = 0;
     await base.write(3 * CS, pattern(8, bytes(4 * CS)));
     // (Log order is completion order: the settled piece finishes while chunk 3 is still copied.)
     const pieces = origin.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors]);
-    expect(pieces.sort((a, b) => a[0]! - b[0]!)).toEqual([[3 * CS, CS], [4 * CS, 3 * CS]]);
+    expect(pieces.sort((a, b) => a[0]! - b[0]!)).toEqual([
+      [3 * CS, CS],
+      [4 * CS, 3 * CS],
+    ]);
     const snap = w.open("snap");
     expect((await snap.read(2 * CS, 2)).equals(big.subarray(bytes(2 * CS), bytes(2 * CS + 2)))).toBe(true);
     expect((await snap.read(3 * CS, 4 * CS)).equals(big.subarray(bytes(3 * CS), bytes(7 * CS)))).toBe(true);
@@ -517,7 +548,11 @@ describe("origins without snapshots and huge tables (R21, R22)", () => {
     const n = 1_000_000;
     const originChunks = 1 << 20;
     // Scattered origin chunks (an odd multiplier is a bijection mod 2^20): no two records form a run.
-    const image = cowImageChunks({ chunkSize: cs, exceptions: n, oldChunk: (i) => Math.imul(i, 0x9e3779b1) & (originChunks - 1) });
+    const image = cowImageChunks({
+      chunkSize: cs,
+      exceptions: n,
+      oldChunk: (i) => Math.imul(i, 0x9e3779b1) & (originChunks - 1),
+    });
     let next = image.next();
     const chunks: { chunk: number; data: Buffer }[] = [];
     for (; !next.done; next = image.next()) chunks.push(next.value);
@@ -558,7 +593,14 @@ describe("several snapshots of one origin", () => {
     const model = Buffer.from(pattern(1, bytes(sectors)));
     const images: [string, Buffer][] = [];
     // Writes of odd sizes at odd offsets, crossing chunk boundaries of every size.
-    const edits: [number, number][] = [[5, 20], [60, 70], [200, 9], [1000, 300], [31, 2], [3980, 96]];
+    const edits: [number, number][] = [
+      [5, 20],
+      [60, 70],
+      [200, 9],
+      [1000, 300],
+      [31, 2],
+      [3980, 96],
+    ];
     for (const [i, cs] of [8, 16, 32].entries()) {
       w.controlled(`cow${cs}`, 8192);
       await takeSnapshot(w, `s${cs}`, `0 ${sectors} snapshot origin cow${cs} P ${cs}`);
@@ -610,7 +652,10 @@ describe("several snapshots of one origin", () => {
     const reads = origin.log.filter((r) => r.op === "read");
     expect(reads.map((r) => [r.sector, r.sectors])).toEqual([[7 * CS, CS]]);
     for (const [i, cow] of cows.entries()) {
-      expect(cow.readSync(2 * CS, CS).equals(pattern(1, bytes(2048)).subarray(bytes(7 * CS), bytes(8 * CS))), `cow${i + 1}`).toBe(true);
+      expect(
+        cow.readSync(2 * CS, CS).equals(pattern(1, bytes(2048)).subarray(bytes(7 * CS), bytes(8 * CS))),
+        `cow${i + 1}`,
+      ).toBe(true);
       expect(w.status(`s${i + 1}`)).toBe(`${3 * CS}/4096 ${2 * CS}`);
     }
   });
@@ -689,7 +734,9 @@ describe("flush and discard", () => {
 
   it("discard_passdown_origin: clone 1 reaches the origin device directly (no COW), clone 0 the COW", async () => {
     const s = await stack({ features: " 2 discard_zeroes_cow discard_passdown_origin" });
-    expect(s.dm.tableText("snap")).toBe("0 2048 snapshot origin cow P 8 2 discard_zeroes_cow discard_passdown_origin\n");
+    expect(s.dm.tableText("snap")).toBe(
+      "0 2048 snapshot origin cow P 8 2 discard_zeroes_cow discard_passdown_origin\n",
+    );
     await s.base.write(3 * CS, pattern(2, 512)); // chunk 3 → COW chunk 2
     s.cow.log.length = 0;
     s.origin.log.length = 0;
@@ -720,7 +767,11 @@ describe("table and status text", () => {
       ["N 8", "N 8", "0/4096 0"],
       ["Nanything 8", "N 8", "0/4096 0"],
       ["P 8 1 discard_zeroes_cow", "P 8 1 discard_zeroes_cow", "16/4096 16"],
-      ["P 8 2 discard_passdown_origin discard_zeroes_cow", "P 8 2 discard_zeroes_cow discard_passdown_origin", "16/4096 16"],
+      [
+        "P 8 2 discard_passdown_origin discard_zeroes_cow",
+        "P 8 2 discard_zeroes_cow discard_passdown_origin",
+        "16/4096 16",
+      ],
       ["PO 8 0", "PO 8", "16/4096 16"],
     ];
     for (const [i, [args, table, status]] of cases.entries()) {
@@ -754,7 +805,8 @@ describe("table and status text", () => {
       ["o c persistent 8", "Couldn't create exception store"],
       ["o c N 0", "Chunk size not set"],
     ];
-    for (const [args, message] of cases) expect(await ctrError(w, `0 256 snapshot ${args}`), args).toBe(`snapshot: ${message}`);
+    for (const [args, message] of cases)
+      expect(await ctrError(w, `0 256 snapshot ${args}`), args).toBe(`snapshot: ${message}`);
     expect(await ctrError(w, "0 256 snapshot-origin")).toBe("snapshot-origin: origin: incorrect number of arguments");
     expect(await ctrError(w, "0 256 snapshot-origin nosuch")).toBe("snapshot-origin: Cannot get target device");
     expect(w.dm.list()).toEqual([]);
@@ -824,11 +876,16 @@ describe("kernel-compatible COW bytes", () => {
     // Area 0: chunk 1, five 16-byte little-endian records in commit order, then zeros.
     const area = Buffer.alloc(4096);
     Buffer.from(
-      "0500000000000000" + "0200000000000000" +
-      "0200000000000000" + "0300000000000000" +
-      "0900000000000000" + "0400000000000000" +
-      "0700000000000000" + "0500000000000000" +
-      "0100000000000000" + "0600000000000000",
+      "0500000000000000" +
+        "0200000000000000" +
+        "0200000000000000" +
+        "0300000000000000" +
+        "0900000000000000" +
+        "0400000000000000" +
+        "0700000000000000" +
+        "0500000000000000" +
+        "0100000000000000" +
+        "0600000000000000",
       "hex",
     ).copy(area);
     expect(disk.subarray(4096, 8192).equals(area)).toBe(true);
@@ -855,7 +912,13 @@ describe("kernel-compatible COW bytes", () => {
       usage: { total: 64 * CS, allocated: 7 * CS, metadata: 2 * CS },
       problems: [],
     });
-    expect(img.records.map((r) => [r.oldChunk, r.newChunk])).toEqual([[5, 2], [2, 3], [9, 4], [7, 5], [1, 6]]);
+    expect(img.records.map((r) => [r.oldChunk, r.newChunk])).toEqual([
+      [5, 2],
+      [2, 3],
+      [9, 4],
+      [7, 5],
+      [1, 6],
+    ]);
     expect(w.status("snap")).toBe(`${7 * CS}/${64 * CS} ${2 * CS}`);
   });
 });

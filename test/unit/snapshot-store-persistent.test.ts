@@ -71,7 +71,9 @@ describe("createExceptionStore argument parsing", () => {
     for (const bad of ["abc", "-8", "8k", "0x8", "4294967296", ""]) expect(msg(["P", bad])).toBe("Invalid chunk size");
     expect(msg(["P", "12"])).toBe("Chunk size is not a power of 2");
     expect(msg(["N", "3"])).toBe("Chunk size is not a power of 2");
-    expect(msg(["P", "4"], new MemoryDevice(1 << 16, { logicalBlockSize: 4096 }))).toBe("Chunk size is not a multiple of device blocksize");
+    expect(msg(["P", "4"], new MemoryDevice(1 << 16, { logicalBlockSize: 4096 }))).toBe(
+      "Chunk size is not a multiple of device blocksize",
+    );
     expect(msg(["P", "4"], cow, 4096)).toBe("Chunk size is not a multiple of device blocksize");
     expect(msg(["P", "4194304"])).toBe("Chunk size is too high");
     expect(msg(["P", "2147483648"])).toBe("Chunk size is too high");
@@ -109,7 +111,10 @@ describe("on-disk format of a new store", () => {
     expect(header.subarray(0, 16).toString("hex")).toBe("536e417001000000010000000800000" + "0");
     expect(header.subarray(16).every((b) => b === 0)).toBe(true);
     expect(dev.readSync(8, 8).every((b) => b === 0)).toBe(true);
-    expect(dev.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([[0, 8], [8, 8]]);
+    expect(dev.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([
+      [0, 8],
+      [8, 8],
+    ]);
     const u = store.usage();
     expect(`${u.allocated}/${u.total} ${u.metadata}`).toBe("16/2097152 16");
     expect(store.statusTable()).toBe(" P 8");
@@ -201,7 +206,9 @@ describe("loading", () => {
     expect(table16.store.chunkSize).toBe(8);
     expect(table16.found).toEqual(pairs);
     expect(table16.store.statusTable()).toBe(" P 8");
-    expect(table16.logger.records.map((r) => r.msg)).toContain("chunk size 8 in device metadata overrides table chunk size of 16.");
+    expect(table16.logger.records.map((r) => r.msg)).toContain(
+      "chunk size 8 in device metadata overrides table chunk size of 16.",
+    );
     const table0 = await load(dev, "0");
     expect(table0.store.chunkSize).toBe(8);
     expect(table0.found).toEqual(pairs);
@@ -226,8 +233,14 @@ describe("loading", () => {
       dev.writeSync(0, Buffer.concat([h, Buffer.alloc(496)]));
       return dev;
     };
-    await expect(load(withHeader(0x12345678, 1, 8))).rejects.toMatchObject({ message: "Invalid or corrupt snapshot", errno: "ENXIO" });
-    await expect(load(withHeader(0x70416e53, 2, 8))).rejects.toMatchObject({ message: "unable to handle snapshot disk version 2", errno: "EINVAL" });
+    await expect(load(withHeader(0x12345678, 1, 8))).rejects.toMatchObject({
+      message: "Invalid or corrupt snapshot",
+      errno: "ENXIO",
+    });
+    await expect(load(withHeader(0x70416e53, 2, 8))).rejects.toMatchObject({
+      message: "unable to handle snapshot disk version 2",
+      errno: "EINVAL",
+    });
     await expect(load(withHeader(0x70416e53, 1, 12))).rejects.toMatchObject({
       message: "invalid on-disk chunk size 12: Chunk size is not a power of 2.",
       errno: "EINVAL",
@@ -244,7 +257,11 @@ describe("loading", () => {
     dev.failNext((b) => b.op === "read" && b.sector === 67); // area 2
     dev.log.length = 0;
     expect((await load(dev, "1")).found).toEqual(pairs);
-    expect(dev.log.filter((r) => r.op === "read").map((r) => r.sector)).toEqual([0, 1, ...Array.from({ length: 12 }, (_, k) => 1 + 33 * (k + 1))]);
+    expect(dev.log.filter((r) => r.op === "read").map((r) => r.sector)).toEqual([
+      0,
+      1,
+      ...Array.from({ length: 12 }, (_, k) => 1 + 33 * (k + 1)),
+    ]);
     const broken = new ControlledDevice(1 << 12);
     broken.writeSync(0, dev.readSync(0, 1 << 12));
     broken.failNext((b) => b.op === "read" && b.sector === 34); // area 1 is needed
@@ -304,7 +321,9 @@ describe("group commit", () => {
     expect(order).toEqual([-1]); // the first write's callback, and nothing recorded only by w2
     const data = w2!.bio.data;
     expect(data.subarray(0, 16)).toEqual(Buffer.concat([le64(100), le64(first)]));
-    news.forEach((n, i) => expect(data.subarray(16 * (i + 1), 16 * (i + 2))).toEqual(Buffer.concat([le64(200 + i), le64(n)])));
+    news.forEach((n, i) =>
+      expect(data.subarray(16 * (i + 1), 16 * (i + 2))).toEqual(Buffer.concat([le64(200 + i), le64(n)])),
+    );
     expect(data.subarray(16 * 17, 16 * 18).every((b) => b === 0)).toBe(true);
     w2!.release();
     await settle();
@@ -332,7 +351,12 @@ describe("group commit", () => {
     }
     expect(order).toEqual(Array.from({ length: 40 }, (_, i) => i));
     // w(area 0, 1 record), zero area 1, w(area 0 full), w(area 1)
-    expect(dev.log.filter((r) => r.op === "write").map((r) => [r.sector, r.flags])).toEqual([[1, META], [34, 0], [1, META], [34, META]]);
+    expect(dev.log.filter((r) => r.op === "write").map((r) => [r.sector, r.flags])).toEqual([
+      [1, META],
+      [34, 0],
+      [1, META],
+      [34, META],
+    ]);
     expect((await load(dev, "1")).found).toHaveLength(40);
   });
 
@@ -396,7 +420,9 @@ async function runWorkload(
       await submitAndWait(cow, writeBio(chunk * cs, pattern(oldChunk, cs * 512)));
       writes++;
       for (let t = Math.floor(random() * 4); t > 0; t--) await settle();
-      const ok = await new Promise<boolean>((resolve) => gate(seq, () => store.commitException(oldChunk, chunk, true, resolve)));
+      const ok = await new Promise<boolean>((resolve) =>
+        gate(seq, () => store.commitException(oldChunk, chunk, true, resolve)),
+      );
       expect(ok).toBe(true);
       opts.onAck?.(oldChunk);
     }
@@ -617,7 +643,11 @@ describe("merge", () => {
     await Promise.all(olds.map((o, i) => commit(store, o, news[i]!)));
     expect(await store.prepareMerge!()).toEqual({ count: 2, oldChunk: 21, newChunk: 6 });
     await store.commitMerge!(2);
-    expect((await load(dev, "1")).found).toEqual([[5, 2], [6, 3], [7, 4]]);
+    expect((await load(dev, "1")).found).toEqual([
+      [5, 2],
+      [6, 3],
+      [7, 4],
+    ]);
     expect(await store.prepareMerge!()).toEqual({ count: 3, oldChunk: 7, newChunk: 4 });
     expect(store.usage().allocated).toBe(1 + 3 + 1);
   });

@@ -7,7 +7,8 @@ import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { createExceptionStore } from "../../targets/snapshot/store.js";
 import { ControlledDevice } from "../support/controlled-device.js";
 
-const transient = (cow: MemoryDevice | ControlledDevice, type = "N", chunk = "8") => createExceptionStore([type, chunk], cow).store;
+const transient = (cow: MemoryDevice | ControlledDevice, type = "N", chunk = "8") =>
+  createExceptionStore([type, chunk], cow).store;
 
 describe("transient exception store", () => {
   it("is chosen by N (any case, extra letters ignored) and prints ' N <cs>'", () => {

@@ -76,7 +76,10 @@ describe("stacking rules", () => {
     await dm.create("a", { table: linear("mem") });
     await dm.create("b", { table: linear("/dev/mapper/a") });
     const refused = await rejection(dm.load("a", linear("/dev/mapper/b")));
-    expect(refused).toMatchObject({ errno: "EINVAL", message: "a: table would stack the device on itself: a -> b -> a" });
+    expect(refused).toMatchObject({
+      errno: "EINVAL",
+      message: "a: table would stack the device on itself: a -> b -> a",
+    });
     expect(dm.info("a").inactivePresent).toBe(false);
     expect(dm.info("b").openCount).toBe(0);
     const b = dm.open("b");

@@ -72,7 +72,15 @@ class LifeTarget extends StubTarget {
   }
 }
 
-const TEST_TARGETS = [SoloTarget, AlwaysWriteableTarget, ImmutableTarget, PoolTarget, EchoTarget, BigIoTarget, LifeTarget];
+const TEST_TARGETS = [
+  SoloTarget,
+  AlwaysWriteableTarget,
+  ImmutableTarget,
+  PoolTarget,
+  EchoTarget,
+  BigIoTarget,
+  LifeTarget,
+];
 
 // ---- helpers ----
 
@@ -93,7 +101,11 @@ interface Expected {
 }
 
 /** `create` must fail with exactly this error and leave no device and no open handle behind. */
-async function expectCreateRejected(table: string, expected: Expected, opts: { readOnly?: boolean } = {}): Promise<void> {
+async function expectCreateRejected(
+  table: string,
+  expected: Expected,
+  opts: { readOnly?: boolean } = {},
+): Promise<void> {
   const err = await rejection(dm.create("dev", { table, ...opts }));
   expect(err).toBeInstanceOf(DmError);
   expect({ message: err.message, errno: err.errno }).toEqual({ errno: "EINVAL", ...expected });
@@ -198,11 +210,15 @@ describe("rule 2.1/2.4: singleton targets", () => {
   });
 
   it("checks 'must appear alone' before the next line's own length and type", async () => {
-    await expectCreateRejected("0 10 solo\n10 0 nosuchtype", { message: "target type solo must appear alone in table" });
+    await expectCreateRejected("0 10 solo\n10 0 nosuchtype", {
+      message: "target type solo must appear alone in table",
+    });
   });
 
   it("rejects a singleton that is not the first line", async () => {
-    await expectCreateRejected("0 10 zero\n10 10 solo", { message: "solo: singleton target type must appear alone in table" });
+    await expectCreateRejected("0 10 zero\n10 10 solo", {
+      message: "solo: singleton target type must appear alone in table",
+    });
   });
 });
 
@@ -274,7 +290,9 @@ describe("rule 2.6: immutable targets within one table", () => {
   });
 
   it("applies the singleton rules first to a singleton immutable type", async () => {
-    await expectCreateRejected("0 10 zero\n10 10 pool", { message: "pool: singleton target type must appear alone in table" });
+    await expectCreateRejected("0 10 zero\n10 10 pool", {
+      message: "pool: singleton target type must appear alone in table",
+    });
     await expectCreateRejected("0 10 pool\n10 10 zero", { message: "target type pool must appear alone in table" });
   });
 });
@@ -387,7 +405,9 @@ describe("rule 2.9: constructors", () => {
   });
 
   it("closes the stripes a striped target opened before one of its destinations failed", async () => {
-    await expectCreateRejected("0 32 striped 2 8 mem0 0 mem1 x", { message: "striped: Couldn't parse stripe destination" });
+    await expectCreateRejected("0 32 striped 2 8 mem0 0 mem1 x", {
+      message: "striped: Couldn't parse stripe destination",
+    });
   });
 
   it("rejects a target asking for a max_io_len above UINT_MAX", async () => {
@@ -399,11 +419,15 @@ describe("rule 2.9: constructors", () => {
 
 describe("device area checks", () => {
   it("rejects an area running past the end of its device", async () => {
-    await expectCreateRejected("0 10 linear mem0 95", { message: "mem0 too small for target: start=95, len=10, dev_size=100" });
+    await expectCreateRejected("0 10 linear mem0 95", {
+      message: "mem0 too small for target: start=95, len=10, dev_size=100",
+    });
   });
 
   it("rejects an area starting beyond the end of its device", async () => {
-    await expectCreateRejected("0 10 linear mem0 200", { message: "mem0 too small for target: start=200, len=10, dev_size=100" });
+    await expectCreateRejected("0 10 linear mem0 200", {
+      message: "mem0 too small for target: start=200, len=10, dev_size=100",
+    });
   });
 
   it("checks each stripe's area: offset plus the per-stripe length", async () => {
@@ -454,11 +478,15 @@ describe("device area checks", () => {
     });
 
     it("rejects an area whose start is not aligned", async () => {
-      await expectCreateRejected("0 8 linear mem4k 4", { message: "start=4 not aligned to h/w logical block size 4096 of mem4k" });
+      await expectCreateRejected("0 8 linear mem4k 4", {
+        message: "start=4 not aligned to h/w logical block size 4096 of mem4k",
+      });
     });
 
     it("rejects an area whose length is not aligned", async () => {
-      await expectCreateRejected("0 12 linear mem4k 0", { message: "len=12 not aligned to h/w logical block size 4096 of mem4k" });
+      await expectCreateRejected("0 12 linear mem4k 0", {
+        message: "len=12 not aligned to h/w logical block size 4096 of mem4k",
+      });
     });
 
     it("rejects a table line that starts off the device's block grid", async () => {

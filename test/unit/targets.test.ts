@@ -10,7 +10,14 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { pattern } from "../support/memory-backing.js";
-import { type IoRecord, type RecordingDevice, trackingMapper, type TrackingBacking, expectCtrError as expectCtrErrorIn, readDevice } from "../support/recording-device.js";
+import {
+  type IoRecord,
+  type RecordingDevice,
+  trackingMapper,
+  type TrackingBacking,
+  expectCtrError as expectCtrErrorIn,
+  readDevice,
+} from "../support/recording-device.js";
 
 let dm: DeviceMapper;
 let backing: TrackingBacking;
@@ -25,7 +32,8 @@ beforeEach(() => {
 });
 
 /** A table line's ctr must fail with exactly this message (and errno), leaving nothing behind. */
-const expectCtrError = (line: string, message: string, errno?: string) => expectCtrErrorIn(dm, backing, line, message, errno);
+const expectCtrError = (line: string, message: string, errno?: string) =>
+  expectCtrErrorIn(dm, backing, line, message, errno);
 
 async function writeDirect(dev: BlockDevice, sector: number, data: Buffer): Promise<void> {
   await submitAndWait(dev, writeBio(sector, data));
@@ -154,7 +162,9 @@ describe("striped", () => {
     // Chunks of 3: [0,3)→mem0@0 [3,6)→mem1@100 [6,9)→mem0@3 [9,12)→mem1@103.
     const firstByte = async (dev: RecordingDevice, sector: number) => (await readDevice(dev, sector, 1))[0];
     expect(await Promise.all([0, 1, 2, 3, 4, 5].map((s) => firstByte(mem[0]!, s)))).toEqual([1, 2, 3, 7, 8, 9]);
-    expect(await Promise.all([100, 101, 102, 103, 104, 105].map((s) => firstByte(mem[1]!, s)))).toEqual([4, 5, 6, 10, 11, 12]);
+    expect(await Promise.all([100, 101, 102, 103, 104, 105].map((s) => firstByte(mem[1]!, s)))).toEqual([
+      4, 5, 6, 10, 11, 12,
+    ]);
     await h.close();
   });
 
@@ -323,7 +333,11 @@ describe("flush fan-out", () => {
     await dm.create("f", { table });
     const h = await openFresh("f");
     await h.flush();
-    expect(log.map((r) => `${r.device} ${r.op}+${r.sectors}`).sort()).toEqual(["mem0 flush+0", "mem1 flush+0", "mem2 flush+0"]);
+    expect(log.map((r) => `${r.device} ${r.op}+${r.sectors}`).sort()).toEqual([
+      "mem0 flush+0",
+      "mem1 flush+0",
+      "mem2 flush+0",
+    ]);
     await h.close();
   });
 
@@ -436,7 +450,12 @@ describe("splitting reads and writes", () => {
     await dm.create("s", { table: "0 60 striped 2 6 mem1 0 mem2 0" });
     const h = await openFresh("s");
     await h.read(5, 14);
-    expect(log.map((r) => `${r.device}@${r.sector}+${r.sectors}`)).toEqual(["mem1@5+1", "mem2@0+6", "mem1@6+6", "mem2@6+1"]);
+    expect(log.map((r) => `${r.device}@${r.sector}+${r.sectors}`)).toEqual([
+      "mem1@5+1",
+      "mem2@0+6",
+      "mem1@6+6",
+      "mem2@6+1",
+    ]);
     await h.close();
   });
 });

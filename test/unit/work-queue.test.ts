@@ -18,7 +18,9 @@ describe("WorkQueue (ordered)", () => {
   it("never starts work inside queue()", async () => {
     const q = new WorkQueue("t", { ordered: true, ...quiet() });
     let ran = false;
-    q.queue(() => { ran = true; });
+    q.queue(() => {
+      ran = true;
+    });
     expect(ran).toBe(false);
     await q.flush();
     expect(ran).toBe(true);
@@ -87,7 +89,10 @@ describe("WorkQueue (concurrent)", () => {
     const before = deferred();
     const after = deferred();
     let beforeDone = false;
-    q.queue(async () => { await before.promise; beforeDone = true; });
+    q.queue(async () => {
+      await before.promise;
+      beforeDone = true;
+    });
     const flushed = q.flush();
     q.queue(() => after.promise); // blocked until the end of the test
     let flushResolved = false;
@@ -117,9 +122,15 @@ describe("WorkQueue errors", () => {
     const errors: unknown[] = [];
     const q = new WorkQueue("t", { ordered: true, onError: (e) => errors.push(e) });
     const ran: number[] = [];
-    q.queue(() => { throw new Error("sync boom"); });
-    q.queue(async () => { throw new Error("async boom"); });
-    q.queue(() => { ran.push(3); });
+    q.queue(() => {
+      throw new Error("sync boom");
+    });
+    q.queue(async () => {
+      throw new Error("async boom");
+    });
+    q.queue(() => {
+      ran.push(3);
+    });
     await q.flush();
     expect(errors.map((e) => (e as Error).message)).toEqual(["sync boom", "async boom"]);
     expect(ran).toEqual([3]);
@@ -128,7 +139,9 @@ describe("WorkQueue errors", () => {
   it("logs through the logger when there is no onError", async () => {
     const logger = new MemoryLogger();
     const q = new WorkQueue("ksnapd", { ordered: true, logger });
-    q.queue(() => { throw new Error("boom"); });
+    q.queue(() => {
+      throw new Error("boom");
+    });
     await q.flush();
     expect(logger.records).toHaveLength(1);
     expect(logger.records[0]).toMatchObject({ level: "error", fields: { queue: "ksnapd" } });
@@ -143,7 +156,9 @@ describe("WorkQueue.destroy", () => {
     q.queue(async () => {
       await gate.promise;
       ran.push("first");
-      q.queue(() => { ran.push("chained"); });
+      q.queue(() => {
+        ran.push("chained");
+      });
     });
     const destroyed = q.destroy();
     expect(q.destroy()).toBe(destroyed);
@@ -163,8 +178,14 @@ describe("WorkQueues", () => {
     const a = wqs.create("ksnapd", { ordered: true });
     const b = wqs.create("kcopyd", { concurrency: 2 });
     const done: string[] = [];
-    a.queue(async () => { await Promise.resolve(); done.push("a"); });
-    b.queue(() => { done.push("b"); throw new Error("bad"); });
+    a.queue(async () => {
+      await Promise.resolve();
+      done.push("a");
+    });
+    b.queue(() => {
+      done.push("b");
+      throw new Error("bad");
+    });
     await wqs.flushAll();
     expect(done.sort()).toEqual(["a", "b"]);
     expect(errors).toEqual(["kcopyd: bad"]);

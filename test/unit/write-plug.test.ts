@@ -37,7 +37,12 @@ function countWrites(): { write: number; writev: number[] } {
     counts.write++;
     return (realWrite as (...a: unknown[]) => void)(...args);
   }) as typeof fs.write);
-  vi.spyOn(fs, "writev").mockImplementation(((fd: number, bufs: Buffer[], pos: number, cb: (e: Error | null, n: number) => void) => {
+  vi.spyOn(fs, "writev").mockImplementation(((
+    fd: number,
+    bufs: Buffer[],
+    pos: number,
+    cb: (e: Error | null, n: number) => void,
+  ) => {
     counts.writev.push(bufs.length);
     realWritev(fd, bufs, pos, cb);
   }) as typeof fs.writev);
@@ -59,7 +64,12 @@ describe("write plug", () => {
     expect(counts.write).toBe(1);
     expect(dev.plugStats).toEqual({ jobs: 2, merged: 3 });
     const back = fs.readFileSync(file);
-    for (const [sector, seed] of [[8, 1], [16, 2], [24, 3], [64, 4]] as const) {
+    for (const [sector, seed] of [
+      [8, 1],
+      [16, 2],
+      [24, 3],
+      [64, 4],
+    ] as const) {
       expect(back.subarray(sector * 512, sector * 512 + 4 * KiB).equals(pattern(seed, 4 * KiB))).toBe(true);
     }
     await dev.close();
@@ -82,7 +92,10 @@ describe("write plug", () => {
   it("is off with writePlug: false", async () => {
     const dev = await FileDevice.open(file, { mode: "rw", writePlug: false });
     const counts = countWrites();
-    await Promise.all([submitAndWait(dev, writeBio(0, pattern(1, 4 * KiB))), submitAndWait(dev, writeBio(8, pattern(2, 4 * KiB)))]);
+    await Promise.all([
+      submitAndWait(dev, writeBio(0, pattern(1, 4 * KiB))),
+      submitAndWait(dev, writeBio(8, pattern(2, 4 * KiB))),
+    ]);
     expect(dev.plugStats).toBeNull();
     expect(counts).toEqual({ write: 2, writev: [] });
     await dev.close();
@@ -93,7 +106,12 @@ describe("write plug", () => {
     const realWritev = fs.writev;
     const calls: number[] = [];
     // The first call writes 5 KiB of 12 (mid-buffer), later ones what they are given.
-    vi.spyOn(fs, "writev").mockImplementation(((fd: number, bufs: Buffer[], pos: number, cb: (e: Error | null, n: number) => void) => {
+    vi.spyOn(fs, "writev").mockImplementation(((
+      fd: number,
+      bufs: Buffer[],
+      pos: number,
+      cb: (e: Error | null, n: number) => void,
+    ) => {
       const total = bufs.reduce((n, b) => n + b.length, 0);
       calls.push(total);
       if (calls.length > 1) return realWritev(fd, bufs, pos, cb);
@@ -109,7 +127,12 @@ describe("write plug", () => {
 
   it("fails every bio of a failed run with the error, and only those", async () => {
     const dev = await FileDevice.open(file, { mode: "rw" });
-    vi.spyOn(fs, "writev").mockImplementation(((_fd: number, _b: Buffer[], _p: number, cb: (e: Error | null, n: number) => void) => {
+    vi.spyOn(fs, "writev").mockImplementation(((
+      _fd: number,
+      _b: Buffer[],
+      _p: number,
+      cb: (e: Error | null, n: number) => void,
+    ) => {
       setImmediate(() => cb(Object.assign(new Error("no space left on device"), { code: "ENOSPC" }), 0));
     }) as typeof fs.writev);
     const results = await Promise.all(
@@ -129,7 +152,14 @@ describe("write plug", () => {
     // One burst: writes to distinct, often adjacent, places (writes in flight together have no
     // order, so a burst never writes one sector twice).
     const burst = fc
-      .uniqueArray(fc.record({ start: fc.integer({ min: 0, max: SECTORS / 8 - 1 }), blocks: fc.integer({ min: 1, max: 3 }), seed: fc.integer({ min: 1, max: 250 }) }), { selector: (w) => w.start, maxLength: 12 })
+      .uniqueArray(
+        fc.record({
+          start: fc.integer({ min: 0, max: SECTORS / 8 - 1 }),
+          blocks: fc.integer({ min: 1, max: 3 }),
+          seed: fc.integer({ min: 1, max: 250 }),
+        }),
+        { selector: (w) => w.start, maxLength: 12 },
+      )
       .map((ws) => {
         const used = new Set<number>();
         return ws.filter((w) => {

@@ -68,9 +68,10 @@ export class DepTree {
     const fresh = !node;
     if (!node) {
       const device = this.devices.get(key);
-      node = "path" in ref
-        ? { name: ref.path, major: 0, minor: 0, path: ref.path, uses: [], usedBy: [] }
-        : { name: device?.name ?? "", major: ref.major, minor: ref.minor, device, uses: [], usedBy: [] };
+      node =
+        "path" in ref
+          ? { name: ref.path, major: 0, minor: 0, path: ref.path, uses: [], usedBy: [] }
+          : { name: device?.name ?? "", major: ref.major, minor: ref.minor, device, uses: [], usedBy: [] };
       this.nodes.set(key, node);
     }
     this.linkTree(parent, node);
@@ -103,7 +104,6 @@ export class DepTree {
     child.usedBy.splice(child.usedBy.indexOf(parent), 1);
   }
 }
-
 
 export function blkdevOf(n: GraphNode, resolve: BlkdevNameResolver | undefined): string | undefined {
   if (n.path !== undefined) return n.path;

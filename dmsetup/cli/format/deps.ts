@@ -18,9 +18,15 @@ export function formatDeps(deps: readonly DepRef[], opts: DepsOptions = {}): str
   const format = opts.format ?? "devno";
   const item = (d: DepRef) => {
     if ("path" in d) return ` (${d.path})`;
-    const blk = () => d.blkdevname ?? (d.name !== undefined ? `dm-${d.minor}` : opts.names?.(d.major, d.minor, "blkdevname"));
+    const blk = () =>
+      d.blkdevname ?? (d.name !== undefined ? `dm-${d.minor}` : opts.names?.(d.major, d.minor, "blkdevname"));
     // devname: the mapped name of a mapped device, else the kernel name.
-    const name = format === "blkdevname" ? blk() : format === "devname" ? d.name ?? opts.names?.(d.major, d.minor, "devname") ?? blk() : undefined;
+    const name =
+      format === "blkdevname"
+        ? blk()
+        : format === "devname"
+          ? (d.name ?? opts.names?.(d.major, d.minor, "devname") ?? blk())
+          : undefined;
     return name !== undefined ? ` (${name})` : ` (${d.major}, ${d.minor})`;
   };
   const head = opts.prefix === undefined ? "" : `${opts.prefix}: `;

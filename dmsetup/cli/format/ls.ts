@@ -28,10 +28,14 @@ export function formatLs(devices: readonly LsEntry[], opts: LsOptions = {}): str
   if (target === true) return devices.map((d) => `${d.name}\t(${d.major}, ${d.minor})\n`).join("");
   if (devices.length === 0) return "No devices found\n";
   if (typeof target === "string") {
-    return devices.filter((d) => d.targetTypes?.includes(target)).map((d) => `${d.name}\t(${d.major}, ${d.minor})\n`).join("");
+    return devices
+      .filter((d) => d.targetTypes?.includes(target))
+      .map((d) => `${d.name}\t(${d.major}, ${d.minor})\n`)
+      .join("");
   }
   const format = opts.format ?? (opts.blkdevname ? "blkdevname" : "devno");
   // -o devname asks libdm for the mapped name of a mapped device: the name again.
-  const dev = (d: LsEntry) => (format === "devno" ? `${d.major}:${d.minor}` : format === "blkdevname" ? `dm-${d.minor}` : d.name);
+  const dev = (d: LsEntry) =>
+    format === "devno" ? `${d.major}:${d.minor}` : format === "blkdevname" ? `dm-${d.minor}` : d.name;
   return devices.map((d) => `${d.name}\t(${dev(d)})\n`).join("");
 }

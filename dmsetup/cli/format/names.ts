@@ -18,7 +18,10 @@ export function mangle(s: string): string {
   return out;
 }
 export const unmangle = (s: string) =>
-  Buffer.from(s.replace(/\\x([0-9a-fA-F]{2})/g, (_m, h: string) => String.fromCharCode(parseInt(h, 16))), "latin1").toString();
+  Buffer.from(
+    s.replace(/\\x([0-9a-fA-F]{2})/g, (_m, h: string) => String.fromCharCode(parseInt(h, 16))),
+    "latin1",
+  ).toString();
 
 /** One step of dm_split_lvm_name: up to the first lone `-` (`--` is a literal `-`), and the rest. */
 export function unquoteLvm(s: string): [string, string] {

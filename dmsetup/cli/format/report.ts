@@ -40,9 +40,16 @@ function splitName(c: FieldContext): { subsystem: string; vg: string; lv: string
 }
 
 /** Mapped devices a node uses, or that use it (the root and non-dm nodes have no name). */
-const dmNames = (nodes: GraphNode[]) => nodes.filter((n) => n.device).map((n) => n.name).join(",");
+const dmNames = (nodes: GraphNode[]) =>
+  nodes
+    .filter((n) => n.device)
+    .map((n) => n.name)
+    .join(",");
 const devnos = (nodes: GraphNode[]) =>
-  nodes.filter((n) => n.path !== undefined || n.major || n.minor).map((n) => n.path ?? `${n.major}:${n.minor}`).join(",");
+  nodes
+    .filter((n) => n.path !== undefined || n.major || n.minor)
+    .map((n) => n.path ?? `${n.major}:${n.minor}`)
+    .join(",");
 
 /** dmsetup's report fields (FIELD_F/FIELD_O in dmsetup.c) that udm can compute. */
 const FIELDS: Field[] = [
@@ -59,13 +66,17 @@ const FIELDS: Field[] = [
     heading: "Stat",
     width: 4,
     get: ({ info: i }) =>
-      (i.livePresent ? "L" : "-") + (i.inactivePresent ? "I" : "-") + (i.suspended ? "s" : "-") + (i.readOnly ? "r" : "w"),
+      (i.livePresent ? "L" : "-") +
+      (i.inactivePresent ? "I" : "-") +
+      (i.suspended ? "s" : "-") +
+      (i.readOnly ? "r" : "w"),
   },
   {
     id: "tables_loaded",
     heading: "Tables",
     width: 6,
-    get: ({ info: i }) => (i.livePresent ? (i.inactivePresent ? "Both" : "Live") : i.inactivePresent ? "Inactive" : "None"),
+    get: ({ info: i }) =>
+      i.livePresent ? (i.inactivePresent ? "Both" : "Live") : i.inactivePresent ? "Inactive" : "None",
   },
   { id: "suspended", heading: "Suspended", width: 9, get: (c) => (c.info.suspended ? "Suspended" : "Active") },
   { id: "readonly", heading: "Read-only", width: 9, get: (c) => (c.info.readOnly ? "Read-only" : "Writeable") },
@@ -76,7 +87,13 @@ const FIELDS: Field[] = [
   { id: "open", heading: "Open", width: 4, num: true, get: (c) => (c.noOpenCount ? -1 : c.info.openCount) },
   { id: "segments", heading: "Targ", width: 4, num: true, get: (c) => c.info.targetCount },
   { id: "events", heading: "Event", width: 6, num: true, get: (c) => c.info.eventNr },
-  { id: "device_count", heading: "#Devs", width: 5, num: true, get: (c) => c.node().uses.filter((n) => n !== c.tree().root).length },
+  {
+    id: "device_count",
+    heading: "#Devs",
+    width: 5,
+    num: true,
+    get: (c) => c.node().uses.filter((n) => n !== c.tree().root).length,
+  },
   { id: "devs_used", heading: "DevNamesUsed", width: 16, get: (c) => dmNames(c.node().uses) },
   { id: "devnos_used", heading: "DevNosUsed", width: 16, get: (c) => devnos(c.node().uses) },
   {
@@ -84,11 +101,16 @@ const FIELDS: Field[] = [
     heading: "BlkDevNamesUsed",
     width: 16,
     get: (c) =>
-      c.node().uses.filter((n) => n !== c.tree().root).map((n) => {
-        const name = blkdevOf(n, c.blkdevName);
-        if (name === undefined) throw new DmError("ENODEV", `Could not resolve block device name for ${n.major}:${n.minor}.`);
-        return name;
-      }).join(","),
+      c
+        .node()
+        .uses.filter((n) => n !== c.tree().root)
+        .map((n) => {
+          const name = blkdevOf(n, c.blkdevName);
+          if (name === undefined)
+            throw new DmError("ENODEV", `Could not resolve block device name for ${n.major}:${n.minor}.`);
+          return name;
+        })
+        .join(","),
   },
   { id: "device_ref_count", heading: "#Refs", width: 5, num: true, get: (c) => c.tree().numChildren(c.node(), true) },
   { id: "names_using_dev", heading: "RefNames", width: 8, get: (c) => dmNames(c.node().usedBy) },
@@ -156,7 +178,8 @@ export function formatInfoColumns(infos: readonly DeviceInfo[], opts: InfoColumn
   for (const key of words(opts.sort)) {
     const descending = key.startsWith("-");
     const id = /^[+-]/.test(key) ? key.slice(1) : key;
-    if (id === "") throw new DmError("EINVAL", `dm_report: Missing sort field name\ndm_report: Unrecognised field: ${key}`);
+    if (id === "")
+      throw new DmError("EINVAL", `dm_report: Missing sort field name\ndm_report: Unrecognised field: ${key}`);
     const field = findField(id);
     if (!field) throw new DmError("EINVAL", `dm_report: Unrecognised field: ${key}`);
     let column = columns.find((c) => c.field === field);
@@ -192,7 +215,10 @@ export function formatInfoColumns(infos: readonly DeviceInfo[], opts: InfoColumn
     for (const { column, descending } of keys) {
       const x = sortValue(a.get(column)!);
       const y = sortValue(b.get(column)!);
-      const cmp = typeof x === "number" && typeof y === "number" ? x - y : Buffer.compare(Buffer.from(String(x)), Buffer.from(String(y)));
+      const cmp =
+        typeof x === "number" && typeof y === "number"
+          ? x - y
+          : Buffer.compare(Buffer.from(String(x)), Buffer.from(String(y)));
       if (cmp !== 0) return (cmp > 0 ? 1 : -1) * (descending ? -1 : 1);
     }
     return 0;
@@ -210,12 +236,16 @@ export function formatInfoColumns(infos: readonly DeviceInfo[], opts: InfoColumn
     return opts.nameprefixes ? `DM_${col.field.id.toUpperCase()}=${quote}${text}${quote}` : text;
   };
   // Aligned headings are left-aligned and cut to the column width ("%-*.*s").
-  const heading = (col: Column) => (aligned ? padEnd(col.field.heading.slice(0, col.width), col.width) : col.field.heading);
+  const heading = (col: Column) =>
+    aligned ? padEnd(col.field.heading.slice(0, col.width), col.width) : col.field.heading;
   const visible = columns.filter((c) => !c.hidden);
 
   if (opts.rows) {
     return visible
-      .map((col) => `${headings ? col.field.heading + separator : ""}${rows.map((r) => cell(col, r.get(col)!)).join(separator)}\n`)
+      .map(
+        (col) =>
+          `${headings ? col.field.heading + separator : ""}${rows.map((r) => cell(col, r.get(col)!)).join(separator)}\n`,
+      )
       .join("");
   }
   let out = headings ? `${visible.map(heading).join(separator)}\n` : "";

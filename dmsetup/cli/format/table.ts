@@ -20,7 +20,9 @@ export function formatTableLines(lines: readonly TableLine[], prefix?: string, o
 
 /** `dmsetup targets` and `target-version`: `%-16s v%d.%d.%d`. */
 export function formatTargets(list: readonly { name: string; version: readonly number[] }[]): string {
-  return list.map((t) => `${padEnd(t.name, 16)} v${t.version[0] ?? 0}.${t.version[1] ?? 0}.${t.version[2] ?? 0}\n`).join("");
+  return list
+    .map((t) => `${padEnd(t.name, 16)} v${t.version[0] ?? 0}.${t.version[1] ?? 0}.${t.version[2] ?? 0}\n`)
+    .join("");
 }
 
 /** `dmsetup version`. */

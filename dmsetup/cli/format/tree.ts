@@ -30,8 +30,21 @@ export interface TreeOptions {
 }
 
 const TREE_WORDS = [
-  "device", "blkdevname", "nodevice", "status", "table", "active", "open", "uuid", "rw",
-  "utf", "vt100", "ascii", "inverted", "compact", "notrunc",
+  "device",
+  "blkdevname",
+  "nodevice",
+  "status",
+  "table",
+  "active",
+  "open",
+  "uuid",
+  "rw",
+  "utf",
+  "vt100",
+  "ascii",
+  "inverted",
+  "compact",
+  "notrunc",
 ] as const;
 
 /**
@@ -56,7 +69,10 @@ export function parseTreeOptions(options: string, base: TreeOptions = {}): TreeO
 }
 
 const VT = (s: string) => `\x1b(0\x0f${s}\x1b(B`;
-const GLYPHS: Record<Charset, { empty: string; branch: string; vert: string; last: string; single: string; first: string }> = {
+const GLYPHS: Record<
+  Charset,
+  { empty: string; branch: string; vert: string; last: string; single: string; first: string }
+> = {
   ascii: { empty: "  ", branch: "|-", vert: "| ", last: "`-", single: "---", first: "-+-" },
   utf: { empty: "  ", branch: "├─", vert: "│ ", last: "└─", single: "───", first: "─┬─" },
   vt100: { empty: "  ", branch: VT("tq"), vert: `${VT("x")} `, last: VT("mq"), single: VT("qqq"), first: VT("qwq") },
