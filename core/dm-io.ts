@@ -72,7 +72,7 @@ export class DmIo implements BioEndIo {
     }
   }
 
-  /** Reads and writes: cut at target boundaries and at each target's maxIoLen (§2.12). */
+  /** Reads and writes: cut at target boundaries and at each target's maxIoLen (dm.c: max_io_len). */
   private splitAndMap(table: Table): void {
     const bio = this.bio;
     const end = bio.sector + bio.sectors;

@@ -140,7 +140,7 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
    * Take a bio (already marked in flight by its submitter). While the device is blocked (or has
    * no live table) it is queued; otherwise it is checked against the live table (end of device,
    * read-only, whether the op is supported at all: discard/write-zeroes need every target of the
-   * table to take them, §2.11) and mapped. (The kernel's block layer makes those checks before dm
+   * table to take them; blk-core.c: submit_bio_noacct) and mapped. (The kernel's block layer makes those checks before dm
    * sees the bio, i.e. also for bios that then queue; udm checks queued bios when released.)
    */
   submit(bio: Bio): void {
