@@ -8,7 +8,7 @@ import type { DeviceInfo, TableLine } from "../../core/device-mapper.js";
 import { DmError, strerror } from "../../core/errors.js";
 import { parseTableText, type TargetSpec } from "../../core/table-text.js";
 import type { ControlClient } from "../control/client.js";
-import type { Op, RequestMap } from "../control/protocol.js";
+import type { CreateStep, Op, RequestMap } from "../control/protocol.js";
 import { formatConcise, parseConcise } from "./concise.js";
 import { formatDeps } from "./format/deps.js";
 import { formatInfoLong } from "./format/info.js";
@@ -112,21 +112,21 @@ export class Commands {
     if (this.opts.verbose) await this.info([name]);
   }
 
-  /** DM_DEV_CREATE, DM_TABLE_LOAD, resume — and remove again if the load or resume fails. */
+  /**
+   * DM_DEV_CREATE, DM_TABLE_LOAD, resume in one request: the daemon removes the device again if
+   * the load or the resume fails. The failure is reported under the ioctl dmsetup would name.
+   */
   private async createOne(
     name: string,
     uuid: string | undefined,
     readOnly: boolean,
     table: TargetSpec[] | undefined,
   ): Promise<void> {
-    await this.call("create", name, "create", { name, uuid });
-    if (!table) return;
     try {
-      await this.call("reload", name, "load", { name, table, readOnly });
-      await this.call("resume", name, "resume", { name });
+      await this.client.request("create", { name, uuid, readOnly, table });
     } catch (err) {
-      await this.client.request("remove", { name, force: true }).catch(() => undefined);
-      throw err;
+      const step = (err as { step?: CreateStep }).step;
+      throw this.failed(step === "load" ? "reload" : (step ?? "create"), name, err);
     }
   }
 

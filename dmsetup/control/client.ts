@@ -4,7 +4,7 @@
  */
 import net from "node:net";
 import { DmError } from "../../core/errors.js";
-import { LineSplitter, type Op, type RequestMap, type Response } from "./protocol.js";
+import { LineSplitter, MAX_REQUEST_BYTES, type Op, type RequestMap, type Response } from "./protocol.js";
 
 export class ControlClient {
   private nextId = 1;
@@ -34,9 +34,20 @@ export class ControlClient {
   request<O extends Op>(op: O, args: RequestMap[O]): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = this.nextId++;
+    const line = JSON.stringify({ id, op, ...args }) + "\n";
+    const bytes = Buffer.byteLength(line);
+    if (bytes > MAX_REQUEST_BYTES) {
+      const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+      return Promise.reject(
+        new DmError(
+          "E2BIG",
+          `${op}: the request is ${mib(bytes)}; the control protocol takes at most ${mib(MAX_REQUEST_BYTES)}`,
+        ),
+      );
+    }
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
-      this.socket.write(JSON.stringify({ id, op, ...args }) + "\n");
+      this.socket.write(line);
     });
   }
 
@@ -49,7 +60,7 @@ export class ControlClient {
     }
     this.waiting.delete(res.id);
     if (res.ok) w.resolve(res.result);
-    else w.reject(new DmError(res.errno, res.message));
+    else w.reject(Object.assign(new DmError(res.errno, res.message), res.step ? { step: res.step } : {}));
   }
 
   private fail(err: Error): void {

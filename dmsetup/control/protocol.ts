@@ -12,7 +12,11 @@
  */
 import type { TargetSpec } from "../../core/table-text.js";
 
-/** Largest request line accepted: a table with many targets fits easily. */
+/**
+ * Largest request or response line, in bytes (16 MiB: a table of a few hundred thousand lines).
+ * The client refuses a larger request before sending it; the server answers a larger response
+ * with an E2BIG error instead.
+ */
 export const MAX_REQUEST_BYTES = 16 * 1024 * 1024;
 
 export const PROTOCOL_VERSION = 1;
@@ -54,7 +58,12 @@ export interface ErrorResponse {
   ok: false;
   errno: string;
   message: string;
+  /** For a create with a table: the step that failed (dmsetup names its ioctl in the error). */
+  step?: CreateStep;
 }
+
+/** The steps of a create with a table, done by the daemon as one operation. */
+export type CreateStep = "create" | "load" | "resume";
 export type Response = OkResponse | ErrorResponse;
 
 /** Field validators per op: [field, type, required]. Anything else in a request is refused. */

@@ -9,9 +9,11 @@ import { DmError } from "../../core/errors.js";
 import { peerCredentials, socketFd } from "../../core/sys/socket.js";
 import type { Logger } from "../../core/logger.js";
 import {
+  type CreateStep,
   type Request,
   type Response,
   LineSplitter,
+  MAX_REQUEST_BYTES,
   parseRequest,
   ProtocolError,
   PROTOCOL_VERSION,
@@ -120,12 +122,19 @@ export class ControlServer {
       if (!(err instanceof DmError) && !(err instanceof ProtocolError)) {
         this.logger.error("control request failed unexpectedly", { error: (err as Error).stack ?? String(err) });
       }
-      this.reply(socket, { id, ok: false, errno, message: (err as Error).message });
+      const step = (err as { step?: CreateStep }).step;
+      this.reply(socket, { id, ok: false, errno, message: (err as Error).message, ...(step ? { step } : {}) });
     }
   }
 
   private reply(socket: net.Socket, response: Response): void {
-    if (!socket.destroyed) socket.write(JSON.stringify(response) + "\n");
+    if (socket.destroyed) return;
+    let line = JSON.stringify(response) + "\n";
+    if (Buffer.byteLength(line) > MAX_REQUEST_BYTES) {
+      const message = `response of ${Buffer.byteLength(line)} bytes is over the control protocol's limit of ${MAX_REQUEST_BYTES} bytes`;
+      line = JSON.stringify({ id: response.id, ok: false, errno: "E2BIG", message }) + "\n";
+    }
+    socket.write(line);
   }
 
   /** Run one request. Public for in-process use and tests. */
@@ -137,8 +146,20 @@ export class ControlServer {
       case "version":
         return { driver: DRIVER_VERSION, library: LIBRARY_VERSION, protocol: PROTOCOL_VERSION };
       case "create": {
+        // Device, table and resume in one request: the daemon undoes a failed create itself, so
+        // nothing is left behind whatever happens to the client (DM_DEV_CREATE, DM_TABLE_LOAD,
+        // resume as `dmsetup create` issues them).
         const r = req as Request<"create">;
-        await dm.create(r.name, { uuid: r.uuid, readOnly: r.readOnly, table: r.table });
+        await atStep("create", dm.create(r.name, { uuid: r.uuid }));
+        if (r.table) {
+          try {
+            await atStep("load", dm.load(r.name, r.table, { readOnly: r.readOnly }));
+            await atStep("resume", dm.resume(r.name));
+          } catch (err) {
+            await dm.remove(r.name, { force: true }).catch(() => undefined);
+            throw err;
+          }
+        }
         this.logger.info("create", { device: r.name });
         if (r.table) await this.hooks.activated?.(r.name);
         return this.info(r.name);
@@ -263,5 +284,14 @@ export class ControlServer {
         .find((n) => this.dm.info(n).minor === d.devno!.minor && d.devno!.major === this.dm.info(n).major);
       return md ? { ...d.devno, name: md } : { ...d.devno };
     });
+  }
+}
+
+/** `op`, with a failure marked as that of `step`. */
+async function atStep<T>(step: CreateStep, op: Promise<T>): Promise<T> {
+  try {
+    return await op;
+  } catch (err) {
+    throw Object.assign(err as Error, { step });
   }
 }

@@ -60,3 +60,28 @@ describe("SIGTERM", () => {
     client.destroy();
   });
 });
+
+describe("create is one operation in the daemon", () => {
+  const env = useDaemon("udm-create-");
+
+  it("a table over the control protocol's limit (10^6 lines) is refused before anything is created", async () => {
+    const file = path.join(env.files, "huge.table");
+    fs.writeFileSync(file, Array.from({ length: 1_000_000 }, (_, i) => `${i} 1 zero\n`).join(""));
+    const r = await udmsetup(env.dir, ["create", "huge", file]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/^create: the request is \d+\.\d MiB; the control protocol takes at most 16\.0 MiB\n/);
+    expect((await udmsetup(env.dir, ["ls"])).stdout).toBe("No devices found\n");
+  });
+
+  it("10^6 arguments on one line reach the target, which refuses them with its message", async () => {
+    const r = await udmsetup(env.dir, ["create", "args", "--table", `0 8 zero ${"x ".repeat(60_000)}`]);
+    expect(r.stderr).toBe(
+      "zero: No arguments required\ndevice-mapper: reload ioctl on args  failed: Invalid argument\nCommand failed.\n",
+    );
+    const file = path.join(env.files, "args.table");
+    fs.writeFileSync(file, `0 8 zero ${"x ".repeat(1_000_000)}\n`);
+    const million = await udmsetup(env.dir, ["create", "args", file]);
+    expect(million.stderr).toBe(r.stderr);
+    expect((await udmsetup(env.dir, ["ls"])).stdout).toBe("No devices found\n");
+  });
+});
