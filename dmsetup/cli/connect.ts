@@ -6,13 +6,14 @@ import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
 import { fileURLToPath } from "node:url";
 import { ControlClient } from "../control/client.js";
-import { ensureRunDir, type RunPaths } from "../daemon/run-dir.js";
+import { checkRunDir, ensureRunDir, type RunPaths } from "../daemon/run-dir.js";
 
 const NO_DAEMON = new Set(["ENOENT", "ECONNREFUSED"]);
 
 export class NoDaemonError extends Error {}
 
 export async function connectDaemon(paths: RunPaths, opts: { autostart: boolean }): Promise<ControlClient> {
+  checkRunDir(paths.dir); // before talking to whatever answers there
   try {
     return await ControlClient.connect(paths.control);
   } catch (err) {

@@ -35,7 +35,36 @@ export function runPaths(dir = defaultRunDir()): RunPaths {
   };
 }
 
+/**
+ * Create the run directory if needed and check it can be trusted (the daemon's side); a directory
+ * of our own with a looser mode is made 0700.
+ */
 export function ensureRunDir(dir: string): void {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  fs.chmodSync(dir, 0o700);
+  const st = checkRunDir(dir, { fixMode: true });
+  if (st && (st.mode & 0o777) !== 0o700) fs.chmodSync(dir, 0o700);
+}
+
+/**
+ * A run directory someone else could have prepared is refused, as tmux and ssh-agent refuse
+ * theirs: it must be a real directory (not a symlink), owned by this user or root, and, unless
+ * `fixMode` (our own directory, which we may chmod), open to no one else. Otherwise an attacker
+ * who created `$TMPDIR/udm-$UID` first could answer on its control socket. Returns the directory's
+ * status, or undefined when it does not exist.
+ */
+export function checkRunDir(dir: string, opts: { fixMode?: boolean } = {}): fs.Stats | undefined {
+  const st = fs.lstatSync(dir, { throwIfNoEntry: false });
+  if (!st) return undefined;
+  const uid = process.geteuid?.() ?? 0;
+  const refuse = (why: string) => {
+    throw Object.assign(new Error(`run directory ${dir} ${why}; refusing to use it`), { code: "EACCES" });
+  };
+  if (st.isSymbolicLink()) refuse("is a symbolic link");
+  if (!st.isDirectory()) refuse("is not a directory");
+  if (st.uid !== uid && st.uid !== 0) refuse(`is owned by uid ${st.uid}, not by this user (uid ${uid}) or root`);
+  const open = st.mode & 0o077;
+  if (open !== 0 && !(opts.fixMode && st.uid === uid)) {
+    refuse(`has mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}: others may use it (it must be 0700)`);
+  }
+  return st;
 }

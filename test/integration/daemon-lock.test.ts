@@ -2,14 +2,17 @@
  * One udmd per run directory, held by flock(2) (dmsetup/daemon/instance-lock.ts): a restart right
  * after kill -9 works even while the dead daemon is a zombie, a stale pid file naming a live
  * process blocks nothing, and udmsetup's autostart says why a daemon it started did not come up.
+ * Both sides refuse a run directory another user could have prepared (dmsetup/daemon/run-dir.ts).
  */
 import { spawn } from "node:child_process";
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { tryLockExclusive } from "../../core/sys/file.js";
 import { runPaths } from "../../dmsetup/daemon/run-dir.js";
 import { UDMD, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+import { skipOrFail } from "../support/requirements.js";
 
 const cleanups: (() => void | Promise<unknown>)[] = [];
 afterEach(async () => {
@@ -88,5 +91,48 @@ describe("udmd's instance lock", () => {
       `udmd exited with status 1 before it answered: udmd: udmd is already running on ${dir} (pid ${process.pid})`,
     );
     expect(r.stderr).not.toContain("ECONNREFUSED");
+  });
+});
+
+describe("a run directory someone else prepared", () => {
+  const asRoot = process.geteuid?.() === 0;
+  if (skipOrFail("run directory ownership checks", asRoot ? null : "needs root to give a directory to another user"))
+    return;
+
+  /** udmsetup ls against `dir` (no autostart): what the client says. */
+  const clientSays = async (dir: string) => (await udmsetup(dir, ["ls"])).stderr;
+
+  it("is refused by udmsetup and udmd when another user owns it, and udmd does not chmod it", async () => {
+    const dir = runDir();
+    fs.chmodSync(dir, 0o755);
+    fs.chownSync(dir, 4242, 4242);
+    // The squatter's fake control socket: nobody may talk to it.
+    const fake = net.createServer((s) => s.end('{"id":1,"ok":true,"result":[]}\n')).listen(runPaths(dir).control);
+    cleanups.push(() => new Promise((r) => fake.close(r)));
+    expect(await clientSays(dir)).toBe(
+      `cannot reach udmd: run directory ${dir} is owned by uid 4242, not by this user (uid 0) or root; refusing to use it\nCommand failed.\n`,
+    );
+    await expect(startDaemon(dir)).rejects.toThrow(`udmd: cannot start: run directory ${dir} is owned by uid 4242`);
+    expect(fs.statSync(dir).mode & 0o777).toBe(0o755);
+  });
+
+  it("is refused when it is a symbolic link, or open to others (udmd makes its own 0700)", async () => {
+    const real = runDir();
+    const link = `${real}-link`;
+    fs.symlinkSync(real, link);
+    cleanups.push(() => fs.rmSync(link, { force: true }));
+    expect(await clientSays(link)).toBe(
+      `cannot reach udmd: run directory ${link} is a symbolic link; refusing to use it\nCommand failed.\n`,
+    );
+    await expect(startDaemon(link)).rejects.toThrow("is a symbolic link");
+
+    fs.chmodSync(real, 0o777);
+    expect(await clientSays(real)).toBe(
+      `cannot reach udmd: run directory ${real} has mode 0777: others may use it (it must be 0700); refusing to use it\nCommand failed.\n`,
+    );
+    const daemon = await startDaemon(real);
+    cleanups.push(() => daemon.stop());
+    expect(fs.statSync(real).mode & 0o777).toBe(0o700);
+    expect((await udmsetup(real, ["ls"])).stdout).toBe("No devices found\n");
   });
 });
