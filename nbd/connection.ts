@@ -10,8 +10,13 @@
  *
  * Failure scope: anything wrong with this client's bytes closes this connection only; a request
  * the device or the checks reject gets an error reply and the connection goes on.
+ *
+ * TLS: after NBD_OPT_STARTTLS is acknowledged the socket is handed to a TLS socket (tls.ts) and
+ * the connection goes on over it with the copying paths only: Node's own read buffers instead of
+ * the ReceiveBuffer, and no sendfile (the kernel would send file bytes unencrypted).
  */
 import type { Socket } from "node:net";
+import type { TLSSocket } from "node:tls";
 import { Bio, type BioEndIo, BioFlags, type BioOp, SECTOR_SIZE } from "../core/bio.js";
 import type { Logger } from "../core/logger.js";
 import { FileRangeRead } from "../core/file-ranges.js";
@@ -20,6 +25,7 @@ import type { BufferPool } from "./buffer-pool.js";
 import type { ReceiveBuffer } from "./receive-buffer.js";
 import { ReplyWriter } from "./reply-writer.js";
 import { type ExportDevice, type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, exportSizeBytes, nbdErrorFor } from "./exports.js";
+import type { NbdTlsMode, TlsCredentials } from "./tls.js";
 import { Handshake } from "./handshake.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
 import { Cmd, CmdFlags, HandshakeFlags, NbdErrno, NbdProtocolError, type NbdRequest, commandName } from "./protocol.js";
@@ -50,6 +56,15 @@ export interface ConnectionSettings {
   buffers: BufferPool;
   /** Large READ replies from files go by sendfile (NbdServerOptions.zeroCopy). */
   zeroCopy: boolean;
+  /** A connection not in transmission after this long is closed (0: never). */
+  handshakeTimeoutMs: number;
+}
+
+/** TLS as the listener a connection came in on offers it. */
+export interface ConnectionTls {
+  mode: NbdTlsMode;
+  /** Null only with mode "off". */
+  credentials: TlsCredentials | null;
 }
 
 /**
@@ -75,6 +90,8 @@ export class NbdConnection implements BioEndIo {
   /** Canonical export name once in transmission. */
   exportName: string | null = null;
   readonly closed: Promise<void>;
+  /** The client's address ("unix" on a unix socket), for log lines and limits. */
+  readonly remote: string;
 
   private device: ExportDevice | null = null;
   private handshake: HandshakeParser | null = new HandshakeParser();
@@ -93,7 +110,11 @@ export class NbdConnection implements BioEndIo {
   private shuttingDown = false;
   private ending = false;
   private warnedTruncated = false;
-  private readonly out: ReplyWriter;
+  /** Between the STARTTLS ACK and the end of the TLS handshake: nothing is read or parsed. */
+  private upgrading = false;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private isClosed = false;
+  private out: ReplyWriter;
   /** WRITE payloads the parser assembled in pool buffers, until a bio or a rejection takes them. */
   private readonly pooledPayloads = new WeakSet<Buffer>();
   private pumping = false;
@@ -102,51 +123,83 @@ export class NbdConnection implements BioEndIo {
   private readonly stats = { requests: 0, errors: 0 };
 
   constructor(
-    private readonly socket: Socket,
+    private socket: Socket,
     readonly id: number,
     private readonly settings: ConnectionSettings,
     /** The socket's onread memory, when the server created it that way (else 'data' events). */
-    private readonly receive: ReceiveBuffer | null = null,
+    private receive: ReceiveBuffer | null = null,
+    private readonly tls: ConnectionTls = { mode: "off", credentials: null },
   ) {
     this.closed = new Promise((r) => (this.resolveClosed = r));
-    const events = {
-      failed: (err: Error) => {
-        this.log().error("nbd: sending file data failed, closing connection", { error: err.message });
-        this.socket.destroy();
-      },
-      drained: () => this.pump(),
-    };
-    this.out = new ReplyWriter(socket, settings.buffers, events, settings.zeroCopy);
-    this.negotiation = new Handshake(settings.exports, settings.maxPayload, (reply) => this.send(reply));
+    this.remote = socket.remoteAddress ?? "unix";
+    this.out = new ReplyWriter(socket, settings.buffers, this.writerEvents, settings.zeroCopy);
+    this.negotiation = new Handshake(settings.exports, settings.maxPayload, (reply) => this.send(reply), tls.mode);
   }
+
+  private readonly writerEvents = {
+    failed: (err: Error) => {
+      this.log().error("nbd: sending file data failed, closing connection", { error: err.message });
+      this.socket.destroy();
+    },
+    drained: () => this.pump(),
+  };
 
   get inTransmission(): boolean {
     return this.requests !== null;
   }
 
   start(): void {
-    const s = this.socket;
-    const received = (chunk: Buffer): void => {
-      (this.requests ?? this.handshake)?.push(chunk);
-      this.starved = false;
-      this.pump();
-    };
     if (this.receive) {
       this.receive.sink = {
-        received,
+        received: this.onData,
         directSpace: () => this.requests?.payloadSpace() ?? null,
         headerBytes: () => this.requests?.headerSpace() ?? 0,
       };
     }
-    else s.on("data", received);
-    s.on("end", () => {
-      this.eof = true;
-      this.pump();
-    });
-    s.on("drain", () => this.pump());
-    s.on("error", (err) => this.log().debug("nbd socket error", { error: err.message }));
-    s.on("close", () => this.onClose());
+    this.listen(this.socket);
+    if (this.settings.handshakeTimeoutMs > 0) {
+      // qemu-nbd's handshake limit: a client that never finishes must not hold a descriptor.
+      this.handshakeTimer = setTimeout(() => this.handshakeTimedOut(), this.settings.handshakeTimeoutMs).unref();
+    }
     this.send(greeting(HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES));
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    (this.requests ?? this.handshake)?.push(chunk);
+    this.starved = false;
+    this.pump();
+  };
+  private readonly onEnd = (): void => {
+    this.eof = true;
+    this.pump();
+  };
+  private readonly onDrain = (): void => this.pump();
+  private readonly onError = (err: Error): void => this.log().debug("nbd socket error", { error: err.message });
+  private readonly onSocketClose = (): void => this.onClose();
+
+  /** Take input and events from `s` (the accepted socket, later its TLS socket). */
+  private listen(s: Socket): void {
+    if (!this.receive) s.on("data", this.onData);
+    s.on("end", this.onEnd);
+    s.on("drain", this.onDrain);
+    s.on("error", this.onError);
+    s.on("close", this.onSocketClose);
+  }
+
+  private unlisten(s: Socket): void {
+    s.off("data", this.onData);
+    s.off("end", this.onEnd);
+    s.off("drain", this.onDrain);
+    s.off("error", this.onError);
+    s.off("close", this.onSocketClose);
+  }
+
+  private handshakeTimedOut(): void {
+    if (this.inTransmission || this.socket.destroyed) return;
+    const seconds = this.settings.handshakeTimeoutMs / 1000;
+    const fields = { remote: this.remote, timeoutSeconds: seconds, tls: this.negotiation.tlsActive };
+    this.log().warn("nbd handshake timed out, closing connection", fields);
+    this.socket.destroy();
   }
 
   /**
@@ -172,7 +225,7 @@ export class NbdConnection implements BioEndIo {
     if (this.pumping) return; // a completion inside submit(): the outer loop carries on
     this.pumping = true;
     try {
-      while (!this.stopped && this.hasRoom()) {
+      while (!this.stopped && !this.upgrading && this.hasRoom()) {
         const more = this.requests ? this.takeRequest(this.requests) : this.takeHandshake();
         if (!more) {
           this.starved = true;
@@ -202,7 +255,7 @@ export class NbdConnection implements BioEndIo {
       this.log().warn("nbd client closed mid-message (truncated packet)");
     }
     if (this.inFlight === 0 && (this.stopped || inputDone || this.shuttingDown)) this.endGracefully();
-    if (this.stopped || !this.hasRoom()) this.socket.pause();
+    if (this.stopped || this.upgrading || !this.hasRoom()) this.socket.pause();
     else this.socket.resume();
   }
 
@@ -212,7 +265,53 @@ export class NbdConnection implements BioEndIo {
     const outcome = this.negotiation.handle(m);
     if (outcome.next === "transmission") this.enterTransmission(outcome.found);
     else if (outcome.next === "abort") this.stopped = true;
+    else if (outcome.next === "starttls") this.startTls();
     return true;
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was acknowledged: once the ACK is out, the client's next bytes are its TLS
+   * ClientHello. The plain socket stops reading so that the TLS socket gets them.
+   */
+  private startTls(): void {
+    const credentials = this.tls.credentials!;
+    // The client may send nothing until it has the ACK (proto.md): bytes here would be lost.
+    if (this.handshake!.takeRemaining().length > 0) {
+      throw new NbdProtocolError("data after NBD_OPT_STARTTLS before the server's reply");
+    }
+    this.upgrading = true;
+    const plain = this.socket;
+    plain.pause();
+    plain.off("data", this.onData);
+    plain.off("end", this.onEnd);
+    plain.off("drain", this.onDrain);
+    if (this.receive) this.receive.sink = null;
+    this.receive = null;
+    this.out.flushed(() => {
+      if (plain.destroyed) return;
+      credentials.upgrade(plain).then(
+        (secure) => this.tlsUp(plain, secure),
+        (err: Error) => {
+          this.log().warn("nbd TLS handshake failed, closing connection", { remote: this.remote, error: err.message });
+          plain.destroy();
+        },
+      );
+    });
+  }
+
+  private tlsUp(plain: Socket, secure: TLSSocket): void {
+    if (this.isClosed) return void secure.destroy();
+    this.unlisten(plain);
+    this.out.close();
+    this.socket = secure;
+    // Copying paths only: sendfile would bypass the encryption.
+    this.out = new ReplyWriter(secure, this.settings.buffers, this.writerEvents, false);
+    this.negotiation.tlsActive = true;
+    this.upgrading = false;
+    this.listen(secure);
+    const fields = { remote: this.remote, protocol: secure.getProtocol(), cipher: secure.getCipher().name };
+    this.log().info("nbd TLS established", fields);
+    this.pump();
   }
 
   private takeRequest(parser: RequestParser): boolean {
@@ -234,6 +333,8 @@ export class NbdConnection implements BioEndIo {
   }
 
   private enterTransmission(found: FoundExport): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
     found.device.open();
     this.device = found.device;
     this.exportName = found.name;
@@ -247,7 +348,8 @@ export class NbdConnection implements BioEndIo {
     this.requests = new RequestParser({ maxPayload: this.settings.maxPayload, allocPayload });
     this.requests.push(this.handshake!.takeRemaining());
     this.handshake = null;
-    this.log().info("nbd client attached", { structured: this.structured, sizeBytes: exportSizeBytes(found.device) });
+    const sizeBytes = exportSizeBytes(found.device);
+    this.log().info("nbd client attached", { structured: this.structured, tls: this.negotiation.tlsActive, sizeBytes });
   }
 
   // ---- transmission ----
@@ -416,7 +518,9 @@ export class NbdConnection implements BioEndIo {
   }
 
   private onClose(): void {
+    this.isClosed = true;
     for (const t of this.timers) clearTimeout(t);
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.stopped = true;
     this.ending = true;
     this.out.close();

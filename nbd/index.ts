@@ -1,5 +1,6 @@
 /** The NBD export: `NbdServer` serves mapped devices to qemu, nbd-client, libnbd tools... */
-export { NbdServer, type NbdServerOptions } from "./server.js";
+export { NbdServer, type NbdServerOptions, type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "./server.js";
+export { parsePskFile } from "./tls.js";
 export {
   type ExportDevice,
   type ExportProvider,

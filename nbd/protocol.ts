@@ -1,7 +1,7 @@
 /**
  * NBD wire constants and the typed messages the parser produces (NetworkBlockDevice/nbd
  * doc/proto.md). Everything on the wire is big-endian. Only what udm's server speaks is here:
- * fixed newstyle handshake, NBD_OPT_GO/INFO, structured replies; no TLS, no block status, no
+ * fixed newstyle handshake, NBD_OPT_GO/INFO, STARTTLS, structured replies; no block status, no
  * extended headers (those options are answered with NBD_REP_ERR_UNSUP).
  */
 

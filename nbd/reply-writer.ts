@@ -29,6 +29,8 @@ interface HeldRanges {
 }
 type Held = HeldBuffer | HeldRanges;
 
+const EMPTY = Buffer.alloc(0);
+
 export interface ReplyWriterEvents {
   /** Sending file data failed: the reply is cut short, so the connection must close. */
   failed(err: Error): void;
@@ -98,6 +100,15 @@ export class ReplyWriter {
   private dispatch(item: Held): void {
     if ("ranges" in item) this.start(item);
     else this.writeNow(item.buf, item.pooled);
+  }
+
+  /**
+   * Call `cb` once everything written so far has been handed to the kernel (the STARTTLS ACK,
+   * before the socket changes hands). Only for the handshake, where no file ranges are sent.
+   */
+  flushed(cb: () => void): void {
+    this.uncork();
+    this.socket.write(EMPTY, () => cb());
   }
 
   /** End the socket once everything queued is out. */

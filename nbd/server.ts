@@ -5,6 +5,9 @@
  * handshake and transmission (connection.ts). Exports come from an ExportProvider consulted at
  * handshake time, so devices created or removed later are seen by the next client;
  * `closeExport(name)` ends the connections of an export that is going away (forced remove).
+ *
+ * Protection for a TCP listener (docs/security.md): TLS with STARTTLS (tls.ts), a handshake
+ * timeout, and limits on connections in total and per client address (connection-limits.ts).
  */
 import fs from "node:fs";
 import net from "node:net";
@@ -12,13 +15,25 @@ import { type Logger, MemoryLogger } from "../core/logger.js";
 import { dupFd } from "../core/sys/file.js";
 import { setSendBuffer, socketFd } from "../core/sys/socket.js";
 import { BufferPool } from "./buffer-pool.js";
-import { type ConnectionSettings, NbdConnection } from "./connection.js";
+import { type ConnectionSettings, type ConnectionTls, NbdConnection } from "./connection.js";
+import {
+  ConnectionLimits,
+  DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+  connectionsForDescriptorLimit,
+  descriptorLimit,
+} from "./connection-limits.js";
 import type { ExportProvider } from "./exports.js";
 import { MAX_PAYLOAD } from "./protocol.js";
 import { ReceiveBuffer } from "./receive-buffer.js";
 import { zeroCopySupported } from "./reply-writer.js";
+import { type NbdTlsMode, type NbdTlsOptions, TlsCredentials } from "./tls.js";
 
 export { deviceMapperExports, type ExportDevice, type ExportProvider } from "./exports.js";
+export { type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "./tls.js";
+
+/** qemu-nbd's default handshake limit (handshake-max-seconds). */
+const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 
 export interface NbdServerOptions {
   logger?: Logger;
@@ -39,11 +54,29 @@ export interface NbdServerOptions {
    * (Linux x86_64).
    */
   zeroCopy?: boolean;
+  /**
+   * NBD_OPT_STARTTLS (default mode "off"): "on" offers TLS, "require" refuses every option but
+   * STARTTLS and ABORT until TLS is up; with a certificates directory or a PSK file (tls.ts).
+   * It is every listener's mode unless listenUnix/listenTcp give their own.
+   */
+  tls?: NbdTlsOptions;
+  /** Close a connection that has not entered transmission after this long (default 10 s; 0: never). */
+  handshakeTimeoutMs?: number;
+  /**
+   * Connections held at once, on every listener (default 1024). Always capped so that half of
+   * RLIMIT_NOFILE (up to 1024 descriptors) stays free for the rest of the process.
+   */
+  maxConnections?: number;
+  /** Connections held at once from one TCP client address (default 16). */
+  maxConnectionsPerClient?: number;
 }
 
 export class NbdServer {
   private readonly settings: ConnectionSettings;
   private readonly closeGraceMs: number;
+  private readonly tlsMode: NbdTlsMode;
+  private readonly credentials: TlsCredentials | null;
+  private readonly limits: ConnectionLimits;
   private readonly listeners: net.Server[] = [];
   private readonly connections = new Set<NbdConnection>();
   /** Socket files we created, removed again by close() (never someone else's). */
@@ -55,9 +88,15 @@ export class NbdServer {
     const maxPayload = opts.maxPayload ?? MAX_PAYLOAD;
     if (maxPayload < 512 || maxPayload % 512 !== 0) throw new Error("maxPayload must be a positive multiple of 512");
     this.closeGraceMs = opts.closeGraceMs ?? 1000;
+    const logger = opts.logger ?? new MemoryLogger(false);
+    this.tlsMode = opts.tls?.mode ?? "off";
+    this.credentials = this.tlsMode === "off" ? null : TlsCredentials.load(opts.tls!);
+    this.limits = connectionLimits(opts, logger);
+    const handshakeTimeoutMs = opts.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    if (!(handshakeTimeoutMs >= 0)) throw new Error("handshakeTimeoutMs must be 0 or more");
     this.settings = {
       exports,
-      logger: opts.logger ?? new MemoryLogger(false),
+      logger,
       maxPayload,
       maxInFlight: opts.maxInFlight ?? 128,
       maxInFlightBytes: opts.maxInFlightBytes ?? 64 * 1024 * 1024,
@@ -65,28 +104,49 @@ export class NbdServer {
       lingerMs: 5000,
       buffers: new BufferPool(),
       zeroCopy: opts.zeroCopy ?? zeroCopySupported(),
+      handshakeTimeoutMs,
     };
   }
 
-  /** Listen on a unix socket, created with mode 0600. A stale socket file there is replaced. */
-  async listenUnix(path: string): Promise<void> {
+  /** The connection limits in force (maxConnections after the descriptor cap). */
+  get connectionLimits(): { total: number; perClient: number } {
+    return { total: this.limits.maxTotal, perClient: this.limits.maxPerClient };
+  }
+
+  /**
+   * Listen on a unix socket, created with mode 0600. A stale socket file there is replaced.
+   * `tls` overrides the server's TLS mode for this socket.
+   */
+  async listenUnix(path: string, opts: { tls?: NbdTlsMode } = {}): Promise<void> {
     this.assertOpen();
+    const tls = this.listenerTls(opts.tls);
     await removeStaleSocket(path);
-    const server = await listenOn(this.createServer(), (s, cb) => withPrivateUmask(() => s.listen(path, cb)));
+    const server = await listenOn(this.createServer(tls), (s, cb) => withPrivateUmask(() => s.listen(path, cb)));
     this.socketFiles.push(path);
     this.listeners.push(server);
     fs.chmodSync(path, 0o600); // also covers a worker thread, where the umask cannot be changed
-    this.settings.logger.info("nbd server listening", { socket: path });
+    this.settings.logger.info("nbd server listening", { socket: path, tls: tls.mode });
   }
 
-  /** Also listen on TCP; port 0 picks a free port. Resolves with the bound address. */
-  async listenTcp(addr: { host?: string; port: number }): Promise<{ host: string; port: number }> {
+  /**
+   * Also listen on TCP; port 0 picks a free port. Resolves with the bound address. `tls`
+   * overrides the server's TLS mode for this listener.
+   */
+  async listenTcp(addr: { host?: string; port: number; tls?: NbdTlsMode }): Promise<{ host: string; port: number }> {
     this.assertOpen();
-    const server = await listenOn(this.createServer(), (s, cb) => s.listen(addr.port, addr.host ?? "127.0.0.1", cb));
+    const tls = this.listenerTls(addr.tls);
+    const server = await listenOn(this.createServer(tls), (s, cb) => s.listen(addr.port, addr.host ?? "127.0.0.1", cb));
     this.listeners.push(server);
     const bound = server.address() as net.AddressInfo;
-    this.settings.logger.info("nbd server listening", { host: bound.address, port: bound.port });
+    this.settings.logger.info("nbd server listening", { host: bound.address, port: bound.port, tls: tls.mode });
     return { host: bound.address, port: bound.port };
+  }
+
+  private listenerTls(mode: NbdTlsMode = this.tlsMode): ConnectionTls {
+    if (mode !== "off" && !this.credentials) {
+      throw new Error(`TLS mode "${mode}" needs the server's tls credentials (NbdServerOptions.tls)`);
+    }
+    return { mode, credentials: mode === "off" ? null : this.credentials };
   }
 
   /** Open connections, or those in transmission on export `name`. */
@@ -140,20 +200,26 @@ export class NbdServer {
     this.settings.logger.info("nbd server closed");
   }
 
-  private createServer(): net.Server {
+  private createServer(tls: ConnectionTls): net.Server {
     // allowHalfOpen: a client that shuts down its sending side still gets its replies.
     // pauseOnConnect: nothing is read before accept() has decided how the socket reads.
-    return net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket));
+    return net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket, tls));
   }
 
-  private accept(accepted: net.Socket): void {
+  private accept(accepted: net.Socket, tls: ConnectionTls): void {
     if (this.closing) return void accepted.destroy();
+    // Per-client limits on TCP only: a unix socket's clients are the daemon's user and root.
+    const client = accepted.remoteFamily ? (accepted.remoteAddress ?? "?") : undefined;
+    if (!this.limits.admit(client)) return void accepted.destroy();
     const { socket, receive, fallback } = withReceiveBuffer(accepted);
     if (fallback) this.settings.logger.warn("nbd: connection reads into Node's own buffers (slower)", { reason: fallback });
     if (socket.remoteFamily) socket.setNoDelay(true); // TCP only: replies must not wait for Nagle
-    const conn = new NbdConnection(socket, this.nextId++, this.settings, receive);
+    const conn = new NbdConnection(socket, this.nextId++, this.settings, receive, tls);
     this.connections.add(conn);
-    void conn.closed.then(() => this.connections.delete(conn));
+    void conn.closed.then(() => {
+      this.connections.delete(conn);
+      this.limits.release(client);
+    });
     this.settings.logger.debug("nbd client connected", { conn: conn.id, remote: socket.remoteAddress ?? "unix" });
     conn.start();
   }
@@ -161,6 +227,22 @@ export class NbdServer {
   private assertOpen(): void {
     if (this.closing) throw new Error("NbdServer is closed");
   }
+}
+
+/** The limits of `opts`, the total capped by the descriptor limit (a higher request is logged). */
+function connectionLimits(opts: NbdServerOptions, logger: Logger): ConnectionLimits {
+  const perClient = opts.maxConnectionsPerClient ?? DEFAULT_MAX_CONNECTIONS_PER_CLIENT;
+  const asked = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+  for (const [name, value] of [["maxConnections", asked], ["maxConnectionsPerClient", perClient]] as const) {
+    if (!Number.isInteger(value) || value < 1) throw new Error(`${name} must be a positive integer`);
+  }
+  const nofile = descriptorLimit();
+  const cap = connectionsForDescriptorLimit(nofile);
+  if (opts.maxConnections !== undefined && asked > cap) {
+    const fields = { asked, limit: cap, nofile };
+    logger.warn("nbd: connection limit lowered to keep descriptors for the rest of the process", fields);
+  }
+  return new ConnectionLimits(Math.min(asked, cap), perClient, logger);
 }
 
 /**

@@ -20,6 +20,7 @@ export interface Libc {
   pwritev2: LibcFunction;
   fcntlInt: LibcFunction;
   flock: LibcFunction;
+  getrlimit: LibcFunction;
   sendfile: LibcFunction;
   socket: LibcFunction;
   connect: LibcFunction;
@@ -58,6 +59,7 @@ export function libc(): Libc {
     pwritev2: lib.func("pwritev2", "int64_t", ["int", "void *", "int", "int64_t", "int"]),
     fcntlInt: lib.func("fcntl", "int", ["int", "int", "int"]),
     flock: lib.func("flock", "int", ["int", "int"]),
+    getrlimit: lib.func("getrlimit", "int", ["int", "void *"]),
     sendfile: lib.func("sendfile", "int64_t", ["int", "int", "void *", "size_t"]),
     socket: lib.func("socket", "int", ["int", "int", "int"]),
     connect: lib.func("connect", "int", ["int", "void *", "uint32_t"]),

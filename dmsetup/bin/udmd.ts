@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 /**
  * udmd: the udm daemon. `udmd [--run-dir DIR] [--plugin MODULE]... [--config FILE]
- * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]
+ * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--tls=off|on|require] [--tls-certificates DIR]
+ * [--tls-psk FILE] [--nbd-handshake-timeout SECONDS] [--nbd-max-connections N]
+ * [--nbd-max-client-connections N] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]
  * [--no-inline-reads] [--no-write-plug] [--no-zero-copy]`
  *
  * The environment and the flags are read here, once, and passed down as options.
@@ -11,6 +13,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import type { LogLevel } from "../../core/logger.js";
+import { type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "../../nbd/server.js";
 import { Daemon } from "../daemon/daemon.js";
 import { setUpDemo } from "../daemon/demo.js";
 import { AlreadyRunningError } from "../daemon/instance-lock.js";
@@ -19,9 +22,21 @@ import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 const USAGE = `Usage: udmd [options]
   --run-dir DIR          run directory (default $UDM_RUN_DIR, /run/udm as root, else $XDG_RUNTIME_DIR/udm)
   --plugin MODULE        load a target plugin (file path or package name); repeatable
-  --config FILE          JSON config: {"plugins": [...], "logLevel": "info", "nbdListen": "127.0.0.1:10809"}
+  --config FILE          JSON config: {"plugins": [...], "logLevel": "info", "nbdListen": "127.0.0.1:10809",
+                         "tls": "require", "tlsCertificates": DIR, "tlsPsk": FILE}
   --log-level LEVEL      debug | info | warn | error (default info)
-  --nbd-listen [HOST:]PORT  also serve NBD over TCP (default host 127.0.0.1)
+  --nbd-listen [HOST:]PORT  also serve NBD over TCP (default host 127.0.0.1; any other address
+                         needs --tls=require)
+  --tls=off|on|require   NBD TLS (STARTTLS), as nbdkit's and qemu-nbd's --tls: on offers it,
+                         require refuses TCP clients until they start TLS (default off)
+  --tls-certificates DIR x509: DIR/server-cert.pem, server-key.pem; with ca-cert.pem, clients
+                         must present a certificate it signed
+  --tls-psk FILE         pre-shared keys, one identity:hexkey per line (psktool's format)
+  --nbd-handshake-timeout SECONDS  close NBD connections still negotiating after this long
+                         (default 10; 0: never)
+  --nbd-max-connections N  NBD connections at once, all sockets (default 1024, lowered to keep
+                         descriptors free under RLIMIT_NOFILE)
+  --nbd-max-client-connections N  NBD connections at once from one TCP address (default 16)
   --auto-attach          attach every device as a kernel block device when it is activated,
                          detach it on remove (also $UDM_AUTO_ATTACH=1)
   --dev-dir DIR          where attach makes NAME symlinks (default $UDM_DEV_DIR, else /dev/udm)
@@ -38,6 +53,9 @@ interface Config {
   plugins?: string[];
   logLevel?: LogLevel;
   nbdListen?: string;
+  tls?: string;
+  tlsCertificates?: string;
+  tlsPsk?: string;
 }
 
 export async function main(argv = process.argv.slice(2)): Promise<number> {
@@ -51,6 +69,12 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         config: { type: "string" },
         "log-level": { type: "string" },
         "nbd-listen": { type: "string" },
+        tls: { type: "string" },
+        "tls-certificates": { type: "string" },
+        "tls-psk": { type: "string" },
+        "nbd-handshake-timeout": { type: "string" },
+        "nbd-max-connections": { type: "string" },
+        "nbd-max-client-connections": { type: "string" },
         "auto-attach": { type: "boolean" },
         "dev-dir": { type: "string" },
         demo: { type: "boolean" },
@@ -84,11 +108,19 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     process.stderr.write(`udmd: --log-level: expected debug, info, warn or error\n`);
     return 2;
   }
+  let nbd: NbdFlags;
+  try {
+    nbd = nbdFlags(values, config);
+  } catch (err) {
+    process.stderr.write(`udmd: ${(err as Error).message}\n`);
+    return 2;
+  }
   const daemon = new Daemon({
     paths: runPaths(values["run-dir"] ?? defaultRunDir()),
     plugins: [...(config.plugins ?? []), ...(values.plugin ?? [])],
     logLevel: level,
     nbdListen: values["nbd-listen"] ?? config.nbdListen,
+    ...nbd,
     autoAttach: values["auto-attach"] ?? process.env.UDM_AUTO_ATTACH === "1",
     devDir: path.resolve(values["dev-dir"] ?? (process.env.UDM_DEV_DIR || "/dev/udm")),
     // Unset unless turned off: the defaults depend on the platform.
@@ -134,6 +166,54 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     }
   }
   return -1; // keep running
+}
+
+interface NbdFlags {
+  tls: NbdTlsOptions;
+  nbdHandshakeTimeoutMs?: number;
+  nbdMaxConnections?: number;
+  nbdMaxClientConnections?: number;
+}
+
+/** The NBD protection flags, checked: a TLS mode needs credentials and credentials need a mode. */
+function nbdFlags(values: Record<string, string | boolean | string[] | undefined>, config: Config): NbdFlags {
+  const text = (name: string): string | undefined => values[name] as string | undefined;
+  const mode = text("tls") ?? config.tls ?? "off";
+  if (!(TLS_MODES as readonly string[]).includes(mode)) {
+    throw new Error(`--tls: expected off, on or require, got '${mode}'`);
+  }
+  const certificates = text("tls-certificates") ?? config.tlsCertificates;
+  const psk = text("tls-psk") ?? config.tlsPsk;
+  if (certificates !== undefined && psk !== undefined) {
+    throw new Error("--tls-certificates and --tls-psk exclude each other");
+  }
+  if (mode === "off" && (certificates !== undefined || psk !== undefined)) {
+    throw new Error(`${psk !== undefined ? "--tls-psk" : "--tls-certificates"} needs --tls=on or --tls=require`);
+  }
+  if (mode !== "off" && certificates === undefined && psk === undefined) {
+    throw new Error(`--tls=${mode} needs --tls-certificates DIR or --tls-psk FILE`);
+  }
+  const timeout = text("nbd-handshake-timeout");
+  const seconds = timeout === undefined ? undefined : Number(timeout);
+  if (seconds !== undefined && !(timeout!.trim() !== "" && seconds >= 0 && seconds <= 86_400)) {
+    throw new Error(`--nbd-handshake-timeout: expected seconds from 0 to 86400, got '${timeout}'`);
+  }
+  return {
+    tls: { mode: mode as NbdTlsMode, certificates: absolute(certificates), psk: absolute(psk) },
+    nbdHandshakeTimeoutMs: seconds === undefined ? undefined : Math.round(seconds * 1000),
+    nbdMaxConnections: count(text("nbd-max-connections"), "--nbd-max-connections"),
+    nbdMaxClientConnections: count(text("nbd-max-client-connections"), "--nbd-max-client-connections"),
+  };
+}
+
+function count(value: string | undefined, flag: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (!/^[1-9]\d{0,8}$/.test(value)) throw new Error(`${flag}: expected a whole number from 1, got '${value}'`);
+  return Number(value);
+}
+
+function absolute(file: string | undefined): string | undefined {
+  return file === undefined ? undefined : path.resolve(file);
 }
 
 void main().then((code) => {

@@ -10,16 +10,31 @@ import { DmError } from "../../core/errors.js";
 import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
 import { Attacher } from "../attach/attacher.js";
 import { ControlServer, type DaemonHooks } from "../control/server.js";
-import { NbdServer } from "../../nbd/server.js";
+import { NbdServer, type NbdTlsOptions } from "../../nbd/server.js";
 import { acquireInstanceLock } from "./instance-lock.js";
+import { checkListenAddress, parseListen } from "./nbd-listen.js";
 import { ensureRunDir, type RunPaths } from "./run-dir.js";
 
 export interface DaemonOptions {
   paths: RunPaths;
   plugins?: string[];
   logLevel?: LogLevel;
-  /** `[HOST:]PORT` for an extra TCP NBD listener (default host 127.0.0.1). */
+  /**
+   * `[HOST:]PORT` for an extra TCP NBD listener (default host 127.0.0.1). Anything but a loopback
+   * address needs `tls.mode` "require".
+   */
   nbdListen?: string;
+  /**
+   * NBD TLS (STARTTLS): the TCP listener's mode and credentials. The unix socket offers TLS
+   * whenever the mode is not "off" but never requires it (it is mode 0600; attach uses it plain).
+   */
+  tls?: NbdTlsOptions;
+  /** Close NBD connections still in the handshake after this long (default 10 s; 0: never). */
+  nbdHandshakeTimeoutMs?: number;
+  /** NBD connections at once, all sockets (default 1024, capped below RLIMIT_NOFILE). */
+  nbdMaxConnections?: number;
+  /** NBD connections at once from one TCP client address (default 16). */
+  nbdMaxClientConnections?: number;
   logStream?: { write(line: string): unknown };
   /** Where `attach` puts its NAME → kernel device symlinks (default /dev/udm). */
   devDir?: string;
@@ -56,15 +71,30 @@ export class Daemon {
       const names = await this.dm.loadPlugin(plugin);
       this.logger.info("plugin loaded", { plugin, targets: names });
     }
+    // Refused before anything is taken or listens: a plaintext export off this machine.
+    const tls = this.opts.tls ?? { mode: "off" };
+    const tcp = this.opts.nbdListen ? parseListen(this.opts.nbdListen) : null;
+    if (tcp) await checkListenAddress(this.opts.nbdListen!, tcp, tls.mode);
     ensureRunDir(paths.dir);
     this.unlock = acquireInstanceLock(paths, [paths.control, paths.nbd]);
     try {
       this.nbd = new NbdServer(
         { list: () => this.dm.list(), get: (name) => (this.dm.has(name) ? this.dm.device(name) : undefined) },
-        { logger: this.logger, zeroCopy: this.opts.zeroCopy },
+        {
+          logger: this.logger,
+          zeroCopy: this.opts.zeroCopy,
+          tls,
+          handshakeTimeoutMs: this.opts.nbdHandshakeTimeoutMs,
+          maxConnections: this.opts.nbdMaxConnections,
+          maxConnectionsPerClient: this.opts.nbdMaxClientConnections,
+        },
       );
-      await this.nbd.listenUnix(paths.nbd);
-      if (this.opts.nbdListen) this.tcpAddress = await this.nbd.listenTcp(parseListen(this.opts.nbdListen));
+      await this.nbd.listenUnix(paths.nbd, { tls: tls.mode === "off" ? "off" : "on" });
+      if (tcp) this.tcpAddress = await this.nbd.listenTcp({ ...tcp, tls: tls.mode });
+      if (tcp && tls.mode !== "require") {
+        // Loopback is not private: every local user can connect to it (docs/security.md).
+        this.logger.warn("nbd: TCP listener without --tls=require: every local user can read and write every device");
+      }
       this.attacher = new Attacher({
         dm: this.dm,
         logger: this.logger,
@@ -101,7 +131,16 @@ export class Daemon {
       this.unlock = null;
       throw err;
     }
-    this.logger.info("udmd started", { runDir: paths.dir, pid: process.pid, nbd: paths.nbd, tcp: this.tcpAddress });
+    const limits = this.nbd.connectionLimits;
+    this.logger.info("udmd started", {
+      runDir: paths.dir,
+      pid: process.pid,
+      nbd: paths.nbd,
+      tcp: this.tcpAddress,
+      tls: tls.mode,
+      nbdMaxConnections: limits.total,
+      nbdMaxClientConnections: limits.perClient,
+    });
   }
 
   nbdUri(name: string): string {
@@ -134,10 +173,4 @@ export class Daemon {
     })();
     return this.stopping;
   }
-}
-
-function parseListen(spec: string): { host: string; port: number } {
-  const m = /^(?:(.*):)?(\d+)$/.exec(spec);
-  if (!m || Number(m[2]) > 65535) throw new Error(`--nbd-listen: expected [HOST:]PORT, got '${spec}'`);
-  return { host: m[1] || "127.0.0.1", port: Number(m[2]) };
 }
