@@ -24,7 +24,14 @@ import { dupFd } from "../core/sys/file.js";
 import type { BufferPool } from "./buffer-pool.js";
 import type { ReceiveBuffer } from "./receive-buffer.js";
 import { ReplyWriter } from "./reply-writer.js";
-import { type ExportDevice, type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, exportSizeBytes, nbdErrorFor } from "./exports.js";
+import {
+  type ExportDevice,
+  type ExportProvider,
+  type FoundExport,
+  MIN_BLOCK_SIZE,
+  exportSizeBytes,
+  nbdErrorFor,
+} from "./exports.js";
 import type { NbdTlsMode, TlsCredentials } from "./tls.js";
 import { Handshake } from "./handshake.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
@@ -400,7 +407,8 @@ export class NbdConnection implements BioEndIo {
     else writeSimpleReplyHeader(reply, r.handle, 0);
     const data = reply.subarray(prefix);
     // Large reads may come back as file ranges, sent without copying (reply-writer.ts).
-    const ranges = this.out.zeroCopy && r.length >= ZERO_COPY_MIN ? new FileRangeRead(data, ZERO_COPY_MIN, dupFd) : null;
+    const ranges =
+      this.out.zeroCopy && r.length >= ZERO_COPY_MIN ? new FileRangeRead(data, ZERO_COPY_MIN, dupFd) : null;
     this.submit(r, "read", data, 0, reply, reply.length, ranges);
   }
 
@@ -431,7 +439,11 @@ export class NbdConnection implements BioEndIo {
       return this.reject(r, NbdErrno.EINVAL, `length ${r.length} exceeds the maximum ${this.settings.maxPayload}`);
     }
     if (r.offset % MIN_BLOCK_SIZE !== 0 || r.length % MIN_BLOCK_SIZE !== 0) {
-      return this.reject(r, NbdErrno.EINVAL, `offset ${r.offset} / length ${r.length} not aligned to ${MIN_BLOCK_SIZE} bytes`);
+      return this.reject(
+        r,
+        NbdErrno.EINVAL,
+        `offset ${r.offset} / length ${r.length} not aligned to ${MIN_BLOCK_SIZE} bytes`,
+      );
     }
     const size = exportSizeBytes(this.device!);
     if (r.offset + r.length > size) {
@@ -526,7 +538,11 @@ export class NbdConnection implements BioEndIo {
     this.out.close();
     const device = this.device;
     this.device = null;
-    this.log().info("nbd client disconnected", { ...this.stats, zeroCopyBytes: this.out.zeroCopyBytes, inFlight: this.inFlight });
+    this.log().info("nbd client disconnected", {
+      ...this.stats,
+      zeroCopyBytes: this.out.zeroCopyBytes,
+      inFlight: this.inFlight,
+    });
     if (device) {
       // Requests still in flight complete into bioDone, whose replies are then dropped.
       void Promise.resolve()

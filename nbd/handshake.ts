@@ -13,9 +13,34 @@
  * answered with an error) or a client without fixed newstyle ends the connection, as nbdkit and
  * qemu-nbd do.
  */
-import { type ExportProvider, type FoundExport, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, exportSizeBytes, resolveExport, transmissionFlags } from "./exports.js";
-import { ClientFlags, type HandshakeMessage, Info, KNOWN_CLIENT_FLAGS, NbdProtocolError, Opt, Rep, optionName } from "./protocol.js";
-import { exportNameReply, repAck, repError, repInfoBlockSize, repInfoExport, repInfoString, repServer } from "./serializer.js";
+import {
+  type ExportProvider,
+  type FoundExport,
+  MIN_BLOCK_SIZE,
+  PREFERRED_BLOCK_SIZE,
+  exportSizeBytes,
+  resolveExport,
+  transmissionFlags,
+} from "./exports.js";
+import {
+  ClientFlags,
+  type HandshakeMessage,
+  Info,
+  KNOWN_CLIENT_FLAGS,
+  NbdProtocolError,
+  Opt,
+  Rep,
+  optionName,
+} from "./protocol.js";
+import {
+  exportNameReply,
+  repAck,
+  repError,
+  repInfoBlockSize,
+  repInfoExport,
+  repInfoString,
+  repServer,
+} from "./serializer.js";
 import type { NbdTlsMode } from "./tls.js";
 
 export type HandshakeOutcome =
@@ -51,7 +76,8 @@ export class Handshake {
   private dispatch(m: HandshakeMessage): HandshakeOutcome {
     switch (m.kind) {
       case "clientFlags":
-        if ((m.flags & ~KNOWN_CLIENT_FLAGS) !== 0) throw new NbdProtocolError(`unknown client flags 0x${m.flags.toString(16)}`);
+        if ((m.flags & ~KNOWN_CLIENT_FLAGS) !== 0)
+          throw new NbdProtocolError(`unknown client flags 0x${m.flags.toString(16)}`);
         this.noZeroes = (m.flags & ClientFlags.NO_ZEROES) !== 0;
         this.fixedNewstyle = (m.flags & ClientFlags.FIXED_NEWSTYLE) !== 0;
         return CONTINUE;
@@ -73,8 +99,15 @@ export class Handshake {
         return CONTINUE;
       case "oversizeOption": {
         if (m.option === Opt.EXPORT_NAME) throw new NbdProtocolError(`NBD_OPT_EXPORT_NAME of ${m.length} bytes`);
-        const known = m.option === Opt.INFO || m.option === Opt.GO || m.option === Opt.LIST || m.option === Opt.STRUCTURED_REPLY;
-        this.send(repError(m.option, known ? Rep.ERR_TOO_BIG : Rep.ERR_UNSUP, `${optionName(m.option)}: ${m.length}-byte option ignored`));
+        const known =
+          m.option === Opt.INFO || m.option === Opt.GO || m.option === Opt.LIST || m.option === Opt.STRUCTURED_REPLY;
+        this.send(
+          repError(
+            m.option,
+            known ? Rep.ERR_TOO_BIG : Rep.ERR_UNSUP,
+            `${optionName(m.option)}: ${m.length}-byte option ignored`,
+          ),
+        );
         return CONTINUE;
       }
     }
@@ -85,7 +118,13 @@ export class Handshake {
     const found = resolveExport(this.exports, name);
     if (!found) {
       const count = this.exports.list().length;
-      this.send(repError(option, Rep.ERR_UNKNOWN, name === "" ? `no default export (there are ${count} exports)` : `no export named "${name}"`));
+      this.send(
+        repError(
+          option,
+          Rep.ERR_UNKNOWN,
+          name === "" ? `no default export (there are ${count} exports)` : `no export named "${name}"`,
+        ),
+      );
       return CONTINUE;
     }
     const { device } = found;

@@ -148,7 +148,11 @@ export class HandshakeParser extends IncrementalParser<HandshakeMessage> {
 
 /** Give the options we understand a typed shape; malformed payloads become invalidOption. */
 function decodeOption(option: number, data: Buffer): HandshakeMessage {
-  const invalid = (reason: string): HandshakeMessage => ({ kind: "invalidOption", option, reason: `${optionName(option)}: ${reason}` });
+  const invalid = (reason: string): HandshakeMessage => ({
+    kind: "invalidOption",
+    option,
+    reason: `${optionName(option)}: ${reason}`,
+  });
   switch (option) {
     case Opt.EXPORT_NAME: {
       const name = decodeString(data);
@@ -158,12 +162,14 @@ function decodeOption(option: number, data: Buffer): HandshakeMessage {
     case Opt.GO: {
       if (data.length < 6) return invalid(`payload of ${data.length} bytes is shorter than 6`);
       const nameLength = data.readUInt32BE(0);
-      if (nameLength > data.length - 6) return invalid(`name length ${nameLength} overruns the ${data.length}-byte payload`);
+      if (nameLength > data.length - 6)
+        return invalid(`name length ${nameLength} overruns the ${data.length}-byte payload`);
       const name = decodeString(data.subarray(4, 4 + nameLength));
       if (typeof name !== "string") return invalid(name.error);
       const count = data.readUInt16BE(4 + nameLength);
       const rest = data.length - 6 - nameLength;
-      if (rest !== count * 2) return invalid(`${count} information requests need ${count * 2} bytes, ${rest} were sent`);
+      if (rest !== count * 2)
+        return invalid(`${count} information requests need ${count * 2} bytes, ${rest} were sent`);
       const requests: number[] = [];
       for (let i = 0; i < count; i++) requests.push(data.readUInt16BE(6 + nameLength + 2 * i));
       return { kind: "info", option, name, requests };
@@ -175,7 +181,8 @@ function decodeOption(option: number, data: Buffer): HandshakeMessage {
 
 /** An NBD string: UTF-8, no NUL, at most 4096 bytes. */
 function decodeString(bytes: Buffer): string | { error: string } {
-  if (bytes.length > MAX_STRING_LENGTH) return { error: `string of ${bytes.length} bytes is longer than ${MAX_STRING_LENGTH}` };
+  if (bytes.length > MAX_STRING_LENGTH)
+    return { error: `string of ${bytes.length} bytes is longer than ${MAX_STRING_LENGTH}` };
   if (bytes.includes(0)) return { error: "string contains NUL" };
   try {
     return utf8.decode(bytes);
@@ -289,7 +296,9 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
    * 0: no limit.
    */
   headerSpace(): number {
-    return this.pending === null && this.available === 0 && this.lastPayload >= LARGE_PAYLOAD ? REQUEST_HEADER_LENGTH : 0;
+    return this.pending === null && this.available === 0 && this.lastPayload >= LARGE_PAYLOAD
+      ? REQUEST_HEADER_LENGTH
+      : 0;
   }
 
   /** Copy (or skip) whatever part of the pending WRITE payload is available. */
@@ -298,7 +307,10 @@ export class RequestParser extends IncrementalParser<NbdRequest> {
     const n = Math.min(want, this.available);
     const p = this.payload;
     // Bytes the socket read into the payload in place (payloadSpace) are already where they belong.
-    const inPlace = p !== null && this.buffer.buffer === p.buffer && this.buffer.byteOffset + this.offset === p.byteOffset + this.filled;
+    const inPlace =
+      p !== null &&
+      this.buffer.buffer === p.buffer &&
+      this.buffer.byteOffset + this.offset === p.byteOffset + this.filled;
     if (p && !inPlace) this.buffer.copy(p, this.filled, this.offset, this.offset + n);
     this.offset += n;
     this.filled += n;

@@ -211,7 +211,9 @@ export class ReplyWriter {
   private readRest(item: HeldRanges, range: FileRange, sent: number): Promise<Buffer> {
     const at = item.prefix + range.offset + sent;
     const target = item.reply.subarray(at, item.prefix + range.offset + range.length);
-    return new Promise((resolve, reject) => readFully(range.fd, target, range.position + sent, (err) => (err ? reject(err) : resolve(target))));
+    return new Promise((resolve, reject) =>
+      readFully(range.fd, target, range.position + sent, (err) => (err ? reject(err) : resolve(target))),
+    );
   }
 
   /** The client left or the socket was destroyed: nothing more can be sent. */

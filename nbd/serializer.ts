@@ -77,7 +77,11 @@ export function repInfoBlockSize(option: number, minimum: number, preferred: num
 }
 
 /** NBD_REP_INFO / NBD_INFO_NAME (or DESCRIPTION): a 16-bit type and a string. */
-export function repInfoString(option: number, infoType: typeof Info.NAME | typeof Info.DESCRIPTION, text: string): Buffer {
+export function repInfoString(
+  option: number,
+  infoType: typeof Info.NAME | typeof Info.DESCRIPTION,
+  text: string,
+): Buffer {
   const bytes = Buffer.from(text, "utf8");
   const payload = Buffer.allocUnsafe(2 + bytes.length);
   payload.writeUInt16BE(infoType, 0);

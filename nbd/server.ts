@@ -212,7 +212,8 @@ export class NbdServer {
     const client = accepted.remoteFamily ? (accepted.remoteAddress ?? "?") : undefined;
     if (!this.limits.admit(client)) return void accepted.destroy();
     const { socket, receive, fallback } = withReceiveBuffer(accepted);
-    if (fallback) this.settings.logger.warn("nbd: connection reads into Node's own buffers (slower)", { reason: fallback });
+    if (fallback)
+      this.settings.logger.warn("nbd: connection reads into Node's own buffers (slower)", { reason: fallback });
     if (socket.remoteFamily) socket.setNoDelay(true); // TCP only: replies must not wait for Nagle
     const conn = new NbdConnection(socket, this.nextId++, this.settings, receive, tls);
     this.connections.add(conn);
@@ -233,7 +234,10 @@ export class NbdServer {
 function connectionLimits(opts: NbdServerOptions, logger: Logger): ConnectionLimits {
   const perClient = opts.maxConnectionsPerClient ?? DEFAULT_MAX_CONNECTIONS_PER_CLIENT;
   const asked = opts.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
-  for (const [name, value] of [["maxConnections", asked], ["maxConnectionsPerClient", perClient]] as const) {
+  for (const [name, value] of [
+    ["maxConnections", asked],
+    ["maxConnectionsPerClient", perClient],
+  ] as const) {
     if (!Number.isInteger(value) || value < 1) throw new Error(`${name} must be a positive integer`);
   }
   const nofile = descriptorLimit();
@@ -252,7 +256,11 @@ function connectionLimits(opts: NbdServerOptions, logger: Logger): ConnectionLim
  * closed; the connection lives on in the duplicate. Where that is not possible the accepted
  * socket is used as it is, with Node's own read buffers.
  */
-function withReceiveBuffer(accepted: net.Socket): { socket: net.Socket; receive: ReceiveBuffer | null; fallback?: string } {
+function withReceiveBuffer(accepted: net.Socket): {
+  socket: net.Socket;
+  receive: ReceiveBuffer | null;
+  fallback?: string;
+} {
   const fd = socketFd(accepted);
   let dup = -1;
   try {
