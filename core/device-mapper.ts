@@ -111,9 +111,19 @@ export class DeviceMapper {
    */
   async create(
     name: string,
-    opts: { uuid?: string; readOnly?: boolean; table?: TableInput } = {},
+    opts: { uuid?: string; readOnly?: boolean; table?: TableInput; minor?: number } = {},
   ): Promise<MappedDevice> {
     checkName(name);
+    // DM_PERSISTENT_DEV_FLAG: the caller asks for a minor (a restarted daemon restoring devices
+    // under the numbers their tables use); dm_create refuses one in use.
+    if (opts.minor !== undefined) {
+      if (!Number.isSafeInteger(opts.minor) || opts.minor < 0 || opts.minor >= 1 << 20) {
+        throw new DmError("EINVAL", `Invalid minor number ${opts.minor}.`);
+      }
+      if ([...this.byName.values()].some((md) => md.minor === opts.minor)) {
+        throw new DmError("EBUSY", `Minor ${opts.minor} is already in use.`);
+      }
+    }
     const uuid = opts.uuid ?? "";
     if (Buffer.byteLength(uuid) > 128)
       throw new DmError("EINVAL", "Invalid new mapped device name or uuid string supplied.");
@@ -121,7 +131,7 @@ export class DeviceMapper {
     if (uuid && [...this.byName.values()].some((md) => md.uuid === uuid)) {
       throw new DmError("EBUSY", `A device with uuid ${uuid} already exists.`);
     }
-    const md = new MappedDevice(name, uuid, this.nextMinor(), {
+    const md = new MappedDevice(name, uuid, opts.minor ?? this.nextMinor(), {
       registry: this.registry,
       devices: this.devices,
       logger: this.logger,

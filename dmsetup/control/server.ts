@@ -34,7 +34,23 @@ export interface DaemonHooks {
   activated?(name: string): Promise<void>;
   /** Called after a rename: what is keyed by the device's name (exports, symlinks) follows it. */
   renamed?(oldName: string, newName: string): Promise<void>;
+  /** Called after every request that may have changed a device (its outcome does not matter). */
+  changed?(): void;
 }
+
+/** Requests that can change a device's name, tables, state or attachment. */
+const CHANGING_OPS: ReadonlySet<string> = new Set([
+  "create",
+  "load",
+  "clear",
+  "suspend",
+  "resume",
+  "remove",
+  "remove-all",
+  "rename",
+  "attach",
+  "detach",
+]);
 
 export class ControlServer {
   private readonly server: net.Server;
@@ -109,7 +125,12 @@ export class ControlServer {
     try {
       const req = parseRequest(line);
       id = req.id;
-      const result = await this.execute(req);
+      let result: unknown;
+      try {
+        result = await this.execute(req);
+      } finally {
+        if (CHANGING_OPS.has(req.op)) this.hooks.changed?.();
+      }
       this.reply(socket, { id, ok: true, result: result ?? null });
     } catch (err) {
       const errno =
