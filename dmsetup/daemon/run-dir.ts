@@ -48,7 +48,7 @@ export function ensureRunDir(dir: string): void {
 /**
  * A run directory someone else could have prepared is refused, as tmux and ssh-agent refuse
  * theirs: it must be a real directory (not a symlink), owned by this user or root, and, unless
- * `fixMode` (our own directory, which we may chmod), open to no one else. Otherwise an attacker
+ * `fixMode` (our own directory, which we may chmod), writable by no one else. Otherwise an attacker
  * who created `$TMPDIR/udm-$UID` first could answer on its control socket. Returns the directory's
  * status, or undefined when it does not exist.
  */
@@ -62,9 +62,9 @@ export function checkRunDir(dir: string, opts: { fixMode?: boolean } = {}): fs.S
   if (st.isSymbolicLink()) refuse("is a symbolic link");
   if (!st.isDirectory()) refuse("is not a directory");
   if (st.uid !== uid && st.uid !== 0) refuse(`is owned by uid ${st.uid}, not by this user (uid ${uid}) or root`);
-  const open = st.mode & 0o077;
+  const open = st.mode & 0o022;
   if (open !== 0 && !(opts.fixMode && st.uid === uid)) {
-    refuse(`has mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}: others may use it (it must be 0700)`);
+    refuse(`has mode ${(st.mode & 0o777).toString(8).padStart(4, "0")}: others may create files in it`);
   }
   return st;
 }

@@ -116,7 +116,7 @@ describe("a run directory someone else prepared", () => {
     expect(fs.statSync(dir).mode & 0o777).toBe(0o755);
   });
 
-  it("is refused when it is a symbolic link, or open to others (udmd makes its own 0700)", async () => {
+  it("is refused when it is a symbolic link, or writable by others (udmd makes its own 0700)", async () => {
     const real = runDir();
     const link = `${real}-link`;
     fs.symlinkSync(real, link);
@@ -128,7 +128,7 @@ describe("a run directory someone else prepared", () => {
 
     fs.chmodSync(real, 0o777);
     expect(await clientSays(real)).toBe(
-      `cannot reach udmd: run directory ${real} has mode 0777: others may use it (it must be 0700); refusing to use it\nCommand failed.\n`,
+      `cannot reach udmd: run directory ${real} has mode 0777: others may create files in it; refusing to use it\nCommand failed.\n`,
     );
     const daemon = await startDaemon(real);
     cleanups.push(() => daemon.stop());
