@@ -40,6 +40,8 @@ const USAGE = `Usage: udmd [options]
   --auto-attach          attach every device as a kernel block device when it is activated,
                          detach it on remove (also $UDM_AUTO_ATTACH=1)
   --dev-dir DIR          where attach makes NAME symlinks (default $UDM_DEV_DIR, else /dev/udm)
+  --no-restore           start without the devices a killed or crashed udmd left in the run
+                         directory (by default they are re-created, lower devices first)
   --demo                 create demo devices (demo-origin, demo-snap) over sparse files in --state-dir
   --state-dir DIR        where the demo keeps its files (default ./var)
   --foreground           accepted for compatibility: udmd always runs in the foreground
@@ -77,6 +79,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         "nbd-max-client-connections": { type: "string" },
         "auto-attach": { type: "boolean" },
         "dev-dir": { type: "string" },
+        "no-restore": { type: "boolean" },
         demo: { type: "boolean" },
         "state-dir": { type: "string" },
         foreground: { type: "boolean" },
@@ -122,6 +125,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     nbdListen: values["nbd-listen"] ?? config.nbdListen,
     ...nbd,
     autoAttach: values["auto-attach"] ?? process.env.UDM_AUTO_ATTACH === "1",
+    restore: !values["no-restore"],
     devDir: path.resolve(values["dev-dir"] ?? (process.env.UDM_DEV_DIR || "/dev/udm")),
     // Unset unless turned off: the defaults depend on the platform.
     io: {
@@ -144,7 +148,10 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     daemon.logger.info("signal", { signal });
     // Keeps the process alive until the shutdown has finished (a promise alone does not), and
     // says what it is waiting for if that takes long.
-    const watchdog = setInterval(() => daemon.logger.warn("shutdown still running", { devices: daemon.dm.list() }), 5_000);
+    const watchdog = setInterval(
+      () => daemon.logger.warn("shutdown still running", { devices: daemon.dm.list() }),
+      5_000,
+    );
     daemon.stop().then(
       () => process.exit(0),
       (err) => {

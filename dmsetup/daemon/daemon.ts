@@ -13,6 +13,7 @@ import { ControlServer, type DaemonHooks } from "../control/server.js";
 import { NbdServer, type NbdTlsOptions } from "../../nbd/server.js";
 import { acquireInstanceLock } from "./instance-lock.js";
 import { checkListenAddress, parseListen } from "./nbd-listen.js";
+import { captureState, restoreDevices, StateFile } from "./device-state.js";
 import { ensureRunDir, type RunPaths } from "./run-dir.js";
 
 export interface DaemonOptions {
@@ -44,6 +45,11 @@ export interface DaemonOptions {
   io?: IoOptions;
   /** Large NBD READ replies by sendfile (NbdServerOptions.zeroCopy; default on where supported). */
   zeroCopy?: boolean;
+  /**
+   * Re-create the devices a previous daemon on this run directory left (it was killed or crashed;
+   * a daemon that stops cleanly removes its devices and their record). Default true.
+   */
+  restore?: boolean;
   /** Extra hooks (attach/detach) provided by the attach module. */
   hooks?: (daemon: Daemon) => Partial<DaemonHooks>;
 }
@@ -55,6 +61,7 @@ export class Daemon {
   nbd!: NbdServer;
   attacher!: Attacher;
   private unlock: (() => void) | null = null;
+  private stateFile!: StateFile;
   private stopping: Promise<void> | null = null;
   tcpAddress: { host: string; port: number } | null = null;
 
@@ -121,8 +128,11 @@ export class Daemon {
           this.nbd.renameExport(oldName, newName);
           await this.attacher.renamed(oldName, newName);
         },
+        changed: () => this.saveState(),
         ...this.opts.hooks?.(this),
       };
+      this.stateFile = new StateFile(paths.state);
+      await this.restoreState();
       this.control = new ControlServer(this.dm, this.logger, hooks);
       await this.control.listen(paths.control);
     } catch (err) {
@@ -141,6 +151,42 @@ export class Daemon {
       nbdMaxConnections: limits.total,
       nbdMaxClientConnections: limits.perClient,
     });
+  }
+
+  /** Bring back what the previous daemon left (unless told not to), then record the devices now held. */
+  private async restoreState(): Promise<void> {
+    let state = null;
+    if (this.opts.restore ?? true) {
+      try {
+        state = this.stateFile.load();
+      } catch (err) {
+        const aside = `${this.stateFile.file}.unreadable`;
+        fs.renameSync(this.stateFile.file, aside);
+        this.logger.error("device state unreadable, starting without devices", {
+          error: (err as Error).message,
+          movedTo: aside,
+        });
+      }
+    }
+    if (state && state.devices.length > 0) {
+      const result = await restoreDevices(this.dm, state, this.logger, (name) =>
+        this.attacher.attach(name).then(() => {}),
+      );
+      this.logger.info("devices restored", { restored: result.restored, failed: result.failed });
+    }
+    this.saveState();
+  }
+
+  /** Record the devices (after every change): what a daemon restarted after a crash re-creates. */
+  saveState(): void {
+    try {
+      this.stateFile.save(captureState(this.dm, (name) => this.attacher.attachedPath(name) !== undefined));
+    } catch (err) {
+      this.logger.error("device state could not be saved", {
+        file: this.stateFile.file,
+        error: (err as Error).message,
+      });
+    }
   }
 
   nbdUri(name: string): string {
@@ -162,11 +208,15 @@ export class Daemon {
         const md = this.dm.device(name);
         if (md.live && !md.suspended) {
           const h = this.dm.open(name);
-          await h.flush().catch((err) => this.logger.error("flush failed at shutdown", { device: name, error: String(err) }));
+          await h
+            .flush()
+            .catch((err) => this.logger.error("flush failed at shutdown", { device: name, error: String(err) }));
           await h.close();
         }
       }
       await this.dm.close();
+      // The devices were removed on purpose: nothing for a next daemon to restore.
+      this.stateFile?.remove();
       for (const f of [this.opts.paths.control, this.opts.paths.nbd]) fs.rmSync(f, { force: true });
       this.unlock?.();
       this.logger.info("udmd stopped");

@@ -25,10 +25,14 @@ export async function setUpDemo(daemon: Daemon, stateDir: string): Promise<strin
   // The documented sequence: origin device first, then suspend it while the snapshot is created.
   // A fresh COW file reads as zeros, which the persistent store takes as a new store; an existing
   // one (from an earlier run) is reloaded with its exceptions.
-  await dm.create("demo-origin", { table: `0 ${sectors} snapshot-origin ${origin}` });
-  await dm.suspend("demo-origin");
-  await dm.create("demo-snap", { table: `0 ${sectors} snapshot ${origin} ${cow} P 8` });
-  await dm.resume("demo-origin");
+  // Devices a killed demo daemon left are back already (restored from the run directory).
+  if (!dm.has("demo-origin")) await dm.create("demo-origin", { table: `0 ${sectors} snapshot-origin ${origin}` });
+  if (!dm.has("demo-snap")) {
+    await dm.suspend("demo-origin");
+    await dm.create("demo-snap", { table: `0 ${sectors} snapshot ${origin} ${cow} P 8` });
+    await dm.resume("demo-origin");
+  }
+  daemon.saveState();
   const run = daemon.opts.paths.dir;
   const env = `UDM_RUN_DIR=${run}`;
   const uri = (n: string) => daemon.nbdUri(n);

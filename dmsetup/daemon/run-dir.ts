@@ -21,6 +21,8 @@ export interface RunPaths {
   pid: string;
   /** flock(2)ed by the running daemon (instance-lock.ts). */
   lock: string;
+  /** The devices, as a restarted daemon restores them (device-state.ts). */
+  state: string;
   log: string;
 }
 
@@ -31,6 +33,7 @@ export function runPaths(dir = defaultRunDir()): RunPaths {
     nbd: path.join(dir, "nbd.sock"),
     pid: path.join(dir, "udmd.pid"),
     lock: path.join(dir, "udmd.lock"),
+    state: path.join(dir, "devices.json"),
     log: path.join(dir, "udmd.log"),
   };
 }

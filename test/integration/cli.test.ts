@@ -142,7 +142,7 @@ describe("udmsetup output formats", () => {
 });
 
 describe("udmd lifecycle", () => {
-  it("refuses a second daemon on the same run directory, and takes over after kill -9", async () => {
+  it("refuses a second daemon on the same run directory, takes over after kill -9 and restores its devices", async () => {
     const second = spawn(process.execPath, [UDMD, "--run-dir", env.dir], { stdio: ["ignore", "ignore", "pipe"] });
     let err = "";
     second.stderr!.on("data", (d) => (err += d));
@@ -154,6 +154,9 @@ describe("udmd lifecycle", () => {
     await env.daemon.stop("SIGKILL");
     expect(fs.existsSync(path.join(env.dir, "control"))).toBe(true); // stale socket left behind
     await env.restart();
+    expect((await run("ls")).stdout).toBe("keep\t(253:0)\n"); // restored from the run directory
+    await env.daemon.stop("SIGKILL");
+    await env.restart(["--no-restore"]);
     expect((await run("ls")).stdout).toBe("No devices found\n");
   });
 
