@@ -28,7 +28,7 @@ import {
 import { ExceptionTable } from "./exception-table.js";
 import { originOf, type Origin, type OriginSnapshot, pendingExceptionDone } from "./origin-registry.js";
 import { originRetry } from "./origin-write.js";
-import { type SnapshotParams, SnapshotParamsToken } from "./params.js";
+import { defaultSnapshotParams, type SnapshotParams, SnapshotParamsToken } from "./params.js";
 import { InOrderGate, PendingException } from "./pending.js";
 import { createExceptionStore, type ExceptionStore } from "./store.js";
 import { type TrackContext, TrackedChunks } from "./tracked-chunks.js";
@@ -71,7 +71,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     private readonly devices: DeviceLookup,
     private readonly copier: Copier,
     protected readonly logger: Logger,
-    private readonly params: SnapshotParams,
+    // Defaulted: a subclass declared with the first three tokens only still gets the kernel's values.
+    private readonly params: SnapshotParams = defaultSnapshotParams,
   ) {
     super();
   }

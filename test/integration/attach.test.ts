@@ -139,7 +139,7 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     expect(fs.existsSync(link)).toBe(false);
     expect((await run("info", name)).stdout).not.toContain("Attached:");
     expect(loopsBackedBy(name)).toEqual([]);
-    expect(fs.readdirSync(runDir).sort()).toEqual(["control", "nbd.sock", "udmd.pid"]); // fuse/ is gone
+    expect(fs.readdirSync(runDir).sort()).toEqual(["control", "devices.json", "nbd.sock", "udmd.lock", "udmd.pid"]); // fuse/ is gone
     expect(await run("remove", name)).toMatchObject({ code: 0 });
 
     // The filesystem, read from the backing file without udm.
@@ -149,6 +149,28 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     await sh("debugfs", "-R", `dump /blob.bin ${dumped}`, img);
     expect(fs.readFileSync(dumped).equals(blob)).toBe(true);
   }, 60_000);
+
+  it("a device attached when udmd was killed is attached again by the next udmd; nothing of the old attachment is left", async () => {
+    process.env.UDM_DEV_DIR = devDir;
+    daemon = await startDaemon(runDir);
+    expect(await run("create", name, "--table", `0 ${(64 * MiB) / 512} linear ${img} 0`)).toMatchObject({ code: 0 });
+    expect((await run("attach", name)).code).toBe(0);
+    const link = path.join(devDir, name);
+    await sh("mkfs.ext4", "-q", link);
+
+    expect(await daemon.stop("SIGKILL")).toBe(null);
+    daemon = await startDaemon(runDir);
+    const info = (await run("info", name)).stdout;
+    const dev = /Attached: +(\S+)/.exec(info)?.[1];
+    expect(dev).toMatch(devicePattern);
+    expect(fs.readlinkSync(link)).toBe(dev);
+    // One nbdfuse and one loop device: the new daemon's; the killed daemon's are gone.
+    expect(pidsOf("nbdfuse", runDir)).toHaveLength(devicePattern.source.includes("nbd") ? 0 : 1);
+    expect(loopsBackedBy(name)).toEqual(devicePattern.source.includes("nbd") ? [] : [dev]);
+    // The filesystem made through the old attachment is there through the new one.
+    await sh("mount", link, mnt);
+    await sh("umount", mnt);
+  });
 
   it("remove refuses while attached, and remove --force detaches first", async () => {
     daemon = await startDaemon(runDir, ["--dev-dir", devDir]);

@@ -3,7 +3,7 @@
  * (`udmsetup info | head -1`), stacks removed with remove_all, a daemon stopped while a lower
  * device is suspended under I/O.
  */
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -83,5 +83,66 @@ describe("create is one operation in the daemon", () => {
     const million = await udmsetup(env.dir, ["create", "args", file]);
     expect(million.stderr).toBe(r.stderr);
     expect((await udmsetup(env.dir, ["ls"])).stdout).toBe("No devices found\n");
+  });
+});
+
+describe("bad input through udmsetup", () => {
+  const env = useDaemon("udm-bad-input-");
+
+  /** Every case fails with exactly these lines, and leaves no device behind. */
+  const refused = async (args: string[], stderr: string, stdin?: string) => {
+    const r = await udmsetup(env.dir, args, stdin);
+    expect({ code: r.code, stderr: r.stderr }, args.join(" ")).toEqual({ code: 1, stderr });
+  };
+
+  it("numbers the kernel would not parse, in table positions and in target arguments", async () => {
+    const file = path.join(env.files, "disk.img");
+    fs.writeFileSync(file, Buffer.alloc(1 << 20));
+    const badFormat = "Invalid format on line 1 of table on command line.\nCommand failed.\n";
+    for (const n of ["1e3", "-1", "0x10", "9007199254740993", "18446744073709551616"]) {
+      await refused(["create", "x", "--table", `0 ${n} zero`], badFormat);
+      await refused(
+        ["create", "x", "--table", `0 8 linear ${file} ${n}`],
+        "linear: Invalid device sector\ndevice-mapper: reload ioctl on x  failed: Invalid argument\nCommand failed.\n",
+      );
+    }
+    expect((await udmsetup(env.dir, ["ls"])).stdout).toBe("No devices found\n");
+  });
+
+  it("names: a slash, 128 bytes are refused; unicode, 127 bytes, __proto__ are names like any other", async () => {
+    await refused(
+      ["create", "a/b", "--table", "0 8 zero"],
+      "device name cannot contain '/'\ndevice-mapper: create ioctl on a/b  failed: Invalid argument\nCommand failed.\n",
+    );
+    const long = "x".repeat(128);
+    await refused(
+      ["create", long, "--table", "0 8 zero"],
+      `Invalid new mapped device name or uuid string supplied.\ndevice-mapper: create ioctl on ${long}  failed: Invalid argument\nCommand failed.\n`,
+    );
+    for (const name of ["ünï", "x".repeat(127), "__proto__", "constructor"]) {
+      expect((await udmsetup(env.dir, ["create", name, "--table", "0 8 zero"])).code, name).toBe(0);
+      expect((await udmsetup(env.dir, ["table", name])).stdout, name).toBe("0 8 zero \n");
+    }
+    expect((await udmsetup(env.dir, ["remove_all"])).code).toBe(0);
+  });
+
+  it("tables on stdin with CRLF line ends load; a NUL is part of a word, refused by name", async () => {
+    expect((await udmsetup(env.dir, ["create", "crlf"], "0 8 zero\r\n")).code).toBe(0);
+    await refused(
+      ["create", "nul"],
+      "zero\0: unknown target type\ndevice-mapper: reload ioctl on nul  failed: Invalid argument\nCommand failed.\n",
+      "0 8 zero\0\n",
+    );
+  });
+
+  it("a directory, a FIFO, a socket and /dev/null are not devices", async () => {
+    const fifo = path.join(env.files, "fifo");
+    spawnSync("mkfifo", [fifo]);
+    for (const dev of [env.files, fifo, runPaths(env.dir).control, "/dev/null"]) {
+      await refused(
+        ["create", "x", "--table", `0 8 linear ${dev} 0`],
+        "linear: Device lookup failed\ndevice-mapper: reload ioctl on x  failed: No such device\nCommand failed.\n",
+      );
+    }
   });
 });
