@@ -1,0 +1,84 @@
+/**
+ * kill -9 of udmd at random moments of create, reload, resume and merge, each followed at once by
+ * a new udmd on the same run directory (issue 16): the new daemon always starts, restores every
+ * device it recorded (none fails), answers, and every restored device reads. UDM_FUZZ_SEED
+ * replays a run (it picks the operations and the moments).
+ */
+import fs from "node:fs";
+import path from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { runPaths } from "../../dmsetup/daemon/run-dir.js";
+import { type RunningDaemon, startDaemon, tempDir, udmsetup } from "../support/daemon.js";
+import { WireClient } from "../support/nbd-client.js";
+import { Rng, seedFrom } from "../support/rng.js";
+import { makeFile } from "../support/udmd-tools.js";
+
+const SEED = seedFrom("UDM_FUZZ_SEED");
+const ROUNDS = 12;
+const MiB = 1024 * 1024;
+const SECTORS = (4 * MiB) / 512;
+
+let dir: string;
+let files: string;
+let daemon: RunningDaemon | undefined;
+afterEach(async () => {
+  await daemon?.stop();
+  for (const d of [dir, files]) fs.rmSync(d, { recursive: true, force: true });
+});
+
+describe("kill -9 at random moments, then an immediate restart", () => {
+  it(`comes back every time with every recorded device (${ROUNDS} rounds)`, async () => {
+    const rng = new Rng(SEED);
+    console.log(`kill-restart: seed ${SEED} (replay with UDM_FUZZ_SEED=${SEED})`);
+    dir = tempDir();
+    files = tempDir("udm-kill-");
+    const f = (n: string) => path.join(files, n);
+    makeFile(f("origin.img"), 4 * MiB);
+    const ops = (round: number): string[][] => {
+      const cow = f(`cow${round}`);
+      makeFile(cow, 4 * MiB);
+      const origin = `0 ${SECTORS} snapshot-origin ${f("origin.img")}`;
+      return [
+        ["create", "base", "--table", origin],
+        ["create", `lin${round}`, "--table", `0 ${SECTORS} linear /dev/mapper/base 0`],
+        ["suspend", "base"],
+        ["create", `snap${round}`, "--table", `0 ${SECTORS} snapshot ${f("origin.img")} ${cow} P 8`],
+        ["resume", "base"],
+        ["reload", `lin${round}`, "--table", `0 ${SECTORS / 2} linear /dev/mapper/base 8`],
+        ["resume", `lin${round}`],
+        ["reload", "base", "--table", `0 ${SECTORS} snapshot-merge ${f("origin.img")} ${cow} P 8`],
+        ["suspend", `snap${round}`],
+        ["resume", "base"],
+      ];
+    };
+    let restoredSoFar = 0;
+    for (let round = 0; round < ROUNDS; round++) {
+      daemon = await startDaemon(dir);
+      expect(daemon.stderr(), `round ${round}: restore`).not.toContain("could not be restored");
+      const listed = (await udmsetup(dir, ["ls"])).stdout;
+      if (listed !== "No devices found\n") restoredSoFar++;
+      // Every restored device reads.
+      for (const line of listed.split("\n").filter((l) => l.includes("\t"))) {
+        const name = line.split("\t")[0]!;
+        const info = (await udmsetup(dir, ["info", "-c", "--noheadings", "-o", "attr", name])).stdout;
+        if (!info.startsWith("L") || info.includes("s")) continue; // no live table, or suspended
+        const client = await WireClient.connect(runPaths(dir).nbd, name);
+        const r = await client.read(0, 4096);
+        expect(r.error === 0 || name.startsWith("snap"), `round ${round}: read of ${name}`).toBe(true);
+        await client.disconnect();
+      }
+      // The next operations, killed after a random number of them and a random delay.
+      const plan = ops(round).slice(0, 1 + rng.int(10));
+      const running = (async () => {
+        for (const op of plan) await udmsetup(dir, op);
+      })();
+      await new Promise((r) => setTimeout(r, rng.range(20, 400)));
+      expect(await daemon.stop("SIGKILL")).toBe(null);
+      await running;
+    }
+    daemon = await startDaemon(dir);
+    expect(daemon.stderr()).not.toContain("could not be restored");
+    console.log(`kill-restart: ${ROUNDS} kills, ${restoredSoFar} restarts found devices to restore, none failed`);
+    expect(restoredSoFar).toBeGreaterThan(ROUNDS / 2);
+  }, 120_000);
+});
