@@ -6,6 +6,7 @@ import "reflect-metadata";
 import { DmError, strerror } from "../../core/errors.js";
 import { CommandFailed, Commands, type Io } from "../cli/commands.js";
 import { connectDaemon, NoDaemonError } from "../cli/connect.js";
+import { LOCAL_COMMANDS, runLocalCommand } from "../cli/local-commands.js";
 import { parseCommandLine, UsageError } from "../cli/options.js";
 import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 
@@ -29,6 +30,9 @@ Commands (as dmsetup):
   deps [-o devno|blkdevname|devname] [NAME...]
   wait NAME [EVENT_NR]
   version
+  splitname NAME [SUBSYSTEM] [-o FIELDS]
+  udevflags COOKIE | udevcookies | udevcomplete COOKIE | udevcomplete_all [AGE]
+  mknodes [NAME] | help
 udm extras:
   attach NAME            expose NAME as a kernel block device (root), print its path
   detach NAME            undo attach
@@ -71,6 +75,14 @@ async function main(argv: string[]): Promise<number> {
   if (opts.help || !command) {
     (opts.help ? io.out : io.err)(USAGE);
     return opts.help ? 0 : 1;
+  }
+  if (LOCAL_COMMANDS.has(command)) {
+    try {
+      return runLocalCommand(command, args, opts, io, USAGE);
+    } catch (err) {
+      io.err(`${(err as Error).message}\n${err instanceof UsageError ? USAGE : "Command failed.\n"}`);
+      return 1;
+    }
   }
   const paths = runPaths(opts.runDir ?? defaultRunDir());
   if (command === "daemon") {
