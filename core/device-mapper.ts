@@ -46,6 +46,8 @@ export interface DeviceInfo {
   livePresent: boolean;
   inactivePresent: boolean;
   openCount: number;
+  /** Marked by `remove --deferred` while open: goes when the last opener closes it. */
+  deferredRemove?: boolean;
   eventNr: number;
   /** Targets in the live table (or the inactive one when asked for). */
   targetCount: number;
@@ -132,6 +134,7 @@ export class DeviceMapper {
       throw new DmError("EBUSY", `A device with uuid ${uuid} already exists.`);
     }
     const md = new MappedDevice(name, uuid, opts.minor ?? this.nextMinor(), {
+      lastClosed: (closed) => this.removeDeferred(closed),
       registry: this.registry,
       devices: this.devices,
       logger: this.logger,
@@ -183,8 +186,16 @@ export class DeviceMapper {
    * A device another device's table holds is never removed, forced or not (dm_lock_for_deletion):
    * the holder's table would go on naming it. Forced, it gets the `error` table and stays.
    */
-  async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+  async remove(name: string, opts: { force?: boolean; deferred?: boolean } = {}): Promise<void> {
     const md = this.device(name);
+    // DM_DEFERRED_REMOVE (dm_lock_for_deletion with mark_deferred): a busy device is marked and
+    // goes when its last opener closes it; the request itself succeeds.
+    if (opts.deferred && !opts.force && (md.openCount > 0 || md.holders.length > 0)) {
+      md.deferredRemove = true;
+      md.live?.event();
+      this.logger.info("device marked for deferred removal", { device: name, openCount: md.openCount });
+      return;
+    }
     if (md.openCount > 0 && !opts.force) {
       throw new DmError("EBUSY", `${name}: device is open (open count ${md.openCount})`);
     }
@@ -199,6 +210,16 @@ export class DeviceMapper {
     this.byName.delete(name);
     await md.remove();
     this.logger.info("device removed", { device: name });
+  }
+
+  /** The last opener of a device marked for deferred removal has closed it (dm_deferred_remove). */
+  private async removeDeferred(md: MappedDevice): Promise<void> {
+    if (this.byName.get(md.name) !== md || !md.deferredRemove) return;
+    try {
+      await this.remove(md.name);
+    } catch (err) {
+      this.logger.error("deferred removal failed", { device: md.name, error: (err as Error).message });
+    }
   }
 
   /**
@@ -274,6 +295,7 @@ export class DeviceMapper {
       livePresent: md.live !== null,
       inactivePresent: md.inactive !== null,
       openCount: md.openCount,
+      deferredRemove: md.deferredRemove,
       eventNr: md.eventNr,
       targetCount: table?.targets.length ?? 0,
       sizeSectors: md.sizeSectors,
@@ -325,7 +347,8 @@ export class DeviceMapper {
       if (/^@cancel_deferred_remove$/i.test(args[0]!)) {
         if (args.length !== 1) throw new DmError("EINVAL", "Invalid arguments for @cancel_deferred_remove");
         // dm_cancel_deferred_remove: EBUSY only once removal has started (a removed device is no
-        // longer found); otherwise it clears the deferred-remove mark, of which udm has none.
+        // longer found); otherwise it clears the deferred-remove mark.
+        md.deferredRemove = false;
         return undefined;
       }
       throw new DmError("EINVAL", `Unsupported message sent to DM core: ${args[0]}`);

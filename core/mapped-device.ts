@@ -25,6 +25,8 @@ export interface MappedDeviceEnv {
   registry: TargetRegistry;
   devices: SharedDevices;
   logger: Logger;
+  /** The last opener of a device marked for deferred removal has gone: remove it now. */
+  lastClosed?(device: MappedDevice): Promise<void>;
 }
 
 export interface SuspendOptions {
@@ -55,6 +57,8 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
    * nothing above waits for I/O queued here.
    */
   failQueuedIo = false;
+  /** `remove --deferred` while open: removed when the last opener closes (DMF_DEFERRED_REMOVE). */
+  deferredRemove = false;
   /** Mapped devices whose tables hold this one, with how many of their tables do. */
   private readonly holdersByDevice = new Map<StackableDevice, number>();
 
@@ -119,6 +123,13 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
     if (held !== undefined) {
       if (held > 1) this.holdersByDevice.set(holder!, held - 1);
       else this.holdersByDevice.delete(holder!);
+    }
+    // dm_blk_close: the last close of a device marked for deferred removal removes it. A table
+    // (holder) lets go of it inside the shared-devices lock that the removal needs: the removal
+    // then goes on by itself (it logs its own failure); any other closer waits for it.
+    if (this.openCount === 0 && this.deferredRemove && !this.removed) {
+      const removal = this.env.lastClosed?.(this);
+      if (!holder) await removal;
     }
   }
 

@@ -159,7 +159,7 @@ export class Commands {
     for (const name of args) {
       for (let attempt = 0; ; attempt++) {
         try {
-          await this.client.request("remove", { name, force: this.opts.force });
+          await this.client.request("remove", { name, force: this.opts.force, deferred: this.opts.deferred });
           break;
         } catch (err) {
           // --retry: libdevmapper retries EBUSY 25 times, 200 ms apart.

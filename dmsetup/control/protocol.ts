@@ -28,7 +28,7 @@ export interface RequestMap {
   clear: { name: string };
   suspend: { name: string; noflush?: boolean };
   resume: { name: string; noflush?: boolean };
-  remove: { name: string; force?: boolean };
+  remove: { name: string; force?: boolean; deferred?: boolean };
   "remove-all": { force?: boolean };
   rename: { name: string; newName?: string; newUuid?: string };
   list: { target?: string };
@@ -93,6 +93,7 @@ const FIELDS: { [O in Op]: [string, FieldType, boolean][] } = {
   remove: [
     ["name", "string", true],
     ["force", "boolean", false],
+    ["deferred", "boolean", false],
   ],
   "remove-all": [["force", "boolean", false]],
   rename: [

@@ -206,7 +206,13 @@ export class ControlServer {
       }
       case "remove": {
         const r = req as Request<"remove">;
-        dm.device(r.name);
+        const md = dm.device(r.name);
+        if (r.deferred && !r.force && (md.openCount > 0 || md.holders.length > 0)) {
+          // Busy: marked, and removed by the core when its last opener (an NBD client, a table,
+          // the attached kernel device) closes it.
+          await dm.remove(r.name, { deferred: true });
+          return {};
+        }
         await this.hooks.beforeRemove?.(r.name, r.force ?? false);
         await dm.remove(r.name, { force: r.force });
         this.logger.info("remove", { device: r.name });

@@ -146,3 +146,24 @@ describe("bad input through udmsetup", () => {
     }
   });
 });
+
+describe("remove --deferred", () => {
+  const env = useDaemon("udm-deferred-");
+
+  it("marks a device an NBD client has open; it goes when the client leaves", async () => {
+    expect((await udmsetup(env.dir, ["create", "d", "--table", "0 8 zero"])).code).toBe(0);
+    const client = await WireClient.connect(runPaths(env.dir).nbd, "d");
+    const busy = await udmsetup(env.dir, ["remove", "d"]);
+    expect(busy.code).toBe(1);
+    expect(await udmsetup(env.dir, ["remove", "--deferred", "d"])).toMatchObject({ code: 0, stderr: "" });
+    expect((await udmsetup(env.dir, ["info", "d"])).stdout).toContain("State:             ACTIVE (DEFERRED REMOVE)\n");
+    expect((await client.read(0, 4096)).error).toBe(0); // still works meanwhile
+    await client.disconnect();
+    // The removal follows the client's close; the daemon answers in order, so poll until it has.
+    let listed = "";
+    for (let i = 0; i < 100 && listed !== "No devices found\n"; i++) {
+      listed = (await udmsetup(env.dir, ["ls"])).stdout;
+    }
+    expect(listed).toBe("No devices found\n");
+  });
+});

@@ -66,6 +66,7 @@ describe("create", () => {
       livePresent: false,
       inactivePresent: false,
       openCount: 0,
+      deferredRemove: false,
       eventNr: 0,
       targetCount: 0,
       sizeSectors: 0,
