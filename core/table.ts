@@ -50,6 +50,11 @@ export class Table implements TableContext {
   private singleton = false;
   private immutable: string | undefined;
 
+  /** Tables built in this process so far: gives each its place in load order. */
+  private static built = 0;
+  /** When this table was loaded, relative to every other (a restarted daemon reloads in this order). */
+  readonly loadSeq = ++Table.built;
+
   private constructor(
     readonly deviceName: string,
     readonly readOnly: boolean,

@@ -12,10 +12,12 @@ import type { Logger } from "../../core/logger.js";
 
 const STATE_VERSION = 1;
 
-/** One table as `dmsetup table` prints it, and whether it is read-only. */
+/** One table as `dmsetup table` prints it, whether it is read-only, and when it was loaded. */
 export interface SavedTable {
   text: string;
   readOnly: boolean;
+  /** Load order among all tables: restored in this order where dependencies allow. */
+  seq: number;
 }
 
 export interface SavedDevice {
@@ -41,7 +43,7 @@ export function captureState(dm: DeviceMapper, isAttached: (name: string) => boo
     const md = dm.device(name);
     const saved = (inactive: boolean): SavedTable | null => {
       const table = inactive ? md.inactive : md.live;
-      return table ? { text: dm.tableText(name, { inactive }), readOnly: table.readOnly } : null;
+      return table ? { text: dm.tableText(name, { inactive }), readOnly: table.readOnly, seq: table.loadSeq } : null;
     };
     return {
       name,
@@ -107,9 +109,13 @@ export interface RestoreResult {
 }
 
 /**
- * Re-create the saved devices, each after the devices it stacks on. A device that cannot come
- * back (its backing file is gone, its table no longer loads) is reported, with every device
- * stacked on it; the others come up. `attach` re-attaches those that were attached.
+ * Re-create the saved devices, each after the devices it stacks on and otherwise in the order their
+ * tables were loaded: a snapshot-merge table loaded after the other snapshots of its origin is
+ * resumed after they are active again, or its first batch would overwrite chunks they have not
+ * preserved (dm-snap.c: snapshot_merge_next_chunks waits for the other snapshots only if they
+ * exist). A device that cannot come back (its backing file is gone, its table no longer loads)
+ * is reported, with every device stacked on it; the others come up. `attach` re-attaches those
+ * that were attached.
  */
 export async function restoreDevices(
   dm: DeviceMapper,
@@ -121,8 +127,13 @@ export async function restoreDevices(
   const pending = [...state.devices];
   const done = new Set<string>();
   const failed = new Set<string>();
+  const loadedAt = (d: SavedDevice) => d.live?.seq ?? d.inactive?.seq ?? 0;
   while (pending.length > 0) {
-    const i = pending.findIndex((d) => d.lowers.every((l) => done.has(l) || failed.has(l)));
+    let i = -1;
+    pending.forEach((d, at) => {
+      const ready = d.lowers.every((l) => done.has(l) || failed.has(l));
+      if (ready && (i < 0 || loadedAt(d) < loadedAt(pending[i]!))) i = at;
+    });
     // A cycle in a saved state cannot come from a daemon (loads refuse cycles): fail the rest.
     const dev = pending.splice(i < 0 ? 0 : i, 1)[0]!;
     const missing = dev.lowers.find((l) => failed.has(l) || !state.devices.some((d) => d.name === l));

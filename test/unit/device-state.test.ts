@@ -127,4 +127,30 @@ describe("device state", () => {
     ]);
     expect(second.list()).toEqual(["fine"]);
   });
+
+  it("restores a merging origin after the other snapshots of that origin, whatever the minors", async () => {
+    const [base, cow1, cow2] = files("base", "cow1", "cow2");
+    const first = mapper();
+    await first.create("origin", { table: `0 8192 snapshot-origin ${base}` });
+    for (const [name, cow] of [
+      ["snap1", cow1],
+      ["snap2", cow2],
+    ] as const) {
+      await first.suspend("origin");
+      await first.create(name, { table: `0 8192 snapshot ${base} ${cow} P 8` });
+      await first.resume("origin");
+    }
+    const o = first.open("origin");
+    await o.write(0, pattern(7, 65536));
+    await o.close();
+    // Merge snap1: origin (minor 0) now has a table loaded after snap2's (minor 2).
+    await first.load("origin", `0 8192 snapshot-merge ${base} ${cow1} P 8`);
+    await first.suspend("snap1");
+    await first.resume("origin");
+    await first.remove("snap1");
+    const state = captureState(first, () => false);
+    const second = mapper();
+    const result = await restoreDevices(second, state, new MemoryLogger(false), async () => {});
+    expect(result.restored).toEqual(["snap2", "origin"]);
+  });
 });
