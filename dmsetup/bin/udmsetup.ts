@@ -33,6 +33,7 @@ Commands (as dmsetup):
   splitname NAME [SUBSYSTEM] [-o FIELDS]
   udevflags COOKIE | udevcookies | udevcomplete COOKIE | udevcomplete_all [AGE]
   mknodes [NAME] | help
+  wipe_table NAME...     replace the table with one error target of the same size, and resume
 udm extras:
   attach NAME            expose NAME as a kernel block device (root), print its path
   detach NAME            undo attach
@@ -72,6 +73,8 @@ async function main(argv: string[]): Promise<number> {
     return 1;
   }
   const { command, args, opts } = parsed;
+  // `dmsetup --version` is the version command.
+  if (opts.version && !command) return main(["version", ...argv.filter((a) => a !== "--version")]);
   if (opts.help || !command) {
     (opts.help ? io.out : io.err)(USAGE);
     return opts.help ? 0 : 1;
@@ -159,6 +162,9 @@ async function main(argv: string[]): Promise<number> {
         break;
       case "version":
         await cmds.version();
+        break;
+      case "wipe_table":
+        await cmds.wipeTable(args);
         break;
       case "attach":
         await cmds.attach(args);

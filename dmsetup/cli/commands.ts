@@ -470,6 +470,17 @@ export class Commands {
     this.io.out(formatTableLines((await this.call("table", origin, "table", { name: origin })) as TableLine[]));
   }
 
+  /** dmsetup.c _error_device: load one `error` target over the device's size, then resume. */
+  async wipeTable(args: string[]): Promise<void> {
+    if (args.length === 0) throw new UsageError("wipe_table: device name required");
+    for (const name of args) {
+      const info = (await this.call("info", name, "info", { name })) as Info;
+      const table = [{ start: 0, length: info.sizeSectors, type: "error", params: "" }];
+      await this.call("reload", name, "load", { name, table });
+      await this.call("resume", name, "resume", { name, noflush: this.opts.noflush });
+    }
+  }
+
   async version(): Promise<void> {
     const v = (await this.call("version", "", "version", {})) as { driver: string; library: string };
     this.io.out(formatVersion(v.library, v.driver));

@@ -167,3 +167,22 @@ describe("remove --deferred", () => {
     expect(listed).toBe("No devices found\n");
   });
 });
+
+describe("more dmsetup commands", () => {
+  const env = useDaemon("udm-more-cmds-");
+
+  it("--version is the version command; wipe_table swaps in one error target of the same size", async () => {
+    const version = await udmsetup(env.dir, ["--version"]);
+    expect(version.stdout).toBe((await udmsetup(env.dir, ["version"])).stdout);
+    expect(version.stdout).toMatch(/^Library version: {3}.+\nDriver version: {4}4\.48\.0\n$/);
+
+    const file = path.join(env.files, "disk.img");
+    fs.writeFileSync(file, Buffer.alloc(1 << 20));
+    expect((await udmsetup(env.dir, ["create", "w", "--table", `0 2048 linear ${file} 0`])).code).toBe(0);
+    expect(await udmsetup(env.dir, ["wipe_table", "w"])).toMatchObject({ code: 0, stderr: "" });
+    expect((await udmsetup(env.dir, ["table", "w"])).stdout).toBe("0 2048 error \n");
+    const client = await WireClient.connect(runPaths(env.dir).nbd, "w");
+    expect((await client.read(0, 4096)).error).toBe(5); // EIO
+    await client.disconnect();
+  });
+});
