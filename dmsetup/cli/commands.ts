@@ -234,14 +234,8 @@ export class Commands {
         }),
       );
     }
-    for (const info of infos) {
-      this.io.out(formatInfoLong(info, { noOpenCount: this.opts.noopencount }));
-      // udm extension, after the dmsetup block so parsers of the block are unaffected.
-      if (args.length > 0 && info.nbdUri)
-        this.io.out(
-          `NBD URI:           ${info.nbdUri}\n${info.attached ? `Attached:          ${info.attached}\n` : ""}\n`,
-        );
-    }
+    // Exactly dmsetup's lines: udm's extras (the NBD URI, the attached kernel device) are in --json.
+    for (const info of infos) this.io.out(formatInfoLong(info, { noOpenCount: this.opts.noopencount }));
   }
 
   async tableOrStatus(kind: "table" | "status", args: string[]): Promise<void> {

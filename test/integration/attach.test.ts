@@ -97,7 +97,7 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     expect(await run("rename", name, renamed)).toMatchObject({ code: 0 });
     expect(fs.readlinkSync(path.join(devDir, renamed))).toBe(dev);
     expect(fs.existsSync(path.join(devDir, name))).toBe(false);
-    expect((await run("info", renamed)).stdout).toContain(`Attached:          ${dev}\n`);
+    expect(JSON.parse((await run("--json", "info", renamed)).stdout).attached).toBe(dev);
     expect(await run("remove", renamed)).toMatchObject({ code: 1, stderr: expect.stringContaining("attached") });
     expect(await run("detach", renamed)).toMatchObject({ code: 0, stderr: "" });
     expect(fs.existsSync(path.join(devDir, renamed))).toBe(false);
@@ -116,7 +116,7 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     const link = path.join(devDir, name);
     expect(fs.readlinkSync(link)).toBe(dev);
     expect(fs.statSync(devDir).mode & 0o777).toBe(0o755);
-    expect((await run("info", name)).stdout).toContain(`Attached:          ${dev}\n`);
+    expect(JSON.parse((await run("--json", "info", name)).stdout).attached).toBe(dev);
     expect((await run("attach", name)).stdout).toBe(`${dev}\n`); // again: same device
 
     await sh("mkfs.ext4", "-q", link);
@@ -137,7 +137,7 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     await sh("umount", mnt);
     expect(await run("detach", name)).toEqual({ code: 0, stdout: "", stderr: "" });
     expect(fs.existsSync(link)).toBe(false);
-    expect((await run("info", name)).stdout).not.toContain("Attached:");
+    expect(JSON.parse((await run("--json", "info", name)).stdout).attached).toBeUndefined();
     expect(loopsBackedBy(name)).toEqual([]);
     expect(fs.readdirSync(runDir).sort()).toEqual(["control", "devices.json", "nbd.sock", "udmd.lock", "udmd.pid"]); // fuse/ is gone
     expect(await run("remove", name)).toMatchObject({ code: 0 });
@@ -160,8 +160,7 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
 
     expect(await daemon.stop("SIGKILL")).toBe(null);
     daemon = await startDaemon(runDir);
-    const info = (await run("info", name)).stdout;
-    const dev = /Attached: +(\S+)/.exec(info)?.[1];
+    const dev = JSON.parse((await run("--json", "info", name)).stdout).attached as string | undefined;
     expect(dev).toMatch(devicePattern);
     expect(fs.readlinkSync(link)).toBe(dev);
     // One nbdfuse and one loop device: the new daemon's; the killed daemon's are gone.

@@ -45,8 +45,6 @@ describe("udmsetup output formats", () => {
         "Number of targets: 1",
         "UUID: UUID-Z",
         "",
-        `NBD URI:           nbd+unix:///z?socket=${env.dir}/nbd.sock`,
-        "",
         "",
       ].join("\n"),
     );
