@@ -19,8 +19,9 @@ export function checkStacking(self: StackableDevice, lowers: readonly StackableD
       throw new DmError("EINVAL", `${self.name}: table would stack the device on itself: ${names}`);
     }
   }
-  const below = Math.max(0, ...lowers.map(depthBelow));
-  const height = heightAbove(self) + 1 + below;
+  const depths = new Map<StackableDevice, number>();
+  const below = Math.max(0, ...lowers.map((l) => depthBelow(l, depths)));
+  const height = heightAbove(self, new Map()) + 1 + below;
   if (height > MAX_STACK_DEPTH) {
     throw new DmError(
       "EINVAL",
@@ -45,12 +46,26 @@ function pathDown(from: StackableDevice, to: StackableDevice): StackableDevice[]
   return walk(from);
 }
 
-/** Mapped devices in the longest chain from `d` down, `d` included. */
-function depthBelow(d: StackableDevice): number {
-  return 1 + Math.max(0, ...d.lowerDevices().map(depthBelow));
+/**
+ * Mapped devices in the longest chain from `d` down, `d` included. Memoised in `known`: devices
+ * shared by several above (a diamond, a ladder) would otherwise be walked once per path, and the
+ * paths through a ladder of n levels number 2^n.
+ */
+function depthBelow(d: StackableDevice, known: Map<StackableDevice, number>): number {
+  let depth = known.get(d);
+  if (depth === undefined) {
+    depth = 1 + Math.max(0, ...d.lowerDevices().map((l) => depthBelow(l, known)));
+    known.set(d, depth);
+  }
+  return depth;
 }
 
-/** Mapped devices in the longest chain of holders above `d`, `d` excluded. */
-function heightAbove(d: StackableDevice): number {
-  return Math.max(0, ...d.holders.map((h) => 1 + heightAbove(h)));
+/** Mapped devices in the longest chain of holders above `d`, `d` excluded; memoised as depthBelow. */
+function heightAbove(d: StackableDevice, known: Map<StackableDevice, number>): number {
+  let height = known.get(d);
+  if (height === undefined) {
+    height = Math.max(0, ...d.holders.map((h) => 1 + heightAbove(h, known)));
+    known.set(d, height);
+  }
+  return height;
 }

@@ -120,6 +120,26 @@ describe("stacking rules", () => {
   });
 });
 
+describe("stacking rules on shared lower devices", () => {
+  it("checks a ladder (two devices a level, each on both below) in time linear in its size", async () => {
+    const { dm, backing } = mapper();
+    backing.memory("mem3", 64);
+    await dm.create("l0a", { table: "0 32 linear mem 0\n32 32 linear mem2 0" });
+    await dm.create("l0b", { table: "0 32 linear mem2 32\n32 32 linear mem3 0" });
+    // 40 levels: walked once per path, the next load would take 2^40 steps.
+    for (let i = 1; i < 40; i++) {
+      const below = `0 32 linear /dev/mapper/l${i - 1}a 0\n32 32 linear /dev/mapper/l${i - 1}b 32`;
+      await dm.create(`l${i}a`, { table: below });
+      await dm.create(`l${i}b`, { table: below });
+    }
+    expect(dm.list()).toHaveLength(80);
+    const top = dm.open("l39a");
+    await top.write(0, pattern(6, 512));
+    expect((await top.read(0, 1)).equals(pattern(6, 512))).toBe(true);
+    await top.close();
+  }, 10_000);
+});
+
 const trace: string[] = [];
 
 /** `trace <dev> <label>`: remaps to <dev>, logging when its map starts and ends. */
