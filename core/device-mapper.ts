@@ -190,7 +190,7 @@ export class DeviceMapper {
     const md = this.device(name);
     // DM_DEFERRED_REMOVE (dm_lock_for_deletion with mark_deferred): a busy device is marked and
     // goes when its last opener closes it; the request itself succeeds.
-    if (opts.deferred && !opts.force && (md.openCount > 0 || md.holders.length > 0)) {
+    if (opts.deferred && !opts.force && md.inUse) {
       md.deferredRemove = true;
       md.live?.event();
       this.logger.info("device marked for deferred removal", { device: name, openCount: md.openCount });

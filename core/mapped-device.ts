@@ -133,6 +133,11 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
     }
   }
 
+  /** Open, or held by another device's table: what `remove` refuses and `--deferred` marks. */
+  get inUse(): boolean {
+    return this.openCount > 0 || this.holdersByDevice.size > 0;
+  }
+
   get holders(): StackableDevice[] {
     return [...this.holdersByDevice.keys()];
   }

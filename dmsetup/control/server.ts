@@ -206,13 +206,15 @@ export class ControlServer {
       }
       case "remove": {
         const r = req as Request<"remove">;
-        const md = dm.device(r.name);
-        if (r.deferred && !r.force && (md.openCount > 0 || md.holders.length > 0)) {
-          // Busy: marked, and removed by the core when its last opener (an NBD client, a table,
-          // the attached kernel device) closes it.
+        if (r.deferred && !r.force) {
+          // The core marks a busy device (its last opener, an NBD client, a table or the attached
+          // kernel device, removes it) or removes an idle one, which has no clients or attachment
+          // for beforeRemove to end.
           await dm.remove(r.name, { deferred: true });
+          this.logger.info("remove", { device: r.name, deferred: dm.has(r.name) });
           return {};
         }
+        dm.device(r.name);
         await this.hooks.beforeRemove?.(r.name, r.force ?? false);
         await dm.remove(r.name, { force: r.force });
         this.logger.info("remove", { device: r.name });

@@ -117,11 +117,9 @@ export class Daemon {
         ...this.attacher.hooks(),
         beforeRemove: async (name, force) => {
           await this.attacher.beforeRemove(name, force);
-          const md = this.dm.device(name);
           const clients = this.nbd.connectionCount(name);
           if (clients > 0 && !force) throw new DmError("EBUSY", `${name}: ${clients} NBD client(s) connected`);
           if (force) await this.nbd.closeExport(name);
-          void md;
         },
         renamed: async (oldName, newName) => {
           // Before the attacher: detach waits for the export's connections by its new name.

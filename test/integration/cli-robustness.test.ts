@@ -158,12 +158,11 @@ describe("remove --deferred", () => {
     expect(await udmsetup(env.dir, ["remove", "--deferred", "d"])).toMatchObject({ code: 0, stderr: "" });
     expect((await udmsetup(env.dir, ["info", "d"])).stdout).toContain("State:             ACTIVE (DEFERRED REMOVE)\n");
     expect((await client.read(0, 4096)).error).toBe(0); // still works meanwhile
+    const events = (await udmsetup(env.dir, ["info", "-c", "--noheadings", "-o", "events", "d"])).stdout.trim();
     await client.disconnect();
-    // The removal follows the client's close; the daemon answers in order, so poll until it has.
-    let listed = "";
-    for (let i = 0; i < 100 && listed !== "No devices found\n"; i++) {
-      listed = (await udmsetup(env.dir, ["ls"])).stdout;
-    }
+    // The removal raises an event: wait returns once it is done (or says the device is gone).
+    await udmsetup(env.dir, ["wait", "d", events]);
+    const listed = (await udmsetup(env.dir, ["ls"])).stdout;
     expect(listed).toBe("No devices found\n");
   });
 });
