@@ -51,3 +51,7 @@ export * from "./core/work-queue.js";
 export { builtinTargets } from "./targets/index.js";
 export type { SnapshotParams } from "./targets/snapshot/params.js";
 export * from "./core/devices/device-wrapper.js";
+// A plugin imports only "udm": tsyringe's `inject`, evaluated after udm has loaded reflect-metadata
+// (importing tsyringe before it throws "tsyringe requires a reflect polyfill").
+export { inject } from "tsyringe";
+export type { InjectionToken } from "tsyringe";

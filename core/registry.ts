@@ -2,6 +2,11 @@
  * Target registry: target classes are declared with the `@target` decorator, collected into a
  * `TargetRegistry`, and instantiated through a tsyringe container so the core's services are
  * injected into them. The core never names a target: built-ins and plugins register the same way.
+ *
+ * A plugin may carry its own copy of udm (and so of tsyringe, whose type information is private
+ * to each copy). A declaration is therefore only data that every copy reads alike: the type info
+ * under a `Symbol.for` key on the class, the constructor's tokens in reflect-metadata's
+ * process-wide registry. The registry that loads a class makes it injectable in its own tsyringe.
  */
 import "reflect-metadata";
 import { createRequire } from "node:module";
@@ -25,7 +30,10 @@ export interface TargetOptions {
   inject?: InjectionToken<unknown>[];
 }
 
-/** Class decorator: marks a class as a target type and makes it injectable. */
+/**
+ * Class decorator: marks a class as a target type. Works as a standard (TC39) decorator and as a
+ * legacy `experimentalDecorators` one; only the latter can add `@inject` parameter decorators.
+ */
 export function target(options: TargetOptions) {
   return <C extends TargetClass>(cls: C): C => {
     const name = options.name;
@@ -34,7 +42,6 @@ export function target(options: TargetOptions) {
       throw new Error(`invalid target type name '${name}': 1-15 characters from [A-Za-z0-9_.-]`);
     }
     options.inject?.forEach((token, i) => inject(token)(cls, undefined as never, i));
-    injectable()(cls as never);
     const info: TargetTypeInfo = { name, version: options.version, features: options.features ?? 0 };
     Object.defineProperty(cls, TARGET_INFO, { value: info, enumerable: false });
     return cls;
@@ -72,7 +79,11 @@ export class TargetRegistry {
       if (this.get(info.name) || seen.has(info.name)) throw new Error(`'${info.name}' target already registered`);
       seen.add(info.name);
     }
-    for (const entry of entries) this.types.unshift(entry);
+    for (const entry of entries) {
+      // Here rather than in @target: the class may come from another copy of udm (see the top).
+      injectable()(entry.cls as never);
+      this.types.unshift(entry);
+    }
   }
 
   unregister(name: string): boolean {

@@ -11,7 +11,7 @@ import { DmError } from "./errors.js";
 import type { TargetRegistry } from "./registry.js";
 import { Services } from "./services.js";
 import { checkStacking } from "./stacking.js";
-import { type Target, TargetError, TargetFeatures, type TableContext, type TableOwner } from "./target.js";
+import { type Target, TargetFeatures, type TableContext, type TableOwner, isTargetError } from "./target.js";
 import type { TargetSpec } from "./table-text.js";
 
 export interface TableBuildOptions {
@@ -140,7 +140,7 @@ export class Table implements TableContext {
       await target.ctr(args);
     } catch (err) {
       // A ctr that opened devices before failing leaves them to the table's releaseAll.
-      if (err instanceof TargetError) throw fail(err.message, err.errno);
+      if (isTargetError(err)) throw fail(err.message, err.errno);
       throw fail((err as Error).message ?? String(err));
     }
     if (target.maxIoLen > 0xffff_ffff) {

@@ -64,6 +64,15 @@ export class TargetError extends Error {
   }
 }
 
+/**
+ * Whether `err` is a TargetError, also one thrown by a plugin that carries its own copy of udm
+ * (its class is not this one, so `instanceof` alone would miss it).
+ */
+export function isTargetError(err: unknown): err is TargetError {
+  if (err instanceof TargetError) return true;
+  return err instanceof Error && err.name === "TargetError" && typeof (err as { errno?: unknown }).errno === "string";
+}
+
 /** Called by `iterateDevices` for every underlying device area: start/len in that device's sectors. */
 export type DeviceAreaCallback = (device: BlockDevice, start: number, len: number) => boolean | void;
 

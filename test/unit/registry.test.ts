@@ -5,6 +5,8 @@ import { promisify } from "node:util";
 import { describe, expect, it } from "vitest";
 import { Services, Target, MapResult, target, targetInfoOf, type Bio } from "../../index.js";
 import { pattern, testMapper } from "../support/memory-backing.js";
+import { tempDir } from "../support/daemon.js";
+import { installUdmCopy } from "../support/udm-copy.js";
 
 const fixture = (name: string) => path.resolve(__dirname, "../fixtures/plugins", name);
 
@@ -106,6 +108,58 @@ describe("plugins", () => {
     expect(dm.status("s")[0]!.params).toBe("read 0/0/0 write 0/0/0 flush 0/0/0");
     await expect(dm.message("s", 0, "bogus")).rejects.toThrow("io-stats: Unrecognised message: bogus");
     await h.close();
+  });
+
+  it("loads a plugin that carries its own copy of udm and of tsyringe, and runs its targets", async () => {
+    // The plugin's @target and inject come from the copy; the mapper's registry must still build it.
+    const dir = tempDir("udm-plugin-copy-");
+    try {
+      installUdmCopy(dir);
+      const plugin = path.join(dir, "io-stats.mjs");
+      fs.copyFileSync(fixture("io-stats.mjs"), plugin);
+      const { dm, backing } = testMapper();
+      backing.memory("m", 100);
+      expect(await dm.loadPlugin(plugin)).toEqual(["io-stats-js"]);
+      await dm.create("x", { table: "0 50 io-stats-js m 10" });
+      const h = dm.open("x");
+      await h.write(1, pattern(5, 1024));
+      expect((await h.read(1, 2)).equals(pattern(5, 1024))).toBe(true);
+      expect(dm.status("x")[0]!.params).toBe("reads 1 writes 1");
+      await expect(dm.create("y", { table: "0 50 io-stats-js m" })).rejects.toThrow(
+        "io-stats-js: Invalid argument count",
+      );
+      await h.close();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("keeps the errno of a TargetError thrown by a target built against another copy of udm", async () => {
+    // Another copy's TargetError: same name and shape, a different class.
+    class TargetError extends Error {
+      constructor(
+        message: string,
+        readonly errno = "EINVAL",
+      ) {
+        super(message);
+        this.name = "TargetError";
+      }
+    }
+    @target({ name: "refuser", version: [1, 0, 0] })
+    class Refuser extends Target {
+      ctr(): void {
+        throw new TargetError("no such thing", "ENODEV");
+      }
+      map(): MapResult {
+        return MapResult.KILL;
+      }
+    }
+    const { dm } = testMapper();
+    dm.registry.register(Refuser);
+    await expect(dm.create("r", { table: "0 8 refuser" })).rejects.toMatchObject({
+      errno: "ENODEV",
+      message: "refuser: no such thing",
+    });
   });
 
   it("refuses to load the same plugin twice and keeps the first", async () => {
