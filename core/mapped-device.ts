@@ -50,7 +50,14 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
   noflushSuspending = false;
   readOnly = false;
   eventNr = 0;
-  openCount = 0;
+  /** Opens through the core: NBD connections, other devices' tables. */
+  private opens = 0;
+  /**
+   * Openers the core cannot see, counted by whoever owns them: the users of a kernel block device
+   * that stands for this one (udmd's attach), which are this device's openers as much as an NBD
+   * client is. Null: none.
+   */
+  private outsideOpeners: (() => number) | null = null;
   removed = false;
   /**
    * Set when the device mapper shuts down: a bio that would wait for a resume fails instead, so
@@ -112,13 +119,31 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
     return this.live?.supportsWriteZeroes ?? false;
   }
 
+  /** dm's open count: opens through the core plus the outside openers. */
+  get openCount(): number {
+    return this.opens + (this.outsideOpeners?.() ?? 0);
+  }
+
+  /** Count the openers of something that stands for this device (null: stop counting them). */
+  setOutsideOpeners(count: (() => number) | null): void {
+    this.outsideOpeners = count;
+  }
+
+  /**
+   * Whoever counts the outside openers saw the last of them go: for a device marked for deferred
+   * removal this is a last close, as in close().
+   */
+  async outsideOpenersClosed(): Promise<void> {
+    if (this.openCount === 0 && this.deferredRemove && !this.removed) await this.env.lastClosed?.(this);
+  }
+
   open(holder?: StackableDevice): void {
-    this.openCount++;
+    this.opens++;
     if (holder) this.holdersByDevice.set(holder, (this.holdersByDevice.get(holder) ?? 0) + 1);
   }
 
   async close(holder?: StackableDevice): Promise<void> {
-    if (this.openCount > 0) this.openCount--;
+    if (this.opens > 0) this.opens--;
     const held = holder ? this.holdersByDevice.get(holder) : undefined;
     if (held !== undefined) {
       if (held > 1) this.holdersByDevice.set(holder!, held - 1);

@@ -115,13 +115,16 @@ export class NbdServer {
 
   /**
    * Listen on a unix socket, created with mode 0600. A stale socket file there is replaced.
-   * `tls` overrides the server's TLS mode for this socket.
+   * `tls` overrides the server's TLS mode for this socket; `exports`, the server's exports (a
+   * socket for one kind of client can see the devices differently, e.g. without counting opens).
    */
-  async listenUnix(path: string, opts: { tls?: NbdTlsMode } = {}): Promise<void> {
+  async listenUnix(path: string, opts: { tls?: NbdTlsMode; exports?: ExportProvider } = {}): Promise<void> {
     this.assertOpen();
     const tls = this.listenerTls(opts.tls);
     await removeStaleSocket(path);
-    const server = await listenOn(this.createServer(tls), (s, cb) => withPrivateUmask(() => s.listen(path, cb)));
+    const server = await listenOn(this.createServer(tls, opts.exports), (s, cb) =>
+      withPrivateUmask(() => s.listen(path, cb)),
+    );
     this.socketFiles.push(path);
     this.listeners.push(server);
     fs.chmodSync(path, 0o600); // also covers a worker thread, where the umask cannot be changed
@@ -200,13 +203,16 @@ export class NbdServer {
     this.settings.logger.info("nbd server closed");
   }
 
-  private createServer(tls: ConnectionTls): net.Server {
+  private createServer(tls: ConnectionTls, exports?: ExportProvider): net.Server {
+    const settings = exports ? { ...this.settings, exports } : this.settings;
     // allowHalfOpen: a client that shuts down its sending side still gets its replies.
     // pauseOnConnect: nothing is read before accept() has decided how the socket reads.
-    return net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket, tls));
+    return net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) =>
+      this.accept(socket, tls, settings),
+    );
   }
 
-  private accept(accepted: net.Socket, tls: ConnectionTls): void {
+  private accept(accepted: net.Socket, tls: ConnectionTls, settings: ConnectionSettings): void {
     if (this.closing) return void accepted.destroy();
     // Per-client limits on TCP only: a unix socket's clients are the daemon's user and root.
     const client = accepted.remoteFamily ? (accepted.remoteAddress ?? "?") : undefined;
@@ -215,7 +221,7 @@ export class NbdServer {
     if (fallback)
       this.settings.logger.warn("nbd: connection reads into Node's own buffers (slower)", { reason: fallback });
     if (socket.remoteFamily) socket.setNoDelay(true); // TCP only: replies must not wait for Nagle
-    const conn = new NbdConnection(socket, this.nextId++, this.settings, receive, tls);
+    const conn = new NbdConnection(socket, this.nextId++, settings, receive, tls);
     this.connections.add(conn);
     void conn.closed.then(() => {
       this.connections.delete(conn);

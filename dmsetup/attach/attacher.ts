@@ -10,38 +10,60 @@
  * With `auto`, every device is attached when it gets a live table (create, resume) and detached
  * on remove. Detaching refuses with EBUSY while the kernel device is mounted or held (dmsetup's
  * "Device or resource busy"), unless forced: then the kernel finishes lazily when it is let go.
+ *
+ * The kernel device must behave like /dev/dm-N, so nothing between it and udm's tables may cache:
+ * the loop device does direct I/O on the nbdfuse file (no FUSE page cache serving what an older
+ * table returned), and udmd does not keep the kernel device open (the kernel drops its page cache
+ * on the last close, as for a dm device). Its users are the mapped device's openers: they count
+ * in its open count (kernel-openers.ts), attach's own NBD connections do not (attach-exports.ts),
+ * and a device marked for deferred removal is detached and removed once they have all gone.
  */
 import fs from "node:fs";
 import path from "node:path";
 import type { DeviceMapper } from "../../core/device-mapper.js";
+import { type Devno, decodeDevno } from "../../core/devices/kernel-block-device.js";
 import { DmError, STRERROR } from "../../core/errors.js";
 import type { Logger } from "../../core/logger.js";
 import type { MappedDevice } from "../../core/mapped-device.js";
 import { Mutex } from "../../core/mutex.js";
 import type { DaemonHooks } from "../control/server.js";
 import { connectKernelNbd, kernelNbdAvailable } from "./kernel-nbd.js";
-import { createLoopDevice, loopDeviceUnavailableReason } from "./loop-device.js";
-import { mountNbdfuse } from "./nbdfuse.js";
+import { kernelOpenerCount } from "./kernel-openers.js";
+import {
+  clearLoopDevice,
+  createLoopDevice,
+  loopDeviceUnavailableReason,
+  releasedLoopsBackedBy,
+} from "./loop-device.js";
+import { clearNbdfuseLeftovers, mountNbdfuse } from "./nbdfuse.js";
 
 export interface AttacherOptions {
   dm: DeviceMapper;
   logger: Logger;
   /** The daemon's run directory: nbdfuse mounts live in `fuse/NAME/` there. */
   runDir: string;
-  /** The daemon's NBD unix socket (kernel nbd connects to it). */
+  /**
+   * The NBD unix socket for attach's own connections (nbdfuse, kernel nbd): one whose
+   * connections do not count as opens of the device (attach-exports.ts).
+   */
   nbdSocket: string;
-  nbdUri(name: string): string;
   /** Resolves once the export's NBD connections (our own nbdfuse's) have closed. */
   nbdExportIdle(name: string): Promise<boolean>;
   /** Where the NAME → device symlinks go, e.g. /dev/udm or /dev/mapper. */
   devDir: string;
   /** Attach on activation, detach on remove. */
   auto: boolean;
+  /**
+   * How often a device marked for deferred removal is checked for users while attached (the
+   * kernel tells no one when a loop or nbd device's last user closes it). Default 200 ms.
+   */
+  deferredRemovePollMs?: number;
 }
 
 interface Attachment {
   /** The kernel device: /dev/loopN or /dev/nbdN. */
   path: string;
+  devno: Devno;
   /** The symlink in devDir. */
   link: string;
   /** Undo the kernel side; `force`: lazily, even while it is in use. */
@@ -52,12 +74,16 @@ export class Attacher {
   /** By device object rather than name, so a renamed device can still be detached. */
   private readonly attached = new Map<MappedDevice, Attachment>();
   private readonly mutex = new Mutex();
+  /** Attached devices marked for deferred removal, waiting for their kernel device's users to go. */
+  private readonly deferred = new Set<MappedDevice>();
+  private deferredTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly opts: AttacherOptions) {}
 
   /** The hooks the control server calls. */
-  hooks(): Pick<DaemonHooks, "attach" | "detach" | "attachedPath" | "activated"> {
+  hooks(): Pick<DaemonHooks, "attach" | "detach" | "attachedPath" | "activated" | "deferredRemoveMarked"> {
     return {
+      deferredRemoveMarked: (name) => this.watchDeferredRemove(name),
       attach: (name) => this.attach(name),
       detach: (name, force) => this.detach(name, force),
       attachedPath: (name) => this.attachedPath(name),
@@ -82,7 +108,7 @@ export class Attacher {
       const existing = this.attached.get(md);
       if (existing) return { path: existing.path };
       if (!md.live || md.sizeSectors === 0) throw new DmError("EINVAL", `${name}: no live table to attach`);
-      const dev = await asDmError(kernelNbdAvailable() ? this.viaKernelNbd(name) : this.viaNbdfuse(name, md.readOnly));
+      const dev = await asDmError(kernelNbdAvailable() ? this.viaKernelNbd(name) : this.viaNbdfuse(md));
       const link = path.join(this.opts.devDir, name);
       try {
         this.makeLink(link, dev.path);
@@ -91,6 +117,7 @@ export class Attacher {
         throw err;
       }
       this.attached.set(md, { ...dev, link });
+      md.setOutsideOpeners(() => kernelOpenerCount(dev.path, dev.devno));
       this.opts.logger.info("attached", { device: name, path: dev.path, link });
       return { path: dev.path };
     });
@@ -130,6 +157,7 @@ export class Attacher {
       if (busy)
         this.opts.logger.warn("forced detach of a busy device: finishing lazily", { device: name, path: a.path, busy });
       removeLink(a.link, a.path);
+      md.setOutsideOpeners(null);
       await asDmError(a.teardown(force));
       this.attached.delete(md);
       // So that a `remove` right after finds the export free (and the device closed).
@@ -149,8 +177,70 @@ export class Attacher {
     await this.detach(name, force);
   }
 
+  /**
+   * `remove --deferred` marked attached device `name`: once its kernel device has no users left,
+   * detach it and let the core remove it (dm_blk_close's deferred removal).
+   */
+  watchDeferredRemove(name: string): void {
+    const md = this.opts.dm.device(name);
+    if (!this.attached.has(md)) return;
+    this.deferred.add(md);
+    this.deferredTimer ??= setInterval(() => void this.checkDeferred(), this.opts.deferredRemovePollMs ?? 200);
+    void this.checkDeferred();
+  }
+
+  private async checkDeferred(): Promise<void> {
+    for (const md of [...this.deferred]) {
+      const a = this.attached.get(md);
+      if (!a || md.removed || !md.deferredRemove) {
+        this.deferred.delete(md); // detached, removed, or the mark was cancelled
+        continue;
+      }
+      if (kernelOpenerCount(a.path, a.devno) > 0 || (await busyReason(a.path)) !== null) continue;
+      this.deferred.delete(md);
+      try {
+        await this.detach(md.name);
+      } catch (err) {
+        // Opened again meanwhile: keep waiting.
+        if (err instanceof DmError && err.errno === "EBUSY") this.deferred.add(md);
+        else
+          this.opts.logger.error("deferred removal: detach failed", { device: md.name, error: (err as Error).message });
+        continue;
+      }
+      await md.outsideOpenersClosed();
+    }
+    if (this.deferred.size === 0 && this.deferredTimer) {
+      clearInterval(this.deferredTimer);
+      this.deferredTimer = null;
+    }
+  }
+
+  /**
+   * Before anything is attached: clear what a killed daemon left in the run directory. Its loop
+   * devices stay bound to its nbdfuse files (udmd does not hold them open, so the kernel does not
+   * unbind them when it dies), and its FUSE mounts stay behind.
+   */
+  async recoverLeftovers(): Promise<void> {
+    const fuseRoot = path.join(this.opts.runDir, "fuse");
+    for (const loop of releasedLoopsBackedBy(fuseRoot)) {
+      await clearLoopDevice(loop).catch((err: Error) =>
+        this.opts.logger.warn("could not unbind a loop device left by a previous daemon", {
+          path: loop,
+          error: err.message,
+        }),
+      );
+      this.opts.logger.info("unbound a loop device left by a previous daemon", { path: loop });
+    }
+    if (!fs.existsSync(fuseRoot)) return;
+    for (const name of fs.readdirSync(fuseRoot)) await clearNbdfuseLeftovers(path.join(fuseRoot, name));
+    tryQuietly(() => fs.rmdirSync(fuseRoot));
+  }
+
   /** At daemon shutdown: detach everything, lazily where busy. */
   async detachAll(): Promise<void> {
+    if (this.deferredTimer) clearInterval(this.deferredTimer);
+    this.deferredTimer = null;
+    this.deferred.clear();
     for (const md of [...this.attached.keys()]) {
       await this.detach(md.name, true).catch((err: Error) =>
         this.opts.logger.error("detach failed", { device: md.name, error: err.message }),
@@ -158,7 +248,8 @@ export class Attacher {
     }
   }
 
-  private async viaNbdfuse(name: string, readOnly: boolean): Promise<Omit<Attachment, "link">> {
+  private async viaNbdfuse(md: MappedDevice): Promise<Omit<Attachment, "link">> {
+    const { name, readOnly } = md;
     const unavailable = loopDeviceUnavailableReason();
     if (unavailable)
       throw new DmError(process.getuid?.() === 0 ? "ENODEV" : "EPERM", `cannot attach ${name}: ${unavailable}`);
@@ -166,11 +257,20 @@ export class Attacher {
     const removeFuseRoot = () => fs.rmdirSync(fuseRoot); // only once empty: others may be mounted there
     let fuse, loop;
     try {
-      fuse = await mountNbdfuse(path.join(fuseRoot, name), name, this.opts.nbdUri(name), {
+      const uri = `nbd+unix:///${encodeURIComponent(name)}?socket=${this.opts.nbdSocket}`;
+      fuse = await mountNbdfuse(path.join(fuseRoot, name), name, uri, {
         readOnly,
         onUnexpectedExit: (message) => this.opts.logger.error("nbdfuse exited", { device: name, message }),
       });
-      loop = await createLoopDevice(fuse.file, { readOnly });
+      // Direct I/O: no FUSE page cache below the kernel device (see the header). The loop device's
+      // logical block size is the mapped device's, as /dev/dm-N's would be.
+      const blockSize = md.logicalBlockSize <= 4096 ? md.logicalBlockSize : 0;
+      loop = await createLoopDevice(fuse.file, { readOnly, directIo: true, holdOpen: false, blockSize });
+      if (!loop.directIo)
+        this.opts.logger.warn("the loop device could not do direct I/O on nbdfuse's file: reads may be cached", {
+          device: name,
+          path: loop.path,
+        });
     } catch (err) {
       await fuse?.unmount({ lazy: true });
       tryQuietly(removeFuseRoot);
@@ -178,6 +278,7 @@ export class Attacher {
     }
     return {
       path: loop.path,
+      devno: loop.devno,
       teardown: async (force) => {
         await loop.detach();
         await fuse.unmount({ lazy: force });
@@ -188,7 +289,8 @@ export class Attacher {
 
   private async viaKernelNbd(name: string): Promise<Omit<Attachment, "link">> {
     const nbd = await connectKernelNbd(this.opts.nbdSocket, name);
-    return { path: nbd.path, teardown: () => nbd.disconnect() };
+    const devno = decodeDevno(fs.statSync(nbd.path, { bigint: true }).rdev);
+    return { path: nbd.path, devno, teardown: () => nbd.disconnect() };
   }
 
   private makeLink(link: string, target: string): void {
@@ -211,6 +313,9 @@ async function busyReason(dev: string): Promise<string | null> {
     if (source === dev)
       return `is mounted on ${target!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)))}`;
   }
+  const devno = decodeDevno(fs.statSync(dev, { bigint: true }).rdev);
+  const openers = kernelOpenerCount(dev, devno);
+  if (openers > 0) return `is in use (open count ${openers})`;
   // Mounts (also in other mount namespaces), swap, dm/md holders and O_EXCL openers claim the
   // device exclusively: an exclusive open then fails with EBUSY.
   try {

@@ -19,6 +19,8 @@ const LOOP_CTL_GET_FREE = 0x4c82;
 
 export const LO_FLAGS_READ_ONLY = 1;
 export const LO_FLAGS_AUTOCLEAR = 4;
+/** Direct I/O on the backing file: no page cache of the backing file between the device and it. */
+export const LO_FLAGS_DIRECT_IO = 16;
 
 /** struct loop_info64, 232 bytes. */
 const LoopInfo64 = koffi.struct({

@@ -57,10 +57,7 @@ export async function mountNbdfuse(
 ): Promise<FuseFile> {
   const mnt = path.join(dir, "mnt");
   const pidFile = path.join(dir, "nbdfuse.pid");
-  if (fs.existsSync(dir)) {
-    await fusermount(mnt, true).catch(() => undefined);
-    removeDir(dir);
-  }
+  await clearNbdfuseLeftovers(dir);
   fs.mkdirSync(mnt, { recursive: true, mode: 0o700 });
   installExitHook();
 
@@ -123,6 +120,13 @@ export async function mountNbdfuse(
       removeDir(dir);
     },
   };
+}
+
+/** What a killed daemon's mountNbdfuse left in `dir` (a dead FUSE mount, the pid file), cleared. */
+export async function clearNbdfuseLeftovers(dir: string): Promise<void> {
+  if (!fs.existsSync(dir)) return;
+  await fusermount(path.join(dir, "mnt"), true).catch(() => undefined);
+  removeDir(dir);
 }
 
 /** Remove `dir`, its pid file and its (unmounted, so empty) mountpoint: never recursively. */

@@ -8,6 +8,7 @@ import type { DeviceMapper, DeviceInfo } from "../../core/device-mapper.js";
 import { DmError } from "../../core/errors.js";
 import { peerCredentials, socketFd } from "../../core/sys/socket.js";
 import type { Logger } from "../../core/logger.js";
+import { GeometryStore, parseGeometry } from "./geometry.js";
 import {
   type CreateStep,
   type Request,
@@ -27,6 +28,8 @@ export interface DaemonHooks {
   nbdUri?(name: string): string | undefined;
   /** Called before a device is removed (e.g. to end NBD connections on a forced remove). */
   beforeRemove?(name: string, force: boolean): Promise<void>;
+  /** `remove --deferred` marked the device, in use: its last user will remove it. */
+  deferredRemoveMarked?(name: string): void;
   attach?(name: string): Promise<{ path: string }>;
   detach?(name: string, force: boolean): Promise<void>;
   attachedPath?(name: string): string | undefined;
@@ -55,6 +58,7 @@ const CHANGING_OPS: ReadonlySet<string> = new Set([
 export class ControlServer {
   private readonly server: net.Server;
   private readonly sockets = new Set<net.Socket>();
+  private readonly geometries = new GeometryStore();
 
   constructor(
     private readonly dm: DeviceMapper,
@@ -201,17 +205,19 @@ export class ControlServer {
       case "resume": {
         const r = req as Request<"resume">;
         await dm.resume(r.name, { noflush: r.noflush });
+        this.geometries.resumed(dm.device(r.name));
         await this.hooks.activated?.(r.name);
         return this.info(r.name);
       }
       case "remove": {
         const r = req as Request<"remove">;
-        if (r.deferred && !r.force) {
-          // The core marks a busy device (its last opener, an NBD client, a table or the attached
-          // kernel device, removes it) or removes an idle one, which has no clients or attachment
-          // for beforeRemove to end.
+        // An idle device goes at once, with or without --deferred (through beforeRemove, which
+        // detaches it). A busy one is marked: its last opener (an NBD client, a table, a user of
+        // the attached kernel device) removes it.
+        if (r.deferred && !r.force && dm.device(r.name).inUse) {
           await dm.remove(r.name, { deferred: true });
-          this.logger.info("remove", { device: r.name, deferred: dm.has(r.name) });
+          this.hooks.deferredRemoveMarked?.(r.name);
+          this.logger.info("remove", { device: r.name, deferred: true });
           return {};
         }
         dm.device(r.name);
@@ -283,6 +289,14 @@ export class ControlServer {
         if (md.removed) throw new DmError("ENXIO", `${r.name}: device was removed`);
         return { info: this.info(md.name), status: dm.status(md.name) };
       }
+      case "setgeometry": {
+        const r = req as Request<"setgeometry">;
+        const md = dm.device(r.name);
+        this.geometries.set(md, parseGeometry(r.geometry));
+        return {};
+      }
+      case "geometry":
+        return this.geometries.get(dm.device(name));
       case "load-plugin":
         return { targets: await dm.loadPlugin((req as Request<"load-plugin">).module) };
       case "attach": {

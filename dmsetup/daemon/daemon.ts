@@ -8,6 +8,7 @@ import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { IoOptions } from "../../core/devices/block-device.js";
 import { DmError } from "../../core/errors.js";
 import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
+import { attachExports } from "../attach/attach-exports.js";
 import { Attacher } from "../attach/attacher.js";
 import { ControlServer, type DaemonHooks } from "../control/server.js";
 import { NbdServer, type NbdTlsOptions } from "../../nbd/server.js";
@@ -83,7 +84,7 @@ export class Daemon {
     const tcp = this.opts.nbdListen ? parseListen(this.opts.nbdListen) : null;
     if (tcp) await checkListenAddress(this.opts.nbdListen!, tcp, tls.mode);
     ensureRunDir(paths.dir);
-    this.unlock = acquireInstanceLock(paths, [paths.control, paths.nbd]);
+    this.unlock = acquireInstanceLock(paths, [paths.control, paths.nbd, paths.attachNbd]);
     try {
       this.nbd = new NbdServer(
         { list: () => this.dm.list(), get: (name) => (this.dm.has(name) ? this.dm.device(name) : undefined) },
@@ -97,6 +98,8 @@ export class Daemon {
         },
       );
       await this.nbd.listenUnix(paths.nbd, { tls: tls.mode === "off" ? "off" : "on" });
+      // Attach's own clients (nbdfuse, kernel nbd) connect here: not opens of the device.
+      await this.nbd.listenUnix(paths.attachNbd, { tls: "off", exports: attachExports(this.dm) });
       if (tcp) this.tcpAddress = await this.nbd.listenTcp({ ...tcp, tls: tls.mode });
       if (tcp && tls.mode !== "require") {
         // Loopback is not private: every local user can connect to it (docs/security.md).
@@ -106,8 +109,7 @@ export class Daemon {
         dm: this.dm,
         logger: this.logger,
         runDir: paths.dir,
-        nbdSocket: paths.nbd,
-        nbdUri: (name) => this.nbdUri(name),
+        nbdSocket: paths.attachNbd,
         nbdExportIdle: (name) => this.nbd.exportIdle(name),
         devDir: this.opts.devDir ?? "/dev/udm",
         auto: this.opts.autoAttach ?? false,
@@ -129,6 +131,7 @@ export class Daemon {
         changed: () => this.saveState(),
         ...this.opts.hooks?.(this),
       };
+      await this.attacher.recoverLeftovers();
       this.stateFile = new StateFile(paths.state);
       await this.restoreState();
       this.control = new ControlServer(this.dm, this.logger, hooks);

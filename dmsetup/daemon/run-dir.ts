@@ -18,6 +18,8 @@ export interface RunPaths {
   dir: string;
   control: string;
   nbd: string;
+  /** The NBD socket attach's own clients use (nbdfuse, the kernel's nbd): their connections are not opens. */
+  attachNbd: string;
   pid: string;
   /** flock(2)ed by the running daemon (instance-lock.ts). */
   lock: string;
@@ -31,6 +33,7 @@ export function runPaths(dir = defaultRunDir()): RunPaths {
     dir,
     control: path.join(dir, "control"),
     nbd: path.join(dir, "nbd.sock"),
+    attachNbd: path.join(dir, "attach.sock"),
     pid: path.join(dir, "udmd.pid"),
     lock: path.join(dir, "udmd.lock"),
     state: path.join(dir, "devices.json"),
