@@ -1,5 +1,7 @@
 /**
  * `npm run bench [-- options]`: the micro-benchmark (bench/micro.ts) as a table on stdout.
+ * `npm run bench -- --attach` (root) measures the attached kernel device instead (bench/attach.ts);
+ * --size, --seconds and --dir apply to it.
  *
  *   --quick        CI smoke run: 8 MiB file, 0.2 s repetitions, then the quick snapshot
  *                  benchmarks and a tiny matrix (under a minute in all; the matrix alone ~25 s)
@@ -41,6 +43,7 @@ import os from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
+import { attachBenchUnavailableReason, runAttachBench } from "./attach.js";
 import { bytesText, fmt, markdownTable, parseSize } from "./format.js";
 import {
   describeMatrixRun,
@@ -210,6 +213,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     options: {
       snapshot: { type: "boolean", default: true },
       matrix: { type: "boolean" },
+      attach: { type: "boolean", default: false },
       build: { type: "boolean", default: true },
       quick: { type: "boolean", default: false },
       direct: { type: "boolean", default: false },
@@ -294,6 +298,16 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       print(`udmd CPU profiles in ${values.profile} (summarise: node --import tsx bench/profile-top.ts FILE)`);
     return result;
   };
+
+  if (values.attach) {
+    const reason = attachBenchUnavailableReason();
+    if (reason) throw new Error(`the attach benchmark cannot run here: ${reason}`);
+    if (values.build) ensureBuilt(out.stderr);
+    const seconds = values.seconds ? Number(values.seconds) : undefined;
+    const fileBytes = values.size ? parseSize(values.size) : undefined;
+    print(await runAttachBench({ fileBytes, seconds, dir: values.dir }, out.stderr));
+    return {};
+  }
 
   if (values.matrix) {
     const reason = matrixUnavailableReason();
