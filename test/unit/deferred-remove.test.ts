@@ -4,7 +4,7 @@
  * `@cancel_deferred_remove` takes the mark back; an idle device goes at once.
  */
 import { describe, expect, it } from "vitest";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 
 describe("deferred remove", () => {
   it("marks an open device, which keeps working and goes at its last close", async () => {
@@ -20,6 +20,30 @@ describe("deferred remove", () => {
     await h1.close();
     expect(dm.has("d")).toBe(true);
     await h2.close();
+    expect(dm.has("d")).toBe(false);
+  });
+
+  it("outside openers (the users of an attached kernel device) count; when they go, a marked device goes", async () => {
+    const { dm, backing } = testMapper();
+    backing.memory("mem", 64);
+    await dm.create("d", { table: "0 64 linear mem 0" });
+    const md = dm.device("d");
+    let users = 2;
+    md.setOutsideOpeners(() => users);
+    expect(dm.info("d").openCount).toBe(2);
+    await expect(dm.remove("d")).rejects.toThrow("device is open (open count 2)");
+    await dm.remove("d", { deferred: true });
+    expect(dm.info("d")).toMatchObject({ deferredRemove: true, openCount: 2 });
+    const nbdClient = dm.open("d");
+    users = 0;
+    await md.outsideOpenersClosed(); // an NBD client still has it
+    expect(dm.has("d")).toBe(true);
+    users = 1;
+    await nbdClient.close(); // a mount still has it
+    expect(dm.has("d")).toBe(true);
+    users = 0;
+    md.setOutsideOpeners(null); // detached
+    await md.outsideOpenersClosed();
     expect(dm.has("d")).toBe(false);
   });
 
