@@ -18,20 +18,33 @@ export function kernelOpenerCount(dev: string, devno: Devno): number {
 
 /** Descriptors of other processes open on `dev` (what /proc/PID/fd links name: /dev/loopN). */
 function openDescriptors(dev: string): number {
+  return descriptorTargets().get(dev) ?? 0;
+}
+
+/**
+ * How many descriptors of other processes point at each path. One walk of /proc serves every
+ * device asked about in the same event-loop turn (an `info` or `ls` of many attached devices).
+ */
+let walked: Map<string, number> | null = null;
+function descriptorTargets(): Map<string, number> {
+  if (walked) return walked;
   const self = String(process.pid);
-  let count = 0;
+  const counts = new Map<string, number>();
   for (const pid of readdir("/proc")) {
     if (pid === self || !/^\d+$/.test(pid)) continue;
     const fdDir = `/proc/${pid}/fd`;
     for (const fd of readdir(fdDir)) {
       try {
-        if (fs.readlinkSync(`${fdDir}/${fd}`) === dev) count++;
+        const target = fs.readlinkSync(`${fdDir}/${fd}`);
+        if (target.startsWith("/dev/")) counts.set(target, (counts.get(target) ?? 0) + 1);
       } catch {
         // closed meanwhile, or the process has exited
       }
     }
   }
-  return count;
+  walked = counts;
+  setImmediate(() => (walked = null));
+  return counts;
 }
 
 /** One per filesystem on the device (bind mounts share it): /proc/self/mountinfo's major:minor. */
