@@ -33,11 +33,23 @@ export default tseslint.config(
     },
   },
   // Layering (docs/architecture.md, "A tour of the tree"): each folder imports only from those below it.
-  layer(["core/**/*.ts"], "core/ imports only core/", "(targets|nbd|dmsetup|test|bench)/"),
+  layer(["core/**/*.ts"], "core/ imports only core/", "(targets|nbd|dmsetup|testing|test|bench)/"),
   layer(["core/sys/**/*.ts"], "core/sys/ imports nothing else of udm", null, "^\\.\\./"),
-  layer(["targets/**/*.ts"], "targets/ import only core/", "(nbd|dmsetup|test|bench)/"),
-  layer(["nbd/**/*.ts"], "nbd/ imports only core/", "(targets|dmsetup|test|bench)/"),
-  layer(["dmsetup/**/*.ts"], "dmsetup/ does not import tests or benchmarks", null, "^(\\.\\./)+(test|bench)/"),
+  layer(["targets/**/*.ts"], "targets/ import only core/", "(nbd|dmsetup|testing|test|bench)/"),
+  layer(["nbd/**/*.ts"], "nbd/ imports only core/", "(targets|dmsetup|testing|test|bench)/"),
+  layer(
+    ["dmsetup/**/*.ts"],
+    "dmsetup/ does not import tests, the test kit or benchmarks",
+    null,
+    "^(\\.\\./)+(test|testing|bench)/",
+  ),
+  // The test kit (udm/testing) ships in the package: the library and its targets, nothing else.
+  layer(
+    ["testing/**/*.ts"],
+    "testing/ imports only core/, targets/ and index.ts",
+    null,
+    "^(\\.\\./)+(nbd|dmsetup|test|bench)/",
+  ),
   {
     // Plain JavaScript (plugin fixtures, scripts, this file): not part of any tsconfig project.
     files: ["**/*.js", "**/*.mjs"],

@@ -5,7 +5,7 @@
  */
 import crypto from "node:crypto";
 import { type ParseArgsConfig, parseArgs } from "node:util";
-import { type CrashRunOptions, type CrashRunReport, runCrashHarness } from "./runner.js";
+import { type CrashRunOptions, type CrashRunReport, runCrashHarness } from "../../testing/crash/runner.js";
 
 const USAGE = `Usage: npm run crash -- [options]
   --ops N              workload operations (default 400)

@@ -20,7 +20,7 @@ import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { WriteHistory } from "../support/crash-model.js";
 import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
-import { Rng, seedFrom } from "../support/rng.js";
+import { Rng, seedFrom } from "../../testing/rng.js";
 import { cli, createSnapshot, makeFile } from "../support/udmd-tools.js";
 import { BLOCK, SECTOR, describeMismatch, newWriteId, stamp } from "../support/verified-io.js";
 

@@ -24,14 +24,14 @@ import { type Bio, BioFlags } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { target } from "../../core/registry.js";
 import { Services } from "../../core/services.js";
-import { leakProblems, runCrashHarness, type CrashRunReport } from "../crash/runner.js";
+import { leakProblems, runCrashHarness, type CrashRunReport } from "../../testing/crash/runner.js";
 import { cowImageChunks, readCowImage } from "../../targets/snapshot/cow-image.js";
 import { writeRecord } from "../../targets/snapshot/cow-format.js";
 import { SnapshotMergeTarget } from "../../targets/snapshot/merge.js";
 import type { PendingException } from "../../targets/snapshot/pending.js";
 import { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { createDeviceMapper } from "../../index.js";
-import { seedFrom } from "../support/rng.js";
+import { seedFrom } from "../../testing/rng.js";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 

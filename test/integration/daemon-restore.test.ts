@@ -9,7 +9,7 @@ import { describe, expect, it } from "vitest";
 import { runPaths } from "../../dmsetup/daemon/run-dir.js";
 import { useDaemon } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import { cli, createSnapshot, makeFile } from "../support/udmd-tools.js";
 
 const MiB = 1024 * 1024;

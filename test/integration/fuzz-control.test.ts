@@ -20,7 +20,7 @@ import { type BadTable, loadBadTables } from "../support/bad-tables.js";
 import { ControlFuzzStats, type FuzzLine, countRequestLines, genLine, reasonProblem } from "../support/control-fuzz.js";
 import { udmsetup, useDaemon } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
-import { Rng, seedFrom } from "../support/rng.js";
+import { Rng, seedFrom } from "../../testing/rng.js";
 import { alive, cli, control, createSnapshot, daemonState, makeFile } from "../support/udmd-tools.js";
 import { BLOCK, type DeviceModel, IoStats, SECTOR, runWorker, stamp } from "../support/verified-io.js";
 

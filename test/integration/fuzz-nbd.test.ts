@@ -19,7 +19,7 @@ import { Cmd, NbdErrno, Opt, Rep } from "../../nbd/protocol.js";
 import { useDaemon } from "../support/daemon.js";
 import { RawConnection, WireClient, optionRequest, u16, u32 } from "../support/nbd-client.js";
 import { type FuzzConfig, type FuzzExport, FuzzStats, planSession, runSession } from "../support/nbd-fuzz.js";
-import { Rng, seedFrom } from "../support/rng.js";
+import { Rng, seedFrom } from "../../testing/rng.js";
 import { alive, cli, control, createSnapshot, makeFile, nbdTcpPort, rssKiB } from "../support/udmd-tools.js";
 import { BLOCK, type DeviceModel, IoStats, SECTOR, runWorker, stamp } from "../support/verified-io.js";
 

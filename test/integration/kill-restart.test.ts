@@ -9,7 +9,7 @@ import { describe, expect, it } from "vitest";
 import { runPaths } from "../../dmsetup/daemon/run-dir.js";
 import { udmsetup, useDaemon } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
-import { Rng, seedFrom } from "../support/rng.js";
+import { Rng, seedFrom } from "../../testing/rng.js";
 import { makeFile } from "../support/udmd-tools.js";
 
 const SEED = seedFrom("UDM_FUZZ_SEED");

@@ -15,7 +15,7 @@ import { MemoryLogger } from "../../core/logger.js";
 import { Cmd, Opt, Rep } from "../../nbd/protocol.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
 import { parsePskFile } from "../../nbd/tls.js";
-import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { type NamedBacking, pattern, testMapper } from "../../testing/memory-backing.js";
 import { ByteReader, RawConnection, optionRequest, requestHeader, u16, u32 } from "../support/nbd-client.js";
 import { missingToolsReason, skipOrFail } from "../support/requirements.js";
 import { type PskFiles, type X509Dirs, makeX509Dirs, writePskFiles } from "../support/tls-credentials.js";

@@ -11,7 +11,7 @@ import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { MemoryLogger } from "../../core/logger.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
 import { Cmd, CmdFlags, NbdErrno, Opt, Rep, TransmissionFlags } from "../../nbd/protocol.js";
-import { ControlledDevice } from "../support/controlled-device.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
 import {
   type ConnectOptions,
   RawConnection,
@@ -20,7 +20,7 @@ import {
   requestHeader,
   u32,
 } from "../support/nbd-client.js";
-import { type NamedBacking, pattern } from "../support/memory-backing.js";
+import { type NamedBacking, pattern } from "../../testing/memory-backing.js";
 import { type WireServer, startWireServer, stopWireServer } from "../support/wire-server.js";
 
 const KiB = 1024;

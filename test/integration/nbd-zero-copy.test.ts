@@ -12,7 +12,7 @@ import { FileDevice } from "../../core/devices/file-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { MemoryLogger } from "../../core/logger.js";
 import { requestHeader, WireClient } from "../support/nbd-client.js";
-import { type NamedBacking, pattern } from "../support/memory-backing.js";
+import { type NamedBacking, pattern } from "../../testing/memory-backing.js";
 import { type WireServer, startWireServer, stopWireServer } from "../support/wire-server.js";
 import { Cmd } from "../../nbd/protocol.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";

@@ -11,7 +11,7 @@ import { readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
-import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { type NamedBacking, pattern, testMapper } from "../../testing/memory-backing.js";
 import { missingTools } from "../support/requirements.js";
 import { sh, tool } from "../support/tools.js";
 

@@ -13,7 +13,7 @@ import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { useDaemon } from "../support/daemon.js";
 import { cli } from "../support/udmd-tools.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import { missingTools } from "../support/requirements.js";
 import { sh } from "../support/tools.js";
 

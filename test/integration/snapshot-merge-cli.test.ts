@@ -18,7 +18,7 @@ import { beforeEach, describe, expect, it } from "vitest";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { UDMSETUP, udmsetup, useDaemon } from "../support/daemon.js";
 import { cli } from "../support/udmd-tools.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import { missingTools } from "../support/requirements.js";
 import { sh, which } from "../support/tools.js";
 

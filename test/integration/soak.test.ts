@@ -31,7 +31,7 @@ import { parseTableText } from "../../core/table-text.js";
 import type { ControlClient } from "../../dmsetup/control/client.js";
 import { useDaemon } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
-import { Rng, seedFrom } from "../support/rng.js";
+import { Rng, seedFrom } from "../../testing/rng.js";
 import { alive, cli, control, createSnapshot, makeFile, rssKiB } from "../support/udmd-tools.js";
 import {
   BLOCK,

@@ -6,7 +6,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Bio, type BlockDevice, MemoryDevice, SECTOR_SIZE } from "../../index.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 
 const DEVICES = 4;
 const DEV_SECTORS = 4096;

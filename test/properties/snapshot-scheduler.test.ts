@@ -45,7 +45,7 @@ import { Origin } from "../../targets/snapshot/origin-registry.js";
 import { InOrderGate, type PendingException } from "../../targets/snapshot/pending.js";
 import { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
 import { TrackedChunks } from "../../targets/snapshot/tracked-chunks.js";
-import type { ControlledDevice } from "../support/controlled-device.js";
+import type { ControlledDevice } from "../../testing/controlled-device.js";
 import {
   IDLE,
   type IoRec,

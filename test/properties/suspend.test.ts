@@ -15,8 +15,8 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { Bio, type BioEndIo, type BioStatus, DmIo, SECTOR_SIZE } from "../../index.js";
-import { ControlledDevice, type HeldIo } from "../support/controlled-device.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { ControlledDevice, type HeldIo } from "../../testing/controlled-device.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 
 const SIZE = 1024; // sectors, mapped device and both backing devices
 const SLOT = 8; // sectors per write slot

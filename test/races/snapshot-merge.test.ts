@@ -18,8 +18,8 @@ import type { DeviceMapper } from "../../core/device-mapper.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { SnapshotMergeTarget } from "../../targets/snapshot/merge.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
-import { ControlledDevice } from "../support/controlled-device.js";
-import { testMapper } from "../support/memory-backing.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
+import { testMapper } from "../../testing/memory-backing.js";
 import {
   IDLE,
   type IoRec,

@@ -11,8 +11,8 @@ import { SECTOR_SIZE } from "../../core/bio.js";
 import { areaLocation, exceptionsPerArea, isMetadataChunk, skipMetadata } from "../../targets/snapshot/cow-format.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
-import { ControlledDevice } from "../support/controlled-device.js";
-import { testMapper } from "../support/memory-backing.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
+import { testMapper } from "../../testing/memory-backing.js";
 import {
   IDLE,
   type IoRec,

@@ -6,8 +6,8 @@
  */
 import { describe, expect, it } from "vitest";
 import { Bio, BioFlags, type BioEndIo, type BioStatus, MapResult, Target, target } from "../../index.js";
-import { ControlledDevice } from "../support/controlled-device.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 
 /** Submits bios to a mapped device and records each completion (throws on a double one). */
 class Tracker implements BioEndIo {

@@ -12,7 +12,7 @@ import { NbdErrno } from "../../nbd/protocol.js";
 import { runPaths } from "../../dmsetup/daemon/run-dir.js";
 import { type RunningDaemon, startDaemon, tempDir } from "../support/daemon.js";
 import { WireClient } from "../support/nbd-client.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import { rootUnavailableReason, skipOrFail } from "../support/requirements.js";
 import { cli, createSnapshot, makeFile } from "../support/udmd-tools.js";
 

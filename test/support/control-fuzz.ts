@@ -6,7 +6,7 @@
  * `checkResponse` holds every answer to it.
  */
 import type { TargetSpec } from "../../core/table-text.js";
-import type { Rng } from "./rng.js";
+import type { Rng } from "../../testing/rng.js";
 
 export interface ControlFuzzContext {
   /** An existing device that an NBD client holds open, with a UUID set. */

@@ -32,7 +32,7 @@ import {
 } from "../../nbd/protocol.js";
 import { ByteQueue } from "./byte-queue.js";
 import { optionRequest, u16, u32 } from "./nbd-client.js";
-import { Rng } from "./rng.js";
+import { Rng } from "../../testing/rng.js";
 
 export interface FuzzExport {
   name: string;

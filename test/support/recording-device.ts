@@ -13,7 +13,7 @@ import { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
 import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
-import { NamedBacking } from "./memory-backing.js";
+import { NamedBacking } from "../../testing/memory-backing.js";
 
 export { DeviceWrapper };
 

@@ -13,10 +13,10 @@ import { Bio, type BioEndIo, BioFlags, type BioOp, type BioStatus, SECTOR_SIZE }
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { MappedDevice } from "../../core/mapped-device.js";
 import type { Target } from "../../core/target.js";
-import { ControlledDevice, type ControlledDeviceOptions } from "./controlled-device.js";
+import { ControlledDevice, type ControlledDeviceOptions } from "../../testing/controlled-device.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { createDeviceMapper } from "../../index.js";
-import { NamedBacking, pattern } from "./memory-backing.js";
+import { NamedBacking, pattern } from "../../testing/memory-backing.js";
 import { registerProbe } from "./snapshot-probe.js";
 
 /** Resolves on the next turn of the event loop: lets pending promise chains run, no timing. */

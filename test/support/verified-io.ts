@@ -11,7 +11,7 @@
  */
 import { CmdFlags } from "../../nbd/protocol.js";
 import type { WireClient } from "./nbd-client.js";
-import type { Rng } from "./rng.js";
+import type { Rng } from "../../testing/rng.js";
 
 export const SECTOR = 512;
 export const BLOCK = 64 * 1024;

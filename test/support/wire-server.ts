@@ -9,7 +9,7 @@ import path from "node:path";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { NbdServer, deviceMapperExports } from "../../nbd/server.js";
-import { type NamedBacking, testMapper } from "./memory-backing.js";
+import { type NamedBacking, testMapper } from "../../testing/memory-backing.js";
 import { type ConnectOptions, WireClient } from "./nbd-client.js";
 
 export interface WireServer {

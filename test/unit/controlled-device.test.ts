@@ -9,7 +9,7 @@ import {
   writeZeroesBio,
   type Bio,
 } from "../../core/bio.js";
-import { ControlledDevice } from "../support/controlled-device.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
 
 /** `sectors` sectors filled with `byte`. */
 const fill = (byte: number, sectors = 1) => Buffer.alloc(sectors * 512, byte);

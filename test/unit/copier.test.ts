@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import type { Bio } from "../../core/bio.js";
 import { Copier, CopyFlags, type CopierClient, type CopyDest, type CopySource } from "../../core/copier.js";
 import { MemoryLogger } from "../../core/logger.js";
-import { ControlledDevice } from "../support/controlled-device.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
 
 /** Distinct bytes per sector so misplaced data shows up. */
 function pattern(sectors: number, seed = 1): Buffer {

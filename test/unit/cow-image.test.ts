@@ -6,7 +6,7 @@ import { describe, expect, it } from "vitest";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { describeCowImage, readCowImage } from "../../targets/snapshot/cow-image.js";
 import { createExceptionStore } from "../../targets/snapshot/store.js";
-import { ControlledDevice } from "../support/controlled-device.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
 
 /** A cs=1 image (512-byte chunks, E=32, area k at chunk 1 + 33k) of `sectors` sectors. */
 function image(sectors: number, header: [number, number, number, number], areas: [number, number][][]): Buffer {

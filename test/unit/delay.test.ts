@@ -8,7 +8,7 @@ import { readBio, submitAndWait } from "../../core/bio.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
 import { FakeClock, settle } from "../support/fake-clock.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import {
   type IoRecord,
   type RecordingDevice,

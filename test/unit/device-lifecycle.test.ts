@@ -9,7 +9,7 @@ import type { Bio } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import { target } from "../../core/registry.js";
 import { MapResult, Target, TargetError } from "../../core/target.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import { type RecordingDevice, rejection, trackingMapper, type TrackingBacking } from "../support/recording-device.js";
 
 /**

@@ -12,7 +12,7 @@ import type { DeviceMapper } from "../../core/device-mapper.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { captureState, restoreDevices, StateFile } from "../../dmsetup/daemon/device-state.js";
 import { createDeviceMapper } from "../../index.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 
 const dirs: string[] = [];
 const mappers: DeviceMapper[] = [];

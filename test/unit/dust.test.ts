@@ -9,7 +9,7 @@ import { submitAndWait, writeBio } from "../../core/bio.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { createDeviceMapper } from "../../index.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import {
   type RecordingDevice,
   rejection,

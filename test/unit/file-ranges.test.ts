@@ -11,7 +11,7 @@ import { Bio, type BioEndIo, MapResult, Target, target } from "../../index.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { FileRangeRead, MAX_OPEN_RANGES, openRangeCount } from "../../core/file-ranges.js";
 import { dupFd } from "../../core/sys/file.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 
 const KiB = 1024;
 const linuxX64 = process.platform === "linux" && process.arch === "x64";

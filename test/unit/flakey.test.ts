@@ -9,7 +9,7 @@ import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
 import { createDeviceMapper } from "../../index.js";
 import type { FlakeyTarget } from "../../targets/flakey.js";
 import { FakeClock, settle } from "../support/fake-clock.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import {
   type RecordingDevice,
   TrackingBacking,

@@ -11,7 +11,7 @@ import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
 import { FileDevice } from "../../core/devices/file-device.js";
 import { pwriteFlagsAsync } from "../../core/sys/file.js";
 import { traceFsWrites } from "../support/fs-trace.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 
 vi.mock("../../core/sys/file.js", async (importOriginal) => {
   const real = await importOriginal<typeof import("../../core/sys/file.js")>();

@@ -35,8 +35,8 @@ import {
 } from "../../targets/log-writes/format.js";
 import { LogReader, bufferLogSource, findEntry, replayLog } from "../../targets/log-writes/replay.js";
 import type { LogWritesTarget } from "../../targets/log-writes/target.js";
-import { ControlledDevice } from "../support/controlled-device.js";
-import { type NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
+import { type NamedBacking, pattern, testMapper } from "../../testing/memory-backing.js";
 
 const DATA_SECTORS = 1024;
 

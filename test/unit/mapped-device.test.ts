@@ -7,7 +7,7 @@ import { target } from "../../core/registry.js";
 import { type DeviceLookup, Services } from "../../core/services.js";
 import { EndIoResult, MapResult, Target } from "../../core/target.js";
 import { createDeviceMapper } from "../../index.js";
-import { NamedBacking, pattern, testMapper } from "../support/memory-backing.js";
+import { NamedBacking, pattern, testMapper } from "../../testing/memory-backing.js";
 
 describe("mapped device I/O through linear/striped/zero/error", () => {
   it("linear remaps with the offset", async () => {

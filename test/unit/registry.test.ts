@@ -4,7 +4,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { describe, expect, it } from "vitest";
 import { Services, Target, MapResult, target, targetInfoOf, type Bio } from "../../index.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 import { tempDir } from "../support/daemon.js";
 import { installUdmCopy } from "../support/udm-copy.js";
 

@@ -12,7 +12,7 @@ import { FileRangeRead } from "../../core/file-ranges.js";
 import { dupFd } from "../../core/sys/file.js";
 import { BufferPool } from "../../nbd/buffer-pool.js";
 import { ReplyWriter } from "../../nbd/reply-writer.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 
 const MiB = 1024 * 1024;
 const linuxX64 = process.platform === "linux" && process.arch === "x64";

@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE } from "../../index.js";
-import { pattern, testMapper } from "../support/memory-backing.js";
+import { pattern, testMapper } from "../../testing/memory-backing.js";
 
 const CS = 8; // 4 KiB chunks
 

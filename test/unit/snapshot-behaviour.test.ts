@@ -18,8 +18,8 @@ import { areaLocation, exceptionsPerArea } from "../../targets/snapshot/cow-form
 import { cowImageChunks, readCowImage } from "../../targets/snapshot/cow-image.js";
 import { ExceptionTable } from "../../targets/snapshot/exception-table.js";
 import type { SnapshotTarget } from "../../targets/snapshot/snapshot.js";
-import { type BioPredicate, ControlledDevice } from "../support/controlled-device.js";
-import { NamedBacking, pattern } from "../support/memory-backing.js";
+import { type BioPredicate, ControlledDevice } from "../../testing/controlled-device.js";
+import { NamedBacking, pattern } from "../../testing/memory-backing.js";
 
 const CS = 8; // 4 KiB chunks: E = 256 records per area, stride 257
 const META = BioFlags.PREFLUSH | BioFlags.FUA;

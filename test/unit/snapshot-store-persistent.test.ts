@@ -11,7 +11,7 @@ import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { readCowImage } from "../../targets/snapshot/cow-image.js";
 import { type ExceptionStore, StoreError, createExceptionStore } from "../../targets/snapshot/store.js";
-import { ControlledDevice, type CachedWrite } from "../support/controlled-device.js";
+import { ControlledDevice, type CachedWrite } from "../../testing/controlled-device.js";
 
 const META = BioFlags.PREFLUSH | BioFlags.FUA;
 const isMetaWrite = (b: { op: string; flags: number }) => b.op === "write" && (b.flags & META) === META;

@@ -5,7 +5,7 @@
 import { describe, expect, it } from "vitest";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { createExceptionStore } from "../../targets/snapshot/store.js";
-import { ControlledDevice } from "../support/controlled-device.js";
+import { ControlledDevice } from "../../testing/controlled-device.js";
 
 const transient = (cow: MemoryDevice | ControlledDevice, type = "N", chunk = "8") =>
   createExceptionStore([type, chunk], cow).store;

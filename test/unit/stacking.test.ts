@@ -13,7 +13,7 @@ import { MAX_STACK_DEPTH } from "../../core/stacking.js";
 import { MapResult, Target } from "../../core/target.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { createDeviceMapper } from "../../index.js";
-import { NamedBacking, pattern } from "../support/memory-backing.js";
+import { NamedBacking, pattern } from "../../testing/memory-backing.js";
 import { rejection } from "../support/recording-device.js";
 
 function mapper(): { dm: DeviceMapper; backing: NamedBacking } {

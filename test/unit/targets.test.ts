@@ -9,7 +9,7 @@ import { BioFlags, submitAndWait, writeBio } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import type { MemoryDevice } from "../../core/devices/memory-device.js";
 import type { DeviceHandle, DeviceMapper } from "../../core/device-mapper.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 import {
   type IoRecord,
   type RecordingDevice,

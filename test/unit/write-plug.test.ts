@@ -11,7 +11,7 @@ import fc from "fast-check";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { BioFlags, readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import { FileDevice } from "../../core/devices/file-device.js";
-import { pattern } from "../support/memory-backing.js";
+import { pattern } from "../../testing/memory-backing.js";
 
 const KiB = 1024;
 let dir: string;

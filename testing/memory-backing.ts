@@ -2,12 +2,12 @@
  * Backing devices for tests: tables name RAM disks (or controllable test devices) by a short name
  * instead of a path, e.g. `0 100 linear mem0 0`.
  */
-import type { BlockDevice } from "../../core/devices/block-device.js";
-import type { BackingDevices } from "../../core/devices/shared-devices.js";
-import { MemoryDevice } from "../../core/devices/memory-device.js";
-import { DeviceWrapper } from "../../core/devices/device-wrapper.js";
-import { createDeviceMapper } from "../../index.js";
-import type { DeviceMapper } from "../../core/device-mapper.js";
+import type { BlockDevice } from "../core/devices/block-device.js";
+import type { BackingDevices } from "../core/devices/shared-devices.js";
+import { MemoryDevice } from "../core/devices/memory-device.js";
+import { DeviceWrapper } from "../core/devices/device-wrapper.js";
+import { type CreateDeviceMapperOptions, createDeviceMapper } from "../index.js";
+import type { DeviceMapper } from "../core/device-mapper.js";
 
 export class NamedBacking implements BackingDevices {
   readonly devices = new Map<string, BlockDevice>();
@@ -40,9 +40,13 @@ class KeepOpen extends DeviceWrapper {
   override async close(): Promise<void> {}
 }
 
-export function testMapper(): { dm: DeviceMapper; backing: NamedBacking } {
+/** A device mapper whose tables name test devices; `options.targets` registers a plugin's targets. */
+export function testMapper(options: Omit<CreateDeviceMapperOptions, "backing"> = {}): {
+  dm: DeviceMapper;
+  backing: NamedBacking;
+} {
   const backing = new NamedBacking();
-  return { dm: createDeviceMapper({ backing }), backing };
+  return { dm: createDeviceMapper({ ...options, backing }), backing };
 }
 
 /** Deterministic bytes for a region, so any mix-up of offsets is visible. */

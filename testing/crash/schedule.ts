@@ -4,7 +4,7 @@
  * and cross-checks at some marks. Sorted by time, so the incremental replays only move forward.
  */
 import type { IncrementalReplay } from "./incremental-replay.js";
-import type { Rng } from "../support/rng.js";
+import type { Rng } from "../rng.js";
 import type { OpRecord } from "./workload.js";
 
 export interface CrashPoint {

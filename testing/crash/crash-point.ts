@@ -16,7 +16,7 @@ import { waitForMerge } from "./merge.js";
 import { type SnapshotModel, writeData } from "./model.js";
 import { readAll } from "./ram-disks.js";
 import { Problems, type RunStats } from "./report.js";
-import { Rng } from "../support/rng.js";
+import { Rng } from "../rng.js";
 import type { CrashPoint } from "./schedule.js";
 import type { StackModel } from "./stack-model.js";
 

@@ -14,16 +14,8 @@
  * Unheld bios complete synchronously inside `submit` (like a RAM disk), and a released bio completes
  * inside `release()`: nothing here uses timers or randomness, so every run is the same.
  */
-import {
-  Bio,
-  SECTOR_SHIFT,
-  SECTOR_SIZE,
-  describeBio,
-  type BioEndIo,
-  type BioOp,
-  type BioStatus,
-} from "../../core/bio.js";
-import type { BlockDevice } from "../../core/devices/block-device.js";
+import { Bio, SECTOR_SHIFT, SECTOR_SIZE, describeBio, type BioEndIo, type BioOp, type BioStatus } from "../core/bio.js";
+import type { BlockDevice } from "../core/devices/block-device.js";
 
 /** Sparse sector store in 4 KiB pages; absent pages read as zeros. */
 export class SparseStore {

@@ -8,7 +8,7 @@ import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { CrashClock } from "./devices.js";
 import { type TopFlush, type TopWrite, decodeSector, describeValue, writeData } from "./model.js";
 import type { RunStats } from "./report.js";
-import type { Rng } from "../support/rng.js";
+import type { Rng } from "../rng.js";
 import type { StackModel } from "./stack-model.js";
 
 /** Sector ranges [start, end) in flight, per device: concurrent I/O of one device never overlaps. */

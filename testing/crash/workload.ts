@@ -12,7 +12,7 @@ import { waitForMerge } from "./merge.js";
 import { DeviceHistory, type SnapshotModel, type TopWrite, stampSector } from "./model.js";
 import { cowSectorsFor } from "./ram-disks.js";
 import type { RunStats } from "./report.js";
-import type { Rng } from "../support/rng.js";
+import type { Rng } from "../rng.js";
 import type { StackModel } from "./stack-model.js";
 import { type BusyRanges, WorkloadIo } from "./workload-io.js";
 

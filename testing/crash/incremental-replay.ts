@@ -11,7 +11,7 @@ import type { MappedEntry } from "./log-mapping.js";
 import type { LoggedDevice } from "./logged-devices.js";
 import { markedWrite } from "./ram-disks.js";
 import type { RunStats } from "./report.js";
-import type { Rng } from "../support/rng.js";
+import type { Rng } from "../rng.js";
 
 export class IncrementalReplay {
   /** The first `appliedCount` entries of `byDurableAt` applied to the device's initial content. */

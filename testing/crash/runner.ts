@@ -15,7 +15,7 @@ import { LoggedDevices, existedAt } from "./logged-devices.js";
 import { decideMerges } from "./merge.js";
 import type { CrashRunOptions } from "./options.js";
 import { type CrashFailure, type CrashRunReport, type RunStats, newRunStats } from "./report.js";
-import { Rng } from "../support/rng.js";
+import { Rng } from "../rng.js";
 import { type CrashPoint, scheduleCrashPoints } from "./schedule.js";
 import { StackModel } from "./stack-model.js";
 import { type OpRecord, Workload } from "./workload.js";
