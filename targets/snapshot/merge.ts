@@ -70,6 +70,12 @@ export class SnapshotMergeTarget extends SnapshotTarget {
     }
   }
 
+  /** Every I/O is cut at chunk boundaries, as the kernel's: the merge's map works per chunk. */
+  protected override setChunkLimits(): void {
+    super.setChunkLimits();
+    this.maxIoLen = this.store.chunkSize;
+  }
+
   override async resume(): Promise<void> {
     await super.resume(); // hand over the store (if any), become active
     // The device is the origin now: no I/O may span two chunks of any snapshot of it.

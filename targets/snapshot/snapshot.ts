@@ -3,7 +3,9 @@
  * (dm-snap.c: snapshot_ctr, snapshot_map; docs/snapshot.md).
  *
  * Reads of chunks not yet copied go to the origin (tracked until they complete); everything else
- * goes to the COW device. A write to an un-copied chunk allocates a pending exception, copies the
+ * goes to the COW device. A read spanning chunks is mapped as one I/O per run of chunks with the
+ * same destination (the origin, or consecutive COW chunks), where the kernel's snapshot cuts it at
+ * every chunk (max_io_len) and leaves merging to the block layer below; writes are cut per chunk. A write to an un-copied chunk allocates a pending exception, copies the
  * origin chunk (or writes a whole-chunk bio in its place), commits the exception in allocation
  * order, and only then is released to the COW device.
  *
@@ -11,6 +13,7 @@
  * the kernel's "re-check after re-locking" races (R5) cannot happen by construction.
  */
 import { Bio, BioFlags } from "../../core/bio.js";
+import { acceptPartialBio } from "../../core/dm-io.js";
 import { type CopierClient, type Copier, MAX_COPY_DESTS } from "../../core/copier.js";
 import type { BlockDevice, OpenMode } from "../../core/devices/block-device.js";
 import type { Logger } from "../../core/logger.js";
@@ -172,7 +175,9 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   protected checkHandover(_source: SnapshotTarget | null): void {}
 
   protected setChunkLimits(): void {
-    this.maxIoLen = this.store.chunkSize;
+    // No max_io_len: map() cuts writes at chunk ends and reads at the end of a run of chunks with
+    // one destination (acceptPartialBio), so that a 1 MiB read of 4 KiB chunks is not 256 reads.
+    this.maxIoLen = 0;
     // A discard never spans chunks (the kernel's io_hints: max_discard_sectors = chunk size).
     this.maxDiscardSectors = this.store.chunkSize;
   }
@@ -286,7 +291,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   }
 
   override newMapContext(): TrackContext {
-    return { chunk: -1 };
+    return { chunk: -1, chunks: 1 };
   }
 
   // ---- I/O to the snapshot device (dm-snap.c: snapshot_map) ----
@@ -297,6 +302,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       return MapResult.REMAPPED;
     }
     if (!this.valid) return MapResult.KILL;
+    // A write never spans chunks: each chunk has its own exception (cut before it may be parked).
+    if (bio.op === "write") this.cutAtChunkEnd(bio);
     if (bio.op !== "read" && this.copyThrottled) {
       // Too many copies in flight: park the write and map it again when one finishes.
       this.throttled.push(() => this.remapLater(bio, ctx));
@@ -324,6 +331,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       return MapResult.REMAPPED;
     }
     const copied = this.complete.lookup(chunk);
+    if (bio.op === "read") this.cutAtRunEnd(bio, chunk, copied);
     if (copied >= 0) return this.mapToCow(bio, copied, offset, cs);
     if (bio.op === "discard") {
       bio.complete("ok"); // never copy for a discard
@@ -332,7 +340,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     if (bio.op === "read") {
       bio.device = this.origin;
       bio.sector = offset;
-      this.trackBio(chunk, ctx);
+      this.trackRun(chunk, this.lastChunk(bio) - chunk + 1, ctx);
       return MapResult.REMAPPED;
     }
     const pe = this.findOrAllocatePending(chunk, true);
@@ -369,14 +377,46 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
   }
 
   private trackBio(chunk: number, ctx: TrackContext): void {
-    this.tracked.track(chunk);
+    this.trackRun(chunk, 1, ctx);
+  }
+
+  /** Track `chunks` chunks from `chunk` for one origin read (each, as one read per chunk would). */
+  private trackRun(chunk: number, chunks: number, ctx: TrackContext): void {
+    for (let c = chunk; c < chunk + chunks; c++) this.tracked.track(c);
     ctx.chunk = chunk;
+    ctx.chunks = chunks;
+  }
+
+  /** The last chunk `bio` touches. */
+  private lastChunk(bio: Bio): number {
+    return Math.floor((bio.sector - this.begin + bio.sectors - 1) / this.store.chunkSize);
+  }
+
+  private cutAtChunkEnd(bio: Bio): void {
+    const cs = this.store.chunkSize;
+    const toEnd = cs - ((bio.sector - this.begin) % cs);
+    if (bio.sectors > toEnd) acceptPartialBio(bio, toEnd);
+  }
+
+  /**
+   * Keep only the chunks from `chunk` on that go where `chunk` goes: all un-copied (the origin), or
+   * copied to consecutive COW chunks from `copied` on. The core maps the rest as another clone.
+   */
+  private cutAtRunEnd(bio: Bio, chunk: number, copied: number): void {
+    const last = this.lastChunk(bio);
+    let next = chunk + 1;
+    for (; next <= last; next++) {
+      const c = this.complete.lookup(next);
+      if (copied < 0 ? c >= 0 : c !== copied + (next - chunk)) break;
+    }
+    if (next <= last) acceptPartialBio(bio, next * this.store.chunkSize - (bio.sector - this.begin));
   }
 
   override endIo(bio: Bio, ctx: TrackContext): EndIoResult {
     if (ctx.chunk >= 0) {
-      this.tracked.untrack(ctx.chunk);
+      for (let c = ctx.chunk; c < ctx.chunk + ctx.chunks; c++) this.tracked.untrack(c);
       ctx.chunk = -1;
+      ctx.chunks = 1;
       // Origin writes wait for reads like this one only while the snapshot is valid: once it is
       // invalid (a failed copy or commit, or a full COW on an origin write) they go straight to the
       // origin and may have overwritten the chunk under this read. Never hand out that data.

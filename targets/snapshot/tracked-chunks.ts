@@ -47,7 +47,8 @@ export class TrackedChunks {
   }
 }
 
-/** Per-bio map context of the snapshot target: which chunk this bio tracks, or -1. */
+/** Per-bio map context of the snapshot target: the first chunk this bio tracks (or -1), and how many. */
 export interface TrackContext {
   chunk: number;
+  chunks: number;
 }
