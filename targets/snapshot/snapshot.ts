@@ -380,7 +380,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     this.trackRun(chunk, 1, ctx);
   }
 
-  /** Track `chunks` chunks from `chunk` for one origin read (each, as one read per chunk would). */
+  /** Track `chunks` chunks from `chunk` for one origin read (each, as one read per chunk would: R23). */
   private trackRun(chunk: number, chunks: number, ctx: TrackContext): void {
     for (let c = chunk; c < chunk + chunks; c++) this.tracked.track(c);
     ctx.chunk = chunk;
