@@ -1,0 +1,80 @@
+/**
+ * Which xfstests tests are the device-mapper ones, and which of those `npm run xfstests` runs by
+ * default: it reads each test's requirements, as `_require_dm_target TARGET` and the helpers of
+ * common/dm* that call it state them.
+ */
+import fs from "node:fs";
+import path from "node:path";
+
+/** The test folders searched for dm tests (ext4 is the filesystem the runner makes). */
+export const DEFAULT_TEST_DIRS = ["generic", "ext4"];
+
+/** The targets whose tests are run by default. */
+export const SELECTED_TARGETS = ["flakey", "error", "delay", "log-writes"];
+
+/** Targets udm does not provide: a test that needs one is skipped (with the reason printed). */
+export const MISSING_TARGETS = ["thin-pool"];
+
+/** Helpers of common/dm* that require targets without naming them in the test. */
+const HELPER_TARGETS: Record<string, string[]> = {
+  _require_log_writes: ["log-writes"],
+  _require_log_writes_dax_mountopt: ["log-writes"],
+  _require_flakey_with_error_writes: ["flakey"],
+  _require_dmhugedisk: ["zero", "snapshot"],
+};
+
+export interface DmTest {
+  /** As ./check names it: `generic/073`. */
+  name: string;
+  /** Every dm target it requires, sorted. */
+  targets: string[];
+}
+
+export interface Selection {
+  /** The tests to run, in check's order. */
+  run: DmTest[];
+  /** dm tests left out because they need a target udm lacks. */
+  missingTarget: DmTest[];
+  /** dm tests that need none of SELECTED_TARGETS (snapshot, linear, ...): run them by name. */
+  otherTargets: DmTest[];
+}
+
+/** The dm targets a test script requires (empty: not a dm test). */
+export function requiredTargets(script: string): string[] {
+  const targets = new Set<string>();
+  for (const line of script.split("\n")) {
+    const code = line.replace(/(^|\s)#.*$/, "");
+    for (const m of code.matchAll(/\b_require_dm_target\s+["']?([\w-]+)/g)) targets.add(m[1]!);
+    for (const [helper, helperTargets] of Object.entries(HELPER_TARGETS)) {
+      if (new RegExp(`(^|[\\s;&|(])${helper}(\\s|$|;)`).test(code)) helperTargets.forEach((t) => targets.add(t));
+    }
+  }
+  return [...targets].sort();
+}
+
+/** Every dm test in `dirs` (folders of `xfstests/tests`), sorted as check sorts them. */
+export function findDmTests(xfstests: string, dirs = DEFAULT_TEST_DIRS): DmTest[] {
+  const found: DmTest[] = [];
+  for (const dir of dirs) {
+    const full = path.join(xfstests, "tests", dir);
+    if (!fs.existsSync(full)) continue;
+    for (const entry of fs.readdirSync(full).sort()) {
+      // Tests are numbered (generic/073); their expected outputs (073.out, 073.out.64k) are not tests.
+      if (!/^\d+$/.test(entry)) continue;
+      const targets = requiredTargets(fs.readFileSync(path.join(full, entry), "utf8"));
+      if (targets.length > 0) found.push({ name: `${dir}/${entry}`, targets });
+    }
+  }
+  return found;
+}
+
+/** Split the dm tests into those to run, those needing a missing target and the others. */
+export function selectDmTests(tests: DmTest[], opts: { allTargets?: boolean } = {}): Selection {
+  const selection: Selection = { run: [], missingTarget: [], otherTargets: [] };
+  for (const test of tests) {
+    if (test.targets.some((t) => MISSING_TARGETS.includes(t))) selection.missingTarget.push(test);
+    else if (opts.allTargets || test.targets.some((t) => SELECTED_TARGETS.includes(t))) selection.run.push(test);
+    else selection.otherTargets.push(test);
+  }
+  return selection;
+}
