@@ -17,7 +17,7 @@ import {
 import { DmError } from "./errors.js";
 import { type Logger, MemoryLogger } from "./logger.js";
 import { DM_MAJOR, MappedDevice, type SuspendOptions } from "./mapped-device.js";
-import { TargetRegistry } from "./registry.js";
+import { type LoadedPlugin, TargetRegistry } from "./registry.js";
 import { type Clock, Services, systemClock } from "./services.js";
 import { formatTableLine, parseTableText, type TargetSpec } from "./table-text.js";
 import type { Table } from "./table.js";
@@ -383,6 +383,11 @@ export class DeviceMapper {
 
   loadPlugin(spec: string, baseDir?: string): Promise<string[]> {
     return this.registry.loadPlugin(spec, baseDir);
+  }
+
+  /** The plugins `loadPlugin` loaded, with the targets each added. */
+  plugins(): LoadedPlugin[] {
+    return this.registry.plugins();
   }
 
   /** Open a device for I/O from this process (counts as an opener while open). */

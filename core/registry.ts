@@ -9,11 +9,9 @@
  * process-wide registry. The registry that loads a class makes it injectable in its own tsyringe.
  */
 import "reflect-metadata";
-import { createRequire } from "node:module";
-import path from "node:path";
-import { pathToFileURL } from "node:url";
 import { inject, injectable, type DependencyContainer, type InjectionToken } from "tsyringe";
 import { DmError } from "./errors.js";
+import { importPlugin } from "./plugins.js";
 import type { Target, TargetClass, TargetTypeInfo, TargetVersion } from "./target.js";
 
 const TARGET_INFO = Symbol.for("udm.targetInfo");
@@ -61,9 +59,17 @@ export interface RegisteredTarget {
   readonly cls: TargetClass;
 }
 
+/** A plugin loaded by `loadPlugin`: what it was asked for, where it was found, what it added. */
+export interface LoadedPlugin {
+  readonly module: string;
+  readonly file: string;
+  readonly targets: string[];
+}
+
 export class TargetRegistry {
   /** Newest first, like the kernel's list (new registrations go to the head). */
   private readonly types: RegisteredTarget[] = [];
+  private readonly loaded: LoadedPlugin[] = [];
 
   constructor(readonly container: DependencyContainer) {}
 
@@ -108,18 +114,12 @@ export class TargetRegistry {
   }
 
   /**
-   * Load a plugin: an ES module, by file path or package name, that exports target classes
-   * (declared with @target) and/or a `register(registry)` function. Registers every target it
-   * exports, or none of them if any fails. Returns the names registered.
+   * Load a plugin: an ES module, by file path or package name (resolved from `baseDir`), that
+   * exports target classes (declared with @target) and/or a `register(registry)` function.
+   * Registers every target it exports, or none of them if any fails. Returns the names registered.
    */
   async loadPlugin(spec: string, baseDir = process.cwd()): Promise<string[]> {
-    if (spec.trim() === "") throw new DmError("EINVAL", "plugin: empty module name");
-    let mod: Record<string, unknown>;
-    try {
-      mod = (await import(resolvePluginSpecifier(spec, baseDir))) as Record<string, unknown>;
-    } catch (err) {
-      throw new DmError("ENOENT", `plugin ${spec}: cannot load: ${(err as Error).message}`, { cause: err });
-    }
+    const { module: mod, file } = await importPlugin(spec, baseDir);
     const classes = Object.values(mod).filter((v): v is TargetClass => targetInfoOf(v) !== undefined);
     const before = new Set(this.types.map((t) => t.info.name));
     try {
@@ -133,19 +133,12 @@ export class TargetRegistry {
       .filter((t) => !before.has(t.name))
       .map((t) => t.name);
     if (added.length === 0) throw new DmError("EINVAL", `plugin ${spec}: exports no targets`);
+    this.loaded.push({ module: spec, file, targets: added });
     return added;
   }
-}
 
-/** Paths (absolute, ./relative, or containing a slash and existing) become file URLs; else a package name. */
-function resolvePluginSpecifier(spec: string, baseDir: string): string {
-  if (spec.startsWith("file:")) return spec;
-  if (path.isAbsolute(spec) || spec.startsWith("./") || spec.startsWith("../")) {
-    return pathToFileURL(path.resolve(baseDir, spec)).href;
-  }
-  try {
-    return pathToFileURL(createRequire(path.join(baseDir, "noop.js")).resolve(spec)).href;
-  } catch {
-    return spec; // let import() resolve it (ESM-only packages) and report its own error
+  /** The plugins loaded so far, first loaded first. */
+  plugins(): LoadedPlugin[] {
+    return this.loaded.map((p) => ({ ...p, targets: [...p.targets] }));
   }
 }

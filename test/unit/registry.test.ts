@@ -96,6 +96,9 @@ describe("plugins", () => {
     backing.memory("mem0", 2048);
     expect(await dm.loadPlugin(fixture("io-stats.ts"))).toEqual(["io-stats"]);
     expect(dm.targets()[0]).toMatchObject({ name: "io-stats", version: [0, 1, 0] });
+    expect(dm.plugins()).toEqual([
+      { module: fixture("io-stats.ts"), file: fixture("io-stats.ts"), targets: ["io-stats"] },
+    ]);
     await dm.create("s", { table: "0 1024 io-stats mem0 1024" });
     const h = dm.open("s");
     await h.write(0, pattern(3, 8192));
@@ -167,6 +170,7 @@ describe("plugins", () => {
     await dm.loadPlugin(fixture("io-stats.ts"));
     await expect(dm.loadPlugin(fixture("io-stats.ts"))).rejects.toThrow(/'io-stats' target already registered/);
     expect(dm.targets().filter((t) => t.name === "io-stats")).toHaveLength(1);
+    expect(dm.plugins()).toHaveLength(1);
   });
 
   it("reports a plugin that cannot be loaded with its error", async () => {
@@ -177,6 +181,55 @@ describe("plugins", () => {
     await expect(dm.loadPlugin("no-such-udm-plugin-package")).rejects.toThrow(
       /no-such-udm-plugin-package: cannot load/,
     );
+  });
+
+  it("loads a .ts plugin Node can strip; one it cannot fails naming the file, the line and the build step", async () => {
+    // Plain Node (not the test runner's transform), as udmd loads plugins.
+    const dir = tempDir("udm-ts-plugin-");
+    try {
+      fs.mkdirSync(path.join(dir, "node_modules"));
+      fs.symlinkSync(path.resolve(__dirname, "../.."), path.join(dir, "node_modules/udm"));
+      const target = 'import { MapResult, Target, target } from "udm";\n';
+      const body = "ctr(_args: string[]): void {}\n  map(): MapResult { return MapResult.KILL; }";
+      fs.writeFileSync(
+        path.join(dir, "strippable.ts"),
+        `${target}export class Plain extends Target {\n  ${body}\n}\n` +
+          'target({ name: "plain-ts", version: [1, 0, 0] })(Plain);\n',
+      );
+      fs.writeFileSync(
+        path.join(dir, "decorated.ts"),
+        `${target}@target({ name: "decorated", version: [1, 0, 0] })\nexport class Decorated extends Target {\n  ${body}\n}\n`,
+      );
+      const dist = path.resolve(__dirname, "../../dist/index.js");
+      const script = `
+        import { createDeviceMapper } from ${JSON.stringify(dist)};
+        const dm = createDeviceMapper();
+        const out = [await dm.loadPlugin(${JSON.stringify(path.join(dir, "strippable.ts"))})];
+        for (const p of [${JSON.stringify(path.join(dir, "decorated.ts"))}, ${JSON.stringify(fixture("io-stats.ts"))}]) {
+          out.push(await dm.loadPlugin(p).catch((err) => err.message));
+        }
+        console.log(JSON.stringify(out));
+      `;
+      const { stdout } = await promisify(execFile)(process.execPath, ["--input-type=module", "-e", script]);
+      const [loaded, decorated, parameterProperty] = JSON.parse(stdout) as [string[], string, string];
+      expect(loaded).toEqual(["plain-ts"]);
+      const advice =
+        ". Node runs TypeScript only by stripping types (no decorators, parameter properties or enums): " +
+        'build the plugin with tsc and load the .js it emits (docs/writing-targets.md, "TypeScript sources")';
+      const decoratedFile = path.join(dir, "decorated.ts");
+      expect(decorated).toBe(
+        `plugin ${decoratedFile}: cannot load ${decoratedFile}:2: decorators are not supported in strip-only mode${advice}`,
+      );
+      // Node points at the first parameter property.
+      const lines = fs.readFileSync(fixture("io-stats.ts"), "utf8").split("\n");
+      const parameterLine = lines.findIndex((l) => l.includes("private readonly devices")) + 1;
+      expect(parameterProperty).toBe(
+        `plugin ${fixture("io-stats.ts")}: cannot load ${fixture("io-stats.ts")}:${parameterLine}: ` +
+          `TypeScript parameter property is not supported in strip-only mode${advice}`,
+      );
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it("runs the compiled package (tsc output) with a plain JavaScript plugin loaded by package name", async () => {
