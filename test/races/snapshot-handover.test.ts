@@ -61,11 +61,16 @@ describe("snapshot reload (handover)", () => {
     copyWrite!.release();
     // The metadata commit (PREFLUSH|FUA) is the next COW write; release everything from here on.
     cow.stopHolding(cow.hold(() => false));
-    for (;;) {
-      const held = cow.held();
-      if (held.length === 0 && w.completions > 0) break;
-      for (const h of held) h.release();
-      await settleAll(1);
+    // Each round releases what the engine has issued by then (the commit, then the origin write's
+    // own I/O); a handful is plenty, and a regression says what never happened.
+    for (let round = 0; cow.held().length > 0 || w.completions === 0; round++) {
+      if (round === 20)
+        throw new Error(
+          `after ${round} rounds of releases the origin write has ${w.completions ? "" : "not "}completed ` +
+            `and ${cow.held().length} COW I/Os are still held: the pending copy never committed into the handed-over store`,
+        );
+      for (const h of cow.held()) h.release();
+      await settleAll();
     }
     await resuming;
     expect(resumed).toBe(true);
@@ -132,7 +137,7 @@ describe("handover under origin writes", () => {
     cow.stopHolding(cow.hold(() => false));
     for (let i = 0; i < 50 && (first.completions === 0 || held.some((h) => h.completions === 0)); i++) {
       for (const h of cow.held()) h.release();
-      await settleAll(1);
+      await settleAll();
     }
     await resuming;
     await Promise.all(held.map((h) => h.promise));

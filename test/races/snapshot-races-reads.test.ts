@@ -16,6 +16,7 @@ import {
   pattern,
   sectorsOf,
   settleAll,
+  settleTurns,
   snapshotRig,
   writesOf,
   dataWrite,
@@ -63,7 +64,7 @@ describe("R4 + R17: snapshot read held at the origin vs an origin write to the s
     const fresh: IoRec[] = [];
     for (let i = 0; i < 16; i++) {
       fresh.push(r.io.read(r.snaps.s!, i % 8, 1));
-      if (i % 4 === 3) await settleAll(1);
+      if (i % 4 === 3) await settleTurns(1);
     }
     await settleAll();
     expectDone(fresh);

@@ -22,6 +22,7 @@ import {
   pattern,
   sectorsOf,
   settleAll,
+  settleTurns,
   snapshotRig,
   writesOf,
   dataWrite,
@@ -352,7 +353,7 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
             held[rand(held.length)]!.release();
           }
         }
-        if (rand(3) === 0) await settleAll(2);
+        if (rand(3) === 0) await settleTurns(2);
       }
       devices.forEach((d, i) => d.stopHolding(holds[i]!));
       for (
@@ -361,7 +362,7 @@ describe("R5: one exception per chunk per snapshot under concurrent origin and s
         round++
       ) {
         for (const d of devices) for (const h of d.held().reverse()) h.release();
-        await settleAll(2);
+        await settleAll();
       }
       expect(problems, `seed ${seed}`).toEqual([]);
       expect(r.io.errors, `seed ${seed}`).toEqual([]);

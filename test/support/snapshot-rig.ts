@@ -22,8 +22,32 @@ import { registerProbe } from "./snapshot-probe.js";
 /** Resolves on the next turn of the event loop: lets pending promise chains run, no timing. */
 export const settle = () => new Promise<void>((r) => setImmediate(r));
 
-/** Settle a few times (chains of awaits across several devices). */
-export async function settleAll(turns = 4): Promise<void> {
+/**
+ * Run the event loop until nothing is left to run: no setImmediate callback queued and no
+ * file-system request in flight (timers aside: the rigs use none, and vitest's own are always
+ * there). A "not yet" asserted after this holds because nothing more can happen until the test
+ * acts (releases a held I/O), not because a fixed number of turns went by. Throws if the loop
+ * never goes idle (something that reschedules itself forever).
+ */
+export async function settleAll(): Promise<void> {
+  for (let turn = 0; turn < MAX_SETTLE_TURNS; turn++) {
+    await settle();
+    if (!eventLoopBusy()) return;
+  }
+  throw new Error(`settleAll: the event loop was still busy after ${MAX_SETTLE_TURNS} turns`);
+}
+
+const MAX_SETTLE_TURNS = 10_000;
+
+function eventLoopBusy(): boolean {
+  return process.getActiveResourcesInfo().some((r) => r === "Immediate" || r.startsWith("FSReq"));
+}
+
+/**
+ * Exactly `turns` turns of the event loop: for seeded schedules that interleave their own steps
+ * with partly finished work (never for a "not yet" assertion: use settleAll()).
+ */
+export async function settleTurns(turns: number): Promise<void> {
   for (let i = 0; i < turns; i++) await settle();
 }
 
