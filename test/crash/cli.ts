@@ -1,7 +1,8 @@
 /**
  * `npm run crash -- [--ops N] [--seed S] [options]`: the crash-consistency runner (./runner.ts).
- * Prints the seed first, then "crash points checked: X, failures: Y"; exits 1 on failures, 2 on
- * bad arguments.
+ * Prints the seed first, and last "crash points checked: X, failures: Y (seed S, ops N)" (the seed
+ * again, so a figure quoted from that line can be reproduced); exits 1 on failures, 2 on bad
+ * arguments.
  */
 import crypto from "node:crypto";
 import { type ParseArgsConfig, parseArgs } from "node:util";
@@ -124,7 +125,10 @@ export async function main(argv: string[]): Promise<number> {
   for (const problem of report.workloadProblems) process.stdout.write(`FAIL workload: ${problem}\n`);
   if (!quiet) process.stdout.write(`${details(report)}\n`);
   if (json) process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
-  process.stdout.write(`crash points checked: ${report.pointsChecked}, failures: ${report.failures}\n`);
+  process.stdout.write(
+    `crash points checked: ${report.pointsChecked}, failures: ${report.failures} ` +
+      `(seed ${options.seed}, ops ${options.ops})\n`,
+  );
   return report.failures > 0 ? 1 : 0;
 }
 

@@ -233,7 +233,7 @@ describe("crash-consistency runner", () => {
     );
     expect(r.stderr).toBe("");
     expect(r.stdout).toMatch(/^seed 7 \(repeat with --seed 7 --ops 20\)\n/);
-    expect(r.stdout).toMatch(/\ncrash points checked: \d+, failures: 0\n$/);
+    expect(r.stdout).toMatch(/\ncrash points checked: \d+, failures: 0 \(seed 7, ops 20\)\n$/);
     expect(r.status).toBe(0);
     const bad = spawnSync(process.execPath, ["--import", "tsx", "test/crash/cli.ts", "--ops", "x"], {
       cwd: ROOT,
