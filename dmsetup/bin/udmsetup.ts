@@ -4,13 +4,19 @@
  */
 import "reflect-metadata";
 import { DmError, strerror } from "../../core/errors.js";
+import { checkCommand, SELECT_COMMANDS } from "../cli/command-table.js";
 import { CommandFailed, Commands, type Io } from "../cli/commands.js";
 import { connectDaemon, NoDaemonError } from "../cli/connect.js";
 import { LOCAL_COMMANDS, runLocalCommand } from "../cli/local-commands.js";
-import { parseCommandLine, UsageError } from "../cli/options.js";
+import { ManglingClient } from "../cli/name-mangling.js";
+import { OptionValueError, parseCommandLine, UsageError } from "../cli/options.js";
+import { Selection, SelectionError, SelectionHelp } from "../cli/select.js";
 import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 
 const USAGE = `Usage: udmsetup [--run-dir DIR] [--no-autostart] [--json] <command> [args]
+Options (as dmsetup): [-v] [-f] [-r] [--checks] [--manglename none|hex|auto] [--noopencount] [--noflush]
+  [--inactive] [--retry] [-c] [-o FIELDS] [-O SORT] [-S SELECTION] [--noheadings] [--separator S]
+  [-U UID] [-G GID] [-M MODE]
 Commands (as dmsetup):
   create NAME [TABLE_FILE] [--table TABLE] [-u UUID] [-r] [-n|--notable]
   create --concise [SPEC]
@@ -18,17 +24,20 @@ Commands (as dmsetup):
   clear NAME...
   suspend [--noflush] NAME...
   resume NAME...
-  remove [-f] [--retry] NAME...
+  remove [-f] [--retry] [--deferred] NAME...
   remove_all [-f]
   rename NAME NEWNAME | rename NAME --setuuid UUID
-  ls [--target TYPE] [--tree] [-o OPTIONS]
+  ls [--target TYPE] [--exec COMMAND] [--tree] [-o OPTIONS]
   info [-c [-o FIELDS] [--noheadings] [--separator S]] [NAME...]
   table [--target TYPE] [--concise] [--inactive] [NAME...]
   status [--target TYPE] [--inactive] [NAME...]
   message NAME SECTOR MESSAGE...
   targets
+  target-version TARGET...
   deps [-o devno|blkdevname|devname] [NAME...]
   wait NAME [EVENT_NR]
+  mangle [NAME...]
+  setgeometry NAME CYL HEAD SECT START
   version
   splitname NAME [SUBSYSTEM] [-o FIELDS]
   udevflags COOKIE | udevcookies | udevcomplete COOKIE | udevcomplete_all [AGE]
@@ -69,7 +78,8 @@ async function main(argv: string[]): Promise<number> {
   try {
     parsed = parseCommandLine(argv, process.env);
   } catch (err) {
-    io.err(`${(err as Error).message}\n${USAGE}`);
+    if (err instanceof OptionValueError) io.err(`${err.message}\nCouldn't process command line.\n`);
+    else io.err(`${(err as Error).message}\n${USAGE}`);
     return 1;
   }
   const { command, args, opts } = parsed;
@@ -79,9 +89,25 @@ async function main(argv: string[]): Promise<number> {
     (opts.help ? io.out : io.err)(USAGE);
     return opts.help ? 0 : 1;
   }
+  // Everything that can be refused without a daemon is refused before one is reached.
+  const check = checkCommand(command, args);
+  if (check !== "ok") {
+    io.err(`${check === "unknown" ? "Unknown command." : "Incorrect number of arguments."}\n${USAGE}`);
+    return 1;
+  }
+  let selection: Selection | null = null;
+  if (opts.select !== undefined && SELECT_COMMANDS.has(command)) {
+    try {
+      selection = Selection.parse(opts.select);
+    } catch (err) {
+      if (!(err instanceof SelectionError)) throw err;
+      io.err(err.message);
+      return err instanceof SelectionHelp ? 0 : 1;
+    }
+  }
   if (LOCAL_COMMANDS.has(command)) {
     try {
-      return runLocalCommand(command, args, opts, io, USAGE);
+      return runLocalCommand(command, args, opts, io, USAGE, selection);
     } catch (err) {
       io.err(`${(err as Error).message}\n${err instanceof UsageError ? USAGE : "Command failed.\n"}`);
       return 1;
@@ -108,7 +134,9 @@ async function main(argv: string[]): Promise<number> {
     );
     return 1;
   }
-  const cmds = new Commands(client, opts, io);
+  // dmsetup turns mangling off for `mangle`, so that it reaches names in any form.
+  const mangling = command === "mangle" ? "none" : opts.mangling;
+  const cmds = new Commands(new ManglingClient(client, mangling), { ...opts, mangling }, io, selection);
   try {
     switch (command) {
       case "create":
@@ -165,6 +193,15 @@ async function main(argv: string[]): Promise<number> {
         break;
       case "wipe_table":
         await cmds.wipeTable(args);
+        break;
+      case "mangle":
+        await cmds.mangle(args);
+        break;
+      case "target-version":
+        await cmds.targetVersion(args);
+        break;
+      case "setgeometry":
+        await cmds.setGeometry(args);
         break;
       case "attach":
         await cmds.attach(args);

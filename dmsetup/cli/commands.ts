@@ -10,6 +10,7 @@ import { parseTableText, type TargetSpec } from "../../core/table-text.js";
 import type { ControlClient } from "../control/client.js";
 import type { CreateStep, Op, RequestMap } from "../control/protocol.js";
 import { formatConcise, parseConcise } from "./concise.js";
+import { ExecCommandError, execOnDevice, execWords } from "./exec.js";
 import { formatDeps } from "./format/deps.js";
 import { formatInfoLong } from "./format/info.js";
 import { formatLs } from "./format/ls.js";
@@ -17,7 +18,13 @@ import { formatInfoColumns } from "./format/report.js";
 import { formatTableLines, formatTargets, formatVersion } from "./format/table.js";
 import { toJson } from "./format/text.js";
 import { formatTree } from "./format/tree.js";
+import { mangleDecision } from "./mangle.js";
+import { ManglingError, sentName } from "./name-mangling.js";
+import { applyNodeOwner, hasNodeOwner } from "./node-owner.js";
 import { type CliOptions, UsageError } from "./options.js";
+import type { Selection } from "./select.js";
+import { filterSelected, forEachSelected, graphOf, type ListEntry } from "./selected-devices.js";
+import { checkChildrenNotSuspended, SuspendCheckError } from "./suspend-checks.js";
 
 export interface Io {
   out(text: string): void;
@@ -31,23 +38,39 @@ export interface Io {
 
 type Info = DeviceInfo & { nbdUri?: string; attached?: string };
 type Dep = { major: number; minor: number; name?: string } | { path: string };
-interface ListEntry {
-  name: string;
-  uuid: string;
-  major: number;
-  minor: number;
-  deps: Dep[];
-}
 
 /** A failed command: the messages are already printed. */
 export class CommandFailed extends Error {}
 
 export class Commands {
   constructor(
-    private readonly client: ControlClient,
+    private readonly client: Pick<ControlClient, "request">,
     private readonly opts: CliOptions,
     private readonly io: Io,
+    /** -S, parsed (null for "" and "all", which select every device). */
+    private readonly selection: Selection | null = null,
   ) {}
+
+  /** -S was given: the command runs on the devices that pass it, as dmsetup runs it. */
+  private get selecting(): boolean {
+    return this.opts.select !== undefined;
+  }
+
+  /** Run `run` on the selected devices among `args` (selected-devices.ts). */
+  private forSelected(args: string[], run: (name: string) => Promise<void>): Promise<void> {
+    return forEachSelected(
+      {
+        client: this.client,
+        selection: this.selection,
+        noOpenCount: this.opts.noopencount,
+        out: (t) => this.io.out(t),
+        err: (t) => this.io.err(t),
+        failure: (message) => new CommandFailed(message),
+      },
+      args,
+      run,
+    );
+  }
 
   /** Issue one request; on failure print libdevmapper's line for `ioctlName` and fail. */
   private async call<O extends Op>(ioctlName: string, name: string, op: O, args: RequestMap[O]): Promise<unknown> {
@@ -58,12 +81,25 @@ export class Commands {
     }
   }
 
-  /** Print the kernel's reason and libdevmapper's ioctl failure line; return the error to throw. */
+  /**
+   * Print the kernel's reason and libdevmapper's ioctl failure line (naming the device as it was
+   * sent, mangled); return the error to throw. A name libdm could not (un)mangle has its own words.
+   */
   private failed(ioctlName: string, name: string, err: unknown): CommandFailed {
+    if (err instanceof ManglingError || err instanceof CommandFailed) {
+      if (err instanceof ManglingError) this.io.err(`${err.message}\n`);
+      return new CommandFailed(err.message);
+    }
     const errno = err instanceof DmError ? err.errno : "EIO";
     const reason = (err as Error).message;
     if (reason && reason !== strerror(errno)) this.io.err(`${reason}\n`);
-    this.io.err(`device-mapper: ${ioctlName} ioctl on ${name} ${this.opts.uuid ?? ""} failed: ${strerror(errno)}\n`);
+    let sent = name;
+    try {
+      sent = sentName(name, this.opts.mangling);
+    } catch {
+      // the request never left: ManglingError above
+    }
+    this.io.err(`device-mapper: ${ioctlName} ioctl on ${sent} ${this.opts.uuid ?? ""} failed: ${strerror(errno)}\n`);
     return new CommandFailed(reason);
   }
 
@@ -122,11 +158,25 @@ export class Commands {
     readOnly: boolean,
     table: TargetSpec[] | undefined,
   ): Promise<void> {
+    let info: Info;
     try {
-      await this.client.request("create", { name, uuid, readOnly, table });
+      info = (await this.client.request("create", { name, uuid, readOnly, table })) as Info;
     } catch (err) {
       const step = (err as { step?: CreateStep }).step;
       throw this.failed(step === "load" ? "reload" : (step ?? "create"), name, err);
+    }
+    // udmd attached it (--auto-attach): -U/-G/-M are for its node.
+    if (info.attached !== undefined) this.ownNode(info.attached);
+  }
+
+  /** -U/-G/-M on the kernel device of an attached device (node-owner.ts). */
+  private ownNode(path: string): void {
+    if (!hasNodeOwner(this.opts)) return;
+    try {
+      applyNodeOwner(path, this.opts);
+    } catch (err) {
+      this.io.err(`${(err as Error).message}\n`);
+      throw new CommandFailed((err as Error).message);
     }
   }
 
@@ -141,34 +191,55 @@ export class Commands {
   }
 
   async clear(args: string[]): Promise<void> {
-    for (const name of args) await this.call("clear", name, "clear", { name });
+    const clearOne = async (name: string) => void (await this.call("clear", name, "clear", { name }));
+    if (this.selecting) return this.forSelected(args, clearOne);
+    for (const name of args) await clearOne(name);
   }
 
   async suspend(args: string[]): Promise<void> {
-    for (const name of args) await this.call("suspend", name, "suspend", { name, noflush: this.opts.noflush });
+    const suspendOne = async (name: string) => {
+      if (this.opts.checks) {
+        try {
+          await checkChildrenNotSuspended(this.client, name);
+        } catch (err) {
+          if (!(err instanceof SuspendCheckError)) throw this.failed("deps", name, err);
+          this.io.err(`${err.message}\n`);
+          throw new CommandFailed(err.message);
+        }
+      }
+      await this.call("suspend", name, "suspend", { name, noflush: this.opts.noflush });
+    };
+    if (this.selecting) return this.forSelected(args, suspendOne);
+    for (const name of args) await suspendOne(name);
     if (this.opts.verbose) await this.info(args);
   }
 
   async resume(args: string[]): Promise<void> {
-    for (const name of args) await this.call("resume", name, "resume", { name, noflush: this.opts.noflush });
+    const resumeOne = async (name: string) =>
+      void (await this.call("resume", name, "resume", { name, noflush: this.opts.noflush }));
+    if (this.selecting) return this.forSelected(args, resumeOne);
+    for (const name of args) await resumeOne(name);
     if (this.opts.verbose) await this.info(args);
   }
 
   async remove(args: string[]): Promise<void> {
+    if (this.selecting) return this.forSelected(args, (name) => this.removeOne(name));
     if (args.length === 0) throw new UsageError("remove: device name required");
-    for (const name of args) {
-      for (let attempt = 0; ; attempt++) {
-        try {
-          await this.client.request("remove", { name, force: this.opts.force, deferred: this.opts.deferred });
-          break;
-        } catch (err) {
-          // --retry: libdevmapper retries EBUSY 25 times, 200 ms apart.
-          if (this.opts.retry && err instanceof DmError && err.errno === "EBUSY" && attempt < 25) {
-            await new Promise((r) => setTimeout(r, 200));
-            continue;
-          }
-          throw this.failed("remove", name, err);
+    for (const name of args) await this.removeOne(name);
+  }
+
+  private async removeOne(name: string): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.client.request("remove", { name, force: this.opts.force, deferred: this.opts.deferred });
+        return;
+      } catch (err) {
+        // --retry: libdevmapper retries EBUSY 25 times, 200 ms apart.
+        if (this.opts.retry && err instanceof DmError && err.errno === "EBUSY" && attempt < 25) {
+          await new Promise((r) => setTimeout(r, 200));
+          continue;
         }
+        throw this.failed("remove", name, err);
       }
     }
   }
@@ -193,8 +264,13 @@ export class Commands {
   }
 
   async ls(): Promise<void> {
-    const list = (await this.call("names", "", "list", { target: this.opts.target })) as ListEntry[];
+    const all = (await this.call("names", "", "list", {})) as ListEntry[];
+    const target = this.opts.target;
+    let list = target === undefined ? all : ((await this.call("names", "", "list", { target })) as ListEntry[]);
+    // dmsetup ignores -S on ls; udm lists only what passes it (not with --tree: a tree is drawn whole).
+    if (this.selecting && !this.opts.tree) list = await this.selectEntries(list, all);
     if (this.opts.json) return this.io.out(toJson(list));
+    if (this.opts.exec !== undefined) return this.lsExec(list, all.length === 0);
     if (this.opts.tree) {
       return this.io.out(
         formatTree(
@@ -203,15 +279,44 @@ export class Commands {
         ),
       );
     }
-    this.io.out(
-      formatLs(list, { target: this.opts.target !== undefined, blkdevname: this.opts.options === "blkdevname" }),
+    if (list.length === 0 && all.length > 0) return; // devices, none selected
+    this.io.out(formatLs(list, { target: target !== undefined, blkdevname: this.opts.options === "blkdevname" }));
+  }
+
+  /** The entries of `list` whose devices pass -S; `all` is every device, for the relationship fields. */
+  private async selectEntries(list: ListEntry[], all: readonly ListEntry[]): Promise<ListEntry[]> {
+    const infos = await Promise.all(
+      list.map((d) => this.call("info", d.name, "info", { name: d.name }) as Promise<Info>),
     );
+    const kept = new Set(filterSelected(infos, all, this.selection, this.opts.noopencount).map((i) => i.name));
+    return list.filter((d) => kept.has(d.name));
+  }
+
+  /**
+   * `ls --exec CMD` (exec.ts), as dmsetup runs it through its status loop: with -v each device's
+   * `NAME\t(MAJ, MIN)` line first; the command on each device in turn.
+   */
+  private lsExec(list: readonly ListEntry[], noDevices: boolean): void {
+    if (noDevices) return this.io.out("No devices found\n");
+    if (list.length === 0) return;
+    let words: string[];
+    try {
+      words = execWords(this.opts.exec!);
+    } catch (err) {
+      if (!(err instanceof ExecCommandError)) throw err;
+      if (err.message) this.io.err(`${err.message}\n`);
+      throw new CommandFailed(err.message);
+    }
+    for (const d of list) {
+      if (this.opts.verbose) this.io.out(`${d.name}\t(${d.major}, ${d.minor})\n`);
+      execOnDevice(words, sentName(d.name, this.opts.mangling));
+    }
   }
 
   async info(args: string[]): Promise<void> {
     const names = await this.names(args);
     if (names.length === 0) return this.io.out("No devices found\n");
-    const infos: Info[] = [];
+    let infos: Info[] = [];
     for (const name of names) {
       const info = await this.infoOrMissing(name);
       if (!info) {
@@ -221,7 +326,8 @@ export class Commands {
       }
       infos.push(info);
     }
-    if (this.opts.json) return this.io.out(toJson(args.length === 1 ? infos[0] : infos));
+    // The relationship fields and the selection need every device and what it uses.
+    const all = (await this.call("names", "", "list", {})) as ListEntry[];
     if (this.opts.columns) {
       return this.io.out(
         formatInfoColumns(infos, {
@@ -231,8 +337,20 @@ export class Commands {
           sort: this.opts.sort?.split(","),
           nameprefixes: this.opts.nameprefixes,
           rows: this.opts.rows,
+          noOpenCount: this.opts.noopencount,
+          graph: graphOf(all),
+          selection: this.selection ?? undefined,
         }),
       );
+    }
+    // dmsetup ignores -S here; udm shows only what passes it.
+    if (this.selecting) infos = filterSelected(infos, all, this.selection, this.opts.noopencount) as Info[];
+    if (this.opts.json) {
+      // udm's extras beside dmsetup's: the geometry `setgeometry` set (what HDIO_GETGEO would say).
+      const withGeometry = [];
+      for (const info of infos)
+        withGeometry.push({ ...info, geometry: await this.call("info", info.name, "geometry", { name: info.name }) });
+      return this.io.out(toJson(args.length === 1 && !this.selecting ? withGeometry[0] : withGeometry));
     }
     // Exactly dmsetup's lines: udm's extras (the NBD URI, the attached kernel device) are in --json.
     for (const info of infos) this.io.out(formatInfoLong(info, { noOpenCount: this.opts.noopencount }));
@@ -240,14 +358,8 @@ export class Commands {
 
   async tableOrStatus(kind: "table" | "status", args: string[]): Promise<void> {
     if (kind === "table" && this.opts.concise) return this.concise(args);
-    const names = await this.names(args);
-    if (names.length === 0) return this.io.out("No devices found\n");
     const all: Record<string, TableLine[]> = {};
-    for (const name of names) {
-      if (!(await this.infoOrMissing(name))) {
-        this.io.err("Device does not exist.\n");
-        throw new CommandFailed("no device");
-      }
+    const one = async (name: string, prefixed: boolean) => {
       if (this.opts.verbose) await this.info([name]);
       const lines = (await this.call(kind, name, kind, {
         name,
@@ -255,13 +367,23 @@ export class Commands {
         ...(kind === "status" ? { noflush: this.opts.noflush } : {}),
       })) as TableLine[];
       all[name] = this.opts.target ? lines.filter((l) => l.type === this.opts.target) : lines;
-      if (!this.opts.json) {
-        this.io.out(
-          formatTableLines(lines, names.length !== 1 || args.length !== 1 ? name : undefined, {
-            target: this.opts.target,
-          }),
-        );
+      if (!this.opts.json)
+        this.io.out(formatTableLines(lines, prefixed ? name : undefined, { target: this.opts.target }));
+    };
+    if (this.selecting) {
+      // dmsetup runs the command on each selected device as one of several: names are prefixed.
+      await this.forSelected(args, (name) => one(name, true));
+      if (this.opts.json) this.io.out(toJson(all));
+      return;
+    }
+    const names = await this.names(args);
+    if (names.length === 0) return this.io.out("No devices found\n");
+    for (const name of names) {
+      if (!(await this.infoOrMissing(name))) {
+        this.io.err("Device does not exist.\n");
+        throw new CommandFailed("no device");
       }
+      await one(name, names.length !== 1 || args.length !== 1);
     }
     if (this.opts.json) this.io.out(toJson(args.length === 1 ? all[args[0]!] : all));
   }
@@ -299,24 +421,22 @@ export class Commands {
   }
 
   async deps(args: string[]): Promise<void> {
+    if (this.selecting) return this.forSelected(args, (name) => this.depsOne(name, true));
     const names = await this.names(args);
     if (names.length === 0) return this.io.out("No devices found\n");
-    for (const name of names) {
-      let deps: Dep[];
-      try {
-        deps = (await this.client.request("deps", { name, inactive: this.opts.inactive })) as Dep[];
-      } catch (err) {
-        if (err instanceof DmError && err.errno === "ENXIO") {
-          this.io.out("Device does not exist.\n");
-          continue;
-        }
-        throw err;
-      }
-      const format = (this.opts.options ?? "devno") as "devno" | "blkdevname" | "devname";
-      this.io.out(
-        this.opts.json ? toJson(deps) : formatDeps(deps, { prefix: names.length !== 1 ? name : undefined, format }),
-      );
+    for (const name of names) await this.depsOne(name, names.length !== 1);
+  }
+
+  private async depsOne(name: string, prefixed: boolean): Promise<void> {
+    let deps: Dep[];
+    try {
+      deps = (await this.client.request("deps", { name, inactive: this.opts.inactive })) as Dep[];
+    } catch (err) {
+      if (err instanceof DmError && err.errno === "ENXIO") return this.io.out("Device does not exist.\n");
+      throw err;
     }
+    const format = (this.opts.options ?? "devno") as "devno" | "blkdevname" | "devname";
+    this.io.out(this.opts.json ? toJson(deps) : formatDeps(deps, { prefix: prefixed ? name : undefined, format }));
   }
 
   async wait(args: string[]): Promise<void> {
@@ -466,13 +586,67 @@ export class Commands {
 
   /** dmsetup.c _error_device: load one `error` target over the device's size, then resume. */
   async wipeTable(args: string[]): Promise<void> {
-    if (args.length === 0) throw new UsageError("wipe_table: device name required");
-    for (const name of args) {
+    const wipeOne = async (name: string) => {
       const info = (await this.call("info", name, "info", { name })) as Info;
       const table = [{ start: 0, length: info.sizeSectors, type: "error", params: "" }];
       await this.call("reload", name, "load", { name, table });
       await this.call("resume", name, "resume", { name, noflush: this.opts.noflush });
+    };
+    if (this.selecting) return this.forSelected(args, wipeOne);
+    if (args.length === 0) throw new UsageError("wipe_table: device name required");
+    for (const name of args) await wipeOne(name);
+  }
+
+  /**
+   * `mangle [NAME...]` (mangle.ts). The client given for this command sends and reads names as
+   * they are (dmsetup sets mangling to none for it), so every name the daemon holds is reachable.
+   */
+  async mangle(args: string[]): Promise<void> {
+    const target = this.opts.manglename ?? "auto";
+    const mangleOne = async (name: string) => {
+      let info: Info;
+      try {
+        info = (await this.client.request("info", { name })) as Info;
+      } catch (err) {
+        // dmsetup asks with a status ioctl, which reports a missing device without a message.
+        if (err instanceof DmError && err.errno === "ENXIO") throw new CommandFailed("no device");
+        throw this.failed("status", name, err);
+      }
+      let decision;
+      try {
+        decision = mangleDecision(name, info.uuid, target);
+      } catch (err) {
+        throw this.failed("status", name, err);
+      }
+      this.io.out(`${decision.message}\n`);
+      if (decision.rename) await this.call("rename", name, "rename", { name, newName: decision.newName });
+    };
+    if (args.length > 0) {
+      for (const name of args) await mangleOne(name);
+      return;
     }
+    const list = (await this.call("names", "", "list", {})) as ListEntry[];
+    if (list.length === 0) return this.io.out("No devices found\n");
+    let failure: unknown;
+    for (const { name } of list) await mangleOne(name).catch((err: unknown) => (failure ??= err));
+    if (failure !== undefined) throw failure;
+  }
+
+  /** `target-version TARGET...`: from the list `targets` prints, so the two always agree. */
+  async targetVersion(args: string[]): Promise<void> {
+    const list = (await this.call("versions", "", "targets", {})) as { name: string; version: number[] }[];
+    for (const name of args) {
+      const target = list.find((t) => t.name === name);
+      // DM_GET_TARGET_VERSION of an unknown type: EINVAL, and the kernel says nothing more.
+      if (!target) throw this.failed("target-version", name, new DmError("EINVAL", strerror("EINVAL")));
+      this.io.out(formatTargets([target]));
+    }
+  }
+
+  /** `setgeometry NAME CYL HEAD SECT START`: the daemon checks the values as the kernel does. */
+  async setGeometry(args: string[]): Promise<void> {
+    const [name, ...values] = args as [string, ...string[]];
+    await this.call("setgeometry", name, "setgeometry", { name, geometry: values.join(" ") });
   }
 
   async version(): Promise<void> {
@@ -484,6 +658,7 @@ export class Commands {
     const [name] = args;
     if (!name) throw new UsageError("attach: device name required");
     const { path } = (await this.call("attach", name, "attach", { name })) as { path: string };
+    this.ownNode(path);
     this.io.out(`${path}\n`);
   }
 

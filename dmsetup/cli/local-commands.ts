@@ -9,6 +9,7 @@ import { UsageError } from "./options.js";
 import type { CliOptions } from "./options.js";
 import type { Io } from "./commands.js";
 import { formatInfoColumns } from "./format/report.js";
+import type { Selection } from "./select.js";
 
 /** libdm's udev cookie prefix (DM_COOKIE_MAGIC): the semaphore keys dmsetup would look at. */
 const DM_COOKIE_MAGIC = 0x0d4d;
@@ -52,7 +53,14 @@ function parseCookie(text: string | undefined): number {
 }
 
 /** Run a local command; the exit status. */
-export function runLocalCommand(command: string, args: string[], opts: CliOptions, io: Io, usage: string): number {
+export function runLocalCommand(
+  command: string,
+  args: string[],
+  opts: CliOptions,
+  io: Io,
+  usage: string,
+  selection: Selection | null = null,
+): number {
   switch (command) {
     case "splitname": {
       const [name, subsystem = "LVM"] = args;
@@ -66,6 +74,7 @@ export function runLocalCommand(command: string, args: string[], opts: CliOption
           separator: opts.separator,
           nameprefixes: opts.nameprefixes,
           rows: opts.rows,
+          selection: selection ?? undefined,
         }),
       );
       return 0;

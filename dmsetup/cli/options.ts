@@ -2,6 +2,7 @@
  * dmsetup's command line: options may come before or after the command, as dmsetup allows.
  */
 import { parseArgs } from "node:util";
+import { type ManglingMode, manglingModeFromEnv, parseManglingMode } from "./name-mangling.js";
 
 export interface CliOptions {
   verbose: number;
@@ -33,9 +34,43 @@ export interface CliOptions {
   runDir?: string;
   help: boolean;
   version: boolean;
+  /** -S/--select: the selection text, parsed by select.ts. */
+  select?: string;
+  /** ls --exec: the command run with each device's path. */
+  exec?: string;
+  /** --manglename as given (the `mangle` command's target format). */
+  manglename?: ManglingMode;
+  /** The mode names are sent and read in: --manglename, else $DM_DEFAULT_NAME_MANGLING_MODE, else auto. */
+  mangling: ManglingMode;
+  checks: boolean;
+  /** -U/-G/-M: owner and mode for the kernel device of an attached device. */
+  uid?: number;
+  gid?: number;
+  mode?: number;
 }
 
 export class UsageError extends Error {}
+
+/** An option value dmsetup refuses while reading its command line ("Couldn't process command line."). */
+export class OptionValueError extends Error {}
+
+/** C's atoi, as dmsetup reads -U and -G: leading blanks and a sign, then digits; otherwise 0. */
+function atoi(text: string): number {
+  const m = /^[ \t\n\v\f\r]*([+-]?\d+)/.exec(text);
+  return m ? Number(m[1]) | 0 : 0;
+}
+
+/** -M as dmsetup reads it: strtol base 8, the whole string, not zero. */
+function octalMode(text: string): number {
+  const m = /^[ \t\n\v\f\r]*([+-]?)([0-7]+)$/.exec(text);
+  const value = m ? parseInt(m[2]!, 8) * (m[1] === "-" ? -1 : 1) : 0;
+  const overflow = Math.abs(value) > 2 ** 63 - 1;
+  if (!m || value === 0 || overflow)
+    throw new OptionValueError(
+      `Invalid argument for --mode: ${text}. ${overflow ? "Numerical result out of range" : ""}`,
+    );
+  return value;
+}
 
 export function parseCommandLine(
   argv: string[],
@@ -69,6 +104,13 @@ export function parseCommandLine(
         columns: { type: "boolean", short: "c" },
         C: { type: "boolean", short: "C" },
         noheadings: { type: "boolean" },
+        select: { type: "string", short: "S" },
+        exec: { type: "string" },
+        manglename: { type: "string" },
+        checks: { type: "boolean" },
+        uid: { type: "string", short: "U" },
+        gid: { type: "string", short: "G" },
+        mode: { type: "string", short: "M" },
         separator: { type: "string" },
         sort: { type: "string", short: "O" },
         nameprefixes: { type: "boolean" },
@@ -97,6 +139,8 @@ export function parseCommandLine(
   }
   const v = parsed.values;
   const [command, ...args] = parsed.positionals;
+  const manglename = v.manglename === undefined ? undefined : parseManglingMode(v.manglename);
+  if (manglename === null) throw new OptionValueError("Unknown name mangling mode.");
   return {
     command,
     args,
@@ -130,6 +174,14 @@ export function parseCommandLine(
       runDir: v["run-dir"],
       help: v.help ?? false,
       version: v.version ?? false,
+      select: v.select,
+      exec: v.exec,
+      manglename,
+      mangling: manglename ?? manglingModeFromEnv(env),
+      checks: v.checks ?? false,
+      uid: v.uid === undefined ? undefined : atoi(v.uid),
+      gid: v.gid === undefined ? undefined : atoi(v.gid),
+      mode: v.mode === undefined ? undefined : octalMode(v.mode),
     },
   };
 }

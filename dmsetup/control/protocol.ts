@@ -39,7 +39,11 @@ export interface RequestMap {
   targets: Record<string, never>;
   deps: { name: string; inactive?: boolean };
   wait: { name: string; eventNr: number };
+  /** DM_DEV_SET_GEOMETRY: "CYL HEAD SECT START", parsed by the daemon as the kernel parses it. */
+  setgeometry: { name: string; geometry: string };
   /** udm extensions */
+  /** What HDIO_GETGEO would answer: the geometry set with `setgeometry` (all zero until then). */
+  geometry: { name: string };
   "load-plugin": { module: string };
   attach: { name: string };
   detach: { name: string; force?: boolean };
@@ -129,6 +133,11 @@ const FIELDS: { [O in Op]: [string, FieldType, boolean][] } = {
     ["name", "string", true],
     ["eventNr", "number", true],
   ],
+  setgeometry: [
+    ["name", "string", true],
+    ["geometry", "string", true],
+  ],
+  geometry: [["name", "string", true]],
   "load-plugin": [["module", "string", true]],
   attach: [["name", "string", true]],
   detach: [
