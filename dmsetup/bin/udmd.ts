@@ -9,11 +9,11 @@
  * The environment and the flags are read here, once, and passed down as options.
  */
 import "reflect-metadata";
-import fs from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import type { LogLevel } from "../../core/logger.js";
 import { type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "../../nbd/server.js";
+import { type DaemonConfig, readConfig } from "../daemon/config.js";
 import { Daemon } from "../daemon/daemon.js";
 import { setUpDemo } from "../daemon/demo.js";
 import { AlreadyRunningError } from "../daemon/instance-lock.js";
@@ -23,7 +23,8 @@ const USAGE = `Usage: udmd [options]
   --run-dir DIR          run directory (default $UDM_RUN_DIR, /run/udm as root, else $XDG_RUNTIME_DIR/udm)
   --plugin MODULE        load a target plugin (file path or package name); repeatable
   --config FILE          JSON config: {"plugins": [...], "logLevel": "info", "nbdListen": "127.0.0.1:10809",
-                         "tls": "require", "tlsCertificates": DIR, "tlsPsk": FILE}
+                         "tls": "require", "tlsCertificates": DIR, "tlsPsk": FILE}; relative paths in it
+                         are relative to FILE's folder
   --log-level LEVEL      debug | info | warn | error (default info)
   --nbd-listen [HOST:]PORT  also serve NBD over TCP (default host 127.0.0.1; any other address
                          needs --tls=require)
@@ -50,15 +51,6 @@ Tuning (defaults are best; these exist for comparisons, see bench/run.ts):
   --no-write-plug        issue every small buffered write on its own, never merged per event-loop turn
   --no-zero-copy         copy large NBD READ replies through a buffer instead of sendfile(2)
 `;
-
-interface Config {
-  plugins?: string[];
-  logLevel?: LogLevel;
-  nbdListen?: string;
-  tls?: string;
-  tlsCertificates?: string;
-  tlsPsk?: string;
-}
 
 export async function main(argv = process.argv.slice(2)): Promise<number> {
   let values;
@@ -97,10 +89,10 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     process.stdout.write(USAGE);
     return 0;
   }
-  let config: Config = {};
+  let config: DaemonConfig = {};
   if (values.config) {
     try {
-      config = JSON.parse(fs.readFileSync(values.config, "utf8")) as Config;
+      config = readConfig(values.config);
     } catch (err) {
       process.stderr.write(`udmd: config ${values.config}: ${(err as Error).message}\n`);
       return 1;
@@ -183,7 +175,7 @@ interface NbdFlags {
 }
 
 /** The NBD protection flags, checked: a TLS mode needs credentials and credentials need a mode. */
-function nbdFlags(values: Record<string, string | boolean | string[] | undefined>, config: Config): NbdFlags {
+function nbdFlags(values: Record<string, string | boolean | string[] | undefined>, config: DaemonConfig): NbdFlags {
   const text = (name: string): string | undefined => values[name] as string | undefined;
   const mode = text("tls") ?? config.tls ?? "off";
   if (!(TLS_MODES as readonly string[]).includes(mode)) {

@@ -24,9 +24,19 @@ export function tempDir(prefix = "udm-test-"): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-/** Resolves once the control socket accepts connections (or rejects if the daemon exits). */
-export async function startDaemon(dir: string, args: string[] = []): Promise<RunningDaemon> {
-  const proc = spawn(process.execPath, [UDMD, "--run-dir", dir, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+/**
+ * Resolves once the control socket accepts connections (or rejects if the daemon exits).
+ * `from.udmd`: another installed copy's udmd; `from.cwd`: where plugin package names resolve.
+ */
+export async function startDaemon(
+  dir: string,
+  args: string[] = [],
+  from: { udmd?: string; cwd?: string } = {},
+): Promise<RunningDaemon> {
+  const proc = spawn(process.execPath, [from.udmd ?? UDMD, "--run-dir", dir, ...args], {
+    cwd: from.cwd,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   let err = "";
   let out = "";
   proc.stderr!.on("data", (d) => (err += d));
