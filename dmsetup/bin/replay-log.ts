@@ -5,11 +5,12 @@
  *
  *   udm-replay-log --log <logfile> [--replay <device>] [--limit N] [--start-entry N]
  *                  [--start-mark NAME] [--end-mark NAME] [--next-flush] [--next-fua] [--find]
- *                  [--num-entries] [--no-discard] [--fsck CMD --check N|flush|fua] [-v|-vv]
+ *                  [--num-entries] [--no-discard] [--fsck CMD --check N|flush|fua|discard]
+ *                  [--start-sector S] [--end-sector S] [-v|-vv]
  *
  * The log and the replay target are files or block devices. Without --replay it prints the log's
- * summary; --find prints the number of the entry the stop options name; --num-entries prints
- * nr_entries. Long options may be abbreviated and written as --opt=value (getopt_long).
+ * summary; --find prints the entry the stop options name as ENTRY@BLOCK (BLOCK: the log block
+ * right after it); --num-entries prints nr_entries. Long options may be abbreviated and written as --opt=value (getopt_long).
  */
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -18,6 +19,7 @@ import type { BlockDevice } from "../../core/devices/block-device.js";
 import { openBackingDevice } from "../../core/devices/open-device.js";
 import { errnoNumber } from "../../core/sys/errors.js";
 import {
+  LOG_DISCARD_FLAG,
   LOG_FLUSH_FLAG,
   LOG_FUA_FLAG,
   LOG_MARK_FLAG,
@@ -42,11 +44,14 @@ const USAGE = `Usage: udm-replay-log --log <logfile> [options]
 \t--start-mark <mark> - mark to start from
 \t--end-mark <mark> - replay to/find the given mark
 \t--find - put replay-log in find mode, will search based on the other options
-\t--num-entries - print the number of entries in the log
+\t--number-entries - print the number of entries in the log
 \t--no-discard - don't process discard entries
 \t--fsck - the fsck command to run, must specify --check
-\t--check [<number>|flush|fua] when to check the file system, must specify --fsck
-\t-v, --verbose - print each replayed entry (-vv: also each entry skipped while seeking)
+\t--check [<number>|flush|fua|discard] when to check the file system, must specify --fsck
+\t--start-sector <sector> - replay ops on region from <sector> onto <device>
+\t--end-sector <sector> - replay ops on region to <sector> onto <device>
+\t-v or --verbose - print replayed ops
+\t-vv - print also skipped ops
 `;
 
 const LONG_OPTIONS: Record<string, boolean> = {
@@ -64,6 +69,8 @@ const LONG_OPTIONS: Record<string, boolean> = {
   fsck: true,
   check: true,
   "start-mark": true,
+  "start-sector": true,
+  "end-sector": true,
   help: false,
 };
 
@@ -86,17 +93,19 @@ interface Options {
   numEntries: boolean;
   discard: boolean;
   fsck?: string;
-  check?: { mode: "number"; every: number } | { mode: "flush" } | { mode: "fua" };
+  check?: { mode: "number"; every: number } | { mode: "flush" } | { mode: "fua" } | { mode: "discard" };
+  startSector: number;
+  endSector: number;
   verbose: number;
   help: boolean;
 }
 
 /** strtoull(text, &end, 0) with "*end must be NUL": decimal, 0x hex or 0 octal; "" is 0. */
-function parseNumber(text: string, io: ReplayLogIo): number {
+function parseNumber(text: string, io: ReplayLogIo, what = "entry"): number {
   const m = /^\s*\+?(?:(0[xX][0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))?$/.exec(text);
   const n = !m ? null : m[1] ? BigInt(m[1]) : m[2] ? BigInt("0o" + (m[2].slice(1) || "0")) : m[3] ? BigInt(m[3]) : 0n;
   if (n === null || n > BigInt(Number.MAX_SAFE_INTEGER)) {
-    io.err("Invalid entry number\n");
+    io.err(`Invalid ${what} number\n`);
     throw new Exit(1);
   }
   return Number(n);
@@ -118,6 +127,8 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
     discard: true,
     verbose: 0,
     help: false,
+    startSector: 0,
+    endSector: Number.POSITIVE_INFINITY,
   };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -201,6 +212,7 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
       case "check":
         if (value === "flush") o.check = { mode: "flush" };
         else if (value === "fua") o.check = { mode: "fua" };
+        else if (value === "discard") o.check = { mode: "discard" };
         else {
           const every = parseNumber(value!, io);
           if (every === 0) {
@@ -209,6 +221,12 @@ function parseArgs(argv: string[], io: ReplayLogIo): Options {
           }
           o.check = { mode: "number", every };
         }
+        break;
+      case "start-sector":
+        o.startSector = parseNumber(value!, io, "sector");
+        break;
+      case "end-sector":
+        o.endSector = parseNumber(value!, io, "sector");
         break;
       case "help":
         o.help = true;
@@ -295,7 +313,7 @@ async function run(argv: string[], io: ReplayLogIo, opened: BlockDevice[]): Prom
     for (let e = await reader.next({ verb: "seek entry" }); e; e = await reader.next({ verb: "seek entry" })) {
       count++;
       if ((o.limit && count === o.limit) || stop(e)) {
-        io.out(`${e.index}\n`);
+        io.out(`${e.index}@${reader.block}\n`);
         return 0;
       }
     }
@@ -313,7 +331,13 @@ async function run(argv: string[], io: ReplayLogIo, opened: BlockDevice[]): Prom
     return 0;
   }
 
-  const replayer = new EntryReplayer(replayDev, reader.sectorSize, { discard: o.discard, verbose });
+  const replayer = new EntryReplayer(replayDev, reader.sectorSize, {
+    discard: o.discard,
+    verbose,
+    startSector: o.startSector,
+    endSector: o.endSector,
+    zeroDiscards: !fs.statSync(o.replay!).isBlockDevice(),
+  });
   const system = io.system ?? defaultSystem(io);
   const runFsck = async (): Promise<boolean> => {
     await syncDevice(replayDev);
@@ -327,7 +351,8 @@ async function run(argv: string[], io: ReplayLogIo, opened: BlockDevice[]): Prom
       const due =
         (o.check.mode === "number" && count % o.check.every === 0) ||
         (o.check.mode === "fua" && shouldStop(e, LOG_FUA_FLAG)) ||
-        (o.check.mode === "flush" && shouldStop(e, LOG_FLUSH_FLAG));
+        (o.check.mode === "flush" && shouldStop(e, LOG_FLUSH_FLAG)) ||
+        (o.check.mode === "discard" && shouldStop(e, LOG_DISCARD_FLAG));
       if (due && !(await runFsck())) {
         io.err(`Fsck errored out on entry ${e.index}\n`);
         failed = true;

@@ -226,7 +226,7 @@ export function flagsToString(flags: number): string {
       rest -= bit;
     }
   }
-  if (rest) parts.push(`UNKNOWN.${rest}`);
+  if (rest) parts.push(`UNKNOWN.0x${rest.toString(16)}`);
   return parts.length ? parts.join("|") : "NONE";
 }
 

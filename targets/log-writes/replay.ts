@@ -120,14 +120,14 @@ export class LogReader {
   async seekEntry(n: number): Promise<void> {
     if (!Number.isSafeInteger(n) || n < 0 || n >= this.nrEntries) throw new LogFormatError("Invalid entry number");
     this.rewind();
-    while (this.curEntry < n) await this.next({ data: false, verboseLevel: 2, verb: "seek entry" });
+    while (this.curEntry < n) await this.next({ data: false, seekLine: true });
   }
 
   /**
    * The next entry (header, mark text, and its data when `data` is set and it has any), or null at
    * the end of the log.
    */
-  async next(opts: { data?: boolean; verboseLevel?: number; verb?: string } = {}): Promise<LogEntry | null> {
+  async next(opts: { data?: boolean; verb?: string; seekLine?: boolean } = {}): Promise<LogEntry | null> {
     if (this.curEntry >= this.nrEntries) return null;
     const ss = this.sectorSize;
     const offset = this.position;
@@ -140,12 +140,18 @@ export class LogReader {
     const entry: LogEntry = { ...decodeEntryBlock(block), index: this.curEntry, offset };
     this.curEntry++;
     this.position += ss;
-    if (this.verbose && opts.verb) {
+    // -vv lines as the tool prints them: log_seek_entry gives the header's own block and no flag
+    // names; log_seek_next_entry the block after the header, and the names.
+    if (this.verbose && opts.seekLine)
       this.verbose(
-        opts.verboseLevel ?? 2,
-        `${opts.verb} ${entry.index}: ${entry.sector}, size ${entry.nrSectors}, flags ${entry.flags}`,
+        2,
+        `seek entry ${entry.index}@${offset / ss}: ${entry.sector}, size ${entry.nrSectors}, flags ${hex(entry.flags)}`,
       );
-    }
+    else if (this.verbose && opts.verb)
+      this.verbose(
+        2,
+        `${opts.verb} ${entry.index}@${this.position / ss}: ${entry.sector}, size ${entry.nrSectors}, flags ${hex(entry.flags)}(${flagsToString(entry.flags)})`,
+      );
     if (entryHasData(entry)) {
       const bytes = entry.nrSectors * ss;
       if (opts.data) {
@@ -167,6 +173,11 @@ export class LogReader {
       if (shouldStop(e, LOG_MARK_FLAG, want)) return e;
     }
     throw new LogFormatError("Couldn't find starting mark");
+  }
+
+  /** The block right after the last entry `next()` returned (the tool's cur_pos / sectorsize). */
+  get block(): number {
+    return this.position / this.sectorSize;
   }
 
   /** Every remaining entry, with data when asked. */
@@ -229,6 +240,17 @@ export interface ReplayOptions extends StopOptions {
   afterEntry?: (entry: LogEntry, replayed: number) => boolean | void | Promise<boolean | void>;
   /** Lines the tool prints with -v / -vv. */
   verbose?: VerboseSink;
+  /**
+   * Replay only writes touching sectors [startSector, endSector] (the tool's --start-sector and
+   * --end-sector, in log sectors); discards are replayed wherever they fall, as the tool does.
+   */
+  startSector?: number;
+  endSector?: number;
+  /**
+   * Replay discards by writing zeros, saying so once at -v, as the tool does on a regular file
+   * (its BLKDISCARD fails there). The bytes are the same as a punched hole; the output is the tool's.
+   */
+  zeroDiscards?: boolean;
 }
 
 export interface ReplayResult {
@@ -327,25 +349,41 @@ export class EntryReplayer {
   constructor(
     private readonly dev: BlockDevice,
     private readonly sectorSize: number,
-    private readonly opts: Pick<ReplayOptions, "discard" | "maxZeroSize" | "verbose"> = {},
+    private readonly opts: Pick<
+      ReplayOptions,
+      "discard" | "maxZeroSize" | "verbose" | "startSector" | "endSector" | "zeroDiscards"
+    > = {},
   ) {
     this.maxZeroSize = opts.maxZeroSize ?? 128 * 1024 * 1024;
   }
 
   async apply(entry: LogEntry): Promise<void> {
     const size = entry.nrSectors * this.sectorSize;
+    const skip = this.outsideRegion(entry);
+    const block = entry.offset / this.sectorSize + 1; // the tool's cur_pos after the header
     this.opts.verbose?.(
-      1,
-      `replaying ${entry.index}: sector ${entry.sector}, size ${size}, flags ${entry.flags}(${flagsToString(entry.flags)})`,
+      skip ? 2 : 1,
+      `${skip ? "skipping" : "replaying"} ${entry.index}@${block}: sector ${entry.sector}, size ${size}, ` +
+        `flags ${hex(entry.flags)}(${flagsToString(entry.flags)})`,
     );
     if (!size) return;
     const start = entry.sector * this.sectorSize;
+    // As the tool: a discard is applied whatever the region (log_replay_next_entry checks it first).
     if (entry.flags & LOG_DISCARD_FLAG) return this.discard(start, size);
+    if (skip) return;
     if (!entry.data) throw new LogFormatError(`entry ${entry.index}: data not read`);
     await this.io(
       new Bio("write", start / SECTOR_SIZE, size >> SECTOR_SHIFT, entry.data, 0, null),
       "Error writing data",
     );
+  }
+
+  /** log_should_skip: the entry has sectors and none of them is in [startSector, endSector]. */
+  private outsideRegion(entry: LogEntry): boolean {
+    if (!entry.nrSectors) return false;
+    const from = this.opts.startSector ?? 0;
+    const to = this.opts.endSector ?? Number.POSITIVE_INFINITY;
+    return entry.sector + entry.nrSectors <= from || entry.sector > to;
   }
 
   private async discard(start: number, size: number): Promise<void> {
@@ -355,6 +393,7 @@ export class EntryReplayer {
       const len = Math.min(size, maxChunk);
       if (!this.discardNotSupported) {
         try {
+          if (this.opts.zeroDiscards) throw new Error("discards are replayed as zeros");
           await submitAndWait(this.dev, new Bio("discard", start / SECTOR_SIZE, len / SECTOR_SIZE, null, 0, null));
         } catch {
           this.opts.verbose?.(1, "replay device doesn't support discard, switching to writing zeros");
@@ -391,4 +430,9 @@ export class EntryReplayer {
       throw new LogFormatError(`${what}: ${err instanceof BioError ? err.status : (err as Error).message}`);
     }
   }
+}
+
+/** printf's 0x%llx. */
+function hex(n: number): string {
+  return `0x${n.toString(16)}`;
 }

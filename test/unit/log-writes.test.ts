@@ -120,7 +120,7 @@ describe("log format", () => {
     expect(d.length).toBe(512);
     expect(d.readBigUInt64LE(16)).toBe(4n);
     expect(flagsToString(LOG_FLUSH_FLAG | LOG_FUA_FLAG)).toBe("FLUSH|FUA");
-    expect(flagsToString(LOG_METADATA_FLAG | 64)).toBe("METADATA|UNKNOWN.64");
+    expect(flagsToString(LOG_METADATA_FLAG | 64)).toBe("METADATA|UNKNOWN.0x40");
     expect(flagsToString(0)).toBe("NONE");
   });
 
@@ -564,11 +564,11 @@ describe("udm-replay-log", () => {
       err: "",
     });
     expect(await cli("--log", logFile, "--num-entries")).toEqual({ code: 0, out: "9\n", err: "" });
-    expect(await cli("--log", logFile, "--find", "--end-mark", "one")).toEqual({ code: 0, out: "3\n", err: "" });
-    expect(await cli("--log=" + logFile, "--find", "--end-m=two")).toEqual({ code: 0, out: "7\n", err: "" });
+    expect(await cli("--log", logFile, "--find", "--end-mark", "one")).toEqual({ code: 0, out: "3@14\n", err: "" });
+    expect(await cli("--log=" + logFile, "--find", "--end-m=two")).toEqual({ code: 0, out: "7@20\n", err: "" });
     expect(await cli("--log", logFile, "--find", "--next-flush", "--start-entry", "3")).toEqual({
       code: 0,
-      out: "6\n",
+      out: "6@19\n",
       err: "",
     });
     expect(await cli("--log", logFile, "--find", "--end-mark", "three")).toEqual({
@@ -587,10 +587,10 @@ describe("udm-replay-log", () => {
     expect(limited.code).toBe(0);
     expect(limited.out).toBe(
       [
-        "replaying 0: sector 40, size 512, flags 2(FUA)",
-        "replaying 1: sector 0, size 4096, flags 0(NONE)",
-        "replaying 2: sector 0, size 0, flags 1(FLUSH)",
-        "replaying 3: sector 0, size 0, flags 8(MARK)",
+        "replaying 0@2: sector 40, size 512, flags 0x2(FUA)",
+        "replaying 1@4: sector 0, size 4096, flags 0x0(NONE)",
+        "replaying 2@13: sector 0, size 0, flags 0x1(FLUSH)",
+        "replaying 3@14: sector 0, size 0, flags 0x8(MARK)",
         "",
       ].join("\n"),
     );
@@ -666,7 +666,7 @@ describe("udm-replay-log", () => {
     const { logFile, atMark } = await fileLog();
     expect(
       execFileSync(process.execPath, [bin, "--log", logFile, "--find", "--end-mark", "two"], { encoding: "utf8" }),
-    ).toBe("7\n");
+    ).toBe("7@20\n"); // entry 7, and the log block after it, as the C tool prints
     const r = replayFile();
     execFileSync(process.execPath, [bin, "--log", logFile, "--replay", r, "--end-mark", "one"]);
     expect(fs.readFileSync(r).equals(atMark.one!)).toBe(true);
