@@ -14,6 +14,50 @@ describe("docs stay true to the code", () => {
   });
 });
 
+describe("writing-targets.md on plugins", () => {
+  const doc = read("docs/writing-targets.md");
+  const blocks = (lang: string) =>
+    [...doc.matchAll(new RegExp("```" + lang + "\\n([\\s\\S]*?)```", "g"))].map((m) => m[1]!);
+  /** Every line of `block` is a line of `file` (the doc shows an excerpt of it). */
+  const excerptOf = (block: string, file: string) => {
+    const lines = new Set(
+      read(file)
+        .split("\n")
+        .map((l) => l.trim()),
+    );
+    return block.split("\n").filter((l) => l.trim() !== "" && !lines.has(l.trim()));
+  };
+
+  it("shows the tsconfig of each decorator style as the tests build plugins with it", () => {
+    const json = blocks("json");
+    expect(json).toContain(read("examples/plugin-template/tsconfig.json"));
+    expect(json).toContain(read("test/fixtures/plugins/tsconfig.experimental-decorators.json"));
+  });
+
+  it("quotes the template's target and test as they are", () => {
+    const ts = blocks("ts");
+    const standard = ts.find((b) => b.includes("inject: [Services.DeviceLookup]") && b.includes("counting"))!;
+    expect(excerptOf(standard, "examples/plugin-template/src/counting.ts")).toEqual([]);
+    const kit = ts.find((b) => b.includes("runTargetCrashCheck"))!;
+    expect(excerptOf(kit, "examples/plugin-template/test/counting.test.ts")).toEqual([]);
+  });
+
+  it("lists every bio operation and every status a submitter can see", () => {
+    const bio = read("core/bio.ts");
+    const union = (type: string) =>
+      [...new RegExp(`export type ${type} = ([^;]+);`).exec(bio)![1]!.matchAll(/"([^"]+)"/g)].map((m) => m[1]!);
+    const rows = (header: string) => {
+      const table = doc.slice(doc.indexOf(header)).split("\n\n")[0]!;
+      return table
+        .split("\n")
+        .slice(2)
+        .map((row) => /^\| `([^`]+)`/.exec(row)![1]!);
+    };
+    expect(rows("| `clone.op` |")).toEqual(union("BioOp"));
+    expect(rows("| `status` |")).toEqual(union("BioStatus").filter((s) => s !== "DM_REQUEUE"));
+  });
+});
+
 describe("docs/examples/library.ts", () => {
   it("runs and prints what docs/library.md shows", async () => {
     const { example } = await import("../../docs/examples/library.js");
