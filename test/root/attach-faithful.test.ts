@@ -65,6 +65,28 @@ describe.skipIf(skipReason !== null)("the attached kernel device is faithful to 
     return buf.toString("latin1");
   };
 
+  /** Buffered: open, write one block, fsync, close (the last close drops the device's cache). */
+  const bufferedWrite = (byte: string, block: number) => {
+    const fd = fs.openSync(link(), "r+");
+    try {
+      fs.writeSync(fd, Buffer.from(byte.repeat(BLOCK)), 0, BLOCK, block * BLOCK);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  };
+  /** Buffered: open, read one block, close. */
+  const bufferedRead = (block: number) => {
+    const fd = fs.openSync(link(), "r");
+    try {
+      const buf = Buffer.alloc(BLOCK);
+      fs.readSync(fd, buf, 0, BLOCK, block * BLOCK);
+      return buf.toString("latin1");
+    } finally {
+      fs.closeSync(fd);
+    }
+  };
+
   it("O_DIRECT I/O goes through the new table at once: flakey drop_writes drops, error fails", async () => {
     await createAttached(`0 ${SECTORS} linear ${env.img} 0`);
     expect(await directWrite("A", 3)).toMatchObject({ code: 0 });
@@ -79,6 +101,20 @@ describe.skipIf(skipReason !== null)("the attached kernel device is faithful to 
     const failed = await directRead(3);
     expect(failed.code).not.toBe(0);
     expect(failed.stderr).toContain("Input/output error");
+  });
+
+  it("buffered I/O after a table swap sees the new table, as on kernel dm once the last user has closed", async () => {
+    await createAttached(`0 ${SECTORS} linear ${env.img} 0`);
+    bufferedWrite("A", 3);
+    expect(bufferedRead(3)).toBe("A".repeat(BLOCK));
+
+    await swapTable(`0 ${SECTORS} flakey ${env.img} 0 0 180 1 drop_writes`);
+    bufferedWrite("B", 3); // written back on fsync, dropped by the table
+    expect(bufferedRead(3)).toBe("A".repeat(BLOCK)); // a cache below would answer B
+    expect(fileBlock(env.img, 3)).toBe("A".repeat(BLOCK));
+
+    await swapTable(`0 ${SECTORS} error`);
+    expect(() => bufferedRead(3)).toThrow(/EIO|i\/o error/i);
   });
 
   it("buffered readers: the kernel device's page cache goes with its last close", async () => {
