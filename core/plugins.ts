@@ -36,6 +36,9 @@ export async function importPlugin(spec: string, baseDir: string): Promise<Impor
   if (spec.trim() === "") throw new DmError("EINVAL", "plugin: empty module name");
   const specifier = resolvePluginSpecifier(spec, baseDir);
   const file = specifier.startsWith("file:") ? fileURLToPath(specifier) : specifier;
+  if (specifier.startsWith("file:") && !fs.existsSync(file)) {
+    throw new DmError("ENOENT", `plugin ${spec}: cannot load: ${file}: no such file`);
+  }
   try {
     return { module: (await import(specifier)) as Record<string, unknown>, file };
   } catch (err) {

@@ -8,6 +8,7 @@ import { checkCommand, SELECT_COMMANDS } from "../cli/command-table.js";
 import { CommandFailed, Commands, type Io } from "../cli/commands.js";
 import { connectDaemon, NoDaemonError } from "../cli/connect.js";
 import { LOCAL_COMMANDS, runLocalCommand } from "../cli/local-commands.js";
+import { runPluginCommand } from "../cli/plugin-command.js";
 import { ManglingClient } from "../cli/name-mangling.js";
 import { OptionValueError, parseCommandLine, UsageError } from "../cli/options.js";
 import { Selection, SelectionError, SelectionHelp } from "../cli/select.js";
@@ -49,6 +50,8 @@ udm extras:
   merge ORIGIN SNAPSHOT  merge SNAPSHOT back into ORIGIN (snapshot-merge), with progress;
                          ORIGIN ends as snapshot-origin
   daemon [--foreground]  run udmd (in the background unless --foreground)
+  plugin load MODULE     load a target plugin into udmd: a path or a package name, resolved here
+  plugin list            the plugins udmd loaded: FILE: TARGET...
 `;
 
 // dmsetup dies of SIGPIPE when its reader goes away (`udmsetup info | head -1`). Node ignores
@@ -211,6 +214,9 @@ async function main(argv: string[]): Promise<number> {
         break;
       case "merge":
         await cmds.merge(args);
+        break;
+      case "plugin":
+        await runPluginCommand(client, args, opts, io);
         break;
       default:
         io.err("Unknown command.\n");

@@ -32,6 +32,7 @@ export const DAEMON_COMMANDS: ReadonlySet<string> = new Set([
   "attach",
   "detach",
   "merge",
+  "plugin",
 ]);
 
 /**

@@ -44,7 +44,9 @@ export interface RequestMap {
   /** udm extensions */
   /** What HDIO_GETGEO would answer: the geometry set with `setgeometry` (all zero until then). */
   geometry: { name: string };
-  "load-plugin": { module: string };
+  /** `baseDir`: where relative paths and package names resolve (the client's working directory). */
+  "load-plugin": { module: string; baseDir?: string };
+  "list-plugins": Record<string, never>;
   attach: { name: string };
   detach: { name: string; force?: boolean };
 }
@@ -138,7 +140,11 @@ const FIELDS: { [O in Op]: [string, FieldType, boolean][] } = {
     ["geometry", "string", true],
   ],
   geometry: [["name", "string", true]],
-  "load-plugin": [["module", "string", true]],
+  "load-plugin": [
+    ["module", "string", true],
+    ["baseDir", "string", false],
+  ],
+  "list-plugins": [],
   attach: [["name", "string", true]],
   detach: [
     ["name", "string", true],

@@ -297,8 +297,13 @@ export class ControlServer {
       }
       case "geometry":
         return this.geometries.get(dm.device(name));
-      case "load-plugin":
-        return { targets: await dm.loadPlugin((req as Request<"load-plugin">).module) };
+      case "load-plugin": {
+        const r = req as Request<"load-plugin">;
+        const targets = await dm.loadPlugin(r.module, r.baseDir);
+        return { targets, file: dm.plugins().find((p) => p.targets.includes(targets[0]!))!.file };
+      }
+      case "list-plugins":
+        return dm.plugins();
       case "attach": {
         if (!this.hooks.attach) throw new DmError("EOPNOTSUPP", "this daemon cannot attach devices");
         return this.hooks.attach(name);
