@@ -30,6 +30,7 @@ export interface Libc {
   write: LibcFunction;
   close: LibcFunction;
   strerror: LibcFunction;
+  prctl: LibcFunction;
 }
 
 let library: LibraryHandle | null = null;
@@ -70,6 +71,8 @@ export function libc(): Libc {
     close: lib.func("close", "int", ["int"]),
     // Known errnos get static strings; only unknown ones use a buffer (thread-local since glibc 2.32).
     strerror: lib.func("strerror", "str", ["int"]),
+    // Variadic in the header; every option udm uses takes one unsigned long.
+    prctl: lib.func("prctl", "int", ["int", "unsigned long", "unsigned long", "unsigned long", "unsigned long"]),
   };
   return table;
 }

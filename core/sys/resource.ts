@@ -22,3 +22,15 @@ export function openFileLimit(): ResourceLimit {
   const value = (v: bigint): number => (v === RLIM_INFINITY ? Infinity : Number(v));
   return { soft: value(rlimit.readBigUInt64LE(0)), hard: value(rlimit.readBigUInt64LE(8)) };
 }
+
+const PR_SET_PDEATHSIG = 1;
+
+/**
+ * prctl(PR_SET_PDEATHSIG): the kernel sends `signal` to this process when the thread that forked
+ * it exits (nbdkit's --exit-with-parent). Returns false if the parent is already gone, which the
+ * kernel would never report: `parentPid` is the parent as first seen (process.ppid at start).
+ */
+export function exitWithParent(signal: number, parentPid: number): boolean {
+  check(libc().prctl(PR_SET_PDEATHSIG, signal, 0, 0, 0) as number, "prctl", "PR_SET_PDEATHSIG");
+  return process.ppid === parentPid;
+}

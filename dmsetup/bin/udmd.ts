@@ -4,11 +4,13 @@
  * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--tls=off|on|require] [--tls-certificates DIR]
  * [--tls-psk FILE] [--nbd-handshake-timeout SECONDS] [--nbd-max-connections N]
  * [--nbd-max-client-connections N] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]
+ * [--run CMD [--device NAME=TABLE_FILE]...] [--exit-with-parent]
  * [--no-inline-reads] [--no-write-plug] [--no-zero-copy]`
  *
  * The environment and the flags are read here, once, and passed down as options.
  */
 import "reflect-metadata";
+import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import type { LogLevel } from "../../core/logger.js";
@@ -16,6 +18,14 @@ import { type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "../../nbd/server
 import { type DaemonConfig, readConfig } from "../daemon/config.js";
 import { Daemon } from "../daemon/daemon.js";
 import { setUpDemo } from "../daemon/demo.js";
+import { exitWithParent } from "../../core/sys/resource.js";
+import {
+  type CaptiveDevice,
+  captiveEnv,
+  createCaptiveDevices,
+  parseCaptiveDevice,
+  runCaptive,
+} from "../daemon/captive.js";
 import { AlreadyRunningError } from "../daemon/instance-lock.js";
 import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 
@@ -46,6 +56,12 @@ const USAGE = `Usage: udmd [options]
   --demo                 create demo devices (demo-origin, demo-snap) over sparse files in --state-dir
   --state-dir DIR        where the demo keeps its files (default ./var)
   --foreground           accepted for compatibility: udmd always runs in the foreground
+  --run CMD              captive mode (as nbdkit's --run): start, create the --device devices, run
+                         CMD with sh -c ($uri: the first device's NBD URI, $socket: the NBD socket,
+                         $UDM_RUN_DIR, $uri_NAME per device), then remove everything and exit with
+                         CMD's exit status
+  --device NAME=FILE     with --run: create device NAME from the table in FILE; repeatable
+  --exit-with-parent     stop (as on SIGTERM) when the process that started udmd exits
 Tuning (defaults are best; these exist for comparisons, see bench/run.ts):
   --no-inline-reads      read every page-cache hit through libuv's thread pool, not in the event loop
   --no-write-plug        issue every small buffered write on its own, never merged per event-loop turn
@@ -75,6 +91,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
         demo: { type: "boolean" },
         "state-dir": { type: "string" },
         foreground: { type: "boolean" },
+        run: { type: "string" },
+        device: { type: "string", multiple: true },
+        "exit-with-parent": { type: "boolean" },
         "no-inline-reads": { type: "boolean" },
         "no-write-plug": { type: "boolean" },
         "no-zero-copy": { type: "boolean" },
@@ -89,6 +108,23 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     process.stdout.write(USAGE);
     return 0;
   }
+  let captive: CaptiveDevice[] = [];
+  try {
+    captive = (values.device ?? []).map(parseCaptiveDevice);
+  } catch (err) {
+    process.stderr.write(`udmd: ${(err as Error).message}\n`);
+    return 2;
+  }
+  if (captive.length > 0 && values.run === undefined) {
+    process.stderr.write("udmd: --device needs --run\n");
+    return 2;
+  }
+  if (values.run !== undefined && values.demo) {
+    process.stderr.write("udmd: --run and --demo exclude each other\n");
+    return 2;
+  }
+  // First, so that a parent that dies while udmd starts is noticed too.
+  if (values["exit-with-parent"] && !exitWithParent(os.constants.signals.SIGTERM, process.ppid)) return 1;
   let config: DaemonConfig = {};
   if (values.config) {
     try {
@@ -155,6 +191,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   };
   process.on("SIGTERM", () => stop("SIGTERM"));
   process.on("SIGINT", () => stop("SIGINT"));
+  if (values.run !== undefined) return runCaptiveCommand(daemon, values.run, captive);
   if (values.demo) {
     try {
       process.stdout.write(await setUpDemo(daemon, values["state-dir"] ?? "var"));
@@ -165,6 +202,20 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     }
   }
   return -1; // keep running
+}
+
+/** --run: create the devices, run CMD, tear down, and return CMD's status (1 if setup failed). */
+async function runCaptiveCommand(daemon: Daemon, command: string, devices: CaptiveDevice[]): Promise<number> {
+  let status: number;
+  try {
+    await createCaptiveDevices(daemon, devices);
+    status = await runCaptive(command, captiveEnv(daemon, devices));
+  } catch (err) {
+    process.stderr.write(`udmd: --run: ${(err as Error).message}\n`);
+    status = 1;
+  }
+  await daemon.stop();
+  return status;
 }
 
 interface NbdFlags {
