@@ -36,10 +36,15 @@ async function build(name: string, source: string, tsconfig: string): Promise<{ 
   }
 }
 
-/** Load a built plugin into the compiled package's mapper and run one write and read through `table`. */
+/**
+ * In a fresh Node process, import a built plugin before anything else (the import order that used
+ * to crash with "tsyringe requires a reflect polyfill"), then load it into the compiled package's
+ * mapper and run one write and read through `table`.
+ */
 async function run(plugin: string, table: string): Promise<unknown> {
   const script = `
-    import { createDeviceMapper, MemoryDevice, readBio, submitAndWait } from ${JSON.stringify(path.join(root, "dist/index.js"))};
+    await import(${JSON.stringify(plugin)});
+    const { createDeviceMapper, MemoryDevice, readBio, submitAndWait } = await import(${JSON.stringify(path.join(root, "dist/index.js"))});
     const mem = new MemoryDevice(4096, { tableName: "m" });
     const dm = createDeviceMapper({ backing: { identify: async (s) => s, open: async () => mem } });
     const targets = await dm.loadPlugin(${JSON.stringify(plugin)});
