@@ -21,10 +21,10 @@ export const Services = {
 /** dm_get_device / dm_put_device for one table: devices are shared and reference counted. */
 export interface DeviceLookup {
   /**
-   * Open `path` (a file, a block device node, `major:minor`, or `/dev/mapper/NAME` for another
-   * udm device). Mode "rw" is silently reduced to "r" for a read-only table. Rejects with an
-   * Error whose `code` is an errno name; targets turn that into their own message
-   * ("Device lookup failed").
+   * Open `path` (a file, a block device node, `major:minor`, `/dev/mapper/NAME` for another
+   * udm device, or an NBD URI such as `nbd+unix:///EXPORT?socket=PATH` for a remote export).
+   * Mode "rw" is silently reduced to "r" for a read-only table. Rejects with an Error whose
+   * `code` is an errno name; targets turn that into their own message ("Device lookup failed").
    */
   get(path: string, mode?: OpenMode): Promise<BlockDevice>;
   /** Release one reference taken by `get` (optional: the table releases the rest when destroyed). */

@@ -6,6 +6,7 @@
  */
 import fs from "node:fs/promises";
 import type { BlockDevice, IoOptions, OpenMode, OpenOptions } from "./block-device.js";
+import { isRemoteDevice, nbdBackingDevices } from "./nbd/index.js";
 import { openBackingDevice } from "./open-device.js";
 import { DmError } from "../errors.js";
 import { Mutex } from "../mutex.js";
@@ -88,7 +89,9 @@ export class SharedDevices {
   ): Promise<BlockDevice> {
     const mapped = this.resolveMapped(spec);
     if (mapped) return this.acquireStacked(mapped, owner, holder);
-    const key = await this.backing.identify(spec);
+    // NBD URIs name remote exports whatever the file-system backing is (docs/nbd.md, "Remote devices").
+    const backing = isRemoteDevice(spec) ? nbdBackingDevices : this.backing;
+    const key = await backing.identify(spec);
     const existing = this.entries.get(key);
     if (existing) {
       existing.refs++;
@@ -97,7 +100,7 @@ export class SharedDevices {
           if (existing.device.upgradeToReadWrite) {
             await existing.device.upgradeToReadWrite();
           } else {
-            const upgraded = await this.backing.open(spec, { ...this.io, mode: "rw" });
+            const upgraded = await backing.open(spec, { ...this.io, mode: "rw" });
             existing.retired.push(existing.device);
             this.byDevice.set(upgraded, existing);
             existing.device = upgraded;
@@ -110,7 +113,7 @@ export class SharedDevices {
       }
       return existing.device;
     }
-    const device = await this.backing.open(spec, { ...this.io, mode });
+    const device = await backing.open(spec, { ...this.io, mode });
     const entry: Entry = { key, device, mode, refs: 1, retired: [], stacked: false, owners: new Map() };
     this.entries.set(key, entry);
     this.byDevice.set(device, entry);
