@@ -214,6 +214,8 @@ export class NbdDevice implements BlockDevice {
   private readonly connectTimeoutMs: number;
   private readonly backoff: { first: number; max: number };
   private readonly logger: Logger;
+  /** Waiting for a connection (whenConnected). */
+  private connectedWaiters: (() => void)[] = [];
 
   /** Connect to the export `spec` names (an NBD URI) and negotiate; the first connection must succeed. */
   static async open(spec: string, opts: OpenOptions, devOpts: NbdDeviceOptions = {}): Promise<NbdDevice> {
@@ -663,6 +665,7 @@ export class NbdDevice implements BlockDevice {
       this.failFast = false;
       this.startReplay();
       this.dispatch();
+      for (const wake of this.connectedWaiters.splice(0)) wake();
     } catch (err) {
       if (this.closed) return;
       this.lastError = (err as Error).message;
@@ -738,6 +741,12 @@ export class NbdDevice implements BlockDevice {
     this.readOnly = false;
   }
 
+  /** Resolves once at least one connection is up (at once if one is). */
+  whenConnected(): Promise<void> {
+    if (this.closed || this.readyConnections().length > 0) return Promise.resolve();
+    return new Promise((resolve) => this.connectedWaiters.push(resolve));
+  }
+
   connectionState(): NbdConnectionState {
     const connected = this.readyConnections().length;
     const state = this.closed
@@ -775,6 +784,7 @@ export class NbdDevice implements BlockDevice {
       }
     }
     for (const req of this.queue.splice(0)) this.finish(req, "ENXIO");
+    for (const wake of this.connectedWaiters.splice(0)) wake();
     await Promise.all(waits);
   }
 
