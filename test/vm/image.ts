@@ -6,8 +6,8 @@
  * modules the host lacks (nbd, dm-mod, virtio-serial, 9p, ext4) and test/vm/init.sh as /init.
  *
  * The cache (default node_modules/.cache/udm-vm, or $UDM_VM_CACHE) holds the downloaded .debs
- * and the unpacked tree; it is filled when missing (or with `npm run vm:image -- --refresh`).
- * The initramfs is rebuilt from it on every call: that takes well under a second, and the host
+ * and the unpacked tree; it is filled when missing (or with `node --import tsx test/vm/build-image.ts --refresh`).
+ * The initramfs is rebuilt from it on every call: that takes a second or two, and the host
  * binaries it copies may have changed since.
  */
 import { execFileSync } from "node:child_process";
@@ -27,8 +27,11 @@ export const DEFAULT_CACHE_DIR = path.join(repoRoot, "node_modules/.cache/udm-vm
 /** Node 24 from the dev dependencies: the guest runs it from the shared checkout, so only its libraries go in. */
 export const CHECKOUT_NODE = path.join(repoRoot, "node_modules/node/bin/node");
 
-/** Packages downloaded besides the kernel: the userspace NBD client and a unix socket ⇄ virtio port bridge. */
-const GUEST_PACKAGES = ["nbd-client", "socat"];
+/**
+ * Packages downloaded besides the kernel: the userspace NBD client, a unix socket ⇄ virtio port
+ * bridge, and lvm2's dmsetup to run the same commands on the kernel's dm.
+ */
+const GUEST_PACKAGES = ["nbd-client", "socat", "dmsetup"];
 
 /** Kernel modules loaded by /init, with their dependencies (in `modprobe --show-depends` order). */
 const GUEST_MODULES = ["virtio_pci", "virtio_console", "nbd", "ext4", "dm-mod", "loop", "9pnet_virtio", "9p"];
@@ -59,6 +62,9 @@ export interface VmImage {
 
 interface CacheStamp {
   kernelVersion: string;
+  /** GUEST_PACKAGES when the cache was filled: a change fills it again. */
+  guestPackages: string[];
+  /** The .deb files unpacked. */
   packages: string[];
 }
 
@@ -146,7 +152,7 @@ function fillCache(cacheDir: string, log: (line: string) => void): CacheStamp {
     if (!kernelVersion) throw new Error(`no vmlinuz-* matching ${modulesDir}/* in ${kernelPkg}`);
     // The package's postinst would run depmod; modprobe --show-depends needs modules.dep.
     run("depmod", ["-b", root, kernelVersion]);
-    const stamp: CacheStamp = { kernelVersion, packages: fs.readdirSync(debs).sort() };
+    const stamp: CacheStamp = { kernelVersion, guestPackages: GUEST_PACKAGES, packages: fs.readdirSync(debs).sort() };
     fs.writeFileSync(path.join(tmp, "stamp.json"), JSON.stringify(stamp, null, 2) + "\n");
     fs.rmSync(cacheDir, { recursive: true, force: true });
     fs.renameSync(tmp, cacheDir);
@@ -160,6 +166,7 @@ function fillCache(cacheDir: string, log: (line: string) => void): CacheStamp {
 function readStamp(cacheDir: string): CacheStamp | null {
   try {
     const stamp = JSON.parse(fs.readFileSync(path.join(cacheDir, "stamp.json"), "utf8")) as CacheStamp;
+    if (JSON.stringify(stamp.guestPackages) !== JSON.stringify(GUEST_PACKAGES)) return null;
     return fs.existsSync(path.join(cacheDir, "root/boot", `vmlinuz-${stamp.kernelVersion}`)) ? stamp : null;
   } catch {
     return null;
@@ -244,6 +251,7 @@ export function ensureVmImage(
     [which("e2fsck")!, "usr/sbin/e2fsck"],
     [path.join(root, "sbin/nbd-client"), "usr/sbin/nbd-client"],
     [path.join(root, "usr/bin/socat"), "usr/bin/socat"],
+    [path.join(root, "sbin/dmsetup"), "usr/sbin/dmsetup"],
   ];
   for (const [from, to] of binaries) {
     addFile(to, fs.readFileSync(from), 0o755);

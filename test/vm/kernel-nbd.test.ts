@@ -1,39 +1,37 @@
 /**
- * The kernel's own NBD client against udmd, in Debian's kernel booted in qemu (test/vm/vm.ts):
- * the host has no nbd module, so this is the only place the kernel block device path
- * /dev/nbdN → NBD → udm runs for real (issue 14).
+ * The kernel NBD path, in Debian's kernel booted in qemu (test/vm/vm.ts): the host has no nbd
+ * module, so this is where /dev/nbdN → NBD → udm runs for real (issue 14). One VM serves both
+ * tests; host and guest take turns through its control port, each step waiting for the other's
+ * answer, never for a delay.
  *
- * Host: udmd with `lw` = log-writes over data.img (its log in log.img: what reached udm, in
- * order, with each write's flags) and `top` = linear over `lw`, the export the guest attaches.
- * Guest: Debian's nbd-client attaches /dev/nbd0 to `top` through a virtio-serial port bound to
- * udmd's NBD unix socket (socat turns the port into the unix socket nbd-client wants), then
- * mkfs, mount, a file written with fsync, table swaps under the mounted filesystem seen through
- * O_DIRECT reads, a FUA write and a flush from userspace, unmount, detach. Host and guest take
- * turns through the VM's control port: each step waits for the other's answer, never a delay.
+ * 1. The kernel's NBD client against the host's udmd. Host: `lw` = log-writes over data.img (its
+ *    log: what reached udm, in order, with each write's flags) and `top` = linear over `lw`, the
+ *    export the guest attaches. Guest: Debian's nbd-client attaches /dev/nbd0 to `top` through a
+ *    virtio-serial port bound to udmd's NBD unix socket (socat makes the port the unix socket
+ *    nbd-client wants); mkfs, mount, a file written with fsync, table swaps under the mounted
+ *    filesystem seen through O_DIRECT reads, a FUA write and a flush from userspace, unmount,
+ *    detach.
+ * 2. udm's own attach (dmsetup/attach/kernel-nbd.ts) in the guest: udmd and udmsetup from the
+ *    checkout (a read-only 9p share, with its Node 24), the same I/O, and a buffered read across
+ *    a table swap compared with the kernel's dm doing the same in the same guest.
  */
-import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import {
-  LOG_FLUSH_FLAG,
-  LOG_FUA_FLAG,
-  LOG_MARK_FLAG,
-  type LogEntry,
-  decodeLog,
-  flagsToString,
-  markName,
-} from "../../targets/log-writes/format.js";
+import { decodeLog } from "../../targets/log-writes/format.js";
 import { UDMSETUP, type RunningDaemon, useDaemon } from "../support/daemon.js";
 import { skipOrFail } from "../support/requirements.js";
 import { tool, toolOk } from "../support/tools.js";
 import { cli, makeFile } from "../support/udmd-tools.js";
 import { type VmImage, ensureVmImage, vmUnavailableReason } from "./image.js";
+import { type LoggedIo, describeIo, expectFuaAndFlush, loggedIo, loggedIoCommand, sha256 } from "./io-log.js";
 import { Vm } from "./vm.js";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const REPLAY_LOG = path.join(path.dirname(UDMSETUP), "replay-log.js");
+/** Where the guest mounts the checkout (read-only 9p). */
+const GUEST_CHECKOUT = "/udm";
 
 const MiB = 1024 * 1024;
 const DEVICE_BYTES = 64 * MiB;
@@ -52,9 +50,27 @@ function yes(text: string, bytes: number): Buffer {
   return Buffer.concat(Array(Math.ceil(bytes / line.length)).fill(line)).subarray(0, bytes);
 }
 
-const sha256 = (b: Buffer) => crypto.createHash("sha256").update(b).digest("hex");
 const FILE_BYTES = yes("udm kernel nbd", MiB);
 const PATTERN = yes("a table the guest has never seen", BLOCK);
+const FUA_DATA = yes("fua", BLOCK);
+const FLUSH_DATA = yes("flush", BLOCK);
+const sectorOf = (block: number) => (block * BLOCK) / 512;
+
+/** Guest shell lines: mkfs, mount on /mnt, and the file written with fsync. */
+function makeFilesystem(dev: string): string {
+  return [
+    `mkfs.ext4 -q -F -b ${BLOCK} -E lazy_itable_init=0,lazy_journal_init=0 ${dev} ${FS_BLOCKS}`,
+    `mount -t ext4 -o noatime ${dev} /mnt`,
+    `yes 'udm kernel nbd' | head -c ${MiB} | ${DD} of=/mnt/hello bs=65536 iflag=fullblock conv=fsync status=none`,
+  ].join("\n");
+}
+
+/** Guest shell: one block written with O_DIRECT|O_DSYNC (a FUA write), past the filesystem. */
+const fuaWrite = (dev: string) =>
+  `yes fua | head -c ${BLOCK} | ${DD} of=${dev} bs=${BLOCK} seek=${FUA_BLOCK} oflag=direct,dsync conv=notrunc status=none`;
+/** Guest shell: the next block, a buffered write then fsync (a write, then a flush). */
+const flushedWrite = (dev: string) =>
+  `yes flush | head -c ${BLOCK} | ${DD} of=${dev} bs=${BLOCK} seek=${FLUSH_BLOCK} conv=notrunc,fsync status=none`;
 
 /** Resolves on the first line of udmd's log that satisfies `match` (including lines already logged). */
 function daemonLogLine(daemon: RunningDaemon, match: (line: Record<string, unknown>) => boolean): Promise<void> {
@@ -107,11 +123,11 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     await vm?.shutdown();
   });
 
-  it("attaches, mkfs, mount, fsync, table swaps under the mount, FUA and flush reach udm, detach", async () => {
+  it("the kernel's NBD client: mkfs, mount, fsync, table swaps under the mount, FUA and flush reach udm", async () => {
     const guest = vm!;
     const started = Date.now();
     const data = makeFile(path.join(env.files, "data.img"), DEVICE_BYTES);
-    const log = makeFile(path.join(env.files, "log.img"), 128 * MiB);
+    const log = makeFile(path.join(env.files, "log.img"), 64 * MiB);
     const other = makeFile(path.join(env.files, "other.img"), Buffer.concat([PATTERN, Buffer.alloc(BLOCK)]));
     fs.truncateSync(other, DEVICE_BYTES);
     await cli(env.dir, "create", "lw", "--table", `0 ${SECTORS} log-writes ${data} ${log}`);
@@ -138,15 +154,7 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     );
     expect(attach.trim().split("\n").slice(-4)).toEqual([String(SECTORS), String(BLOCK), "write back", "1"]);
 
-    // A filesystem, and a file written with fsync.
-    await guest.ok(
-      [
-        `mkfs.ext4 -q -F -b ${BLOCK} -E lazy_itable_init=0,lazy_journal_init=0 /dev/nbd0 ${FS_BLOCKS}`,
-        "mount -t ext4 -o noatime /dev/nbd0 /mnt",
-        `yes 'udm kernel nbd' | head -c 1048576 | ${DD} of=/mnt/hello bs=65536 iflag=fullblock conv=fsync status=none`,
-      ].join("\n"),
-      { timeoutMs: 180_000 },
-    );
+    await guest.ok(makeFilesystem("/dev/nbd0"), { timeoutMs: 180_000 });
     await mark("fsynced");
 
     // Table swaps while the filesystem stays mounted: O_DIRECT reads go through the new table
@@ -166,17 +174,8 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
       sha256(FILE_BYTES),
     );
 
-    // A FUA write from userspace (O_DIRECT | O_DSYNC on the block device), then a buffered
-    // write and fsync (a write, then a flush), past the end of the filesystem.
-    await mark("before-fua");
-    await guest.ok(
-      `yes fua | head -c ${BLOCK} | ${DD} of=/dev/nbd0 bs=${BLOCK} seek=${FUA_BLOCK} oflag=direct,dsync conv=notrunc status=none`,
-    );
-    await mark("after-fua");
-    await guest.ok(
-      `yes flush | head -c ${BLOCK} | ${DD} of=/dev/nbd0 bs=${BLOCK} seek=${FLUSH_BLOCK} conv=notrunc,fsync status=none`,
-    );
-    await mark("after-flush");
+    await guest.ok(fuaWrite("/dev/nbd0"));
+    await guest.ok(flushedWrite("/dev/nbd0"));
 
     // Unmount and detach; the NBD connection ends with the kernel's NBD_CMD_DISC.
     const disconnected = daemonLogLine(env.daemon, (l) => l.msg === "nbd client disconnected" && l.export === "top");
@@ -186,51 +185,19 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     await cli(env.dir, "remove", "lw"); // logs what waited for a flush, and writes the final count
     console.log(`vm kernel nbd: guest steps took ${Date.now() - started} ms`);
 
-    // What reached udm, from the log.
-    const { entries } = decodeLog(fs.readFileSync(log));
-    const at = (name: string) => {
-      const i = entries.findIndex((e) => e.flags & LOG_MARK_FLAG && markName(e) === name);
-      expect(i, `mark ${name}`).toBeGreaterThanOrEqual(0);
-      return i;
-    };
-    const between = (from: number, to: number) => entries.slice(from + 1, to);
-    const count = (list: LogEntry[], flag: number) => list.filter((e) => e.flags & flag).length;
-    const describeEntries = (list: LogEntry[]) =>
-      list.map((e) => `${e.index} ${flagsToString(e.flags)} ${e.sector}+${e.nrSectors}`).join("\n");
-    const sectorOf = (block: number) => (block * BLOCK) / 512;
-
-    // ext4's journal commits (REQ_PREFLUSH | REQ_FUA) arrived as flushes and FUA writes.
-    const untilFsync = between(-1, at("fsynced"));
-    expect(count(untilFsync, LOG_FUA_FLAG), describeEntries(untilFsync)).toBeGreaterThan(0);
-    expect(count(untilFsync, LOG_FLUSH_FLAG), describeEntries(untilFsync)).toBeGreaterThan(0);
-
-    // The O_DSYNC direct write arrived as one FUA write with its data, then a flush (the
-    // block device's fsync of the written range, which the kernel issues after an O_DSYNC write).
-    const fua = between(at("before-fua"), at("after-fua"));
-    const fuaIndex = fua.findIndex((e) => e.sector === sectorOf(FUA_BLOCK));
-    expect(fuaIndex, describeEntries(fua)).toBeGreaterThanOrEqual(0);
-    const fuaWrite = fua[fuaIndex]!;
-    expect(flagsToString(fuaWrite.flags)).toBe("FUA");
-    expect(fuaWrite.nrSectors).toBe(BLOCK / 512);
-    expect(fuaWrite.data!.equals(yes("fua", BLOCK))).toBe(true);
-    expect(count(fua.slice(fuaIndex + 1), LOG_FLUSH_FLAG), describeEntries(fua)).toBeGreaterThan(0);
-    console.log(`vm kernel nbd: what reached udm for the O_DIRECT|O_DSYNC write:\n${describeEntries(fua)}`);
-
-    // The fsync'd buffered write: logged (log-writes logs a plain write only once a flush after
-    // it completes), with a flush after it, before the next mark.
-    const flush = between(at("after-fua"), at("after-flush"));
-    const plain = flush.findIndex((e) => e.sector === sectorOf(FLUSH_BLOCK));
-    expect(plain, describeEntries(flush)).toBeGreaterThanOrEqual(0);
-    expect(flagsToString(flush[plain]!.flags)).toBe("NONE");
-    expect(flush[plain]!.data!.equals(yes("flush", BLOCK))).toBe(true);
-    expect(count(flush.slice(plain + 1), LOG_FLUSH_FLAG), describeEntries(flush)).toBeGreaterThan(0);
-    console.log(`vm kernel nbd: what reached udm for write + fsync:\n${describeEntries(flush)}`);
+    // What reached udm: ext4's commits as flushes and FUA writes, the O_DSYNC write as FUA, the
+    // fsync as a flush.
+    const io = loggedIo(decodeLog(fs.readFileSync(log)).entries);
+    const report = expectFuaAndFlush(
+      io,
+      { sector: sectorOf(FUA_BLOCK), data: FUA_DATA },
+      { sector: sectorOf(FLUSH_BLOCK), data: FLUSH_DATA },
+    );
+    console.log(`vm kernel nbd (nbd-client): what reached udm from the FUA write on:\n${describeIo(report)}`);
 
     // The data is on udm's backing file, and the filesystem is clean.
     await toolOk("e2fsck", ["-fn", data]);
-    expect(sha256(Buffer.from((await toolOk("debugfs", ["-R", "cat /hello", data])).stdout, "binary"))).toBe(
-      sha256(FILE_BYTES),
-    );
+    expect(sha256(Buffer.from((await toolOk("debugfs", ["-R", "cat /hello", data])).stdout))).toBe(sha256(FILE_BYTES));
 
     // Replaying the log up to the mark taken after the fsync gives a filesystem holding the
     // file: what the fsync made durable did reach udm as durable.
@@ -240,6 +207,93 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     expect(recovered.code, recovered.stdout + recovered.stderr).toBeLessThanOrEqual(1);
     await toolOk("e2fsck", ["-fn", replay]);
     const replayed = await toolOk("debugfs", ["-R", "cat /hello", replay]);
-    expect(sha256(Buffer.from(replayed.stdout, "binary"))).toBe(sha256(FILE_BYTES));
+    expect(sha256(Buffer.from(replayed.stdout))).toBe(sha256(FILE_BYTES));
+  }, 600_000);
+
+  it("udm's own attach in the guest (kernel-nbd.ts): FUA and flush reach udm, the cache goes on last close as on dm", async () => {
+    const guest = vm!;
+    const started = Date.now();
+    // Kernel dm first, for comparison: a buffered read, a table swap, a buffered read. Nobody
+    // holds the device between the reads, so the second comes from the new table (the kernel
+    // drops a block device's page cache when its last user closes it).
+    const kernelDm = await guest.ok(
+      [
+        "export DM_DISABLE_UDEV=1",
+        "mkdir -p /run/k && cd /run/k",
+        "yes A | head -c 4096 >a.img && truncate -s 64M a.img && yes B | head -c 4096 >b.img && truncate -s 64M b.img",
+        "la=$(losetup -f) && losetup $la a.img && lb=$(losetup -f) && losetup $lb b.img",
+        `dmsetup create kd --table "0 ${SECTORS} linear $la 0"`,
+        "dd if=/dev/mapper/kd bs=4096 count=1 2>/dev/null | head -c 1",
+        `dmsetup load kd --table "0 ${SECTORS} linear $lb 0" && dmsetup resume kd`,
+        "dd if=/dev/mapper/kd bs=4096 count=1 2>/dev/null | head -c 1",
+        "dmsetup remove kd && losetup -d $la && losetup -d $lb && rm a.img b.img",
+      ].join("\n"),
+    );
+    expect(kernelDm).toBe("AB");
+
+    // udmd and udmsetup from the checkout, with its Node, on a run directory in the guest.
+    const node = `${GUEST_CHECKOUT}/node_modules/node/bin/node`;
+    const prelude = `export NODE_COMPILE_CACHE=/run/node-cache; U="${node} ${GUEST_CHECKOUT}/dist/dmsetup/bin/udmsetup.js --run-dir /run/udm"`;
+    const udmsetup = (script: string) => guest.ok(`${prelude}\n${script}`, { timeoutMs: 300_000 });
+    await guest.ok(
+      [
+        `mkdir -p ${GUEST_CHECKOUT} /run/udm /run/t`,
+        `mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose udm ${GUEST_CHECKOUT}`,
+        `NODE_COMPILE_CACHE=/run/node-cache ${node} ${GUEST_CHECKOUT}/dist/dmsetup/bin/udmd.js --run-dir /run/udm >/run/udmd.log 2>&1 &`,
+        // Its log says when both sockets listen (Node under TCG takes a while to start).
+        `i=0; until grep -q '"udmd started"' /run/udmd.log; do i=$((i+1)); [ $i -gt 3000 ] && exit 1; usleep 100000; done`,
+        // lw one block longer than top, so that top can be moved along it by a block.
+        `truncate -s ${DEVICE_BYTES + BLOCK} /run/t/data.img && truncate -s ${64 * MiB} /run/t/log.img`,
+      ].join("\n"),
+      { timeoutMs: 300_000 },
+    );
+    console.log(`vm udm attach: udmd started in the guest after ${Date.now() - started} ms`);
+    await udmsetup(
+      [
+        `$U create lw --table "0 ${SECTORS + BLOCK / 512} log-writes /run/t/data.img /run/t/log.img"`,
+        `$U create top --table "0 ${SECTORS} linear /dev/mapper/lw 0"`,
+      ].join("\n"),
+    );
+    const attached = await udmsetup("$U attach top");
+    const dev = attached.trim();
+    expect(dev).toMatch(/^\/dev\/nbd\d+$/);
+    const sys = `/sys/block/${path.basename(dev)}`;
+    expect(await guest.ok(`readlink /dev/udm/top; cat ${sys}/size ${sys}/queue/write_cache ${sys}/queue/fua`)).toBe(
+      `${dev}\n${SECTORS}\nwrite back\n1\n`,
+    );
+    // udmd holds no descriptor of the device (netlink, not NBD_DO_IT).
+    expect(await guest.ok(`ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c ' ${dev}$' || true`)).toBe("0\n");
+
+    await guest.ok(makeFilesystem("/dev/udm/top"), { timeoutMs: 180_000 });
+    await guest.ok(fuaWrite("/dev/udm/top"));
+    await guest.ok(flushedWrite("/dev/udm/top"));
+    await guest.ok("umount /mnt");
+
+    // The same buffered read, swap, buffered read as on kernel dm above: top moved one block
+    // along lw, so the FUA block now shows what the flushed write put in the next one.
+    const readFuaBlock = `dd if=/dev/udm/top bs=${BLOCK} skip=${FUA_BLOCK} count=1 2>/dev/null | head -c 5`;
+    const beforeSwap = await guest.ok(readFuaBlock);
+    await udmsetup(`$U load top --table "0 ${SECTORS} linear /dev/mapper/lw ${BLOCK / 512}"\n$U resume top`);
+    const afterSwap = await guest.ok(readFuaBlock);
+    expect([beforeSwap, afterSwap]).toEqual(["fua\nf", "flush"]);
+
+    await udmsetup("$U detach top");
+    expect(await guest.ok(`cat ${sys}/size; [ -e ${sys}/pid ] && echo connected || echo free`)).toBe("0\nfree\n");
+    await udmsetup("$U remove top\n$U remove lw");
+
+    const io = JSON.parse(
+      await guest.ok(loggedIoCommand(node, GUEST_CHECKOUT, "/run/t/log.img"), { timeoutMs: 300_000 }),
+    ) as LoggedIo[];
+    const report = expectFuaAndFlush(
+      io,
+      { sector: sectorOf(FUA_BLOCK), data: FUA_DATA },
+      { sector: sectorOf(FLUSH_BLOCK), data: FLUSH_DATA },
+    );
+    console.log(`vm udm attach: what reached udm from the FUA write on:\n${describeIo(report)}`);
+    const onDisk = await guest.ok(
+      "e2fsck -fn /run/t/data.img >/dev/null 2>&1 && mount -o ro,loop /run/t/data.img /mnt && sha256sum /mnt/hello && umount /mnt",
+    );
+    expect(onDisk.split(" ")[0]).toBe(sha256(FILE_BYTES));
+    console.log(`vm udm attach: guest steps took ${Date.now() - started} ms`);
   }, 600_000);
 });
