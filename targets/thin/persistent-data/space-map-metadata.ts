@@ -214,6 +214,13 @@ export class MetadataSpaceMap implements SpaceMap {
   async extend(extraBlocks: number): Promise<void> {
     let oldLen = this.ll.nrBlocks;
     if (oldLen + extraBlocks > METADATA_MAX_BLOCKS) throw pdError("EINVAL", "space map too large");
+    // The new area must hold its own bitmaps and the copies counting them makes: of the old last
+    // bitmap, of the bitmaps holding the blocks that frees (at worst every old one), of the index.
+    const oldBitmaps = Math.ceil(oldLen / ENTRIES_PER_BLOCK);
+    const newBitmaps = Math.ceil((oldLen + extraBlocks) / ENTRIES_PER_BLOCK) - oldBitmaps;
+    if (newBitmaps > 0 && extraBlocks < newBitmaps + oldBitmaps + 2) {
+      throw pdError("ENOSPC", `metadata extension by ${extraBlocks} blocks cannot hold its own bitmaps`);
+    }
     this.begin = oldLen;
     this.bootstrap = true;
     try {
