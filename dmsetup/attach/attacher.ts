@@ -66,6 +66,11 @@ interface Attachment {
   devno: Devno;
   /** The symlink in devDir. */
   link: string;
+  /**
+   * The kernel device node's owner and mode when it was attached: `udmsetup -U/-G/-M` change
+   * them, and the next device bound to the same /dev/loopN must not inherit that.
+   */
+  node: { uid: number; gid: number; mode: number };
   /** Undo the kernel side; `force`: lazily, even while it is in use. */
   teardown(force: boolean): Promise<void>;
 }
@@ -110,13 +115,16 @@ export class Attacher {
       if (!md.live || md.sizeSectors === 0) throw new DmError("EINVAL", `${name}: no live table to attach`);
       const dev = await asDmError(kernelNbdAvailable() ? this.viaKernelNbd(name) : this.viaNbdfuse(md));
       const link = path.join(this.opts.devDir, name);
+      let node: Attachment["node"];
       try {
+        const st = fs.statSync(dev.path);
+        node = { uid: st.uid, gid: st.gid, mode: st.mode & 0o7777 };
         this.makeLink(link, dev.path);
       } catch (err) {
         await dev.teardown(true);
         throw err;
       }
-      this.attached.set(md, { ...dev, link });
+      this.attached.set(md, { ...dev, link, node });
       md.setOutsideOpeners(() => kernelOpenerCount(dev.path, dev.devno));
       this.opts.logger.info("attached", { device: name, path: dev.path, link });
       return { path: dev.path };
@@ -160,6 +168,7 @@ export class Attacher {
       md.setOutsideOpeners(null);
       await asDmError(a.teardown(force));
       this.attached.delete(md);
+      restoreNode(a.path, a.node);
       // So that a `remove` right after finds the export free (and the device closed).
       await this.opts.nbdExportIdle(md.name);
       this.opts.logger.info("detached", { device: md.name, path: a.path });
@@ -324,6 +333,13 @@ async function busyReason(dev: string): Promise<string | null> {
     if ((err as NodeJS.ErrnoException).code === "EBUSY") return "is in use (mounted or held open exclusively)";
   }
   return null;
+}
+
+function restoreNode(dev: string, node: Attachment["node"]): void {
+  tryQuietly(() => {
+    fs.chownSync(dev, node.uid, node.gid);
+    fs.chmodSync(dev, node.mode);
+  });
 }
 
 function removeLink(link: string, target: string): void {

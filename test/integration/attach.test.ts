@@ -126,7 +126,13 @@ describe.skipIf(skipReason !== null)("udmsetup attach / detach", () => {
     const refused = await run("remove", env.name);
     expect(refused.code).toBe(1);
     expect(refused.stderr).toContain(`${env.name}: attached as ${dev} (detach it first)\n`);
+    // udmsetup -U/-G/-M change the node; the next device bound to it must not inherit that.
+    const before = fs.statSync(dev);
+    fs.chmodSync(dev, 0o666);
+    fs.chownSync(dev, 4321, 4321);
     expect(await run("remove", "--force", env.name)).toMatchObject({ code: 0 });
+    const after = fs.statSync(dev);
+    expect([after.uid, after.gid, after.mode & 0o7777]).toEqual([before.uid, before.gid, before.mode & 0o7777]);
     expect(fs.existsSync(path.join(env.devDir, env.name))).toBe(false);
     expect(env.loops()).toEqual([]);
     expect((await run("ls")).stdout).toBe("No devices found\n");
