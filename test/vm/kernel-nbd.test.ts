@@ -56,12 +56,15 @@ const FUA_DATA = yes("fua", BLOCK);
 const FLUSH_DATA = yes("flush", BLOCK);
 const sectorOf = (block: number) => (block * BLOCK) / 512;
 
-/** Guest shell lines: mkfs, mount on /mnt, and the file written with fsync. */
-function makeFilesystem(dev: string): string {
+/**
+ * Guest shell lines: mkfs, mount on `mnt`, and the file written with fsync. Each test mounts on
+ * its own directory, so that one failing with its filesystem still mounted leaves the next alone.
+ */
+function makeFilesystem(dev: string, mnt: string): string {
   return [
     `mkfs.ext4 -q -F -b ${BLOCK} -E lazy_itable_init=0,lazy_journal_init=0 ${dev} ${FS_BLOCKS}`,
-    `mount -t ext4 -o noatime ${dev} /mnt`,
-    `yes 'udm kernel nbd' | head -c ${MiB} | ${DD} of=/mnt/hello bs=65536 iflag=fullblock conv=fsync status=none`,
+    `mkdir -p ${mnt} && mount -t ext4 -o noatime ${dev} ${mnt}`,
+    `yes 'udm kernel nbd' | head -c ${MiB} | ${DD} of=${mnt}/hello bs=65536 iflag=fullblock conv=fsync status=none`,
   ].join("\n");
 }
 
@@ -154,7 +157,7 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     );
     expect(attach.trim().split("\n").slice(-4)).toEqual([String(SECTORS), String(BLOCK), "write back", "1"]);
 
-    await guest.ok(makeFilesystem("/dev/nbd0"), { timeoutMs: 180_000 });
+    await guest.ok(makeFilesystem("/dev/nbd0", "/mnt/client"), { timeoutMs: 180_000 });
     await mark("fsynced");
 
     // Table swaps while the filesystem stays mounted: O_DIRECT reads go through the new table
@@ -170,16 +173,16 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     expect(failed.output).toMatch(/Input\/output error/);
     await swap(`0 ${SECTORS} linear /dev/mapper/lw 0`);
     expect((await guest.ok(`${readBlock0} | od -An -tx1 -j1080 -N2`)).trim()).toBe("53 ef"); // ext4's magic
-    expect((await guest.ok(`${DD} if=/mnt/hello bs=65536 iflag=direct status=none | sha256sum`)).split(" ")[0]).toBe(
-      sha256(FILE_BYTES),
-    );
+    expect(
+      (await guest.ok(`${DD} if=/mnt/client/hello bs=65536 iflag=direct status=none | sha256sum`)).split(" ")[0],
+    ).toBe(sha256(FILE_BYTES));
 
     await guest.ok(fuaWrite("/dev/nbd0"));
     await guest.ok(flushedWrite("/dev/nbd0"));
 
     // Unmount and detach; the NBD connection ends with the kernel's NBD_CMD_DISC.
     const disconnected = daemonLogLine(env.daemon, (l) => l.msg === "nbd client disconnected" && l.export === "top");
-    await guest.ok("umount /mnt\nnbd-client -d /dev/nbd0\n! [ -e /sys/block/nbd0/pid ]");
+    await guest.ok("umount /mnt/client\nnbd-client -d /dev/nbd0\n! [ -e /sys/block/nbd0/pid ]");
     await disconnected;
     await cli(env.dir, "remove", "top");
     await cli(env.dir, "remove", "lw"); // logs what waited for a flush, and writes the final count
@@ -264,10 +267,10 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     // udmd holds no descriptor of the device (netlink, not NBD_DO_IT).
     expect(await guest.ok(`ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c ' ${dev}$' || true`)).toBe("0\n");
 
-    await guest.ok(makeFilesystem("/dev/udm/top"), { timeoutMs: 180_000 });
+    await guest.ok(makeFilesystem("/dev/udm/top", "/mnt/attach"), { timeoutMs: 180_000 });
     await guest.ok(fuaWrite("/dev/udm/top"));
     await guest.ok(flushedWrite("/dev/udm/top"));
-    await guest.ok("umount /mnt");
+    await guest.ok("umount /mnt/attach");
 
     // The same buffered read, swap, buffered read as on kernel dm above: top moved one block
     // along lw, so the FUA block now shows what the flushed write put in the next one.
@@ -291,7 +294,7 @@ describe.skipIf(skipReason !== null)("Debian's kernel in qemu: the kernel NBD cl
     );
     console.log(`vm udm attach: what reached udm from the FUA write on:\n${describeIo(report)}`);
     const onDisk = await guest.ok(
-      "e2fsck -fn /run/t/data.img >/dev/null 2>&1 && mount -o ro,loop /run/t/data.img /mnt && sha256sum /mnt/hello && umount /mnt",
+      "e2fsck -fn /run/t/data.img >/dev/null 2>&1 && mkdir -p /mnt/check && mount -o ro,loop /run/t/data.img /mnt/check && sha256sum /mnt/check/hello && umount /mnt/check",
     );
     expect(onDisk.split(" ")[0]).toBe(sha256(FILE_BYTES));
     console.log(`vm udm attach: guest steps took ${Date.now() - started} ms`);
