@@ -105,16 +105,25 @@ export async function checkPoolMetadata(device: BlockDevice): Promise<CheckRepor
   const sb = decodeSuperblock(sbData);
   meta.inc(THIN_SUPERBLOCK_LOCATION);
 
+  /** Every entry of a (possibly shared) tree, without counting anything. */
+  const collect = async (b: number, out: Map<number, { block: number; time: number }>): Promise<void> => {
+    const n = await read(b, btreeNodeValidator, "mappings");
+    if (!n) return;
+    for (let i = 0; i < nrEntries(n); i++) {
+      if (isInternal(n)) await collect(value64(n, i), out);
+      else out.set(keyAt(n, i), unpackBlockTime(valueAt(n, i)));
+    }
+  };
   const walkMappings = async (root: number, record: boolean): Promise<void> => {
     await walkTree(root, 8, "mapping tree", async (dev, v) => {
-      const devMap = new Map<number, { block: number; time: number }>();
-      if (record) mappings.set(dev, devMap);
-      await walkTree(readU64(v, 0), 8, `mappings of device ${dev}`, (vblock, bt) => {
-        const m = unpackBlockTime(bt);
-        devMap.set(vblock, m);
-        // Each leaf holds its references once, however many trees share it.
-        data.inc(m.block);
-      });
+      const subtree = readU64(v, 0);
+      // Each leaf holds its references once, however many trees share it.
+      await walkTree(subtree, 8, `mappings of device ${dev}`, (_vblock, bt) => data.inc(unpackBlockTime(bt).block));
+      if (record) {
+        const devMap = new Map<number, { block: number; time: number }>();
+        await collect(subtree, devMap);
+        mappings.set(dev, devMap);
+      }
     });
   };
   const walkDetails = (root: number): Promise<void> => walkTree(root, DEVICE_DETAILS_SIZE, "device details", () => {});
