@@ -257,7 +257,7 @@ export class Attacher {
     }
   }
 
-  private async viaNbdfuse(md: MappedDevice): Promise<Omit<Attachment, "link">> {
+  private async viaNbdfuse(md: MappedDevice): Promise<Omit<Attachment, "link" | "node">> {
     const { name, readOnly } = md;
     const unavailable = loopDeviceUnavailableReason();
     if (unavailable)
@@ -296,8 +296,10 @@ export class Attacher {
     };
   }
 
-  private async viaKernelNbd(name: string): Promise<Omit<Attachment, "link">> {
-    const nbd = await connectKernelNbd(this.opts.nbdSocket, name);
+  private async viaKernelNbd(name: string): Promise<Omit<Attachment, "link" | "node">> {
+    // The block size /dev/dm-N would have: the mapped device's logical block size.
+    const md = this.opts.dm.device(name);
+    const nbd = await connectKernelNbd(this.opts.nbdSocket, name, { blockSize: md.logicalBlockSize });
     const devno = decodeDevno(fs.statSync(nbd.path, { bigint: true }).rdev);
     return { path: nbd.path, devno, teardown: () => nbd.disconnect() };
   }

@@ -5,8 +5,8 @@
  * gathered from /proc and /sys, synchronously (none of these reads reach the device itself, so
  * none can wait on the daemon that serves it).
  *
- * Opens by this process are left out: they are udmd's own plumbing (the kernel nbd client's
- * NBD_DO_IT descriptor), never a user of the device.
+ * Opens by this process are left out: udmd itself is never a user of the device (it holds no
+ * descriptor on it; its brief probes, such as detach's exclusive open, must not count).
  */
 import fs from "node:fs";
 import path from "node:path";
