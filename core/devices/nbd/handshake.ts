@@ -119,6 +119,7 @@ export async function negotiate(
   const closed = () =>
     reader.end(handshakeError("ECONNRESET", "the server closed the connection during the handshake"));
   socket.once("close", closed);
+  let closedAfterTls = closed;
   const timer = setTimeout(
     () => reader.end(handshakeError("ETIMEDOUT", `no NBD handshake within ${timeoutMs} ms`)),
     timeoutMs,
@@ -166,8 +167,21 @@ export async function negotiate(
       reader = new HandshakeReader();
       input.sink = reader;
       input.attachTls(secure);
-      secure.on("error", () => undefined); // 'close' ends the connection
-      secure.once("close", closed);
+      // With TLS 1.3 the server checks our certificate after our side of the handshake is done:
+      // a refusal arrives as an alert, then the close.
+      secure.on("error", (err: Error & { reason?: string }) =>
+        reader.end(handshakeError("EACCES", `TLS: ${err.reason ?? err.message}`, err)),
+      );
+      // Without an alert (udm's and nbdkit's servers just hang up), a close before the first
+      // reply over TLS is, in practice, the server refusing our certificate.
+      closedAfterTls = () =>
+        reader.end(
+          handshakeError(
+            "EACCES",
+            "the server closed the connection right after the TLS handshake (did it refuse our certificate?)",
+          ),
+        );
+      secure.once("close", closedAfterTls);
     }
 
     send(optionRequest(Opt.STRUCTURED_REPLY));
@@ -217,7 +231,7 @@ export async function negotiate(
     throw err;
   } finally {
     clearTimeout(timer);
-    current.off("close", closed);
+    current.off("close", closedAfterTls);
     socket.off("close", closed);
   }
 }
