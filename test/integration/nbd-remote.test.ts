@@ -193,16 +193,18 @@ describe.skipIf(needs("nbdkit"))("nbdkit exports in tables", () => {
     await ok("create", "f", "--table", `0 16384 linear ${nbdkit.uri()} 0`);
     const c = await connect("f");
     const writes = Array.from({ length: 64 }, (_, i) => stamp(newWriteId(), i * 128, 128));
-    let killed: Promise<void> | null = null;
+    const restart: { done: Promise<void> | null } = { done: null };
     const done = writes.map((data, i) =>
       c.write(i * BLOCK, data, CmdFlags.FUA).then((r) => {
-        killed ??= nbdkit.kill("SIGKILL").then(() => nbdkit.restart()); // at the first completion
+        restart.done ??= nbdkit.kill("SIGKILL").then(() => nbdkit.restart()); // at the first completion
         return r;
       }),
     );
     const replies = await Promise.all(done);
-    await killed;
+    await restart.done;
     expect(replies.map((r) => r.error)).toEqual(writes.map(() => 0));
+    // The kill came with FUA writes in flight, and udmd sent them again.
+    expect(retriedAfterLoss(env.daemon)).toBeGreaterThan(0);
     const onDisk = fs.readFileSync(file);
     writes.forEach((data, i) => expect(onDisk.subarray(i * BLOCK, i * BLOCK + BLOCK).equals(data)).toBe(true));
   });
@@ -238,6 +240,21 @@ async function verifiedIoAcrossRestarts(server: NbdkitServer, name: string, size
   expect(stats.mismatches).toEqual([]);
   expect(stats.errors).toEqual([]);
   expect(stats.verifiedReads).toBeGreaterThan(300);
+  expect(logLines(env.daemon, "nbd: reconnected").length).toBeGreaterThanOrEqual(restarts);
+}
+
+/** udmd's JSON log lines with message `msg`. */
+function logLines(daemon: RunningDaemon, msg: string): Record<string, unknown>[] {
+  return daemon
+    .stderr()
+    .split("\n")
+    .filter((l) => l.startsWith("{") && l.includes(JSON.stringify(msg)))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+/** Requests udmd's NBD client had in flight when it lost a connection, in total. */
+function retriedAfterLoss(daemon: RunningDaemon): number {
+  return logLines(daemon, "nbd: connection lost").reduce((n, l) => n + Number(l.retrying ?? 0), 0);
 }
 
 describe.skipIf(needs("qemu-nbd", "qemu-img", "qemu-io"))("qemu-nbd exports in tables", () => {

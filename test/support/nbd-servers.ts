@@ -1,11 +1,11 @@
 /**
  * Real NBD servers the remote-device tests start on unix sockets or loopback TCP.
  *
- * nbdkit runs as the test's child with `--run`: nbdkit starts the command once it is listening
- * (the command prints "ready", the test's signal), and the command then waits on its stdin, our
- * pipe; so the test knows when nbdkit listens and sees it exit ('exit' event), and can kill -9 it
- * and start it again on the same socket. qemu-nbd has no such hook: `--fork` returns once it
- * listens, and it is ended with SIGTERM at cleanup.
+ * nbdkit runs in the foreground as the test's child (`-f --exit-with-parent`), so the test sees
+ * it exit ('exit' event) and can kill -9 it and start it again on the same socket. It writes its
+ * pid file once it listens: a watch on the directory (inotify) tells the test, no polling.
+ * qemu-nbd has no such hook: `--fork` returns once it listens, and it is ended with SIGTERM at
+ * cleanup.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
@@ -28,30 +28,39 @@ export interface NbdkitServer {
 const children = new Set<ChildProcess>();
 const forked = new Set<number>();
 
-/** nbdkit until it listens; rejects with its stderr if it exits first. */
-function launchNbdkit(args: string[]): Promise<ChildProcess> {
+/** nbdkit ARGS until it listens (its pid file is written); rejects with its stderr if it exits first. */
+function launchNbdkit(args: string[], pidFile: string): Promise<ChildProcess> {
+  fs.rmSync(pidFile, { force: true });
   return new Promise((resolve, reject) => {
-    const child = spawn(which("nbdkit") ?? "nbdkit", [...args], { stdio: ["pipe", "pipe", "pipe"] });
-    children.add(child);
-    let out = "";
+    const dir = path.dirname(pidFile);
+    let child: ChildProcess | null = null;
     let err = "";
-    child.stderr!.on("data", (d) => (err += d));
-    child.stdin!.on("error", () => undefined);
-    const onOut = (d: Buffer) => {
-      out += d;
-      if (out.includes("ready\n")) {
-        child.stdout!.off("data", onOut);
-        child.off("exit", onExit);
-        resolve(child);
+    const watcher = fs.watch(dir, () => check());
+    const check = () => {
+      let text = "";
+      try {
+        text = fs.readFileSync(pidFile, "utf8");
+      } catch {
+        return;
       }
+      if (!child || !text.endsWith("\n") || Number(text) !== child.pid) return;
+      watcher.close();
+      child.off("exit", onExit);
+      resolve(child);
     };
     const onExit = (code: number | null, signal: string | null) => {
-      children.delete(child);
+      watcher.close();
       reject(new Error(`nbdkit ${args.join(" ")} exited (${code ?? signal}) before listening:\n${err}`));
     };
-    child.stdout!.on("data", onOut);
-    child.once("exit", onExit);
-    child.once("exit", () => children.delete(child));
+    child = spawn(which("nbdkit") ?? "nbdkit", ["-f", "--exit-with-parent", "-P", pidFile, ...args], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    children.add(child);
+    const c = child;
+    c.once("exit", () => children.delete(c));
+    c.stderr!.on("data", (d) => (err += d));
+    c.once("exit", onExit);
+    check(); // written before the watch saw it
   });
 }
 
@@ -67,10 +76,10 @@ export async function startNbdkit(
   port = 0,
 ): Promise<NbdkitServer> {
   const sock = port ? "" : path.join(dir, `${name}.sock`);
+  const pidFile = path.join(dir, `${name}.pid`);
   const where = port ? ["-i", "127.0.0.1", "-p", String(port)] : ["-U", sock];
-  // The command holds nbdkit up until our end of its stdin closes (or nbdkit is killed).
-  const args = [...where, ...options, ...plugin, "--run", "echo ready; exec cat >/dev/null"];
-  let child = await launchNbdkit(args);
+  const args = [...where, ...options, ...plugin];
+  let child = await launchNbdkit(args, pidFile);
   const server: NbdkitServer = {
     sock,
     port,
@@ -80,16 +89,14 @@ export async function startNbdkit(
         : `nbd://127.0.0.1:${port}/${encodeURIComponent(exportName)}`,
     async kill(signal = "SIGTERM") {
       const c = child;
-      if (c.exitCode === null && c.signalCode === null) {
-        const exited = new Promise((r) => c.once("exit", r));
-        c.kill(signal);
-        await exited;
-      }
-      c.stdin!.end(); // the --run command (cat) exits too
+      if (c.exitCode !== null || c.signalCode !== null) return;
+      const exited = new Promise((r) => c.once("exit", r));
+      c.kill(signal);
+      await exited;
     },
     async restart() {
       if (sock) fs.rmSync(sock, { force: true }); // a killed nbdkit leaves its socket behind
-      child = await launchNbdkit(args);
+      child = await launchNbdkit(args, pidFile);
     },
   };
   return server;
@@ -130,10 +137,7 @@ export async function startQemuNbd(
 
 /** Kill every server still running (afterEach/afterAll). */
 export function stopNbdServers(): void {
-  for (const c of children) {
-    c.kill("SIGKILL");
-    c.stdin?.end();
-  }
+  for (const c of children) c.kill("SIGKILL");
   for (const pid of forked) {
     try {
       process.kill(pid, "SIGTERM");
