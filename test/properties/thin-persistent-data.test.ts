@@ -20,11 +20,11 @@ import {
   deleteTree,
   emptyTree,
   findHighestKey,
-  insert,
   lookup,
   lookupNext,
   walk,
 } from "../../targets/thin/persistent-data/btree.js";
+import { insert } from "../../targets/thin/persistent-data/btree-insert.js";
 import { remove } from "../../targets/thin/persistent-data/btree-remove.js";
 import {
   btreeNodeValidator,

@@ -30,13 +30,13 @@ import {
   deleteTree,
   emptyTree,
   findHighestKey,
-  insert,
   le64,
   lookup,
   lookupNext,
   tryLookup,
   walk,
 } from "../persistent-data/btree.js";
+import { insert } from "../persistent-data/btree-insert.js";
 import { remove } from "../persistent-data/btree-remove.js";
 import { PersistentDataError, pdError } from "../persistent-data/errors.js";
 import { readU64 } from "../persistent-data/space-map.js";

@@ -3,7 +3,8 @@
  * metadata blocks through the transaction manager. The index of its bitmaps is a btree (bitmap
  * number → index entry), so the data device can have any size.
  */
-import { type BtreeInfo, emptyTree, insert, lookup } from "./btree.js";
+import { type BtreeInfo, emptyTree, lookup } from "./btree.js";
+import { insert } from "./btree-insert.js";
 import { pdError } from "./errors.js";
 import { type SpaceMap, decodeSmRoot } from "./space-map.js";
 import { INDEX_ENTRY_SIZE, type IndexEntry, decodeIndexEntry, encodeIndexEntry } from "./space-map-bitmap.js";

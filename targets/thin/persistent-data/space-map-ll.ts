@@ -8,7 +8,8 @@
  * kernel's old_ll), whose blocks the running transaction never overwrites, so "free now and free
  * at the last commit" can be asked of both.
  */
-import { type BtreeInfo, emptyTree, insert, lookup } from "./btree.js";
+import { type BtreeInfo, emptyTree, lookup } from "./btree.js";
+import { insert } from "./btree-insert.js";
 import { remove } from "./btree-remove.js";
 import { pdError } from "./errors.js";
 import { encodeSmRoot } from "./space-map.js";
