@@ -31,6 +31,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { type FioJob, type FioResult, type FioTarget, runFio } from "./fio.js";
+import { REMOTE_CONFIGS, remoteTargets } from "./remote.js";
 import { bytesText, fmt, GiB, KiB, markdownTable, MiB, replaceSection } from "./format.js";
 import { type Filesystem, filesystemOf, fillFile, median, pickDataDir } from "./micro.js";
 import {
@@ -359,6 +360,8 @@ export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
     perCoreRef: "nbdkit-cow",
     open: udmSnapshots(1, 8, "N"),
   },
+  // Remote devices (issue 20): tables over an NBD export, against fio straight to it (bench/remote.ts).
+  ...REMOTE_CONFIGS,
 ];
 
 // ---- results ----
@@ -830,6 +833,7 @@ export function matrixTargets(results: ConfigResult[]): TargetRow[] {
         g.rewriteVsLinear,
       );
   }
+  remoteTargets(by, STANDARD.map(workload), compare);
   // Time of the first-write pass, three snapshots / one: the inverse of the MiB/s ratio.
   compare(
     "first-write time, udm 3 snapshots / 1 snapshot (chunk 8)",

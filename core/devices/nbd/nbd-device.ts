@@ -60,6 +60,11 @@ const DEFAULT_REPLAY_LIMIT = 32 * 1024 * 1024;
 /** Per connection: requests and bytes in flight before new ones wait in the device's queue. */
 const MAX_IN_FLIGHT = 64;
 const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/**
+ * Requests a connection takes before the next one gets any: a burst stays on one connection (one
+ * writev, one stream of replies) unless it is deep enough to be worth spreading.
+ */
+const SPILL = 16;
 /** TRIM and WRITE_ZEROES carry a 32-bit length; cut them at 1 GiB. */
 const MAX_ZERO_LENGTH = 1 << 30;
 
@@ -139,7 +144,10 @@ class BioWork {
   constructor(
     private readonly device: NbdDevice,
     readonly bio: Bio,
-    private readonly body: (work: BioWork) => Req[],
+    /** The body: one FLUSH, or `cmd` requests of at most `max` bytes over the bio's range. */
+    private readonly cmd: number,
+    private readonly flags: number,
+    private readonly max: number,
     private readonly preflush: boolean,
     private readonly postflush: boolean,
   ) {}
@@ -153,7 +161,11 @@ class BioWork {
 
   private startBody(): void {
     this.stage = "body";
-    const reqs = this.body(this);
+    const bio = this.bio;
+    const reqs =
+      this.cmd === Cmd.FLUSH
+        ? [this.device.flushReq(this)]
+        : this.device.cut(this, this.cmd, this.flags, bio.sector * SECTOR_SIZE, bio.sectors * SECTOR_SIZE, this.max);
     if (reqs.length === 0) return this.afterBody();
     this.issue(reqs);
   }
@@ -285,33 +297,26 @@ export class NbdDevice implements BlockDevice {
   submit(bio: Bio): void {
     const status = this.check(bio);
     if (status !== "ok") return bio.complete(status);
-    const pos = bio.sector * SECTOR_SIZE;
-    const bytes = bio.sectors * SECTOR_SIZE;
     const flush = this.has(TransmissionFlags.SEND_FLUSH);
-    const fua = bio.isFua && !this.has(TransmissionFlags.SEND_FUA) ? 0 : bio.isFua ? CmdFlags.FUA : 0;
+    const fua = bio.isFua && this.has(TransmissionFlags.SEND_FUA) ? CmdFlags.FUA : 0;
     const emulateFua = bio.isFua && fua === 0 && flush;
     const preflush = bio.isPreflush && flush && bio.op !== "flush" && bio.op !== "read";
-    let body: (work: BioWork) => Req[];
+    const payload = this.info.maxPayload;
     switch (bio.op) {
       case "flush":
         if (!flush) return bio.complete("ok");
-        return new BioWork(this, bio, (w) => [this.flushReq(w)], false, false).start();
+        return new BioWork(this, bio, Cmd.FLUSH, 0, 0, false, false).start();
       case "read":
-        body = (w) => this.cut(w, Cmd.READ, 0, pos, bytes, this.info.maxPayload, bio.data);
-        break;
+        return new BioWork(this, bio, Cmd.READ, 0, payload, false, false).start();
       case "write":
-        body = (w) => this.cut(w, Cmd.WRITE, fua, pos, bytes, this.info.maxPayload, bio.data);
-        break;
+        return new BioWork(this, bio, Cmd.WRITE, fua, payload, preflush, emulateFua).start();
       case "discard":
-        body = (w) => this.cut(w, Cmd.TRIM, 0, pos, bytes, this.zeroMax(), null);
-        break;
+        return new BioWork(this, bio, Cmd.TRIM, 0, this.zeroMax(), preflush, false).start();
       case "write-zeroes": {
         const noHole = bio.flags & BioFlags.NOUNMAP ? CmdFlags.NO_HOLE : 0;
-        body = (w) => this.cut(w, Cmd.WRITE_ZEROES, fua | noHole, pos, bytes, this.zeroMax(), null);
-        break;
+        return new BioWork(this, bio, Cmd.WRITE_ZEROES, fua | noHole, this.zeroMax(), preflush, emulateFua).start();
       }
     }
-    new BioWork(this, bio, body, preflush, emulateFua).start();
   }
 
   private check(bio: Bio): BioStatus {
@@ -337,16 +342,24 @@ export class NbdDevice implements BlockDevice {
     return MAX_ZERO_LENGTH - (MAX_ZERO_LENGTH % unit);
   }
 
-  /** Requests of at most `max` bytes covering [pos, pos + bytes). */
-  private cut(
-    work: BioWork,
-    cmd: number,
-    flags: number,
-    pos: number,
-    bytes: number,
-    max: number,
-    data: Buffer | null,
-  ): Req[] {
+  /** `work`'s requests: at most `max` bytes each, covering [pos, pos + bytes) (its bio's data for READ and WRITE). */
+  cut(work: BioWork, cmd: number, flags: number, pos: number, bytes: number, max: number): Req[] {
+    const data = cmd === Cmd.READ || cmd === Cmd.WRITE ? work.bio.data : null;
+    if (bytes <= max) {
+      const view = data && data.length !== bytes ? data.subarray(0, bytes) : data;
+      return [
+        new Req(
+          cmd,
+          flags,
+          pos,
+          bytes,
+          cmd === Cmd.READ ? view : null,
+          cmd === Cmd.WRITE ? view : null,
+          work,
+          this.seq++,
+        ),
+      ];
+    }
     const reqs: Req[] = [];
     for (let done = 0; done < bytes; done += max) {
       const n = Math.min(max, bytes - done);
@@ -387,14 +400,20 @@ export class NbdDevice implements BlockDevice {
     return ready;
   }
 
-  /** The ready connection with the fewest requests in flight and room for `req`, or null. */
+  /**
+   * Where `req` goes: the first ready connection with fewer than SPILL requests in flight, so the
+   * requests of one turn leave together in one writev; past that, the one with the fewest in
+   * flight that has room. Null when none has room.
+   */
   private pick(ready: NbdConnection[], req: Req): NbdConnection | null {
     let best: NbdConnection | null = null;
     for (const c of ready) {
       const room =
         c.inFlightCount === 0 ||
         (c.inFlightCount < MAX_IN_FLIGHT && c.inFlightBytes + req.length <= MAX_IN_FLIGHT_BYTES);
-      if (room && (best === null || c.inFlightCount < best.inFlightCount)) best = c;
+      if (!room) continue;
+      if (c.inFlightCount < SPILL) return c;
+      if (best === null || c.inFlightCount < best.inFlightCount) best = c;
     }
     return best;
   }

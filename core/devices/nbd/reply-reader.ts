@@ -92,6 +92,8 @@ export class ReplyReader {
   private small: Buffer | null = null;
   private readonly partial = new Map<number, Partial>();
   private lastDataLarge = false;
+  /** The current READ's reply is one chunk covering all of it. */
+  private whole = false;
 
   constructor(
     private readonly handler: ReplyHandler,
@@ -298,6 +300,12 @@ export class ReplyReader {
   }
 
   private cover(from: number, to: number): void {
+    // The usual reply: one chunk, with DONE, covering the whole read. No bookkeeping for it.
+    const done = (this.chunkFlags & ReplyFlags.DONE) !== 0;
+    if (done && from === 0 && to === this.target!.length && !this.partial.has(this.cookie)) {
+      this.whole = true;
+      return;
+    }
     this.partialOf(this.cookie).covered.push([from, to]);
   }
 
@@ -311,10 +319,13 @@ export class ReplyReader {
     this.target = undefined;
     let errno = p?.errno ?? 0;
     let message = p?.message ?? null;
+    const whole = this.whole;
+    this.whole = false;
     if (
       errno === 0 &&
       target.cmd === Cmd.READ &&
       target.length > 0 &&
+      !whole &&
       !coversExactly(p?.covered ?? [], target.length)
     ) {
       errno = NbdErrno.EIO;
