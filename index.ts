@@ -2,6 +2,7 @@
  * udm as a library: `createDeviceMapper()` gives a DeviceMapper with the built-in targets and the
  * core services (work queues, copier) registered. Everything a plugin author needs is re-exported.
  */
+import "./core/node-version.js";
 import "reflect-metadata";
 import { Copier } from "./core/copier.js";
 import { DeviceMapper, type DeviceMapperOptions } from "./core/device-mapper.js";

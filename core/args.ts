@@ -43,12 +43,15 @@ export function splitArgs(params: string): string[] {
 
 /**
  * A failed dm_get_device, as a target's ctr reports it: the target's own message (`ti->error`,
- * e.g. "Device lookup failed") with the lookup's errno (ENOENT for a missing path, EINVAL for the
- * device itself, ...), which is what the ctr returns and the load ioctl fails with.
+ * e.g. "Device lookup failed"), then what the lookup said (which path, and why: "Device lookup
+ * failed: /var/tmp/disk.img: no such file or block device", where the kernel's log line has only
+ * the errno), with the lookup's errno (ENOENT for a missing path, EINVAL for the device itself,
+ * ...), which is what the ctr returns and the load ioctl fails with.
  */
 export function deviceLookupError(message: string, err: unknown): TargetError {
   const code = (err as { code?: unknown } | null)?.code;
-  return new TargetError(message, typeof code === "string" && /^E[A-Z0-9]+$/.test(code) ? code : "ENODEV");
+  const why = err instanceof Error && err.message ? `: ${err.message}` : "";
+  return new TargetError(`${message}${why}`, typeof code === "string" && /^E[A-Z0-9]+$/.test(code) ? code : "ENODEV");
 }
 
 /** Parse an unsigned decimal (`%llu` with nothing after it, no sign), or null. */

@@ -1,4 +1,5 @@
 /** The NBD export: `NbdServer` serves mapped devices to qemu, nbd-client, libnbd tools... */
+import "../core/node-version.js";
 export { NbdServer, type NbdServerOptions, type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "./server.js";
 export { parsePskFile } from "./tls.js";
 export {

@@ -4,6 +4,7 @@
  * the seeded scheduler (seeded interleavings of a target's I/O), a crash check for any target, and
  * the crash-consistency runner for snapshot-shaped targets. Nothing here depends on a test framework.
  */
+import "../core/node-version.js";
 export {
   type BioPredicate,
   type CachedWrite,

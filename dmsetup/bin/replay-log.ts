@@ -12,6 +12,7 @@
  * summary; --find prints the entry the stop options name as ENTRY@BLOCK (BLOCK: the log block
  * right after it); --num-entries prints nr_entries. Long options may be abbreviated and written as --opt=value (getopt_long).
  */
+import "../../core/node-version.js";
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
 import { fileURLToPath } from "node:url";

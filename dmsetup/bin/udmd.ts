@@ -1,19 +1,20 @@
 #!/usr/bin/env node
 /**
  * udmd: the udm daemon. `udmd [--run-dir DIR] [--plugin MODULE]... [--config FILE]
- * [--log-level LEVEL] [--nbd-listen [HOST:]PORT] [--tls=off|on|require] [--tls-certificates DIR]
- * [--tls-psk FILE] [--nbd-handshake-timeout SECONDS] [--nbd-max-connections N]
+ * [--log-level LEVEL] [--log-format text|json] [--nbd-listen [HOST:]PORT] [--tls=off|on|require]
+ * [--tls-certificates DIR] [--tls-psk FILE] [--nbd-handshake-timeout SECONDS] [--nbd-max-connections N]
  * [--nbd-max-client-connections N] [--auto-attach] [--dev-dir DIR] [--demo [--state-dir DIR]]
  * [--run CMD [--device NAME=TABLE_FILE]...] [--exit-with-parent]
  * [--no-inline-reads] [--no-write-plug] [--no-zero-copy]`
  *
  * The environment and the flags are read here, once, and passed down as options.
  */
+import "../../core/node-version.js";
 import "reflect-metadata";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import type { LogLevel } from "../../core/logger.js";
+import { LOG_FORMATS, type LogFormat, type LogLevel } from "../../core/logger.js";
 import { type NbdTlsMode, type NbdTlsOptions, TLS_MODES } from "../../nbd/server.js";
 import { type DaemonConfig, readConfig } from "../daemon/config.js";
 import { Daemon } from "../daemon/daemon.js";
@@ -28,84 +29,21 @@ import {
 } from "../daemon/captive.js";
 import { AlreadyRunningError } from "../daemon/instance-lock.js";
 import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
-
-const USAGE = `Usage: udmd [options]
-  --run-dir DIR          run directory (default $UDM_RUN_DIR, /run/udm as root, else $XDG_RUNTIME_DIR/udm)
-  --plugin MODULE        load a target plugin (file path or package name); repeatable
-  --config FILE          JSON config: {"plugins": [...], "logLevel": "info", "nbdListen": "127.0.0.1:10809",
-                         "tls": "require", "tlsCertificates": DIR, "tlsPsk": FILE}; relative paths in it
-                         are relative to FILE's folder
-  --log-level LEVEL      debug | info | warn | error (default info)
-  --nbd-listen [HOST:]PORT  also serve NBD over TCP (default host 127.0.0.1; any other address
-                         needs --tls=require)
-  --tls=off|on|require   NBD TLS (STARTTLS), as nbdkit's and qemu-nbd's --tls: on offers it,
-                         require refuses TCP clients until they start TLS (default off)
-  --tls-certificates DIR x509: DIR/server-cert.pem, server-key.pem; with ca-cert.pem, clients
-                         must present a certificate it signed
-  --tls-psk FILE         pre-shared keys, one identity:hexkey per line (psktool's format)
-  --nbd-handshake-timeout SECONDS  close NBD connections still negotiating after this long
-                         (default 10; 0: never)
-  --nbd-max-connections N  NBD connections at once, all sockets (default 1024, lowered to keep
-                         descriptors free under RLIMIT_NOFILE)
-  --nbd-max-client-connections N  NBD connections at once from one TCP address (default 16)
-  --auto-attach          attach every device as a kernel block device when it is activated,
-                         detach it on remove (also $UDM_AUTO_ATTACH=1)
-  --dev-dir DIR          where attach makes NAME symlinks (default $UDM_DEV_DIR, else /dev/udm)
-  --no-restore           start without the devices a killed or crashed udmd left in the run
-                         directory (by default they are re-created, lower devices first)
-  --demo                 create demo devices (demo-origin, demo-snap) over sparse files in --state-dir
-  --state-dir DIR        where the demo keeps its files (default ./var)
-  --foreground           accepted for compatibility: udmd always runs in the foreground
-  --run CMD              captive mode (as nbdkit's --run): start, create the --device devices, run
-                         CMD with sh -c ($uri: the first device's NBD URI, $socket: the NBD socket,
-                         $UDM_RUN_DIR, $uri_NAME per device), then remove everything and exit with
-                         CMD's exit status
-  --device NAME=FILE     with --run: create device NAME from the table in FILE; repeatable
-  --exit-with-parent     stop (as on SIGTERM) when the process that started udmd exits
-Tuning (defaults are best; these exist for comparisons, see bench/run.ts):
-  --no-inline-reads      read every page-cache hit through libuv's thread pool, not in the event loop
-  --no-write-plug        issue every small buffered write on its own, never merged per event-loop turn
-  --no-zero-copy         copy large NBD READ replies through a buffer instead of sendfile(2)
-`;
+import { UDMD_OPTIONS, UDMD_USAGE } from "../daemon/udmd-options.js";
 
 export async function main(argv = process.argv.slice(2)): Promise<number> {
   let values;
   try {
     ({ values } = parseArgs({
       args: argv,
-      options: {
-        "run-dir": { type: "string" },
-        plugin: { type: "string", multiple: true },
-        config: { type: "string" },
-        "log-level": { type: "string" },
-        "nbd-listen": { type: "string" },
-        tls: { type: "string" },
-        "tls-certificates": { type: "string" },
-        "tls-psk": { type: "string" },
-        "nbd-handshake-timeout": { type: "string" },
-        "nbd-max-connections": { type: "string" },
-        "nbd-max-client-connections": { type: "string" },
-        "auto-attach": { type: "boolean" },
-        "dev-dir": { type: "string" },
-        "no-restore": { type: "boolean" },
-        demo: { type: "boolean" },
-        "state-dir": { type: "string" },
-        foreground: { type: "boolean" },
-        run: { type: "string" },
-        device: { type: "string", multiple: true },
-        "exit-with-parent": { type: "boolean" },
-        "no-inline-reads": { type: "boolean" },
-        "no-write-plug": { type: "boolean" },
-        "no-zero-copy": { type: "boolean" },
-        help: { type: "boolean", short: "h" },
-      },
+      options: UDMD_OPTIONS,
     }));
   } catch (err) {
-    process.stderr.write(`udmd: ${(err as Error).message}\n${USAGE}`);
+    process.stderr.write(`udmd: ${(err as Error).message}\n${UDMD_USAGE}`);
     return 2;
   }
   if (values.help) {
-    process.stdout.write(USAGE);
+    process.stdout.write(UDMD_USAGE);
     return 0;
   }
   let captive: CaptiveDevice[] = [];
@@ -139,6 +77,11 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     process.stderr.write(`udmd: --log-level: expected debug, info, warn or error\n`);
     return 2;
   }
+  const logFormat = values["log-format"] ?? (process.stderr.isTTY ? "text" : "json");
+  if (!(LOG_FORMATS as readonly string[]).includes(logFormat)) {
+    process.stderr.write(`udmd: --log-format: expected text or json\n`);
+    return 2;
+  }
   let nbd: NbdFlags;
   try {
     nbd = nbdFlags(values, config);
@@ -150,6 +93,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     paths: runPaths(values["run-dir"] ?? defaultRunDir()),
     plugins: [...(config.plugins ?? []), ...(values.plugin ?? [])],
     logLevel: level,
+    logFormat: logFormat as LogFormat,
     nbdListen: values["nbd-listen"] ?? config.nbdListen,
     ...nbd,
     autoAttach: values["auto-attach"] ?? process.env.UDM_AUTO_ATTACH === "1",
@@ -167,6 +111,9 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   } catch (err) {
     const msg = err instanceof AlreadyRunningError ? err.message : `cannot start: ${(err as Error).message}`;
     process.stderr.write(`udmd: ${msg}\n`);
+    // npm start a second time: say how to end the first.
+    if (err instanceof AlreadyRunningError && values.demo)
+      process.stderr.write(`udmd: stop it with: UDM_RUN_DIR=${daemon.opts.paths.dir} npx udmsetup daemon stop\n`);
     return 1;
   }
   let stopping = false;

@@ -2,57 +2,21 @@
 /**
  * udmsetup: dmsetup's commands, arguments and output, against udmd.
  */
+import "../../core/node-version.js";
 import "reflect-metadata";
 import { DmError, strerror } from "../../core/errors.js";
-import { checkCommand, SELECT_COMMANDS } from "../cli/command-table.js";
+import { checkCommand, SELECT_COMMANDS, subCommandUsage } from "../cli/command-table.js";
 import { CommandFailed, Commands, type Io } from "../cli/commands.js";
 import { connectDaemon, NoDaemonError } from "../cli/connect.js";
+import { parseDaemonCommand, runInForeground, startInBackground, stopDaemon } from "../cli/daemon-command.js";
+import { checkReportFields } from "../cli/format/report.js";
+import { commandHelp, USAGE } from "../cli/help.js";
 import { LOCAL_COMMANDS, runLocalCommand } from "../cli/local-commands.js";
 import { runPluginCommand } from "../cli/plugin-command.js";
 import { ManglingClient } from "../cli/name-mangling.js";
 import { OptionValueError, parseCommandLine, UsageError } from "../cli/options.js";
 import { Selection, SelectionError, SelectionHelp } from "../cli/select.js";
 import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
-
-const USAGE = `Usage: udmsetup [--run-dir DIR] [--no-autostart] [--json] <command> [args]
-Options (as dmsetup): [-v] [-f] [-r] [--checks] [--manglename none|hex|auto] [--noopencount] [--noflush]
-  [--inactive] [--retry] [-c] [-o FIELDS] [-O SORT] [-S SELECTION] [--noheadings] [--separator S]
-  [-U UID] [-G GID] [-M MODE]
-Commands (as dmsetup):
-  create NAME [TABLE_FILE] [--table TABLE] [-u UUID] [-r] [-n|--notable]
-  create --concise [SPEC]
-  load|reload NAME [TABLE_FILE] [--table TABLE] [-r]
-  clear NAME...
-  suspend [--noflush] NAME...
-  resume NAME...
-  remove [-f] [--retry] [--deferred] NAME...
-  remove_all [-f]
-  rename NAME NEWNAME | rename NAME --setuuid UUID
-  ls [--target TYPE] [--exec COMMAND] [--tree] [-o OPTIONS]
-  info [-c [-o FIELDS] [--noheadings] [--separator S]] [NAME...]
-  table [--target TYPE] [--concise] [--inactive] [NAME...]
-  status [--target TYPE] [--inactive] [NAME...]
-  message NAME SECTOR MESSAGE...
-  targets
-  target-version TARGET...
-  deps [-o devno|blkdevname|devname] [NAME...]
-  wait NAME [EVENT_NR]
-  mangle [NAME...]
-  setgeometry NAME CYL HEAD SECT START
-  version
-  splitname NAME [SUBSYSTEM] [-o FIELDS]
-  udevflags COOKIE | udevcookies | udevcomplete COOKIE | udevcomplete_all [AGE]
-  mknodes [NAME] | help
-  wipe_table NAME...     replace the table with one error target of the same size, and resume
-udm extras:
-  attach NAME            expose NAME as a kernel block device (root), print its path
-  detach NAME            undo attach
-  merge ORIGIN SNAPSHOT  merge SNAPSHOT back into ORIGIN (snapshot-merge), with progress;
-                         ORIGIN ends as snapshot-origin
-  daemon [--foreground]  run udmd (in the background unless --foreground)
-  plugin load MODULE     load a target plugin into udmd: a path or a package name, resolved here
-  plugin list            the plugins udmd loaded: FILE: TARGET...
-`;
 
 // dmsetup dies of SIGPIPE when its reader goes away (`udmsetup info | head -1`). Node ignores
 // SIGPIPE and reports EPIPE as an error event instead: end quietly, with the status a shell shows
@@ -76,26 +40,98 @@ const io: Io = {
   },
 };
 
+/**
+ * Where failures go: dmsetup's lines on stderr, or, with --json, one line `{"error": MESSAGE,
+ * "errno": NAME}` on stderr (MESSAGE: what the text would say, without the usage and the
+ * `Command failed.` line), the exit status unchanged. What a successful command writes on stderr
+ * (`-S help`, `-o help`) is written as it is.
+ */
+class Failures {
+  private text = "";
+  errno: string | null = null;
+  constructor(readonly json: boolean) {}
+  /** stderr as the commands write it; with --json kept back until the status is known. */
+  readonly err = (t: string) => {
+    if (this.json) this.text += t;
+    else io.err(t);
+  };
+  /** Text that only the plain-text form shows (the usage after an error, field lists). */
+  readonly textOnly = (t: string) => {
+    if (!this.json) io.err(t);
+  };
+  fail(errno: string | null, message?: string): number {
+    this.errno ??= errno;
+    if (message !== undefined) this.err(`${message}\n`);
+    return 1;
+  }
+  finish(status: number): number {
+    if (!this.json) return status;
+    if (status === 0) {
+      if (this.text) io.err(this.text);
+      return 0;
+    }
+    const lines = this.text
+      .split("\n")
+      .filter((l) => !["", "Command failed.", "Couldn't process command line."].includes(l));
+    io.err(`${JSON.stringify({ error: lines.join("\n"), errno: this.errno })}\n`);
+    return status;
+  }
+}
+
+/** The usage of udmd, for `udmsetup help daemon`. */
+async function udmdUsage(): Promise<string> {
+  return (await import("../daemon/udmd-options.js")).UDMD_USAGE;
+}
+
 async function main(argv: string[]): Promise<number> {
+  const json = argv.slice(0, argv.includes("--") ? argv.indexOf("--") : undefined).includes("--json");
+  const failures = new Failures(json);
+  return failures.finish(await run(argv, failures));
+}
+
+async function run(argv: string[], f: Failures): Promise<number> {
   let parsed;
   try {
     parsed = parseCommandLine(argv, process.env);
   } catch (err) {
-    if (err instanceof OptionValueError) io.err(`${err.message}\nCouldn't process command line.\n`);
-    else io.err(`${(err as Error).message}\n${USAGE}`);
+    if (err instanceof OptionValueError) return f.fail("EINVAL", `${err.message}\nCouldn't process command line.`);
+    f.fail("EINVAL", (err as Error).message);
+    f.textOnly(USAGE);
     return 1;
   }
   const { command, args, opts } = parsed;
   // `dmsetup --version` is the version command.
-  if (opts.version && !command) return main(["version", ...argv.filter((a) => a !== "--version")]);
-  if (opts.help || !command) {
-    (opts.help ? io.out : io.err)(USAGE);
-    return opts.help ? 0 : 1;
+  if (opts.version && !command) return run(["version", ...argv.filter((a) => a !== "--version")], f);
+  if (!command) {
+    if (opts.help) {
+      io.out(USAGE);
+      return 0;
+    }
+    f.textOnly(USAGE);
+    return f.fail("EINVAL", f.json ? "No command given." : undefined);
   }
   // Everything that can be refused without a daemon is refused before one is reached.
   const check = checkCommand(command, args);
+  if (check === "unknown") {
+    f.fail("EINVAL", "Unknown command.");
+    f.textOnly(USAGE);
+    return 1;
+  }
+  if (command === "help" || opts.help) {
+    const topic = command === "help" ? args[0] : command;
+    if (topic === undefined) {
+      io.out(USAGE);
+      return 0;
+    }
+    const help = commandHelp(topic, await udmdUsage());
+    if (help === undefined) return f.fail("EINVAL", `Unknown command: ${topic}.`);
+    io.out(help);
+    return 0;
+  }
+  if (check === "sub-command") return f.fail("EINVAL", `${subCommandUsage(command)}\nCommand failed.`);
   if (check !== "ok") {
-    io.err(`${check === "unknown" ? "Unknown command." : "Incorrect number of arguments."}\n${USAGE}`);
+    f.fail("EINVAL", "Incorrect number of arguments.");
+    f.textOnly(USAGE);
     return 1;
   }
   let selection: Selection | null = null;
@@ -104,42 +140,52 @@ async function main(argv: string[]): Promise<number> {
       selection = Selection.parse(opts.select);
     } catch (err) {
       if (!(err instanceof SelectionError)) throw err;
-      io.err(err.message);
-      return err instanceof SelectionHelp ? 0 : 1;
+      if (err instanceof SelectionHelp) {
+        io.err(err.message);
+        return 0;
+      }
+      f.err(err.message);
+      return f.fail("EINVAL");
     }
   }
+  // A report's -o and -O are read before anything else (libdm's report setup): `help` lists the
+  // fields, an unknown one is named.
+  if ((command === "info" && opts.columns) || command === "splitname") {
+    const report = checkReportFields({ fields: opts.options, sort: opts.sort });
+    if (report && report.error === undefined) {
+      io.err(report.help);
+      return 0;
+    }
+    if (report) {
+      f.textOnly(report.help);
+      return f.fail("EINVAL", report.error);
+    }
+  }
+  const cio: Io = { ...io, err: f.err };
   if (LOCAL_COMMANDS.has(command)) {
     try {
-      return runLocalCommand(command, args, opts, io, USAGE, selection);
+      return runLocalCommand(command, args, opts, cio, USAGE, selection);
     } catch (err) {
-      io.err(`${(err as Error).message}\n${err instanceof UsageError ? USAGE : "Command failed.\n"}`);
+      f.fail("EINVAL", (err as Error).message);
+      if (err instanceof UsageError) f.textOnly(USAGE);
+      else f.err("Command failed.\n");
       return 1;
     }
   }
-  const paths = runPaths(opts.runDir ?? defaultRunDir());
-  if (command === "daemon") {
-    if (opts.foreground) {
-      const { fileURLToPath } = await import("node:url");
-      const { spawnSync } = await import("node:child_process");
-      const udmd = fileURLToPath(new URL("./udmd.js", import.meta.url));
-      return spawnSync(process.execPath, [udmd, "--run-dir", paths.dir, ...args], { stdio: "inherit" }).status ?? 1;
-    }
-    const { startDaemon } = await import("../cli/connect.js");
-    startDaemon(paths);
-    return 0;
-  }
+  const runDir = opts.runDir ?? defaultRunDir();
+  if (command === "daemon") return daemon(args, runDir, opts.foreground, opts.verbose > 0, cio, f);
+  const paths = runPaths(runDir);
   let client;
   try {
     client = await connectDaemon(paths, { autostart: opts.autostart });
   } catch (err) {
-    io.err(
-      `${err instanceof NoDaemonError ? err.message : `cannot reach udmd: ${(err as Error).message}`}\nCommand failed.\n`,
-    );
-    return 1;
+    const errno = err instanceof NoDaemonError ? err.errno : ((err as NodeJS.ErrnoException).code ?? "EIO");
+    const message = err instanceof NoDaemonError ? err.message : `cannot reach udmd: ${(err as Error).message}`;
+    return f.fail(errno, `${message}\nCommand failed.`);
   }
   // dmsetup turns mangling off for `mangle`, so that it reaches names in any form.
   const mangling = command === "mangle" ? "none" : opts.mangling;
-  const cmds = new Commands(new ManglingClient(client, mangling), { ...opts, mangling }, io, selection);
+  const cmds = new Commands(new ManglingClient(client, mangling), { ...opts, mangling }, cio, selection);
   try {
     switch (command) {
       case "create":
@@ -216,22 +262,56 @@ async function main(argv: string[]): Promise<number> {
         await cmds.merge(args);
         break;
       case "plugin":
-        await runPluginCommand(client, args, opts, io);
+        await runPluginCommand(client, args, opts, cio);
         break;
       default:
-        io.err("Unknown command.\n");
-        return 1;
+        return f.fail("EINVAL", "Unknown command.");
     }
     return 0;
   } catch (err) {
-    if (err instanceof UsageError) io.err(`${err.message}\n`);
-    else if (err instanceof DmError)
-      io.err(`${err.message}\n`); // e.g. a table parse error
-    else if (!(err instanceof CommandFailed)) io.err(`${(err as Error).message ?? strerror("EIO")}\n`);
-    io.err("Command failed.\n");
+    reportFailure(err, f);
     return 1;
   } finally {
     client.close();
+  }
+}
+
+/** A command's failure: its message (unless already printed), its errno, `Command failed.` */
+function reportFailure(err: unknown, f: Failures): void {
+  if (err instanceof CommandFailed) f.fail(err.errno);
+  else if (err instanceof UsageError) f.fail("EINVAL", err.message);
+  else if (err instanceof DmError)
+    f.fail(err.errno, err.message); // e.g. a table parse error
+  else {
+    const code = (err as NodeJS.ErrnoException).code;
+    f.fail(code && /^E[A-Z0-9]+$/.test(code) ? code : "EIO", (err as Error).message ?? strerror("EIO"));
+  }
+  f.err("Command failed.\n");
+}
+
+/** `udmsetup daemon ...` (daemon-command.ts). */
+async function daemon(args: string[], runDir: string, foreground: boolean, verbose: boolean, cio: Io, f: Failures) {
+  let cmd;
+  try {
+    cmd = parseDaemonCommand(args, runDir);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    return f.fail("EINVAL", `${err.message}\nCommand failed.`);
+  }
+  if (cmd.help) {
+    io.out(commandHelp("daemon", await udmdUsage())!);
+    return 0;
+  }
+  try {
+    if (cmd.kind === "stop") await stopDaemon(cmd, cio);
+    else if (foreground || cmd.foreground) return await runInForeground(cmd);
+    else await startInBackground(cmd, cio, verbose);
+    return 0;
+  } catch (err) {
+    if (err instanceof NoDaemonError) f.fail(err.errno, err.message);
+    else reportFailure(err, f);
+    if (err instanceof NoDaemonError) f.err("Command failed.\n");
+    return 1;
   }
 }
 

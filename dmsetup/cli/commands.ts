@@ -39,8 +39,15 @@ export interface Io {
 type Info = DeviceInfo & { nbdUri?: string; attached?: string };
 type Dep = { major: number; minor: number; name?: string } | { path: string };
 
-/** A failed command: the messages are already printed. */
-export class CommandFailed extends Error {}
+/** A failed command: the messages are already printed. `errno`: the failure's, when there is one. */
+export class CommandFailed extends Error {
+  constructor(
+    message: string,
+    readonly errno: string | null = null,
+  ) {
+    super(message);
+  }
+}
 
 export class Commands {
   constructor(
@@ -86,9 +93,10 @@ export class Commands {
    * sent, mangled); return the error to throw. A name libdm could not (un)mangle has its own words.
    */
   private failed(ioctlName: string, name: string, err: unknown): CommandFailed {
-    if (err instanceof ManglingError || err instanceof CommandFailed) {
-      if (err instanceof ManglingError) this.io.err(`${err.message}\n`);
-      return new CommandFailed(err.message);
+    if (err instanceof CommandFailed) return err;
+    if (err instanceof ManglingError) {
+      this.io.err(`${err.message}\n`);
+      return new CommandFailed(err.message, "EINVAL");
     }
     const errno = err instanceof DmError ? err.errno : "EIO";
     const reason = (err as Error).message;
@@ -100,7 +108,7 @@ export class Commands {
       // the request never left: ManglingError above
     }
     this.io.err(`device-mapper: ${ioctlName} ioctl on ${sent} ${this.opts.uuid ?? ""} failed: ${strerror(errno)}\n`);
-    return new CommandFailed(reason);
+    return new CommandFailed(reason, errno);
   }
 
   /** Names to operate on: the arguments, or every device (name order) when there are none. */
@@ -322,7 +330,7 @@ export class Commands {
       if (!info) {
         if (this.opts.columns) continue;
         this.io.err("Device does not exist.\n");
-        throw new CommandFailed("no device");
+        throw new CommandFailed("no device", "ENXIO");
       }
       infos.push(info);
     }
@@ -381,7 +389,7 @@ export class Commands {
     for (const name of names) {
       if (!(await this.infoOrMissing(name))) {
         this.io.err("Device does not exist.\n");
-        throw new CommandFailed("no device");
+        throw new CommandFailed("no device", "ENXIO");
       }
       await one(name, names.length !== 1 || args.length !== 1);
     }
@@ -609,7 +617,7 @@ export class Commands {
         info = (await this.client.request("info", { name })) as Info;
       } catch (err) {
         // dmsetup asks with a status ioctl, which reports a missing device without a message.
-        if (err instanceof DmError && err.errno === "ENXIO") throw new CommandFailed("no device");
+        if (err instanceof DmError && err.errno === "ENXIO") throw new CommandFailed("no device", "ENXIO");
         throw this.failed("status", name, err);
       }
       let decision;

@@ -10,7 +10,15 @@ import { checkRunDir, ensureRunDir, type RunPaths } from "../daemon/run-dir.js";
 
 const NO_DAEMON = new Set(["ENOENT", "ECONNREFUSED"]);
 
-export class NoDaemonError extends Error {}
+/** No udmd answers (errno: ECONNREFUSED), or the one started exited or hung (ESRCH, ETIMEDOUT). */
+export class NoDaemonError extends Error {
+  constructor(
+    message: string,
+    readonly errno = "ECONNREFUSED",
+  ) {
+    super(message);
+  }
+}
 
 export async function connectDaemon(paths: RunPaths, opts: { autostart: boolean }): Promise<ControlClient> {
   checkRunDir(paths.dir); // before talking to whatever answers there
@@ -32,13 +40,13 @@ export interface StartedDaemon {
   logOffset: number;
 }
 
-/** Start udmd detached, its output appended to the run directory's log. */
-export function startDaemon(paths: RunPaths): StartedDaemon {
+/** Start udmd detached (with `args`, udmd's options), its output appended to the run directory's log. */
+export function startDaemon(paths: RunPaths, args: readonly string[] = []): StartedDaemon {
   ensureRunDir(paths.dir);
   const log = fs.openSync(paths.log, "a", 0o600);
   const logOffset = fs.fstatSync(log).size;
   const udmd = fileURLToPath(new URL("../bin/udmd.js", import.meta.url));
-  const child = spawn(process.execPath, [udmd, "--run-dir", paths.dir], {
+  const child = spawn(process.execPath, [udmd, "--run-dir", paths.dir, ...args], {
     detached: true,
     stdio: ["ignore", log, log],
   });
@@ -61,7 +69,7 @@ function logSince(paths: RunPaths, offset: number): string {
  * holds the run directory, a plugin failed) is reported with what it logged; one that neither
  * exits nor answers is given up after 10 s.
  */
-async function waitForDaemon(paths: RunPaths, started: StartedDaemon): Promise<ControlClient> {
+export async function waitForDaemon(paths: RunPaths, started: StartedDaemon): Promise<ControlClient> {
   let exitCode: number | null | undefined;
   started.child.once("exit", (code, signal) => (exitCode = code ?? (signal ? 128 : null)));
   const deadline = Date.now() + 10_000;
@@ -73,10 +81,14 @@ async function waitForDaemon(paths: RunPaths, started: StartedDaemon): Promise<C
         const said = logSince(paths, started.logOffset);
         throw new NoDaemonError(
           `udmd exited with status ${exitCode} before it answered${said ? `: ${said}` : ` (see ${paths.log})`}`,
+          "ESRCH",
         );
       }
       if (Date.now() > deadline) {
-        throw new NoDaemonError(`udmd did not start within 10 s (see ${paths.log}): ${(err as Error).message}`);
+        throw new NoDaemonError(
+          `udmd did not start within 10 s (see ${paths.log}): ${(err as Error).message}`,
+          "ETIMEDOUT",
+        );
       }
       await new Promise((r) => setTimeout(r, 50));
     }

@@ -1,7 +1,7 @@
 /**
  * dmsetup's command line: options may come before or after the command, as dmsetup allows.
  */
-import { parseArgs } from "node:util";
+import { type ParseArgsConfig, parseArgs } from "node:util";
 import { type ManglingMode, manglingModeFromEnv, parseManglingMode } from "./name-mangling.js";
 
 export interface CliOptions {
@@ -72,73 +72,122 @@ function octalMode(text: string): number {
   return value;
 }
 
+const OPTIONS = {
+  verbose: { type: "boolean", short: "v", multiple: true },
+  readonly: { type: "boolean", short: "r" },
+  notable: { type: "boolean", short: "n" },
+  table: { type: "string" },
+  uuid: { type: "string", short: "u" },
+  setuuid: { type: "string" },
+  major: { type: "string", short: "j" },
+  minor: { type: "string", short: "m" },
+  noflush: { type: "boolean" },
+  nolockfs: { type: "boolean" },
+  noopencount: { type: "boolean" },
+  inactive: { type: "boolean" },
+  force: { type: "boolean", short: "f" },
+  retry: { type: "boolean" },
+  deferred: { type: "boolean" },
+  target: { type: "string" },
+  tree: { type: "boolean" },
+  options: { type: "string", short: "o" },
+  columns: { type: "boolean", short: "c" },
+  C: { type: "boolean", short: "C" },
+  noheadings: { type: "boolean" },
+  select: { type: "string", short: "S" },
+  exec: { type: "string" },
+  manglename: { type: "string" },
+  checks: { type: "boolean" },
+  uid: { type: "string", short: "U" },
+  gid: { type: "string", short: "G" },
+  mode: { type: "string", short: "M" },
+  separator: { type: "string" },
+  sort: { type: "string", short: "O" },
+  nameprefixes: { type: "boolean" },
+  rows: { type: "boolean" },
+  concise: { type: "boolean" },
+  json: { type: "boolean" },
+  "no-autostart": { type: "boolean" },
+  foreground: { type: "boolean" },
+  "run-dir": { type: "string" },
+  help: { type: "boolean", short: "h" },
+  version: { type: "boolean" },
+  // Accepted for script compatibility; udev does not exist here.
+  yes: { type: "boolean", short: "y" },
+  noudevsync: { type: "boolean" },
+  noudevrules: { type: "boolean" },
+  verifyudev: { type: "boolean" },
+  showkeys: { type: "boolean" },
+  udevcookie: { type: "string" },
+  readahead: { type: "string" },
+  addnodeoncreate: { type: "boolean" },
+  addnodeonresume: { type: "boolean" },
+} satisfies ParseArgsConfig["options"];
+
+/** Where the command is in `argv`: the first word that is neither an option nor an option's value; -1 if none. */
+function commandIndex(argv: readonly string[]): number {
+  const takesValue = (name: string | undefined) =>
+    name !== undefined && (OPTIONS as Record<string, { type: string }>)[name]?.type === "string";
+  const shortName = (c: string) => Object.entries(OPTIONS).find(([, o]) => (o as { short?: string }).short === c)?.[0];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === "--") return i + 1 < argv.length ? i + 1 : -1;
+    if (a.startsWith("--")) {
+      if (!a.includes("=") && takesValue(a.slice(2))) i++;
+    } else if (a.startsWith("-") && a.length > 1) {
+      // A cluster of short options; one that takes a value takes the rest, or the next word.
+      const j = [...a.slice(1)].findIndex((c) => takesValue(shortName(c)));
+      if (j === a.length - 2) i++;
+    } else return i;
+  }
+  return -1;
+}
+
+/** getopt_long's words for what parseArgs refused, as dmsetup prints them before "Couldn't process command line." */
+function optionError(err: Error & { code?: string }, argv: readonly string[]): Error {
+  const quoted = /'([^' ]+)/.exec(err.message)?.[1] ?? "";
+  if (err.code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") {
+    return new OptionValueError(
+      quoted.startsWith("--")
+        ? `udmsetup: unrecognized option '${quoted}'`
+        : `udmsetup: invalid option -- '${quoted.slice(1)}'`,
+    );
+  }
+  if (err.code === "ERR_PARSE_ARGS_INVALID_OPTION_VALUE") {
+    const long = /--[\w-]+/.exec(err.message)?.[0] ?? quoted;
+    if (/does not take an argument/.test(err.message))
+      return new OptionValueError(`udmsetup: option '${long}' doesn't allow an argument`);
+    // Missing value: named as it was written, the last option on the line.
+    const short = /'-(\w),/.exec(err.message)?.[1];
+    const last = argv.at(-1) ?? "";
+    if (short !== undefined && /^-[^-]/.test(last) && last.endsWith(short))
+      return new OptionValueError(`udmsetup: option requires an argument -- '${short}'`);
+    return new OptionValueError(`udmsetup: option '${long}' requires an argument`);
+  }
+  return new UsageError(err.message);
+}
+
 export function parseCommandLine(
   argv: string[],
   env: NodeJS.ProcessEnv = {},
 ): { command: string | undefined; args: string[]; opts: CliOptions } {
+  const at = commandIndex(argv);
+  let rest: string[] | undefined;
+  if (at >= 0 && argv[at] === "daemon" && argv[at + 1] !== "stop") {
+    // udmd's options follow `daemon` as they are (daemon-command.ts checks them with udmd's
+    // table); `daemon stop` takes udmsetup's own (--run-dir, --json) anywhere.
+    rest = argv.slice(at + 1);
+    argv = argv.slice(0, at + 1);
+  }
   let parsed;
   try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      strict: true,
-      options: {
-        verbose: { type: "boolean", short: "v", multiple: true },
-        readonly: { type: "boolean", short: "r" },
-        notable: { type: "boolean", short: "n" },
-        table: { type: "string" },
-        uuid: { type: "string", short: "u" },
-        setuuid: { type: "string" },
-        major: { type: "string", short: "j" },
-        minor: { type: "string", short: "m" },
-        noflush: { type: "boolean" },
-        nolockfs: { type: "boolean" },
-        noopencount: { type: "boolean" },
-        inactive: { type: "boolean" },
-        force: { type: "boolean", short: "f" },
-        retry: { type: "boolean" },
-        deferred: { type: "boolean" },
-        target: { type: "string" },
-        tree: { type: "boolean" },
-        options: { type: "string", short: "o" },
-        columns: { type: "boolean", short: "c" },
-        C: { type: "boolean", short: "C" },
-        noheadings: { type: "boolean" },
-        select: { type: "string", short: "S" },
-        exec: { type: "string" },
-        manglename: { type: "string" },
-        checks: { type: "boolean" },
-        uid: { type: "string", short: "U" },
-        gid: { type: "string", short: "G" },
-        mode: { type: "string", short: "M" },
-        separator: { type: "string" },
-        sort: { type: "string", short: "O" },
-        nameprefixes: { type: "boolean" },
-        rows: { type: "boolean" },
-        concise: { type: "boolean" },
-        json: { type: "boolean" },
-        "no-autostart": { type: "boolean" },
-        foreground: { type: "boolean" },
-        "run-dir": { type: "string" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean" },
-        // Accepted for script compatibility; udev does not exist here.
-        yes: { type: "boolean", short: "y" },
-        noudevsync: { type: "boolean" },
-        noudevrules: { type: "boolean" },
-        verifyudev: { type: "boolean" },
-        showkeys: { type: "boolean" },
-        udevcookie: { type: "string" },
-        readahead: { type: "string" },
-        addnodeoncreate: { type: "boolean" },
-        addnodeonresume: { type: "boolean" },
-      },
-    });
+    parsed = parseArgs({ args: argv, allowPositionals: true, strict: true, options: OPTIONS });
   } catch (err) {
-    throw new UsageError((err as Error).message);
+    throw optionError(err as Error & { code?: string }, argv);
   }
   const v = parsed.values;
-  const [command, ...args] = parsed.positionals;
+  const [command, ...positionals] = parsed.positionals;
+  const args = rest ?? positionals;
   const manglename = v.manglename === undefined ? undefined : parseManglingMode(v.manglename);
   if (manglename === null) throw new OptionValueError("Unknown name mangling mode.");
   return {

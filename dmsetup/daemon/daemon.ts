@@ -7,7 +7,7 @@ import { createDeviceMapper } from "../../index.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { IoOptions } from "../../core/devices/block-device.js";
 import { DmError } from "../../core/errors.js";
-import { JsonLineLogger, type LogLevel } from "../../core/logger.js";
+import { type LineLogger, lineLogger, type LogFormat, type LogLevel } from "../../core/logger.js";
 import { attachExports } from "../attach/attach-exports.js";
 import { Attacher } from "../attach/attacher.js";
 import { ControlServer, type DaemonHooks } from "../control/server.js";
@@ -21,6 +21,8 @@ export interface DaemonOptions {
   paths: RunPaths;
   plugins?: string[];
   logLevel?: LogLevel;
+  /** JSON lines (the default) or text lines for a person (core/logger.ts). */
+  logFormat?: LogFormat;
   /**
    * `[HOST:]PORT` for an extra TCP NBD listener (default host 127.0.0.1). Anything but a loopback
    * address needs `tls.mode` "require".
@@ -57,7 +59,7 @@ export interface DaemonOptions {
 
 export class Daemon {
   readonly dm: DeviceMapper;
-  readonly logger: JsonLineLogger;
+  readonly logger: LineLogger;
   private control!: ControlServer;
   nbd!: NbdServer;
   attacher!: Attacher;
@@ -67,7 +69,10 @@ export class Daemon {
   tcpAddress: { host: string; port: number } | null = null;
 
   constructor(readonly opts: DaemonOptions) {
-    this.logger = new JsonLineLogger(opts.logLevel ?? "info", opts.logStream ?? process.stderr, { component: "udmd" });
+    const format = opts.logFormat ?? "json";
+    // Every JSON line says whose it is; a person at udmd's terminal knows.
+    const base = format === "json" ? { component: "udmd" } : {};
+    this.logger = lineLogger(format, opts.logLevel ?? "info", opts.logStream ?? process.stderr, base);
     this.dm = createDeviceMapper({ logger: this.logger, io: opts.io });
   }
 

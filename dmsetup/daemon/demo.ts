@@ -1,5 +1,6 @@
 /**
- * `npm start`: a daemon with ready devices over sparse files, and the commands to try on them.
+ * `npm start`: a daemon with ready devices over sparse files that persist in the state directory
+ * (./var), and a banner saying where they are, what to try and how to stop.
  */
 import fs from "node:fs";
 import path from "node:path";
@@ -36,10 +37,19 @@ export async function setUpDemo(daemon: Daemon, stateDir: string): Promise<strin
   const run = daemon.opts.paths.dir;
   const env = `UDM_RUN_DIR=${run}`;
   const uri = (n: string) => daemon.nbdUri(n);
-  return `udm demo is running (Ctrl-C to stop). Devices, exported over NBD:
+  const file = (f: string, size: string, what: string) =>
+    `  ${path.basename(f).padEnd(11)} ${size.padEnd(8)} ${what} (${onDisk(f)} on disk now)`;
+  return `udm demo: udmd is running on ${run} (pid ${process.pid}).
+
+Devices, exported over NBD:
   demo-origin  ${uri("demo-origin")}
   demo-snap    ${uri("demo-snap")}
 ${daemon.tcpAddress ? `  TCP: nbd://${daemon.tcpAddress.host}:${daemon.tcpAddress.port}/demo-origin\n` : ""}
+Their files are in ${dir}, sparse: they take only the space written to them. They stay after the demo;
+the next npm start uses them again, snapshot included. Delete the folder to start afresh.
+${file(origin, "1 GiB", "demo-origin's data")}
+${file(cow, "256 MiB", "demo-snap's copy-on-write store")}
+
 Try, in another shell:
   ${env} npx udmsetup ls
   ${env} npx udmsetup table demo-origin
@@ -50,5 +60,14 @@ Try, in another shell:
   qemu-io -f raw -r '${uri("demo-snap")}' -c 'read -P 0 0 1M'      # the snapshot still reads the old data
   nbdcopy '${uri("demo-origin")}' - | head -c 16 | od -An -tx1
   qemu-img info '${uri("demo-origin")}'
+
+To stop: Ctrl-C here, or \`${env} npx udmsetup daemon stop\` in another shell. The devices go
+away; their data stays in the files.
 `;
+}
+
+/** The space a sparse file takes, as du shows it. */
+function onDisk(file: string): string {
+  const bytes = fs.statSync(file).blocks * 512;
+  return bytes >= 1024 * 1024 ? `${(bytes / 1024 / 1024).toFixed(1)} MiB` : `${Math.round(bytes / 1024)} KiB`;
 }

@@ -141,7 +141,8 @@ describe("bad input through udmsetup", () => {
     for (const dev of [env.files, fifo, runPaths(env.dir).control, "/dev/null"]) {
       await refused(
         ["create", "x", "--table", `0 8 linear ${dev} 0`],
-        "linear: Device lookup failed\ndevice-mapper: reload ioctl on x  failed: No such device\nCommand failed.\n",
+        `linear: Device lookup failed: ${dev}: not a regular file or block device\n` +
+          "device-mapper: reload ioctl on x  failed: No such device\nCommand failed.\n",
       );
     }
   });

@@ -82,7 +82,7 @@ describe("delay constructor", () => {
   it.each(["nosuch 0 10", "mem0 0 10 nosuch 0 10", "mem0 0 10 mem1 0 10 nosuch 0 10"])(
     "fails a missing device in '%s' with 'Device lookup failed' and the lookup's errno",
     async (args) => {
-      await expectCtrError(`0 100 delay ${args}`, "delay: Device lookup failed", "ENOENT");
+      await expectCtrError(`0 100 delay ${args}`, "delay: Device lookup failed: nosuch: no such test device", "ENOENT");
     },
   );
 

@@ -125,8 +125,12 @@ describe("flakey constructor", () => {
     await expectCtrError(`0 100 flakey ${args}`, `flakey: ${message}`);
   });
 
-  it("fails a missing device with 'Device lookup failed' and the lookup's errno", async () => {
-    await expectCtrError("0 100 flakey nosuch 0 1 1", "flakey: Device lookup failed", "ENOENT");
+  it("fails a missing device with 'Device lookup failed', the lookup's reason and errno", async () => {
+    await expectCtrError(
+      "0 100 flakey nosuch 0 1 1",
+      "flakey: Device lookup failed: nosuch: no such test device",
+      "ENOENT",
+    );
   });
 
   it("checks the device area it maps", async () => {

@@ -76,9 +76,9 @@ describe("linear", () => {
     await expectCtrError(`0 10 linear ${args}`, `linear: ${message}`);
   });
 
-  it("fails a missing device with 'Device lookup failed' and the lookup's errno", async () => {
+  it("fails a missing device with 'Device lookup failed', the lookup's reason and errno", async () => {
     // linear_ctr returns dm_get_device's error (ENOENT for a path that does not exist).
-    await expectCtrError("0 10 linear nosuch 0", "linear: Device lookup failed", "ENOENT");
+    await expectCtrError("0 10 linear nosuch 0", "linear: Device lookup failed: nosuch: no such test device", "ENOENT");
   });
 
   it("remaps every sector by the offset", async () => {
@@ -135,7 +135,11 @@ describe("striped", () => {
 
   it("fails a missing stripe device with 'Couldn't parse stripe destination' and the lookup's errno", async () => {
     // stripe_ctr returns get_stripe's error, which is dm_get_device's (ENOENT here).
-    await expectCtrError("0 16 striped 2 8 mem0 0 nosuch 0", "striped: Couldn't parse stripe destination", "ENOENT");
+    await expectCtrError(
+      "0 16 striped 2 8 mem0 0 nosuch 0",
+      "striped: Couldn't parse stripe destination: nosuch: no such test device",
+      "ENOENT",
+    );
   });
 
   it("places chunk c on stripe c % n at row c / n, after each stripe's offset", async () => {
@@ -298,7 +302,7 @@ describe("error", () => {
   });
 
   it("fails a missing device in the pair with 'Device lookup failed' and the lookup's errno", async () => {
-    await expectCtrError("0 10 error nosuch 0", "error: Device lookup failed", "ENOENT");
+    await expectCtrError("0 10 error nosuch 0", "error: Device lookup failed: nosuch: no such test device", "ENOENT");
   });
 
   it("opens the device it is given but does not echo it in its status", async () => {

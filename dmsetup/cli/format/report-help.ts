@@ -1,8 +1,9 @@
 /**
  * The help texts libdm's report prints on stderr (libdm-report.c: _display_fields and
  * _display_selection_help): the field list with types, for `-S help` and for a selection naming
- * an unknown field, and the selection syntax. dmsetup's statistics fields are not listed: udm has
- * no dm-stats, so no such field can be shown or compared.
+ * an unknown field; without types, for `-o help` and an unknown `-o`/`-O` field; and the selection
+ * syntax. dmsetup's statistics fields are not listed: udm has no dm-stats, so no such field can be
+ * shown or compared.
  */
 import { FIELDS, type FieldSection } from "./report-fields.js";
 
@@ -20,10 +21,23 @@ const SECTION_TITLES: Record<FieldSection, string> = {
  */
 const ID_WIDTH = "writes_merged_per_sec".length;
 
-const line = (id: string, desc: string, type: string) => `  ${id.padEnd(ID_WIDTH)} - ${desc} [${type}]\n`;
+const line = (id: string, desc: string, type?: string) =>
+  `  ${id.padEnd(ID_WIDTH)} - ${desc}${type === undefined ? "" : ` [${type}]`}\n`;
 
-/** _display_fields(rh, 0, 1), then the blank (" ") line its callers print after it. */
-export function fieldListHelp(): string {
+/** The report types' prefixes (dmsetup.c's _report_types): `PREFIX_all` names a section's fields. */
+export const SECTION_PREFIXES: Partial<Record<FieldSection, string>> = {
+  name: "name_",
+  info: "info_",
+  deps: "deps_",
+  splitname: "splitname_",
+};
+
+/**
+ * _display_fields, then the blank (" ") line its callers print after it. With `types` (the
+ * selection help, `-S help`), each field's type; with `all` (the field help, `-o help`), each
+ * section's `PREFIX_all` line first.
+ */
+export function fieldListHelp(opts: { types: boolean; all: boolean } = { types: true, all: false }): string {
   let out = "";
   let section: FieldSection | undefined;
   for (const f of FIELDS) {
@@ -32,11 +46,14 @@ export function fieldListHelp(): string {
       const title = `${SECTION_TITLES[f.section]} Fields`;
       out += `${title}\n${"-".repeat(title.length)}\n`;
       section = f.section;
+      const prefix = SECTION_PREFIXES[section];
+      if (opts.all && prefix !== undefined) out += line(`${prefix}all`, "All fields in this section.");
     }
-    out += line(f.id, f.desc, f.num ? "number" : "string");
+    out += line(f.id, f.desc, opts.types ? (f.num ? "number" : "string") : undefined);
   }
-  out += line("help", "Show help.", "unselectable number");
-  out += line("?", "Show help.", "unselectable number");
+  const special = opts.types ? "unselectable number" : undefined;
+  out += line("help", "Show help.", special);
+  out += line("?", "Show help.", special);
   return `${out} \n`;
 }
 

@@ -7,7 +7,8 @@ import { DmError } from "../../../core/errors.js";
 import type { Selection } from "../select.js";
 import { type BlkdevNameResolver, DepTree, type GraphDevice } from "./dep-tree.js";
 import { DEFAULT_READ_AHEAD } from "./info.js";
-import { type Field, type FieldContext, findField } from "./report-fields.js";
+import { FIELDS, type Field, type FieldContext, findField } from "./report-fields.js";
+import { fieldListHelp, SECTION_PREFIXES } from "./report-help.js";
 import { byteLength, padEnd, padStart } from "./text.js";
 
 const DEFAULT_FIELDS = "name,major,minor,attr,open,segments,events,uuid";
@@ -68,6 +69,42 @@ export function fieldContexts(
   });
 }
 
+const canonical = (id: string) => id.replace(/_/g, "").toLowerCase();
+
+/** `PREFIX_all` (libdm's _all_match): every field of that section, in order; else undefined. */
+function sectionFields(word: string): Field[] | undefined {
+  const section = Object.entries(SECTION_PREFIXES).find(([, prefix]) => canonical(`${prefix}all`) === canonical(word));
+  return section && FIELDS.filter((f) => f.section === section[0]);
+}
+
+const isHelp = (word: string) => canonical(word) === "help" || word === "?";
+
+/**
+ * What libdm's report setup says about `-o` and `-O` before any device is looked at (dmsetup does
+ * it before it opens the driver), null when the report can go ahead: `help` or `?` among them
+ * lists the fields (once; the report then shows nothing, status 0); an unknown field lists them
+ * too and is named in `error` (status 1). Both go to stderr.
+ */
+export function checkReportFields(opts: Pick<InfoColumnsOptions, "fields" | "sort">): {
+  help: string;
+  error?: string;
+} | null {
+  const help = fieldListHelp({ types: false, all: true });
+  let asked = false;
+  const fields = words(opts.fields);
+  if (fields[0]?.startsWith("+")) fields[0] = fields[0].slice(1);
+  for (const w of fields) {
+    if (isHelp(w)) asked = true;
+    else if (!sectionFields(w) && !findField(w)) return { help, error: `Unrecognised field: ${w}` };
+  }
+  for (const key of words(opts.sort)) {
+    const id = /^[+-]/.test(key) ? key.slice(1) : key;
+    if (isHelp(id)) asked = true;
+    else if (id !== "" && !findField(id)) return { help, error: `dm_report: Unrecognised field: ${key}` };
+  }
+  return asked ? { help } : null;
+}
+
 /** Whether the device passes the selection (always, without one); the `selected` field follows. */
 export function selects(selection: Selection | undefined, c: FieldContext): boolean {
   const passes = selection?.matches((field) => field.get(c)) ?? true;
@@ -94,10 +131,12 @@ export function formatInfoColumns(infos: readonly DeviceInfo[], opts: InfoColumn
   let spec = words(opts.fields).join(",");
   if (opts.fields === undefined) spec = DEFAULT_FIELDS;
   else if (spec.startsWith("+")) spec = `${DEFAULT_FIELDS},${spec.slice(1)}`;
-  const columns: Column[] = words(spec).map((w) => {
-    const field = findField(w);
-    if (!field) throw new DmError("EINVAL", `Unrecognised field: ${w}`);
-    return { field, hidden: false, width: field.width };
+  const columns: Column[] = words(spec).flatMap((w) => {
+    const fields = sectionFields(w) ?? [findField(w)];
+    return fields.map((field) => {
+      if (!field) throw new DmError("EINVAL", `Unrecognised field: ${w}`);
+      return { field, hidden: false, width: field.width };
+    });
   });
 
   const keys: { column: Column; descending: boolean }[] = [];
