@@ -173,7 +173,10 @@ export async function identifyBackingDevice(spec: string): Promise<string> {
   try {
     st = await fs.stat(spec);
   } catch (err) {
-    throw Object.assign(new Error(`${spec}: ${(err as Error).message}`), { code: (err as NodeJS.ErrnoException).code });
+    const code = (err as NodeJS.ErrnoException).code;
+    // Worded as openBackingDevice words it: this is where a missing path is noticed first.
+    const why = code === "ENOENT" || code === "ENOTDIR" ? "no such file or block device" : (err as Error).message;
+    throw Object.assign(new Error(`${spec}: ${why}`), { code });
   }
   if (st.isBlockDevice()) {
     const rdev = st.rdev;
