@@ -15,7 +15,14 @@ import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { CmdFlags } from "../../nbd/protocol.js";
 import { type RunningDaemon, startDaemon, tempDir, udmsetup, useDaemon } from "../support/daemon.js";
-import { type NbdkitServer, startNbdkit, startQemuNbd, stopNbdServers } from "../support/nbd-servers.js";
+import {
+  type NbdkitServer,
+  freePort,
+  startNbdkit,
+  startQemuNbd,
+  startQemuStorageDaemon,
+  stopNbdServers,
+} from "../support/nbd-servers.js";
 import { WireClient } from "../support/nbd-client.js";
 import { missingTools } from "../support/requirements.js";
 import { writePskFiles, makeX509Dirs } from "../support/tls-credentials.js";
@@ -26,7 +33,15 @@ import { pattern } from "../../testing/memory-backing.js";
 import { Rng } from "../../testing/rng.js";
 
 const MiB = 1024 * 1024;
-const missing = missingTools("remote device tests", ["nbdkit", "qemu-nbd", "qemu-img", "qemu-io", "openssl"]);
+const missing = missingTools("remote device tests", [
+  "nbdkit",
+  "qemu-nbd",
+  "qemu-img",
+  "qemu-io",
+  "qemu-storage-daemon",
+  "nbdinfo",
+  "openssl",
+]);
 const needs = (...tools: string[]) => tools.some((t) => (missing as string[]).includes(t));
 
 const env = useDaemon("udm-nbd-remote-");
@@ -350,6 +365,30 @@ describe.skipIf(needs("openssl"))("another udmd's exports", () => {
       ]);
       expect(stranger.code).toBe(1);
       expect(stranger.stderr).toContain("Permission denied"); // EACCES: the TLS handshake failed
+    } finally {
+      fs.rmSync(creds, { recursive: true, force: true });
+    }
+  });
+});
+
+describe.skipIf(needs("qemu-storage-daemon", "nbdinfo", "openssl"))("the scale-out recipe (docs/nbd.md)", () => {
+  it("a base image exported read-only by qemu-storage-daemon over TLS, a local COW per host", async () => {
+    const creds = tempDir("udm-nbd-remote-pki-");
+    try {
+      const pki = await makeX509Dirs(creds);
+      const image = path.join(env.files, "debian12.raw");
+      fs.writeFileSync(image, pattern(11, 8 * MiB));
+      const storage = await startQemuStorageDaemon(env.files, image, "debian12", await freePort(), pki.server);
+      // The host's side, as the recipe has it.
+      const base = storage.uri(pki.client);
+      const sectors = Number((await sh("nbdinfo", "--size", base)).trim()) / 512;
+      const cow = makeFile(path.join(env.files, "vm1.cow"), 4 * MiB);
+      await ok("create", "vm1", "--table", `0 ${sectors} snapshot ${base} ${cow} P 8`);
+      const c = await connect("vm1");
+      expect((await readOk(c, 0, MiB)).equals(pattern(11, MiB))).toBe(true);
+      await writeOk(c, MiB, pattern(12, 64 * 1024), CmdFlags.FUA);
+      expect((await readOk(c, MiB, 64 * 1024)).equals(pattern(12, 64 * 1024))).toBe(true);
+      expect(fs.readFileSync(image).equals(pattern(11, 8 * MiB))).toBe(true);
     } finally {
       fs.rmSync(creds, { recursive: true, force: true });
     }

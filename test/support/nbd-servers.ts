@@ -9,6 +9,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import { toolOk, which } from "./tools.js";
 
@@ -146,4 +147,48 @@ export function stopNbdServers(): void {
     }
   }
   forked.clear();
+}
+
+/**
+ * qemu-storage-daemon exporting `image` (raw, read-only) as `exportName` over TCP on 127.0.0.1:`port`
+ * with x509 TLS from `pki` (ca-cert.pem, server-cert.pem, server-key.pem; clients must present a
+ * certificate the CA signed). `--daemonize` returns once it listens.
+ */
+export async function startQemuStorageDaemon(
+  dir: string,
+  image: string,
+  exportName: string,
+  port: number,
+  pki: string,
+): Promise<{ uri: (clientPki: string) => string }> {
+  const pidFile = path.join(dir, "qsd.pid");
+  await toolOk("qemu-storage-daemon", [
+    "--daemonize",
+    "--pidfile",
+    pidFile,
+    "--object",
+    `tls-creds-x509,id=tls0,endpoint=server,dir=${pki}`,
+    "--blockdev",
+    `driver=file,node-name=file0,filename=${image},read-only=on`,
+    "--blockdev",
+    "driver=raw,node-name=base,file=file0,read-only=on",
+    "--nbd-server",
+    `addr.type=inet,addr.host=127.0.0.1,addr.port=${port},tls-creds=tls0`,
+    "--export",
+    `type=nbd,id=e0,node-name=base,name=${exportName},writable=off`,
+  ]);
+  forked.add(Number(fs.readFileSync(pidFile, "utf8").trim()));
+  return { uri: (clientPki) => `nbds://localhost:${port}/${exportName}?tls-certificates=${clientPki}` };
+}
+
+/** A TCP port nothing listens on right now (bound and released: another process may take it first). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as net.AddressInfo;
+      s.close(() => resolve(port));
+    });
+  });
 }
