@@ -126,7 +126,7 @@ function printSelection(sel: Selection): void {
     tests.map((t) => `${t.name} (${t.targets.join(", ")})`).join(", ");
   console.log(`${sel.run.length} tests selected: ${sel.run.map((t) => t.name).join(" ")}`);
   if (sel.missingTarget.length > 0)
-    console.log(`skipped, they need thin-pool, which udm does not have: ${names(sel.missingTarget)}`);
+    console.log(`skipped, they need ${sel.missing.join(", ")}, which udm does not have: ${names(sel.missingTarget)}`);
   if (sel.otherTargets.length > 0)
     console.log(`not selected, other dm targets (run them by name, or --all-dm): ${names(sel.otherTargets)}`);
 }
@@ -176,9 +176,9 @@ const KILL_GRACE_MS = 30_000;
 
 async function run(cmd: Command): Promise<number> {
   const startedAt = Date.now();
-  const selection = selectDmTests(findDmTests(cmd.xfstests), { allTargets: cmd.allDm });
+  const dmTests = findDmTests(cmd.xfstests);
   if (cmd.list) {
-    printSelection(selection);
+    printSelection(selectDmTests(dmTests, { allTargets: cmd.allDm }));
     return 0;
   }
   const problem = systemProblem();
@@ -201,9 +201,7 @@ async function run(cmd: Command): Promise<number> {
     );
 
   const explicit = cmd.checkArgs.length > 0;
-  if (!explicit) printSelection(selection);
-  const checkArgs = explicit ? cmd.checkArgs : selection.run.map((t) => t.name);
-  const expected = checkArgs.filter((a) => /^[\w-]+\/\d+$/.test(a));
+  let checkArgs = cmd.checkArgs;
   const stamp = new Date().toISOString().replace(/[:]/g, "").replace(/\..*$/, "");
   const resultsDir = cmd.resultsDir ?? path.join(cmd.xfstests, "results", `udm-${stamp}`);
   const log = (m: string) => console.log(`[xfstests-udm ${new Date().toISOString().slice(11, 19)}] ${m}`);
@@ -253,6 +251,7 @@ async function run(cmd: Command): Promise<number> {
   let parser: CheckOutputParser | undefined;
   let results: TestRecord[] = [];
   let setupFailed = false;
+  let expected: string[] = [];
   try {
     try {
       await env.setup(() => abortReason !== undefined);
@@ -260,6 +259,13 @@ async function run(cmd: Command): Promise<number> {
       setupFailed = abortReason === undefined;
       throw err;
     }
+    if (!explicit) {
+      // The tests of the targets this udmd offers (thin-pool's are skipped while it has none).
+      const selection = selectDmTests(dmTests, { allTargets: cmd.allDm, available: await env.targets() });
+      printSelection(selection);
+      checkArgs = selection.run.map((t) => t.name);
+    }
+    expected = checkArgs.filter((a) => /^[\w-]+\/\d+$/.test(a));
     const checkLog = fs.openSync(path.join(resultsDir, "check.log"), "w");
     let lastOutput = Date.now();
     parser = new CheckOutputParser(Date.now);

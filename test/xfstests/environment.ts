@@ -133,13 +133,21 @@ export class XfstestsEnv {
 
   private writeWrapper(): void {
     const q = shellQuote;
+    // Each call is logged with its exit status (and its stderr when it failed); stdin (tables
+    // piped to load) and stdout go straight through.
     const wrapper = `#!/bin/sh
 # dmsetup for xfstests, written by udm's npm run xfstests: udmsetup on that run's udmd.
 export UDM_RUN_DIR=${q(this.runDir)}
 export UDM_NO_AUTOSTART=1
-${q(process.execPath)} ${q(this.udmsetup)} "$@"
+err=$(mktemp ${q(path.join(this.base, "dmsetup-err.XXXXXX"))}) || exit 1
+${q(process.execPath)} ${q(this.udmsetup)} "$@" 2>"$err"
 rc=$?
-printf '%s rc=%s dmsetup %s\\n' "$(date +%H:%M:%S.%N | cut -c1-12)" "$rc" "$*" >> ${q(this.dmsetupLog)}
+cat "$err" >&2
+{
+  printf '%s rc=%s dmsetup %s\\n' "$(date +%H:%M:%S.%N | cut -c1-12)" "$rc" "$*"
+  [ "$rc" -eq 0 ] || sed 's/^/    /' "$err"
+} >> ${q(this.dmsetupLog)}
+rm -f "$err"
 exit $rc
 `;
     fs.writeFileSync(path.join(this.binDir, "dmsetup"), wrapper, { mode: 0o755 });
@@ -193,6 +201,16 @@ exit $rc
       const removed = await run(["remove", PROBE_DEVICE]);
       if (removed.code !== 0) this.opts.log(`warning: removing the probe device failed: ${removed.stderr.trim()}`);
     }
+  }
+
+  /** The targets udmd offers (`dmsetup targets`). */
+  async targets(): Promise<string[]> {
+    const r = await tool(path.join(this.binDir, "dmsetup"), ["targets"], { timeoutMs: 60_000 });
+    if (r.code !== 0) throw new Error(`dmsetup targets (udmsetup) failed: ${r.stderr.trim()}`);
+    return r.stdout
+      .split("\n")
+      .map((l) => l.trim().split(/\s+/)[0]!)
+      .filter(Boolean);
   }
 
   private daemonAlive(): boolean {

@@ -12,7 +12,10 @@ export const DEFAULT_TEST_DIRS = ["generic", "ext4"];
 /** The targets whose tests are run by default. */
 export const SELECTED_TARGETS = ["flakey", "error", "delay", "log-writes"];
 
-/** Targets udm does not provide: a test that needs one is skipped (with the reason printed). */
+/**
+ * Targets udm is taken not to have when its own list is not at hand (`--list`); a run asks its
+ * udmd (`dmsetup targets`) and skips the tests that need a target missing there.
+ */
 export const MISSING_TARGETS = ["thin-pool"];
 
 /** Helpers of common/dm* that require targets without naming them in the test. */
@@ -35,6 +38,8 @@ export interface Selection {
   run: DmTest[];
   /** dm tests left out because they need a target udm lacks. */
   missingTarget: DmTest[];
+  /** Those targets. */
+  missing: string[];
   /** dm tests that need none of SELECTED_TARGETS (snapshot, linear, ...): run them by name. */
   otherTargets: DmTest[];
 }
@@ -68,12 +73,19 @@ export function findDmTests(xfstests: string, dirs = DEFAULT_TEST_DIRS): DmTest[
   return found;
 }
 
-/** Split the dm tests into those to run, those needing a missing target and the others. */
-export function selectDmTests(tests: DmTest[], opts: { allTargets?: boolean } = {}): Selection {
-  const selection: Selection = { run: [], missingTarget: [], otherTargets: [] };
+/**
+ * Split the dm tests into those to run, those needing a target udm lacks (not in `available`, or
+ * in MISSING_TARGETS when udm's list is not given) and the others.
+ */
+export function selectDmTests(tests: DmTest[], opts: { allTargets?: boolean; available?: string[] } = {}): Selection {
+  const selection: Selection = { run: [], missingTarget: [], missing: [], otherTargets: [] };
+  const lacks = (t: string) => (opts.available ? !opts.available.includes(t) : MISSING_TARGETS.includes(t));
   for (const test of tests) {
-    if (test.targets.some((t) => MISSING_TARGETS.includes(t))) selection.missingTarget.push(test);
-    else if (opts.allTargets || test.targets.some((t) => SELECTED_TARGETS.includes(t))) selection.run.push(test);
+    const missing = test.targets.filter(lacks);
+    if (missing.length > 0) {
+      selection.missingTarget.push(test);
+      for (const t of missing) if (!selection.missing.includes(t)) selection.missing.push(t);
+    } else if (opts.allTargets || test.targets.some((t) => SELECTED_TARGETS.includes(t))) selection.run.push(test);
     else selection.otherTargets.push(test);
   }
   return selection;

@@ -183,6 +183,15 @@ describe("dm test selection", () => {
     expect(sel.missingTarget.map((t) => t.name)).toEqual(["generic/455"]);
     expect(sel.otherTargets.map((t) => t.name)).toEqual(["generic/081", "ext4/033"]);
     expect(selectDmTests(findDmTests(dir, ["xfs"])).run.map((t) => t.name)).toEqual(["xfs/311"]);
+    // With udm's own list of targets: what it lacks decides.
+    const withThin = selectDmTests(findDmTests(dir), { available: ["error", "flakey", "log-writes", "thin-pool"] });
+    expect(withThin.run.map((t) => t.name)).toEqual(["generic/034", "generic/250", "generic/455", "generic/470"]);
+    expect(sel.missing).toEqual(["thin-pool"]);
+    const noError = selectDmTests(findDmTests(dir), { available: ["flakey", "log-writes", "snapshot", "zero"] });
+    expect([noError.missingTarget.map((t) => t.name), noError.missing]).toEqual([
+      ["generic/250", "generic/455"],
+      ["error", "thin-pool"],
+    ]);
     expect(selectDmTests(findDmTests(dir), { allTargets: true }).run.map((t) => t.name)).toEqual([
       "generic/034",
       "generic/081",
