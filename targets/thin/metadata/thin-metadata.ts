@@ -93,6 +93,8 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
   private time = 0;
   private trans = 0n;
   private flags = 0;
+  /** The held metadata snapshot's block as the superblock in memory has it (0: none). */
+  private held = 0;
   private dataBlockSizeSectors: number;
   private readonly devices = new Map<number, ThinDevice>();
   /** Metadata blocks kept back from what is reported free (commit overhead). */
@@ -207,6 +209,7 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
     this.detailsRoot = sb.deviceDetailsRoot;
     this.trans = sb.transactionId;
     this.flags = sb.flags;
+    this.held = sb.heldRoot;
     this.dataBlockSizeSectors = sb.dataBlockSize;
   }
 
@@ -566,6 +569,7 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
       await this.tm.inc(held.dataMappingRoot);
       await this.tm.inc(held.deviceDetailsRoot);
       setHeldRoot(await this.bm.writeLock(THIN_SUPERBLOCK_LOCATION, superblockValidator), copy.location);
+      this.held = copy.location;
     });
   }
 
@@ -575,6 +579,7 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
       const sb = await this.bm.writeLock(THIN_SUPERBLOCK_LOCATION, superblockValidator);
       const held = readU64(sb, SB.heldRoot);
       setHeldRoot(sb, 0);
+      this.held = 0;
       if (!held) throw pdError("EINVAL", "No pool metadata snapshot found: nothing to release.");
       const copy = decodeSuperblock(await this.tm.read(held, superblockValidator));
       await deleteTree(this.info, copy.dataMappingRoot);
@@ -589,6 +594,11 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
       this.checkUsable();
       return readU64(await this.bm.read(THIN_SUPERBLOCK_LOCATION, superblockValidator), SB.heldRoot);
     });
+  }
+
+  /** The same without I/O, for status lines (which cannot wait). */
+  get metadataSnapRoot(): number {
+    return this.held;
   }
 
   /** Free data blocks (dm_pool_get_free_block_count). */

@@ -1,0 +1,289 @@
+/**
+ * The pool (dm-thin.c: struct pool): one per thin-pool device, kept across reloads of its table
+ * and shared by every thin device in it. It owns the metadata, the data device, the pool's mode,
+ * the bio prison, the worker that provisions and copies blocks, and the commits.
+ *
+ * Commits are grouped: every caller asking while a commit waits its turn shares that commit
+ * (the kernel batches the flushes of one worker pass into one commit). A commit first flushes the
+ * data device (metadata_pre_commit_callback), so the blocks a new mapping points to are durable
+ * before the mapping is.
+ */
+import { Bio, BioError, BioFlags, submitAndWait } from "../../core/bio.js";
+import type { CopierClient } from "../../core/copier.js";
+import type { BlockDevice } from "../../core/devices/block-device.js";
+import type { Logger } from "../../core/logger.js";
+import type { Clock } from "../../core/services.js";
+import type { TableContext } from "../../core/target.js";
+import type { WorkQueue } from "../../core/work-queue.js";
+import { BioPrison } from "./bio-prison.js";
+import { DeferredSet } from "./deferred-set.js";
+import type { ThinPoolMetadata } from "./metadata/thin-metadata.js";
+import { type PoolFeatures, type PoolMode, isReadOnlyMode } from "./params.js";
+import { PersistentDataError } from "./persistent-data/errors.js";
+
+/** COMMIT_PERIOD: changes are committed at least this often. */
+export const COMMIT_PERIOD_MS = 1000;
+/** The no_space_timeout module parameter's default: queued I/O fails after this long without space. */
+export const NO_SPACE_TIMEOUT_MS = 60_000;
+
+const MODE_ORDER: readonly PoolMode[] = ["write", "out-of-data-space", "out-of-metadata-space", "read-only", "fail"];
+
+export interface PoolServices {
+  worker: WorkQueue;
+  copier: CopierClient;
+  clock: Clock;
+  logger: Logger;
+}
+
+export class Pool {
+  readonly prison = new BioPrison();
+  /** Reads of shared blocks in flight (shared_read_ds). */
+  readonly sharedReads = new DeferredSet<() => void>();
+  /** Bios in flight to data blocks (all_io_ds): a discard waits for them before unmapping. */
+  readonly allIo = new DeferredSet<() => void>();
+  mode: PoolMode = "write";
+  /** The features the controlling table asked for (pt->adjusted_pf, bound at preresume). */
+  features: PoolFeatures;
+  lowWaterBlocks = 0;
+  private lowWaterTriggered = false;
+  /** The pool device is suspended: I/O that needs the worker waits for its resume. */
+  suspended = false;
+  /** Tables holding the pool: pool targets and thin targets (__pool_inc/__pool_dec). */
+  refs = 1;
+  /** The pool target's table that last resumed (bind_control_target): where pool events go. */
+  control: TableContext | null = null;
+  /** That target's length in sectors (pool->ti->len). */
+  controlLen = 0;
+  /** Active thin devices (pool->active_thins): told when an abort changed their mappings back. */
+  readonly thins = new Set<{ afterAbort(): Promise<void> }>();
+  /** Work that needs free data blocks, retried at the next resume (retry_on_resume_list). */
+  private noSpace: Array<(err?: "ENOSPC" | "EIO") => void> = [];
+  private noSpaceTimer: { cancel(): void } | null = null;
+  private commitChain: Promise<void> = Promise.resolve();
+  private pendingCommit: Promise<void> | null = null;
+  private waker: { cancel(): void } | null = null;
+
+  constructor(
+    readonly name: string,
+    readonly metadataDevice: BlockDevice,
+    readonly dataDevice: BlockDevice,
+    readonly blockSize: number,
+    readonly pmd: ThinPoolMetadata,
+    features: PoolFeatures,
+    readonly services: PoolServices,
+  ) {
+    this.features = features;
+    pmd.preCommit = () => this.flushData();
+    if (features.readOnly) this.setMode("read-only");
+  }
+
+  // ---- modes ----
+
+  /** set_pool_mode: a worse mode takes effect at once; a better one only when asked for. */
+  setMode(mode: PoolMode): void {
+    if (this.mode === "fail" && mode !== "fail") return;
+    const old = this.mode;
+    if (mode === "write" && this.pmd.needsCheck) {
+      // Only a repair (thin_check --clear-needs-check-flag) lets such a pool write again.
+      this.services.logger.error(`${this.name}: unable to switch pool to write mode until repaired.`);
+      mode = old === "write" ? "read-only" : old;
+    }
+    if (old === mode) return;
+    this.mode = mode;
+    if (isReadOnlyMode(mode) || mode === "fail") this.pmd.setReadOnly();
+    else this.pmd.setReadWrite();
+    if (mode === "out-of-data-space" && !this.features.errorIfNoSpace) this.startNoSpaceTimer();
+    else this.cancelNoSpaceTimer();
+    if (mode === "fail" || isReadOnlyMode(mode) || (mode === "out-of-data-space" && this.features.errorIfNoSpace)) {
+      // Nothing parked for space can go on in these modes.
+      this.failNoSpace(mode === "out-of-data-space" ? "ENOSPC" : "EIO");
+    }
+    this.services.logger.warn(`${this.name}: switching pool to ${mode} mode`);
+    this.event();
+  }
+
+  /** Whether the pool refuses new mappings in its mode (writes that need one fail or wait). */
+  get canProvision(): boolean {
+    return this.mode === "write";
+  }
+
+  worseThan(mode: PoolMode): boolean {
+    return MODE_ORDER.indexOf(this.mode) > MODE_ORDER.indexOf(mode);
+  }
+
+  event(): void {
+    this.control?.event();
+  }
+
+  /**
+   * metadata_operation_failed: the transaction is aborted (needs_check set) and the pool goes
+   * read-only; if even the abort fails, the pool fails.
+   */
+  async metadataFailed(op: string, err: unknown): Promise<void> {
+    const message = err instanceof Error ? err.message : String(err);
+    this.services.logger.error(`${this.name}: metadata operation '${op}' failed: ${message}`);
+    try {
+      await this.pmd.abort();
+      // The flag is committed on its own, so it is on disk whatever happens next.
+      await this.pmd.setNeedsCheck();
+      await this.pmd.commit();
+      this.setMode("read-only");
+      for (const thin of this.thins) await thin.afterAbort();
+    } catch {
+      this.setMode("fail");
+    }
+  }
+
+  // ---- commits ----
+
+  /** commit(): joins a commit that has not started yet, or queues one after the running one. */
+  commit(): Promise<void> {
+    if (this.pendingCommit) return this.pendingCommit;
+    const p = this.commitChain.then(() => {
+      this.pendingCommit = null;
+      return this.commitNow();
+    });
+    this.pendingCommit = p;
+    this.commitChain = p.catch(() => {});
+    return p;
+  }
+
+  private async commitNow(): Promise<void> {
+    if (this.worseThan("out-of-data-space")) throw new PersistentDataError("pool is read-only", "EINVAL");
+    try {
+      await this.pmd.commit();
+    } catch (err) {
+      await this.metadataFailed("dm_pool_commit_metadata", err);
+      throw err;
+    }
+    this.checkDataSpace();
+  }
+
+  /** do_waker: commit what changed at least every COMMIT_PERIOD_MS while the pool runs. */
+  startWaker(): void {
+    this.stopWaker();
+    this.waker = this.services.clock.setTimeout(() => {
+      this.waker = null;
+      if (this.pmd.changedThisTransaction() && !this.worseThan("out-of-data-space")) {
+        this.commit().catch(() => {});
+      }
+      if (!this.suspended) this.startWaker();
+    }, COMMIT_PERIOD_MS);
+  }
+
+  stopWaker(): void {
+    this.waker?.cancel();
+    this.waker = null;
+  }
+
+  // ---- data space ----
+
+  /**
+   * alloc_data_block: a new data block, or "ENOSPC" (the pool is then out of data space). Crossing
+   * the low water mark raises the pool's event once per resume.
+   */
+  async allocDataBlock(): Promise<number | "ENOSPC"> {
+    let b: number;
+    try {
+      b = await this.pmd.allocDataBlock();
+    } catch (err) {
+      if (err instanceof PersistentDataError && err.errno === "ENOSPC") {
+        this.setMode("out-of-data-space");
+        return "ENOSPC";
+      }
+      await this.metadataFailed("dm_pool_alloc_data_block", err);
+      throw err;
+    }
+    if (!this.lowWaterTriggered && this.pmd.freeDataBlocks() <= this.lowWaterBlocks) {
+      this.lowWaterTriggered = true;
+      this.services.logger.warn(`${this.name}: reached low water mark for data device: sending event.`);
+      this.event();
+    }
+    return b;
+  }
+
+  /**
+   * retry_bios_on_resume: `retry` runs again after the next resume (the data device may have
+   * grown), or is told the error if the pool gives up first (error_if_no_space, the timeout).
+   */
+  parkForSpace(retry: (err?: "ENOSPC" | "EIO") => void): void {
+    if (this.features.errorIfNoSpace || this.worseThan("out-of-data-space")) {
+      retry(this.features.errorIfNoSpace ? "ENOSPC" : "EIO");
+      return;
+    }
+    this.noSpace.push(retry);
+  }
+
+  /** check_for_data_space: back to write mode once blocks are free again. */
+  checkDataSpace(): void {
+    if (this.mode === "out-of-data-space" && this.pmd.freeDataBlocks() > 0) this.setMode("write");
+  }
+
+  /** At resume: work parked for space goes again (the table may have grown the data device). */
+  retryParked(): void {
+    this.lowWaterTriggered = false;
+    const parked = this.noSpace;
+    this.noSpace = [];
+    for (const retry of parked) retry();
+  }
+
+  private failNoSpace(err: "ENOSPC" | "EIO"): void {
+    const parked = this.noSpace;
+    this.noSpace = [];
+    for (const retry of parked) retry(err);
+  }
+
+  private startNoSpaceTimer(): void {
+    if (this.noSpaceTimer) return;
+    this.noSpaceTimer = this.services.clock.setTimeout(() => {
+      this.noSpaceTimer = null;
+      // do_no_space_timeout: from queueing to erroring.
+      this.features = { ...this.features, errorIfNoSpace: true };
+      this.failNoSpace("ENOSPC");
+      this.event();
+    }, NO_SPACE_TIMEOUT_MS);
+  }
+
+  private cancelNoSpaceTimer(): void {
+    this.noSpaceTimer?.cancel();
+    this.noSpaceTimer = null;
+  }
+
+  // ---- data I/O ----
+
+  /** First sector of data block `b`. */
+  sectorOf(b: number): number {
+    return b * this.blockSize;
+  }
+
+  /** Zero a whole data block (ll_zero). */
+  zeroBlock(b: number): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.services.copier.zero([{ device: this.dataDevice, sector: this.sectorOf(b) }], this.blockSize, (_r, w) =>
+        w ? reject(new BioError("EIO", `zeroing data block ${b} failed`)) : resolve(),
+      ),
+    );
+  }
+
+  /** Copy data block `from` to `to` (the copy a write to a shared block makes first). */
+  copyBlock(from: number, to: number): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.services.copier.copy(
+        { device: this.dataDevice, sector: this.sectorOf(from), sectors: this.blockSize },
+        [{ device: this.dataDevice, sector: this.sectorOf(to) }],
+        (readErr, w) => (readErr || w ? reject(new BioError("EIO", `copying data block ${from} failed`)) : resolve()),
+      ),
+    );
+  }
+
+  /** Flush the data device's cache (metadata_pre_commit_callback). */
+  async flushData(): Promise<void> {
+    await submitAndWait(this.dataDevice, new Bio("flush", 0, 0, null, BioFlags.PREFLUSH, null));
+  }
+
+  /** Stop the timers (the last table let go of the pool). */
+  shutdown(): void {
+    this.stopWaker();
+    this.cancelNoSpaceTimer();
+  }
+}
