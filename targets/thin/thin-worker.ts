@@ -18,7 +18,7 @@
  */
 import { Bio, type BioStatus } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
-import { type Cell, dataKey, virtualKey } from "./bio-prison.js";
+import { type Cell, virtualKey } from "./bio-prison.js";
 import { type ThinDevice, WOULD_BLOCK } from "./metadata/thin-metadata.js";
 import { isReadOnlyMode } from "./params.js";
 import { PersistentDataError } from "./persistent-data/errors.js";
@@ -62,12 +62,9 @@ export class ThinWorker {
       this.deferCell(virt.cell);
       return false;
     }
-    const data = pool.prison.detain(dataKey(found.block), bio);
-    pool.prison.release(virt.cell);
-    // A held data cell: a discard is passing that block down; the bio waits for it.
-    if (data.existed) return false;
-    pool.prison.release(data.cell);
+    // Counted in flight before the cell goes: a discard of this block waits for it from here on.
     this.remapTracked(bio, found.block);
+    pool.prison.release(virt.cell);
     return true;
   }
 
@@ -259,9 +256,8 @@ export class ThinWorker {
       return undefined;
     }
     if (b !== "ENOSPC") return b;
-    // Not counted as outstanding while parked: a suspend must not wait for space.
-    this.outstanding++;
-    this.done();
+    // Parked work is no longer this device's outstanding work (a suspend does not wait for
+    // space); the retry queues it again.
     this.pool.parkForSpace((err) => (err ? this.errorCell(cell, err) : this.deferCell(cell)));
     return undefined;
   }
