@@ -141,6 +141,31 @@ describe("against udm's NBD server", () => {
     }
   });
 
+  it("snapshot-origin and snapshot over one remote export (spelt two ways) share it: origin writes are copied first", async () => {
+    const m0 = w.backing.memory("m0", 8192);
+    await submitAndWait(m0, writeBio(0, pattern(20, 4 * MiB)));
+    await w.dm.create("base", { table: "0 8192 linear m0 0" });
+    const abs = `nbd+unix:///base?socket=${w.sock}`;
+    const rel = `nbd+unix:///base?socket=${path.relative(process.cwd(), w.sock)}`;
+    const { dm, backing } = testMapper();
+    backing.memory("cow", 4096);
+    try {
+      await dm.create("origin", { table: `0 8192 snapshot-origin ${abs}` });
+      await dm.suspend("origin");
+      await dm.create("snap", { table: `0 8192 snapshot ${rel} cow P 8` });
+      await dm.resume("origin");
+      const origin = dm.open("origin");
+      const snap = dm.open("snap");
+      await origin.write(0, pattern(21, 64 * KiB));
+      expect((await snap.read(0, 128)).equals(pattern(20, 64 * KiB))).toBe(true);
+      expect((await origin.read(0, 128)).equals(pattern(21, 64 * KiB))).toBe(true);
+      await origin.close();
+      await snap.close();
+    } finally {
+      await dm.close();
+    }
+  });
+
   it("size and block sizes come from the server; requests are cut at its maximum", async () => {
     await stopWireServer(w);
     w = await startWireServer("udm-nbdc-srv-");
