@@ -117,7 +117,7 @@ async function run(argv: string[], f: Failures): Promise<number> {
     f.textOnly(USAGE);
     return 1;
   }
-  if (command === "help" || opts.help) {
+  if ((command === "help" && check === "ok") || opts.help) {
     const topic = command === "help" ? args[0] : command;
     if (topic === undefined) {
       io.out(USAGE);

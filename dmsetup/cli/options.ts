@@ -124,11 +124,38 @@ const OPTIONS = {
   addnodeonresume: { type: "boolean" },
 } satisfies ParseArgsConfig["options"];
 
+const takesValue = (name: string | undefined) =>
+  name !== undefined && (OPTIONS as Record<string, { type: string }>)[name]?.type === "string";
+const shortName = (c: string) => Object.entries(OPTIONS).find(([, o]) => (o as { short?: string }).short === c)?.[0];
+
+/**
+ * getopt gives an option that takes a value the next word whatever it is (`-O -name` sorts by
+ * name, descending); parseArgs would take `-name` for options. Such pairs become `--long=value`.
+ */
+function joinOptionValues(argv: readonly string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === "--") return [...out, ...argv.slice(i)];
+    const next = argv[i + 1];
+    if (next !== undefined && a.startsWith("--") && !a.includes("=") && takesValue(a.slice(2))) {
+      out.push(`${a}=${next}`);
+      i++;
+    } else if (next !== undefined && /^-[^-]/.test(a)) {
+      // In a cluster, the first option that takes a value takes the rest of the word, or the next.
+      const j = [...a.slice(1)].findIndex((c) => takesValue(shortName(c)));
+      if (j === a.length - 2) {
+        if (j > 0) out.push(a.slice(0, -1));
+        out.push(`--${shortName(a.at(-1)!)}=${next}`);
+        i++;
+      } else out.push(a);
+    } else out.push(a);
+  }
+  return out;
+}
+
 /** Where the command is in `argv`: the first word that is neither an option nor an option's value; -1 if none. */
 function commandIndex(argv: readonly string[]): number {
-  const takesValue = (name: string | undefined) =>
-    name !== undefined && (OPTIONS as Record<string, { type: string }>)[name]?.type === "string";
-  const shortName = (c: string) => Object.entries(OPTIONS).find(([, o]) => (o as { short?: string }).short === c)?.[0];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     if (a === "--") return i + 1 < argv.length ? i + 1 : -1;
@@ -181,7 +208,7 @@ export function parseCommandLine(
   }
   let parsed;
   try {
-    parsed = parseArgs({ args: argv, allowPositionals: true, strict: true, options: OPTIONS });
+    parsed = parseArgs({ args: joinOptionValues(argv), allowPositionals: true, strict: true, options: OPTIONS });
   } catch (err) {
     throw optionError(err as Error & { code?: string }, argv);
   }

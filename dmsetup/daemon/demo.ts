@@ -45,10 +45,11 @@ Devices, exported over NBD:
   demo-origin  ${uri("demo-origin")}
   demo-snap    ${uri("demo-snap")}
 ${daemon.tcpAddress ? `  TCP: nbd://${daemon.tcpAddress.host}:${daemon.tcpAddress.port}/demo-origin\n` : ""}
-Their files are in ${dir}, sparse: they take only the space written to them. They stay after the demo;
-the next npm start uses them again, snapshot included. Delete the folder to start afresh.
+Their files, in ${dir}:
 ${file(origin, "1 GiB", "demo-origin's data")}
 ${file(cow, "256 MiB", "demo-snap's copy-on-write store")}
+Sparse files take only the space written to them. They stay after the demo, and the next npm start
+uses them again, snapshot included; delete the folder to start afresh.
 
 Try, in another shell:
   ${env} npx udmsetup ls
@@ -61,8 +62,9 @@ Try, in another shell:
   nbdcopy '${uri("demo-origin")}' - | head -c 16 | od -An -tx1
   qemu-img info '${uri("demo-origin")}'
 
-To stop: Ctrl-C here, or \`${env} npx udmsetup daemon stop\` in another shell. The devices go
-away; their data stays in the files.
+To stop: Ctrl-C here, or in another shell:
+  ${env} npx udmsetup daemon stop
+The devices go away; their data stays in the files.
 `;
 }
 
