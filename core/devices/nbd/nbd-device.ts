@@ -120,6 +120,8 @@ class Req implements NbdRequest {
   lostAt = 0;
   /** Its connection was dropped because this request got no reply in time. */
   timedOut = false;
+  /** A replayed write: the round it belongs to. */
+  round = 0;
 
   constructor(
     readonly cmd: number,
@@ -212,6 +214,8 @@ export class NbdDevice implements BlockDevice {
   private replayQueue: Req[] = [];
   private replayOutstanding = 0;
   private replayNeeded = false;
+  /** Which round of replayed writes is current (a lost connection starts a new one). */
+  private replayRound = 0;
   private readonly unflushed: UnflushedWrites | null;
   /** Writes may have been lost: the next FLUSH reports EIO. */
   private lostWrites = false;
@@ -466,13 +470,16 @@ export class NbdDevice implements BlockDevice {
       // proto.md: a client that receives ESHUTDOWN MUST initiate a soft disconnect. The request
       // was not carried out; it goes again on the next connection.
       this.lastError = "the server is shutting down (ESHUTDOWN)";
-      if (req.work === null) this.replayQueue.unshift(req);
-      else this.requeue([req]);
+      if (req.work === null) {
+        if (req.round === this.replayRound) this.replayQueue.unshift(req);
+      } else this.requeue([req]);
       conn.disconnect();
       return;
     }
     if (req.work === null) {
-      // A replayed write.
+      // A replayed write; one of an abandoned round (its connection was lost, the round started
+      // over) no longer counts.
+      if (req.round !== this.replayRound) return;
       if (errno !== 0) {
         this.lostWrites = true;
         this.logger.error("nbd: writing an unflushed write again failed; the next flush fails", {
@@ -550,6 +557,7 @@ export class NbdDevice implements BlockDevice {
       // The writes being sent again are still in the map: start over on the next connection.
       this.replayQueue = [];
       this.replayOutstanding = 0;
+      this.replayRound++;
       this.replayNeeded = true;
     }
     const left = this.readyConnections().length;
@@ -603,7 +611,9 @@ export class NbdDevice implements BlockDevice {
       for (let at = e.start; at < e.end; at += max) {
         const n = Math.min(max, e.end - at);
         const data = e.data ? e.data.subarray(at - e.start, at - e.start + n) : null;
-        reqs.push(new Req(cmd, 0, at, n, null, data, null, this.seq++));
+        const req = new Req(cmd, 0, at, n, null, data, null, this.seq++);
+        req.round = this.replayRound;
+        reqs.push(req);
       }
     }
     if (reqs.length === 0) return;
