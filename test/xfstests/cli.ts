@@ -232,8 +232,10 @@ async function run(cmd: Command): Promise<number> {
   };
   const onSignal = (sig: NodeJS.Signals) => {
     interrupts++;
-    if (interrupts === 1) abort(`${sig}; cleaning up (press Ctrl-C again to kill ./check at once)`);
-    else if (interrupts === 2) {
+    if (interrupts === 1) {
+      abort(`interrupted (${sig})`);
+      log("Ctrl-C again kills ./check at once; the cleanup follows either way");
+    } else if (interrupts === 2) {
       log("killing ./check now; cleaning up (Ctrl-C once more leaves at once, lazily undoing what it can)");
       killCheck("SIGKILL");
     } else {

@@ -87,12 +87,46 @@ export class XfstestsEnv {
     return loop.dev;
   }
 
+  /**
+   * One run per dev dir: xfstests names its devices after the test (flakey-test.073), so two runs
+   * would take each other's devices.
+   */
+  private get lockFile(): string {
+    return path.join(os.tmpdir(), `udm-xfstests${this.opts.devDir.replace(/\//g, "_")}.lock`);
+  }
+  private locked = false;
+
+  private lock(): void {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        fs.writeFileSync(this.lockFile, `${process.pid}\n`, { flag: "wx" });
+        this.locked = true;
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EEXIST" || attempt > 0) throw err;
+      }
+      const pid = Number(fs.readFileSync(this.lockFile, "utf8").trim());
+      if (pid > 0 && processAlive(pid))
+        throw new Error(
+          `another npm run xfstests (pid ${pid}) is running with its devices in ${this.opts.devDir} ` +
+            `(${this.lockFile}); xfstests' device names would collide`,
+        );
+      fs.rmSync(this.lockFile, { force: true }); // its run died without removing it
+    }
+  }
+
+  private unlock(): void {
+    if (this.locked) fs.rmSync(this.lockFile, { force: true });
+    this.locked = false;
+  }
+
   /** Make everything; `aborted()` is asked between steps (Ctrl-C during setup). */
   async setup(aborted: () => boolean): Promise<void> {
     const step = (what: string) => {
       if (aborted()) throw new Error(`interrupted while setting up (${what})`);
       this.opts.log(what);
     };
+    this.lock();
     fs.mkdirSync(this.opts.tmpParent, { recursive: true });
     this.base = fs.mkdtempSync(path.join(this.opts.tmpParent, "udm-xfstests-"));
     for (const dir of [this.binDir, this.testDir, this.scratchMnt]) fs.mkdirSync(dir);
@@ -237,42 +271,63 @@ exit $rc
     for (const dev of this.attachLoops()) this.attachDevices.add(dev);
   }
 
-  /** Mounts of ours, innermost (latest) first: under our directory, or of one of our devices. */
+  /** Names of the devices made through our dmsetup (its log), whose /dev/mapper links are ours. */
+  private createdNames(): Set<string> {
+    const names = new Set([PROBE_DEVICE]);
+    try {
+      for (const line of fs.readFileSync(this.dmsetupLog, "utf8").split("\n")) {
+        const m = / dmsetup (?:create (\S+)|rename \S+ (\S+))/.exec(line);
+        if (m) names.add((m[1] ?? m[2])!);
+      }
+    } catch {
+      // no log yet
+    }
+    return names;
+  }
+
+  /**
+   * Mounts of ours, innermost (latest) first: on our directories, of our loop devices (ours or
+   * udmd's), or of a link in the dev dir to a device made through our dmsetup.
+   */
   private ourMounts(): { source: string; target: string }[] {
     if (!this.base) return [];
-    const ourDevs = new Set([
-      ...boundLoops()
+    const ourDevs = new Set(
+      boundLoops()
         .filter((l) => isUnder(l.backing, this.base))
         .map((l) => l.dev),
-      ...this.attachDevices,
-    ]);
+    );
+    const created = this.createdNames();
+    const ourLink = (source: string) =>
+      path.dirname(source) === this.opts.devDir &&
+      created.has(path.basename(source)) &&
+      !this.initialLinks.has(path.basename(source));
     return mounts()
-      .filter(
-        (m) =>
-          isUnder(m.target, this.base) ||
-          ourDevs.has(m.source) ||
-          (isUnder(m.source, this.opts.devDir) && !this.initialLinks.has(path.basename(m.source))),
-      )
+      .filter((m) => isUnder(m.target, this.base) || ourDevs.has(m.source) || ourLink(m.source))
       .reverse();
   }
 
+  /**
+   * Links udmd made in the dev dir and left (a killed daemon cannot remove them): new since the
+   * start, named after a device made through our dmsetup or pointing to a device udmd attached,
+   * and not pointing to a loop device someone else has bound since.
+   */
   private ourLinks(): string[] {
     if (!fs.existsSync(this.opts.devDir)) return [];
+    const created = this.createdNames();
+    const bound = new Map(boundLoops().map((l) => [l.dev, l.backing]));
     return fs
       .readdirSync(this.opts.devDir)
       .filter((name) => !this.initialLinks.has(name))
       .filter((name) => {
+        let target;
         try {
-          const target = fs.readlinkSync(path.join(this.opts.devDir, name));
-          // udmd's (seen attached), or left pointing to nothing / to a loop device no longer bound.
-          return (
-            this.attachDevices.has(target) ||
-            !fs.existsSync(target) ||
-            (/^\/dev\/loop\d+$/.test(target) && !isBoundLoop(target))
-          );
+          target = fs.readlinkSync(path.join(this.opts.devDir, name));
         } catch {
           return false; // not a symlink
         }
+        if (!created.has(name) && !this.attachDevices.has(target)) return false;
+        const backing = bound.get(target);
+        return backing === undefined || isUnder(backing, this.runDir);
       });
   }
 
@@ -285,19 +340,23 @@ exit $rc
    * (empty when everything went). The caller has stopped ./check and its tests before.
    */
   async cleanup(): Promise<string[]> {
+    try {
+      return await this.removeAll();
+    } finally {
+      this.unlock();
+    }
+  }
+
+  private async removeAll(): Promise<string[]> {
     if (!this.base) return [];
     this.noteAttachments();
     // 1. Suspended devices hold I/O (an unmount's writeback would wait forever): resume them.
     let hung = false;
     if (this.daemonAlive()) {
       const info = await this.udm(["--json", "info"], 15_000);
-      try {
-        const devices =
-          info.code === 0 ? (JSON.parse(info.stdout || "[]") as { name: string; suspended: boolean }[]) : [];
-        if (info.code === null) hung = true;
-        for (const d of devices.filter((d) => d.suspended)) await this.udm(["resume", d.name], 15_000);
-      } catch {
-        hung = true;
+      hung = info.code === null;
+      for (const name of suspendedDevices(info.code === 0 ? info.stdout : "")) {
+        if ((await this.udm(["resume", name], 15_000)).code === null) hung = true;
       }
     }
     if (hung) {
@@ -378,6 +437,7 @@ exit $rc
 
   /** The last resort when the process must exit now: the same, synchronously, waiting for nothing long. */
   cleanupSync(): void {
+    this.unlock();
     if (!this.base) return;
     const quiet = (cmd: string, args: string[]) =>
       spawnSync(which(cmd) ?? cmd, args, { stdio: "ignore", timeout: 10_000 });
@@ -393,8 +453,26 @@ exit $rc
   }
 }
 
-function isBoundLoop(dev: string): boolean {
-  return boundLoops().some((l) => l.dev === dev);
+/** The suspended devices in `udmsetup --json info` output (which is "No devices found" when there are none). */
+export function suspendedDevices(jsonInfo: string): string[] {
+  let devices: unknown;
+  try {
+    devices = JSON.parse(jsonInfo);
+  } catch {
+    return [];
+  }
+  return Array.isArray(devices)
+    ? devices.filter((d: { name?: unknown; suspended?: unknown }) => d.suspended === true).map((d) => String(d.name))
+    : [];
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
 }
 
 async function mustRun(cmd: string, args: string[], timeoutMs: number): Promise<void> {
