@@ -472,6 +472,17 @@ describe("faults", () => {
     expect(await status(dev, flushBio())).toBe("ok"); // reported once
   });
 
+  it("x-udm-replay-mib=0 keeps no copies: the first flush after a restart fails with EIO instead", async () => {
+    const s = await scripted();
+    const dev = await open(`${s.uri}&x-udm-replay-mib=0`);
+    await submitAndWait(dev, writeBio(0, pattern(10, 4 * KiB)));
+    expect(dev.connectionState().unflushedBytes).toBe(0);
+    await s.stop();
+    await s.restart();
+    expect(await status(dev, flushBio())).toBe("EIO");
+    expect(await status(dev, flushBio())).toBe("ok");
+  });
+
   it("an export that comes back smaller: I/O past its new end fails with EIO, below it works", async () => {
     const s = await scripted(4 * MiB);
     const dev = await open(s.uri);

@@ -34,6 +34,8 @@ describe("NBD URIs", () => {
     expect(parseNbdUri("nbd://example.com//disk").exportName).toBe("/disk");
     expect(parseNbdUri("nbd://example.com/hello%20world").exportName).toBe("hello world");
     expect(parseNbdUri("nbd://[::1]:10810/x").transport).toEqual({ kind: "tcp", host: "::1", port: 10810 });
+    expect(parseNbdUri("nbd://h/x?x-udm-replay-mib=0").replayBytes).toBe(0);
+    expect(parseNbdUri("nbd://h/x?x-udm-replay-mib=8").replayBytes).toBe(8 * 1024 * 1024);
     expect(parseNbdUri("nbds://alice@h:1/x?tls-psk-file=/k&x-udm-timeout=2.5&x-udm-connections=2")).toMatchObject({
       tls: true,
       user: "alice",
@@ -69,6 +71,7 @@ describe("NBD URIs", () => {
     ["nbds://h/x?tls-type=anon", /not supported/],
     ["nbd://h/x?x-udm-timeout=-1", /positive number/],
     ["nbd://h/x?x-udm-connections=100", /up to 16/],
+    ["nbd://h/x?x-udm-replay-mib=-1", /takes 0 to 4096/],
     ["nbd://h/%zz", /bad percent-encoding/],
     ["nbd://h/a%00b", /contains NUL/],
     ["nbd://h/x?socket=a&socket=b", /given twice/],

@@ -49,7 +49,7 @@ export interface NbdDeviceOptions {
   connectTimeoutMs?: number;
   /** Reconnect backoff: the first delay and the largest, ms (default 50 and 2000). */
   reconnectDelayMs?: { first: number; max: number };
-  /** Bytes of acknowledged, unflushed writes kept for sending again (default 32 MiB). */
+  /** Bytes of acknowledged, unflushed writes kept for sending again (default 32 MiB; the URI's x-udm-replay-mib wins). */
   replayLimitBytes?: number;
   logger?: Logger;
 }
@@ -265,7 +265,7 @@ export class NbdDevice implements BlockDevice {
     this.backoff = devOpts.reconnectDelayMs ?? { first: 50, max: 2000 };
     this.logger = devOpts.logger ?? defaultLogger;
     this.info = { size: 0, flags: 0, minBlock: 512, preferredBlock: 4096, maxPayload: 512, structured: false };
-    this.unflushed = new UnflushedWrites(devOpts.replayLimitBytes ?? DEFAULT_REPLAY_LIMIT);
+    this.unflushed = new UnflushedWrites(uri.replayBytes ?? devOpts.replayLimitBytes ?? DEFAULT_REPLAY_LIMIT);
     const period = Math.min(1000, Math.max(10, Math.floor(timeoutMs / 4)));
     this.watchdog = setInterval(() => this.checkTimeouts(), period);
     this.watchdog.unref();

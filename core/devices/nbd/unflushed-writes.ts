@@ -104,7 +104,7 @@ export class UnflushedWrites {
       return;
     }
     const at = this.cut(start, end);
-    const copy = data ? Buffer.from(data) : null;
+    const copy = data ? copyOf(data) : null;
     this.extents.splice(at, 0, { start, end, data: copy, seq });
     this.held += bytes;
   }
@@ -134,8 +134,15 @@ export class UnflushedWrites {
 
   /** [from, to) of `e`, its bytes copied so a small remainder does not keep a large buffer alive. */
   private piece(e: UnflushedExtent, from: number, to: number): UnflushedExtent {
-    const data = e.data ? Buffer.from(e.data.subarray(from - e.start, to - e.start)) : null;
+    const data = e.data ? copyOf(e.data.subarray(from - e.start, to - e.start)) : null;
     this.held += data ? data.length : 0;
     return { start: from, end: to, data, seq: e.seq };
   }
+}
+
+/** A copy by memcpy (Buffer.from(buffer) goes through the typed-array constructor, slower at 1 MiB). */
+function copyOf(data: Buffer): Buffer {
+  const copy = Buffer.allocUnsafe(data.length);
+  data.copy(copy);
+  return copy;
 }

@@ -13,8 +13,9 @@
  * `tls-psk-file=FILE` (psktool's `identity:hexkey` lines; the identity is USER, by default the
  * login name), `tls-verify-peer=0|1`, `tls-hostname=NAME`, `tls-type=x509|psk`; and udm's own
  * (uri.md, "Other NBD URI query parameters": experimental keys start with `x-`):
- * `x-udm-timeout=SECONDS` (the I/O timeout, nbd-device.ts) and `x-udm-connections=N` (connections
- * when the server allows multi-conn). Any other key is refused, as uri.md asks, so a misspelt key
+ * `x-udm-timeout=SECONDS` (the I/O timeout, nbd-device.ts), `x-udm-connections=N` (connections
+ * when the server allows multi-conn) and `x-udm-replay-mib=N` (unflushed writes kept for sending
+ * again, unflushed-writes.ts; 0 keeps none). Any other key is refused, as uri.md asks, so a misspelt key
  * fails the table load instead of being ignored.
  */
 import os from "node:os";
@@ -42,6 +43,8 @@ export interface NbdUri {
   readonly timeoutMs: number | null;
   /** x-udm-connections, or null for the default. */
   readonly connections: number | null;
+  /** x-udm-replay-mib in bytes (0: keep no copies), or null for the default. */
+  readonly replayBytes: number | null;
 }
 
 const SCHEMES = ["nbd", "nbds", "nbd+unix", "nbds+unix"] as const;
@@ -54,6 +57,7 @@ const KNOWN_KEYS = new Set([
   "tls-type",
   "x-udm-timeout",
   "x-udm-connections",
+  "x-udm-replay-mib",
 ]);
 
 /** An error with an errno-style code, as DeviceLookup's callers expect. */
@@ -176,6 +180,7 @@ export function parseNbdUri(text: string): NbdUri {
     tlsHostname: query.get("tls-hostname") ?? null,
     timeoutMs: positiveNumber(text, query.get("x-udm-timeout"), "x-udm-timeout", 1000),
     connections: positiveNumber(text, query.get("x-udm-connections"), "x-udm-connections", 1, 16),
+    replayBytes: replayBytes(text, query.get("x-udm-replay-mib")),
   };
 }
 
@@ -192,6 +197,12 @@ function positiveNumber(
     throw invalid(text, `${key}= takes a positive number${max < Infinity ? ` up to ${max}` : ""}`);
   }
   return scale === 1 ? Math.floor(n) : Math.round(n * scale);
+}
+
+function replayBytes(text: string, value: string | undefined): number | null {
+  if (value === undefined) return null;
+  if (!/^\d+$/.test(value) || Number(value) > 4096) throw invalid(text, "x-udm-replay-mib= takes 0 to 4096");
+  return Number(value) * 1024 * 1024;
 }
 
 /** The PSK identity: the URI's user, else the login name (uri.md, "NBD URI authority"). */
@@ -221,6 +232,7 @@ export function nbdUriKey(uri: NbdUri): string {
     uri.tlsHostname ?? "",
     uri.timeoutMs ?? "",
     uri.connections ?? "",
+    uri.replayBytes ?? "",
   ].join("|");
 }
 
