@@ -270,6 +270,7 @@ async function run(cmd: Command): Promise<number> {
     expected = checkArgs.filter((a) => /^[\w-]+\/\d+$/.test(a));
     const checkLog = fs.openSync(path.join(resultsDir, "check.log"), "w");
     let lastOutput = Date.now();
+    let checkStderr = "";
     parser = new CheckOutputParser(Date.now);
     const p = parser;
     log(`./check -R xunit-quiet ${checkArgs.join(" ")}  (in ${cmd.xfstests}, results in ${resultsDir})`);
@@ -281,13 +282,16 @@ async function run(cmd: Command): Promise<number> {
     });
     const c = check;
     checkExit = new Promise((resolve) => c.once("exit", (code, signal) => resolve(code ?? (signal ? 128 : null))));
+    // Only stdout is parsed (a test's own stderr goes to its files; check's is its complaints,
+    // which must not land in the middle of a test's line).
     for (const stream of [c.stdout!, c.stderr!]) {
       stream.setEncoding("utf8");
       stream.on("data", (chunk: string) => {
         lastOutput = Date.now();
-        process.stdout.write(chunk);
+        (stream === c.stdout ? process.stdout : process.stderr).write(chunk);
         fs.writeSync(checkLog, chunk);
-        p.feed(chunk);
+        if (stream === c.stdout) p.feed(chunk);
+        else checkStderr = (checkStderr + chunk).slice(-4000);
       });
     }
     // The watchdog: a test running past --timeout is killed (check then reports it failed and
@@ -337,7 +341,7 @@ async function run(cmd: Command): Promise<number> {
     if (code === "given up") log("./check did not exit; cleaning up under it");
     else if (code !== 0 && parser.checkSummary.ran === undefined && !abortReason) {
       abortReason = `./check exited with status ${code} before its summary`;
-      console.error(parser.otherLines.slice(-10).join("\n"));
+      console.error([...parser.otherLines.slice(-10), checkStderr.trim()].filter(Boolean).join("\n"));
     }
     results = parser.results(expected);
   } catch (err) {
@@ -363,10 +367,8 @@ async function run(cmd: Command): Promise<number> {
     command: `npm run xfstests -- ${process.argv.slice(2).join(" ")}`,
     aborted: abortReason,
   };
-  if (results.length > 0) {
-    console.log(`\n${textTable(results, process.stdout.columns || 160)}\n`);
-    console.log(`${counts(results)}; ${info.seconds} s in all${abortReason ? `; stopped early: ${abortReason}` : ""}`);
-  }
+  if (results.length > 0) console.log(`\n${textTable(results, process.stdout.columns || 160)}\n`);
+  console.log(`${counts(results)}; ${info.seconds} s in all${abortReason ? `; stopped early: ${abortReason}` : ""}`);
   fs.writeFileSync(path.join(resultsDir, "summary.md"), markdownReport(info, results));
   fs.writeFileSync(path.join(resultsDir, "summary.json"), JSON.stringify({ ...info, results }, null, 2) + "\n");
   console.log(`results: ${resultsDir} (summary.md, check.log, udmd.log, dmsetup.log)`);

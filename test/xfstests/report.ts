@@ -22,6 +22,7 @@ const ORDER: TestStatus[] = ["pass", "fail", "timeout", "aborted", "notrun", "no
 export function counts(results: TestRecord[]): string {
   const by = new Map<TestStatus, number>();
   for (const r of results) by.set(r.status, (by.get(r.status) ?? 0) + 1);
+  if (results.length === 0) return "no test results";
   return ORDER.filter((s) => by.has(s))
     .map((s) => `${by.get(s)} ${s}`)
     .join(", ");
