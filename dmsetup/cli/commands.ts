@@ -323,7 +323,8 @@ export class Commands {
 
   async info(args: string[]): Promise<void> {
     const names = await this.names(args);
-    if (names.length === 0) return this.io.out("No devices found\n");
+    // --json: an empty list, which a script can read as such (dmsetup's line is for people).
+    if (names.length === 0) return this.io.out(this.opts.json ? toJson([]) : "No devices found\n");
     let infos: Info[] = [];
     for (const name of names) {
       const info = await this.infoOrMissing(name);

@@ -171,6 +171,11 @@ describe("remove --deferred", () => {
 describe("more dmsetup commands", () => {
   const env = useDaemon("udm-more-cmds-");
 
+  it("--json info with no devices prints an empty list; without --json, dmsetup's line", async () => {
+    expect(await udmsetup(env.dir, ["--json", "info"])).toEqual({ code: 0, stdout: "[]\n", stderr: "" });
+    expect(await udmsetup(env.dir, ["info"])).toEqual({ code: 0, stdout: "No devices found\n", stderr: "" });
+  });
+
   it("--version is the version command; wipe_table swaps in one error target of the same size", async () => {
     const version = await udmsetup(env.dir, ["--version"]);
     expect(version.stdout).toBe((await udmsetup(env.dir, ["version"])).stdout);
