@@ -18,19 +18,8 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import tls from "node:tls";
+import { PSK_CIPHERS, parsePskFile } from "../../tls-psk.js";
 import { type NbdUri, pskIdentity } from "./uri.js";
-
-const PSK_CIPHERS = [
-  "TLS_AES_256_GCM_SHA384",
-  "TLS_CHACHA20_POLY1305_SHA256",
-  "TLS_AES_128_GCM_SHA256",
-  "ECDHE-PSK-CHACHA20-POLY1305",
-  "ECDHE-PSK-AES256-CBC-SHA384",
-  "ECDHE-PSK-AES128-CBC-SHA256",
-  "DHE-PSK-AES256-GCM-SHA384",
-  "DHE-PSK-AES128-GCM-SHA256",
-  "DHE-PSK-CHACHA20-POLY1305",
-].join(":");
 
 /** Connection options for tls.connect, minus the socket. */
 export type ClientTls = Omit<tls.ConnectionOptions, "socket">;
@@ -99,20 +88,15 @@ function pskOptions(uri: NbdUri, file: string): ClientTls {
 
 /** The key of `identity` in a psktool file (errors name the file and line, never a key). */
 export function findPskKey(text: string, identity: string, file: string): Buffer {
-  const lines = text.split("\n");
-  for (let i = 0; i < lines.length; i++) {
-    const line = lines[i]!.replace(/\r$/, "");
-    if (line.trim() === "") continue;
-    const colon = line.lastIndexOf(":");
-    if (colon <= 0) throw credentialError(`${file}:${i + 1}: expected identity:hexkey`);
-    if (line.slice(0, colon) !== identity) continue;
-    const hex = line.slice(colon + 1);
-    if (!/^(?:[0-9a-fA-F]{2})+$/.test(hex)) {
-      throw credentialError(`${file}:${i + 1}: the key is not an even number of hex digits`);
-    }
-    return Buffer.from(hex, "hex");
+  let keys: Map<string, Buffer>;
+  try {
+    keys = parsePskFile(text, file);
+  } catch (err) {
+    throw credentialError((err as Error).message, err);
   }
-  throw credentialError(`${file}: no key for the PSK identity "${identity}" (the URI's user, USER@HOST)`);
+  const key = keys.get(identity);
+  if (!key) throw credentialError(`${file}: no key for the PSK identity "${identity}" (the URI's user, USER@HOST)`);
+  return key;
 }
 
 /**
