@@ -9,7 +9,7 @@ import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
-import { type RunningDaemon, startDaemon, tempDir, udmsetup, useDaemon } from "../support/daemon.js";
+import { type RunningDaemon, startDaemon, stderrMatches, tempDir, udmsetup, useDaemon } from "../support/daemon.js";
 import { missingToolsReason, skipOrFail } from "../support/requirements.js";
 import { type PskFiles, type X509Dirs, makeX509Dirs, writePskFiles } from "../support/tls-credentials.js";
 import { tool, toolOk } from "../support/tools.js";
@@ -113,7 +113,8 @@ describe.skipIf(skip)("TLS with pre-shared keys (--tls=require --tls-psk)", () =
     const wrong = await tool("nbdinfo", ["--size", nbds(wrongPsk.file)]);
     expect(wrong.code).not.toBe(0);
     expect(wrong.stdout).toBe("");
-    expect(env.daemon.stderr()).toMatch(/"msg":"nbd TLS handshake failed, closing connection"/);
+    // The client gives up before the server has logged why: wait for the line, then it is there.
+    await stderrMatches(env.daemon, /"msg":"nbd TLS handshake failed, closing connection"/);
   });
 });
 
@@ -168,6 +169,6 @@ describe.skipIf(skip)("TLS with x509 certificates (--tls=require --tls-certifica
     const r = await tool("nbdinfo", ["--size", nbds(pki.stranger)]);
     expect(r.code).not.toBe(0);
     expect(r.stdout).toBe("");
-    expect(daemon.stderr()).toMatch(/"msg":"nbd TLS handshake failed, closing connection"/);
+    await stderrMatches(daemon, /"msg":"nbd TLS handshake failed, closing connection"/);
   });
 });

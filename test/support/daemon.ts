@@ -64,6 +64,27 @@ export async function startDaemon(
   };
 }
 
+/**
+ * Resolves once the daemon's stderr matches `pattern` (at once if it already does): for log lines
+ * written after the event a test waits on, e.g. a refused TLS handshake the client saw first.
+ */
+export function stderrMatches(daemon: RunningDaemon, pattern: RegExp, timeoutMs = 10_000): Promise<void> {
+  if (pattern.test(daemon.stderr())) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const onData = () => {
+      if (!pattern.test(daemon.stderr())) return;
+      clearTimeout(timer);
+      daemon.proc.stderr!.off("data", onData);
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      daemon.proc.stderr!.off("data", onData);
+      reject(new Error(`udmd's stderr did not match ${pattern} within ${timeoutMs} ms`));
+    }, timeoutMs);
+    daemon.proc.stderr!.on("data", onData);
+  });
+}
+
 /** A udmd of the test file's own, with its run directory and a directory for backing files. */
 export interface DaemonEnv {
   /** The daemon's run directory. */
