@@ -24,6 +24,10 @@ export {
 import { LogWritesTarget } from "./log-writes/target.js";
 export { LogWritesTarget };
 
+import { ThinPoolTarget } from "./thin/pool-target.js";
+import { ThinTarget } from "./thin/thin-target.js";
+export { ThinPoolTarget, ThinTarget };
+
 export const builtinTargets = [
   ErrorTarget,
   ZeroTarget,
@@ -36,4 +40,7 @@ export const builtinTargets = [
   DelayTarget,
   DustTarget,
   LogWritesTarget,
+  // dm-thin.c registers thin-pool, then thin.
+  ThinPoolTarget,
+  ThinTarget,
 ];

@@ -51,7 +51,7 @@ describe("udmsetup output formats", () => {
     expect((await run("info", "-c", "--noheadings")).stdout).toBe("lin:253:0:L--w:0:1:0:\nz:253:1:L--w:0:1:0:UUID-Z\n");
     expect((await run("deps", "lin")).stdout).toBe(`1 dependencies\t: (${a})\n`);
     expect((await run("targets")).stdout).toBe(
-      "log-writes       v1.1.0\ndust             v1.0.0\ndelay            v1.5.0\nflakey           v1.5.0\nsnapshot-merge   v1.5.0\nsnapshot         v1.16.0\nsnapshot-origin  v1.9.0\nlinear           v1.5.0\nstriped          v1.6.0\nzero             v1.2.0\nerror            v1.7.0\n",
+      "thin             v1.23.0\nthin-pool        v1.23.0\nlog-writes       v1.1.0\ndust             v1.0.0\ndelay            v1.5.0\nflakey           v1.5.0\nsnapshot-merge   v1.5.0\nsnapshot         v1.16.0\nsnapshot-origin  v1.9.0\nlinear           v1.5.0\nstriped          v1.6.0\nzero             v1.2.0\nerror            v1.7.0\n",
     );
     expect((await run("version")).stdout).toMatch(/^Library version: {3}.+\nDriver version: {4}4\.48\.0\n$/);
     expect(JSON.parse((await run("--json", "info", "lin")).stdout)).toMatchObject({

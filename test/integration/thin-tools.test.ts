@@ -21,8 +21,6 @@ import { readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { checkPoolMetadata } from "../../targets/thin/metadata/check.js";
 import { ThinPoolMetadata } from "../../targets/thin/metadata/thin-metadata.js";
-import { ThinPoolTarget } from "../../targets/thin/pool-target.js";
-import { ThinTarget } from "../../targets/thin/thin-target.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
 import { missingToolsReason, skipOrFail } from "../support/requirements.js";
 import { toolOk } from "../support/tools.js";
@@ -237,7 +235,7 @@ function blockContent(dev: number, v: number, gen: number): Buffer {
 
 describe.skipIf(skip)("thin pool metadata and thin-provisioning-tools", () => {
   it("a pool the thin targets wrote to passes thin_check, and each mapping thin_dump shows holds that block's data", async () => {
-    const { dm, backing } = testMapper({ targets: [ThinPoolTarget, ThinTarget] });
+    const { dm, backing } = testMapper();
     const meta = backing.memory("meta", METADATA_BYTES / 512);
     const data = backing.memory("data", 2048 * DATA_BLOCK_SIZE);
     await dm.create("pool", { table: `0 ${2048 * DATA_BLOCK_SIZE} thin-pool meta data ${DATA_BLOCK_SIZE} 0` });

@@ -14,6 +14,8 @@ describe("target registry", () => {
   it("lists targets newest first with their versions, like dmsetup targets", () => {
     const { dm } = testMapper();
     expect(dm.targets().map((t) => `${t.name} v${t.version.join(".")}`)).toEqual([
+      "thin v1.23.0",
+      "thin-pool v1.23.0",
       "log-writes v1.1.0",
       "dust v1.0.0",
       "delay v1.5.0",

@@ -10,8 +10,6 @@
  */
 import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE } from "../../core/bio.js";
-import { ThinPoolTarget } from "../../targets/thin/pool-target.js";
-import { ThinTarget } from "../../targets/thin/thin-target.js";
 import { ControlledDevice } from "../../testing/controlled-device.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
 
@@ -20,7 +18,7 @@ const BLOCK = BS * SECTOR_SIZE;
 const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 async function setup() {
-  const { dm, backing } = testMapper({ targets: [ThinPoolTarget, ThinTarget] });
+  const { dm, backing } = testMapper();
   backing.memory("meta", 8 * 2048);
   const data = backing.add("data", new ControlledDevice(64 * BS, { name: "data" }));
   await dm.create("pool", { table: `0 ${64 * BS} thin-pool meta data ${BS} 0` });

@@ -8,8 +8,6 @@ import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE, readBio, submitAndWait, writeBio } from "../../core/bio.js";
 import { checkPoolMetadata } from "../../targets/thin/metadata/check.js";
 import { ThinPoolMetadata } from "../../targets/thin/metadata/thin-metadata.js";
-import { ThinPoolTarget } from "../../targets/thin/pool-target.js";
-import { ThinTarget } from "../../targets/thin/thin-target.js";
 import { ControlledDevice } from "../../testing/controlled-device.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
 
@@ -18,7 +16,7 @@ const BLOCK = BS * SECTOR_SIZE;
 const MiB = 2048;
 
 async function setup(opts: { dataBlocks?: number; features?: string; meta?: ControlledDevice } = {}) {
-  const { dm, backing } = testMapper({ targets: [ThinPoolTarget, ThinTarget] });
+  const { dm, backing } = testMapper();
   const meta = backing.add("meta", opts.meta ?? new ControlledDevice(8 * MiB, { name: "meta", volatileCache: true }));
   const dataBlocks = opts.dataBlocks ?? 256;
   const data = backing.memory("data", dataBlocks * BS);
@@ -47,7 +45,7 @@ describe("thin-pool", () => {
   });
 
   it("constructor errors use the kernel's strings", async () => {
-    const { dm, backing } = testMapper({ targets: [ThinPoolTarget, ThinTarget] });
+    const { dm, backing } = testMapper();
     backing.memory("m", 8 * MiB);
     backing.memory("d", 100 * BS);
     const err = (t: string) => errorOf(dm.create("p", { table: `0 ${100 * BS} ${t}` }));
