@@ -32,7 +32,7 @@ export interface DeviceMapperOptions {
   targets?: TargetClass[];
   /** Extra services to register in the container, e.g. work queues and the copier. */
   services?: (container: DependencyContainer) => void;
-  /** How file and kernel block devices do their I/O: O_DIRECT, inline reads, the write plug. */
+  /** How file and kernel block devices are opened and do their I/O: O_DIRECT, inline reads, the write plug, exclusive claims. */
   io?: IoOptions;
 }
 

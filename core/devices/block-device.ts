@@ -54,6 +54,13 @@ export interface IoOptions {
    * pwritev (write-plug.ts). Default on; never with `direct`.
    */
   writePlug?: boolean;
+  /**
+   * Claim kernel block devices exclusively (open with O_EXCL), as dm_get_device does with its
+   * holder: a mounted or otherwise claimed device is refused with EBUSY, and while the table holds
+   * it nobody can mount it or claim it. Files are never claimed. Default off here; tables' devices
+   * are claimed unless the device mapper is told otherwise (shared-devices.ts).
+   */
+  exclusive?: boolean;
 }
 
 export interface OpenOptions extends IoOptions {

@@ -26,10 +26,10 @@ export function openFlags(opts: OpenOptions): number {
   return (opts.mode === "rw" ? O_RDWR : O_RDONLY) | (opts.direct ? O_DIRECT : 0);
 }
 
-/** Open, turning O_DIRECT's EINVAL (tmpfs and friends) into an error that says so. */
-export async function openBacking(file: string, opts: OpenOptions): Promise<number> {
+/** Open (with `extraFlags` added), turning O_DIRECT's EINVAL (tmpfs and friends) into an error that says so. */
+export async function openBacking(file: string, opts: OpenOptions, extraFlags = 0): Promise<number> {
   try {
-    return await openFd(file, openFlags(opts));
+    return await openFd(file, openFlags(opts) | extraFlags);
   } catch (err) {
     if (opts.direct && (err as NodeJS.ErrnoException).code === "EINVAL") {
       throw Object.assign(

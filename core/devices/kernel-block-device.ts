@@ -47,10 +47,27 @@ async function queueDiscards({ major, minor }: Devno): Promise<boolean> {
   return value === null || Number(value) > 0;
 }
 
+/**
+ * Open with O_EXCL: for a block device that is the kernel's exclusive claim (blkdev_open with
+ * O_EXCL claims with the open file as holder), which a mount or another claimer's open refuses
+ * with EBUSY, and which refuses them while held.
+ */
+async function openClaimed(node: string, opts: OpenOptions): Promise<number> {
+  try {
+    return await openBacking(node, opts, fs.constants.O_EXCL);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EBUSY") throw err;
+    throw Object.assign(
+      new Error(`${node}: device is busy: it is mounted, or another program or table holds it exclusively`),
+      { code: "EBUSY", cause: err },
+    );
+  }
+}
+
 export class KernelBlockDevice extends FdDevice {
   static async open(node: string, opts: OpenOptions): Promise<KernelBlockDevice> {
     const abs = path.resolve(node);
-    const fd = await openBacking(abs, opts);
+    const fd = opts.exclusive ? await openClaimed(abs, opts) : await openBacking(abs, opts);
     try {
       const st = await new Promise<fs.BigIntStats>((resolve, reject) =>
         fs.fstat(fd, { bigint: true }, (err, s) => (err ? reject(err) : resolve(s))),

@@ -2,7 +2,8 @@
  * Opens the devices tables name and shares them: each underlying device is opened once and
  * reference counted across every table that uses it (dm_get_device / dm_put_device). A table opens
  * read-only when it is read-only; asking for read-write later upgrades (new tables get a read-write
- * handle; tables already holding the read-only one keep it until they are destroyed).
+ * handle; tables already holding the read-only one keep it until they are destroyed). Kernel block
+ * devices are claimed exclusively, as dm_get_device claims them, unless `io.exclusive` is false.
  */
 import fs from "node:fs/promises";
 import type { BlockDevice, IoOptions, OpenMode, OpenOptions } from "./block-device.js";
@@ -100,7 +101,8 @@ export class SharedDevices {
           if (existing.device.upgradeToReadWrite) {
             await existing.device.upgradeToReadWrite();
           } else {
-            const upgraded = await backing.open(spec, { ...this.io, mode: "rw" });
+            // Not claimed again: the retired handle keeps the claim until the entry closes.
+            const upgraded = await backing.open(spec, { ...this.io, exclusive: false, mode: "rw" });
             existing.retired.push(existing.device);
             this.byDevice.set(upgraded, existing);
             existing.device = upgraded;
@@ -113,7 +115,7 @@ export class SharedDevices {
       }
       return existing.device;
     }
-    const device = await backing.open(spec, { ...this.io, mode });
+    const device = await backing.open(spec, { exclusive: true, ...this.io, mode });
     const entry: Entry = { key, device, mode, refs: 1, retired: [], stacked: false, owners: new Map() };
     this.entries.set(key, entry);
     this.byDevice.set(device, entry);
