@@ -414,11 +414,29 @@ export class MappedDevice implements StackableDevice, DmIoOwner {
     for (const bio of queued) this.submit(bio);
   }
 
-  /** dm_internal_suspend_fast: block new bios and drain in-flight ones; no target hooks, no lock. */
-  async internalSuspend(): Promise<void> {
-    this.internalSuspends++;
-    this.blockIo = true;
-    await this.waitIdle();
+  /**
+   * dm_internal_suspend_fast: block new bios and drain in-flight ones; no target hooks, no lock.
+   * With `noflush`, dm_internal_suspend_noflush: under the device's lock, the first internal
+   * suspend of a device the user has not suspended runs the live targets' presuspend and
+   * postsuspend hooks around the drain, as a noflush suspend does (REQUEUE pushes bios back).
+   */
+  async internalSuspend(opts: SuspendOptions = {}): Promise<void> {
+    if (!opts.noflush) {
+      this.internalSuspends++;
+      this.blockIo = true;
+      await this.waitIdle();
+      return;
+    }
+    await this.mutex.run(async () => {
+      if (this.internalSuspends++ > 0 || this.suspended || this.removed) return;
+      const targets = this.live?.targets ?? [];
+      this.noflushSuspending = true;
+      for (const t of targets) await t.presuspend?.();
+      this.blockIo = true;
+      await this.waitIdle();
+      this.noflushSuspending = false;
+      for (const t of targets) await t.postsuspend?.();
+    });
   }
 
   /** dm_internal_resume_fast: the last internal resume of a device not suspended by the user releases its I/O. */

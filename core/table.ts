@@ -67,8 +67,12 @@ export class Table implements TableContext {
     return this.owner?.suspended ?? true;
   }
 
-  internalSuspend(): Promise<void> {
-    return this.owner ? this.owner.internalSuspend() : Promise.resolve();
+  get noflushSuspending(): boolean {
+    return this.owner?.noflushSuspending ?? false;
+  }
+
+  internalSuspend(opts?: { noflush?: boolean }): Promise<void> {
+    return this.owner ? this.owner.internalSuspend(opts) : Promise.resolve();
   }
 
   internalResume(): void {

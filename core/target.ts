@@ -85,19 +85,24 @@ export interface TableContext {
   event(): void;
   /** Whether the device this table belongs to is suspended (dm_suspended). */
   readonly suspended: boolean;
+  /** The device is being suspended with `--noflush` (dm_noflush_suspending): targets may REQUEUE. */
+  readonly noflushSuspending: boolean;
   /**
    * Block new I/O on this table's device and wait for its in-flight I/O, without running any
    * target hooks (dm_internal_suspend_fast). Nests; undo with `internalResume`. Used by snapshot
-   * handover to quiesce the origin device around the exception-store swap.
+   * handover to quiesce the origin device around the exception-store swap. With `noflush`
+   * (dm_internal_suspend_noflush) the device's live targets' presuspend and postsuspend hooks run
+   * around the drain as for a noflush suspend: a thin pool suspends its thin devices so.
    */
-  internalSuspend(): Promise<void>;
+  internalSuspend(opts?: { noflush?: boolean }): Promise<void>;
   internalResume(): void;
 }
 
 /** What a table needs from the device it belongs to. */
 export interface TableOwner {
   readonly suspended: boolean;
-  internalSuspend(): Promise<void>;
+  readonly noflushSuspending: boolean;
+  internalSuspend(opts?: { noflush?: boolean }): Promise<void>;
   internalResume(): void;
 }
 

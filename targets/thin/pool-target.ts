@@ -143,12 +143,13 @@ export class ThinPoolTarget extends Target {
     return MapResult.REMAPPED;
   }
 
-  override presuspend(): void {
-    this.pool.suspended = true;
+  /** pool_presuspend: the thin devices are suspended first (pool_suspend_active_thins). */
+  override presuspend(): Promise<void> {
+    return this.pool.suspendThins();
   }
 
   override presuspendUndo(): void {
-    this.pool.suspended = false;
+    this.pool.resumeThins();
   }
 
   /** pool_postsuspend: no more periodic commits; what the worker has started finishes; commit. */
@@ -204,11 +205,12 @@ export class ThinPoolTarget extends Target {
     }
   }
 
+  /** pool_resume: parked work goes again, then the thin devices resume and the waker starts. */
   override resume(): void {
     const pool = this.pool;
-    pool.suspended = false;
     pool.checkDataSpace();
     pool.retryParked();
+    pool.resumeThins();
     pool.startWaker();
   }
 

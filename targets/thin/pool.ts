@@ -28,6 +28,15 @@ export const NO_SPACE_TIMEOUT_MS = 60_000;
 
 const MODE_ORDER: readonly PoolMode[] = ["write", "out-of-data-space", "out-of-metadata-space", "read-only", "fail"];
 
+/** What the pool asks of an active thin device (struct thin_c on pool->active_thins). */
+export interface ActiveThin {
+  /** The pool aborted its transaction: mappings and details are the last commit's again. */
+  afterAbort(): Promise<void>;
+  /** dm_internal_suspend_noflush of the thin device: waiting bios are pushed back, I/O drains. */
+  suspendInternally(): Promise<void>;
+  resumeInternally(): void;
+}
+
 export interface PoolServices {
   worker: WorkQueue;
   copier: CopierClient;
@@ -54,8 +63,13 @@ export class Pool {
   control: TableContext | null = null;
   /** That target's length in sectors (pool->ti->len). */
   controlLen = 0;
-  /** Active thin devices (pool->active_thins): told when an abort changed their mappings back. */
-  readonly thins = new Set<{ afterAbort(): Promise<void> }>();
+  /**
+   * Active thin devices (pool->active_thins): suspended with the pool, told when an abort changed
+   * their mappings back.
+   */
+  readonly thins = new Set<ActiveThin>();
+  /** The thin devices the pool's suspend suspended, resumed with the pool. */
+  private suspendedThins: ActiveThin[] = [];
   /** Work that needs free data blocks, retried at the next resume (retry_on_resume_list). */
   private noSpace: Array<(err?: "ENOSPC" | "EIO") => void> = [];
   private noSpaceTimer: { cancel(): void } | null = null;
@@ -132,6 +146,30 @@ export class Pool {
     } catch {
       this.setMode("fail");
     }
+  }
+
+  // ---- suspend and resume ----
+
+  /**
+   * pool_presuspend: the pool's thin devices are suspended first (noflush: what waits in them,
+   * for space or in the worker's queue, goes back to their queues), so nothing changes the
+   * metadata while the pool is suspended.
+   */
+  async suspendThins(): Promise<void> {
+    this.suspended = true;
+    for (const thin of this.thins) {
+      if (this.suspendedThins.includes(thin)) continue;
+      this.suspendedThins.push(thin);
+      await thin.suspendInternally();
+    }
+  }
+
+  /** pool_resume_active_thins: at the pool's resume, or when its suspend was undone. */
+  resumeThins(): void {
+    this.suspended = false;
+    const thins = this.suspendedThins;
+    this.suspendedThins = [];
+    for (const thin of thins) thin.resumeInternally();
   }
 
   // ---- commits ----

@@ -99,11 +99,11 @@ export class ThinTarget extends Target<ThinIoContext> {
     }
     this.worker = new ThinWorker(pool, this.td, this.origin);
     await this.worker.refreshHighest();
-    pool.thins.add(this.worker);
+    pool.thins.add(this);
   }
 
   override async dtr(): Promise<void> {
-    this.pool.thins.delete(this.worker);
+    this.pool.thins.delete(this);
     await this.worker.drain();
     this.td.close();
     await releasePool(this.queues, this.pool);
@@ -115,6 +115,7 @@ export class ThinTarget extends Target<ThinIoContext> {
 
   /** thin_bio_map: mapped and unshared goes straight to the data device; the rest to the worker. */
   map(bio: Bio): MapResult {
+    if (this.worker.requeueMode) return MapResult.REQUEUE;
     if (this.pool.mode === "fail") return MapResult.KILL;
     if (bio.sectors > 0) bio.sector -= this.begin;
     return this.worker.route(bio) ? MapResult.REMAPPED : MapResult.SUBMITTED;
@@ -130,8 +131,32 @@ export class ThinTarget extends Target<ThinIoContext> {
     return EndIoResult.DONE;
   }
 
-  override postsuspend(): Promise<void> {
-    return this.worker.drain();
+  /** thin_presuspend: a noflush suspend pushes back the bios that wait (do_noflush_start). */
+  override presuspend(): void {
+    if (this.table.noflushSuspending) this.worker.startRequeue();
+  }
+
+  /** thin_postsuspend: the worker's work for this device is done; requeueing stops. */
+  override async postsuspend(): Promise<void> {
+    await this.worker.drain();
+    this.worker.stopRequeue();
+  }
+
+  // ---- what the pool asks of its active thin devices (ActiveThin) ----
+
+  /** The pool aborted its transaction: mappings and details are the last commit's again. */
+  afterAbort(): Promise<void> {
+    return this.worker.afterAbort();
+  }
+
+  /** pool_suspend_active_thins: dm_internal_suspend_noflush of this device. */
+  suspendInternally(): Promise<void> {
+    return this.table.internalSuspend({ noflush: true });
+  }
+
+  /** pool_resume_active_thins: dm_internal_resume. */
+  resumeInternally(): void {
+    this.table.internalResume();
   }
 
   override status(type: StatusType): string {

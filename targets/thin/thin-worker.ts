@@ -28,9 +28,16 @@ import type { ThinIoContext } from "./thin-target.js";
 export class ThinWorker {
   /** The highest mapped virtual block, kept here because status lines cannot wait for a lookup. */
   highest: number | undefined;
+  /**
+   * A noflush suspend is under way (tc->requeue_mode): bios that would wait, and work that has
+   * not started, are pushed back to the device (DM_REQUEUE) to be mapped again after the resume.
+   */
+  requeueMode = false;
   /** Work queued or running for this device (parked work excluded). */
   private outstanding = 0;
   private idle: (() => void)[] = [];
+  /** Cells of this device parked until the pool has space (its share of retry_on_resume_list). */
+  private readonly parked = new Set<Cell>();
 
   constructor(
     private readonly pool: Pool,
@@ -70,7 +77,8 @@ export class ThinWorker {
 
   /** Route a bio the target already owns (released from a cell): issue it if it was remapped. */
   private reroute(bio: Bio): void {
-    if (this.pool.mode === "fail") bio.complete("EIO");
+    if (this.requeueMode) bio.complete("DM_REQUEUE");
+    else if (this.pool.mode === "fail") bio.complete("EIO");
     else if (this.route(bio)) bio.device!.submit(bio);
   }
 
@@ -116,6 +124,23 @@ export class ThinWorker {
     return new Promise((resolve) => this.idle.push(resolve));
   }
 
+  /**
+   * do_noflush_start and requeue_io: from now on bios that would wait are pushed back, and so are
+   * the cells parked for space. Work already running finishes (the suspend waits for it).
+   */
+  startRequeue(): void {
+    this.requeueMode = true;
+    for (const cell of this.parked) {
+      this.parked.delete(cell);
+      this.errorCell(cell, "DM_REQUEUE");
+    }
+  }
+
+  /** do_noflush_stop */
+  stopRequeue(): void {
+    this.requeueMode = false;
+  }
+
   async refreshHighest(): Promise<void> {
     this.highest = await this.td.highestMappedBlock();
   }
@@ -128,6 +153,10 @@ export class ThinWorker {
   // ---- deferred bios: flushes, FUA writes, discards ----
 
   private async processBio(bio: Bio): Promise<void> {
+    if (this.requeueMode) {
+      bio.complete("DM_REQUEUE");
+      return;
+    }
     if (bio.op === "discard") return this.processDiscard(bio);
     if (bio.op === "flush" || bio.sectors === 0) {
       // Changed metadata: the commit flushes the data device before the superblock goes out.
@@ -181,6 +210,10 @@ export class ThinWorker {
   // ---- cells: lookups that needed I/O, unmapped and shared blocks ----
 
   private async processCell(cell: Cell): Promise<void> {
+    if (this.requeueMode) {
+      this.errorCell(cell, "DM_REQUEUE");
+      return;
+    }
     const bio = cell.holder!;
     const block = Math.floor(bio.sector / this.blockSize);
     let found;
@@ -257,8 +290,13 @@ export class ThinWorker {
     }
     if (b !== "ENOSPC") return b;
     // Parked work is no longer this device's outstanding work (a suspend does not wait for
-    // space); the retry queues it again.
-    this.pool.parkForSpace((err) => (err ? this.errorCell(cell, err) : this.deferCell(cell)));
+    // space); the retry queues it again, unless a noflush suspend pushed the cell's bios back.
+    this.parked.add(cell);
+    this.pool.parkForSpace((err) => {
+      if (!this.parked.delete(cell)) return;
+      if (err) this.errorCell(cell, err);
+      else this.deferCell(cell);
+    });
     return undefined;
   }
 
