@@ -16,6 +16,9 @@ export const OPTION_REPLY_MAGIC = 0x0003e889045565a9n;
 export const REQUEST_MAGIC = 0x25609513;
 export const SIMPLE_REPLY_MAGIC = 0x67446698;
 export const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+/** Requests and replies once NBD_OPT_EXTENDED_HEADERS is negotiated (proto.md's extension-ext-header branch). */
+export const EXTENDED_REQUEST_MAGIC = 0x21e41c71;
+export const EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
 // ---- handshake ----
 
@@ -61,6 +64,7 @@ export const Rep = {
   ERR_SHUTDOWN: 0x80000007,
   ERR_BLOCK_SIZE_REQD: 0x80000008,
   ERR_TOO_BIG: 0x80000009,
+  ERR_EXT_HEADER_REQD: 0x8000000a,
 } as const;
 
 export const Info = {
@@ -105,6 +109,8 @@ export const CmdFlags = {
   DF: 1 << 2,
   REQ_ONE: 1 << 3,
   FAST_ZERO: 1 << 4,
+  /** Extended headers only: the header's length is a payload that follows (WRITE MUST set it). */
+  PAYLOAD_LEN: 1 << 5,
 } as const;
 
 export const ReplyFlags = {
@@ -142,6 +148,9 @@ export const OPTION_REPLY_HEADER_LENGTH = 20;
 export const REQUEST_HEADER_LENGTH = 28;
 export const SIMPLE_REPLY_LENGTH = 16;
 export const STRUCTURED_REPLY_HEADER_LENGTH = 20;
+/** Extended request and reply headers: magic, flags, type, cookie, offset, 64-bit length. */
+export const EXTENDED_REQUEST_HEADER_LENGTH = 32;
+export const EXTENDED_REPLY_HEADER_LENGTH = 32;
 /** OFFSET_DATA payload starts with the 64-bit offset. */
 export const OFFSET_DATA_PREFIX = 8;
 

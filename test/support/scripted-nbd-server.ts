@@ -4,12 +4,29 @@
  * serves a RAM store with a volatile cache (writes land in the cache, FLUSH and FUA make them
  * durable, `restart` keeps only what is durable, as a server that was killed), unless the test's
  * `onRequest` answers a request itself: garbage, a wrong chunk, an error, silence, a hang-up.
+ *
+ * With `extended` it also accepts NBD_OPT_EXTENDED_HEADERS (proto.md's extension-ext-header
+ * branch), which neither Debian 12's nbdkit (1.32) and qemu-nbd (7.2) nor udm's server speak: its
+ * requests and replies then have 32-byte headers with 64-bit lengths, and it drops a client that
+ * breaks the extension's rules (a WRITE without NBD_CMD_FLAG_PAYLOAD_LEN, a compact header).
  */
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { HandshakeParser, RequestParser } from "../../nbd/parser.js";
-import { Cmd, CmdFlags, HandshakeFlags, type NbdRequest, Opt, Rep, TransmissionFlags } from "../../nbd/protocol.js";
+import {
+  Cmd,
+  CmdFlags,
+  EXTENDED_REPLY_MAGIC,
+  EXTENDED_REQUEST_MAGIC,
+  HandshakeFlags,
+  type NbdRequest,
+  Opt,
+  Rep,
+  ReplyFlags,
+  ReplyType,
+  TransmissionFlags,
+} from "../../nbd/protocol.js";
 import {
   exportNameReply,
   greeting,
@@ -33,6 +50,13 @@ export interface ScriptedExport {
   blockSizes?: [number, number, number];
   /** Accept NBD_OPT_STRUCTURED_REPLY (default yes). */
   structured?: boolean;
+  /** Accept NBD_OPT_EXTENDED_HEADERS (default no). */
+  extended?: boolean;
+  /**
+   * The export size the handshake states, when larger than the RAM store (`size`): for tests of
+   * 64-bit lengths, which answer requests past the store themselves (the store refuses them).
+   */
+  statedSize?: number;
 }
 
 export const DEFAULT_FLAGS =
@@ -47,8 +71,12 @@ export type Handling = "default" | "handled";
 
 export class ScriptedConnection {
   structured = false;
+  /** NBD_OPT_EXTENDED_HEADERS was negotiated: replies are extended chunks. */
+  extended = false;
   /** Requests received in transmission, in order. */
   readonly requests: NbdRequest[] = [];
+  /** Each request's offset by cookie: an extended reply repeats it. */
+  readonly offsets = new Map<bigint, number>();
 
   constructor(
     readonly socket: net.Socket,
@@ -60,16 +88,38 @@ export class ScriptedConnection {
   }
 
   ok(handle: bigint): void {
+    if (this.extended)
+      return this.write(extendedChunk(ReplyFlags.DONE, ReplyType.NONE, handle, this.offsetOf(handle), 0));
     this.write(simpleReply(handle, 0));
   }
 
   /** An error reply: a structured ERROR chunk with a message when negotiated, else a simple reply. */
   error(handle: bigint, errno: number, message = "scripted error"): void {
+    if (this.extended) {
+      const text = Buffer.from(message, "utf8");
+      const payload = Buffer.alloc(6 + text.length);
+      payload.writeUInt32BE(errno, 0);
+      payload.writeUInt16BE(text.length, 4);
+      text.copy(payload, 6);
+      const h = extendedChunk(ReplyFlags.DONE, ReplyType.ERROR, handle, this.offsetOf(handle), payload.length);
+      return this.write(Buffer.concat([h, payload]));
+    }
     this.write(this.structured ? structuredError(handle, errno, message) : simpleReply(handle, errno));
+  }
+
+  /** The offset of the request `handle` names (0 for one never received: a test's made-up cookie). */
+  offsetOf(handle: bigint): number {
+    return this.offsets.get(handle) ?? 0;
   }
 
   /** A READ's data: one OFFSET_DATA chunk with DONE, or a simple reply and the data. */
   data(handle: bigint, offset: number, data: Buffer): void {
+    if (this.extended) {
+      const h = extendedChunk(ReplyFlags.DONE, ReplyType.OFFSET_DATA, handle, this.offsetOf(handle), 8 + data.length);
+      const at = Buffer.alloc(8);
+      at.writeBigUInt64BE(BigInt(offset));
+      return this.write(Buffer.concat([h, at, data]));
+    }
     const prefix = readReplyPrefix(this.structured);
     const b = Buffer.allocUnsafe(prefix + data.length);
     if (this.structured) writeOffsetDataHeader(b, handle, offset, data.length);
@@ -179,9 +229,10 @@ export class ScriptedNbdServer {
     const conn = new ScriptedConnection(socket, this);
     this.connections.push(conn);
     const hs = new HandshakeParser();
-    let requests: RequestParser | null = null;
+    let requests: RequestParser | ExtendedRequestParser | null = null;
     const exp = this.exp;
     const flags = TransmissionFlags.HAS_FLAGS | (exp.flags ?? DEFAULT_FLAGS);
+    const size = exp.statedSize ?? exp.size;
     socket.write(greeting(HandshakeFlags.FIXED_NEWSTYLE | HandshakeFlags.NO_ZEROES));
     socket.on("data", (chunk: Buffer) => {
       try {
@@ -198,22 +249,27 @@ export class ScriptedNbdServer {
               socket.write(repError(m.option, Rep.ERR_UNKNOWN, "no such export"));
               continue;
             }
-            socket.write(repInfoExport(m.option, exp.size, flags));
+            socket.write(repInfoExport(m.option, size, flags));
             if (exp.blockSizes) socket.write(repInfoBlockSize(m.option, ...exp.blockSizes));
             socket.write(repAck(m.option));
             if (m.option === Opt.GO) {
-              requests = new RequestParser();
+              requests = conn.extended ? new ExtendedRequestParser() : new RequestParser();
               requests.push(hs.takeRemaining());
               for (let r = requests.next(); r; r = requests.next()) this.request(conn, r);
               return;
             }
           } else if (m.kind === "exportName") {
-            socket.write(exportNameReply(exp.size, flags, true));
+            if (conn.extended) throw new Error("NBD_OPT_EXPORT_NAME after extended headers");
+            socket.write(exportNameReply(size, flags, true));
             requests = new RequestParser();
             requests.push(hs.takeRemaining());
             for (let r = requests.next(); r; r = requests.next()) this.request(conn, r);
             return;
           } else if (m.kind === "option" && m.option === Opt.STRUCTURED_REPLY && exp.structured !== false) {
+            conn.structured = true;
+            socket.write(repAck(m.option));
+          } else if (m.kind === "option" && m.option === Opt.EXTENDED_HEADERS && exp.extended) {
+            conn.extended = true;
             conn.structured = true;
             socket.write(repAck(m.option));
           } else {
@@ -232,6 +288,7 @@ export class ScriptedNbdServer {
       return;
     }
     conn.requests.push(r);
+    conn.offsets.set(r.handle, r.offset);
     if (this.onRequest(r, conn) === "handled") return;
     const fua = (r.flags & CmdFlags.FUA) !== 0;
     switch (r.type) {
@@ -252,6 +309,60 @@ export class ScriptedNbdServer {
       default:
         return conn.error(r.handle, 22, "unsupported");
     }
+  }
+}
+
+/** An extended reply chunk header (magic, flags, type, cookie, the request's offset, 64-bit length). */
+export function extendedChunk(flags: number, type: number, handle: bigint, offset: number, length: number): Buffer {
+  const b = Buffer.alloc(32);
+  b.writeUInt32BE(EXTENDED_REPLY_MAGIC, 0);
+  b.writeUInt16BE(flags, 4);
+  b.writeUInt16BE(type, 6);
+  b.writeBigUInt64BE(handle, 8);
+  b.writeBigUInt64BE(BigInt(offset), 16);
+  b.writeBigUInt64BE(BigInt(length), 24);
+  return b;
+}
+
+/**
+ * Extended requests (32 bytes: magic, flags, type, cookie, offset, 64-bit length, then the payload
+ * when NBD_CMD_FLAG_PAYLOAD_LEN is set). Throws on what the extension forbids, and the server hangs up.
+ */
+class ExtendedRequestParser {
+  private buffer = Buffer.alloc(0);
+
+  push(chunk: Buffer): void {
+    this.buffer = Buffer.concat([this.buffer, chunk]);
+  }
+
+  next(): NbdRequest | null {
+    const b = this.buffer;
+    if (b.length < 32) return null;
+    if (b.readUInt32BE(0) !== EXTENDED_REQUEST_MAGIC)
+      throw new Error(`bad request magic 0x${b.readUInt32BE(0).toString(16)}`);
+    const flags = b.readUInt16BE(4);
+    const type = b.readUInt16BE(6);
+    const length = Number(b.readBigUInt64BE(24));
+    const hasPayload = (flags & CmdFlags.PAYLOAD_LEN) !== 0;
+    if (type === Cmd.WRITE && !hasPayload) throw new Error("a WRITE without NBD_CMD_FLAG_PAYLOAD_LEN");
+    if (hasPayload && type !== Cmd.WRITE) throw new Error(`a payload on command ${type}`);
+    const payload = hasPayload ? length : 0;
+    if (b.length < 32 + payload) return null;
+    this.buffer = b.subarray(32 + payload);
+    return {
+      kind: "request",
+      flags,
+      type,
+      handle: b.readBigUInt64BE(8),
+      offset: Number(b.readBigUInt64BE(16)),
+      length,
+      data: hasPayload ? Buffer.from(b.subarray(32, 32 + payload)) : null,
+      payloadDropped: false,
+    };
+  }
+
+  takeRemaining(): Buffer {
+    return this.buffer;
   }
 }
 

@@ -15,7 +15,7 @@ import { type ReplyHandler, ReplyReader, type ReplyTarget } from "./reply-reader
 import { SocketInput, connectSocket } from "./socket-input.js";
 import type { ClientTls } from "./tls.js";
 import type { NbdUri } from "./uri.js";
-import { Cmd, requestHeader } from "./wire.js";
+import { Cmd, extendedRequestHeader, requestHeader } from "./wire.js";
 
 /** A request as it travels: built by the device, sent by a connection, answered by the reader. */
 export interface NbdRequest extends ReplyTarget {
@@ -63,6 +63,8 @@ export class NbdConnection implements ReplyHandler {
   private reason: Error | null = null;
   /** Payload and destination bytes of the requests in flight. */
   inFlightBytes = 0;
+  /** The request header this connection negotiated: compact, or extended (64-bit lengths). */
+  private readonly header: typeof requestHeader;
 
   constructor(
     private readonly socket: net.Socket | tls.TLSSocket,
@@ -70,7 +72,8 @@ export class NbdConnection implements ReplyHandler {
     readonly info: ExportInfo,
     private readonly events: ConnectionEvents,
   ) {
-    const reader = new ReplyReader(this, info.structured);
+    this.header = info.extended ? extendedRequestHeader : requestHeader;
+    const reader = new ReplyReader(this, info.structured, info.extended);
     input.sink = reader;
     input.failed = (err) => this.destroy(err);
     socket.on("error", (err) => (this.reason ??= err));
@@ -106,7 +109,7 @@ export class NbdConnection implements ReplyHandler {
         this.socket.uncork();
       });
     }
-    this.socket.write(requestHeader(req.cmd, req.flags, cookie, req.offset, req.length));
+    this.socket.write(this.header(req.cmd, req.flags, cookie, req.offset, req.length));
     if (req.cmd === Cmd.WRITE && req.length > 0) this.socket.write(req.payload!);
   }
 
@@ -133,7 +136,7 @@ export class NbdConnection implements ReplyHandler {
   disconnect(): void {
     if (this.ended || this.socket.destroyed) return;
     this.reason ??= new Error("disconnected");
-    this.socket.write(requestHeader(Cmd.DISC, 0, 0, 0, 0));
+    this.socket.write(this.header(Cmd.DISC, 0, 0, 0, 0));
     this.socket.end();
     // A server that never closes its side must not keep the socket (and the device's close) waiting.
     setTimeout(() => this.socket.destroy(), 1000).unref();

@@ -1,8 +1,11 @@
 /**
  * The client's side of the handshake (proto.md, "Fixed newstyle negotiation"): greeting, client
- * flags, NBD_OPT_STARTTLS when the URI asks for TLS, NBD_OPT_STRUCTURED_REPLY, then NBD_OPT_GO
- * with NBD_INFO_BLOCK_SIZE, which answers the export's size, transmission flags and block size
- * constraints. A server that does not know NBD_OPT_GO gets NBD_OPT_EXPORT_NAME instead.
+ * flags, NBD_OPT_STARTTLS when the URI asks for TLS, NBD_OPT_EXTENDED_HEADERS (the extension-ext-
+ * header branch of proto.md: 32-byte requests and replies with 64-bit lengths) and, where the server
+ * does not know it, NBD_OPT_STRUCTURED_REPLY; then NBD_OPT_GO with NBD_INFO_BLOCK_SIZE, which answers
+ * the export's size, transmission flags and block size constraints. A server that does not know
+ * NBD_OPT_GO gets NBD_OPT_EXPORT_NAME instead (never after extended headers: the extension forbids
+ * it, and a server that offers them MUST know NBD_OPT_GO).
  *
  * Failures are Errors with an errno code the table load reports: ENOENT (no such export), EACCES
  * (TLS required, refused or failed), EPROTO (not an NBD server, or one breaking the protocol),
@@ -43,7 +46,10 @@ export interface ExportInfo {
   preferredBlock: number;
   /** The largest READ/WRITE this client sends: the server's maximum, at most 32 MiB. */
   maxPayload: number;
+  /** Structured replies: negotiated with NBD_OPT_STRUCTURED_REPLY, or implied by extended headers. */
   structured: boolean;
+  /** NBD_OPT_EXTENDED_HEADERS: every request and reply has the 32-byte extended header. */
+  extended: boolean;
 }
 
 export interface Negotiated {
@@ -184,10 +190,18 @@ export async function negotiate(
       secure.once("close", closedAfterTls);
     }
 
-    send(optionRequest(Opt.STRUCTURED_REPLY));
-    const sr = await optionReply(Opt.STRUCTURED_REPLY);
-    if (sr.type === Rep.ERR_TLS_REQD) throw tlsRequired(sr.data);
-    const structured = sr.type === Rep.ACK;
+    // Extended headers where the server offers them; it answers ERR_UNSUP (or another error) if not.
+    send(optionRequest(Opt.EXTENDED_HEADERS));
+    const eh = await optionReply(Opt.EXTENDED_HEADERS);
+    if (eh.type === Rep.ERR_TLS_REQD) throw tlsRequired(eh.data);
+    const extended = eh.type === Rep.ACK;
+    let structured = extended;
+    if (!extended) {
+      send(optionRequest(Opt.STRUCTURED_REPLY));
+      const sr = await optionReply(Opt.STRUCTURED_REPLY);
+      if (sr.type === Rep.ERR_TLS_REQD) throw tlsRequired(sr.data);
+      structured = sr.type === Rep.ACK;
+    }
 
     send(optionRequest(Opt.GO, goData(uri.exportName, [Info.BLOCK_SIZE])));
     let size: number | null = null;
@@ -212,7 +226,7 @@ export async function negotiate(
         if (size === null) throw handshakeError("EPROTO", "NBD_OPT_GO succeeded without NBD_INFO_EXPORT");
         break;
       }
-      if (r.type === Rep.ERR_UNSUP) {
+      if (r.type === Rep.ERR_UNSUP && !extended) {
         // A server from before NBD_OPT_GO (proto.md: such servers only know EXPORT_NAME).
         send(optionRequest(Opt.EXPORT_NAME, Buffer.from(uri.exportName, "utf8")));
         const e = await reader.read(noZeroes ? 10 : 134);
@@ -224,7 +238,7 @@ export async function negotiate(
     }
     if (reader.buffered > 0) throw handshakeError("EPROTO", "the server sent bytes before the first request");
     input.sink = null;
-    return { socket: current, info: exportInfo(size, flags, blocks, structured) };
+    return { socket: current, info: exportInfo(size, flags, blocks, structured, extended) };
   } catch (err) {
     current.destroy();
     socket.destroy();
@@ -269,7 +283,13 @@ function exportSize(size: bigint): number {
 const isPowerOfTwo = (n: number) => n > 0 && (n & (n - 1)) === 0;
 
 /** Check the constraints and fill in proto.md's defaults for those not sent. */
-function exportInfo(size: number, flags: number, blocks: [number, number, number] | null, structured: boolean) {
+function exportInfo(
+  size: number,
+  flags: number,
+  blocks: [number, number, number] | null,
+  structured: boolean,
+  extended: boolean,
+) {
   if (!(flags & TransmissionFlags.HAS_FLAGS)) flags = 0; // proto.md: HAS_FLAGS MUST be set; else no flag is meaningful
   const [min, preferred, max] = blocks ?? [1, 4096, DEFAULT_MAX_PAYLOAD];
   if (!isPowerOfTwo(min) || min > 64 * 1024) throw handshakeError("EPROTO", `minimum block size ${min} is invalid`);
@@ -284,6 +304,7 @@ function exportInfo(size: number, flags: number, blocks: [number, number, number
     preferredBlock: Math.max(preferred, unit),
     maxPayload: cap - (cap % unit),
     structured,
+    extended,
   };
   return info;
 }

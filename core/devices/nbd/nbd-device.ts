@@ -6,7 +6,9 @@
  * - **Geometry.** Size, read-only flag and block size constraints come from the server
  *   (NBD_OPT_GO with NBD_INFO_BLOCK_SIZE). The logical block size is the server's minimum block
  *   size, at least 512; bios not aligned to it fail with EINVAL. READ and WRITE are cut at the
- *   server's maximum block size (at most 32 MiB), TRIM and WRITE_ZEROES at 1 GiB.
+ *   server's maximum block size (at most 32 MiB), TRIM and WRITE_ZEROES at 1 GiB, or not at all
+ *   where the server took NBD_OPT_EXTENDED_HEADERS (64-bit lengths; if it refuses such a request
+ *   with EOVERFLOW or EINVAL, it goes again cut at 1 GiB, and so do the device's later ones).
  * - **Flags as the server allows them** (proto.md, "Transmission flags"): FLUSH only with
  *   SEND_FLUSH (else a flush completes at once: the server keeps no volatile cache); FUA as the
  *   request flag with SEND_FUA, else as a FLUSH after the write; PREFLUSH as a FLUSH before it;
@@ -65,8 +67,13 @@ const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
  * writev, one stream of replies) unless it is deep enough to be worth spreading.
  */
 const SPILL = 16;
-/** TRIM and WRITE_ZEROES carry a 32-bit length; cut them at 1 GiB. */
+/** TRIM and WRITE_ZEROES carry a 32-bit length in a compact request header; cut them at 1 GiB. */
 const MAX_ZERO_LENGTH = 1 << 30;
+/**
+ * With extended headers their length is 64 bits: no cut in practice (2^52 is a multiple of every
+ * block size and above every export size a Number can address).
+ */
+const MAX_EXTENDED_ZERO_LENGTH = 2 ** 52;
 
 let defaultLogger: Logger = new JsonLineLogger("info", process.stderr, { component: "nbd-client" });
 
@@ -75,17 +82,29 @@ export function setNbdClientLogger(logger: Logger): void {
   defaultLogger = logger;
 }
 
-/** What `status`-style reports can say about a remote device. */
+/** What `udmsetup info` says about a remote device (docs/nbd.md, "Connection state"). */
 export interface NbdConnectionState {
   /** connected: every connection up; degraded: some; reconnecting: none yet; failed: none for longer than the timeout. */
   state: "connected" | "degraded" | "reconnecting" | "failed" | "closed";
+  /** Where the device connects: `unix socket PATH` or `HOST:PORT`. */
+  server: string;
+  /** Connections the device keeps (1, or x-udm-connections with multi-conn) and how many are up. */
   connections: number;
   connected: number;
+  /**
+   * While a connection is down: the number of the reconnect attempt under way or next (1 after the
+   * loss, counting up with each failure; the highest over the connections that are down), else 0.
+   */
+  attempt: number;
+  /** Times the device got a connection back after having none. */
   reconnects: number;
+  /** Requests sent and not answered, and requests waiting for room or for a connection. */
   inFlight: number;
   queued: number;
   /** Acknowledged writes not yet covered by a FLUSH, kept for sending again. */
   unflushedBytes: number;
+  /** The reply format the last connection negotiated: NBD_OPT_EXTENDED_HEADERS, structured, or simple replies. */
+  replies: "extended" | "structured" | "simple";
   lastError: string | null;
 }
 
@@ -184,6 +203,11 @@ class BioWork {
     for (const r of reqs) this.device.enqueue(r);
   }
 
+  /** One of its requests was cut into `pieces` sent in its place. */
+  replaced(pieces: number): void {
+    this.outstanding += pieces - 1;
+  }
+
   done(status: BioStatus): void {
     if (status !== "ok" && this.status === "ok") this.status = status;
     if (--this.outstanding > 0) return;
@@ -221,6 +245,8 @@ export class NbdDevice implements BlockDevice {
   private lostWrites = false;
   private disconnectedSince: number | null = null;
   private failFast = false;
+  /** TRIM and WRITE_ZEROES go uncut over extended headers, until the server refuses one. */
+  private largeZeroes = true;
   private closed = false;
   private seq = 0;
   private reconnects = 0;
@@ -264,7 +290,15 @@ export class NbdDevice implements BlockDevice {
     this.connectTimeoutMs = connectTimeoutMs;
     this.backoff = devOpts.reconnectDelayMs ?? { first: 50, max: 2000 };
     this.logger = devOpts.logger ?? defaultLogger;
-    this.info = { size: 0, flags: 0, minBlock: 512, preferredBlock: 4096, maxPayload: 512, structured: false };
+    this.info = {
+      size: 0,
+      flags: 0,
+      minBlock: 512,
+      preferredBlock: 4096,
+      maxPayload: 512,
+      structured: false,
+      extended: false,
+    };
     this.unflushed = new UnflushedWrites(uri.replayBytes ?? devOpts.replayLimitBytes ?? DEFAULT_REPLAY_LIMIT);
     const period = Math.min(1000, Math.max(10, Math.floor(timeoutMs / 4)));
     this.watchdog = setInterval(() => this.checkTimeouts(), period);
@@ -342,8 +376,35 @@ export class NbdDevice implements BlockDevice {
   }
 
   private zeroMax(): number {
+    if (this.info.extended && this.largeZeroes) return MAX_EXTENDED_ZERO_LENGTH;
     const unit = this.logicalBlockSize;
     return MAX_ZERO_LENGTH - (MAX_ZERO_LENGTH % unit);
+  }
+
+  /** A TRIM or WRITE_ZEROES too long for `conn` (compact headers, or a server that refused one). */
+  private tooLong(req: Req, conn: NbdConnection): boolean {
+    return (
+      req.length > MAX_ZERO_LENGTH &&
+      (req.cmd === Cmd.TRIM || req.cmd === Cmd.WRITE_ZEROES) &&
+      !(conn.info.extended && this.largeZeroes)
+    );
+  }
+
+  /** `req` cut at 1 GiB: the pieces to send instead (its bio, or the replay, waits for each). */
+  private recut(req: Req): Req[] {
+    const unit = this.logicalBlockSize;
+    const max = MAX_ZERO_LENGTH - (MAX_ZERO_LENGTH % unit);
+    const pieces: Req[] = [];
+    for (let at = 0; at < req.length; at += max) {
+      const n = Math.min(max, req.length - at);
+      const piece = new Req(req.cmd, req.flags, req.offset + at, n, null, null, req.work, req.seq);
+      piece.round = req.round;
+      piece.lostAt = req.lostAt;
+      pieces.push(piece);
+    }
+    if (req.work) req.work.replaced(pieces.length);
+    else this.replayOutstanding += pieces.length - 1;
+    return pieces;
   }
 
   /** `work`'s requests: at most `max` bytes each, covering [pos, pos + bytes) (its bio's data for READ and WRITE). */
@@ -430,7 +491,9 @@ export class NbdDevice implements BlockDevice {
     while (this.replayQueue.length > 0) {
       const conn = this.pick(ready, this.replayQueue[0]!);
       if (!conn) return;
-      conn.send(this.replayQueue.shift()!, now);
+      const req = this.replayQueue.shift()!;
+      if (this.tooLong(req, conn)) this.replayQueue.unshift(...this.recut(req));
+      else conn.send(req, now);
     }
     if (this.replayOutstanding > 0) return; // nothing overtakes the writes being sent again
     while (this.queue.length > 0) {
@@ -445,6 +508,10 @@ export class NbdDevice implements BlockDevice {
       }
       if ((req.cmd === Cmd.READ || req.cmd === Cmd.WRITE) && req.length > this.info.maxPayload) {
         this.finish(req, "EIO");
+        continue;
+      }
+      if (this.tooLong(req, conn)) {
+        this.queue.unshift(...this.recut(req));
         continue;
       }
       if (req.cmd === Cmd.FLUSH) req.flushMark = this.unflushed?.mark ?? 0;
@@ -474,6 +541,29 @@ export class NbdDevice implements BlockDevice {
         if (req.round === this.replayRound) this.replayQueue.unshift(req);
       } else this.requeue([req]);
       conn.disconnect();
+      return;
+    }
+    if (
+      (errno === NbdErrno.EOVERFLOW || errno === NbdErrno.EINVAL) &&
+      req.length > MAX_ZERO_LENGTH &&
+      (req.cmd === Cmd.TRIM || req.cmd === Cmd.WRITE_ZEROES) &&
+      !this.closed
+    ) {
+      // The extension lets a server refuse a long effect length this way: send it again cut at
+      // 1 GiB (dispatch cuts it), and cut every later one.
+      if (this.largeZeroes) {
+        this.largeZeroes = false;
+        this.logger.info("nbd: the server refused a TRIM or WRITE_ZEROES over 1 GiB; cutting them at 1 GiB", {
+          uri: this.uri.text,
+          command: cmdName(req.cmd),
+          length: req.length,
+          error: message ?? errno,
+        });
+      }
+      if (req.work === null) {
+        if (req.round === this.replayRound) this.replayQueue.unshift(req);
+      } else this.requeue([req]);
+      this.dispatch();
       return;
     }
     if (req.work === null) {
@@ -787,14 +877,18 @@ export class NbdDevice implements BlockDevice {
           : this.failFast
             ? "failed"
             : "reconnecting";
+    const down = this.slots.filter((s) => s.conn === null || !s.conn.isOpen);
     return {
       state,
+      server: describeTransport(this.uri),
       connections: this.slots.length,
       connected,
+      attempt: this.closed ? 0 : down.reduce((n, s) => Math.max(n, s.attempts), 0),
       reconnects: this.reconnects,
       inFlight: this.slots.reduce((n, s) => n + (s.conn?.inFlightCount ?? 0), 0),
       queued: this.queue.length,
       unflushedBytes: this.unflushed?.bytes ?? 0,
+      replies: this.info.extended ? "extended" : this.info.structured ? "structured" : "simple",
       lastError: this.lastError,
     };
   }

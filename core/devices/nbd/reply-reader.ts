@@ -1,18 +1,23 @@
 /**
  * The transmission-phase replies a server sends (proto.md, "Simple reply message", "Structured
- * reply chunk message", "Structured reply types"), parsed incrementally from whatever the socket
- * delivers, and matched to requests by cookie.
+ * reply chunk message", "Structured reply types"; with NBD_OPT_EXTENDED_HEADERS, "Extended reply
+ * chunk message" of the extension-ext-header branch: every reply is a chunk with a 32-byte header
+ * that repeats the request's offset and has a 64-bit length), parsed incrementally from whatever
+ * the socket delivers, and matched to requests by cookie.
  *
  * READ data is copied (or, through `directSpace`, read by the kernel) straight into the request's
  * buffer; OFFSET_HOLE chunks zero their range; error chunks record the first error. A READ whose
  * chunks do not cover it exactly once is answered EIO. Anything that breaks the framing (a bad
  * magic, an unknown cookie, a chunk that does not fit its request, a simple reply to a READ after
- * structured replies were negotiated) throws NbdReplyError: the stream cannot be trusted any more
+ * structured replies were negotiated, any simple reply or an offset other than the request's with
+ * extended headers) throws NbdReplyError: the stream cannot be trusted any more
  * and the connection is dropped. Nothing the server sends can make this allocate more than one
  * small buffer per chunk (error messages are at most MAX_SMALL_PAYLOAD bytes).
  */
 import {
   Cmd,
+  EXTENDED_REPLY_HEADER_LENGTH,
+  EXTENDED_REPLY_MAGIC,
   NbdErrno,
   OFFSET_DATA_PREFIX,
   REPLY_TYPE_ERROR_BIT,
@@ -76,9 +81,12 @@ interface Partial {
 
 export class ReplyReader {
   private state = State.Header;
-  private readonly header = Buffer.alloc(STRUCTURED_REPLY_HEADER_LENGTH + OFFSET_DATA_PREFIX);
+  private readonly header = Buffer.alloc(EXTENDED_REPLY_HEADER_LENGTH + OFFSET_DATA_PREFIX);
   private have = 0;
+  /** Header bytes to collect: 4 (the magic) first, then the rest of the header it names. */
   private want = 4;
+  /** A chunk header's length (structured or extended): an OFFSET_DATA chunk's offset follows it. */
+  private readonly chunkHeaderLength: number;
   // The chunk being read.
   private cookie = 0;
   private chunkFlags = 0;
@@ -98,7 +106,11 @@ export class ReplyReader {
   constructor(
     private readonly handler: ReplyHandler,
     private readonly structured: boolean,
-  ) {}
+    /** NBD_OPT_EXTENDED_HEADERS was negotiated: only extended replies are valid. */
+    private readonly extended = false,
+  ) {
+    this.chunkHeaderLength = extended ? EXTENDED_REPLY_HEADER_LENGTH : STRUCTURED_REPLY_HEADER_LENGTH;
+  }
 
   /** Where the kernel may read the next bytes directly: the unfilled part of a READ's buffer. */
   directSpace(): Buffer | null {
@@ -109,7 +121,7 @@ export class ReplyReader {
   /** After a large data chunk: read only the next header, betting on another large one. */
   headerBytes(): number {
     if (this.state !== State.Header || this.have !== 0 || !this.lastDataLarge) return 0;
-    return this.structured ? STRUCTURED_REPLY_HEADER_LENGTH + OFFSET_DATA_PREFIX : SIMPLE_REPLY_LENGTH;
+    return this.structured ? this.chunkHeaderLength + OFFSET_DATA_PREFIX : SIMPLE_REPLY_LENGTH;
   }
 
   /** Requests with a structured reply begun and not finished (for tests). */
@@ -163,14 +175,34 @@ export class ReplyReader {
     const h = this.header;
     if (this.state === State.DataOffset) return this.dataOffset();
     if (this.want === 4) {
+      // The magic is checked alone first, so a reply of the wrong kind fails at once instead of
+      // waiting for the bytes of a header that is not coming.
       const magic = h.readUInt32BE(0);
-      if (magic === SIMPLE_REPLY_MAGIC) this.want = SIMPLE_REPLY_LENGTH;
+      if (this.extended) {
+        // With extended headers a server MUST NOT send simple or structured replies.
+        if (magic !== EXTENDED_REPLY_MAGIC) throw new NbdReplyError(`bad reply magic ${hex(magic)} (extended headers)`);
+        this.want = EXTENDED_REPLY_HEADER_LENGTH;
+      } else if (magic === SIMPLE_REPLY_MAGIC) this.want = SIMPLE_REPLY_LENGTH;
       else if (magic === STRUCTURED_REPLY_MAGIC && this.structured) this.want = STRUCTURED_REPLY_HEADER_LENGTH;
-      else throw new NbdReplyError(`bad reply magic 0x${magic.toString(16).padStart(8, "0")}`);
+      else throw new NbdReplyError(`bad reply magic ${hex(magic)}`);
       return;
     }
+    if (this.extended) return this.extendedHeader(h);
     if (this.want === SIMPLE_REPLY_LENGTH) return this.simple(h.readUInt32BE(4), readCookie(h, 8));
     this.structuredHeader(h.readUInt16BE(4), h.readUInt16BE(6), readCookie(h, 8), h.readUInt32BE(16));
+  }
+
+  /** An extended reply chunk: magic, flags, type, cookie, the request's offset, a 64-bit length. */
+  private extendedHeader(h: Buffer): void {
+    const cookie = readCookie(h, 8);
+    const target = this.lookup(cookie);
+    const offset = readOffset(h, 16);
+    if (offset !== target.offset) {
+      throw new NbdReplyError(`reply to cookie ${cookie} names offset ${offset}; the request's is ${target.offset}`);
+    }
+    // Reply payloads never pass 32 bits (the extension says so); a larger length is garbage.
+    if (h.readUInt32BE(24) !== 0) throw new NbdReplyError(`reply chunk of ${readOffset(h, 24)} bytes`);
+    this.structuredHeader(h.readUInt16BE(4), h.readUInt16BE(6), cookie, h.readUInt32BE(28));
   }
 
   private lookup(cookie: number): ReplyTarget {
@@ -224,7 +256,7 @@ export class ReplyReader {
         throw new NbdReplyError(`OFFSET_DATA chunk of ${length} bytes for a ${target.length}-byte READ`);
       }
       this.state = State.DataOffset;
-      this.want = STRUCTURED_REPLY_HEADER_LENGTH + OFFSET_DATA_PREFIX;
+      this.want = this.chunkHeaderLength + OFFSET_DATA_PREFIX;
       return;
     }
     const isError = (type & REPLY_TYPE_ERROR_BIT) !== 0;
@@ -244,7 +276,7 @@ export class ReplyReader {
 
   private dataOffset(): void {
     const target = this.target!;
-    const offset = readOffset(this.header, STRUCTURED_REPLY_HEADER_LENGTH);
+    const offset = readOffset(this.header, this.chunkHeaderLength);
     const at = offset - target.offset;
     const bytes = this.chunkLength - OFFSET_DATA_PREFIX;
     if (!(at >= 0 && at + bytes <= target.length)) {
@@ -338,6 +370,10 @@ export class ReplyReader {
 /** Whether `chunk` is the memory of `dest` from `filled` on (the kernel read into directSpace). */
 function isView(chunk: Buffer, dest: Buffer, filled: number): boolean {
   return chunk.buffer === dest.buffer && chunk.byteOffset === dest.byteOffset + filled && chunk.length > 0;
+}
+
+function hex(magic: number): string {
+  return `0x${magic.toString(16).padStart(8, "0")}`;
 }
 
 function readOffset(b: Buffer, at: number): number {

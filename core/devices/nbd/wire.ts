@@ -10,6 +10,8 @@ export {
   ClientFlags,
   Cmd,
   CmdFlags,
+  EXTENDED_REPLY_HEADER_LENGTH,
+  EXTENDED_REPLY_MAGIC,
   GREETING_LENGTH,
   HandshakeFlags,
   IHAVEOPT,
@@ -31,7 +33,17 @@ export {
   STRUCTURED_REPLY_MAGIC,
   TransmissionFlags,
 } from "../../nbd-protocol.js";
-import { Cmd, IHAVEOPT, MAX_PAYLOAD, Rep, REQUEST_HEADER_LENGTH, REQUEST_MAGIC } from "../../nbd-protocol.js";
+import {
+  Cmd,
+  CmdFlags,
+  EXTENDED_REQUEST_HEADER_LENGTH,
+  EXTENDED_REQUEST_MAGIC,
+  IHAVEOPT,
+  MAX_PAYLOAD,
+  Rep,
+  REQUEST_HEADER_LENGTH,
+  REQUEST_MAGIC,
+} from "../../nbd-protocol.js";
 
 export type CmdType = (typeof Cmd)[keyof typeof Cmd];
 /** The oldstyle greeting's second magic (proto.md, "Oldstyle negotiation"), refused with a message. */
@@ -80,6 +92,34 @@ export function requestHeader(type: number, flags: number, cookie: number, offse
   b.writeUInt32BE(offset >>> 0, 20);
   b.writeUInt32BE(length, 24);
   return b;
+}
+
+/**
+ * An extended request header (NBD_OPT_EXTENDED_HEADERS): the same fields with a 64-bit length. A
+ * WRITE's length is its payload's and carries NBD_CMD_FLAG_PAYLOAD_LEN, as the extension requires;
+ * for every other command it is the effect length, which may pass 4 GiB (TRIM, WRITE_ZEROES).
+ */
+export function extendedRequestHeader(
+  type: number,
+  flags: number,
+  cookie: number,
+  offset: number,
+  length: number,
+): Buffer {
+  const b = Buffer.allocUnsafe(EXTENDED_REQUEST_HEADER_LENGTH);
+  b.writeUInt32BE(EXTENDED_REQUEST_MAGIC, 0);
+  b.writeUInt16BE(type === Cmd.WRITE ? flags | CmdFlags.PAYLOAD_LEN : flags, 4);
+  b.writeUInt16BE(type, 6);
+  writeUint64(b, 8, cookie);
+  writeUint64(b, 16, offset);
+  writeUint64(b, 24, length);
+  return b;
+}
+
+/** A number below 2^53 as a 64-bit big-endian field. */
+function writeUint64(b: Buffer, at: number, n: number): void {
+  b.writeUInt32BE(Math.floor(n / 0x1_0000_0000), at);
+  b.writeUInt32BE(n >>> 0, at + 4);
 }
 
 /** The cookie at `at` (the inverse of requestHeader's encoding; larger values are never ours). */
