@@ -14,6 +14,8 @@ export class PendingException {
   readonly originBios: Bio[] = [];
   /** A whole-chunk snapshot write that replaces the copy (start_full_bio). */
   fullBio: Bio | null = null;
+  /** A snapshot write over this and the next chunks that replaces their copies (one COW write). */
+  run: RunWrite | null = null;
 
   constructor(
     readonly oldChunk: number,
@@ -21,6 +23,25 @@ export class PendingException {
     /** Allocation order: exceptions are committed in this order (R11). */
     readonly sequence: number,
   ) {}
+}
+
+/**
+ * One snapshot write covering several whole chunks, each with its own pending exception: it
+ * completes once every one of them is complete (or failed, then with EIO).
+ */
+export class RunWrite {
+  private failed = false;
+
+  constructor(
+    readonly bio: Bio,
+    private remaining: number,
+  ) {}
+
+  /** One of the run's exceptions is done. */
+  exceptionDone(error: boolean): void {
+    if (error) this.failed = true;
+    if (--this.remaining === 0) this.bio.complete(this.failed ? "EIO" : "ok");
+  }
 }
 
 /**

@@ -32,7 +32,7 @@ import { ExceptionTable } from "./exception-table.js";
 import { originOf, type Origin, type OriginSnapshot, pendingExceptionDone } from "./origin-registry.js";
 import { originRetry } from "./origin-write.js";
 import { defaultSnapshotParams, type SnapshotParams, SnapshotParamsToken } from "./params.js";
-import { InOrderGate, PendingException } from "./pending.js";
+import { InOrderGate, PendingException, RunWrite } from "./pending.js";
 import { createExceptionStore, type ExceptionStore } from "./store.js";
 import { type TrackContext, TrackedChunks } from "./tracked-chunks.js";
 
@@ -302,7 +302,9 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       return MapResult.REMAPPED;
     }
     if (!this.valid) return MapResult.KILL;
-    // A write never spans chunks: each chunk has its own exception (cut before it may be parked).
+    if (bio.op === "write" && !this.copyThrottled && this.mapWriteRun(bio)) return MapResult.SUBMITTED;
+    // Otherwise a write never spans chunks: each chunk has its own exception (cut now, in map, as
+    // acceptPartialBio requires, before the write may be parked).
     if (bio.op === "write") this.cutAtChunkEnd(bio);
     if (bio.op !== "read" && this.copyThrottled) {
       // Too many copies in flight: park the write and map it again when one finishes.
@@ -358,6 +360,46 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
       this.startCopy([{ snap: this, pe }]);
     }
     return MapResult.SUBMITTED;
+  }
+
+  /**
+   * A write from a chunk's start over two or more whole chunks that have no exception yet, while
+   * the store's next free COW chunks are consecutive: one pending exception per chunk, as the
+   * per-chunk path makes, but one write to the COW device for all of them (what the kernel's block
+   * layer gets by merging its per-chunk writes) and so one group commit. The write is cut to the
+   * run (the core maps the rest as another clone). False: take the per-chunk path.
+   */
+  private mapWriteRun(bio: Bio): boolean {
+    if (this.isMerge || this.overflowed) return false;
+    const cs = this.store.chunkSize;
+    const offset = bio.sector - this.begin;
+    if (offset % cs !== 0 || bio.sectors < 2 * cs) return false;
+    const chunk = offset / cs;
+    const whole = Math.floor(bio.sectors / cs);
+    let n = 0;
+    while (n < whole && this.complete.lookup(chunk + n) < 0 && !this.pending.has(chunk + n)) n++;
+    n = Math.min(n, this.store.consecutiveFree?.(n) ?? 1);
+    if (n < 2) return false;
+    if (bio.sectors > n * cs) acceptPartialBio(bio, n * cs);
+    const run = new RunWrite(bio, n);
+    const pes: PendingException[] = [];
+    for (let i = 0; i < n; i++) {
+      const pe = this.findOrAllocatePending(chunk + i, true);
+      if (!pe) throw new Error(`snapshot: the store promised ${n} free chunks and had ${i}`);
+      pe.started = true;
+      pe.run = run;
+      pes.push(pe);
+    }
+    this.inProgress += n;
+    const handle = this.copierClient.prepareCallback((_r, writeErr) => {
+      this.copyFinished(n);
+      for (const pe of pes) this.copyDone(pe, writeErr !== 0);
+    });
+    const write = new Bio("write", pes[0]!.newChunk * cs, n * cs, bio.data, bio.flags & ~BioFlags.PREFLUSH, {
+      bioDone: (w) => this.copierClient.doCallback(handle, false, w.status === "ok" ? 0 : 1),
+    });
+    write.submitTo(this.cow);
+    return true;
   }
 
   private mapToCow(bio: Bio, newChunk: number, offset: number, cs: number): MapResult {
@@ -501,8 +543,8 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     write.submitTo(this.cow);
   }
 
-  private copyFinished(): void {
-    this.inProgress--;
+  private copyFinished(copies = 1): void {
+    this.inProgress -= copies;
     if (!this.copyThrottled && this.throttled.length > 0) {
       for (const retry of this.throttled.splice(0)) retry();
     }
@@ -539,6 +581,7 @@ export class SnapshotTarget extends Target<TrackContext> implements OriginSnapsh
     const full = pe.fullBio;
     const snapshotBios = pe.snapshotBios.splice(0);
     const originBios = pe.originBios.splice(0);
+    pe.run?.exceptionDone(error);
     if (error) {
       full?.complete("EIO");
       for (const b of snapshotBios) b.complete("EIO");

@@ -180,6 +180,17 @@ export class PersistentStore implements ExceptionStore {
     return chunk;
   }
 
+  consecutiveFree(max: number): number {
+    this.assertLoaded();
+    let n = 0;
+    for (let chunk = this.nextFree; n < max && this.cow.sizeSectors >= (chunk + 1) * this.chunkSize; chunk++) {
+      n++;
+      // The chunk after this one is a metadata area's: the run ends here.
+      if (skipMetadata(this.epa, chunk + 1) !== chunk + 1) break;
+    }
+    return n;
+  }
+
   commitException(oldChunk: number, newChunk: number, valid: boolean, done: Done): void {
     this.assertLoaded();
     if (this.pendingCount <= 0) throw new Error("persistent snapshot: commitException without a prepared exception");

@@ -24,6 +24,12 @@ export class TransientStore implements ExceptionStore {
     return "valid";
   }
 
+  consecutiveFree(max: number): number {
+    const cs = this.chunkSize;
+    if (cs === 0) return 0;
+    return Math.max(0, Math.min(max, Math.floor((this.cow.sizeSectors - this.nextFree) / cs)));
+  }
+
   prepareException(): number | null {
     const cs = this.chunkSize;
     if (cs === 0 || this.cow.sizeSectors < this.nextFree + cs) return null;

@@ -27,6 +27,12 @@ export interface ExceptionStore {
   /** Allocate the next COW chunk (strictly increasing, skipping metadata chunks); null when the COW device is full. Synchronous. */
   prepareException(): number | null;
   /**
+   * How many of the next prepareException calls (at most `max`) would return consecutive COW
+   * chunks: 0 when the COW device is full. Lets a write over several whole chunks go to the COW
+   * device as one write. Stores without it get one chunk at a time.
+   */
+  consecutiveFree?(max: number): number;
+  /**
    * Record (if valid) durably and call done(success) — possibly later (group commit). Called in
    * allocation order, one at a time. Persistent: `done` never runs inside this call; transient:
    * it always does (there is nothing to write).
