@@ -9,6 +9,7 @@ import { DmError, strerror } from "../../core/errors.js";
 import { parseTableText, type TargetSpec } from "../../core/table-text.js";
 import type { ControlClient } from "../control/client.js";
 import type { CreateStep, Op, RequestMap } from "../control/protocol.js";
+import type { RemoteDeviceInfo } from "../control/remote-devices.js";
 import { formatConcise, parseConcise } from "./concise.js";
 import { ExecCommandError, execOnDevice, execWords } from "./exec.js";
 import { formatDeps } from "./format/deps.js";
@@ -36,7 +37,7 @@ export interface Io {
   utf8?: boolean;
 }
 
-type Info = DeviceInfo & { nbdUri?: string; attached?: string };
+type Info = DeviceInfo & { nbdUri?: string; attached?: string; remote?: RemoteDeviceInfo[] };
 type Dep = { major: number; minor: number; name?: string } | { path: string };
 
 /** A failed command: the messages are already printed. `errno`: the failure's, when there is one. */
@@ -361,7 +362,8 @@ export class Commands {
         withGeometry.push({ ...info, geometry: await this.call("info", info.name, "geometry", { name: info.name }) });
       return this.io.out(toJson(args.length === 1 && !this.selecting ? withGeometry[0] : withGeometry));
     }
-    // Exactly dmsetup's lines: udm's extras (the NBD URI, the attached kernel device) are in --json.
+    // dmsetup's lines, then each remote device's (format/info.ts); the NBD URI, the attached kernel
+    // device and the geometry are in --json only.
     for (const info of infos) this.io.out(formatInfoLong(info, { noOpenCount: this.opts.noopencount }));
   }
 

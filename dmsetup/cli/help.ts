@@ -111,8 +111,9 @@ device) unless -f, which ends NBD connections and fails held I/O. --retry retrie
     usage: `info [-S SELECTION] [NAME...]
 info -c [-o FIELDS] [-O SORT] [--noheadings] [--separator S] [--nameprefixes] [--rows] [-S SELECTION] [NAME...]`,
     text: `Show each device's state (every device without NAME). -c prints a report of the fields -o names
-(-o help lists them; -o +FIELD adds to the default ones). --json: one object per device, with its
-NBD URI, attached kernel device and geometry.
+(-o help lists them; -o +FIELD adds to the default ones). A table over NBD URIs adds Remote lines:
+each one's connection state. --json: one object per device, with its NBD URI, attached kernel
+device, geometry and remote devices.
   udmsetup info -c -o name,attr,open,devs_used`,
   },
   table: {

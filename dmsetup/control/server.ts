@@ -9,6 +9,7 @@ import { DmError } from "../../core/errors.js";
 import { peerCredentials, socketFd } from "../../core/sys/socket.js";
 import type { Logger } from "../../core/logger.js";
 import { GeometryStore, parseGeometry } from "./geometry.js";
+import { type RemoteDeviceInfo, remoteDevices } from "./remote-devices.js";
 import {
   type CreateStep,
   type Request,
@@ -316,9 +317,19 @@ export class ControlServer {
     }
   }
 
-  private info(name: string, inactive?: boolean): DeviceInfo & { nbdUri?: string; attached?: string } {
+  private info(
+    name: string,
+    inactive?: boolean,
+  ): DeviceInfo & { nbdUri?: string; attached?: string; remote?: RemoteDeviceInfo[] } {
     const info = this.dm.info(name, { inactive });
-    return { ...info, nbdUri: this.hooks.nbdUri?.(name), attached: this.hooks.attachedPath?.(name) };
+    // The NBD exports the table uses, with their connection state (absent when it uses none).
+    const remote = remoteDevices(this.dm.deps(name, { inactive }));
+    return {
+      ...info,
+      nbdUri: this.hooks.nbdUri?.(name),
+      attached: this.hooks.attachedPath?.(name),
+      ...(remote.length > 0 ? { remote } : {}),
+    };
   }
 
   private deps(

@@ -1,5 +1,6 @@
 /** `dmsetup info` (the long form). */
 import type { DeviceInfo } from "../../../core/device-mapper.js";
+import type { RemoteDeviceInfo } from "../../control/remote-devices.js";
 
 /** The kernel's default read-ahead for a new block device, in sectors. */
 export const DEFAULT_READ_AHEAD = 256;
@@ -11,7 +12,10 @@ export interface InfoLongOptions {
 }
 
 /** `dmsetup info`: one block per device, labels padded to column 19, always a blank line after. */
-export function formatInfoLong(info: DeviceInfo & { deferredRemove?: boolean }, opts: InfoLongOptions = {}): string {
+export function formatInfoLong(
+  info: DeviceInfo & { deferredRemove?: boolean; remote?: readonly RemoteDeviceInfo[] },
+  opts: InfoLongOptions = {},
+): string {
   const readAhead = opts.readAhead === undefined ? DEFAULT_READ_AHEAD : opts.readAhead;
   const tables = [info.livePresent && "LIVE", info.inactivePresent && "INACTIVE"].filter(Boolean).join(" & ");
   let s = `Name:              ${info.name}\n`;
@@ -27,5 +31,30 @@ export function formatInfoLong(info: DeviceInfo & { deferredRemove?: boolean }, 
   if (info.targetCount >= 0) s += `Number of targets: ${info.targetCount}\n`;
   // Not aligned with the other labels: dmsetup prints "UUID: %s".
   if (info.uuid) s += `UUID: ${info.uuid}\n`;
+  for (const r of info.remote ?? []) s += formatRemote(r);
   return `${s}\n`;
+}
+
+const REPLIES: Record<RemoteDeviceInfo["replies"], string> = {
+  extended: "extended headers",
+  structured: "structured replies",
+  simple: "simple replies",
+};
+
+/**
+ * udm's lines for each remote device the table uses (dmsetup has none: a kernel table names block
+ * devices), after dmsetup's, so scripts reading those are not disturbed; a table without remote
+ * devices prints exactly dmsetup's block.
+ */
+function formatRemote(r: RemoteDeviceInfo): string {
+  const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? "" : "s"}`;
+  const detail = [`${r.connected} of ${plural(r.connections, "connection")} up`, REPLIES[r.replies]];
+  if (r.attempt > 0) detail.unshift(`attempt ${r.attempt}`);
+  let s = `Remote device:     ${r.uri}\n`;
+  s += `Remote server:     ${r.server}\n`;
+  s += `Remote state:      ${r.state} (${detail.join(", ")})\n`;
+  s += `Remote I/O:        ${r.inFlight} in flight, ${r.queued} queued, ${r.unflushedBytes} bytes unflushed, `;
+  s += `${plural(r.reconnects, "reconnect")}\n`;
+  if (r.lastError) s += `Remote last error: ${r.lastError}\n`;
+  return s;
 }
