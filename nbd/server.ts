@@ -132,6 +132,20 @@ export class NbdServer {
   }
 
   /**
+   * Serve on a socket that is already listening, made by someone else (systemd's socket
+   * activation): a unix or a TCP one, descriptor `fd`, which the server takes over (close()
+   * closes it). Its socket file, if any, stays where it is: it is not the server's to remove.
+   * `tls` and `exports` as for listenUnix.
+   */
+  async listenFd(fd: number, opts: { tls?: NbdTlsMode; exports?: ExportProvider } = {}): Promise<void> {
+    this.assertOpen();
+    const tls = this.listenerTls(opts.tls);
+    const server = await listenOn(this.createServer(tls, opts.exports), (s, cb) => s.listen({ fd }, cb));
+    this.listeners.push(server);
+    this.settings.logger.info("nbd server listening", { fd, tls: tls.mode });
+  }
+
+  /**
    * Also listen on TCP; port 0 picks a free port. Resolves with the bound address. `tls`
    * overrides the server's TLS mode for this listener.
    */

@@ -81,6 +81,17 @@ export function dupFd(fd: number): number {
   return check(libc().fcntlInt(fd, F_DUPFD_CLOEXEC, 0) as number, "fcntl", "F_DUPFD_CLOEXEC");
 }
 
+const F_SETFD = 2;
+const FD_CLOEXEC = 1;
+
+/**
+ * Mark an inherited descriptor close-on-exec (systemd passes its sockets without the flag), so
+ * that the processes udmd starts do not inherit it; those Node opens have it already.
+ */
+export function setCloseOnExec(fd: number): void {
+  check(libc().fcntlInt(fd, F_SETFD, FD_CLOEXEC) as number, "fcntl", "F_SETFD");
+}
+
 const LOCK_EX = 2;
 const LOCK_NB = 4;
 const EWOULDBLOCK = 11;

@@ -25,6 +25,7 @@ export interface Libc {
   socket: LibcFunction;
   connect: LibcFunction;
   getsockopt: LibcFunction;
+  getsockname: LibcFunction;
   setsockopt: LibcFunction;
   read: LibcFunction;
   write: LibcFunction;
@@ -65,6 +66,7 @@ export function libc(): Libc {
     socket: lib.func("socket", "int", ["int", "int", "int"]),
     connect: lib.func("connect", "int", ["int", "void *", "uint32_t"]),
     getsockopt: lib.func("getsockopt", "int", ["int", "int", "int", "void *", "void *"]),
+    getsockname: lib.func("getsockname", "int", ["int", "void *", "void *"]),
     setsockopt: lib.func("setsockopt", "int", ["int", "int", "int", "void *", "uint32_t"]),
     read: lib.func("read", "long", ["int", "void *", "size_t"]),
     write: lib.func("write", "long", ["int", "void *", "size_t"]),

@@ -7,7 +7,8 @@
  * [--run CMD [--device NAME=TABLE_FILE]...] [--exit-with-parent]
  * [--no-inline-reads] [--no-write-plug] [--no-zero-copy]`
  *
- * The environment and the flags are read here, once, and passed down as options.
+ * The environment and the flags are read here, once, and passed down as options; that includes
+ * the sockets systemd passes with socket activation (LISTEN_FDS, daemon/listen-fds.ts).
  */
 import "../../core/node-version.js";
 import "reflect-metadata";
@@ -28,6 +29,7 @@ import {
   runCaptive,
 } from "../daemon/captive.js";
 import { AlreadyRunningError } from "../daemon/instance-lock.js";
+import { LISTEN_ENV, type PassedSocket, passedSocketsFromEnv } from "../daemon/listen-fds.js";
 import { defaultRunDir, runPaths } from "../daemon/run-dir.js";
 import { UDMD_OPTIONS, UDMD_USAGE } from "../daemon/udmd-options.js";
 
@@ -60,6 +62,17 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   if (values.run !== undefined && values.demo) {
     process.stderr.write("udmd: --run and --demo exclude each other\n");
     return 2;
+  }
+  // Socket activation: read once and removed, so that no process udmd starts takes the sockets
+  // for its own (as sd_listen_fds(3) with unset_environment).
+  let passedSockets: PassedSocket[];
+  try {
+    passedSockets = passedSocketsFromEnv(process.env, process.pid);
+  } catch (err) {
+    process.stderr.write(`udmd: socket activation: ${(err as Error).message}\n`);
+    return 1;
+  } finally {
+    for (const name of LISTEN_ENV) delete process.env[name];
   }
   // First, so that a parent that dies while udmd starts is noticed too.
   if (values["exit-with-parent"] && !exitWithParent(os.constants.signals.SIGTERM, process.ppid)) return 1;
@@ -96,6 +109,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     logFormat: logFormat as LogFormat,
     nbdListen: values["nbd-listen"] ?? config.nbdListen,
     ...nbd,
+    passedSockets,
     autoAttach: values["auto-attach"] ?? process.env.UDM_AUTO_ATTACH === "1",
     restore: !values["no-restore"],
     devDir: path.resolve(values["dev-dir"] ?? (process.env.UDM_DEV_DIR || "/dev/udm")),

@@ -72,11 +72,22 @@ export class ControlServer {
   }
 
   listen(path: string): Promise<void> {
+    return this.listenWith((cb) => this.server.listen(path, cb)).then(() => fs.chmodSync(path, 0o600));
+  }
+
+  /**
+   * Serve on a unix socket that already listens, made by someone else (systemd's socket
+   * activation). Its file and mode are its maker's: nothing here changes or removes them.
+   */
+  listenFd(fd: number): Promise<void> {
+    return this.listenWith((cb) => this.server.listen({ fd }, cb));
+  }
+
+  private listenWith(start: (cb: () => void) => void): Promise<void> {
     return new Promise((resolve, reject) => {
       this.server.once("error", reject);
-      this.server.listen(path, () => {
+      start(() => {
         this.server.off("error", reject);
-        fs.chmodSync(path, 0o600);
         resolve();
       });
     });

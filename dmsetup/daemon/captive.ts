@@ -33,7 +33,7 @@ export function parseCaptiveDevice(text: string): CaptiveDevice {
  * would (so auto-attach and the device state see them); a failure removes the ones made before it.
  */
 export async function createCaptiveDevices(daemon: Daemon, devices: CaptiveDevice[]): Promise<void> {
-  const client = await ControlClient.connect(daemon.opts.paths.control);
+  const client = await ControlClient.connect(daemon.controlSocket);
   const made: string[] = [];
   try {
     for (const d of devices) {
@@ -56,7 +56,7 @@ export async function createCaptiveDevices(daemon: Daemon, devices: CaptiveDevic
 
 /** The environment CMD runs with. */
 export function captiveEnv(daemon: Daemon, devices: CaptiveDevice[]): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, socket: daemon.opts.paths.nbd, UDM_RUN_DIR: daemon.opts.paths.dir };
+  const env: NodeJS.ProcessEnv = { ...process.env, socket: daemon.nbdSocket, UDM_RUN_DIR: daemon.opts.paths.dir };
   if (devices[0]) env.uri = daemon.nbdUri(devices[0].name);
   for (const d of devices) if (/^[A-Za-z_][A-Za-z0-9_]*$/.test(d.name)) env[`uri_${d.name}`] = daemon.nbdUri(d.name);
   return env;

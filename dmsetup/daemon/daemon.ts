@@ -3,6 +3,7 @@
  * exports every device over NBD. One process per run directory.
  */
 import fs from "node:fs";
+import path from "node:path";
 import { createDeviceMapper } from "../../index.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
 import type { IoOptions } from "../../core/devices/block-device.js";
@@ -13,7 +14,9 @@ import { Attacher } from "../attach/attacher.js";
 import { ControlServer, type DaemonHooks } from "../control/server.js";
 import { NbdServer, type NbdTlsOptions } from "../../nbd/server.js";
 import { acquireInstanceLock } from "./instance-lock.js";
+import type { PassedSocket } from "./listen-fds.js";
 import { checkListenAddress, parseListen } from "./nbd-listen.js";
+import { type AssignedSockets, assignPassedSockets } from "./passed-sockets.js";
 import { captureState, restoreDevices, StateFile } from "./device-state.js";
 import { ensureRunDir, type RunPaths } from "./run-dir.js";
 
@@ -53,6 +56,12 @@ export interface DaemonOptions {
    * a daemon that stops cleanly removes its devices and their record). Default true.
    */
   restore?: boolean;
+  /**
+   * Listening sockets a service manager made (systemd socket activation; udmd's command line reads
+   * them from LISTEN_FDS, listen-fds.ts). udmd serves on them instead of making its own control
+   * and NBD sockets, and leaves their files alone; passed-sockets.ts says which is which.
+   */
+  passedSockets?: PassedSocket[];
   /** Extra hooks (attach/detach) provided by the attach module. */
   hooks?: (daemon: Daemon) => Partial<DaemonHooks>;
 }
@@ -67,6 +76,8 @@ export class Daemon {
   private stateFile!: StateFile;
   private stopping: Promise<void> | null = null;
   tcpAddress: { host: string; port: number } | null = null;
+  /** The sockets the service manager passed, by use (none passed: all empty). */
+  private passed: AssignedSockets = { control: null, nbdUnix: [], nbdTcp: [], nbdListenPassed: false };
 
   constructor(readonly opts: DaemonOptions) {
     const format = opts.logFormat ?? "json";
@@ -84,12 +95,18 @@ export class Daemon {
       const names = await this.dm.loadPlugin(plugin);
       this.logger.info("plugin loaded", { plugin, targets: names });
     }
-    // Refused before anything is taken or listens: a plaintext export off this machine.
+    // Refused before anything is taken or listens: a plaintext export off this machine, a passed
+    // socket udmd cannot serve or cannot tell the use of.
     const tls = this.opts.tls ?? { mode: "off" };
     const tcp = this.opts.nbdListen ? parseListen(this.opts.nbdListen) : null;
-    if (tcp) await checkListenAddress(this.opts.nbdListen!, tcp, tls.mode);
+    if (tcp) await checkListenAddress(`--nbd-listen ${this.opts.nbdListen}`, tcp, tls.mode);
+    const passed = assignPassedSockets(this.opts.passedSockets ?? [], { control: paths.control, nbd: paths.nbd, tcp });
+    for (const listener of passed.nbdTcp) await checkListenAddress(listener.label, listener, tls.mode);
+    this.passed = passed;
     ensureRunDir(paths.dir);
-    this.unlock = acquireInstanceLock(paths, [paths.control, paths.nbd, paths.attachNbd]);
+    // The service manager's socket files are not leftovers: it keeps them across our restarts.
+    const ours = (file: string) => !this.passedFiles().includes(file);
+    this.unlock = acquireInstanceLock(paths, [paths.control, paths.nbd, paths.attachNbd].filter(ours));
     try {
       this.nbd = new NbdServer(
         { list: () => this.dm.list(), get: (name) => (this.dm.has(name) ? this.dm.device(name) : undefined) },
@@ -102,11 +119,16 @@ export class Daemon {
           maxConnectionsPerClient: this.opts.nbdMaxClientConnections,
         },
       );
-      await this.nbd.listenUnix(paths.nbd, { tls: tls.mode === "off" ? "off" : "on" });
+      const unixTls = tls.mode === "off" ? "off" : "on";
+      for (const listener of passed.nbdUnix) await this.nbd.listenFd(listener.fd, { tls: unixTls });
+      if (passed.nbdUnix.length === 0) await this.nbd.listenUnix(paths.nbd, { tls: unixTls });
       // Attach's own clients (nbdfuse, kernel nbd) connect here: not opens of the device.
       await this.nbd.listenUnix(paths.attachNbd, { tls: "off", exports: attachExports(this.dm) });
-      if (tcp) this.tcpAddress = await this.nbd.listenTcp({ ...tcp, tls: tls.mode });
-      if (tcp && tls.mode !== "require") {
+      for (const listener of passed.nbdTcp) await this.nbd.listenFd(listener.fd, { tls: tls.mode });
+      // A passed socket on the --nbd-listen address is that listener, already bound.
+      if (tcp && !passed.nbdListenPassed) this.tcpAddress = await this.nbd.listenTcp({ ...tcp, tls: tls.mode });
+      else if (passed.nbdTcp[0]) this.tcpAddress = { host: passed.nbdTcp[0].host, port: passed.nbdTcp[0].port };
+      if ((tcp || passed.nbdTcp.length > 0) && tls.mode !== "require") {
         // Loopback is not private: every local user can connect to it (docs/security.md).
         this.logger.warn("nbd: TCP listener without --tls=require: every local user can read and write every device");
       }
@@ -140,19 +162,22 @@ export class Daemon {
       this.stateFile = new StateFile(paths.state);
       await this.restoreState();
       this.control = new ControlServer(this.dm, this.logger, hooks);
-      await this.control.listen(paths.control);
+      if (passed.control) await this.control.listenFd(passed.control.fd);
+      else await this.control.listen(paths.control);
     } catch (err) {
       await this.nbd?.close().catch(() => undefined);
       this.unlock();
       this.unlock = null;
       throw err;
     }
+    this.warnAboutPassedSockets();
     const limits = this.nbd.connectionLimits;
     this.logger.info("udmd started", {
       runDir: paths.dir,
       pid: process.pid,
-      nbd: paths.nbd,
+      nbd: this.nbdSocket,
       tcp: this.tcpAddress,
+      ...(this.opts.passedSockets?.length ? { passedSockets: this.passedDescription() } : {}),
       tls: tls.mode,
       nbdMaxConnections: limits.total,
       nbdMaxClientConnections: limits.perClient,
@@ -195,8 +220,57 @@ export class Daemon {
     }
   }
 
+  /** The unix socket NBD clients connect to: the first one passed for NBD, else RUN_DIR/nbd.sock. */
+  get nbdSocket(): string {
+    return this.passed.nbdUnix[0]?.path ?? this.opts.paths.nbd;
+  }
+
+  /** The control socket: the one passed, else RUN_DIR/control. */
+  get controlSocket(): string {
+    return this.passed.control?.path ?? this.opts.paths.control;
+  }
+
+  /** The socket files of the passed sockets (abstract addresses have none). */
+  private passedFiles(): string[] {
+    const { control, nbdUnix } = this.passed;
+    return [...(control ? [control] : []), ...nbdUnix].map((l) => l.path).filter((p) => !p.startsWith("@"));
+  }
+
+  /** What a socket unit may have got wrong that still lets udmd serve. */
+  private warnAboutPassedSockets(): void {
+    const { control, nbdUnix } = this.passed;
+    if (control && path.resolve(control.path) !== path.resolve(this.opts.paths.control)) {
+      // udmsetup finds the daemon by its run directory.
+      this.logger.warn("control socket passed outside the run directory: udmsetup looks for its own", {
+        socket: control.path,
+        udmsetup: this.opts.paths.control,
+      });
+    }
+    for (const { path: file } of nbdUnix) {
+      // Connecting needs write permission on the file; the NBD socket checks nobody's credentials.
+      const mode = fs.statSync(file, { throwIfNoEntry: false })?.mode;
+      if (mode !== undefined && (mode & 0o022) !== 0) {
+        this.logger.warn("nbd: passed socket is writable by others: they can read and write every device", {
+          socket: file,
+          mode: (mode & 0o777).toString(8).padStart(4, "0"),
+          fix: "SocketMode=0600",
+        });
+      }
+    }
+  }
+
+  /** For the log: which passed socket serves what. */
+  private passedDescription(): string[] {
+    const { control, nbdUnix, nbdTcp } = this.passed;
+    return [
+      ...(control ? [`control: fd ${control.fd} ${control.path}`] : []),
+      ...nbdUnix.map((l) => `nbd: fd ${l.fd} ${l.path}`),
+      ...nbdTcp.map((l) => `nbd: ${l.label}`),
+    ];
+  }
+
   nbdUri(name: string): string {
-    const q = `socket=${this.opts.paths.nbd}`;
+    const q = `socket=${this.nbdSocket}`;
     return `nbd+unix:///${encodeURIComponent(name)}?${q}`;
   }
 
@@ -223,7 +297,10 @@ export class Daemon {
       await this.dm.close();
       // The devices were removed on purpose: nothing for a next daemon to restore.
       this.stateFile?.remove();
-      for (const f of [this.opts.paths.control, this.opts.paths.nbd]) fs.rmSync(f, { force: true });
+      // Only the files this daemon made: a passed socket's file belongs to the service manager.
+      for (const f of [this.opts.paths.control, this.opts.paths.nbd]) {
+        if (!this.passedFiles().includes(f)) fs.rmSync(f, { force: true });
+      }
       this.unlock?.();
       this.logger.info("udmd stopped");
     })();

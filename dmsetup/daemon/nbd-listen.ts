@@ -32,14 +32,15 @@ export function isLoopbackAddress(address: string): boolean {
 
 /**
  * Refuse to serve `addr` in plaintext unless every address it names is a loopback one. A host
- * name counts as loopback only if all of its addresses are.
+ * name counts as loopback only if all of its addresses are. `what` names the listener in the
+ * error (`--nbd-listen SPEC`, or a socket systemd passed).
  */
-export async function checkListenAddress(spec: string, addr: ListenAddress, tls: NbdTlsMode): Promise<void> {
+export async function checkListenAddress(what: string, addr: ListenAddress, tls: NbdTlsMode): Promise<void> {
   if (tls === "require") return;
   const addresses = net.isIP(addr.host) ? [addr.host] : await resolveAll(addr.host);
   if (addresses.length > 0 && addresses.every(isLoopbackAddress)) return;
   throw new Error(
-    `--nbd-listen ${spec}: ${addr.host} is not a loopback address; serving NBD there needs --tls=require ` +
+    `${what}: ${addr.host} is not a loopback address; serving NBD there needs --tls=require ` +
       "(with --tls-certificates DIR or --tls-psk FILE), or anyone who can reach the port could read and write " +
       "every device",
   );

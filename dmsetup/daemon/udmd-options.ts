@@ -39,6 +39,10 @@ export const UDMD_USAGE = `Usage: udmd [options]
                          CMD's exit status
   --device NAME=FILE     with --run: create device NAME from the table in FILE; repeatable
   --exit-with-parent     stop (as on SIGTERM) when the process that started udmd exits
+Socket activation: started by systemd with LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES, udmd serves on
+  the sockets passed instead of making its own: FileDescriptorName=control or nbd says which is which
+  (unset: a socket at RUN_DIR/control, RUN_DIR/nbd.sock or the --nbd-listen address is that one).
+  Their files stay at stop. See docs/cli.md, "Socket activation".
 Tuning (defaults are best; these exist for comparisons, see bench/run.ts):
   --no-inline-reads      read every page-cache hit through libuv's thread pool, not in the event loop
   --no-write-plug        issue every small buffered write on its own, never merged per event-loop turn
