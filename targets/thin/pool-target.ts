@@ -157,6 +157,7 @@ export class ThinPoolTarget extends Target {
     this.pool.stopWaker();
     await this.pool.services.worker.flush();
     await this.pool.commit().catch(() => {});
+    await this.pool.commitsDone();
   }
 
   /**
@@ -165,6 +166,7 @@ export class ThinPoolTarget extends Target {
    */
   override async preresume(): Promise<void> {
     const pool = this.pool;
+    await pool.commitsDone();
     pool.control = this.table;
     pool.controlLen = this.len;
     pool.features = { ...this.requested };

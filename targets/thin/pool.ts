@@ -76,6 +76,13 @@ export class Pool {
   private commitChain: Promise<void> = Promise.resolve();
   private pendingCommit: Promise<void> | null = null;
   private waker: { cancel(): void } | null = null;
+  /** Data blocks allocated whose mapping is not inserted yet (nor the block given back). */
+  private unsettled = 0;
+  /**
+   * Out of metadata space, the metadata is made read-only once the blocks allocated before are
+   * mapped and committed (the reserve is for them), so no block is left allocated and unmapped.
+   */
+  private sealing = false;
 
   constructor(
     readonly name: string,
@@ -104,7 +111,9 @@ export class Pool {
     }
     if (old === mode) return;
     this.mode = mode;
-    if (isReadOnlyMode(mode) || mode === "fail") this.pmd.setReadOnly();
+    this.sealing = false;
+    if (mode === "out-of-metadata-space") this.sealWhenSettled();
+    else if (isReadOnlyMode(mode) || mode === "fail") this.pmd.setReadOnly();
     else this.pmd.setReadWrite();
     if (mode === "out-of-data-space" && !this.features.errorIfNoSpace) this.startNoSpaceTimer();
     else this.cancelNoSpaceTimer();
@@ -148,6 +157,48 @@ export class Pool {
     }
   }
 
+  /**
+   * check_for_metadata_space: no free metadata block left but the reserve, the pool goes to
+   * out-of-metadata-space mode: read-only (status `ro`), its last changes committed from the
+   * reserve, so nothing it acknowledged is lost and no repair is needed. Growing the metadata
+   * device and resuming the pool brings it back to write mode.
+   */
+  checkMetadataSpace(): void {
+    if (this.pmd.freeMetadataBlocks() > 0 || isReadOnlyMode(this.mode) || this.mode === "fail") return;
+    this.services.logger.error(`${this.name}: No free metadata blocks`);
+    this.setMode("out-of-metadata-space");
+  }
+
+  private sealWhenSettled(): void {
+    this.sealing = true;
+    if (this.unsettled === 0) this.seal();
+  }
+
+  /** The last commit before the metadata goes read-only. */
+  private seal(): void {
+    this.commit()
+      .then(() => {
+        if (this.sealing && this.mode === "out-of-metadata-space") this.pmd.setReadOnly();
+      })
+      .catch(() => {})
+      .finally(() => (this.sealing = false));
+  }
+
+  /**
+   * A block from allocDataBlock is mapped now, or was given back. If that took the last free
+   * metadata block, the pool commits while the reserve is whole (and is then out of metadata
+   * space), as alloc_data_block does after an allocation.
+   */
+  settleDataBlock(): void {
+    if (--this.unsettled === 0 && this.sealing) this.seal();
+    else if (this.mode === "write") this.commitIfMetadataFull();
+  }
+
+  /** After a change: no free metadata block but the reserve left, commit (and check the space). */
+  commitIfMetadataFull(): void {
+    if (this.pmd.freeMetadataBlocks() === 0) this.commit().catch(() => {});
+  }
+
   // ---- suspend and resume ----
 
   /**
@@ -187,14 +238,27 @@ export class Pool {
   }
 
   private async commitNow(): Promise<void> {
-    if (this.worseThan("out-of-data-space")) throw new PersistentDataError("pool is read-only", "EINVAL");
+    // Out of metadata space, the commits before the metadata is sealed still go ahead.
+    if (this.worseThan("out-of-data-space") && !(this.mode === "out-of-metadata-space" && !this.pmd.readOnly)) {
+      throw new PersistentDataError("pool is read-only", "EINVAL");
+    }
     try {
       await this.pmd.commit();
     } catch (err) {
       await this.metadataFailed("dm_pool_commit_metadata", err);
       throw err;
     }
+    this.checkMetadataSpace();
     this.checkDataSpace();
+  }
+
+  /** Resolves once no commit is running or queued (a seal's commit, queued by a commit, included). */
+  async commitsDone(): Promise<void> {
+    let chain: Promise<void>;
+    do {
+      chain = this.commitChain;
+      await chain;
+    } while (chain !== this.commitChain);
   }
 
   /** do_waker: commit what changed at least every COMMIT_PERIOD_MS while the pool runs. */
@@ -217,21 +281,31 @@ export class Pool {
   // ---- data space ----
 
   /**
-   * alloc_data_block: a new data block, or "ENOSPC" (the pool is then out of data space). Crossing
-   * the low water mark raises the pool's event once per resume.
+   * alloc_data_block: a new data block; "ENOSPC" when the pool is out of data space (its mode is
+   * then out-of-data-space), "EIO" when it is out of metadata space (read-only now). Crossing the
+   * low water mark raises the pool's event once per resume. The caller settles the block
+   * (settleDataBlock) once it is mapped or given back.
    */
-  async allocDataBlock(): Promise<number | "ENOSPC"> {
+  async allocDataBlock(): Promise<number | "ENOSPC" | "EIO"> {
+    // Only the reserve left: commit, and the pool is out of metadata space.
+    if (this.pmd.freeMetadataBlocks() === 0) {
+      await this.commit().catch(() => {});
+      this.checkMetadataSpace();
+      if (this.mode !== "write") return "EIO";
+    }
     let b: number;
     try {
       b = await this.pmd.allocDataBlock();
     } catch (err) {
-      if (err instanceof PersistentDataError && err.errno === "ENOSPC") {
+      // The data space map's own ENOSPC; one from the metadata space map is a metadata failure.
+      if (err instanceof PersistentDataError && err.errno === "ENOSPC" && this.pmd.freeDataBlocks() === 0) {
         this.setMode("out-of-data-space");
         return "ENOSPC";
       }
       await this.metadataFailed("dm_pool_alloc_data_block", err);
       throw err;
     }
+    this.unsettled++;
     if (!this.lowWaterTriggered && this.pmd.freeDataBlocks() <= this.lowWaterBlocks) {
       this.lowWaterTriggered = true;
       this.services.logger.warn(`${this.name}: reached low water mark for data device: sending event.`);

@@ -281,11 +281,15 @@ export class ThinWorker {
       this.unserviceable(cell);
       return undefined;
     }
-    let b: number | "ENOSPC";
+    let b: number | "ENOSPC" | "EIO";
     try {
       b = await this.pool.allocDataBlock();
     } catch {
       this.errorCell(cell, "EIO");
+      return undefined;
+    }
+    if (b === "EIO") {
+      this.unserviceable(cell);
       return undefined;
     }
     if (b !== "ENOSPC") return b;
@@ -381,6 +385,8 @@ export class ThinWorker {
     } catch (err) {
       await this.metadataFailed("dm_thin_insert_block", err, cell);
       return false;
+    } finally {
+      this.pool.settleDataBlock();
     }
     if (this.highest === undefined || block > this.highest) this.highest = block;
     return true;
@@ -389,6 +395,7 @@ export class ThinWorker {
   /** The data I/O for a new block failed: the block goes back, the bios fail. */
   private async dataFailed(cell: Cell, b: number, status: BioStatus = "EIO"): Promise<void> {
     await this.pool.pmd.decDataRange(b, b + 1).catch(() => {});
+    this.pool.settleDataBlock();
     this.errorCell(cell, status);
   }
 
@@ -424,7 +431,11 @@ export class ThinWorker {
         runs.push({ begin: r.thinBegin, end: r.thinEnd, pool: r.poolBegin });
         v = r.thinEnd;
       }
-      if (runs.length > 0) await this.td.removeRange(begin, end);
+      if (runs.length > 0) {
+        await this.td.removeRange(begin, end);
+        // Unmapping blocks of a shared tree copies its nodes: it can use metadata up too.
+        this.pool.commitIfMetadataFull();
+      }
       if (this.highest !== undefined && this.highest >= begin && this.highest < end) await this.refreshHighest();
     } catch (err) {
       return this.metadataFailed("dm_thin_remove_range", err, virt.cell);

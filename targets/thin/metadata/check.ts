@@ -81,8 +81,15 @@ export async function checkPoolMetadata(device: BlockDevice): Promise<CheckRepor
       const max = maxEntries(n);
       if (max % 3 !== 0) errors.push(`${what}: node ${b}: max entries ${max} is not divisible by 3`);
       if (!isRoot && nr < Math.floor(max / 3)) errors.push(`${what}: node ${b}: too few entries (${nr} of ${max})`);
-      if (isLeaf(n) && valueSize(n) !== size)
+      if (nr > max) {
+        errors.push(`${what}: node ${b}: ${nr} entries, room for ${max}`);
+        return;
+      }
+      if (isLeaf(n) && valueSize(n) !== size) {
+        // Its values cannot be read as this tree's (a block of another tree, after a torn commit).
         errors.push(`${what}: leaf ${b}: value size ${valueSize(n)}, not ${size}`);
+        return;
+      }
       for (let i = 0; i < nr; i++) {
         const k = keyAt(n, i);
         if (k < lo || k >= hi) errors.push(`${what}: node ${b}: key ${k} outside [${lo}, ${hi})`);
