@@ -84,18 +84,18 @@ describe.skipIf(missing.length > 0)("udmsetup info of a device over an nbdkit ex
     const deps = await ok("deps", "r");
     expect(deps).toBe(`1 dependencies\t: (${uri})\n`);
 
+    const c = await WireClient.connect(path.join(env.dir, "nbd.sock"), "r");
+    clients.push(c);
     await nbdkit.kill("SIGKILL");
     const first = await infoWhen("r", /Remote state: {6}reconnecting \(attempt (\d+), 0 of 2 connections up/);
     expect(first.text).toMatch(/^Remote last error: \S/m);
-    // The attempts count up while nbdkit is away (backoff 50 ms doubling).
-    const attempt = Number(first.match[1]);
-    const next = await infoWhen("r", new RegExp(`reconnecting \\(attempt (?!${attempt}\\b)(\\d+),`));
-    expect(Number(next.match[1])).toBeGreaterThan(attempt);
-    // A read arriving now waits for a connection: it shows as queued.
-    const c = await WireClient.connect(path.join(env.dir, "nbd.sock"), "r");
-    clients.push(c);
+    // A read arriving now waits for a connection (for up to x-udm-timeout): it shows as queued.
     const waiting = c.read(0, 4096);
     await infoWhen("r", /^Remote I\/O: {8}0 in flight, 1 queued, 0 bytes unflushed, 0 reconnects$/m);
+    // The attempts count up while nbdkit is away (backoff 50 ms doubling to 2 s), failed or not.
+    const attempt = Number(first.match[1]);
+    const next = await infoWhen("r", new RegExp(`(?:reconnecting|failed) \\(attempt (?!${attempt}\\b)(\\d+),`));
+    expect(Number(next.match[1])).toBeGreaterThan(attempt);
     // No connection for longer than x-udm-timeout: failed, and the read with it.
     await infoWhen("r", /^Remote state: {6}failed \(attempt \d+, 0 of 2 connections up/m);
     expect((await waiting).error).toBe(5); // EIO
