@@ -2,13 +2,15 @@
  * `npm run crash -- [--ops N] [--seed S] [options]`: the crash-consistency runner (./runner.ts).
  * Prints the seed first, and last "crash points checked: X, failures: Y (seed S, ops N)" (the seed
  * again, so a figure quoted from that line can be reproduced); exits 1 on failures, 2 on bad
- * arguments.
+ * arguments. `--target thin` runs the thin-pool runner instead (testing/thin-crash/cli.ts).
  */
 import crypto from "node:crypto";
 import { type ParseArgsConfig, parseArgs } from "node:util";
 import { type CrashRunOptions, type CrashRunReport, runCrashHarness } from "../../testing/crash/runner.js";
+import { thinCrashMain } from "../../testing/thin-crash/cli.js";
 
 const USAGE = `Usage: npm run crash -- [options]
+  --target T           snapshot (default) or thin (its options: npm run crash -- --target thin --help)
   --ops N              workload operations (default 400)
   --seed S             seed (default: random, printed)
   --origin-sectors N   origin size in 512-byte sectors (default 2048)
@@ -26,6 +28,7 @@ const USAGE = `Usage: npm run crash -- [options]
 `;
 
 const OPTIONS = {
+  target: { type: "string" },
   ops: { type: "string" },
   seed: { type: "string" },
   "origin-sectors": { type: "string" },
@@ -61,6 +64,9 @@ function parseCommand(argv: string[]): Command | null {
   }
   const { values, tokens } = parsed;
   if (values.help) return null;
+  if (values.target !== undefined && values.target !== "snapshot") {
+    throw new UsageError(`--target: snapshot or thin, not ${values.target}`);
+  }
   const options: CrashRunOptions = {
     ops: integer("ops", values.ops) ?? 400,
     seed: (integer("seed", values.seed) ?? crypto.randomBytes(4).readUInt32LE(0)) >>> 0,
@@ -102,6 +108,8 @@ function probability(name: string, text: string | undefined): number | undefined
 }
 
 export async function main(argv: string[]): Promise<number> {
+  const target = argv.indexOf("--target");
+  if (target >= 0 && argv[target + 1] === "thin") return thinCrashMain(argv.toSpliced(target, 2));
   let command: Command | null;
   try {
     command = parseCommand(argv);

@@ -4,6 +4,7 @@
  * from those the device a crash at that moment leaves (crashImage).
  */
 import { Bio, SECTOR_SIZE, submitAndWait } from "../../core/bio.js";
+import { LOG_DISCARD_FLAG } from "../../targets/log-writes/format.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { MemoryDevice } from "../../core/devices/memory-device.js";
 import { OverlayDevice } from "./devices.js";
@@ -103,11 +104,14 @@ async function applyEntry(
   setStamp: (sector: number) => void,
 ): Promise<void> {
   const entry = mapped.entry;
-  if (mapped.kind === "flush" || mapped.kind === "mark" || !entry.data || entry.nrSectors === 0) return;
+  if (mapped.kind === "flush" || mapped.kind === "mark" || entry.nrSectors === 0) return;
+  // A discard leaves zeros on the runner's RAM disks (a MemoryDevice gives the pages back).
+  const written = entry.flags & LOG_DISCARD_FLAG ? Buffer.alloc(entry.nrSectors * SECTOR_SIZE) : entry.data;
+  if (!written) return;
   let runStart = -1;
   const writeRun = async (end: number) => {
     if (runStart < 0) return;
-    const data = entry.data!.subarray((runStart - entry.sector) * SECTOR_SIZE, (end - entry.sector) * SECTOR_SIZE);
+    const data = written.subarray((runStart - entry.sector) * SECTOR_SIZE, (end - entry.sector) * SECTOR_SIZE);
     await submitAndWait(device, new Bio("write", runStart, end - runStart, data, 0, null));
     runStart = -1;
   };
