@@ -282,9 +282,8 @@ export class Pool {
 
   /**
    * alloc_data_block: a new data block; "ENOSPC" when the pool is out of data space (its mode is
-   * then out-of-data-space), "EIO" when it is out of metadata space (read-only now). Crossing the
-   * low water mark raises the pool's event once per resume. The caller settles the block
-   * (settleDataBlock) once it is mapped or given back.
+   * then out-of-data-space), "EIO" when it is out of metadata space (read-only now). The caller
+   * settles the block (settleDataBlock) once it is mapped or given back.
    */
   async allocDataBlock(): Promise<number | "ENOSPC" | "EIO"> {
     // Only the reserve left: commit, and the pool is out of metadata space.
@@ -293,6 +292,8 @@ export class Pool {
       this.checkMetadataSpace();
       if (this.mode !== "write") return "EIO";
     }
+    // The kernel counts the free blocks before it allocates.
+    this.checkLowWaterMark();
     let b: number;
     try {
       b = await this.pmd.allocDataBlock();
@@ -306,12 +307,19 @@ export class Pool {
       throw err;
     }
     this.unsettled++;
-    if (!this.lowWaterTriggered && this.pmd.freeDataBlocks() <= this.lowWaterBlocks) {
-      this.lowWaterTriggered = true;
-      this.services.logger.warn(`${this.name}: reached low water mark for data device: sending event.`);
-      this.event();
-    }
     return b;
+  }
+
+  /**
+   * check_low_water_mark: the first allocation that finds no more free data blocks than the low
+   * water mark raises the pool's event (dm_table_event: the pool device's event number goes up,
+   * `udmsetup wait` returns); once until the pool is resumed again.
+   */
+  private checkLowWaterMark(): void {
+    if (this.lowWaterTriggered || this.pmd.freeDataBlocks() > this.lowWaterBlocks) return;
+    this.lowWaterTriggered = true;
+    this.services.logger.warn(`${this.name}: reached low water mark for data device: sending event.`);
+    this.event();
   }
 
   /**

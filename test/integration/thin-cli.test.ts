@@ -3,7 +3,8 @@
  * qemu-io doing I/O over NBD. `udmsetup targets` lists thin-pool and thin with the kernel's
  * version; a pool is created on a metadata file and a data file, `udmsetup message` creates a thin
  * volume and a snapshot of it (the origin suspended around it, as with the kernel), writes and
- * reads go through both, `udmsetup status` prints the kernel's lines, and after everything is
+ * reads go through both, `udmsetup status` prints the kernel's lines, crossing the low water mark
+ * raises one event (`udmsetup wait` returns, `info` counts it), and after everything is
  * removed the metadata file passes thin_check and thin_dump shows the mappings.
  *
  * Tests whose tool is missing are skipped with a printed reason, unless UDM_REQUIRE_ROOT_TESTS=1
@@ -38,8 +39,9 @@ describe.skipIf(missing.length > 0)("thin pools through udmd, udmsetup and NBD",
   it("creates a pool, a thin volume and a snapshot by messages; I/O and status lines; everything removed; thin_check passes", async () => {
     const meta = makeFile(path.join(env.files, "meta.img"), 4 * MiB); // 1024 metadata blocks
     const data = makeFile(path.join(env.files, "data.img"), 64 * MiB); // 1024 data blocks of 64 KiB
-    await ok("create", "pool", "--table", `0 131072 thin-pool ${meta} ${data} 128 16`);
-    expect(await ok("table", "pool")).toBe(`0 131072 thin-pool ${meta} ${data} 128 16 0 \n`);
+    // Low water mark 1010 blocks: the 15th allocation finds 1010 free and raises the event.
+    await ok("create", "pool", "--table", `0 131072 thin-pool ${meta} ${data} 128 1010`);
+    expect(await ok("table", "pool")).toBe(`0 131072 thin-pool ${meta} ${data} 128 1010 0 \n`);
     // The metadata low water mark: a quarter of 1024 blocks.
     expect(await ok("status", "pool")).toMatch(
       /^0 131072 thin-pool 0 \d+\/1024 0\/1024 - rw discard_passdown queue_if_no_space - 256 \n$/,
@@ -49,7 +51,12 @@ describe.skipIf(missing.length > 0)("thin pools through udmd, udmsetup and NBD",
     // A volume larger than the pool: 100 MiB over 64 MiB of data.
     await ok("create", "vol", "--table", "0 204800 thin /dev/mapper/pool 1");
     expect(await ok("status", "vol")).toBe("0 204800 thin 0 -\n");
+    expect(await ok("info", "pool")).toMatch(/^Event number: +0$/m);
+    // udmsetup wait returns once the pool's event number moves past 0.
+    const waiting = ok("wait", "pool", "0");
     expect(await qemuIo("vol", "write -P 0xab 0 1M")).toMatch(/wrote 1048576\/1048576 bytes/);
+    await waiting;
+    expect(await ok("info", "pool")).toMatch(/^Event number: +1$/m);
     expect(await ok("status", "vol")).toBe("0 204800 thin 2048 2047\n");
     expect(await ok("status", "pool")).toMatch(/ 16\/1024 - rw /);
 
