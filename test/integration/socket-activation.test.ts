@@ -157,6 +157,37 @@ describe.skipIf(skipReason !== null)("udmd on sockets passed by a service manage
     expect(fs.readdirSync(runDir).sort()).toEqual(["control", "nbd.sock"]);
   }, 60_000);
 
+  it("warns about a passed NBD socket file others may connect to, and a control socket udmsetup will not find", async () => {
+    const controlPath = path.join(files, "control");
+    const nbdPath = path.join(files, "open.sock");
+    const sockets: PassedFd[] = [
+      { fd: keep(unixSocketFd(controlPath)), name: "control" },
+      { fd: keep(unixSocketFd(nbdPath)), name: "nbd" },
+    ];
+    fs.chmodSync(nbdPath, 0o666);
+    const daemon = await startActivated(sockets, ["--run-dir", runDir]);
+    procs.push(daemon.proc);
+    const warnings = daemon
+      .stderr()
+      .split("\n")
+      .filter((l) => l.includes('"level":"warn"'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(warnings).toEqual([
+      expect.objectContaining({
+        msg: "control socket passed outside the run directory: udmsetup looks for its own",
+        socket: controlPath,
+        udmsetup: path.join(runDir, "control"),
+      }),
+      expect.objectContaining({
+        msg: "nbd: passed socket is writable by others: they can read and write every device",
+        socket: nbdPath,
+        mode: "0666",
+      }),
+    ]);
+    daemon.proc.kill("SIGTERM");
+    expect(await daemon.exit).toBe(0);
+  }, 60_000);
+
   it("refuses a descriptor that is not a listening socket, and a name it does not know, before taking anything", async () => {
     const file = path.join(files, "not-a-socket");
     fs.writeFileSync(file, "");

@@ -35,6 +35,7 @@ const DEBIAN_PACKAGES: Record<string, string> = {
   strace: "strace",
   "mkfs.xfs": "xfsprogs",
   xfs_repair: "xfsprogs",
+  "systemd-socket-activate": "systemd",
 };
 
 /** Why `tools` cannot be run here (which are missing, and the Debian packages that have them), or null. */
