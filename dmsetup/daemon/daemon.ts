@@ -16,7 +16,7 @@ import { NbdServer, type NbdTlsOptions } from "../../nbd/server.js";
 import { acquireInstanceLock } from "./instance-lock.js";
 import type { PassedSocket } from "./listen-fds.js";
 import { checkListenAddress, parseListen } from "./nbd-listen.js";
-import { type AssignedSockets, assignPassedSockets } from "./passed-sockets.js";
+import { type AssignedSockets, assignPassedSockets, type UnixListener } from "./passed-sockets.js";
 import { captureState, restoreDevices, StateFile } from "./device-state.js";
 import { ensureRunDir, type RunPaths } from "./run-dir.js";
 
@@ -121,7 +121,8 @@ export class Daemon {
       );
       const unixTls = tls.mode === "off" ? "off" : "on";
       for (const listener of passed.nbdUnix) await this.nbd.listenFd(listener.fd, { tls: unixTls });
-      if (passed.nbdUnix.length === 0) await this.nbd.listenUnix(paths.nbd, { tls: unixTls });
+      // Clients need a path for their URIs: an abstract socket (@name) has none.
+      if (!passed.nbdUnix.some(hasFile)) await this.nbd.listenUnix(paths.nbd, { tls: unixTls });
       // Attach's own clients (nbdfuse, kernel nbd) connect here: not opens of the device.
       await this.nbd.listenUnix(paths.attachNbd, { tls: "off", exports: attachExports(this.dm) });
       for (const listener of passed.nbdTcp) await this.nbd.listenFd(listener.fd, { tls: tls.mode });
@@ -220,9 +221,12 @@ export class Daemon {
     }
   }
 
-  /** The unix socket NBD clients connect to: the first one passed for NBD, else RUN_DIR/nbd.sock. */
+  /**
+   * The unix socket NBD clients connect to: the first one passed for NBD with a file (not an
+   * abstract address), else RUN_DIR/nbd.sock.
+   */
   get nbdSocket(): string {
-    return this.passed.nbdUnix[0]?.path ?? this.opts.paths.nbd;
+    return this.passed.nbdUnix.find(hasFile)?.path ?? this.opts.paths.nbd;
   }
 
   /** The control socket: the one passed, else RUN_DIR/control. */
@@ -233,7 +237,7 @@ export class Daemon {
   /** The socket files of the passed sockets (abstract addresses have none). */
   private passedFiles(): string[] {
     const { control, nbdUnix } = this.passed;
-    return [...(control ? [control] : []), ...nbdUnix].map((l) => l.path).filter((p) => !p.startsWith("@"));
+    return [...(control ? [control] : []), ...nbdUnix].filter(hasFile).map((l) => l.path);
   }
 
   /** What a socket unit may have got wrong that still lets udmd serve. */
@@ -306,4 +310,9 @@ export class Daemon {
     })();
     return this.stopping;
   }
+}
+
+/** A unix socket with a file; an abstract one (`@name`) has none. */
+function hasFile(listener: UnixListener): boolean {
+  return !listener.path.startsWith("@");
 }

@@ -8,6 +8,7 @@
  */
 import { type ChildProcess } from "node:child_process";
 import fs from "node:fs";
+import net from "node:net";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { tempDir, udmsetup } from "../support/daemon.js";
@@ -155,6 +156,38 @@ describe.skipIf(skipReason !== null)("udmd on sockets passed by a service manage
     const passed = sockets.map((s) => `socket:[${fs.fstatSync(s.fd).ino}]`);
     expect(links.filter((link) => passed.includes(link!))).toEqual([]);
     expect(fs.readdirSync(runDir).sort()).toEqual(["control", "nbd.sock"]);
+  }, 60_000);
+
+  it("serves NBD on an abstract unix socket, and makes RUN_DIR/nbd.sock for the URIs, which need a path", async () => {
+    const abstract = `@udm-test-${process.pid}-${path.basename(runDir)}`;
+    const sockets: PassedFd[] = [
+      { fd: keep(unixSocketFd(path.join(runDir, "control"))), name: "control" },
+      { fd: keep(unixSocketFd(abstract)), name: "nbd" },
+    ];
+    const daemon = await startActivated(sockets, ["--run-dir", runDir]);
+    procs.push(daemon.proc);
+    expect(await udmsetup(runDir, ["create", "z", "--table", "0 8 zero"])).toMatchObject({ code: 0 });
+    const info = JSON.parse((await udmsetup(runDir, ["--json", "info", "z"])).stdout) as { nbdUri: string };
+    expect(info.nbdUri).toBe(`nbd+unix:///z?socket=${path.join(runDir, "nbd.sock")}`);
+    const size = await tool("nbdinfo", ["--size", info.nbdUri]);
+    expect(size.stdout.trim(), size.stderr).toBe("4096");
+    // The abstract socket answers with NBD's greeting (no client here takes an abstract address).
+    const greeting = await new Promise<Buffer>((resolve, reject) => {
+      const socket = net.connect(`\0${abstract.slice(1)}`);
+      let got = Buffer.alloc(0);
+      socket.on("data", (d: Buffer) => {
+        got = Buffer.concat([got, d]);
+        if (got.length >= 8) {
+          socket.destroy();
+          resolve(got);
+        }
+      });
+      socket.once("error", reject);
+    });
+    expect(greeting.subarray(0, 8).toString("latin1")).toBe("NBDMAGIC");
+    daemon.proc.kill("SIGTERM");
+    expect(await daemon.exit).toBe(0);
+    expect(fs.readdirSync(runDir)).toEqual(["control"]);
   }, 60_000);
 
   it("warns about a passed NBD socket file others may connect to, and a control socket udmsetup will not find", async () => {

@@ -48,11 +48,16 @@ function listeningSocket(domain: number, address: Buffer, opts: SocketOptions): 
   return fd;
 }
 
-/** A unix socket bound to `path` (which must not exist): a listening stream socket unless told otherwise. */
+/**
+ * A unix socket bound to `path` (which must not exist; `@name` binds the abstract address
+ * `name`): a listening stream socket unless told otherwise.
+ */
 export function unixSocketFd(path: string, opts: SocketOptions = {}): number {
-  const addr = Buffer.alloc(2 + Buffer.byteLength(path) + 1);
+  const abstract = path.startsWith("@");
+  // An abstract name is its bytes after a NUL, all of the length given; a path ends at its NUL.
+  const addr = Buffer.alloc(2 + Buffer.byteLength(path) + (abstract ? 0 : 1));
   addr.writeUInt16LE(AF_UNIX, 0);
-  addr.write(path, 2);
+  addr.write(abstract ? `\0${path.slice(1)}` : path, 2);
   return listeningSocket(AF_UNIX, addr, opts);
 }
 
