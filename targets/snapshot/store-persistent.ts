@@ -103,11 +103,16 @@ export class PersistentStore implements ExceptionStore {
     this.epa = exceptionsPerArea(this.chunkSize);
     this.area = Buffer.alloc(chunkBytes(this.chunkSize));
     if (isNew) {
+      // Area 0 is zeroed, durably, before the header says the store exists. On a reused COW
+      // device area 0 may hold an older store's records, and a crash after the header but before
+      // the zeroing would load them as this store's (the kernel, persistent_read_metadata, writes
+      // the header first: docs/snapshot.md, "A new store on a reused COW device"). Both writes
+      // are FUA: the zeroed area is durable before the header is written.
+      await this.track(
+        writeChunk(this.cow, this.chunkSize, areaLocation(this.epa, 0), Buffer.alloc(this.area.length), BioFlags.FUA),
+      );
       await this.headerIo(() =>
         writeChunk(this.cow, this.chunkSize, 0, encodeHeader(this.chunkSize, true), BioFlags.FUA),
-      );
-      await this.track(
-        writeChunk(this.cow, this.chunkSize, areaLocation(this.epa, 0), Buffer.alloc(this.area.length), 0),
       );
       this.loaded = true;
       return "valid";

@@ -111,9 +111,10 @@ describe("on-disk format of a new store", () => {
     expect(header.subarray(0, 16).toString("hex")).toBe("536e417001000000010000000800000" + "0");
     expect(header.subarray(16).every((b) => b === 0)).toBe(true);
     expect(dev.readSync(8, 8).every((b) => b === 0)).toBe(true);
-    expect(dev.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors])).toEqual([
-      [0, 8],
-      [8, 8],
+    // Area 0 first, then the header, both FUA (test/unit/snapshot-reused-cow.test.ts says why).
+    expect(dev.log.filter((r) => r.op === "write").map((r) => [r.sector, r.sectors, r.flags])).toEqual([
+      [8, 8, BioFlags.FUA],
+      [0, 8, BioFlags.FUA],
     ]);
     const u = store.usage();
     expect(`${u.allocated}/${u.total} ${u.metadata}`).toBe("16/2097152 16");
