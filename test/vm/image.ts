@@ -3,7 +3,8 @@
  * depends on), downloaded with `apt-get download` and unpacked with `dpkg-deb -x` into a cache
  * folder, never installed, so the host's /boot and /lib/modules stay untouched. The initramfs
  * is busybox plus the few binaries the guest tests run, their shared libraries, the kernel
- * modules the host lacks (nbd, dm-mod, virtio-serial, 9p, ext4) and test/vm/init.sh as /init.
+ * modules the host lacks (nbd, dm-mod, dm-thin-pool, virtio-serial, 9p, ext4) and test/vm/init.sh
+ * as /init.
  *
  * The cache (default node_modules/.cache/udm-vm, or $UDM_VM_CACHE) holds the downloaded .debs
  * and the unpacked tree; it is filled when missing (or with `node --import tsx test/vm/build-image.ts --refresh`).
@@ -33,8 +34,21 @@ export const CHECKOUT_NODE = path.join(repoRoot, "node_modules/node/bin/node");
  */
 const GUEST_PACKAGES = ["nbd-client", "socat", "dmsetup"];
 
-/** Kernel modules loaded by /init, with their dependencies (in `modprobe --show-depends` order). */
-const GUEST_MODULES = ["virtio_pci", "virtio_console", "nbd", "ext4", "dm-mod", "loop", "9pnet_virtio", "9p"];
+/**
+ * Kernel modules loaded by /init, with their dependencies (in `modprobe --show-depends` order).
+ * dm-thin-pool (thin-pool and thin) brings dm-persistent-data, dm-bio-prison and dm-bufio.
+ */
+const GUEST_MODULES = [
+  "virtio_pci",
+  "virtio_console",
+  "nbd",
+  "ext4",
+  "dm-mod",
+  "dm-thin-pool",
+  "loop",
+  "9pnet_virtio",
+  "9p",
+];
 
 /** Host tools the image build and the VM need, with the Debian packages that have them. */
 const HOST_TOOLS: Record<string, string> = {
