@@ -42,8 +42,8 @@ const BLOCK_UNITS = (BLOCK_SECTORS * 512) / UNIT;
 const METADATA_BYTES = 8 * MiB;
 const DATA_BYTES = 64 * MiB;
 const POOL_SECTORS = DATA_BYTES / 512;
-/** Every thin volume: 16 MiB (256 blocks of 64 KiB). */
-const VOLUME_BYTES = 16 * MiB;
+/** Every thin volume: 4 MiB (64 blocks of 64 KiB): small, since the guest hashes each one under TCG. */
+const VOLUME_BYTES = 4 * MiB;
 const VOLUME_SECTORS = VOLUME_BYTES / 512;
 /** The pattern file both sides copy their writes from, in units. */
 const PATTERN_UNITS = 2560;
@@ -88,24 +88,24 @@ const UDM_OPS: PoolOp[] = [
 const UDM_DATA_BLOCKS = 28;
 
 /**
- * kernel → udm. Volume 1 maps blocks 0-7 and part of block 30; volume 2 blocks 100-103;
+ * kernel → udm. Volume 1 maps blocks 0-7 and part of block 30; volume 2 blocks 40-43;
  * snapshot 3 of volume 1; volume 1 overwrites block 1 and two units of block 4, the snapshot
  * blocks 6-7; volume 1 discards blocks 0 and 30 (shared: the snapshot keeps them), volume 2
- * block 101 (unshared: freed).
+ * block 41 (unshared: freed).
  */
 const KERNEL_OPS: PoolOp[] = [
   { op: "thin", vol: 1 },
   { op: "thin", vol: 2 },
   { op: "write", vol: 1, ...blocks(0, 8), from: 50 },
   { op: "write", vol: 1, at: 30 * BLOCK_UNITS + 3, count: 5, from: 400 },
-  { op: "write", vol: 2, ...blocks(100, 4), from: 800 },
+  { op: "write", vol: 2, ...blocks(40, 4), from: 800 },
   { op: "snap", vol: 3, origin: 1 },
   { op: "write", vol: 1, ...blocks(1), from: 1500 },
   { op: "write", vol: 1, at: 4 * BLOCK_UNITS + 8, count: 2, from: 1600 },
   { op: "write", vol: 3, ...blocks(6, 2), from: 1700 },
   { op: "discard", vol: 1, ...blocks(0) },
   { op: "discard", vol: 1, ...blocks(30) },
-  { op: "discard", vol: 2, ...blocks(101) },
+  { op: "discard", vol: 2, ...blocks(41) },
   { op: "transaction", from: 0, to: 3 },
 ];
 /** 9 + 4 at first, then 1 + 1 + 2 copies, less the one volume 2 discarded. */
@@ -114,8 +114,8 @@ const KERNEL_DATA_BLOCKS = 16;
 /** What udm does next on the kernel's pool: a snapshot of volume 2, writes to both, snapshot 3 deleted. */
 const UDM_AFTER_KERNEL_OPS: PoolOp[] = [
   { op: "snap", vol: 4, origin: 2 },
-  { op: "write", vol: 2, ...blocks(102), from: 2000 },
-  { op: "write", vol: 4, at: 200 * BLOCK_UNITS, count: 4, from: 2100 },
+  { op: "write", vol: 2, ...blocks(42), from: 2000 },
+  { op: "write", vol: 4, at: 60 * BLOCK_UNITS, count: 4, from: 2100 },
   { op: "write", vol: 1, ...blocks(50), from: 2200 },
   { op: "delete", vol: 3 },
   { op: "transaction", from: 3, to: 4 },
