@@ -7,8 +7,11 @@
  * data at creation plus its own durable writes (docs/testing.md, "Crash runs of thin pools").
  *
  * The seed is printed; `UDM_CRASH_SEED=<seed>` repeats a run (so does `npm run crash -- --target
- * thin --seed`). Leaked data blocks are counted, not failed, in the main run: the pool leaks one
- * at a crash after a commit made while a block was being provisioned (test/crash/thin-leak.test.ts).
+ * thin --seed`). Two bugs of the pool the runner found are kept out of the main run, each shown
+ * deterministically in test/crash/thin-known-bugs.test.ts: leaked data blocks are counted, not
+ * failed (a commit made while a block is provisioned), and the pool does not pass discards down
+ * (a discard passes down a block the last commit still maps in another volume); a fixed-seed run
+ * with passdown shows the runner catching the second.
  *
  * The runner must be able to fail: two broken pools (testing/thin-crash/broken-pools.ts) must be
  * caught, one whose commit does not flush the data device first and one whose metadata device
@@ -51,9 +54,15 @@ describe("thin crash runner", () => {
       const seed = seedFrom(process.env.UDM_CRASH_SEED !== undefined ? "UDM_CRASH_SEED" : "UDM_FUZZ_SEED");
       console.log(
         `thin crash runner seed ${seed} (UDM_CRASH_SEED=${seed}, or npm run crash -- --target thin ` +
-          `--seed ${seed} --ops 120 --thin-check 20 --count-leaks, repeats it)`,
+          `--seed ${seed} --ops 120 --thin-check 20 --count-leaks --pool-features no_discard_passdown, repeats it)`,
       );
-      const report = await runThinCrashHarness({ ops: 120, seed, thinCheckEvery: 20, leaksFail: false });
+      const report = await runThinCrashHarness({
+        ops: 120,
+        seed,
+        thinCheckEvery: 20,
+        leaksFail: false,
+        poolFeatures: ["no_discard_passdown"],
+      });
       console.log(summary(report));
       expect(report.failures, failureText(report)).toBe(0);
       expect(report.pointsChecked).toBeGreaterThan(200);
@@ -70,6 +79,15 @@ describe("thin crash runner", () => {
       expect(report.stats.snapshotsCreated).toBeGreaterThan(0);
     },
   );
+
+  // Bug 2 of thin-known-bugs.test.ts: when it is fixed this run passes and `.fails` must go.
+  it.fails("with discard passdown, no failure either (seed 12, 19 operations)", { timeout: 60_000 }, async () => {
+    const report = await runThinCrashHarness({ ops: 19, seed: 12, leaksFail: false, maxReported: 50 });
+    console.log(`discard passdown: ${summary(report)}`);
+    // Today: a snapshot's discard passes down a data block its origin's committed mapping still uses.
+    expect(failureText(report)).not.toMatch(/thin2 sector 3\d\d holds zeros; allowed: write #\d+ \(durable\)/);
+    expect(report.failures).toBe(0);
+  });
 
   it("catches a pool whose commit does not flush the data device first", { timeout: 60_000 }, async () => {
     const report = await runThinCrashHarness({

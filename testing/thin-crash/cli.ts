@@ -20,6 +20,7 @@ export const THIN_USAGE = `Usage: npm run crash -- --target thin [options]
   --min-points N       add random points until at least N crash points are checked
   --jitter P           probability that a RAM-disk bio completes a few event-loop turns late (default 0.3)
   --thin-check N       run thin_check on the metadata of every Nth crash point (default 10; 1: every point; 0: never)
+  --pool-features F    the pool table's features, comma-separated (e.g. no_discard_passdown)
   --count-leaks        count crash points with leaked data blocks instead of failing them
   --no-post-recovery   do not write to and reactivate the recovered pool at the random points
   --cross-check N      compare replayLog --end-mark with the incremental replay every N ops (default 50, 0: never)
@@ -41,6 +42,7 @@ const OPTIONS = {
   "thin-check": { type: "string" },
   "no-post-recovery": { type: "boolean" },
   "count-leaks": { type: "boolean" },
+  "pool-features": { type: "string" },
   "cross-check": { type: "string" },
   broken: { type: "string" },
   show: { type: "string" },
@@ -74,6 +76,7 @@ function parseCommand(argv: string[]): { options: ThinCrashRunOptions; json: boo
   };
   if (values["no-post-recovery"]) options.postRecovery = false;
   if (values["count-leaks"]) options.leaksFail = false;
+  if (values["pool-features"]) options.poolFeatures = values["pool-features"].split(",").filter(Boolean);
   if (values.broken !== undefined) {
     if (!(values.broken in BROKEN_POOLS)) {
       throw new UsageError(`--broken: one of ${Object.keys(BROKEN_POOLS).join(", ")}, not ${values.broken}`);

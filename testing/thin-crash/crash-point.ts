@@ -30,6 +30,8 @@ export interface ThinPointSettings {
   /** Clock stamp from which the pool's metadata must be formatted. */
   poolReadyAt: number;
   postRecovery: boolean;
+  /** The pool table's feature arguments, as the workload's. */
+  features: string;
   /** A leaked data block fails the point (else it is only counted). */
   leaksFail: boolean;
 }
@@ -170,7 +172,7 @@ export class ThinCrashPointChecker {
     const bs = this.model.blockSize;
     try {
       await this.dm.create(poolName, {
-        table: `0 ${this.settings.dataSectors} thin-pool ${prefix}-m ${prefix}-d ${bs} 0`,
+        table: `0 ${this.settings.dataSectors} thin-pool ${prefix}-m ${prefix}-d ${bs} 0${this.settings.features}`,
       });
       created.push(poolName);
     } catch (err) {

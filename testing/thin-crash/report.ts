@@ -11,6 +11,8 @@ export interface ThinCrashRunOptions {
   blockSize?: number;
   /** Data device size in blocks (default 256; never filled by the workload). */
   dataBlocks?: number;
+  /** Features of the pool's table, e.g. ["no_discard_passdown"] (default none). */
+  poolFeatures?: string[];
   /** Thin volumes (thin devices and snapshots) alive at once, at most (default 4). */
   maxVolumes?: number;
   /** Crash points at random moments, with random unflushed writes kept (default ops / 2). */

@@ -54,6 +54,8 @@ class ThinCrashRun {
   private readonly workloadProblems: string[] = [];
   private readonly progress: (line: string) => void;
   private readonly poolTarget: string;
+  /** The pool table's feature arguments: "" or " <n> <feature>...". */
+  private readonly features: string;
 
   constructor(private readonly options: ThinCrashRunOptions) {
     this.rng = new Rng(options.seed);
@@ -64,6 +66,8 @@ class ThinCrashRun {
     this.progress = options.progress ?? (() => {});
     let extra: TargetClass[] = [];
     this.poolTarget = "thin-pool";
+    const features = options.poolFeatures ?? [];
+    this.features = features.length ? ` ${features.length} ${features.join(" ")}` : "";
     if (options.broken !== undefined) {
       const broken = BROKEN_POOLS[options.broken];
       if (!broken) throw new Error(`no broken pool "${options.broken}" (${Object.keys(BROKEN_POOLS).join(", ")})`);
@@ -88,7 +92,8 @@ class ThinCrashRun {
     const started = performance.now();
     this.progress(
       `thin crash runner: seed ${seed}, ${ops} operations, ${this.poolTarget}, ` +
-        `volumes of ${this.model.volumeSectors} sectors in blocks of ${this.model.blockSize}`,
+        `volumes of ${this.model.volumeSectors} sectors in blocks of ${this.model.blockSize}` +
+        `${this.features ? `, features${this.features}` : ""}`,
     );
     const problem = (text: string) => this.workloadProblems.push(text);
     const workload = new ThinWorkload(
@@ -102,6 +107,7 @@ class ThinCrashRun {
         poolTarget: this.poolTarget,
         maxVolumes: this.options.maxVolumes ?? 4,
         dataBlocks: this.options.dataBlocks ?? 256,
+        features: this.features,
       },
       this.stats,
       problem,
@@ -182,6 +188,7 @@ class ThinCrashRun {
         poolReadyAt: workload.poolReadyAt,
         postRecovery: this.options.postRecovery ?? true,
         leaksFail: this.options.leaksFail ?? true,
+        features: this.features,
       },
       this.stats,
       thinCheck,

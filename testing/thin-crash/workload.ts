@@ -31,6 +31,8 @@ export interface ThinWorkloadSettings {
   poolTarget: string;
   maxVolumes: number;
   dataBlocks: number;
+  /** The pool table's feature arguments, "" or " <n> <feature>...". */
+  features: string;
 }
 
 export class ThinWorkload {
@@ -70,7 +72,7 @@ export class ThinWorkload {
     await this.dm.create(POOL_NAME, {
       table:
         `0 ${this.dataSectors} ${this.settings.poolTarget} /dev/mapper/lw-meta /dev/mapper/lw-data ` +
-        `${this.model.blockSize} 0`,
+        `${this.model.blockSize} 0${this.settings.features}`,
     });
     this.poolReadyAt = this.clock.tick();
     await this.createThin([]);
