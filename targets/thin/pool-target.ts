@@ -81,6 +81,10 @@ export class ThinPoolTarget extends Target {
     } catch (err) {
       throw new TargetError("Error getting data device", errnoOf(err));
     }
+    // A reload is how a pool learns its devices grew (a file extended by truncate, an LV by
+    // lvextend): their sizes are read again.
+    await refreshSize(this.metadataDev);
+    await refreshSize(this.dataDev);
     const { blockSize, lowWaterBlocks } = parsePoolNumbers(args);
     const { pool, created } = await this.findPool(blockSize, readOnly);
     if (!created && parsed.features.discardEnabled !== pool.features.discardEnabled) {
@@ -324,6 +328,12 @@ function messageFailure(name: string, args: string[], err: PersistentDataError):
     default:
       return `${name} message failed: ${err.message}`;
   }
+}
+
+/** Read a file's or block device's size again, if it is one that can change (an open fd). */
+async function refreshSize(device: BlockDevice): Promise<void> {
+  const d = device as BlockDevice & { refreshSize?: () => Promise<number> };
+  if (typeof d.refreshSize === "function") await d.refreshSize().catch(() => {});
 }
 
 function errnoOf(err: unknown): string {

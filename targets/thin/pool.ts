@@ -292,8 +292,6 @@ export class Pool {
       this.checkMetadataSpace();
       if (this.mode !== "write") return "EIO";
     }
-    // The kernel counts the free blocks before it allocates.
-    this.checkLowWaterMark();
     let b: number;
     try {
       b = await this.pmd.allocDataBlock();
@@ -307,6 +305,9 @@ export class Pool {
       throw err;
     }
     this.unsettled++;
+    // The kernel counts the free blocks before it allocates (one worker, one block at a time);
+    // here allocations run side by side, so the count is taken after, plus this block.
+    this.checkLowWaterMark(this.pmd.freeDataBlocks() + 1);
     return b;
   }
 
@@ -315,8 +316,8 @@ export class Pool {
    * water mark raises the pool's event (dm_table_event: the pool device's event number goes up,
    * `udmsetup wait` returns); once until the pool is resumed again.
    */
-  private checkLowWaterMark(): void {
-    if (this.lowWaterTriggered || this.pmd.freeDataBlocks() > this.lowWaterBlocks) return;
+  private checkLowWaterMark(freeBefore: number): void {
+    if (this.lowWaterTriggered || freeBefore > this.lowWaterBlocks) return;
     this.lowWaterTriggered = true;
     this.services.logger.warn(`${this.name}: reached low water mark for data device: sending event.`);
     this.event();

@@ -4,7 +4,8 @@
  * version; a pool is created on a metadata file and a data file, `udmsetup message` creates a thin
  * volume and a snapshot of it (the origin suspended around it, as with the kernel), writes and
  * reads go through both, `udmsetup status` prints the kernel's lines, crossing the low water mark
- * raises one event (`udmsetup wait` returns, `info` counts it), and after everything is
+ * raises one event (`udmsetup wait` returns, `info` counts it), a reload grows the pool to its
+ * grown data file, and after everything is
  * removed the metadata file passes thin_check and thin_dump shows the mappings.
  *
  * Tests whose tool is missing are skipped with a printed reason, unless UDM_REQUIRE_ROOT_TESTS=1
@@ -76,6 +77,11 @@ describe.skipIf(missing.length > 0)("thin pools through udmd, udmsetup and NBD",
 
     await ok("message", "pool", "0", "set_transaction_id", "0", "1");
     expect(await ok("status", "pool")).toMatch(/^0 131072 thin-pool 1 /);
+    // The data file grows; a reload reads its size again and the pool grows to it.
+    fs.truncateSync(data, 128 * MiB);
+    await ok("reload", "pool", "--table", `0 262144 thin-pool ${meta} ${data} 128 1010`);
+    await ok("resume", "pool");
+    expect(await ok("status", "pool")).toMatch(/^0 262144 thin-pool 1 \d+\/1024 17\/2048 - rw /);
     // An open thin device cannot be deleted.
     const busy = await udmsetup(env.dir, ["message", "pool", "0", "delete", "2"]);
     expect(busy.code).toBe(1);
@@ -89,7 +95,7 @@ describe.skipIf(missing.length > 0)("thin pools through udmd, udmsetup and NBD",
     await toolOk("thin_check", [meta]);
     const dump = await sh("thin_dump", meta);
     expect(dump).toMatch(
-      /<superblock uuid="" time="1" transaction="1" [^>]*data_block_size="128" nr_data_blocks="1024">/,
+      /<superblock uuid="" time="1" transaction="1" [^>]*data_block_size="128" nr_data_blocks="2048">/,
     );
     expect(dump).not.toMatch(/dev_id="2"/);
     expect(dump).toMatch(/<device dev_id="1" mapped_blocks="16" /);
@@ -99,5 +105,6 @@ describe.skipIf(missing.length > 0)("thin pools through udmd, udmsetup and NBD",
     const dataFile = fs.readFileSync(data);
     const at = Number(origin0![1]) * 64 * 1024;
     expect(dataFile.subarray(at, at + 64 * 1024).every((b) => b === 0xcd)).toBe(true);
-  });
+    // About thirty udmsetup and qemu-io runs, a second each on a loaded machine.
+  }, 120_000);
 });

@@ -58,4 +58,20 @@ describe("thin pool events", () => {
     await t.write(13 * BS, pattern(13, BLOCK));
     expect(events()).toBe(e1 + 1);
   });
+
+  it("a write of many blocks, whose allocations run side by side, raises it when it crosses the mark", async () => {
+    const { dm, backing } = testMapper();
+    backing.memory("meta", 8 * 2048);
+    backing.memory("data", 32 * BS);
+    // 32 data blocks, low water mark 20: the 13th allocation finds 20 free.
+    await dm.create("pool", { table: `0 ${32 * BS} thin-pool meta data ${BS} 20` });
+    await dm.message("pool", 0, "create_thin 1");
+    await dm.create("t", { table: `0 ${64 * BS} thin /dev/mapper/pool 1` });
+    const t = dm.open("t");
+    const e0 = dm.info("pool").eventNr;
+    await t.write(0, pattern(1, 8 * BLOCK));
+    expect(dm.info("pool").eventNr).toBe(e0);
+    await t.write(8 * BS, pattern(2, 8 * BLOCK));
+    expect(dm.info("pool").eventNr).toBe(e0 + 1);
+  });
 });
