@@ -19,6 +19,7 @@ const USAGE = `Usage: npm run crash -- [options]
   --jitter P           probability that a RAM-disk bio completes a few event-loop turns late (default 0.3)
   --min-points N       add random points until at least N crash points are checked
   --no-post-recovery   do not write to and reactivate the recovered devices at the random points
+  --reused-cow         COW devices hold garbage and an older store before each snapshot is made
   --cross-check N      compare replayLog --end-mark with the incremental replay every N ops (default 50, 0: never)
   --show N             failing crash points to describe (default 10)
   --merges             require merges (default: merge when snapshot-merge is registered and works)
@@ -37,6 +38,7 @@ const OPTIONS = {
   jitter: { type: "string" },
   "min-points": { type: "string" },
   "no-post-recovery": { type: "boolean" },
+  "reused-cow": { type: "boolean" },
   "cross-check": { type: "string" },
   show: { type: "string" },
   merges: { type: "boolean" },
@@ -79,6 +81,7 @@ function parseCommand(argv: string[]): Command | null {
     maxReported: integer("show", values.show),
   };
   if (values["no-post-recovery"]) options.postRecovery = false;
+  if (values["reused-cow"]) options.reusedCow = true;
   // --merges and --no-merges: the last one given counts.
   const mergeFlag = tokens.findLast(
     (token) => token.kind === "option" && (token.name === "merges" || token.name === "no-merges"),
@@ -123,7 +126,8 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   const { options, json, quiet } = command;
-  process.stdout.write(`seed ${options.seed} (repeat with --seed ${options.seed} --ops ${options.ops})\n`);
+  const reused = options.reusedCow ? " --reused-cow" : "";
+  process.stdout.write(`seed ${options.seed} (repeat with --seed ${options.seed} --ops ${options.ops}${reused})\n`);
   if (!quiet) options.progress = (line) => process.stdout.write(`${line}\n`);
   const report = await runCrashHarness(options);
   for (const failure of report.failureDetails) {

@@ -14,7 +14,10 @@
  *   it points at);
  * - a snapshot that commits exceptions in the order their copies finish instead of allocation
  *   order (R11 in docs/snapshot.md: records out of order, chunks leaked below next_free after a crash);
- * - a merge that drops the origin flush before clearing the merged records (R20 in docs/snapshot.md).
+ * - a merge that drops the origin flush before clearing the merged records (R20 in docs/snapshot.md);
+ * - on reused COW devices (garbage and an older store under a zeroed header), a store that seals a
+ *   full metadata area without zeroing the next one first (the loader then walks into the older
+ *   store's records).
  */
 import { spawnSync } from "node:child_process";
 import path from "node:path";
@@ -85,6 +88,22 @@ class UnorderedCommitSnapshot extends SnapshotTarget {
   }
 }
 
+/** A full metadata area is sealed without zeroing the next area first (`zeroNext` dropped). */
+@target({
+  name: "snap-nozeronext",
+  version: [1, 16, 0],
+  inject: [Services.DeviceLookup, Services.Copier, Services.Logger],
+})
+class NoZeroNextSnapshot extends SnapshotTarget {
+  override async ctr(args: string[]): Promise<void> {
+    await super.ctr(args);
+    type Job = { zeroNext: boolean };
+    const store = this.store as unknown as { writeJob(job: Job): Promise<void> };
+    const write = store.writeJob.bind(store);
+    store.writeJob = (job) => write({ ...job, zeroNext: false });
+  }
+}
+
 /** The merge's origin flush completes without reaching the origin device. */
 @target({
   name: "merge-noflush",
@@ -120,6 +139,13 @@ function summary(r: CrashRunReport): string {
 function failureText(r: CrashRunReport): string {
   return [...r.failureDetails.map((f) => `${f.point}\n  ${f.problems.join("\n  ")}`), ...r.workloadProblems].join("\n");
 }
+
+/**
+ * Reused COW devices: a 4096-sector origin, so a 4 KiB-chunk snapshot's area 0 (256 records) fills
+ * when half the origin is copied, which the workload's origin sweeps do; no merges (shorter).
+ */
+const REUSED = { ops: 50, originSectors: 4096, reusedCow: true, merges: false } as const;
+const REUSED_SEED = 3;
 
 const mergeListed = createDeviceMapper()
   .targets()
@@ -205,6 +231,35 @@ describe("crash-consistency runner", () => {
       expect(report.merges.done).toBeGreaterThan(0);
       expect(report.failedPoints).toBeGreaterThan(0);
       expect(failureText(report)).toMatch(/origin sector \d+ holds .* after the merge of snap\d+/);
+    },
+  );
+
+  it(
+    "on reused COW devices (garbage and an older store under a zeroed header): no failure",
+    { timeout: 180_000 },
+    async () => {
+      const report = await runCrashHarness({ ...REUSED, seed: REUSED_SEED });
+      console.log(`reused COW devices: ${summary(report)}`);
+      expect(report.failures, failureText(report)).toBe(0);
+      expect(report.stats.snapshotsCreated).toBeGreaterThan(1);
+    },
+  );
+
+  it(
+    "catches, on reused COW devices, a store that seals a full area without zeroing the next one",
+    { timeout: 180_000 },
+    async () => {
+      const report = await runCrashHarness({
+        ...REUSED,
+        seed: REUSED_SEED,
+        snapshotTarget: "snap-nozeronext",
+        targets: [NoZeroNextSnapshot],
+        maxReported: 50,
+      });
+      console.log(`area sealed without zeroing the next: ${summary(report)}`);
+      expect(report.failedPoints).toBeGreaterThan(0);
+      // The loader walks from the sealed area into the older store's records (or its garbage).
+      expect(failureText(report)).toMatch(/COW image: area \d+ slot \d+: (old chunk \d+ has two exceptions|new chunk)/);
     },
   );
 

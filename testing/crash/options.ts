@@ -26,6 +26,12 @@ export interface CrashRunOptions {
   merges?: boolean | "auto";
   /** Probability that a bio to a data RAM disk completes a few event-loop turns late (default 0.3). */
   jitter?: number;
+  /**
+   * Reused COW devices (default false): each holds garbage and an older store's areas and
+   * records under a zeroed header before its snapshot is created (reused-cow.ts), and the
+   * workload adds origin sweeps (long runs of writes) so that metadata areas fill up.
+   */
+  reusedCow?: boolean;
   /** At random points, write to the recovered devices and reactivate them again (default true). */
   postRecovery?: boolean;
   /** Compare replayLog(--end-mark) with the incremental replay every this many operations (default 50; 0: never). */

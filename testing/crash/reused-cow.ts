@@ -19,7 +19,10 @@ export interface ReusedCowSpec {
   sectors: number;
   /** Chunk size (sectors) of the older store. */
   staleChunkSize: number;
-  /** Origin size in sectors: the older store's records name origin chunks inside it. */
+  /**
+   * Origin size in sectors: the older store's records name origin chunks inside it (and beyond
+   * it when it has more records than the origin has chunks: its origin was bigger).
+   */
   originSectors: number;
   /** Seed of the garbage and of the older store's origin chunks. */
   seed: number;
@@ -41,19 +44,16 @@ export function reusedCowImage(spec: ReusedCowSpec): Buffer {
   const cs = spec.staleChunkSize;
   const chunks = Math.floor(spec.sectors / cs);
   const originChunks = Math.ceil(spec.originSectors / cs);
-  // Records whose data chunk fits, each naming a distinct origin chunk.
+  // As many records as have their data chunk on the device, each naming a distinct origin chunk.
   let records = 0;
-  for (let next = 2; records < originChunks; records++) {
+  for (let next = 2; ; records++) {
     next = skipMetadata(exceptionsPerArea(cs), next + 1);
     if (next > chunks) break;
   }
-  const step = coprimeStep(originChunks, rng.range(3, 97));
-  const offset = rng.int(originChunks);
-  const layout = cowImageChunks({
-    chunkSize: cs,
-    exceptions: records,
-    oldChunk: (i) => (offset + i * step) % originChunks,
-  });
+  const span = Math.max(originChunks, records);
+  const step = coprimeStep(span, rng.range(3, 97));
+  const offset = rng.int(span);
+  const layout = cowImageChunks({ chunkSize: cs, exceptions: records, oldChunk: (i) => (offset + i * step) % span });
   for (let item = layout.next(); !item.done; item = layout.next()) {
     const { chunk, data } = item.value;
     if ((chunk + 1) * cs <= spec.sectors) data.copy(image, chunk * cs * SECTOR_SIZE);

@@ -64,7 +64,8 @@ class CrashRun {
   async run(): Promise<CrashRunReport> {
     const { seed, ops } = this.options;
     const started = performance.now();
-    this.progress(`crash runner: seed ${seed}, ${ops} operations, origin ${this.model.originSectors} sectors`);
+    const reused = this.options.reusedCow ? ", reused COW devices" : "";
+    this.progress(`crash runner: seed ${seed}, ${ops} operations, origin ${this.model.originSectors} sectors${reused}`);
     const merges = await decideMerges(this.dm, this.options.merges);
     const problem = (text: string) => this.workloadProblems.push(text);
     const workload = new Workload(
@@ -78,6 +79,7 @@ class CrashRun {
         snapshotTarget: this.options.snapshotTarget ?? "snapshot",
         mergeTarget: this.options.mergeTarget ?? "snapshot-merge",
         mergesEnabled: merges.enabled,
+        reusedCow: this.options.reusedCow ?? false,
       },
       this.stats,
       problem,

@@ -1,7 +1,9 @@
 /**
  * The seeded workload on the snapshot stack: I/O batches, flushes, suspends with I/O in flight,
  * snapshot creation and removal, and merges, each operation followed by a `mark op<n>` to every
- * log-writes device. The model records what each mapped device was asked to do.
+ * log-writes device. The model records what each mapped device was asked to do. With reused COW
+ * devices, each snapshot's COW device starts with an older store on it, and origin sweeps (long
+ * runs of writes) fill metadata areas.
  */
 import { SECTOR_SIZE } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
@@ -11,6 +13,7 @@ import type { LoggedDevices } from "./logged-devices.js";
 import { waitForMerge } from "./merge.js";
 import { DeviceHistory, type SnapshotModel, type TopWrite, stampSector } from "./model.js";
 import { cowSectorsFor } from "./ram-disks.js";
+import { reusedCowImage } from "./reused-cow.js";
 import type { RunStats } from "./report.js";
 import type { Rng } from "../rng.js";
 import type { StackModel } from "./stack-model.js";
@@ -32,6 +35,8 @@ export interface WorkloadSettings {
   snapshotTarget: string;
   mergeTarget: string;
   mergesEnabled: boolean;
+  /** COW devices start as reused ones (reused-cow.ts), and the workload sweeps the origin. */
+  reusedCow: boolean;
 }
 
 export class Workload {
@@ -87,6 +92,8 @@ export class Workload {
             ["create", live.length < this.settings.maxSnapshots ? (live.length === 0 ? 30 : 6) : 0],
             ["remove", live.length > 0 ? 3 : 0],
             ["merge", this.settings.mergesEnabled && live.length > 0 ? 3 : 0],
+            // Last, and weight 0 unless asked for: other runs draw exactly as before.
+            ["sweep", this.settings.reusedCow ? 6 : 0],
           ]);
     let desc: string = kind;
     switch (kind) {
@@ -110,6 +117,9 @@ export class Workload {
         break;
       case "merge":
         desc = await this.mergeSnapshot(this.rng.pick(live));
+        break;
+      case "sweep":
+        desc = await this.sweep();
         break;
     }
     this.ops.push({ index, at, desc });
@@ -140,10 +150,35 @@ export class Workload {
     return `suspend ${device} with ${[...first.desc, ...second.desc].join(", ") || "no I/O"}`;
   }
 
+  /**
+   * Origin writes over a long run of sectors, all in flight together: many chunks are copied at
+   * once, so the snapshots' metadata areas fill and the stores seal them (and zero the next).
+   */
+  private async sweep(): Promise<string> {
+    // A quarter of the origin up to all of it, in 32-sector writes.
+    const piece = 32;
+    const pieces = this.rng.range(Math.ceil(this.originSectors / 128), Math.floor(this.originSectors / piece));
+    const start = this.rng.int(this.originSectors - pieces * piece + 1);
+    const done: Promise<void>[] = [];
+    for (let k = 0; k < pieces; k++) done.push(this.io.write("origin", start + k * piece, piece, false));
+    await Promise.all(done);
+    return `sweep origin ${start}+${pieces * piece}`;
+  }
+
   private async createSnapshot(): Promise<string> {
     const index = this.model.snapshots.length;
     const chunkSize = this.rng.pick(CHUNK_SIZES);
     const cowSectors = cowSectorsFor(chunkSize, this.originSectors);
+    // A reused device: an older store of this chunk size half the time (its areas where the new
+    // store's are), of any size otherwise.
+    const reused = this.settings.reusedCow
+      ? reusedCowImage({
+          sectors: cowSectors,
+          staleChunkSize: this.rng.chance(0.5) ? chunkSize : this.rng.pick(CHUNK_SIZES),
+          originSectors: this.originSectors,
+          seed: this.rng.u32(),
+        })
+      : null;
     const name = `snap${index}`;
     const snapshot: SnapshotModel = {
       index,
@@ -158,7 +193,7 @@ export class Workload {
       mergeDoneAt: Infinity,
       recordedAtMerge: null,
     };
-    const cow = await this.logged.create(this.dm, `cow${index}`, cowSectors, null, snapshot);
+    const cow = await this.logged.create(this.dm, `cow${index}`, cowSectors, reused, snapshot);
     // Nothing is in flight between operations: the origin's content is its acknowledged writes.
     for (let sector = 0; sector < this.originSectors; sector++) {
       snapshot.pointInTime[sector] = this.model.expectedNow("origin", sector);
