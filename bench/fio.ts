@@ -17,6 +17,10 @@ export interface FioJob {
   iodepth: number;
   /** Run for this long (time_based), or, when absent, one pass over the whole device. */
   runtimeMs?: number;
+  /** Sequential I/O with holes: bytes skipped after each I/O (fio's rw=write:N). */
+  skip?: number;
+  /** Stop after this many I/Os (fio's number_ios). */
+  numberIos?: number;
 }
 
 export interface FioResult {
@@ -33,7 +37,7 @@ export interface FioResult {
 export function fioArgs(target: FioTarget, job: FioJob): string[] {
   const args = [
     `--name=${job.name}`,
-    `--rw=${job.rw}`,
+    `--rw=${job.rw}${job.skip ? `:${job.skip}` : ""}`,
     `--bs=${job.blockSize}`,
     `--iodepth=${job.iodepth}`,
     "--numjobs=1",
@@ -43,6 +47,7 @@ export function fioArgs(target: FioTarget, job: FioJob): string[] {
     args.push("--time_based", `--runtime=${Math.max(1, Math.round(job.runtimeMs))}ms`);
     if (job.rw.startsWith("rand")) args.push("--norandommap");
   }
+  if (job.numberIos !== undefined) args.push(`--number_ios=${job.numberIos}`);
   // A pass (no runtime) keeps fio's random map: every block exactly once, in a seeded random order.
   if (target.engine === "nbd") args.push("--ioengine=nbd", `--uri=${target.uri}`);
   else

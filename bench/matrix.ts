@@ -16,6 +16,10 @@
  * write" (one pass of 4 KiB random writes at QD 16 over every block of a fresh snapshot / overlay:
  * every chunk is copied) and "rewrite" (the same pass again: nothing left to copy).
  *
+ * Writable overlays (issue 17, bench/overlay.ts): udm snapshots without a snapshot-origin (chunk 8
+ * and 128) as overlays of the data file, with their own workloads, also run by nbdkit's cow
+ * filter, the qcow2 overlays and udm linear; `--configs overlays --only overlays` runs just those.
+ *
  * Repetitions run in rounds: every configuration once per round (server started, data file
  * written, one repetition of each workload, server stopped), so the ratios of round n compare
  * figures taken minutes apart, not a quarter of an hour.
@@ -31,6 +35,17 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { type FioJob, type FioResult, type FioTarget, runFio } from "./fio.js";
+import {
+  cowBytesFor,
+  OVERLAY_CONFIGS,
+  OVERLAY_DESCRIPTION,
+  OVERLAY_WORKLOADS,
+  type OverlayKey,
+  overlayCpuTable,
+  overlayTable,
+  overlayTargets,
+  runOverlayPhases,
+} from "./overlay.js";
 import { REMOTE_CONFIGS, remoteTargets } from "./remote.js";
 import { bytesText, fmt, GiB, KiB, markdownTable, MiB, replaceSection } from "./format.js";
 import { type Filesystem, filesystemOf, fillFile, median, pickDataDir } from "./micro.js";
@@ -50,7 +65,15 @@ import {
 
 // ---- workloads ----
 
-export type WorkloadKey = "seqread" | "seqwrite" | "randread" | "randwrite" | "firstwrite" | "rewrite";
+export type WorkloadKey =
+  | "seqread"
+  | "seqwrite"
+  | "randread"
+  | "randwrite"
+  | "firstwrite"
+  | "rewrite"
+  // issue 17's overlay workloads (bench/overlay.ts)
+  | OverlayKey;
 
 export interface MatrixWorkload {
   key: WorkloadKey;
@@ -62,6 +85,10 @@ export interface MatrixWorkload {
   unit: "MiB/s" | "IOPS";
   /** One pass over the whole device (first write, rewrite) rather than a time-based run. */
   pass: boolean;
+  /** One of the overlay workloads (bench/overlay.ts), run in its phases rather than with these. */
+  overlay?: boolean;
+  /** Bytes skipped after each I/O of a sequential pass (fio's rw=write:N): one I/O per stride. */
+  skip?: number;
 }
 
 export const MATRIX_WORKLOADS: readonly MatrixWorkload[] = [
@@ -106,7 +133,7 @@ export const MATRIX_WORKLOADS: readonly MatrixWorkload[] = [
 ];
 
 const STANDARD: readonly WorkloadKey[] = ["seqread", "seqwrite", "randread", "randwrite"];
-const workload = (key: WorkloadKey) => MATRIX_WORKLOADS.find((w) => w.key === key)!;
+const workload = (key: WorkloadKey) => [...MATRIX_WORKLOADS, ...OVERLAY_WORKLOADS].find((w) => w.key === key)!;
 
 // ---- configurations ----
 
@@ -123,6 +150,8 @@ interface ConfigContext {
   profileDir?: string;
   profileName: string;
   udmdArgs?: string[];
+  /** The udmd.js to run (default: this checkout's dist/). */
+  udmd?: string;
 }
 
 interface ConfigInstance {
@@ -139,8 +168,14 @@ export interface MatrixConfig {
   passes: boolean;
   /** The configuration whose work per server core this one is set against. */
   perCoreRef?: string;
+  /** Runs issue 8's workloads (default true; false: only the overlay ones). */
+  matrixWorkloads?: boolean;
+  /** Its part in the overlay rows (bench/overlay.ts): a peer, a udm overlay, or the udm linear reference. */
+  overlay?: OverlayRole;
   open(ctx: ConfigContext): Promise<ConfigInstance>;
 }
+
+export type OverlayRole = "peer" | "udm" | "linear";
 
 function fixed(r: Running, close: () => Promise<void> = async () => undefined): ConfigInstance {
   return { running: () => r, fresh: async () => undefined, close };
@@ -199,14 +234,9 @@ function qcow2(clusterBytes: number) {
 
 const SECTOR = 512;
 
-/** COW bytes that can never overflow for `chunks` chunks of `chunkBytes` (docs/snapshot.md, Sizing). */
-function cowBytesFor(chunks: number, chunkBytes: number): number {
-  const perArea = chunkBytes / 16;
-  return (1 + Math.ceil((chunks + 1) / perArea) + chunks) * chunkBytes;
-}
-
 async function udmd(ctx: ConfigContext): Promise<Udmd> {
   return startUdmd(path.join(ctx.dir, "udm-run"), {
+    udmd: ctx.udmd,
     args: ctx.udmdArgs,
     profileDir: ctx.profileDir,
     profileName: ctx.profileName,
@@ -310,6 +340,7 @@ export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
     id: "nbdkit-cow",
     label: "nbdkit cow filter (64 KiB blocks)",
     passes: true,
+    overlay: "peer",
     // The overlay is a temporary file: put it next to the data file (TMPDIR), not on tmpfs.
     open: restarting((ctx) =>
       startNbdkit(path.join(ctx.dir, "nbdkit.sock"), ["--filter=cow", "file", ctx.data], { TMPDIR: ctx.dir }),
@@ -319,6 +350,7 @@ export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
     id: "qcow2-4k",
     label: "qemu-nbd qcow2 overlay, 4 KiB clusters",
     passes: true,
+    overlay: "peer",
     perCoreRef: "nbdkit-cow",
     open: qcow2(4 * KiB),
   },
@@ -326,10 +358,18 @@ export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
     id: "qcow2-64k",
     label: "qemu-nbd qcow2 overlay, 64 KiB clusters",
     passes: true,
+    overlay: "peer",
     perCoreRef: "nbdkit-cow",
     open: qcow2(64 * KiB),
   },
-  { id: "udm-linear", label: "udm linear", passes: true, perCoreRef: "nbdkit-file", open: udmLinear() },
+  {
+    id: "udm-linear",
+    label: "udm linear",
+    passes: true,
+    perCoreRef: "nbdkit-file",
+    overlay: "linear",
+    open: udmLinear(),
+  },
   {
     id: "udm-snap-4k",
     label: "udm snapshot-origin, 1 snapshot, chunk 8 (4 KiB)",
@@ -360,6 +400,8 @@ export const MATRIX_CONFIGS: readonly MatrixConfig[] = [
     perCoreRef: "nbdkit-cow",
     open: udmSnapshots(1, 8, "N"),
   },
+  // Writable overlays of a base image (issue 17): a snapshot without a snapshot-origin (bench/overlay.ts).
+  ...OVERLAY_CONFIGS,
   // Remote devices (issue 20): tables over an NBD export, against fio straight to it (bench/remote.ts).
   ...REMOTE_CONFIGS,
 ];
@@ -388,6 +430,7 @@ export interface ConfigResult {
   id: string;
   label: string;
   perCoreRef?: string;
+  overlay?: OverlayRole;
   figures: Partial<Record<WorkloadKey, Figure>>;
   /** Lowest and highest 1-minute load average at the start and end of this configuration's rounds. */
   load: [number, number];
@@ -424,6 +467,8 @@ export interface MatrixOptions {
   profileDir?: string;
   /** Extra udmd arguments: tuning flags for an A/B run (--no-inline-reads, --no-write-plug, --no-zero-copy). */
   udmdArgs?: string[];
+  /** Another udm checkout whose dist/ udmd runs instead of this one's (a before/after run). */
+  udmDir?: string;
   /**
    * Configurations run at the same time (default 1). Only for smoke runs: concurrent
    * configurations compete for the machine, so their figures are not comparable.
@@ -497,21 +542,29 @@ function newestSource(dir: string): number {
   return newest;
 }
 
-/** Build dist/ (tsc -p tsconfig.build.json) when udmd.js is missing or older than the sources. */
-export function ensureBuilt(log: (m: string) => void): void {
-  const built = fs.existsSync(UDMD) ? fs.statSync(UDMD).mtimeMs : 0;
+/** The udmd.js of the checkout at `root`. */
+export const udmdOf = (root: string) => path.join(root, path.relative(ROOT, UDMD));
+
+/**
+ * Build `root`'s dist/ (tsc -p tsconfig.build.json) when its udmd.js is missing or older than its
+ * sources (default root: this checkout).
+ */
+export function ensureBuilt(log: (m: string) => void, root = ROOT): void {
+  const udmd = udmdOf(root);
+  const built = fs.existsSync(udmd) ? fs.statSync(udmd).mtimeMs : 0;
   const sources = Math.max(
-    fs.statSync(path.join(ROOT, "index.ts")).mtimeMs,
-    ...["core", "targets", "dmsetup"].map((d) => newestSource(path.join(ROOT, d))),
+    fs.statSync(path.join(root, "index.ts")).mtimeMs,
+    ...["core", "targets", "dmsetup"].map((d) => newestSource(path.join(root, d))),
   );
   if (built >= sources) return;
+  const dist = root === ROOT ? "dist/" : `${path.join(root, "dist")}/`;
   log(
     built
-      ? "dist/ is older than the sources: building (tsc -p tsconfig.build.json)"
-      : "building dist/ (tsc -p tsconfig.build.json)",
+      ? `${dist} is older than the sources: building (tsc -p tsconfig.build.json)`
+      : `building ${dist} (tsc -p tsconfig.build.json)`,
   );
-  const tsc = path.join(ROOT, "node_modules/typescript/bin/tsc");
-  const r = spawnSync(process.execPath, [tsc, "-p", "tsconfig.build.json"], { cwd: ROOT, encoding: "utf8" });
+  const tsc = path.join(root, "node_modules/typescript/bin/tsc");
+  const r = spawnSync(process.execPath, [tsc, "-p", "tsconfig.build.json"], { cwd: root, encoding: "utf8" });
   if (r.status !== 0) {
     if (!built) throw new Error(`build failed:\n${r.stdout}${r.stderr}`);
     log(`build failed, benchmarking the existing dist/:\n${r.stdout}${r.stderr}`);
@@ -535,12 +588,18 @@ function summarise(w: MatrixWorkload, reps: MatrixRep[]): Figure {
   };
 }
 
+/** --configs overlays, --only overlays: issue 17's overlay rows (bench/overlay.ts). */
+const OVERLAYS = "overlays";
+
 function selected(opts: MatrixOptions): { configs: MatrixConfig[]; workloads: MatrixWorkload[] } {
-  // Each wanted name picks the configuration with that id, or else every id containing it.
+  // Each wanted name picks the configuration with that id, or else every id containing it;
+  // "overlays" picks every configuration of the overlay rows.
   const picks = (want: string) =>
-    MATRIX_CONFIGS.some((c) => c.id === want)
-      ? (c: MatrixConfig) => c.id === want
-      : (c: MatrixConfig) => c.id.includes(want);
+    want === OVERLAYS
+      ? (c: MatrixConfig) => c.overlay !== undefined
+      : MATRIX_CONFIGS.some((c) => c.id === want)
+        ? (c: MatrixConfig) => c.id === want
+        : (c: MatrixConfig) => c.id.includes(want);
   const configs = opts.configs?.length
     ? MATRIX_CONFIGS.filter((c) => opts.configs!.some((want) => picks(want)(c)))
     : [...MATRIX_CONFIGS];
@@ -549,11 +608,12 @@ function selected(opts: MatrixOptions): { configs: MatrixConfig[]; workloads: Ma
       `no configuration matches ${opts.configs!.join(", ")} (${MATRIX_CONFIGS.map((c) => c.id).join(", ")})`,
     );
   const only = opts.only?.toLowerCase();
+  const all = [...MATRIX_WORKLOADS, ...OVERLAY_WORKLOADS];
   const workloads = only
-    ? MATRIX_WORKLOADS.filter((w) => w.name.toLowerCase().includes(only) || w.key === only)
-    : [...MATRIX_WORKLOADS];
+    ? all.filter((w) => w.name.toLowerCase().includes(only) || w.key === only || (only === OVERLAYS && w.overlay))
+    : all;
   if (workloads.length === 0)
-    throw new Error(`no workload matches ${opts.only} (${MATRIX_WORKLOADS.map((w) => w.name).join(", ")})`);
+    throw new Error(`no workload matches ${opts.only} (${all.map((w) => w.name).join(", ")}, ${OVERLAYS})`);
   return { configs, workloads };
 }
 
@@ -585,6 +645,7 @@ async function runConfig(
     profileDir: opts.profileDir,
     profileName: `udmd-${config.id}-${Date.now()}.cpuprofile`,
     udmdArgs: opts.udmdArgs,
+    udmd: opts.udmDir ? udmdOf(path.resolve(opts.udmDir)) : undefined,
   });
   try {
     const measure = async (w: MatrixWorkload, runtimeMs: number | undefined, label = w.name): Promise<MatrixRep> => {
@@ -594,7 +655,16 @@ async function runConfig(
       try {
         r = await runFio(
           target,
-          { name: w.key, rw: w.rw, blockSize: w.blockSize, iodepth: w.iodepth, runtimeMs },
+          {
+            name: w.key,
+            rw: w.rw,
+            blockSize: w.blockSize,
+            iodepth: w.iodepth,
+            runtimeMs,
+            skip: w.skip,
+            // A pass with holes ends at the end of the device, not after `size` bytes (fio wraps around).
+            numberIos: w.skip && runtimeMs === undefined ? Math.ceil(fileBytes / (w.blockSize + w.skip)) : undefined,
+          },
           scratch,
         );
       } catch (err) {
@@ -610,7 +680,8 @@ async function runConfig(
       }
       return { ...r, serverCpu };
     };
-    const pass = workloads.filter((w) => w.pass);
+    const matrixSet = config.matrixWorkloads === false ? [] : workloads.filter((w) => !w.overlay);
+    const pass = matrixSet.filter((w) => w.pass);
     if (config.passes && pass.length) {
       if (opts.warmupMs > 0) {
         await inst.fresh();
@@ -623,13 +694,23 @@ async function runConfig(
       log(`matrix: ${config.label}: first write ${fmt(first.mibps)} MiB/s, rewrite ${fmt(again.mibps)} MiB/s (${of})`);
       for (const w of pass) figures[w.key] = summarise(w, [w.key === "firstwrite" ? first : again]);
     }
-    for (const w of workloads.filter((x) => !x.pass)) {
-      if (opts.warmupMs > 0) await measure(w, opts.warmupMs, `${w.name} warm-up`);
-      const r = await measure(w, opts.runtimeMs);
+    const report = (w: MatrixWorkload, r: MatrixRep) => {
       const f = (figures[w.key] = summarise(w, [r]));
       log(
         `matrix: ${config.label}: ${w.name}: ${w.unit === "IOPS" ? fmt(r.iops, 0) : fmt(r.mibps)} ${w.unit}${f.cpuPerGiB !== null ? `, server CPU ${fmt(f.cpuPerGiB, 2)} s/GiB` : ""} (${of})`,
       );
+    };
+    for (const w of matrixSet.filter((x) => !x.pass)) {
+      if (opts.warmupMs > 0) await measure(w, opts.warmupMs, `${w.name} warm-up`);
+      report(w, await measure(w, opts.runtimeMs));
+    }
+    const overlaySet = config.overlay ? workloads.filter((w) => w.overlay) : [];
+    if (overlaySet.length) {
+      const reps = await runOverlayPhases(
+        { fresh: () => inst.fresh(), measure, warmupMs: opts.warmupMs, runtimeMs: opts.runtimeMs },
+        overlaySet,
+      );
+      for (const w of overlaySet) report(w, reps.get(w.key as OverlayKey)!);
     }
   } finally {
     await inst.close();
@@ -638,6 +719,7 @@ async function runConfig(
     id: config.id,
     label: config.label,
     perCoreRef: config.perCoreRef,
+    overlay: config.overlay,
     figures,
     load: [load0, os.loadavg()[0]!],
     seconds: (performance.now() - t0) / 1000,
@@ -721,7 +803,7 @@ export async function runMatrix(opts: MatrixOptions): Promise<MatrixResult> {
       qemu: toolVersion("qemu-nbd").replace(/^qemu-nbd /, ""),
     },
     load: [loadBefore, os.loadavg()[0]!],
-    udmdEnv: `UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}${opts.udmdArgs?.length ? `, udmd ${opts.udmdArgs.join(" ")}` : ""}`,
+    udmdEnv: `${opts.udmDir ? `udm checkout ${path.resolve(opts.udmDir)}, ` : ""}UV_THREADPOOL_SIZE=${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"}${process.env.UV_USE_IO_URING ? `, UV_USE_IO_URING=${process.env.UV_USE_IO_URING}` : ""}${opts.udmdArgs?.length ? `, udmd ${opts.udmdArgs.join(" ")}` : ""}`,
     configs: results,
     targets: matrixTargets(results),
     seconds: (performance.now() - started) / 1000,
@@ -843,6 +925,7 @@ export function matrixTargets(results: ConfigResult[]): TargetRow[] {
     g.threeVsOne,
     true,
   );
+  overlayTargets(by, compare);
   return rows;
 }
 
@@ -855,10 +938,13 @@ function cell(f: Figure | undefined, w: MatrixWorkload): string {
   return w.unit === "IOPS" ? fmt(f.iops, 0) : fmt(f.mibps);
 }
 
+/** The configurations that ran issue 8's workloads (the overlay-only ones have their own table). */
+const matrixRows = (r: MatrixResult) => r.configs.filter((c) => MATRIX_WORKLOADS.some((w) => c.figures[w.key]));
+
 export function matrixThroughputTable(r: MatrixResult): string {
   const ws = MATRIX_WORKLOADS;
   const header = ["Configuration", ...ws.map((w) => `${w.name} ${w.unit}`), "load avg"];
-  const rows = r.configs.map((c) => [
+  const rows = matrixRows(r).map((c) => [
     c.label,
     ...ws.map((w) => cell(c.figures[w.key], w)),
     `${fmt(c.load[0], 1)}–${fmt(c.load[1], 1)}`,
@@ -868,7 +954,7 @@ export function matrixThroughputTable(r: MatrixResult): string {
 
 export function matrixCpuTable(r: MatrixResult): string {
   const ws = MATRIX_WORKLOADS;
-  const servers = r.configs.filter((c) => Object.values(c.figures).some((f) => f?.cpuPerGiB !== null));
+  const servers = matrixRows(r).filter((c) => ws.some((w) => (c.figures[w.key]?.cpuPerGiB ?? null) !== null));
   const header = ["Server CPU s per GiB moved", ...ws.map((w) => w.name)];
   const rows = servers.map((c) => [
     c.label,
@@ -883,7 +969,7 @@ export function matrixCpuTable(r: MatrixResult): string {
 export function matrixPerCoreTable(r: MatrixResult): string {
   const ws = MATRIX_WORKLOADS;
   const by = (id: string) => r.configs.find((c) => c.id === id);
-  const servers = r.configs.filter((c) => Object.values(c.figures).some((f) => f?.perCore != null));
+  const servers = matrixRows(r).filter((c) => ws.some((w) => c.figures[w.key]?.perCore != null));
   const header = ["Work per server core (× its nbdkit)", ...ws.map((w) => `${w.name} ${w.unit}/core`)];
   const rows = servers.map((c) => [
     c.perCoreRef && by(c.perCoreRef) ? `${c.label} (vs ${by(c.perCoreRef)!.label})` : c.label,
@@ -922,20 +1008,20 @@ export function describeMatrixRun(r: MatrixResult, quick: boolean): string[] {
     `workloads: 1 MiB sequential read / write at QD 4 and 4 KiB random read / write at QD 16, time-based, ${o.runtimeMs / 1000} s per repetition${o.warmupMs ? ` after a ${o.warmupMs / 1000} s untimed warm-up` : ""}; first write: one pass of 4 KiB random writes at QD 16 over every 4 KiB block of the device in a random order (fio's random map), on a fresh snapshot / overlay each repetition (with 64 KiB chunks / clusters / blocks one write in 16 copies a chunk); rewrite: the same pass again; the COW configurations run the other workloads after these passes (every chunk copied)`,
     `servers: nbdkit file plugin (default: 16 threads; and --threads 4); nbdkit --filter=cow file (its default 64 KiB blocks, overlay in the data directory); qemu-nbd --persistent with its default cache (writeback) and aio (threads), on the raw file or on a qcow2 overlay (qemu-img create -f qcow2 -b data -F raw -o cluster_size=4096|65536, recreated each repetition); udmd from dist/ (node ${r.versions.node}, ${r.udmdEnv}), tables "linear" and "snapshot-origin" + persistent snapshots ("snapshot ... P 8|128", zeroed COW files, taken with suspend / create / resume; one transient "N 8" row for reference)`,
     `server CPU: utime + stime of the server process (all threads) from /proc/PID/stat before and after each job; work per core: MiB (or I/Os) moved per CPU second of the server, i.e. MiB/s (IOPS) per 100% of one core, set against nbdkit file (default threads) or, for the COW configurations, nbdkit's cow filter`,
+    ...(r.configs.some((c) => OVERLAY_WORKLOADS.some((w) => c.figures[w.key])) ? [OVERLAY_DESCRIPTION] : []),
     `in-process figures of the same engines (no NBD, no fio): sections "Buffered I/O", "O_DIRECT" and "Snapshots" of bench/results.md (bench/micro.ts, bench/snapshot.ts)`,
   ];
 }
 
 export function matrixReport(r: MatrixResult): string {
+  const overlay = overlayTable(r);
+  const overlayCpu = overlayCpuTable(r);
+  const issue8 = matrixRows(r).length
+    ? ["Throughput:", "", matrixThroughputTable(r), "", matrixCpuTable(r), "", matrixPerCoreTable(r), ""]
+    : [];
   return [
-    "Throughput:",
-    "",
-    matrixThroughputTable(r),
-    "",
-    matrixCpuTable(r),
-    "",
-    matrixPerCoreTable(r),
-    "",
+    ...issue8,
+    ...(overlay ? ["Writable overlays (issue 17):", "", overlay, "", overlayCpu!, ""] : []),
     matrixTargetTable(r),
   ].join("\n");
 }

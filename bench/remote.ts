@@ -48,6 +48,7 @@ export const REMOTE_CONFIGS: readonly MatrixConfig[] = [
     open: async (ctx) => {
       const lower = await nbdkitUnder(ctx.dir, ctx.data, false);
       const d = await startUdmd(path.join(ctx.dir, "udm-run"), {
+        udmd: ctx.udmd,
         args: ctx.udmdArgs,
         profileDir: ctx.profileDir,
         profileName: ctx.profileName,
@@ -74,6 +75,7 @@ export const REMOTE_CONFIGS: readonly MatrixConfig[] = [
     open: async (ctx) => {
       const lower = await nbdkitUnder(ctx.dir, ctx.data, true);
       const d = await startUdmd(path.join(ctx.dir, "udm-run"), {
+        udmd: ctx.udmd,
         args: ctx.udmdArgs,
         profileDir: ctx.profileDir,
         profileName: ctx.profileName,

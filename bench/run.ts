@@ -18,11 +18,16 @@
  *   --no-snapshot  skip the snapshot benchmarks (bench/snapshot.ts), which otherwise run after the
  *                  micro-benchmark (not with --only); a full run records them in results.md too
  *   --matrix       run only the benchmark matrix (bench/matrix.ts: udm over NBD against nbdkit,
- *                  qemu-nbd and the raw file, driven by fio; ~20 minutes in full). --quick runs
+ *                  qemu-nbd and the raw file, driven by fio; ~30 minutes in full). --quick runs
  *                  a tiny matrix after the micro and snapshot benchmarks (--no-matrix skips it);
  *                  with --matrix, --size / --seconds / --reps / --dir / --only apply to the matrix
  *   --configs LIST matrix configurations to run (comma-separated ids or parts of ids, e.g.
- *                  udm-linear,nbdkit-file; default all)
+ *                  udm-linear,nbdkit-file; default all); "overlays" names issue 17's overlay
+ *                  rows (nbdkit-cow, qcow2-4k, qcow2-64k, udm-linear, udm-overlay-4k and -64k:
+ *                  bench/overlay.ts), and --only overlays runs only their workloads
+ *   --udm-dir DIR  matrix: run the udmd of another udm checkout (DIR/dist/, built when older than
+ *                  DIR's sources), e.g. a git worktree of an older commit for a before/after run;
+ *                  such runs are never recorded
  *   --profile DIR  matrix: start udmd under node --cpu-prof, profiles in DIR (bench/profile-top.ts)
  *   --no-build     matrix: do not rebuild dist/ when it is older than the sources
  *   --no-inline-reads, --no-write-plug, --no-zero-copy
@@ -224,6 +229,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       dir: { type: "string" },
       only: { type: "string" },
       configs: { type: "string" },
+      "udm-dir": { type: "string" },
       profile: { type: "string" },
       "in-process": { type: "boolean", default: false },
       loader: { type: "string", default: "tsc" },
@@ -267,9 +273,10 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       only: alone ? values.only : undefined,
       profileDir: values.profile,
       udmdArgs,
+      udmDir: values["udm-dir"],
       log: out.stderr,
     };
-    if (values.build) ensureBuilt(out.stderr);
+    if (values.build) ensureBuilt(out.stderr, values["udm-dir"] ? path.resolve(values["udm-dir"]) : undefined);
     const result = await runMatrix(opts);
     const description = describeMatrixRun(result, quick);
     const report = matrixReport(result);
@@ -288,6 +295,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       !values.configs &&
       !values.profile &&
       !values.dir &&
+      !values["udm-dir"] &&
       !tuned;
     if (alone && defaultRun) {
       const file = path.join(import.meta.dirname, "results.md");

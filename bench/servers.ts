@@ -187,17 +187,19 @@ export interface Udmd extends Server {
 }
 
 /**
- * The built udmd (dist/) on `runDir`, run by this Node, as users run it, with `args` added (tuning
- * flags such as --no-write-plug). With `profileDir` it is started with `node --cpu-prof`, and
- * writes its profile there when stopped.
+ * The built udmd (dist/, or `udmd`: another checkout's udmd.js for a before/after run) on
+ * `runDir`, run by this Node, as users run it, with `args` added (tuning flags such as
+ * --no-write-plug). With `profileDir` it is started with `node --cpu-prof`, and writes its profile
+ * there when stopped.
  */
 export async function startUdmd(
   runDir: string,
-  opts: { args?: string[]; profileDir?: string; profileName?: string } = {},
+  opts: { udmd?: string; args?: string[]; profileDir?: string; profileName?: string } = {},
 ): Promise<Udmd> {
-  if (!fs.existsSync(UDMD))
+  const udmd = opts.udmd ?? UDMD;
+  if (!fs.existsSync(udmd))
     throw new Error(
-      `${path.relative(process.cwd(), UDMD)} is missing: build udm first (npx tsc -p tsconfig.build.json)`,
+      `${path.relative(process.cwd(), udmd)} is missing: build udm first (npx tsc -p tsconfig.build.json)`,
     );
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
   const prof = opts.profileDir
@@ -207,7 +209,7 @@ export async function startUdmd(
         `--cpu-prof-name=${opts.profileName ?? `udmd-${Date.now()}.cpuprofile`}`,
       ]
     : [];
-  const proc = spawnServer(process.execPath, [...prof, UDMD, "--run-dir", runDir, ...(opts.args ?? [])]);
+  const proc = spawnServer(process.execPath, [...prof, udmd, "--run-dir", runDir, ...(opts.args ?? [])]);
   const t = track("udmd", proc);
   const deadline = Date.now() + 15_000;
   while (!t.stderr().includes('"udmd started"')) {

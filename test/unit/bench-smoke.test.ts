@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { MATRIX_CONFIGS, MATRIX_WORKLOADS, matrixUnavailableReason } from "../../bench/matrix.js";
+import { OVERLAY_CONFIGS, OVERLAY_WORKLOADS } from "../../bench/overlay.js";
 import { main } from "../../bench/run.js";
 import { runSnapshotBenchmark, snapshotRows } from "../../bench/snapshot.js";
 import { skipOrFail } from "../support/requirements.js";
@@ -80,7 +81,10 @@ describe("benchmark matrix smoke", () => {
       expect(matrix.configs.map((c) => c.id)).toEqual(MATRIX_CONFIGS.map((c) => c.id));
       for (const c of matrix.configs) {
         const config = MATRIX_CONFIGS.find((x) => x.id === c.id)!;
-        const expected = MATRIX_WORKLOADS.filter((w) => config.passes || !w.pass).map((w) => w.key);
+        const expected = [
+          ...MATRIX_WORKLOADS.filter((w) => config.matrixWorkloads !== false && (config.passes || !w.pass)),
+          ...(config.overlay ? OVERLAY_WORKLOADS : []),
+        ].map((w) => w.key);
         expect(Object.keys(c.figures).sort(), c.id).toEqual([...expected].sort());
         for (const [key, f] of Object.entries(c.figures)) {
           expect(f.reps, `${c.id} ${key}`).toHaveLength(3);
@@ -92,12 +96,16 @@ describe("benchmark matrix smoke", () => {
           ).toBe(true);
         }
       }
-      // Every target was evaluated, issue 8's 14 and issue 20's 4 (bench/remote.ts); the verdicts
-      // themselves are not checked.
-      expect(matrix.targets).toHaveLength(14 + 4);
+      // Every target was evaluated, issue 8's 14, issue 20's 4 (bench/remote.ts) and, per udm
+      // overlay, issue 17's 9 against the best peer and 2 against udm linear (bench/overlay.ts);
+      // the verdicts themselves are not checked.
+      expect(matrix.targets).toHaveLength(14 + 4 + OVERLAY_CONFIGS.length * (OVERLAY_WORKLOADS.length + 2));
       for (const t of matrix.targets) expect(Number.isFinite(t.ratio) && t.ratio > 0, t.target).toBe(true);
       const text = printed.join("\n");
       expect(text).toMatch(/\| udm linear +\|/);
+      expect(text).toMatch(
+        /\| first 1 MiB sequential write into an empty overlay MiB\/s +\|.*\| +[0-9.]+× \([0-9.]+–[0-9.]+\) \|$/m,
+      );
       expect(text).toMatch(
         /\| first-write time, udm 3 snapshots \/ 1 snapshot \(chunk 8\) +\| [0-9.]+× \([0-9.]+–[0-9.]+\) +\| <= 1.7× \| (PASS|MISS) +\|/,
       );
