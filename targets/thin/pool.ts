@@ -76,8 +76,14 @@ export class Pool {
   private commitChain: Promise<void> = Promise.resolve();
   private pendingCommit: Promise<void> | null = null;
   private waker: { cancel(): void } | null = null;
-  /** Data blocks allocated whose mapping is not inserted yet (nor the block given back). */
-  private unsettled = 0;
+  /**
+   * Data blocks counted in the running transaction that no mapping refers to yet: allocated for
+   * a mapping not inserted yet (nor given back), or held for a discard passdown. A commit leaves
+   * them out of the committed space map, so a crash does not leak them.
+   */
+  private readonly inFlightBlocks = new Set<number>();
+  /** Data blocks unmapped since the last commit, to pass down once that is committed. */
+  private unmapped: number[] = [];
   /**
    * Out of metadata space, the metadata is made read-only once the blocks allocated before are
    * mapped and committed (the reserve is for them), so no block is left allocated and unmapped.
@@ -171,7 +177,7 @@ export class Pool {
 
   private sealWhenSettled(): void {
     this.sealing = true;
-    if (this.unsettled === 0) this.seal();
+    if (this.inFlightBlocks.size === 0) this.seal();
   }
 
   /** The last commit before the metadata goes read-only. */
@@ -189,8 +195,9 @@ export class Pool {
    * metadata block, the pool commits while the reserve is whole (and is then out of metadata
    * space), as alloc_data_block does after an allocation.
    */
-  settleDataBlock(): void {
-    if (--this.unsettled === 0 && this.sealing) this.seal();
+  settleDataBlock(b: number): void {
+    this.inFlightBlocks.delete(b);
+    if (this.inFlightBlocks.size === 0 && this.sealing) this.seal();
     else if (this.mode === "write") this.commitIfMetadataFull();
   }
 
@@ -242,14 +249,51 @@ export class Pool {
     if (this.worseThan("out-of-data-space") && !(this.mode === "out-of-metadata-space" && !this.pmd.readOnly)) {
       throw new PersistentDataError("pool is read-only", "EINVAL");
     }
+    const unmapped = this.unmapped;
+    this.unmapped = [];
+    let held: number[];
     try {
-      await this.pmd.commit();
+      held = await this.pmd.commitWithDataInFlight(unmapped);
     } catch (err) {
       await this.metadataFailed("dm_pool_commit_metadata", err);
       throw err;
     }
+    if (held.length > 0) void this.passDown(held);
     this.checkMetadataSpace();
     this.checkDataSpace();
+  }
+
+  // ---- discard passdown ----
+
+  /** Data blocks a discard unmapped: passed down once their unmapping is committed. */
+  queuePassdown(blocks: readonly number[]): void {
+    if (this.dataDevice.supportsDiscard) this.unmapped.push(...blocks);
+  }
+
+  /** Discard `held` (counted so that no one allocates them meanwhile), then give them back. */
+  private async passDown(held: number[]): Promise<void> {
+    for (const b of held) this.inFlightBlocks.add(b);
+    held.sort((a, b) => a - b);
+    for (let i = 0; i < held.length;) {
+      let j = i + 1;
+      while (j < held.length && held[j] === held[j - 1]! + 1) j++;
+      await this.discardData(held[i]!, held[j - 1]! + 1);
+      i = j;
+    }
+    for (const b of held) {
+      await this.pmd.decDataRange(b, b + 1).catch(() => {});
+      this.inFlightBlocks.delete(b);
+    }
+    if (this.inFlightBlocks.size === 0 && this.sealing) this.seal();
+  }
+
+  private discardData(begin: number, end: number): Promise<void> {
+    return new Promise((resolve) => {
+      const bio = new Bio("discard", this.sectorOf(begin), (end - begin) * this.blockSize, null, 0, {
+        bioDone: () => resolve(),
+      });
+      bio.submitTo(this.dataDevice);
+    });
   }
 
   /** Resolves once no commit is running or queued (a seal's commit, queued by a commit, included). */
@@ -294,7 +338,7 @@ export class Pool {
     }
     let b: number;
     try {
-      b = await this.pmd.allocDataBlock();
+      b = await this.pmd.allocDataBlock({ inFlight: true });
     } catch (err) {
       // The data space map's own ENOSPC; one from the metadata space map is a metadata failure.
       if (err instanceof PersistentDataError && err.errno === "ENOSPC" && this.pmd.freeDataBlocks() === 0) {
@@ -304,7 +348,7 @@ export class Pool {
       await this.metadataFailed("dm_pool_alloc_data_block", err);
       throw err;
     }
-    this.unsettled++;
+    this.inFlightBlocks.add(b);
     // The kernel counts the free blocks before it allocates (one worker, one block at a time);
     // here allocations run side by side, so the count is taken after, plus this block.
     this.checkLowWaterMark(this.pmd.freeDataBlocks() + 1);

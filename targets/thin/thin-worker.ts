@@ -14,7 +14,8 @@
  * - a flush commits the metadata when this device changed it (the commit flushes the data device
  *   first), else goes to the data device; a FUA write that changed metadata completes after a commit;
  * - a discard unmaps the whole blocks it covers once the I/O in flight to data blocks has finished
- *   (all_io_ds), and passes down to the data device the blocks no one references any more.
+ *   (all_io_ds); the blocks no one references any more go down to the data device once that
+ *   unmapping is committed.
  */
 import { Bio, type BioStatus } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
@@ -386,7 +387,7 @@ export class ThinWorker {
       await this.metadataFailed("dm_thin_insert_block", err, cell);
       return false;
     } finally {
-      this.pool.settleDataBlock();
+      this.pool.settleDataBlock(b);
     }
     if (this.highest === undefined || block > this.highest) this.highest = block;
     return true;
@@ -395,7 +396,7 @@ export class ThinWorker {
   /** The data I/O for a new block failed: the block goes back, the bios fail. */
   private async dataFailed(cell: Cell, b: number, status: BioStatus = "EIO"): Promise<void> {
     await this.pool.pmd.decDataRange(b, b + 1).catch(() => {});
-    this.pool.settleDataBlock();
+    this.pool.settleDataBlock(b);
     this.errorCell(cell, status);
   }
 
@@ -408,7 +409,7 @@ export class ThinWorker {
 
   // ---- discards ----
 
-  /** process_discard_bio: unmap the whole blocks the discard covers; pass down what is free now. */
+  /** process_discard_bio: unmap the whole blocks the discard covers; queue them for passdown. */
   private async processDiscard(bio: Bio): Promise<void> {
     const bs = this.blockSize;
     const begin = Math.ceil(bio.sector / bs);
@@ -440,35 +441,19 @@ export class ThinWorker {
     } catch (err) {
       return this.metadataFailed("dm_thin_remove_range", err, virt.cell);
     }
-    if (this.pool.features.discardPassdown) await this.passDown(runs);
+    if (this.pool.features.discardPassdown) this.passDown(runs);
     const [holder, ...waiting] = this.pool.prison.release(virt.cell);
     holder!.complete("ok");
     for (const w of waiting) this.reroute(w);
   }
 
-  /** Discard the data blocks of `runs` that no device (or snapshot) maps any more. */
-  private async passDown(runs: { begin: number; end: number; pool: number }[]): Promise<void> {
-    if (!this.pool.dataDevice.supportsDiscard) return;
-    for (const run of runs) {
-      let start = -1;
-      const last = run.pool + (run.end - run.begin);
-      for (let b = run.pool; b <= last; b++) {
-        const free = b < last && (await this.pool.pmd.dataBlockCount(b)) === 0;
-        if (free && start < 0) start = b;
-        if (!free && start >= 0) {
-          await this.discardData(start, b);
-          start = -1;
-        }
-      }
-    }
-  }
-
-  private discardData(begin: number, end: number): Promise<void> {
-    return new Promise((resolve) => {
-      const bio = new Bio("discard", this.pool.sectorOf(begin), (end - begin) * this.blockSize, null, 0, {
-        bioDone: () => resolve(),
-      });
-      bio.submitTo(this.pool.dataDevice);
-    });
+  /**
+   * The data blocks of `runs` go down to the data device once their unmapping is committed, those
+   * no device (or snapshot) maps then (the pool checks at its next commit).
+   */
+  private passDown(runs: { begin: number; end: number; pool: number }[]): void {
+    const blocks: number[] = [];
+    for (const run of runs) for (let i = 0; i < run.end - run.begin; i++) blocks.push(run.pool + i);
+    this.pool.queuePassdown(blocks);
   }
 }

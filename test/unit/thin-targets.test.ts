@@ -186,6 +186,32 @@ describe("thin", () => {
     expect((await snap.read(0, 6 * BS)).equals(pattern(9, 6 * BLOCK))).toBe(true);
   });
 
+  it("a discard's data blocks go down to the data device once the unmapping is committed, only those no one maps", async () => {
+    const { dm, backing } = testMapper();
+    backing.memory("meta", 8 * MiB);
+    const data = backing.add("data", new ControlledDevice(64 * BS, { name: "data" }));
+    await dm.create("pool", { table: `0 ${64 * BS} thin-pool meta data ${BS} 0` });
+    await dm.message("pool", 0, "create_thin 1");
+    await dm.create("t", { table: `0 ${16 * BS} thin /dev/mapper/pool 1` });
+    const t = dm.open("t");
+    await t.write(0, pattern(11, 4 * BLOCK));
+    await dm.suspend("t");
+    await dm.message("pool", 0, "create_snap 2 1");
+    await dm.resume("t");
+    await t.write(2 * BS, pattern(12, BLOCK)); // block 2 is the origin's own now
+    const discards = () => data.log.filter((r) => r.op === "discard");
+    await t.discard(0, 4 * BS);
+    expect(discards()).toHaveLength(0);
+    await t.flush(); // commits the unmapping
+    // Only the copy of block 2: blocks 0, 1 and 3 are still the snapshot's.
+    expect(discards().map((r) => [r.sector, r.sectors])).toEqual([[4 * BS, BS]]);
+    const snap = await (async () => {
+      await dm.create("snap", { table: `0 ${16 * BS} thin /dev/mapper/pool 2` });
+      return dm.open("snap");
+    })();
+    expect((await snap.read(0, 4 * BS)).equals(pattern(11, 4 * BLOCK))).toBe(true);
+  });
+
   it("out of data space: error_if_no_space fails the write with ENOSPC", async () => {
     const { dm, thin } = await setup({ dataBlocks: 2, features: " 1 error_if_no_space" });
     await dm.message("pool", 0, "create_thin 1");

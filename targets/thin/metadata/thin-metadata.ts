@@ -99,6 +99,12 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
   private readonly devices = new Map<number, ThinDevice>();
   /** Metadata blocks kept back from what is reported free (commit overhead). */
   private metadataReserve = 0;
+  /**
+   * Data blocks counted in the running transaction that no mapping refers to yet: allocated with
+   * `inFlight` and not inserted (nor given back), or held for a discard passdown. The pool's
+   * commits leave them out (commitWithDataInFlight).
+   */
+  private readonly inFlight = new Set<number>();
   private failIo = false;
   /** Something changed since the pool was opened (commit is a no-op until then). */
   private inService = false;
@@ -261,8 +267,40 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
   commit(): Promise<void> {
     return this.lock.write(async () => {
       this.checkUsable();
-      await this.commitTransaction();
-      await this.beginTransaction();
+      await this.commitLeavingOutInFlight();
+    });
+  }
+
+  /** Commit and begin the next transaction, with the data blocks in flight left out. */
+  private async commitLeavingOutInFlight(): Promise<void> {
+    const counted: number[] = [];
+    for (const b of this.inFlight) if ((await this.dataSm.getCount(b)) > 0) counted.push(b);
+    for (const b of counted) await this.dataSm.dec(b);
+    await this.commitTransaction();
+    await this.beginTransaction();
+    for (const b of counted) await this.dataSm.inc(b);
+  }
+
+  /**
+   * A commit for a pool with data blocks in flight: they are left out of the committed data space
+   * map and counted again in the new transaction, so a crash after this commit leaks none of them.
+   * Of `unmapped` (data blocks unmapped since the last commit), those no mapping refers to once
+   * the commit is done are counted again, held for their discard (in flight), and returned: the
+   * caller discards them and gives them back (`decDataRange`). Passing a block down before its
+   * unmapping is committed could discard data the last commit still maps in another device.
+   */
+  commitWithDataInFlight(unmapped: readonly number[]): Promise<number[]> {
+    return this.lock.write(async () => {
+      this.checkUsable();
+      await this.commitLeavingOutInFlight();
+      const held: number[] = [];
+      for (const b of unmapped) {
+        if ((await this.dataSm.getCount(b)) !== 0) continue;
+        await this.dataSm.inc(b);
+        this.inFlight.add(b);
+        held.push(b);
+      }
+      return held;
     });
   }
 
@@ -274,6 +312,7 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
     return this.lock.write(async () => {
       this.checkUsable();
       for (const td of this.devices.values()) td.abortedWithChanges = td.changed;
+      this.inFlight.clear();
       this.bm.reset();
       this.tm.reset();
       try {
@@ -301,7 +340,7 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
     return this.lock.write(async () => {
       const open = [...this.devices.values()].filter((td) => td.openCount > 0).length;
       if (open > 0) throw pdError("EBUSY", `attempt to close pmd when ${open} device(s) are still open`);
-      if (!this.failIo && !this.bm.readOnly) await this.commitTransaction();
+      if (!this.failIo && !this.bm.readOnly) await this.commitLeavingOutInFlight();
     });
   }
 
@@ -457,6 +496,7 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
       this.root = r.root;
       td.changed = true;
       if (r.inserted) td.mappedBlocks++;
+      this.inFlight.delete(dataBlock);
     });
   }
 
@@ -506,9 +546,17 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
 
   // ---- data blocks ----
 
-  /** dm_pool_alloc_data_block: a free data block, counted once (ENOSPC when there is none). */
-  allocDataBlock(): Promise<number> {
-    return this.change(() => this.dataSm.newBlock());
+  /**
+   * dm_pool_alloc_data_block: a free data block, counted once (ENOSPC when there is none). With
+   * `inFlight`, commitWithDataInFlight leaves it out until it is mapped (insertBlock) or given
+   * back (decDataRange).
+   */
+  allocDataBlock(opts: { inFlight?: boolean } = {}): Promise<number> {
+    return this.change(async () => {
+      const b = await this.dataSm.newBlock();
+      if (opts.inFlight) this.inFlight.add(b);
+      return b;
+    });
   }
 
   /** dm_pool_block_is_shared */
@@ -528,7 +576,10 @@ export class ThinPoolMetadata implements ThinDeviceOwner {
 
   decDataRange(begin: number, end: number): Promise<void> {
     return this.change(async () => {
-      for (let b = begin; b < end; b++) await this.dataSm.dec(b);
+      for (let b = begin; b < end; b++) {
+        await this.dataSm.dec(b);
+        this.inFlight.delete(b);
+      }
     });
   }
 
