@@ -2,9 +2,9 @@
  * The seeded thin workload: a pool on log-writes devices (metadata and data, each over a recorded
  * RAM disk), thin volumes and their snapshots taking batches of concurrent writes (some FUA, some
  * whole blocks), discards, reads and flushes; snapshot creation with the origin suspended around
- * `create_snap` (and I/O to the other volumes meanwhile), volume deletion, suspends with I/O in
- * flight, and the pool's periodic commit fired with I/O in flight. Every operation is followed by
- * a `mark op<n>` to both log-writes devices.
+ * `create_snap` (and I/O to the other volumes meanwhile), volume deletion, suspends of a volume
+ * or of the pool with I/O in flight, and the pool's periodic commit fired with I/O in flight.
+ * Every operation is followed by a `mark op<n>` to both log-writes devices.
  */
 import { SECTOR_SIZE } from "../../core/bio.js";
 import type { DeviceMapper } from "../../core/device-mapper.js";
@@ -92,6 +92,7 @@ export class ThinWorkload {
       ["io", 55],
       ["flush", 8],
       ["suspend", 4],
+      ["pool-suspend", 3],
       ["commit", 6],
       ["thin", room ? 2 : 0],
       ["snap", room ? 8 : 0],
@@ -110,6 +111,9 @@ export class ThinWorkload {
       }
       case "suspend":
         desc = await this.suspendWithIo(live);
+        break;
+      case "pool-suspend":
+        desc = await this.suspendPoolWithIo(live);
         break;
       case "commit":
         desc = await this.periodicCommit(live);
@@ -226,6 +230,22 @@ export class ThinWorkload {
     await this.dm.resume(volume.name);
     await Promise.all([...first.done, ...second.done]);
     return `suspend ${volume.name}${withIo([...first.desc, ...second.desc])}`;
+  }
+
+  /**
+   * The pool suspended and resumed with I/O to the volumes in flight and arriving: the pool
+   * suspends its thin devices first and commits (dm-thin.c: pool_presuspend, pool_postsuspend).
+   */
+  private async suspendPoolWithIo(live: ThinVolume[]): Promise<string> {
+    this.stats.suspends++;
+    const busy: BusyRanges = new Map();
+    const first = this.io.start(live, this.rng.range(1, 4), busy);
+    const suspended = this.dm.suspend(POOL_NAME);
+    const second = this.io.start(live, this.rng.range(0, 3), busy);
+    await suspended;
+    await this.dm.resume(POOL_NAME);
+    await Promise.all([...first.done, ...second.done]);
+    return `suspend the pool${withIo([...first.desc, ...second.desc])}`;
   }
 
   /**
