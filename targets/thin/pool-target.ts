@@ -52,6 +52,8 @@ export class ThinPoolTarget extends Target {
   private dataDev!: BlockDevice;
   private lowWaterBlocks = 0;
   private requested!: PoolFeatures;
+  /** The features the pool gets at resume (pt->adjusted_pf): the requested ones, less what the devices cannot do. */
+  private adjusted!: PoolFeatures;
 
   constructor(
     private readonly devices: DeviceLookup,
@@ -94,8 +96,14 @@ export class ThinPoolTarget extends Target {
     this.pool = pool;
     this.lowWaterBlocks = lowWaterBlocks;
     this.requested = parsed.features;
+    this.adjusted = { ...parsed.features };
+    // disable_passdown_if_not_supported: the status then says no_discard_passdown.
+    if (this.adjusted.discardPassdown && !this.dataDev.supportsDiscard) {
+      this.logger.warn(`Data device (${this.dataDev.displayName}) discard unsupported: Disabling discard passdown.`);
+      this.adjusted.discardPassdown = false;
+    }
     this.numFlushBios = 1;
-    if (parsed.features.discardEnabled && parsed.features.discardPassdown) this.numDiscardBios = 1;
+    if (this.adjusted.discardEnabled && this.adjusted.discardPassdown) this.numDiscardBios = 1;
     pool.pmd.registerMetadataThreshold(metadataLowWater(this.metadataBlocks()), () => {
       this.logger.warn(`${pool.name}: reached low water mark for metadata device: sending event.`);
       pool.event();
@@ -173,7 +181,7 @@ export class ThinPoolTarget extends Target {
     await pool.commitsDone();
     pool.control = this.table;
     pool.controlLen = this.len;
-    pool.features = { ...this.requested };
+    pool.features = { ...this.adjusted };
     pool.lowWaterBlocks = this.lowWaterBlocks;
     pool.setMode(this.requested.readOnly ? "read-only" : "write");
     if (pool.mode === "fail") return;

@@ -44,6 +44,21 @@ describe("thin-pool", () => {
     expect(status).toMatch(/^0 \d+\/2048 0\/256 - rw discard_passdown error_if_no_space - 512 $/);
   });
 
+  it("a data device that cannot discard turns discard passdown off: the status says so, the table keeps what was asked", async () => {
+    const { dm, backing } = testMapper();
+    backing.memory("meta", 8 * MiB);
+    backing.add("data", new ControlledDevice(64 * BS, { name: "data", supportsDiscard: false }));
+    await dm.create("pool", { table: `0 ${64 * BS} thin-pool meta data ${BS} 0` });
+    expect(dm.status("pool")[0]!.params).toMatch(/ rw no_discard_passdown queue_if_no_space /);
+    expect(dm.tableText("pool")).toBe(`0 ${64 * BS} thin-pool meta data ${BS} 0 0 \n`);
+    await dm.message("pool", 0, "create_thin 1");
+    await dm.create("t", { table: `0 ${16 * BS} thin /dev/mapper/pool 1` });
+    const t = dm.open("t");
+    await t.write(0, pattern(1, BLOCK));
+    await t.discard(0, BS); // still unmaps
+    expect(dm.status("t")[0]!.params).toBe("0 -");
+  });
+
   it("constructor errors use the kernel's strings", async () => {
     const { dm, backing } = testMapper();
     backing.memory("m", 8 * MiB);
