@@ -7,11 +7,11 @@
  * data at creation plus its own durable writes (docs/testing.md, "Crash runs of thin pools").
  *
  * The seed is printed; `UDM_CRASH_SEED=<seed>` repeats a run (so does `npm run crash -- --target
- * thin --seed`). Two bugs of the pool the runner found are kept out of the main run, each shown
- * deterministically in test/crash/thin-known-bugs.test.ts: leaked data blocks are counted, not
- * failed (a commit made while a block is provisioned), and the pool does not pass discards down
- * (a discard passes down a block the last commit still maps in another volume); a fixed-seed run
- * with passdown shows the runner catching the second.
+ * thin --seed`). The main run has the whole guarantee: a leaked data block fails a point, and
+ * discards pass down. The two bugs of the pool the runner found (a block leaked by a commit made
+ * while it was provisioned, a discard passing down a block the last commit still maps in another
+ * volume) are fixed and each has a deterministic test in test/crash/thin-known-bugs.test.ts; the
+ * fixed-seed run with passdown (seed 11) failed before the second fix.
  *
  * The runner must be able to fail: two broken pools (testing/thin-crash/broken-pools.ts) must be
  * caught, one whose commit does not flush the data device first and one whose metadata device
@@ -54,15 +54,9 @@ describe("thin crash runner", () => {
       const seed = seedFrom(process.env.UDM_CRASH_SEED !== undefined ? "UDM_CRASH_SEED" : "UDM_FUZZ_SEED");
       console.log(
         `thin crash runner seed ${seed} (UDM_CRASH_SEED=${seed}, or npm run crash -- --target thin ` +
-          `--seed ${seed} --ops 120 --thin-check 20 --count-leaks --pool-features no_discard_passdown, repeats it)`,
+          `--seed ${seed} --ops 120 --thin-check 20, repeats it)`,
       );
-      const report = await runThinCrashHarness({
-        ops: 120,
-        seed,
-        thinCheckEvery: 20,
-        leaksFail: false,
-        poolFeatures: ["no_discard_passdown"],
-      });
+      const report = await runThinCrashHarness({ ops: 120, seed, thinCheckEvery: 20 });
       console.log(summary(report));
       expect(report.failures, failureText(report)).toBe(0);
       expect(report.pointsChecked).toBeGreaterThan(200);
@@ -82,9 +76,9 @@ describe("thin crash runner", () => {
 
   // Bug 2 of thin-known-bugs.test.ts, fixed: a discard's blocks go down once the unmapping is committed.
   it("with discard passdown, no failure either (seed 11, 31 operations)", { timeout: 60_000 }, async () => {
-    const report = await runThinCrashHarness({ ops: 31, seed: 11, leaksFail: false, maxReported: 50 });
+    const report = await runThinCrashHarness({ ops: 31, seed: 11, maxReported: 50 });
     console.log(`discard passdown: ${summary(report)}`);
-    // Today: a discard of one volume passes down a data block the other's committed mapping still uses.
+    // Before the fix, a discard of one volume passed down a data block the other's last commit mapped.
     expect(failureText(report)).not.toMatch(/thin1 sector 2\d\d holds zeros; allowed: write #\d+ \(durable\)/);
     expect(report.failures).toBe(0);
   });
