@@ -13,6 +13,7 @@ import { checkReportFields } from "../cli/format/report.js";
 import { commandHelp, USAGE } from "../cli/help.js";
 import { LOCAL_COMMANDS, runLocalCommand } from "../cli/local-commands.js";
 import { runPluginCommand } from "../cli/plugin-command.js";
+import { deviceDir } from "../cli/exec.js";
 import { ManglingClient } from "../cli/name-mangling.js";
 import { OptionValueError, parseCommandLine, UsageError } from "../cli/options.js";
 import { Selection, SelectionError, SelectionHelp } from "../cli/select.js";
@@ -185,7 +186,7 @@ async function run(argv: string[], f: Failures): Promise<number> {
   }
   // dmsetup turns mangling off for `mangle`, so that it reaches names in any form.
   const mangling = command === "mangle" ? "none" : opts.mangling;
-  const cmds = new Commands(new ManglingClient(client, mangling), { ...opts, mangling }, cio, selection);
+  const cmds = new Commands(new ManglingClient(client, mangling, deviceDir()), { ...opts, mangling }, cio, selection);
   try {
     switch (command) {
       case "create":

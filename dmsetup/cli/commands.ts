@@ -26,6 +26,7 @@ import { type CliOptions, UsageError } from "./options.js";
 import type { Selection } from "./select.js";
 import { filterSelected, forEachSelected, graphOf, type ListEntry } from "./selected-devices.js";
 import { checkChildrenNotSuspended, SuspendCheckError } from "./suspend-checks.js";
+import { DevicePathError } from "./device-path.js";
 
 export interface Io {
   out(text: string): void;
@@ -95,7 +96,7 @@ export class Commands {
    */
   private failed(ioctlName: string, name: string, err: unknown): CommandFailed {
     if (err instanceof CommandFailed) return err;
-    if (err instanceof ManglingError) {
+    if (err instanceof ManglingError || err instanceof DevicePathError) {
       this.io.err(`${err.message}\n`);
       return new CommandFailed(err.message, "EINVAL");
     }

@@ -21,8 +21,13 @@ export function execWords(command: string): string[] {
   return words;
 }
 
+/** Where udmd links attached devices by name: $UDM_DEV_DIR, else its default. */
+export function deviceDir(env: NodeJS.ProcessEnv = process.env): string {
+  return env.UDM_DEV_DIR || "/dev/udm";
+}
+
 export function devicePath(name: string, env: NodeJS.ProcessEnv = process.env): string {
-  return path.join(env.UDM_DEV_DIR || "/dev/udm", name);
+  return path.join(deviceDir(env), name);
 }
 
 /** Run the command on one device, with the caller's stdin, stdout and stderr. */

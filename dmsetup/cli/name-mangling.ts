@@ -9,6 +9,7 @@
  */
 import type { ControlClient } from "../control/client.js";
 import type { Op, RequestMap } from "../control/protocol.js";
+import { deviceNameFromPath } from "./device-path.js";
 
 export type ManglingMode = "none" | "auto" | "hex";
 
@@ -144,12 +145,18 @@ export class ManglingClient implements Requester {
   constructor(
     private readonly client: Requester,
     readonly mode: ManglingMode,
+    /** Where udmd links devices by name: a device named by a path is looked up there (device-path.ts). */
+    private readonly devDir?: string,
   ) {}
 
   async request<O extends Op>(op: O, args: RequestMap[O]): Promise<unknown> {
     const sent: Record<string, unknown> = { ...args };
     const mode = this.mode;
-    if (typeof sent.name === "string") sent.name = sentName(sent.name, mode);
+    if (typeof sent.name === "string") {
+      // A path names an existing device (never one to create) and is not mangled: dm_task_set_name.
+      const byPath = op !== "create" && this.devDir !== undefined && sent.name.includes("/");
+      sent.name = byPath ? await deviceNameFromPath(sent.name, this.devDir!) : sentName(sent.name, mode);
+    }
     if (typeof sent.newName === "string")
       sent.newName = sendForm(sent.newName, "new name", "Failed to mangle new device name", mode);
     if (typeof sent.uuid === "string")

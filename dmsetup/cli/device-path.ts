@@ -1,0 +1,59 @@
+/**
+ * A device named by a path (`/dev/mapper/pool`, `$UDM_DEV_DIR/pool`, `mapper/pool`), as dmsetup
+ * accepts it wherever a device name goes (libdm-common.c: dm_task_set_name, which hands a name
+ * with a `/` to _dm_task_set_name_from_path): the device whose node in the device directory is
+ * the same block device, else whichever node there is. xfstests' thin tests message the pool as
+ * /dev/mapper/NAME, for one.
+ *
+ * One difference: an udm device that is not attached has no node, so a path in the device
+ * directory that names no file is taken as the device of that name (libdm would say "not found",
+ * but there the node always exists).
+ */
+import fs from "node:fs/promises";
+import path from "node:path";
+
+/** libdm's "Device PATH not found" (dmsetup then says "Command failed."). */
+export class DevicePathError extends Error {
+  readonly errno = "ENXIO";
+}
+
+async function blockDevno(file: string): Promise<number | null> {
+  try {
+    const st = await fs.stat(file);
+    return st.isBlockDevice() ? st.rdev : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The device name that `devicePath` (a name with a `/`) stands for; `devDir` is where udmd links devices. */
+export async function deviceNameFromPath(devicePath: string, devDir: string): Promise<string> {
+  const base = path.basename(devicePath);
+  const notFound = () => new DevicePathError(`Device ${devicePath} not found`);
+  const rdev = await blockDevno(devicePath);
+  if (rdev === null) {
+    const exists = await fs.stat(devicePath).then(
+      () => true,
+      () => false,
+    );
+    if (!exists) {
+      if (base && path.resolve(path.dirname(devicePath)) === path.resolve(devDir)) return base;
+      // libdm: exactly one `/`, not absolute: a path under /dev ("mapper/pool").
+      const slashes = devicePath.split("/").length - 1;
+      if (devicePath.length < 3 || devicePath.startsWith("/") || slashes !== 1) throw notFound();
+      return deviceNameFromPath(path.join("/dev", devicePath), devDir);
+    }
+    throw notFound(); // a file, a directory: no device
+  }
+  if (base && (await blockDevno(path.join(devDir, base))) === rdev) return base;
+  let entries: string[];
+  try {
+    entries = await fs.readdir(devDir);
+  } catch {
+    throw notFound();
+  }
+  for (const entry of entries.sort()) {
+    if ((await blockDevno(path.join(devDir, entry))) === rdev) return entry;
+  }
+  throw notFound();
+}
