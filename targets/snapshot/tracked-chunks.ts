@@ -45,6 +45,11 @@ export class TrackedChunks {
   get size(): number {
     return this.counts.size;
   }
+
+  /** Chunks someone waits on (for leak checks: 0 when idle). */
+  get waiting(): number {
+    return this.waiters.size;
+  }
 }
 
 /** Per-bio map context of the snapshot target: the first chunk this bio tracks (or -1), and how many. */
