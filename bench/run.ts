@@ -17,6 +17,8 @@
  *                  `npm run build` ships) or tsx (esbuild with keepNames, as `npm test` runs it)
  *   --no-snapshot  skip the snapshot benchmarks (bench/snapshot.ts), which otherwise run after the
  *                  micro-benchmark (not with --only); a full run records them in results.md too
+ *   --thin         run only the thin benchmarks (bench/thin.ts, ~1 minute); a full run also runs them
+ *                  after the snapshot benchmarks (--no-thin skips them) and records them in results.md
  *   --matrix       run only the benchmark matrix (bench/matrix.ts: udm over NBD against nbdkit,
  *                  qemu-nbd and the raw file, driven by fio; ~30 minutes in full). --quick runs
  *                  a tiny matrix after the micro and snapshot benchmarks (--no-matrix skips it);
@@ -74,6 +76,14 @@ import {
   snapshotRows,
   snapshotTable,
 } from "./snapshot.js";
+import {
+  describeThinRun,
+  FULL_THIN_OPTIONS,
+  recordThinResults,
+  runThinBenchmark,
+  thinRows,
+  thinTable,
+} from "./thin.js";
 
 export const GOAL = 0.9;
 
@@ -217,6 +227,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     allowNegative: true,
     options: {
       snapshot: { type: "boolean", default: true },
+      thin: { type: "boolean" },
       matrix: { type: "boolean" },
       attach: { type: "boolean", default: false },
       build: { type: "boolean", default: true },
@@ -317,6 +328,26 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     return {};
   }
 
+  /** The thin benchmarks (bench/thin.ts), recorded when run with default options. */
+  const thin = async (command: string): Promise<void> => {
+    const r = await runThinBenchmark({ ...FULL_THIN_OPTIONS, dir: values.dir, log: out.stderr });
+    const description = describeThinRun(r, false);
+    const table = thinTable(r);
+    print("");
+    for (const d of description) print(d);
+    print("");
+    print(table);
+    const misses = thinRows(r).filter((x) => x.result === "MISS");
+    print("");
+    print(misses.length === 0 ? "thin goals met" : `thin goals missed: ${misses.map((x) => x.measure).join("; ")}`);
+    if (!values.dir) recordThinResults(path.join(import.meta.dirname, "results.md"), description, table, command);
+  };
+
+  if (values.thin) {
+    await thin("npm run bench -- --thin");
+    return {};
+  }
+
   if (values.matrix) {
     const reason = matrixUnavailableReason();
     if (reason) throw new Error(`the matrix cannot run here: ${reason}`);
@@ -388,6 +419,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
       recordSnapshotResults(file, snapDescription, snapTable, "npm run bench");
     }
   }
+  if (values.thin !== false && !quick && !values.only) await thin("npm run bench");
   // The smoke run includes a tiny matrix (the full one is `--matrix`: it takes minutes).
   let matrixResult: MatrixResult | undefined;
   let matrixSkipped: string | undefined;
