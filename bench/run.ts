@@ -19,6 +19,8 @@
  *                  micro-benchmark (not with --only); a full run records them in results.md too
  *   --thin         run only the thin benchmarks (bench/thin.ts, ~1 minute); a full run also runs them
  *                  after the snapshot benchmarks (--no-thin skips them) and records them in results.md
+ *   --thin-overlay thin as a writable overlay of an external origin against qcow2 and nbdkit's cow
+ *                  filter over NBD with fio (bench/thin-overlay.ts, ~3 minutes; recorded)
  *   --matrix       run only the benchmark matrix (bench/matrix.ts: udm over NBD against nbdkit,
  *                  qemu-nbd and the raw file, driven by fio; ~30 minutes in full). --quick runs
  *                  a tiny matrix after the micro and snapshot benchmarks (--no-matrix skips it);
@@ -84,6 +86,13 @@ import {
   thinRows,
   thinTable,
 } from "./thin.js";
+import {
+  describeThinOverlayRun,
+  FULL_THIN_OVERLAY,
+  recordThinOverlayResults,
+  runThinOverlayBenchmark,
+  thinOverlayTable,
+} from "./thin-overlay.js";
 
 export const GOAL = 0.9;
 
@@ -228,6 +237,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     options: {
       snapshot: { type: "boolean", default: true },
       thin: { type: "boolean" },
+      "thin-overlay": { type: "boolean", default: false },
       matrix: { type: "boolean" },
       attach: { type: "boolean", default: false },
       build: { type: "boolean", default: true },
@@ -345,6 +355,25 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
 
   if (values.thin) {
     await thin("npm run bench -- --thin");
+    return {};
+  }
+
+  if (values["thin-overlay"]) {
+    const reason = matrixUnavailableReason();
+    if (reason) throw new Error(`the thin overlay benchmark cannot run here: ${reason}`);
+    if (values.build) ensureBuilt(out.stderr);
+    const r = await runThinOverlayBenchmark({ ...FULL_THIN_OVERLAY, dir: values.dir, log: out.stderr });
+    const description = describeThinOverlayRun(r);
+    const table = thinOverlayTable(r);
+    for (const d of ["", ...description, ""]) print(d);
+    print(table);
+    if (!values.dir)
+      recordThinOverlayResults(
+        path.join(import.meta.dirname, "results.md"),
+        description,
+        table,
+        "npm run bench -- --thin-overlay",
+      );
     return {};
   }
 
