@@ -186,7 +186,9 @@ async function run(argv: string[], f: Failures): Promise<number> {
   }
   // dmsetup turns mangling off for `mangle`, so that it reaches names in any form.
   const mangling = command === "mangle" ? "none" : opts.mangling;
-  const cmds = new Commands(new ManglingClient(client, mangling, deviceDir()), { ...opts, mangling }, cio, selection);
+  // Devices named by a path: udmd's links first, then dmsetup's own directory (libdm's dm_dir).
+  const devDirs = [deviceDir(), "/dev/mapper"];
+  const cmds = new Commands(new ManglingClient(client, mangling, devDirs), { ...opts, mangling }, cio, selection);
   try {
     switch (command) {
       case "create":

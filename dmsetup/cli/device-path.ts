@@ -26,10 +26,14 @@ async function blockDevno(file: string): Promise<number | null> {
   }
 }
 
-/** The device name that `devicePath` (a name with a `/`) stands for; `devDir` is where udmd links devices. */
-export async function deviceNameFromPath(devicePath: string, devDir: string): Promise<string> {
+/**
+ * The device name that `devicePath` (a name with a `/`) stands for. `devDirs`: where device links
+ * are looked for, udmd's device directory ($UDM_DEV_DIR) first, then dmsetup's /dev/mapper.
+ */
+export async function deviceNameFromPath(devicePath: string, devDirs: readonly string[]): Promise<string> {
   const base = path.basename(devicePath);
   const notFound = () => new DevicePathError(`Device ${devicePath} not found`);
+  const dirs = [...new Set(devDirs.map((d) => path.resolve(d)))];
   const rdev = await blockDevno(devicePath);
   if (rdev === null) {
     const exists = await fs.stat(devicePath).then(
@@ -37,23 +41,20 @@ export async function deviceNameFromPath(devicePath: string, devDir: string): Pr
       () => false,
     );
     if (!exists) {
-      if (base && path.resolve(path.dirname(devicePath)) === path.resolve(devDir)) return base;
+      if (base && dirs.includes(path.resolve(path.dirname(devicePath)))) return base;
       // libdm: exactly one `/`, not absolute: a path under /dev ("mapper/pool").
       const slashes = devicePath.split("/").length - 1;
       if (devicePath.length < 3 || devicePath.startsWith("/") || slashes !== 1) throw notFound();
-      return deviceNameFromPath(path.join("/dev", devicePath), devDir);
+      return deviceNameFromPath(path.join("/dev", devicePath), devDirs);
     }
     throw notFound(); // a file, a directory: no device
   }
-  if (base && (await blockDevno(path.join(devDir, base))) === rdev) return base;
-  let entries: string[];
-  try {
-    entries = await fs.readdir(devDir);
-  } catch {
-    throw notFound();
-  }
-  for (const entry of entries.sort()) {
-    if ((await blockDevno(path.join(devDir, entry))) === rdev) return entry;
+  for (const dir of dirs) if (base && (await blockDevno(path.join(dir, base))) === rdev) return base;
+  for (const dir of dirs) {
+    const entries = await fs.readdir(dir).catch(() => [] as string[]);
+    for (const entry of entries.sort()) {
+      if ((await blockDevno(path.join(dir, entry))) === rdev) return entry;
+    }
   }
   throw notFound();
 }

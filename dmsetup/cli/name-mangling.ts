@@ -145,8 +145,8 @@ export class ManglingClient implements Requester {
   constructor(
     private readonly client: Requester,
     readonly mode: ManglingMode,
-    /** Where udmd links devices by name: a device named by a path is looked up there (device-path.ts). */
-    private readonly devDir?: string,
+    /** Where device links are: a device named by a path is looked up there (device-path.ts). */
+    private readonly devDirs?: readonly string[],
   ) {}
 
   async request<O extends Op>(op: O, args: RequestMap[O]): Promise<unknown> {
@@ -154,8 +154,8 @@ export class ManglingClient implements Requester {
     const mode = this.mode;
     if (typeof sent.name === "string") {
       // A path names an existing device (never one to create) and is not mangled: dm_task_set_name.
-      const byPath = op !== "create" && this.devDir !== undefined && sent.name.includes("/");
-      sent.name = byPath ? await deviceNameFromPath(sent.name, this.devDir!) : sentName(sent.name, mode);
+      const byPath = op !== "create" && this.devDirs !== undefined && sent.name.includes("/");
+      sent.name = byPath ? await deviceNameFromPath(sent.name, this.devDirs!) : sentName(sent.name, mode);
     }
     if (typeof sent.newName === "string")
       sent.newName = sendForm(sent.newName, "new name", "Failed to mangle new device name", mode);

@@ -172,6 +172,7 @@ export class XfstestsEnv {
     const wrapper = `#!/bin/sh
 # dmsetup for xfstests, written by udm's npm run xfstests: udmsetup on that run's udmd.
 export UDM_RUN_DIR=${q(this.runDir)}
+export UDM_DEV_DIR=${q(this.opts.devDir)}
 export UDM_NO_AUTOSTART=1
 err=$(mktemp ${q(path.join(this.base, "dmsetup-err.XXXXXX"))}) || exit 1
 ${q(process.execPath)} ${q(this.udmsetup)} "$@" 2>"$err"
