@@ -34,20 +34,18 @@ import path from "node:path";
 import { pathToFileURL } from "node:url";
 import v8 from "node:v8";
 import vm from "node:vm";
-import { type Bio, BioFlags, flushBio, submitAndWait } from "../core/bio.js";
-import type { BackingDevices } from "../core/devices/shared-devices.js";
+import { flushBio, submitAndWait } from "../core/bio.js";
 import { systemBackingDevices } from "../core/devices/shared-devices.js";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
-import type { BlockDevice, IoOptions, OpenOptions } from "../core/devices/block-device.js";
+import type { IoOptions } from "../core/devices/block-device.js";
 import { Copier } from "../core/copier.js";
-import { DeviceWrapper } from "../core/devices/device-wrapper.js";
 import { createDeviceMapper } from "../index.js";
 import { cowImageChunks } from "../targets/snapshot/cow-image.js";
 import { type Filesystem, filesystemOf, median, MiB, pickDataDir } from "./micro.js";
+import { CountingBacking, sparseFile } from "./counting-backing.js";
 
 const CS = 8; // sectors per chunk (4 KiB)
 const CHUNK_BYTES = CS * 512;
-const META = BioFlags.PREFLUSH | BioFlags.FUA;
 
 export const SNAPSHOT_GOALS = {
   /** Rewrite throughput through snapshot-origin / linear. */
@@ -186,38 +184,7 @@ async function resident(gc: Gc): Promise<number> {
   return last;
 }
 
-// ---- a COW device wrapper that counts metadata writes ----
-
-class CountingDevice extends DeviceWrapper {
-  metaWrites = 0;
-  override submit(bio: Bio): void {
-    if (bio.op === "write" && (bio.flags & META) === META) this.metaWrites++;
-    this.inner.submit(bio);
-  }
-}
-
-/** Files from the file system; those whose name starts with "cow" are wrapped in a CountingDevice. */
-class CountingBacking implements BackingDevices {
-  readonly cows: CountingDevice[] = [];
-  identify(spec: string): Promise<string> {
-    return systemBackingDevices.identify(spec);
-  }
-  async open(spec: string, opts: OpenOptions): Promise<BlockDevice> {
-    const dev = await systemBackingDevices.open(spec, opts);
-    if (!path.basename(spec).startsWith("cow")) return dev;
-    const counting = new CountingDevice(dev);
-    this.cows.push(counting);
-    return counting;
-  }
-}
-
 // ---- helpers ----
-
-function sparseFile(file: string, bytes: number): void {
-  fs.rmSync(file, { force: true });
-  fs.writeFileSync(file, "");
-  fs.truncateSync(file, bytes);
-}
 
 function syncFiles(files: string[]): void {
   for (const f of files) {
@@ -302,7 +269,7 @@ async function buildStack(
   snapshots: number,
   io?: IoOptions,
 ): Promise<Stack> {
-  const backing = new CountingBacking();
+  const backing = new CountingBacking("cow");
   const dm = createDeviceMapper({ backing, io });
   const sectors = originBytes / 512;
   const files = [origin];
@@ -362,7 +329,7 @@ async function throughput(
       syncFiles([origin]);
       const s = await buildStack(dir, origin, opts.originBytes, c.snapshots, opts.io);
       const first = await writePass(s.handle, permutation(chunks, 1 + rep), CHUNK_BYTES, 16);
-      const metaWrites = s.backing.cows.reduce((n, d) => n + d.metaWrites, 0) / Math.max(1, c.snapshots);
+      const metaWrites = s.backing.counted.reduce((n, d) => n + d.metaWrites, 0) / Math.max(1, c.snapshots);
       syncFiles(s.files);
       const again = permutation(chunks, 101 + rep);
       const rounds = new Uint32Array(chunks * opts.rewriteRounds);
@@ -407,7 +374,7 @@ async function flushCount(dir: string, originBytes: number, blockKiB: number, io
   const blockBytes = blockKiB * 1024;
   await writePass(s.handle, permutation(originBytes / blockBytes, 7), blockBytes, 16);
   const exceptions = originBytes / CHUNK_BYTES;
-  const metaWrites = s.backing.cows[0]!.metaWrites;
+  const metaWrites = s.backing.counted[0]!.metaWrites;
   await teardown(s);
   fs.rmSync(origin, { force: true });
   return { writeKiB: blockKiB, writers: 16, exceptions, metaWrites, per1000: (metaWrites / exceptions) * 1000 };

@@ -26,15 +26,12 @@ import { randomFillSync } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
-import { type Bio, BioFlags } from "../core/bio.js";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
-import type { BlockDevice, OpenOptions } from "../core/devices/block-device.js";
-import { DeviceWrapper } from "../core/devices/device-wrapper.js";
-import { type BackingDevices, systemBackingDevices } from "../core/devices/shared-devices.js";
 import { createDeviceMapper } from "../index.js";
 import { fmt, markdownTable, MiB, replaceSection } from "./format.js";
 import { type Filesystem, filesystemOf, median, pickDataDir } from "./micro.js";
 import { ensureGc } from "./snapshot.js";
+import { CountingBacking, sparseFile } from "./counting-backing.js";
 
 /** Thin data block size and snapshot chunk size: 64 KiB. */
 const BLOCK_SECTORS = 128;
@@ -127,40 +124,7 @@ export interface ThinBenchResult {
   activation: ActivationResult | { skipped: string };
 }
 
-// ---- a metadata device wrapper that counts flushes and FUA writes ----
-
-class CountingDevice extends DeviceWrapper {
-  flushes = 0;
-  fuaWrites = 0;
-  override submit(bio: Bio): void {
-    if (bio.op === "flush" || (bio.flags & BioFlags.PREFLUSH) !== 0) this.flushes++;
-    if (bio.op === "write" && (bio.flags & BioFlags.FUA) !== 0) this.fuaWrites++;
-    this.inner.submit(bio);
-  }
-}
-
-/** Files from the file system; those whose name starts with "meta" are wrapped in a CountingDevice. */
-class CountingBacking implements BackingDevices {
-  readonly metas: CountingDevice[] = [];
-  identify(spec: string): Promise<string> {
-    return systemBackingDevices.identify(spec);
-  }
-  async open(spec: string, opts: OpenOptions): Promise<BlockDevice> {
-    const dev = await systemBackingDevices.open(spec, opts);
-    if (!path.basename(spec).startsWith("meta")) return dev;
-    const counting = new CountingDevice(dev);
-    this.metas.push(counting);
-    return counting;
-  }
-}
-
 // ---- helpers ----
-
-function sparseFile(file: string, bytes: number): void {
-  fs.rmSync(file, { force: true });
-  fs.writeFileSync(file, "");
-  fs.truncateSync(file, bytes);
-}
 
 /** A seeded permutation of 0..n-1 (xorshift + Fisher–Yates). */
 function permutation(n: number, seed: number): Uint32Array {
@@ -229,7 +193,7 @@ async function thinStack(dir: string, volumeBytes: number, dataBytes: number): P
   const data = path.join(dir, "data.img");
   sparseFile(meta, META_BYTES);
   sparseFile(data, dataBytes);
-  const backing = new CountingBacking();
+  const backing = new CountingBacking("meta");
   const dm = createDeviceMapper({ backing });
   await dm.create("pool", { table: `0 ${dataBytes / 512} thin-pool ${meta} ${data} ${BLOCK_SECTORS} 0` });
   await dm.message("pool", 0, "create_thin 1");
@@ -251,7 +215,7 @@ async function thinWithSnapshots(dir: string, volumeBytes: number, snapshots: nu
 async function originWithSnapshots(dir: string, volumeBytes: number, snapshots: number): Promise<Stack> {
   const origin = path.join(dir, "origin.img");
   sparseFile(origin, volumeBytes);
-  const backing = new CountingBacking();
+  const backing = new CountingBacking("meta");
   const dm = createDeviceMapper({ backing });
   const sectors = volumeBytes / 512;
   // Fill the origin through a linear device, as the thin volume is filled.
@@ -345,7 +309,7 @@ async function firstWrite(dir: string, opts: ThinBenchOptions, log: (m: string) 
 /** Flushes and commits on the metadata device while 16 writers provision every block of a fresh volume. */
 async function flushCount(dir: string, volumeBytes: number, writeBytes: number, fua: boolean): Promise<FlushResult> {
   const s = await thinStack(dir, volumeBytes, volumeBytes + 16 * MiB);
-  const meta = s.backing.metas[0]!;
+  const meta = s.backing.counted[0]!;
   const [flushes0, commits0] = [meta.flushes, meta.fuaWrites];
   const t0 = performance.now();
   await writePass(s.handle, permutation(volumeBytes / writeBytes, 7), writeBytes, 16, fua);
