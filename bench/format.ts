@@ -46,3 +46,24 @@ export function replaceSection(file: string, key: string, body: string, fallback
       : text.trimEnd() + "\n\n" + section + "\n";
   fs.writeFileSync(file, text);
 }
+
+/** A results.md section: its title, when and how it was run, what its rows mean, the table. */
+export function recordResultsSection(
+  file: string,
+  key: string,
+  title: string,
+  description: string[],
+  table: string,
+  command: string,
+): void {
+  const body = [
+    `## ${title}`,
+    "",
+    `Run on ${new Date().toISOString()} by \`${command}\`.`,
+    "",
+    ...description.map((d) => `- ${d}`),
+    "",
+    table,
+  ].join("\n");
+  replaceSection(file, key, body, "# udm micro-benchmark results\n");
+}

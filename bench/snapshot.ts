@@ -43,6 +43,7 @@ import { createDeviceMapper } from "../index.js";
 import { cowImageChunks } from "../targets/snapshot/cow-image.js";
 import { type Filesystem, filesystemOf, median, MiB, pickDataDir } from "./micro.js";
 import { CountingBacking, sparseFile } from "./counting-backing.js";
+import { recordResultsSection } from "./format.js";
 
 const CS = 8; // sectors per chunk (4 KiB)
 const CHUNK_BYTES = CS * 512;
@@ -704,27 +705,7 @@ export function describeSnapshotRun(r: SnapshotBenchResult, quick: boolean): str
 
 /** Replace the snapshot section of results.md (other sections are kept). */
 export function recordSnapshotResults(file: string, description: string[], table: string, command: string): void {
-  const begin = "<!-- snapshot:begin -->";
-  const end = "<!-- snapshot:end -->";
-  const section = [
-    begin,
-    "## Snapshots",
-    "",
-    `Run on ${new Date().toISOString()} by \`${command}\`.`,
-    "",
-    ...description.map((d) => `- ${d}`),
-    "",
-    table,
-    end,
-  ].join("\n");
-  let text = fs.existsSync(file) ? fs.readFileSync(file, "utf8") : "# udm micro-benchmark results\n";
-  const at = text.indexOf(begin);
-  const stop = text.indexOf(end);
-  text =
-    at >= 0 && stop > at
-      ? text.slice(0, at) + section + text.slice(stop + end.length)
-      : text.trimEnd() + "\n\n" + section + "\n";
-  fs.writeFileSync(file, text);
+  recordResultsSection(file, "snapshot", "Snapshots", description, table, command);
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {

@@ -16,7 +16,7 @@ import os from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { type FioJob, runFio } from "./fio.js";
-import { fmt, KiB, markdownTable, MiB, replaceSection } from "./format.js";
+import { fmt, KiB, markdownTable, MiB, recordResultsSection } from "./format.js";
 import { ensureBuilt, MATRIX_CONFIGS, type MatrixConfig } from "./matrix.js";
 import { filesystemOf, median, pickDataDir } from "./micro.js";
 import { startUdmd } from "./servers.js";
@@ -195,16 +195,7 @@ export function describeThinOverlayRun(r: ThinOverlayResult): string[] {
 }
 
 export function recordThinOverlayResults(file: string, description: string[], table: string, command: string): void {
-  const body = [
-    "## Thin as a writable overlay",
-    "",
-    `Run on ${new Date().toISOString()} by \`${command}\`.`,
-    "",
-    ...description.map((d) => `- ${d}`),
-    "",
-    table,
-  ].join("\n");
-  replaceSection(file, "thin-overlay", body, "# udm micro-benchmark results\n");
+  recordResultsSection(file, "thin-overlay", "Thin as a writable overlay", description, table, command);
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {

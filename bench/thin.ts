@@ -28,7 +28,7 @@ import path from "node:path";
 import { pathToFileURL } from "node:url";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
 import { createDeviceMapper } from "../index.js";
-import { fmt, markdownTable, MiB, replaceSection } from "./format.js";
+import { fmt, markdownTable, MiB, recordResultsSection } from "./format.js";
 import { type Filesystem, filesystemOf, median, pickDataDir } from "./micro.js";
 import { ensureGc } from "./snapshot.js";
 import { CountingBacking, sparseFile } from "./counting-backing.js";
@@ -551,16 +551,7 @@ export function describeThinRun(r: ThinBenchResult, quick: boolean): string[] {
 
 /** Replace the thin section of results.md (other sections are kept). */
 export function recordThinResults(file: string, description: string[], table: string, command: string): void {
-  const body = [
-    "## Thin provisioning",
-    "",
-    `Run on ${new Date().toISOString()} by \`${command}\`.`,
-    "",
-    ...description.map((d) => `- ${d}`),
-    "",
-    table,
-  ].join("\n");
-  replaceSection(file, "thin", body, "# udm micro-benchmark results\n");
+  recordResultsSection(file, "thin", "Thin provisioning", description, table, command);
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
