@@ -44,6 +44,7 @@ import { cowImageChunks } from "../targets/snapshot/cow-image.js";
 import { type Filesystem, filesystemOf, median, MiB, pickDataDir } from "./micro.js";
 import { CountingBacking, sparseFile } from "./counting-backing.js";
 import { recordResultsSection } from "./format.js";
+import { permutation, writePass } from "./passes.js";
 
 const CS = 8; // sectors per chunk (4 KiB)
 const CHUNK_BYTES = CS * 512;
@@ -213,46 +214,6 @@ function fillRandom(file: string, bytes: number): void {
 function cowBytesFor(chunks: number): number {
   const epa = CHUNK_BYTES / 16;
   return (1 + Math.ceil((chunks + 1) / epa) + chunks) * CHUNK_BYTES;
-}
-
-/** A seeded permutation of 0..n-1 (xorshift + Fisher–Yates). */
-function permutation(n: number, seed: number): Uint32Array {
-  const p = new Uint32Array(n);
-  for (let i = 0; i < n; i++) p[i] = i;
-  let x = seed >>> 0 || 1;
-  for (let i = n - 1; i > 0; i--) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    const j = x % (i + 1);
-    const t = p[i]!;
-    p[i] = p[j]!;
-    p[j] = t;
-  }
-  return p;
-}
-
-/** Write `blockBytes` at every block index of `order` with `writers` requests in flight. */
-async function writePass(
-  handle: DeviceHandle,
-  order: Uint32Array,
-  blockBytes: number,
-  writers: number,
-): Promise<number> {
-  let next = 0;
-  const sectors = blockBytes / 512;
-  const worker = async () => {
-    const buf = randomFillSync(Buffer.allocUnsafe(blockBytes));
-    while (next < order.length) {
-      const block = order[next++]!;
-      await handle.write(block * sectors, buf);
-    }
-  };
-  const t0 = performance.now();
-  await Promise.all(Array.from({ length: writers }, worker));
-  return (performance.now() - t0) / 1000;
 }
 
 interface Stack {

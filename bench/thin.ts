@@ -22,7 +22,6 @@
  *    arrayBuffers after full GCs, before the pool's creation and after that first read.
  */
 import { execFileSync } from "node:child_process";
-import { randomFillSync } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
@@ -32,6 +31,7 @@ import { fmt, markdownTable, MiB, recordResultsSection } from "./format.js";
 import { type Filesystem, filesystemOf, median, pickDataDir } from "./micro.js";
 import { ensureGc } from "./snapshot.js";
 import { CountingBacking, sparseFile } from "./counting-backing.js";
+import { permutation, writePass } from "./passes.js";
 
 /** Thin data block size and snapshot chunk size: 64 KiB. */
 const BLOCK_SECTORS = 128;
@@ -125,45 +125,6 @@ export interface ThinBenchResult {
 }
 
 // ---- helpers ----
-
-/** A seeded permutation of 0..n-1 (xorshift + Fisher–Yates). */
-function permutation(n: number, seed: number): Uint32Array {
-  const p = new Uint32Array(n);
-  for (let i = 0; i < n; i++) p[i] = i;
-  let x = seed >>> 0 || 1;
-  for (let i = n - 1; i > 0; i--) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    const j = x % (i + 1);
-    const t = p[i]!;
-    p[i] = p[j]!;
-    p[j] = t;
-  }
-  return p;
-}
-
-/** Write `writeBytes` at every index of `order` (in units of writeBytes) with `writers` in flight. */
-async function writePass(
-  handle: DeviceHandle,
-  order: Uint32Array,
-  writeBytes: number,
-  writers: number,
-  fua = false,
-): Promise<void> {
-  let next = 0;
-  const sectors = writeBytes / 512;
-  const worker = async () => {
-    const buf = randomFillSync(Buffer.allocUnsafe(writeBytes));
-    while (next < order.length) {
-      const at = order[next++]!;
-      await handle.write(at * sectors, buf, { fua });
-    }
-  };
-  await Promise.all(Array.from({ length: writers }, worker));
-}
 
 /** A 4 KiB read at the start of every block of `blocks`, 16 in flight. */
 async function readPass(handle: DeviceHandle, blocks: Uint32Array): Promise<void> {
