@@ -8,6 +8,7 @@ import crypto from "node:crypto";
 import { type ParseArgsConfig, parseArgs } from "node:util";
 import { type CrashRunOptions, type CrashRunReport, runCrashHarness } from "../../testing/crash/runner.js";
 import { thinCrashMain } from "../../testing/thin-crash/cli.js";
+import { integer, probability, UsageError } from "../../testing/cli-values.js";
 
 const USAGE = `Usage: npm run crash -- [options]
   --target T           snapshot (default) or thin (its options: npm run crash -- --target thin --help)
@@ -47,8 +48,6 @@ const OPTIONS = {
   quiet: { type: "boolean", short: "q" },
   help: { type: "boolean", short: "h" },
 } satisfies ParseArgsConfig["options"];
-
-class UsageError extends Error {}
 
 interface Command {
   options: CrashRunOptions;
@@ -92,22 +91,6 @@ function parseCommand(argv: string[]): Command | null {
     throw new UsageError("--origin-sectors: at least 64, a multiple of 32");
   }
   return { options, json: values.json ?? false, quiet: values.quiet ?? false };
-}
-
-function integer(name: string, text: string | undefined): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (text === "" || !Number.isSafeInteger(value) || value < 0) {
-    throw new UsageError(`--${name}: expected a non-negative integer, got ${text === "" ? "nothing" : text}`);
-  }
-  return value;
-}
-
-function probability(name: string, text: string | undefined): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (!(value >= 0 && value <= 1)) throw new UsageError(`--${name}: expected a probability from 0 to 1`);
-  return value;
 }
 
 export async function main(argv: string[]): Promise<number> {

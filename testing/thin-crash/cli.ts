@@ -9,6 +9,7 @@ import { type ParseArgsConfig, parseArgs } from "node:util";
 import { BROKEN_POOLS } from "./broken-pools.js";
 import type { ThinCrashRunOptions, ThinCrashRunReport } from "./report.js";
 import { runThinCrashHarness } from "./runner.js";
+import { integer, probability, UsageError } from "../cli-values.js";
 
 export const THIN_USAGE = `Usage: npm run crash -- --target thin [options]
   --ops N              workload operations (default 300)
@@ -51,8 +52,6 @@ const OPTIONS = {
   help: { type: "boolean", short: "h" },
 } satisfies ParseArgsConfig["options"];
 
-class UsageError extends Error {}
-
 function parseCommand(argv: string[]): { options: ThinCrashRunOptions; json: boolean; quiet: boolean } | null {
   let values;
   try {
@@ -89,22 +88,6 @@ function parseCommand(argv: string[]): { options: ThinCrashRunOptions; json: boo
   if (sectors < bs || sectors % bs !== 0) throw new UsageError("--volume-sectors: a multiple of the block size");
   if (options.maxVolumes === 0) throw new UsageError("--max-volumes: at least 1");
   return { options, json: values.json ?? false, quiet: values.quiet ?? false };
-}
-
-function integer(name: string, text: string | undefined): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (text === "" || !Number.isSafeInteger(value) || value < 0) {
-    throw new UsageError(`--${name}: expected a non-negative integer, got ${text === "" ? "nothing" : text}`);
-  }
-  return value;
-}
-
-function probability(name: string, text: string | undefined): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (!(value >= 0 && value <= 1)) throw new UsageError(`--${name}: expected a probability from 0 to 1`);
-  return value;
 }
 
 export async function thinCrashMain(argv: string[]): Promise<number> {
