@@ -597,7 +597,8 @@ describe("I/O options", () => {
     };
     const dm = createDeviceMapper({ backing, io: { inlineReads: false, writePlug: false } });
     await dm.create("vol", { table: `0 ${MiB / 512} linear ${file} 0` });
-    expect(seen).toEqual([{ mode: "rw", inlineReads: false, writePlug: false }]);
+    // Tables claim kernel block devices exclusively unless io says otherwise (files ignore it).
+    expect(seen).toEqual([{ mode: "rw", exclusive: true, inlineReads: false, writePlug: false }]);
     expect((opened[0] as FileDevice).plugStats).toBeNull();
     await dm.close();
   });
