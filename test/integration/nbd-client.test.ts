@@ -10,18 +10,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import {
-  type Bio,
-  BioError,
-  BioFlags,
-  type BioStatus,
-  discardBio,
-  flushBio,
-  readBio,
-  submitAndWait,
-  writeBio,
-  writeZeroesBio,
-} from "../../core/bio.js";
+import { BioFlags, discardBio, flushBio, readBio, submitAndWait, writeBio, writeZeroesBio } from "../../core/bio.js";
 import { NbdDevice, type NbdDeviceOptions } from "../../core/devices/nbd/nbd-device.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { Cmd, CmdFlags, NbdErrno, TransmissionFlags } from "../../nbd/protocol.js";
@@ -29,6 +18,7 @@ import { DEFAULT_FLAGS, ScriptedNbdServer, chunkHeader } from "../support/script
 import { RecordingDevice } from "../support/recording-device.js";
 import { startWireServer, stopWireServer, type WireServer } from "../support/wire-server.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
+import { bioStatus as status, readBytes as read } from "../support/bio-io.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -60,23 +50,6 @@ async function scripted(size = 4 * MiB, flags = SINGLE, extra: object = {}): Pro
   const s = await ScriptedNbdServer.start(dir, { name: "disk", size, flags, ...extra });
   servers.push(s);
   return s;
-}
-
-/** The bio's status: "ok" or its error. */
-async function status(dev: NbdDevice, bio: Bio): Promise<BioStatus> {
-  try {
-    await submitAndWait(dev, bio);
-    return "ok";
-  } catch (err) {
-    if (err instanceof BioError) return err.status;
-    throw err;
-  }
-}
-
-async function read(dev: NbdDevice, sector: number, bytes: number): Promise<Buffer> {
-  const buf = Buffer.alloc(bytes, 0xee);
-  await submitAndWait(dev, readBio(sector, buf));
-  return buf;
 }
 
 async function openError(uri: string, mode: "r" | "rw" = "rw"): Promise<NodeJS.ErrnoException> {

@@ -10,18 +10,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import {
-  type Bio,
-  BioError,
-  BioFlags,
-  type BioStatus,
-  discardBio,
-  flushBio,
-  readBio,
-  submitAndWait,
-  writeBio,
-  writeZeroesBio,
-} from "../../core/bio.js";
+import { BioFlags, discardBio, flushBio, submitAndWait, writeBio, writeZeroesBio } from "../../core/bio.js";
 import { NbdDevice } from "../../core/devices/nbd/nbd-device.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { Cmd, CmdFlags, NbdErrno, ReplyFlags, ReplyType, TransmissionFlags } from "../../nbd/protocol.js";
@@ -35,6 +24,7 @@ import {
   extendedChunk,
 } from "../support/scripted-nbd-server.js";
 import { pattern } from "../../testing/memory-backing.js";
+import { bioStatus as status, readBytes as read } from "../support/bio-io.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -74,22 +64,6 @@ async function scripted(extra: Partial<ScriptedExport> = {}): Promise<ScriptedNb
   });
   servers.push(s);
   return s;
-}
-
-async function status(dev: NbdDevice, bio: Bio): Promise<BioStatus> {
-  try {
-    await submitAndWait(dev, bio);
-    return "ok";
-  } catch (err) {
-    if (err instanceof BioError) return err.status;
-    throw err;
-  }
-}
-
-async function read(dev: NbdDevice, sector: number, bytes: number): Promise<Buffer> {
-  const buf = Buffer.alloc(bytes, 0xee);
-  await submitAndWait(dev, readBio(sector, buf));
-  return buf;
 }
 
 /** The transmission requests a server saw, as [command, flags, offset, length]. */
