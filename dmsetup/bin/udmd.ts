@@ -120,6 +120,18 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     },
     zeroCopy: values["no-zero-copy"] ? false : undefined,
   });
+  // The handlers go in before start: a SIGTERM that arrives while udmd starts (a service manager
+  // stopping a unit it just started, a client that read "udmd started" before start() returned
+  // here) would otherwise meet Node's default action and kill udmd mid-way, with devices and
+  // sockets left behind. Such a signal stops udmd as soon as it has started.
+  let started = false;
+  let signalledDuringStart: string | null = null;
+  const onSignal = (signal: string) => {
+    if (started) stop(signal);
+    else signalledDuringStart ??= signal;
+  };
+  process.on("SIGTERM", () => onSignal("SIGTERM"));
+  process.on("SIGINT", () => onSignal("SIGINT"));
   try {
     await daemon.start();
   } catch (err) {
@@ -150,8 +162,11 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       },
     );
   };
-  process.on("SIGTERM", () => stop("SIGTERM"));
-  process.on("SIGINT", () => stop("SIGINT"));
+  started = true;
+  if (signalledDuringStart !== null) {
+    stop(signalledDuringStart);
+    return -1;
+  }
   if (values.run !== undefined) return runCaptiveCommand(daemon, values.run, captive);
   if (values.demo) {
     try {
