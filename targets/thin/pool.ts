@@ -82,6 +82,11 @@ export class Pool {
    * them out of the committed space map, so a crash does not leak them.
    */
   private readonly inFlightBlocks = new Set<number>();
+  /**
+   * Of those, the blocks being provisioned for FUA or PREFLUSH writes, each settled (mapped or
+   * given back) when its promise resolves: every one will ask for a commit right after.
+   */
+  private readonly committingWrites = new Map<number, { settled: Promise<void>; settle: () => void }>();
   /** Data blocks unmapped since the last commit, to pass down once that is committed. */
   private unmapped: number[] = [];
   /**
@@ -197,6 +202,8 @@ export class Pool {
    */
   settleDataBlock(b: number): void {
     this.inFlightBlocks.delete(b);
+    this.committingWrites.get(b)?.settle();
+    this.committingWrites.delete(b);
     if (this.inFlightBlocks.size === 0 && this.sealing) this.seal();
     else if (this.mode === "write") this.commitIfMetadataFull();
   }
@@ -235,13 +242,30 @@ export class Pool {
   /** commit(): joins a commit that has not started yet, or queues one after the running one. */
   commit(): Promise<void> {
     if (this.pendingCommit) return this.pendingCommit;
-    const p = this.commitChain.then(() => {
+    const p = this.commitChain.then(async () => {
+      await this.gatherCommitters();
       this.pendingCommit = null;
       return this.commitNow();
     });
     this.pendingCommit = p;
     this.commitChain = p.catch(() => {});
     return p;
+  }
+
+  /**
+   * Before a commit starts, the FUA and PREFLUSH writes whose blocks are being provisioned now
+   * (allocated, data I/O in flight) are let in: each will ask for a commit once its mapping is
+   * inserted, so waiting for their data I/O (nothing else: no new work, no metadata) makes one
+   * commit serve them all, as a kernel worker pass commits once for every FUA bio it completed
+   * (process_deferred_bios). The first turn lets the writers the last commit completed submit
+   * their next writes; the last lets the settled ones reach commit(). Without this, 16 writers of
+   * 64 KiB FUA writes shared a commit by threes, and a 1 MiB FUA write's blocks took five.
+   */
+  private async gatherCommitters(): Promise<void> {
+    await nextTurn();
+    if (this.committingWrites.size === 0) return;
+    await Promise.all([...this.committingWrites.values()].map((w) => w.settled));
+    await nextTurn();
   }
 
   private async commitNow(): Promise<void> {
@@ -329,7 +353,7 @@ export class Pool {
    * then out-of-data-space), "EIO" when it is out of metadata space (read-only now). The caller
    * settles the block (settleDataBlock) once it is mapped or given back.
    */
-  async allocDataBlock(): Promise<number | "ENOSPC" | "EIO"> {
+  async allocDataBlock(opts: { forCommittingWrite?: boolean } = {}): Promise<number | "ENOSPC" | "EIO"> {
     // Only the reserve left: commit, and the pool is out of metadata space.
     if (this.pmd.freeMetadataBlocks() === 0) {
       await this.commit().catch(() => {});
@@ -349,6 +373,11 @@ export class Pool {
       throw err;
     }
     this.inFlightBlocks.add(b);
+    if (opts.forCommittingWrite) {
+      let settle!: () => void;
+      const settled = new Promise<void>((resolve) => (settle = resolve));
+      this.committingWrites.set(b, { settled, settle });
+    }
     // The kernel counts the free blocks before it allocates (one worker, one block at a time);
     // here allocations run side by side, so the count is taken after, plus this block.
     this.checkLowWaterMark(this.pmd.freeDataBlocks() + 1);
@@ -451,4 +480,9 @@ export class Pool {
     this.stopWaker();
     this.cancelNoSpaceTimer();
   }
+}
+
+/** Resolves after the event loop's next turn: I/O completions and timers due now run first. */
+function nextTurn(): Promise<void> {
+  return new Promise<void>((resolve) => setImmediate(resolve));
 }

@@ -17,7 +17,7 @@
  *   (all_io_ds); the blocks no one references any more go down to the data device once that
  *   unmapping is committed.
  */
-import { Bio, type BioStatus } from "../../core/bio.js";
+import { Bio, BioFlags, type BioStatus } from "../../core/bio.js";
 import type { BlockDevice } from "../../core/devices/block-device.js";
 import { type Cell, virtualKey } from "./bio-prison.js";
 import { type ThinDevice, WOULD_BLOCK } from "./metadata/thin-metadata.js";
@@ -162,7 +162,7 @@ export class ThinWorker {
     if (bio.op === "flush" || bio.sectors === 0) {
       // Changed metadata: the commit flushes the data device before the superblock goes out.
       if (this.td.changed) {
-        bio.complete(await this.commitStatus());
+        void this.commitStatus().then((status) => bio.complete(status));
         return;
       }
       bio.device = this.pool.dataDevice;
@@ -284,7 +284,8 @@ export class ThinWorker {
     }
     let b: number | "ENOSPC" | "EIO";
     try {
-      b = await this.pool.allocDataBlock();
+      const bio = cell.holder!;
+      b = await this.pool.allocDataBlock({ forCommittingWrite: bio.isFua || bio.isPreflush });
     } catch {
       this.errorCell(cell, "EIO");
       return undefined;
@@ -338,8 +339,11 @@ export class ThinWorker {
   /** The write covers the whole block: it is the block's contents, no zeroing or copy first. */
   private async overwrite(cell: Cell, block: number, b: number, shared = false): Promise<void> {
     const bio = cell.holder!;
+    // Without FUA: the mapping's insert changes metadata, so the holder completes only after a
+    // commit, and every commit flushes the data device first (metadata_pre_commit_callback).
+    const flags = bio.flags & ~BioFlags.FUA;
     const status = await new Promise<BioStatus>((resolve) => {
-      const child = new Bio("write", this.pool.sectorOf(b), bio.sectors, bio.data, bio.flags, {
+      const child = new Bio("write", this.pool.sectorOf(b), bio.sectors, bio.data, flags, {
         bioDone: (c) => resolve(c.status),
       });
       child.submitTo(this.pool.dataDevice);
@@ -348,8 +352,10 @@ export class ThinWorker {
     if (shared) await this.quiesceSharedReads();
     if (!(await this.insert(cell, block, b))) return;
     const [holder, ...waiting] = this.pool.prison.release(cell);
-    // complete_overwrite_bio: a FUA write is durable only once its mapping is.
-    if (holder!.isFua && this.td.changed) holder!.complete(await this.commitStatus());
+    // complete_overwrite_bio: a FUA write is durable only once its mapping is. It waits for the
+    // commit off the worker (deferred_flush_completions), which goes on with other blocks: the
+    // commit then serves them too.
+    if (holder!.isFua && this.td.changed) void this.commitStatus().then((status) => holder!.complete(status));
     else holder!.complete("ok");
     for (const w of waiting) this.reroute(w);
   }
