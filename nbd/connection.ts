@@ -34,6 +34,7 @@ import {
 } from "./exports.js";
 import type { NbdTlsMode, TlsCredentials } from "./tls.js";
 import { Handshake } from "./handshake.js";
+import { submitWriteZeroes } from "./zero-fill.js";
 import { HandshakeParser, RequestParser } from "./parser.js";
 import { Cmd, CmdFlags, HandshakeFlags, NbdErrno, NbdProtocolError, type NbdRequest, commandName } from "./protocol.js";
 import {
@@ -473,7 +474,10 @@ export class NbdConnection implements BioEndIo {
     bio.owner = new PendingRequest(r.handle, r.type, reply, cost, payload);
     this.inFlight++;
     this.inFlightBytes += cost;
-    bio.submitTo(this.device!); // may complete synchronously (RAM disks): bioDone copes
+    // may complete synchronously (RAM disks): bioDone copes
+    const device = this.device!;
+    if (op === "write-zeroes") bio.submitTo({ submit: (b) => submitWriteZeroes(device, b) });
+    else bio.submitTo(device);
   }
 
   bioDone(bio: Bio): void {

@@ -75,7 +75,8 @@ export function transmissionFlags(device: ExportDevice, structured: boolean): nu
   if (device.readOnly) flags |= T.READ_ONLY;
   else {
     if (device.supportsDiscard) flags |= T.SEND_TRIM;
-    if (device.supportsWriteZeroes) flags |= T.SEND_WRITE_ZEROES | T.SEND_FAST_ZERO;
+    // Offered whatever the table: where it cannot zero, the server writes zeros (zero-fill.ts).
+    flags |= T.SEND_WRITE_ZEROES | T.SEND_FAST_ZERO;
   }
   // Reads are always answered in one chunk, so "don't fragment" is free to honour.
   if (structured) flags |= T.SEND_DF;
