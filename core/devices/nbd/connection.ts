@@ -1,8 +1,8 @@
 /**
  * One connection to an NBD server in the transmission phase: requests go out with a cookie each
  * (any number in flight, replies in any order, proto.md "Transmission"), the ReplyReader matches
- * replies to them. A turn's requests leave corked together, as one writev; a WRITE's payload is
- * sent from the bio's own buffer.
+ * replies to them. A turn's requests leave together at its end (request-batch.ts: headers and small
+ * payloads in one buffer, one socket write; a large WRITE's payload from the bio's own buffer).
  *
  * The connection knows nothing about retries: when it ends (the server hung up, sent garbage, or
  * the device dropped it) it hands every request still in flight to `closed`, and the device
@@ -15,7 +15,8 @@ import { type ReplyHandler, ReplyReader, type ReplyTarget } from "./reply-reader
 import { SocketInput, connectSocket } from "./socket-input.js";
 import type { ClientTls } from "./tls.js";
 import type { NbdUri } from "./uri.js";
-import { Cmd, extendedRequestHeader, requestHeader } from "./wire.js";
+import { RequestBatch } from "./request-batch.js";
+import { Cmd } from "./wire.js";
 
 /** A request as it travels: built by the device, sent by a connection, answered by the reader. */
 export interface NbdRequest extends ReplyTarget {
@@ -58,13 +59,13 @@ export async function openConnection(opts: ConnectOptions, events: ConnectionEve
 export class NbdConnection implements ReplyHandler {
   private readonly inFlight = new Map<number, NbdRequest>();
   private nextCookie = 1;
-  private corked = false;
+  /** This turn's requests, written when it ends (`flushSoon`). */
+  private readonly batch: RequestBatch;
+  private flushQueued = false;
   private ended = false;
   private reason: Error | null = null;
   /** Payload and destination bytes of the requests in flight. */
   inFlightBytes = 0;
-  /** The request header this connection negotiated: compact, or extended (64-bit lengths). */
-  private readonly header: typeof requestHeader;
 
   constructor(
     private readonly socket: net.Socket | tls.TLSSocket,
@@ -72,7 +73,7 @@ export class NbdConnection implements ReplyHandler {
     readonly info: ExportInfo,
     private readonly events: ConnectionEvents,
   ) {
-    this.header = info.extended ? extendedRequestHeader : requestHeader;
+    this.batch = new RequestBatch(info.extended);
     const reader = new ReplyReader(this, info.structured, info.extended);
     input.sink = reader;
     input.failed = (err) => this.destroy(err);
@@ -101,17 +102,27 @@ export class NbdConnection implements ReplyHandler {
     req.sentAt = now;
     this.inFlight.set(cookie, req);
     this.inFlightBytes += req.length;
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
+    const payload = req.cmd === Cmd.WRITE && req.length > 0 ? req.payload : null;
+    this.batch.add(req.cmd, req.flags, cookie, req.offset, req.length, payload);
+    if (!this.flushQueued) {
+      this.flushQueued = true;
+      process.nextTick(this.flush);
     }
-    this.socket.write(this.header(req.cmd, req.flags, cookie, req.offset, req.length));
-    if (req.cmd === Cmd.WRITE && req.length > 0) this.socket.write(req.payload!);
   }
+
+  /** Write what the batch holds: one buffer alone, several corked into one writev. */
+  private readonly flush = (): void => {
+    this.flushQueued = false;
+    const segments = this.batch.take();
+    if (segments.length === 0 || this.socket.destroyed) return;
+    if (segments.length === 1) {
+      this.socket.write(segments[0]!);
+      return;
+    }
+    this.socket.cork();
+    for (const s of segments) this.socket.write(s);
+    this.socket.uncork();
+  };
 
   // ---- ReplyHandler ----
 
@@ -136,7 +147,9 @@ export class NbdConnection implements ReplyHandler {
   disconnect(): void {
     if (this.ended || this.socket.destroyed) return;
     this.reason ??= new Error("disconnected");
-    this.socket.write(this.header(Cmd.DISC, 0, 0, 0, 0));
+    // After the requests of this turn, which the server must see first.
+    this.batch.add(Cmd.DISC, 0, 0, 0, 0, null);
+    this.flush();
     this.socket.end();
     // A server that never closes its side must not keep the socket (and the device's close) waiting.
     setTimeout(() => this.socket.destroy(), 1000).unref();

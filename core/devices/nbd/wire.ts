@@ -12,6 +12,7 @@ export {
   CmdFlags,
   EXTENDED_REPLY_HEADER_LENGTH,
   EXTENDED_REPLY_MAGIC,
+  EXTENDED_REQUEST_HEADER_LENGTH,
   GREETING_LENGTH,
   HandshakeFlags,
   IHAVEOPT,
@@ -83,15 +84,26 @@ export function goData(exportName: string, infos: readonly number[]): Buffer {
  */
 export function requestHeader(type: number, flags: number, cookie: number, offset: number, length: number): Buffer {
   const b = Buffer.allocUnsafe(REQUEST_HEADER_LENGTH);
-  b.writeUInt32BE(REQUEST_MAGIC, 0);
-  b.writeUInt16BE(flags, 4);
-  b.writeUInt16BE(type, 6);
-  b.writeUInt32BE(Math.floor(cookie / 0x1_0000_0000), 8);
-  b.writeUInt32BE(cookie >>> 0, 12);
-  b.writeUInt32BE(Math.floor(offset / 0x1_0000_0000), 16);
-  b.writeUInt32BE(offset >>> 0, 20);
-  b.writeUInt32BE(length, 24);
+  writeRequestHeader(b, 0, type, flags, cookie, offset, length);
   return b;
+}
+
+/** requestHeader's bytes written into `b` at `at` (request-batch.ts puts a turn's headers in one buffer). */
+export function writeRequestHeader(
+  b: Buffer,
+  at: number,
+  type: number,
+  flags: number,
+  cookie: number,
+  offset: number,
+  length: number,
+): void {
+  b.writeUInt32BE(REQUEST_MAGIC, at);
+  b.writeUInt16BE(flags, at + 4);
+  b.writeUInt16BE(type, at + 6);
+  writeUint64(b, at + 8, cookie);
+  writeUint64(b, at + 16, offset);
+  b.writeUInt32BE(length, at + 24);
 }
 
 /**
@@ -107,13 +119,26 @@ export function extendedRequestHeader(
   length: number,
 ): Buffer {
   const b = Buffer.allocUnsafe(EXTENDED_REQUEST_HEADER_LENGTH);
-  b.writeUInt32BE(EXTENDED_REQUEST_MAGIC, 0);
-  b.writeUInt16BE(type === Cmd.WRITE ? flags | CmdFlags.PAYLOAD_LEN : flags, 4);
-  b.writeUInt16BE(type, 6);
-  writeUint64(b, 8, cookie);
-  writeUint64(b, 16, offset);
-  writeUint64(b, 24, length);
+  writeExtendedRequestHeader(b, 0, type, flags, cookie, offset, length);
   return b;
+}
+
+/** extendedRequestHeader's bytes written into `b` at `at`. */
+export function writeExtendedRequestHeader(
+  b: Buffer,
+  at: number,
+  type: number,
+  flags: number,
+  cookie: number,
+  offset: number,
+  length: number,
+): void {
+  b.writeUInt32BE(EXTENDED_REQUEST_MAGIC, at);
+  b.writeUInt16BE(type === Cmd.WRITE ? flags | CmdFlags.PAYLOAD_LEN : flags, at + 4);
+  b.writeUInt16BE(type, at + 6);
+  writeUint64(b, at + 8, cookie);
+  writeUint64(b, at + 16, offset);
+  writeUint64(b, at + 24, length);
 }
 
 /** A number below 2^53 as a 64-bit big-endian field. */
