@@ -25,7 +25,9 @@ export default {
   jsonReporter: { fileName: "reports/mutation/mutation.json" },
   htmlReporter: { fileName: "reports/mutation/mutation.html" },
   concurrency: 2,
-  timeoutMS: 60_000,
+  // A mutant times out after 1.5 × its covering tests' dry-run time plus this: enough for a loaded
+  // machine, and each timeout (a mutant that loops or never completes a bio) costs no more.
+  timeoutMS: 20_000,
   tempDirName: ".stryker-tmp",
   cleanTempDir: "always",
   ignorePatterns: ["dist", "reports", "node_modules/.cache", "bench/results*", ".stryker-tmp"],
