@@ -59,7 +59,7 @@ export async function openConnection(opts: ConnectOptions, events: ConnectionEve
 export class NbdConnection implements ReplyHandler {
   private readonly inFlight = new Map<number, NbdRequest>();
   private nextCookie = 1;
-  /** This turn's requests, written when it ends (`flushSoon`). */
+  /** This turn's requests, written when it ends (`flush`). */
   private readonly batch: RequestBatch;
   private flushQueued = false;
   private ended = false;
