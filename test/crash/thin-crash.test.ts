@@ -83,6 +83,37 @@ describe("thin crash runner", () => {
     expect(report.failures).toBe(0);
   });
 
+  // skip_block_zeroing: a partial write to a new block leaves the rest of it as the data device
+  // had it, and until the write is durable the block may show stale data even where it writes
+  // (its mapping can be committed first). The model allows exactly that, nothing more.
+  it(
+    "with skip_block_zeroing, no failure (seed 21, 60 operations), and a pool without the data flush is still caught",
+    {
+      timeout: 60_000,
+    },
+    async () => {
+      const report = await runThinCrashHarness({
+        ops: 60,
+        seed: 21,
+        poolFeatures: ["skip_block_zeroing"],
+        maxReported: 50,
+      });
+      console.log(`skip_block_zeroing: ${summary(report)}`);
+      expect(report.failures).toBe(0);
+      expect(report.pointsChecked).toBeGreaterThan(100);
+      const broken = await runThinCrashHarness({
+        ops: 40,
+        seed: 1,
+        poolFeatures: ["skip_block_zeroing"],
+        broken: "no-data-flush",
+        leaksFail: false,
+        maxReported: 50,
+      });
+      expect(broken.failedPoints).toBeGreaterThan(0);
+      expect(failureText(broken)).toMatch(/thin\d+ sector \d+ holds stale data \(data device sector \d+/);
+    },
+  );
+
   it("catches a pool whose commit does not flush the data device first", { timeout: 60_000 }, async () => {
     const report = await runThinCrashHarness({
       ops: 40,

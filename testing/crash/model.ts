@@ -95,6 +95,12 @@ export interface TopWrite {
    * origin; `durableAt` is set by the runner (when the merge had finished).
    */
   merged?: boolean;
+  /**
+   * Not a write either: the rest of a block a write provisioned without zeroing it (thin's
+   * skip_block_zeroing), whose content is whatever the data device held. It may overlap writes
+   * in flight in that block.
+   */
+  unzeroedFill?: boolean;
 }
 
 export interface TopFlush {
@@ -183,7 +189,8 @@ export class DeviceHistory {
       for (let j = 1; j < list.length; j++) {
         const previous = list[j - 1]!;
         const write = list[j]!;
-        if (!previous.merged && !write.merged && write.submit < previous.ack) {
+        const modelled = (w: TopWrite) => w.merged || w.unzeroedFill;
+        if (!modelled(previous) && !modelled(write) && write.submit < previous.ack) {
           return `${this.name} sector ${s}: write #${write.id} submitted before #${previous.id} was acknowledged`;
         }
       }

@@ -214,7 +214,8 @@ export class ThinCrashPointChecker {
     const touched = new Set<ThinVolume>();
     for (let i = rng.range(2, 6); i > 0; i--) {
       const volume = rng.pick(volumes);
-      const whole = rng.chance(0.3);
+      // Under skip_block_zeroing a partial write may leave the rest of a new block unzeroed.
+      const whole = rng.chance(0.3) || this.model.skipZeroing;
       const length = whole ? bs : rng.pick([1, 4, 8, 16, 32]);
       const sector = whole ? rng.int(sectors / bs) * bs : rng.int(sectors - length + 1);
       const data = writeData(this.nextRecoveryId++, sector, length);

@@ -42,10 +42,14 @@ export class ThinPoolModel {
   readonly volumes: ThinVolume[] = [];
   /** Ids of the model's discards: such a sector reads as zeros. */
   readonly discardIds = new Set<number>();
+  /** Ids of unzeroed fills (skip_block_zeroing): such a sector may hold anything. */
+  readonly unzeroedIds = new Set<number>();
 
   constructor(
     readonly volumeSectors: number,
     readonly blockSize: number,
+    /** The pool runs with skip_block_zeroing: a block a partial write provisions is not zeroed first. */
+    readonly skipZeroing = false,
   ) {}
 
   newVolume(id: number, base: Int32Array | null, origin: number | null): ThinVolume {
@@ -91,8 +95,26 @@ export class ThinPoolModel {
     return id >= 0 ? id : this.baseAt(volume, sector);
   }
 
+  /**
+   * Whether block `block` of `volume` may have no data block now (so a partial write provisions
+   * one): nothing but zeros and discards is acknowledged in it, or a write or discard in it is
+   * still in flight.
+   */
+  mayBeUnprovisioned(volume: ThinVolume, block: number): boolean {
+    const from = block * this.blockSize;
+    for (let sector = from; sector < from + this.blockSize; sector++) {
+      if (volume.history.writesAt(sector).some((w) => !Number.isFinite(w.ack) && !w.unzeroedFill)) return true;
+    }
+    for (let sector = from; sector < from + this.blockSize; sector++) {
+      const id = this.expectedNow(volume, sector);
+      if (id !== ZEROS && !this.discardIds.has(id)) return false;
+    }
+    return true;
+  }
+
   /** Whether a sector decoded as `found` holds what `id` (a write, a discard, or ZEROS) put there. */
   matches(found: number, id: number): boolean {
+    if (this.unzeroedIds.has(id)) return true;
     return id === ZEROS || this.discardIds.has(id) ? found === ZEROS : found === id;
   }
 
@@ -116,6 +138,7 @@ export class ThinPoolModel {
   describe(value: number): string {
     if (value === STALE_ID) return "stale data (the data device's content before the pool used the block)";
     if (this.discardIds.has(value)) return `zeros (discard #${value})`;
+    if (this.unzeroedIds.has(value)) return `anything (a block provisioned unzeroed, #${value})`;
     if (value === MISPLACED) return "another sector's data (a block of another place, or stale data)";
     if (value === GARBAGE) return "garbage";
     return value === ZEROS ? "zeros" : describeValue(value);

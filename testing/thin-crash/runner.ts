@@ -83,7 +83,7 @@ class ThinCrashRun {
     const volumeSectors = options.volumeSectors ?? 2048;
     const blockSize = options.blockSize ?? 128;
     if (volumeSectors % blockSize !== 0) throw new Error("the volume size must be a multiple of the block size");
-    this.model = new ThinPoolModel(volumeSectors, blockSize);
+    this.model = new ThinPoolModel(volumeSectors, blockSize, features.includes("skip_block_zeroing"));
     this.logged = new LoggedDevices(this.backing, this.clock, jitter);
   }
 

@@ -29,10 +29,35 @@ export class ThinIo {
   ) {}
 
   write(volume: ThinVolume, sector: number, sectors: number, fua: boolean): Promise<void> {
+    const fills = this.unzeroedFills(volume, sector, sectors, fua);
     const write = this.record(volume, sector, sectors, fua);
     this.stats.writes++;
     const data = writeData(write.id, sector, sectors);
-    return this.submit(volume, write, "write", data, fua ? BioFlags.FUA : 0, `write #${write.id}`);
+    return this.submit(volume, write, "write", data, fua ? BioFlags.FUA : 0, `write #${write.id}`, fills);
+  }
+
+  /**
+   * With skip_block_zeroing, a write that covers part of a block that may have no data block yet
+   * leaves the rest of the block as the data device had it: in the model, a fill of "anything"
+   * over the block, submitted and acknowledged with the write.
+   */
+  private unzeroedFills(volume: ThinVolume, sector: number, sectors: number, fua: boolean): TopWrite[] {
+    if (!this.model.skipZeroing) return [];
+    const bs = this.model.blockSize;
+    const fills: TopWrite[] = [];
+    for (let block = Math.floor(sector / bs); block * bs < sector + sectors; block++) {
+      const from = block * bs;
+      const to = from + bs;
+      if ((sector <= from && sector + sectors >= to) || !this.model.mayBeUnprovisioned(volume, block)) continue;
+      // The whole block, the write's own sectors too, ordered before the write: its mapping may
+      // be committed before the write's data is on disk, and then a crash shows whatever was
+      // there until the write is durable.
+      const fill = this.record(volume, from, bs, fua);
+      fill.unzeroedFill = true;
+      this.model.unzeroedIds.add(fill.id);
+      fills.push(fill);
+    }
+    return fills;
   }
 
   /** A discard of `sector`+`sectors`: in the model, a write of zeros over the whole blocks it covers. */
@@ -86,6 +111,7 @@ export class ThinIo {
     data: Buffer,
     flags: number,
     what: string,
+    alongside: TopWrite[] = [],
   ): Promise<void> {
     return new Promise<void>((resolve) => {
       const bio = new Bio(op, write.sector, write.sectors, data, flags, {
@@ -94,13 +120,17 @@ export class ThinIo {
           if (done.status !== "ok") {
             write.failed = true;
             this.problem(`${what} to ${volume.name} sectors ${write.sector}+${write.sectors} failed: ${done.status}`);
-          } else {
-            volume.history.acked(write);
+          }
+          for (const w of [...alongside, write]) {
+            w.ack = write.ack;
+            w.failed = write.failed;
+            if (!w.failed) volume.history.acked(w);
           }
           resolve();
         },
       });
       write.submit = this.clock.tick();
+      for (const w of alongside) w.submit = write.submit;
       bio.submitTo(this.dm.device(volume.name));
     });
   }
