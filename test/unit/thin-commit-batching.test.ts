@@ -15,22 +15,11 @@ import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE } from "../../core/bio.js";
 import { ControlledDevice } from "../../testing/controlled-device.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
+import { settle, settlesSoon } from "../support/event-loop.js";
 
 const BS = 128;
 const BLOCK = BS * SECTOR_SIZE;
 const BLOCKS = 64;
-const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
-
-/** Whether `p` settles within a few turns of the event loop (no timers involved). */
-async function settlesSoon(p: Promise<unknown>): Promise<boolean> {
-  let done = false;
-  void p.then(
-    () => (done = true),
-    () => (done = true),
-  );
-  for (let i = 0; i < 50 && !done; i++) await settle();
-  return done;
-}
 
 async function setup(
   meta = new ControlledDevice(8 * 2048, { name: "meta", volatileCache: true }),

@@ -10,21 +10,10 @@ import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE } from "../../core/bio.js";
 import { ControlledDevice } from "../../testing/controlled-device.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
+import { settle, settlesSoon } from "../support/event-loop.js";
 
 const BS = 128;
 const BLOCK = BS * SECTOR_SIZE;
-const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
-
-/** Whether `p` settles within a few turns of the event loop (no timers involved). */
-async function settlesSoon(p: Promise<unknown>): Promise<boolean> {
-  let done = false;
-  void p.then(
-    () => (done = true),
-    () => (done = true),
-  );
-  for (let i = 0; i < 50 && !done; i++) await settle();
-  return done;
-}
 
 /** A pool of 64 data blocks on a controllable device, or of `dataBlocks` on a RAM disk that can grow. */
 async function setup(dataBlocks?: number) {
