@@ -148,6 +148,20 @@ describe("what the operator is told", () => {
       },
     ]);
   });
+
+  it("a failed header write when invalidating is logged with the COW device and the error", async () => {
+    const dev = new ControlledDevice(1 << 12, { name: "cow2" });
+    const { store, logger } = await load(dev, "8");
+    dev.failNext((b) => b.op === "write" && b.sector === 0);
+    await store.dropSnapshot();
+    expect(logger.records).toEqual([
+      {
+        level: "warn",
+        msg: "write header failed",
+        fields: { cow: "cow2", error: "cow2: write of chunk 0 failed: EIO" },
+      },
+    ]);
+  });
 });
 
 describe("merge calls", () => {
