@@ -99,6 +99,44 @@ describe("loading", () => {
     expect(reads(dev)).toEqual([0, ...Array.from({ length: 8 }, (_, k) => (1 + 32769 * k) * 1024)]);
   });
 
+  it("drops stale records after the terminator, so appending a record never exposes them (B4)", async () => {
+    const dev = new ControlledDevice(1 << 12);
+    const first = await load(dev);
+    const pairs: [number, number][] = [];
+    for (const old of [10, 11, 12]) {
+      const chunk = first.store.prepareException()!;
+      expect(await commit(first.store, old, chunk)).toBe(true);
+      pairs.push([old, chunk]);
+    }
+    // An older store's records behind the terminator (slot 3) of area 0 (chunk 1, cs = 1).
+    const stale = Buffer.alloc(4 * 16);
+    for (let i = 0; i < 4; i++) {
+      stale.writeUInt32LE(900 + i, 16 * i);
+      stale.writeUInt32LE(40 + i, 16 * i + 8);
+    }
+    dev.writeSync(1, Buffer.concat([dev.readSync(1, 1).subarray(0, 4 * 16), stale, Buffer.alloc(512 - 8 * 16)]));
+    const second = await load(dev);
+    expect(second.found).toEqual(pairs);
+    const chunk = second.store.prepareException()!;
+    expect(await commit(second.store, 13, chunk)).toBe(true);
+    expect((await load(dev)).found).toEqual([...pairs, [13, chunk]]);
+  });
+
+  it("allocates after the highest COW chunk the records use, whatever their order", async () => {
+    const dev = new ControlledDevice(1 << 12);
+    const { store } = await load(dev);
+    store.prepareException();
+    store.prepareException();
+    // Records whose COW chunks go down (an image written by another program may hold them so).
+    expect(await Promise.all([commit(store, 10, 6), commit(store, 11, 3)])).toEqual([true, true]);
+    const again = await load(dev);
+    expect(again.found).toEqual([
+      [10, 6],
+      [11, 3],
+    ]);
+    expect(again.store.prepareException()).toBe(7);
+  });
+
   it("warns about the chunk size only when the table's differs from the header's", async () => {
     const dev = new ControlledDevice(1 << 14, { name: "cow1" });
     await load(dev, "8");
