@@ -21,6 +21,9 @@ import type { ThinPoolMetadata } from "./metadata/thin-metadata.js";
 import { type PoolFeatures, type PoolMode, isReadOnlyMode } from "./params.js";
 import { PersistentDataError } from "./persistent-data/errors.js";
 
+/** The longest a commit waits for the FUA writes being provisioned (gatherCommitters). */
+export const GATHER_MAX_MS = 100;
+
 /** COMMIT_PERIOD: changes are committed at least this often. */
 export const COMMIT_PERIOD_MS = 1000;
 /** The no_space_timeout module parameter's default: queued I/O fails after this long without space. */
@@ -75,6 +78,8 @@ export class Pool {
   private noSpaceTimer: { cancel(): void } | null = null;
   private commitChain: Promise<void> = Promise.resolve();
   private pendingCommit: Promise<void> | null = null;
+  /** The pending commit was asked for by a FUA write or a flush (commit's `gather`). */
+  private pendingGathers = false;
   private waker: { cancel(): void } | null = null;
   /**
    * Data blocks counted in the running transaction that no mapping refers to yet: allocated for
@@ -83,8 +88,8 @@ export class Pool {
    */
   private readonly inFlightBlocks = new Set<number>();
   /**
-   * Of those, the blocks being provisioned for FUA or PREFLUSH writes, each settled (mapped or
-   * given back) when its promise resolves: every one will ask for a commit right after.
+   * Of those, the blocks being provisioned for FUA writes, each settled (mapped or given back)
+   * when its promise resolves; once mapped, the write asks for a commit.
    */
   private readonly committingWrites = new Map<number, { settled: Promise<void>; settle: () => void }>();
   /** Data blocks unmapped since the last commit, to pass down once that is committed. */
@@ -239,11 +244,18 @@ export class Pool {
 
   // ---- commits ----
 
-  /** commit(): joins a commit that has not started yet, or queues one after the running one. */
-  commit(): Promise<void> {
+  /**
+   * commit(): joins a commit that has not started yet, or queues one after the running one.
+   * `gather`: asked for by a FUA write or a flush, which waits for it; the commit then first lets
+   * in the FUA writes being provisioned (gatherCommitters). Commits nobody waits on for I/O (the
+   * periodic one, suspend's, the metadata-space ones) do not wait for anyone's data I/O.
+   */
+  commit(opts: { gather?: boolean } = {}): Promise<void> {
+    if (opts.gather) this.pendingGathers = true;
     if (this.pendingCommit) return this.pendingCommit;
     const p = this.commitChain.then(async () => {
-      await this.gatherCommitters();
+      if (this.pendingGathers) await this.gatherCommitters();
+      this.pendingGathers = false;
       this.pendingCommit = null;
       return this.commitNow();
     });
@@ -253,18 +265,23 @@ export class Pool {
   }
 
   /**
-   * Before a commit starts, the FUA and PREFLUSH writes whose blocks are being provisioned now
-   * (allocated, data I/O in flight) are let in: each will ask for a commit once its mapping is
-   * inserted, so waiting for their data I/O (nothing else: no new work, no metadata) makes one
-   * commit serve them all, as a kernel worker pass commits once for every FUA bio it completed
-   * (process_deferred_bios). The first turn lets the writers the last commit completed submit
-   * their next writes; the last lets the settled ones reach commit(). Without this, 16 writers of
-   * 64 KiB FUA writes shared a commit by threes, and a 1 MiB FUA write's blocks took five.
+   * Before a commit that FUA writes or flushes wait for starts, the FUA writes whose blocks are
+   * being provisioned now (allocated; zeroing, copy or data write in flight, then the insert) are
+   * let in: each asks for a commit once its mapping is inserted (or fails), so waiting for them
+   * makes one commit serve them all, as a kernel worker pass commits once for every FUA bio it
+   * completed (process_deferred_bios). The first turn lets the writers the last commit completed
+   * submit their next writes; the last lets the settled ones reach commit(). The wait is bounded
+   * (GATHER_MAX_MS): it only saves commits, and a provisioning stuck on a slow device must not
+   * hold up everyone's. Without it, 16 writers of 64 KiB FUA writes shared a commit by threes, and
+   * a 1 MiB FUA write's blocks took five.
    */
   private async gatherCommitters(): Promise<void> {
     await nextTurn();
     if (this.committingWrites.size === 0) return;
-    await Promise.all([...this.committingWrites.values()].map((w) => w.settled));
+    let timer: { cancel(): void } | null = null;
+    const bound = new Promise<void>((resolve) => (timer = this.services.clock.setTimeout(resolve, GATHER_MAX_MS)));
+    await Promise.race([Promise.all([...this.committingWrites.values()].map((w) => w.settled)), bound]);
+    (timer as { cancel(): void } | null)?.cancel();
     await nextTurn();
   }
 
@@ -374,6 +391,8 @@ export class Pool {
     }
     this.inFlightBlocks.add(b);
     if (opts.forCommittingWrite) {
+      // A block given back and handed out again before its settle ran: the old entry is done.
+      this.committingWrites.get(b)?.settle();
       let settle!: () => void;
       const settled = new Promise<void>((resolve) => (settle = resolve));
       this.committingWrites.set(b, { settled, settle });

@@ -162,7 +162,7 @@ export class ThinWorker {
     if (bio.op === "flush" || bio.sectors === 0) {
       // Changed metadata: the commit flushes the data device before the superblock goes out.
       if (this.td.changed) {
-        void this.commitStatus().then((status) => bio.complete(status));
+        this.completeAfterCommit(bio);
         return;
       }
       bio.device = this.pool.dataDevice;
@@ -174,20 +174,34 @@ export class ThinWorker {
     if (!virt.existed) await this.processCell(virt.cell);
   }
 
+  /** The commit a flush or a FUA write waits for (pool.commit's `gather`). */
   private async commitStatus(): Promise<BioStatus> {
     try {
-      await this.pool.commit();
+      await this.pool.commit({ gather: true });
       return "ok";
     } catch {
       return "EIO";
     }
   }
 
+  /** Complete `bio` once its commit is done, off the worker (deferred_flush_completions). */
+  private completeAfterCommit(bio: Bio): void {
+    void this.commitStatus()
+      .then((status) => bio.complete(status))
+      .catch((err: unknown) =>
+        this.pool.services.logger.error(`${this.pool.name}: completing a bio after a commit failed: ${String(err)}`),
+      );
+  }
+
   /** issue(): a FUA write that follows metadata changes of this device waits for their commit. */
   private issue(bio: Bio, b: number): void {
     this.remapTracked(bio, b);
     if ((bio.isFua || bio.isPreflush) && this.td.changed) {
-      void this.commitStatus().then((status) => (status === "ok" ? bio.device!.submit(bio) : bio.complete(status)));
+      void this.commitStatus()
+        .then((status) => (status === "ok" ? bio.device!.submit(bio) : bio.complete(status)))
+        .catch((err: unknown) =>
+          this.pool.services.logger.error(`${this.pool.name}: issuing a bio after a commit failed: ${String(err)}`),
+        );
       return;
     }
     bio.device!.submit(bio);
@@ -285,7 +299,7 @@ export class ThinWorker {
     let b: number | "ENOSPC" | "EIO";
     try {
       const bio = cell.holder!;
-      b = await this.pool.allocDataBlock({ forCommittingWrite: bio.isFua || bio.isPreflush });
+      b = await this.pool.allocDataBlock({ forCommittingWrite: bio.isFua });
     } catch {
       this.errorCell(cell, "EIO");
       return undefined;
@@ -355,7 +369,7 @@ export class ThinWorker {
     // complete_overwrite_bio: a FUA write is durable only once its mapping is. It waits for the
     // commit off the worker (deferred_flush_completions), which goes on with other blocks: the
     // commit then serves them too.
-    if (holder!.isFua && this.td.changed) void this.commitStatus().then((status) => holder!.complete(status));
+    if (holder!.isFua && this.td.changed) this.completeAfterCommit(holder!);
     else holder!.complete("ok");
     for (const w of waiting) this.reroute(w);
   }

@@ -13,9 +13,11 @@
  */
 import { describe, expect, it } from "vitest";
 import { SECTOR_SIZE } from "../../core/bio.js";
+import { GATHER_MAX_MS } from "../../targets/thin/pool.js";
 import { ControlledDevice } from "../../testing/controlled-device.js";
 import { pattern, testMapper } from "../../testing/memory-backing.js";
 import { settle, settlesSoon } from "../support/event-loop.js";
+import { FakeClock } from "../support/fake-clock.js";
 
 const BS = 128;
 const BLOCK = BS * SECTOR_SIZE;
@@ -25,7 +27,9 @@ async function setup(
   meta = new ControlledDevice(8 * 2048, { name: "meta", volatileCache: true }),
   data = new ControlledDevice(BLOCKS * BS, { name: "data", volatileCache: true }),
 ) {
-  const { dm, backing } = testMapper();
+  // A clock that stands still: the gather's time bound (pool.ts GATHER_MAX_MS) never cuts in,
+  // however slowly a loaded machine runs the releases below.
+  const { dm, backing } = testMapper({ clock: new FakeClock() });
   backing.add("meta", meta);
   backing.add("data", data);
   await dm.create("pool", { table: `0 ${BLOCKS * BS} thin-pool meta data ${BS} 0` });
@@ -94,6 +98,30 @@ describe("thin: FUA writes share commits", () => {
     expect((await write).status).toBe("ok");
     expect(data.held()).toEqual([]);
     expect(commits(meta) - before).toBe(1);
+  });
+
+  it("a commit waits for a FUA write being provisioned at most GATHER_MAX_MS, then goes ahead", async () => {
+    const clock = new FakeClock();
+    const { dm, backing } = testMapper({ clock });
+    const meta = backing.add("meta", new ControlledDevice(8 * 2048, { name: "meta" }));
+    const data = backing.add("data", new ControlledDevice(BLOCKS * BS, { name: "data" }));
+    await dm.create("pool", { table: `0 ${BLOCKS * BS} thin-pool meta data ${BS} 0` });
+    await dm.message("pool", 0, "create_thin 1");
+    await dm.create("t", { table: `0 ${32 * BS} thin /dev/mapper/pool 1` });
+    const t = dm.open("t");
+    const provisioning = data.hold((bio) => bio.op === "write" && bio.sector < BS);
+    const stuck = t.write(0, pattern(70, BLOCK), { fua: true });
+    await data.waitForHeld(1);
+    data.stopHolding(provisioning);
+    const before = commits(meta);
+    const other = t.write(BS, pattern(71, BLOCK), { fua: true });
+    expect(await settlesSoon(other)).toBe(false); // its commit waits for the stuck write...
+    clock.advance(GATHER_MAX_MS);
+    expect(await settlesSoon(other)).toBe(true); // ...until the bound
+    expect((await other).status).toBe("ok");
+    expect(commits(meta) - before).toBe(1);
+    data.releaseAll();
+    expect((await stuck).status).toBe("ok");
   });
 
   it("a flush does not wait for a plain write being provisioned (only FUA writes are let in)", async () => {
