@@ -476,7 +476,7 @@ export class NbdConnection implements BioEndIo {
     this.inFlightBytes += cost;
     // may complete synchronously (RAM disks): bioDone copes
     const device = this.device!;
-    if (op === "write-zeroes") bio.submitTo({ submit: (b) => submitWriteZeroes(device, b) });
+    if (op === "write-zeroes") bio.submitTo({ submit: (b) => submitWriteZeroes(device, b, () => this.isClosed) });
     else bio.submitTo(device);
   }
 

@@ -14,37 +14,44 @@
 import { Bio, type BioEndIo, BioFlags, type BioSink, type BioStatus, SECTOR_SIZE } from "../core/bio.js";
 import type { ExportDevice } from "./exports.js";
 
-/** Zeros go down in writes of at most this many bytes (one buffer per request, reused). */
+/** Zeros go down in writes of at most this many bytes. */
 export const ZERO_FILL_CHUNK = 1024 * 1024;
 /** Chunk writes in flight at once for one request. */
 const ZERO_FILL_DEPTH = 4;
+/**
+ * The zeros every zero fill writes from: one buffer for all, never written to (a write's data
+ * belongs to the bio and no target changes it; flakey's corrupt_bio_byte works on a copy).
+ */
+const ZEROS = Buffer.alloc(ZERO_FILL_CHUNK);
 
 /**
  * Serve `bio` (a write-zeroes, in flight): as write-zeroes where the device's table can, else
  * (or when a table loaded since says EOPNOTSUPP) by writing zeros, as blkdev_issue_zeroout
- * retries.
+ * retries. `cancelled`: the requester is gone (its connection closed); a zero fill stops there.
  */
-export function submitWriteZeroes(device: ExportDevice, bio: Bio): void {
-  if (!device.supportsWriteZeroes) return submitZeroFill(device, bio);
+export function submitWriteZeroes(device: ExportDevice, bio: Bio, cancelled: () => boolean = () => false): void {
+  if (!device.supportsWriteZeroes) return submitZeroFill(device, bio, cancelled);
   const native = new Bio("write-zeroes", bio.sector, bio.sectors, null, bio.flags, {
-    bioDone: (n) => (n.status === "EOPNOTSUPP" ? submitZeroFill(device, bio) : bio.complete(n.status)),
+    bioDone: (n) => (n.status === "EOPNOTSUPP" ? submitZeroFill(device, bio, cancelled) : bio.complete(n.status)),
   });
   native.submitTo(device);
 }
 
 /**
  * Completes `bio` (a write-zeroes) by writing zeros over its range to `device`: chunked writes,
- * a few in flight, the first error is the bio's status. FUA rides on every chunk; NOUNMAP is
- * what plain writes do anyway.
+ * a few in flight, the first error is the bio's status. A FUA write-zeroes ends with one flush
+ * (not a FUA write per chunk); NOUNMAP is what plain writes do anyway. Stops (ENXIO, which the
+ * server answers with ESHUTDOWN) once
+ * `cancelled` says so.
  */
-export function submitZeroFill(device: BioSink, bio: Bio): void {
+export function submitZeroFill(device: BioSink, bio: Bio, cancelled: () => boolean = () => false): void {
   const end = bio.sector + bio.sectors;
   const chunkSectors = ZERO_FILL_CHUNK / SECTOR_SIZE;
-  const zeros = Buffer.alloc(Math.min(bio.sectors, chunkSectors) * SECTOR_SIZE);
-  const flags = bio.flags & BioFlags.FUA;
   let next = bio.sector;
   let inFlight = 0;
   let status: BioStatus = "ok";
+  let pumping = false;
+  let finished = false;
   const done: BioEndIo = {
     bioDone: (chunk) => {
       inFlight--;
@@ -52,20 +59,35 @@ export function submitZeroFill(device: BioSink, bio: Bio): void {
       pump();
     },
   };
+  const finish = (): void => {
+    finished = true;
+    if (status !== "ok" || !bio.isFua) return bio.complete(status);
+    const flush = new Bio("flush", 0, 0, null, BioFlags.PREFLUSH, { bioDone: (f) => bio.complete(f.status) });
+    flush.submitTo(device);
+  };
+  // A loop, not recursion, when chunks complete synchronously: a completion inside submitTo
+  // only counts down, and this loop goes on.
   const pump = (): void => {
-    while (status === "ok" && next < end && inFlight < ZERO_FILL_DEPTH) {
-      const sectors = Math.min(chunkSectors, end - next);
-      const data = sectors * SECTOR_SIZE === zeros.length ? zeros : zeros.subarray(0, sectors * SECTOR_SIZE);
-      const chunk = new Bio("write", next, sectors, data, flags, done);
-      next += sectors;
-      inFlight++;
-      chunk.submitTo(device); // may complete synchronously: bioDone re-enters pump, which is fine
+    if (pumping || finished) return;
+    pumping = true;
+    try {
+      for (;;) {
+        if (status === "ok" && next < end && cancelled()) status = "ENXIO";
+        if (status === "ok" && next < end && inFlight < ZERO_FILL_DEPTH) {
+          const sectors = Math.min(chunkSectors, end - next);
+          const data = sectors === chunkSectors ? ZEROS : ZEROS.subarray(0, sectors * SECTOR_SIZE);
+          const chunk = new Bio("write", next, sectors, data, 0, done);
+          next += sectors;
+          inFlight++;
+          chunk.submitTo(device);
+          continue;
+        }
+        break;
+      }
+    } finally {
+      pumping = false;
     }
-    if (inFlight === 0 && (next >= end || status !== "ok")) {
-      next = end; // complete once, even if a synchronous completion brought us here twice
-      inFlight = -1;
-      bio.complete(status);
-    }
+    if (inFlight === 0 && (next >= end || status !== "ok")) finish();
   };
   pump();
 }
