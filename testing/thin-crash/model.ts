@@ -44,6 +44,8 @@ export class ThinPoolModel {
   readonly discardIds = new Set<number>();
   /** Ids of unzeroed fills (skip_block_zeroing): such a sector may hold anything. */
   readonly unzeroedIds = new Set<number>();
+  /** Ids of writes submitted to a block that may have had no data block then (they may provision one). */
+  readonly mayProvisionIds = new Set<number>();
 
   constructor(
     readonly volumeSectors: number,
@@ -97,19 +99,26 @@ export class ThinPoolModel {
 
   /**
    * Whether block `block` of `volume` may have no data block now (so a partial write provisions
-   * one): nothing but zeros and discards is acknowledged in it, or a write or discard in it is
-   * still in flight.
+   * one): nothing but zeros and discards is acknowledged in it, or in flight in it is a discard
+   * or a write that may itself be provisioning it.
    */
   mayBeUnprovisioned(volume: ThinVolume, block: number): boolean {
     const from = block * this.blockSize;
+    const unsettling = (w: { id: number; ack: number }) =>
+      !Number.isFinite(w.ack) && (this.discardIds.has(w.id) || this.mayProvisionIds.has(w.id));
     for (let sector = from; sector < from + this.blockSize; sector++) {
-      if (volume.history.writesAt(sector).some((w) => !Number.isFinite(w.ack) && !w.unzeroedFill)) return true;
+      if (volume.history.writesAt(sector).some(unsettling)) return true;
     }
     for (let sector = from; sector < from + this.blockSize; sector++) {
       const id = this.expectedNow(volume, sector);
       if (id !== ZEROS && !this.discardIds.has(id)) return false;
     }
     return true;
+  }
+
+  /** Whether an unzeroed fill is in flight over `sector` of `volume` (a read there may see anything). */
+  unzeroedInFlight(volume: ThinVolume, sector: number): boolean {
+    return volume.history.writesAt(sector).some((w) => w.unzeroedFill && !Number.isFinite(w.ack));
   }
 
   /** Whether a sector decoded as `found` holds what `id` (a write, a discard, or ZEROS) put there. */

@@ -29,11 +29,21 @@ export class ThinIo {
   ) {}
 
   write(volume: ThinVolume, sector: number, sectors: number, fua: boolean): Promise<void> {
+    const mayProvision = this.model.skipZeroing && this.touchesUnprovisioned(volume, sector, sectors);
     const fills = this.unzeroedFills(volume, sector, sectors, fua);
     const write = this.record(volume, sector, sectors, fua);
+    if (mayProvision) this.model.mayProvisionIds.add(write.id);
     this.stats.writes++;
     const data = writeData(write.id, sector, sectors);
     return this.submit(volume, write, "write", data, fua ? BioFlags.FUA : 0, `write #${write.id}`, fills);
+  }
+
+  private touchesUnprovisioned(volume: ThinVolume, sector: number, sectors: number): boolean {
+    const bs = this.model.blockSize;
+    for (let block = Math.floor(sector / bs); block * bs < sector + sectors; block++) {
+      if (this.model.mayBeUnprovisioned(volume, block)) return true;
+    }
+    return false;
   }
 
   /**
@@ -149,7 +159,9 @@ export class ThinIo {
             for (let i = 0; i < sectors; i++) {
               const got = decodeSector(buffer, i * SECTOR_SIZE, sector + i);
               const want = this.model.expectedNow(volume, sector + i);
-              if (!this.model.matches(got, want) && wrong++ < 2) {
+              // A read waiting in a block's cell while a write provisions it unzeroed sees that block.
+              const unzeroed = this.model.skipZeroing && this.model.unzeroedInFlight(volume, sector + i);
+              if (!unzeroed && !this.model.matches(got, want) && wrong++ < 2) {
                 this.problem(
                   `live read of ${volume.name} sector ${sector + i}: ${this.model.describe(got)}, ` +
                     `expected ${this.model.describe(want)}`,
