@@ -125,10 +125,18 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
   // here) would otherwise meet Node's default action and kill udmd mid-way, with devices and
   // sockets left behind. Such a signal stops udmd as soon as it has started.
   let started = false;
-  let signalledDuringStart: string | null = null;
-  const onSignal = (signal: string) => {
+  let signalledDuringStart: NodeJS.Signals | null = null;
+  const onSignal = (signal: NodeJS.Signals) => {
     if (started) stop(signal);
-    else signalledDuringStart ??= signal;
+    else if (signalledDuringStart === null) {
+      signalledDuringStart = signal;
+      daemon.logger.info("signal while starting: stopping once started", { signal });
+    } else {
+      // A second signal while the start still runs (restoring devices from unreachable remote
+      // backings can take a while): give up at once; the next udmd cleans up what is left.
+      process.stderr.write(`udmd: ${signal} again while starting: exiting without a clean stop\n`);
+      process.exit(128 + os.constants.signals[signal]);
+    }
   };
   process.on("SIGTERM", () => onSignal("SIGTERM"));
   process.on("SIGINT", () => onSignal("SIGINT"));
@@ -143,7 +151,10 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
     return 1;
   }
   let stopping = false;
-  const stop = (signal: string) => {
+  // With --run, a signal is not CMD's success: udmd exits as a shell reports a command killed by
+  // it (128 + the signal's number) once it has stopped cleanly.
+  const stoppedStatus = (signal: NodeJS.Signals) => (values.run !== undefined ? 128 + os.constants.signals[signal] : 0);
+  const stop = (signal: NodeJS.Signals) => {
     if (stopping) return;
     stopping = true;
     daemon.logger.info("signal", { signal });
@@ -154,7 +165,7 @@ export async function main(argv = process.argv.slice(2)): Promise<number> {
       5_000,
     );
     daemon.stop().then(
-      () => process.exit(0),
+      () => process.exit(stoppedStatus(signal)),
       (err) => {
         clearInterval(watchdog);
         process.stderr.write(`udmd: shutdown failed: ${(err as Error).message}\n`);
