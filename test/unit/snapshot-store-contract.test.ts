@@ -82,12 +82,18 @@ describe("allocation at the end of the COW device and at metadata areas (both st
 describe("loading", () => {
   const reads = (dev: ControlledDevice) => dev.log.filter((r) => r.op === "read").map((r) => r.sector);
 
-  it("reads ahead up to an area that ends exactly at the end of the device", async () => {
-    const dev = new ControlledDevice(101); // cs = 1: areas at 1, 34, 67 and 100, the last one sector 100
-    await load(dev);
-    dev.log.length = 0;
-    await load(dev);
-    expect(reads(dev)).toEqual([0, 1, 34, 67, 100]);
+  it("reads ahead the areas that fit on the device, up to one that ends exactly at its end", async () => {
+    const ends = new ControlledDevice(101); // cs = 1: areas at chunks 1, 34, 67 and 100 (the last sector)
+    await load(ends);
+    ends.log.length = 0;
+    await load(ends);
+    expect(reads(ends)).toEqual([0, 1, 34, 67, 100]);
+    // cs = 2: areas at chunks 1, 66, 131 and 196; chunk 196 (sectors 392-393) is past the end.
+    const short = new ControlledDevice(392);
+    await load(short, "2");
+    short.log.length = 0;
+    await load(short, "2");
+    expect(reads(short)).toEqual([0, 2, 132, 262]);
   });
 
   it("reads ahead at most 4 MiB of areas: 8 areas of 512 KiB, not 12", async () => {
@@ -243,6 +249,24 @@ describe("merge calls", () => {
     await draining;
     await merging;
     expect((await load(dev)).found).toEqual([]);
+  });
+});
+
+describe("drain", () => {
+  it("waits for an invalidation's header write in flight", async () => {
+    const dev = new ControlledDevice(1 << 12);
+    const { store } = await load(dev, "8");
+    dev.hold((b) => b.op === "write" && b.sector === 0);
+    const dropping = store.dropSnapshot();
+    const [write] = await dev.waitForHeld(1);
+    let drained = false;
+    const draining = store.drain().then(() => (drained = true));
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    expect(drained).toBe(false);
+    write!.release();
+    await draining;
+    await dropping;
+    expect(dev.readSync(0, 1).readUInt32LE(4)).toBe(0); // valid = 0 on disk
   });
 });
 
