@@ -1,7 +1,11 @@
 /**
  * The tests `npm run mutate` runs against each mutant (stryker.config.mjs): the unit, race and
  * property tests of the mutated code, nothing that needs root, tools, a daemon or a VM (those run
- * in `npm test`; a mutant they alone would catch is counted as a survivor and looked at).
+ * in `npm test`; a mutant they alone would catch is counted as a survivor and looked at). The
+ * crash runner (test/integration/crash-runner.test.ts) is left out too: it needs none of those, but
+ * it runs for minutes, and every mutant of the exception stores dies without it (docs/testing.md).
+ * Vitest's related-files mode (the runner's default) runs only the files that import the mutated
+ * one, so the device-mapper tests below cost nothing in a run on targets/snapshot/.
  */
 import { defineConfig } from "vitest/config";
 
