@@ -20,16 +20,17 @@ import { CheckOutputParser, type TestRecord } from "./check-output.js";
 import { DEFAULT_TMP_PARENT, XfstestsEnv, formatBytes, parseSize } from "./environment.js";
 import { staleBuild, systemProblem, xfstestsProblem } from "./preflight.js";
 import { allGood, counts, markdownReport, type RunInfo, textTable } from "./report.js";
-import { DEFAULT_TEST_DIRS, findDmTests, selectDmTests, type Selection } from "./select.js";
+import { FILESYSTEMS, type Filesystem, findDmTests, selectDmTests, type Selection, testDirs } from "./select.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
 const USAGE = `Usage: npm run xfstests -- [options] PATH_TO_XFSTESTS [TESTS...]
 
-Runs xfstests' device-mapper tests on udm: loop devices over sparse files for TEST_DEV (ext4),
+Runs xfstests' device-mapper tests on udm: loop devices over sparse files for TEST_DEV (ext4,
+or --fs xfs),
 SCRATCH_DEV and LOGWRITES_DEV, a udmd of its own (auto-attach, symlinks in /dev/mapper) and
 udmsetup as \`dmsetup\`. TESTS go to ./check as they are (generic/073, or check's options such as
--g quick); by default every test in ${DEFAULT_TEST_DIRS.join("/ and ")}/ that requires dm-flakey, dm-error,
+-g quick); by default every test in generic/ and the filesystem's folder (ext4/, xfs/) that requires dm-flakey, dm-error,
 dm-delay or dm-log-writes, except those that need thin-pool (udm has no thin-pool). Needs root.
 
 Options (before PATH_TO_XFSTESTS):
@@ -40,6 +41,7 @@ Options (before PATH_TO_XFSTESTS):
   --tmp DIR           where the temporary directory goes (default ${DEFAULT_TMP_PARENT})
   --udm DIR           the udm checkout whose dist/ runs (default ${REPO})
   --dev-dir DIR       where udmd makes the device symlinks (default /dev/mapper)
+  --fs ext4|xfs       the filesystem of TEST_DEV and xfstests' FSTYP (default ext4)
   --all-dm            by default, also the tests of the other dm targets (snapshot, linear)
   --list              print the default selection and exit (no root needed)
   -h, --help
@@ -55,6 +57,7 @@ const OPTIONS = {
   tmp: { type: "string" },
   udm: { type: "string" },
   "dev-dir": { type: "string" },
+  fs: { type: "string" },
   "all-dm": { type: "boolean" },
   list: { type: "boolean" },
   help: { type: "boolean", short: "h" },
@@ -71,6 +74,7 @@ interface Command {
   tmpParent: string;
   udmRoot: string;
   devDir: string;
+  fsType: Filesystem;
   allDm: boolean;
   list: boolean;
 }
@@ -93,7 +97,10 @@ function parseCommand(argv: string[]): Command | null {
   const devBytes = values.size === undefined ? 10 * 2 ** 30 : parseSize(values.size);
   if (devBytes === undefined || devBytes < 2 ** 30)
     throw new UsageError(`--size ${values.size}: give 1G or more (10G, 20G)`);
+  const fsType = (values.fs ?? "ext4") as Filesystem;
+  if (!FILESYSTEMS.includes(fsType)) throw new UsageError(`--fs ${values.fs}: expected ${FILESYSTEMS.join(" or ")}`);
   return {
+    fsType,
     xfstests: path.resolve(argv[at]!),
     checkArgs: argv.slice(at + 1),
     timeoutS,
@@ -176,7 +183,7 @@ const KILL_GRACE_MS = 30_000;
 
 async function run(cmd: Command): Promise<number> {
   const startedAt = Date.now();
-  const dmTests = findDmTests(cmd.xfstests);
+  const dmTests = findDmTests(cmd.xfstests, testDirs(cmd.fsType));
   if (cmd.list) {
     printSelection(selectDmTests(dmTests, { allTargets: cmd.allDm }));
     return 0;
@@ -212,6 +219,7 @@ async function run(cmd: Command): Promise<number> {
     tmpParent: cmd.tmpParent,
     devBytes: cmd.devBytes,
     devDir: cmd.devDir,
+    fsType: cmd.fsType,
     log,
   });
 

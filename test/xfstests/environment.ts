@@ -16,6 +16,7 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { boundLoops, isUnder, killQuietly, mounts, pidsOf } from "../support/system-state.js";
 import { tool, which } from "../support/tools.js";
+import type { Filesystem } from "./select.js";
 
 export interface EnvOptions {
   /** The udm checkout whose dist/ is run. */
@@ -29,8 +30,16 @@ export interface EnvOptions {
   devBytes: number;
   /** Where udmd makes the device symlinks. */
   devDir: string;
+  /** The filesystem made on TEST_DEV, and xfstests' FSTYP (default ext4). */
+  fsType?: Filesystem;
   log(message: string): void;
 }
+
+/** mkfs for each filesystem, quiet and forced (TEST_DEV is a fresh sparse image). */
+const MKFS: Record<Filesystem, [string, string[]]> = {
+  ext4: ["mkfs.ext4", ["-F", "-q"]],
+  xfs: ["mkfs.xfs", ["-f", "-q"]],
+};
 
 interface Loop {
   role: "TEST_DEV" | "SCRATCH_DEV" | "LOGWRITES_DEV";
@@ -42,6 +51,10 @@ const DAEMON_START_MS = 30_000;
 const PROBE_DEVICE = "udm-xfstests-probe";
 
 export class XfstestsEnv {
+  get fsType(): Filesystem {
+    return this.opts.fsType ?? "ext4";
+  }
+
   base = "";
   private loops: Loop[] = [];
   private daemon: ChildProcess | undefined;
@@ -142,8 +155,9 @@ export class XfstestsEnv {
       if (r.code !== 0) throw new Error(`losetup ${file} failed: ${r.stderr.trim()}`);
       this.loops.push({ role, dev: r.stdout.trim(), file });
     }
-    step(`mkfs.ext4 on TEST_DEV ${this.device("TEST_DEV")}`);
-    await mustRun("mkfs.ext4", ["-F", "-q", this.device("TEST_DEV")], 300_000);
+    const [mkfs, mkfsArgs] = MKFS[this.fsType];
+    step(`${mkfs} on TEST_DEV ${this.device("TEST_DEV")}`);
+    await mustRun(mkfs, [...mkfsArgs, this.device("TEST_DEV")], 300_000);
 
     step(`udmd (run directory ${this.runDir}, --auto-attach, --dev-dir ${this.opts.devDir})`);
     fs.writeFileSync(this.dmsetupLog, "");
@@ -191,7 +205,7 @@ exit $rc
   private writeConfig(): void {
     const lines = [
       "# xfstests local.config written by udm's npm run xfstests",
-      "export FSTYP=ext4",
+      `export FSTYP=${this.fsType}`,
       `export TEST_DEV=${this.device("TEST_DEV")}`,
       `export TEST_DIR=${this.testDir}`,
       `export SCRATCH_DEV=${this.device("SCRATCH_DEV")}`,

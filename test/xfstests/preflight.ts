@@ -23,7 +23,7 @@ export function xfstestsProblem(dir: string): string | null {
 export function systemProblem(): string | null {
   if (process.getuid?.() !== 0) return "needs root (loop devices, mounts, FUSE)";
   if (!fs.existsSync("/dev/loop-control")) return "no /dev/loop-control (the loop module)";
-  const tools = ["losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "blockdev", "xfs_io"];
+  const tools = ["losetup", "mkfs.ext4", "e2fsck", "mkfs.xfs", "mount", "umount", "blockdev", "xfs_io"];
   if (!fs.existsSync("/dev/nbd0")) tools.push("nbdfuse", "fusermount3");
   const missing = tools.filter((t) => !which(t));
   if (missing.length > 0)

@@ -6,8 +6,17 @@
 import fs from "node:fs";
 import path from "node:path";
 
-/** The test folders searched for dm tests (ext4 is the filesystem the runner makes). */
-export const DEFAULT_TEST_DIRS = ["generic", "ext4"];
+/** The filesystems the runner can make on TEST_DEV and have xfstests use (`--fs`). */
+export const FILESYSTEMS = ["ext4", "xfs"] as const;
+export type Filesystem = (typeof FILESYSTEMS)[number];
+
+/** The test folders searched for dm tests: generic/ and the filesystem's own. */
+export function testDirs(fs: Filesystem = "ext4"): string[] {
+  return ["generic", fs];
+}
+
+/** The test folders searched for dm tests with the default filesystem (ext4). */
+export const DEFAULT_TEST_DIRS = testDirs();
 
 /** The targets whose tests are run by default. */
 export const SELECTED_TARGETS = ["flakey", "error", "delay", "log-writes"];
@@ -16,7 +25,7 @@ export const SELECTED_TARGETS = ["flakey", "error", "delay", "log-writes"];
  * Targets udm is taken not to have when its own list is not at hand (`--list`); a run asks its
  * udmd (`dmsetup targets`) and skips the tests that need a target missing there.
  */
-export const MISSING_TARGETS = ["thin-pool"];
+export const MISSING_TARGETS: string[] = [];
 
 /** Helpers of common/dm* that require targets without naming them in the test. */
 const HELPER_TARGETS: Record<string, string[]> = {

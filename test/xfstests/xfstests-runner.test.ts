@@ -9,7 +9,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { CheckOutputParser, failureReason } from "./check-output.js";
 import { xfstestsProblem } from "./preflight.js";
 import { markdownTable, textTable } from "./report.js";
-import { findDmTests, requiredTargets, selectDmTests } from "./select.js";
+import { findDmTests, requiredTargets, selectDmTests, testDirs } from "./select.js";
 
 /** check's output for a run of six tests, as it prints it (names padded, outcomes after them). */
 const RUN = `./check: line 685: echo: write error: Permission denied
@@ -163,7 +163,7 @@ describe("dm test selection", () => {
     expect(requiredTargets("_require_log_writes_dax_mountopt dax")).toEqual(["log-writes"]);
   });
 
-  it("runs flakey, error, delay and log-writes tests; leaves out thin-pool ones and says which", () => {
+  it("runs flakey, error, delay, log-writes and thin-pool tests; leaves out those whose target udm lacks, and says which", () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), "xfstests-select-"));
     const write = (name: string, body: string) => {
       fs.mkdirSync(path.dirname(path.join(dir!, "tests", name)), { recursive: true });
@@ -179,14 +179,23 @@ describe("dm test selection", () => {
     write("ext4/033", "_require_dmhugedisk");
     write("xfs/311", "_require_dm_target delay");
     const sel = selectDmTests(findDmTests(dir));
-    expect(sel.run.map((t) => t.name)).toEqual(["generic/034", "generic/250", "generic/470"]);
-    expect(sel.missingTarget.map((t) => t.name)).toEqual(["generic/455"]);
+    expect(sel.run.map((t) => t.name)).toEqual(["generic/034", "generic/250", "generic/455", "generic/470"]);
+    expect([sel.missingTarget, sel.missing]).toEqual([[], []]);
     expect(sel.otherTargets.map((t) => t.name)).toEqual(["generic/081", "ext4/033"]);
-    expect(selectDmTests(findDmTests(dir, ["xfs"])).run.map((t) => t.name)).toEqual(["xfs/311"]);
+    // --fs xfs: generic/ and xfs/.
+    expect(selectDmTests(findDmTests(dir, testDirs("xfs"))).run.map((t) => t.name)).toEqual([
+      "generic/034",
+      "generic/250",
+      "generic/455",
+      "generic/470",
+      "xfs/311",
+    ]);
     // With udm's own list of targets: what it lacks decides.
-    const withThin = selectDmTests(findDmTests(dir), { available: ["error", "flakey", "log-writes", "thin-pool"] });
-    expect(withThin.run.map((t) => t.name)).toEqual(["generic/034", "generic/250", "generic/455", "generic/470"]);
-    expect(sel.missing).toEqual(["thin-pool"]);
+    const noThin = selectDmTests(findDmTests(dir), {
+      available: ["error", "flakey", "log-writes", "snapshot", "zero"],
+    });
+    expect(noThin.run.map((t) => t.name)).toEqual(["generic/034", "generic/250", "generic/470"]);
+    expect([noThin.missingTarget.map((t) => t.name), noThin.missing]).toEqual([["generic/455"], ["thin-pool"]]);
     const noError = selectDmTests(findDmTests(dir), { available: ["flakey", "log-writes", "snapshot", "zero"] });
     expect([noError.missingTarget.map((t) => t.name), noError.missing]).toEqual([
       ["generic/250", "generic/455"],
@@ -196,6 +205,7 @@ describe("dm test selection", () => {
       "generic/034",
       "generic/081",
       "generic/250",
+      "generic/455",
       "generic/470",
       "ext4/033",
     ]);
