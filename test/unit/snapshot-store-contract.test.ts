@@ -9,6 +9,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { BioFlags } from "../../core/bio.js";
 import { MemoryLogger } from "../../core/logger.js";
+import { isMetadataChunk, readLe64, writeLe64 } from "../../targets/snapshot/cow-format.js";
 import { type ExceptionStore, createExceptionStore } from "../../targets/snapshot/store.js";
 import { ControlledDevice } from "../../testing/controlled-device.js";
 
@@ -283,5 +284,28 @@ describe("invalidation of a store that was never read", () => {
     await store.dropSnapshot();
     expect(corrupt.log.filter((r) => r.op === "write")).toEqual([]);
     expect(corrupt.readSync(0, 8).every((b) => b === 0x5a)).toBe(true);
+  });
+});
+
+describe("on-disk format helpers (cow-format.ts)", () => {
+  it("area 0 at chunk 1 is a metadata chunk, the header and data chunks are not", () => {
+    expect([0, 1, 2, 32, 33, 34, 35].map((c) => isMetadataChunk(32, c))).toEqual([
+      false,
+      true,
+      false,
+      false,
+      false,
+      true,
+      false,
+    ]);
+  });
+
+  it("le64 values past 2^32 round-trip, as the kernel writes them", () => {
+    const buf = Buffer.alloc(8);
+    buf.writeBigUInt64LE(2n ** 40n + 5n);
+    expect(readLe64(buf, 0)).toBe(2 ** 40 + 5);
+    const back = Buffer.alloc(8);
+    writeLe64(back, 0, 2 ** 40 + 5);
+    expect(back).toEqual(buf);
   });
 });
