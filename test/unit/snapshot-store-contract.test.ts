@@ -7,7 +7,7 @@
  */
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { BioFlags } from "../../core/bio.js";
+import { type Bio, BioFlags } from "../../core/bio.js";
 import { MemoryLogger } from "../../core/logger.js";
 import { isMetadataChunk, readLe64, writeLe64 } from "../../targets/snapshot/cow-format.js";
 import { type ExceptionStore, createExceptionStore } from "../../targets/snapshot/store.js";
@@ -239,34 +239,43 @@ describe("merge calls", () => {
     const dev = new ControlledDevice(1 << 12);
     const { store } = await load(dev);
     expect(await commit(store, 7, store.prepareException()!)).toBe(true);
-    dev.hold(isMetaWrite);
-    const merging = store.commitMerge!(1);
-    const [write] = await dev.waitForHeld(1);
-    let drained = false;
-    const draining = store.drain().then(() => (drained = true));
-    await new Promise<void>((resolve) => setImmediate(resolve));
-    expect(drained).toBe(false);
-    write!.release();
-    await draining;
-    await merging;
+    await expectDrainWaitsFor(dev, store, isMetaWrite, () => store.commitMerge!(1));
     expect((await load(dev)).found).toEqual([]);
   });
 });
+
+/**
+ * `start` sends a write the store's drain must wait for; it is held (`held` matches it) until
+ * drain has been seen waiting, then released, and both finish.
+ */
+async function expectDrainWaitsFor(
+  dev: ControlledDevice,
+  store: { drain(): Promise<void> },
+  held: (bio: Bio) => boolean,
+  start: () => Promise<unknown>,
+): Promise<void> {
+  dev.hold(held);
+  const started = start();
+  const [write] = await dev.waitForHeld(1);
+  let drained = false;
+  const draining = store.drain().then(() => (drained = true));
+  await new Promise<void>((resolve) => setImmediate(resolve));
+  expect(drained).toBe(false);
+  write!.release();
+  await draining;
+  await started;
+}
 
 describe("drain", () => {
   it("waits for an invalidation's header write in flight", async () => {
     const dev = new ControlledDevice(1 << 12);
     const { store } = await load(dev, "8");
-    dev.hold((b) => b.op === "write" && b.sector === 0);
-    const dropping = store.dropSnapshot();
-    const [write] = await dev.waitForHeld(1);
-    let drained = false;
-    const draining = store.drain().then(() => (drained = true));
-    await new Promise<void>((resolve) => setImmediate(resolve));
-    expect(drained).toBe(false);
-    write!.release();
-    await draining;
-    await dropping;
+    await expectDrainWaitsFor(
+      dev,
+      store,
+      (b) => b.op === "write" && b.sector === 0,
+      () => store.dropSnapshot(),
+    );
     expect(dev.readSync(0, 1).readUInt32LE(4)).toBe(0); // valid = 0 on disk
   });
 });
