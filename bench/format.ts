@@ -1,5 +1,7 @@
 /** Text helpers shared by the benchmark reports (bench/run.ts, bench/matrix.ts). */
 import fs from "node:fs";
+import path from "node:path";
+import { pathToFileURL } from "node:url";
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
@@ -66,4 +68,22 @@ export function recordResultsSection(
     table,
   ].join("\n");
   replaceSection(file, key, body, "# udm micro-benchmark results\n");
+}
+
+/**
+ * When the module at `moduleUrl` is the script node was started with (`node --import tsx
+ * bench/X.ts`): run it and print the lines `report` makes of its result; a failure prints its
+ * stack and sets the exit status. Imported as a library, nothing happens.
+ */
+export function runAsScript<R>(moduleUrl: string, run: () => Promise<R>, report: (result: R) => string[]): void {
+  if (!process.argv[1] || moduleUrl !== pathToFileURL(path.resolve(process.argv[1])).href) return;
+  run().then(
+    (result) => {
+      for (const line of report(result)) console.log(line);
+    },
+    (err: unknown) => {
+      console.error(err instanceof Error ? (err.stack ?? err.message) : err);
+      process.exitCode = 1;
+    },
+  );
 }

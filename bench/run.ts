@@ -50,10 +50,9 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { attachBenchUnavailableReason, runAttachBench } from "./attach.js";
-import { bytesText, fmt, markdownTable, parseSize } from "./format.js";
+import { bytesText, fmt, markdownTable, parseSize, runAsScript } from "./format.js";
 import {
   describeMatrixRun,
   ensureBuilt,
@@ -489,9 +488,8 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   return { micro: result, snapshot, matrix: matrixResult, matrixSkipped };
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
-  main(process.argv.slice(2)).catch((err: unknown) => {
-    console.error(err instanceof Error ? (err.stack ?? err.message) : err);
-    process.exitCode = 1;
-  });
-}
+runAsScript(
+  import.meta.url,
+  () => main(process.argv.slice(2)),
+  () => [],
+);

@@ -31,7 +31,6 @@
 import { randomFillSync } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
-import { pathToFileURL } from "node:url";
 import v8 from "node:v8";
 import vm from "node:vm";
 import { flushBio, submitAndWait } from "../core/bio.js";
@@ -43,7 +42,7 @@ import { createDeviceMapper } from "../index.js";
 import { cowImageChunks } from "../targets/snapshot/cow-image.js";
 import { type Filesystem, filesystemOf, median, MiB, pickDataDir } from "./micro.js";
 import { CountingBacking, sparseFile } from "./counting-backing.js";
-import { recordResultsSection } from "./format.js";
+import { recordResultsSection, runAsScript } from "./format.js";
 import { permutation, writePass } from "./passes.js";
 
 const CS = 8; // sectors per chunk (4 KiB)
@@ -669,17 +668,12 @@ export function recordSnapshotResults(file: string, description: string[], table
   recordResultsSection(file, "snapshot", "Snapshots", description, table, command);
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
-  const quick = process.argv.includes("--quick");
-  runSnapshotBenchmark({ ...(quick ? QUICK_OPTIONS : FULL_OPTIONS), log: (m) => console.error(m) }).then(
-    (r) => {
-      for (const d of describeSnapshotRun(r, quick)) console.log(d);
-      console.log("");
-      console.log(snapshotTable(r));
-    },
-    (err: unknown) => {
-      console.error(err instanceof Error ? (err.stack ?? err.message) : err);
-      process.exitCode = 1;
-    },
-  );
+runAsScript(
+  import.meta.url,
+  () => runSnapshotBenchmark({ ...(quick() ? QUICK_OPTIONS : FULL_OPTIONS), log: (m) => console.error(m) }),
+  (r) => [...describeSnapshotRun(r, quick()), "", snapshotTable(r)],
+);
+
+function quick(): boolean {
+  return process.argv.includes("--quick");
 }

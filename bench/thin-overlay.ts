@@ -14,9 +14,8 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { pathToFileURL } from "node:url";
 import { type FioJob, runFio } from "./fio.js";
-import { fmt, KiB, markdownTable, MiB, recordResultsSection } from "./format.js";
+import { fmt, KiB, markdownTable, MiB, recordResultsSection, runAsScript } from "./format.js";
 import { ensureBuilt, MATRIX_CONFIGS, type MatrixConfig } from "./matrix.js";
 import { filesystemOf, median, pickDataDir } from "./micro.js";
 import { startUdmd } from "./servers.js";
@@ -198,17 +197,11 @@ export function recordThinOverlayResults(file: string, description: string[], ta
   recordResultsSection(file, "thin-overlay", "Thin as a writable overlay", description, table, command);
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
-  ensureBuilt((m) => console.error(m));
-  runThinOverlayBenchmark({ ...FULL_THIN_OVERLAY, log: (m) => console.error(m) }).then(
-    (r) => {
-      for (const d of describeThinOverlayRun(r)) console.log(d);
-      console.log("");
-      console.log(thinOverlayTable(r));
-    },
-    (err: unknown) => {
-      console.error(err instanceof Error ? (err.stack ?? err.message) : err);
-      process.exitCode = 1;
-    },
-  );
-}
+runAsScript(
+  import.meta.url,
+  () => {
+    ensureBuilt((m) => console.error(m));
+    return runThinOverlayBenchmark({ ...FULL_THIN_OVERLAY, log: (m) => console.error(m) });
+  },
+  (r) => [...describeThinOverlayRun(r), "", thinOverlayTable(r)],
+);

@@ -24,10 +24,9 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { pathToFileURL } from "node:url";
 import type { DeviceHandle, DeviceMapper } from "../core/device-mapper.js";
 import { createDeviceMapper } from "../index.js";
-import { fmt, markdownTable, MiB, recordResultsSection } from "./format.js";
+import { fmt, markdownTable, MiB, recordResultsSection, runAsScript } from "./format.js";
 import { type Filesystem, filesystemOf, median, pickDataDir } from "./micro.js";
 import { ensureGc } from "./snapshot.js";
 import { CountingBacking, sparseFile } from "./counting-backing.js";
@@ -515,17 +514,12 @@ export function recordThinResults(file: string, description: string[], table: st
   recordResultsSection(file, "thin", "Thin provisioning", description, table, command);
 }
 
-if (process.argv[1] && import.meta.url === pathToFileURL(path.resolve(process.argv[1])).href) {
-  const quick = process.argv.includes("--quick");
-  runThinBenchmark({ ...(quick ? QUICK_THIN_OPTIONS : FULL_THIN_OPTIONS), log: (m) => console.error(m) }).then(
-    (r) => {
-      for (const d of describeThinRun(r, quick)) console.log(d);
-      console.log("");
-      console.log(thinTable(r));
-    },
-    (err: unknown) => {
-      console.error(err instanceof Error ? (err.stack ?? err.message) : err);
-      process.exitCode = 1;
-    },
-  );
+runAsScript(
+  import.meta.url,
+  () => runThinBenchmark({ ...(quick() ? QUICK_THIN_OPTIONS : FULL_THIN_OPTIONS), log: (m) => console.error(m) }),
+  (r) => [...describeThinRun(r, quick()), "", thinTable(r)],
+);
+
+function quick(): boolean {
+  return process.argv.includes("--quick");
 }
