@@ -138,7 +138,7 @@ const workload = (key: WorkloadKey) => [...MATRIX_WORKLOADS, ...OVERLAY_WORKLOAD
 // ---- configurations ----
 
 /** What fio talks to right now, and the server process doing the work (null for the raw file). */
-interface Running {
+export interface Running {
   target: FioTarget;
   server: Server | null;
 }
@@ -154,7 +154,7 @@ interface ConfigContext {
   udmd?: string;
 }
 
-interface ConfigInstance {
+export interface ConfigInstance {
   running(): Running;
   /** A fresh snapshot / overlay for a first-write pass (a no-op where there is none). */
   fresh(): Promise<void>;

@@ -22,10 +22,10 @@
  * ≥ 0.9× udm linear on the same origin.
  */
 import path from "node:path";
-import fs from "node:fs";
 import { fmt, KiB, markdownTable, MiB } from "./format.js";
 import type { ConfigResult, Figure, MatrixConfig, MatrixRep, MatrixResult, MatrixWorkload } from "./matrix.js";
-import { startUdmd } from "./servers.js";
+import { sparseFile } from "./counting-backing.js";
+import { remakingInstance, startUdmd } from "./servers.js";
 
 const SECTOR = 512;
 
@@ -127,9 +127,7 @@ function udmOverlay(chunkSectors: number): MatrixConfig["open"] {
     const fresh = async () => {
       if (live) await d.control.request("remove", { name: "vm" });
       live = false;
-      fs.rmSync(cow, { force: true });
-      fs.writeFileSync(cow, "");
-      fs.truncateSync(cow, cowBytesFor(ctx.fileBytes / chunkBytes, chunkBytes));
+      sparseFile(cow, cowBytesFor(ctx.fileBytes / chunkBytes, chunkBytes));
       await d.control.request("create", {
         name: "vm",
         table: [
@@ -143,20 +141,7 @@ function udmOverlay(chunkSectors: number): MatrixConfig["open"] {
       });
       live = true;
     };
-    try {
-      await fresh();
-    } catch (err) {
-      await d.stop();
-      throw err;
-    }
-    return {
-      running: () => ({ target: { engine: "nbd", uri: d.uri("vm") }, server: d }),
-      fresh,
-      close: async () => {
-        await d.stop();
-        fs.rmSync(cow, { force: true });
-      },
-    };
+    return remakingInstance(d, d.uri("vm"), fresh, [cow]);
   };
 }
 

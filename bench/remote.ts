@@ -16,7 +16,9 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import type { ConfigResult, Figure, MatrixConfig, MatrixWorkload, WorkloadKey } from "./matrix.js";
-import { type Server, startNbdkit, startQemuNbd, startUdmd } from "./servers.js";
+import { sparseFile } from "./counting-backing.js";
+import { cowBytesFor } from "./overlay.js";
+import { remakingInstance, type Server, startNbdkit, startQemuNbd, startUdmd } from "./servers.js";
 
 const SECTOR = 512;
 
@@ -87,31 +89,15 @@ export const REMOTE_CONFIGS: readonly MatrixConfig[] = [
       const fresh = async () => {
         if (live) await d.control.request("remove", { name: "vm" });
         live = false;
-        fs.rmSync(cow, { force: true });
-        fs.writeFileSync(cow, "");
-        // Never overflows: a header, the exception areas (256 per 4 KiB area) and every chunk.
-        const chunks = ctx.fileBytes / 4096;
-        fs.truncateSync(cow, (1 + Math.ceil((chunks + 1) / 256) + chunks) * 4096);
+        // Never overflows (a header, the exception areas and every chunk): 4 KiB chunks.
+        sparseFile(cow, cowBytesFor(ctx.fileBytes / 4096, 4096));
         await d.control.request("create", {
           name: "vm",
           table: [{ start: 0, length: sectors, type: "snapshot", params: `${lower.uri()} ${cow} P 8` }],
         });
         live = true;
       };
-      try {
-        await fresh();
-      } catch (err) {
-        await server.stop();
-        throw err;
-      }
-      return {
-        running: () => ({ target: { engine: "nbd", uri: d.uri("vm") }, server }),
-        fresh,
-        close: async () => {
-          await server.stop();
-          fs.rmSync(cow, { force: true });
-        },
-      };
+      return remakingInstance(server, d.uri("vm"), fresh, [cow]);
     },
   },
   {

@@ -10,6 +10,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { ControlClient } from "../dmsetup/control/client.js";
+import type { ConfigInstance } from "./matrix.js";
 
 export const ROOT = path.join(import.meta.dirname, "..");
 export const UDMD = path.join(ROOT, "dist/dmsetup/bin/udmd.js");
@@ -245,4 +246,31 @@ export function toolVersion(tool: string, args = ["--version"]): string {
   } catch {
     return "not installed";
   }
+}
+
+/**
+ * A benchmark instance whose fresh() remakes its devices on a server that keeps running (udmd),
+ * exporting `uri`: the first fresh() runs here (the server is stopped if it fails); close() stops
+ * the server and removes `files`.
+ */
+export async function remakingInstance(
+  server: Server,
+  uri: string,
+  fresh: () => Promise<void>,
+  files: string[],
+): Promise<ConfigInstance> {
+  try {
+    await fresh();
+  } catch (err) {
+    await server.stop();
+    throw err;
+  }
+  return {
+    running: () => ({ target: { engine: "nbd", uri }, server }),
+    fresh,
+    close: async () => {
+      await server.stop();
+      for (const file of files) fs.rmSync(file, { force: true });
+    },
+  };
 }

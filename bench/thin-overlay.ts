@@ -18,7 +18,8 @@ import { type FioJob, runFio } from "./fio.js";
 import { fmt, KiB, markdownTable, MiB, recordResultsSection, runAsScript } from "./format.js";
 import { ensureBuilt, MATRIX_CONFIGS, type MatrixConfig } from "./matrix.js";
 import { filesystemOf, median, pickDataDir } from "./micro.js";
-import { startUdmd } from "./servers.js";
+import { sparseFile } from "./counting-backing.js";
+import { remakingInstance, startUdmd } from "./servers.js";
 
 const SECTOR = 512;
 const BLOCK_SECTORS = 128;
@@ -52,14 +53,8 @@ async function openThinOverlay(ctx: Ctx): Promise<Instance> {
       await d.control.request("remove", { name: "pool" });
     }
     live = false;
-    for (const [f, bytes] of [
-      [meta, 16 * MiB],
-      [data, dataBytes],
-    ] as const) {
-      fs.rmSync(f, { force: true });
-      fs.writeFileSync(f, "");
-      fs.truncateSync(f, bytes);
-    }
+    sparseFile(meta, 16 * MiB);
+    sparseFile(data, dataBytes);
     await d.control.request("create", {
       name: "pool",
       table: table("thin-pool", dataBytes / SECTOR, `${meta} ${data} ${BLOCK_SECTORS} 0`),
@@ -68,21 +63,7 @@ async function openThinOverlay(ctx: Ctx): Promise<Instance> {
     await d.control.request("create", { name: "vol", table: table("thin", sectors, `/dev/mapper/pool 1 ${ctx.data}`) });
     live = true;
   };
-  try {
-    await fresh();
-  } catch (err) {
-    await d.stop();
-    throw err;
-  }
-  return {
-    running: () => ({ target: { engine: "nbd", uri: d.uri("vol") }, server: d }),
-    fresh,
-    close: async () => {
-      await d.stop();
-      fs.rmSync(meta, { force: true });
-      fs.rmSync(data, { force: true });
-    },
-  };
+  return remakingInstance(d, d.uri("vol"), fresh, [meta, data]);
 }
 
 const CONFIGS: { id: string; label: string; open: MatrixConfig["open"] }[] = [
