@@ -272,6 +272,13 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   const quick = values.quick;
   // --json keeps stdout machine-readable: everything for humans goes to stderr.
   const print = values.json ? out.stderr : out.stdout;
+  /** A benchmark's description lines and then its table, each after a blank line. */
+  const printReport = (description: string[], table: string): void => {
+    print("");
+    for (const d of description) print(d);
+    print("");
+    print(table);
+  };
   const reps = values.reps ? Number(values.reps) : undefined;
   if (reps !== undefined && (!Number.isInteger(reps) || reps < 3)) throw new Error("--reps must be an integer >= 3");
   if (values.seconds && !(Number(values.seconds) > 0)) throw new Error("--seconds must be positive");
@@ -300,10 +307,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     const result = await runMatrix(opts);
     const description = describeMatrixRun(result, quick);
     const report = matrixReport(result);
-    print("");
-    for (const d of description) print(d);
-    print("");
-    print(report);
+    printReport(description, report);
     print("");
     print(matrixVerdict(result));
     const defaultRun =
@@ -342,10 +346,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     const r = await runThinBenchmark({ ...FULL_THIN_OPTIONS, dir: values.dir, log: out.stderr });
     const description = describeThinRun(r, false);
     const table = thinTable(r);
-    print("");
-    for (const d of description) print(d);
-    print("");
-    print(table);
+    printReport(description, table);
     const misses = thinRows(r).filter((x) => x.result === "MISS");
     print("");
     print(misses.length === 0 ? "thin goals met" : `thin goals missed: ${misses.map((x) => x.measure).join("; ")}`);
@@ -364,8 +365,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     const r = await runThinOverlayBenchmark({ ...FULL_THIN_OVERLAY, dir: values.dir, log: out.stderr });
     const description = describeThinOverlayRun(r);
     const table = thinOverlayTable(r);
-    for (const d of ["", ...description, ""]) print(d);
-    print(table);
+    printReport(description, table);
     if (!values.dir)
       recordThinOverlayResults(
         path.join(import.meta.dirname, "results.md"),
@@ -409,10 +409,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
   });
   const description = describeRun(result, quick, [loadBefore, os.loadavg()[0]!]);
   const table = resultTable(result) + "\n\n" + costTable(result);
-  print("");
-  for (const d of description) print(d);
-  print("");
-  print(table);
+  printReport(description, table);
   const misses = result.rows.filter((r) => r.ratio < GOAL).map((r) => r.workload.name);
   const unsure = result.rows.filter((r) => verdict(r).endsWith("*")).map((r) => r.workload.name);
   print("");
@@ -433,10 +430,7 @@ export async function main(argv: string[], out: Output = consoleOutput): Promise
     });
     const snapDescription = describeSnapshotRun(snapshot, quick);
     const snapTable = snapshotTable(snapshot);
-    print("");
-    for (const d of snapDescription) print(d);
-    print("");
-    print(snapTable);
+    printReport(snapDescription, snapTable);
     const snapMisses = snapshotRows(snapshot)
       .filter((r) => r.result === "MISS")
       .map((r) => r.measure);
